@@ -1,0 +1,31 @@
+"""``iotpipe bench NAME``: benchmarks that report absolute numbers next to same-run baselines.
+
+Speed is never asserted by tests; these commands measure it. Each benchmark compares
+against the plainest way to do the same work, measured in the same run, because the
+machines this runs on are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "queue": ("iotpipe.bench.queue:main", "persistent queue append throughput vs pwrite+fdatasync"),
+    "ingest": ("iotpipe.bench.ingest:main", "ingest acks/s vs a bare WebSocket server"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: iotpipe bench NAME [options]\n")
+        for name, (_, text) in BENCHMARKS.items():
+            print(f"  {name:8}  {text}")
+        return 0
+    if args[0] not in BENCHMARKS:
+        print(f"iotpipe bench: unknown benchmark {args[0]!r}", file=sys.stderr)
+        return 2
+    module_name, func_name = BENCHMARKS[args[0]][0].split(":")
+    return int(getattr(importlib.import_module(module_name), func_name)(args[1:]) or 0)

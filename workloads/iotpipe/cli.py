@@ -1,0 +1,57 @@
+"""The ``iotpipe`` command: one entry point for every tier and tool.
+
+Subcommands are imported lazily so that ``iotpipe token`` does not pay for ZeroMQ and
+``iotpipe ingest`` does not pay for the benchmark code. Each subcommand is a function
+``main(argv: list[str]) -> int`` that parses its own settings model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+# name -> ("module:function", one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "up": ("iotpipe.local:main", "run the whole pipeline on this machine (embedded storage)"),
+    "ingest": ("iotpipe.ingest.server:main", "device WebSocket server + forwarder"),
+    "middle": ("iotpipe.middle.server:main", "fan-in log, live PUB and durable storage feed"),
+    "relay": ("iotpipe.relay.server:main", "live events to client apps over WebSocket"),
+    "storage": ("iotpipe.storage.server:main", "durable feed consumer, enrichment and sinks"),
+    "simulate": ("iotpipe.simulate:main", "device fleet simulator and load generator"),
+    "query": ("iotpipe.storage.query:main", "read stored readings by device and time range"),
+    "token": ("iotpipe.auth:token_main", "issue a device or client-app token"),
+    "drain": ("iotpipe.ingest.drain:main", "forward a retained ingest queue until it is empty"),
+    "bench": ("iotpipe.bench:main", "benchmarks (queue, ingest, ...)"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: iotpipe COMMAND [options]   (iotpipe COMMAND --help for details)", ""]
+    lines += [f"  {name.ljust(width)}  {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if args[0] == "--version":
+        from iotpipe import __version__
+
+        print(__version__)
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"iotpipe: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    target = COMMANDS[name][0]
+    module_name, func_name = target.split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return int(func(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

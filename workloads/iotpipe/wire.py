@@ -1,0 +1,332 @@
+"""Wire formats between tiers: pure encode/decode functions, no sockets.
+
+Everything between tiers is msgpack, framed as ZeroMQ multipart messages whose first frame
+names the message kind and version. Readings travel as opaque bytes from the ingest queue
+to the storage sinks: the middle tier never decodes them, it only wraps them.
+
+Reading (ingest queue payload)
+    msgpack ``[device_id: str, msg_id: str, ts_ns: int, data_json: bytes, received_ns: int]``
+    ``data_json`` is the device's ``data`` object as compact JSON, so the relay can splice
+    it into client frames without re-encoding.
+
+Ingest -> middle (DEALER -> ROUTER)
+    request ``[KIND_BATCH, msgpack {"node", "first", "n"}, reading_1, ..., reading_n]``;
+    the readings carry the ingest node's queue seqs ``first .. first+n-1``.
+    replies ``[KIND_ACK, msgpack {"node", "last"}]`` once durable in the middle log, or
+    ``[KIND_BUSY, msgpack {"node", "first", "retry_ms", "reason"}]``.
+
+Middle log record
+    msgpack ``[node: str, node_seq: int, reading: bytes]``.
+
+Middle -> relay (PUB -> SUB)
+    ``[device_id (utf-8, the topic), msgpack {"m": middle_id, "s": middle_log_seq}, reading]``.
+
+Storage <-> middle feed (DEALER -> ROUTER)
+    request ``[KIND_FEED, msgpack {"group", "consumer", "credit", "acks": [[first, last], ...]}]``
+    delivery ``[KIND_RECORDS, msgpack {"group", "middle", "first", "n"}, record_1, ..., record_n]``
+    with middle log seqs ``first .. first+n-1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import msgpack
+
+__all__ = [
+    "KIND_ACK",
+    "KIND_BATCH",
+    "KIND_BUSY",
+    "KIND_FEED",
+    "KIND_RECORDS",
+    "Ack",
+    "Batch",
+    "Busy",
+    "FeedRequest",
+    "LiveEvent",
+    "LogRecord",
+    "Reading",
+    "Records",
+    "WireError",
+    "decode_ack",
+    "decode_batch",
+    "decode_busy",
+    "decode_feed_request",
+    "decode_live",
+    "decode_log_record",
+    "decode_reading",
+    "decode_records",
+    "encode_ack",
+    "encode_batch",
+    "encode_busy",
+    "encode_feed_request",
+    "encode_live",
+    "encode_log_record",
+    "encode_reading",
+    "encode_records",
+    "message_kind",
+]
+
+KIND_BATCH = b"iotpipe.batch.v1"
+KIND_ACK = b"iotpipe.ack.v1"
+KIND_BUSY = b"iotpipe.busy.v1"
+KIND_FEED = b"iotpipe.feed.v1"
+KIND_RECORDS = b"iotpipe.records.v1"
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+class WireError(ValueError):
+    """A frame that does not follow the wire format; the message names what is wrong."""
+
+
+def _unpack(data: bytes, what: str) -> object:
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise WireError(f"{what}: not valid msgpack ({exc})") from None
+
+
+def _require_dict(obj: object, what: str, fields: dict[str, type]) -> dict[str, object]:
+    if not isinstance(obj, dict):
+        raise WireError(f"{what}: expected a map, got {type(obj).__name__}")
+    for name, typ in fields.items():
+        value = obj.get(name)
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise WireError(f"{what}: field {name!r} must be {typ.__name__}")
+    return obj
+
+
+def message_kind(frames: Sequence[bytes]) -> bytes:
+    """The kind frame of a multipart message (b"" when there is none)."""
+    return bytes(frames[0]) if frames else b""
+
+
+# -- readings ----------------------------------------------------------------------------
+
+
+class Reading(NamedTuple):
+    device_id: str
+    msg_id: str
+    ts_ns: int
+    data_json: bytes
+    received_ns: int
+
+
+def encode_reading(
+    device_id: str, msg_id: str, ts_ns: int, data_json: bytes, received_ns: int
+) -> bytes:
+    return _packb([device_id, msg_id, ts_ns, data_json, received_ns])
+
+
+def decode_reading(data: bytes) -> Reading:
+    obj = _unpack(data, "reading")
+    if not isinstance(obj, list) or len(obj) != 5:
+        raise WireError("reading: expected an array of 5 items")
+    device_id, msg_id, ts_ns, data_json, received_ns = obj
+    if not (
+        isinstance(device_id, str)
+        and isinstance(msg_id, str)
+        and isinstance(ts_ns, int)
+        and isinstance(data_json, bytes)
+        and isinstance(received_ns, int)
+    ):
+        raise WireError("reading: wrong item types")
+    return Reading(device_id, msg_id, ts_ns, data_json, received_ns)
+
+
+# -- ingest -> middle --------------------------------------------------------------------
+
+
+class Batch(NamedTuple):
+    node: str
+    first: int
+    readings: list[bytes]
+
+    @property
+    def last(self) -> int:
+        return self.first + len(self.readings) - 1
+
+
+class Ack(NamedTuple):
+    node: str
+    last: int
+
+
+class Busy(NamedTuple):
+    node: str
+    first: int
+    retry_ms: int
+    reason: str
+
+
+def encode_batch(node: str, first: int, readings: Sequence[bytes]) -> list[bytes]:
+    return [KIND_BATCH, _packb({"node": node, "first": first, "n": len(readings)}), *readings]
+
+
+def decode_batch(frames: Sequence[bytes]) -> Batch:
+    if len(frames) < 2 or bytes(frames[0]) != KIND_BATCH:
+        raise WireError("batch: expected kind frame and header")
+    header = _require_dict(
+        _unpack(bytes(frames[1]), "batch header"), "batch header",
+        {"node": str, "first": int, "n": int},
+    )
+    readings = [bytes(f) for f in frames[2:]]
+    if header["n"] != len(readings) or len(readings) == 0:
+        raise WireError(f"batch: header says {header['n']} readings, got {len(readings)}")
+    first = header["first"]
+    assert isinstance(first, int)
+    if first < 1:
+        raise WireError("batch: 'first' must be >= 1")
+    return Batch(str(header["node"]), first, readings)
+
+
+def encode_ack(node: str, last: int) -> list[bytes]:
+    return [KIND_ACK, _packb({"node": node, "last": last})]
+
+
+def decode_ack(frames: Sequence[bytes]) -> Ack:
+    if len(frames) != 2 or bytes(frames[0]) != KIND_ACK:
+        raise WireError("ack: expected kind frame and body")
+    body = _require_dict(_unpack(bytes(frames[1]), "ack"), "ack", {"node": str, "last": int})
+    return Ack(str(body["node"]), int(body["last"]))  # type: ignore[call-overload]
+
+
+def encode_busy(node: str, first: int, retry_ms: int, reason: str) -> list[bytes]:
+    return [KIND_BUSY, _packb({"node": node, "first": first, "retry_ms": retry_ms,
+                              "reason": reason})]
+
+
+def decode_busy(frames: Sequence[bytes]) -> Busy:
+    if len(frames) != 2 or bytes(frames[0]) != KIND_BUSY:
+        raise WireError("busy: expected kind frame and body")
+    body = _require_dict(
+        _unpack(bytes(frames[1]), "busy"), "busy",
+        {"node": str, "first": int, "retry_ms": int, "reason": str},
+    )
+    return Busy(str(body["node"]), int(body["first"]), int(body["retry_ms"]),  # type: ignore[call-overload]
+                str(body["reason"]))
+
+
+# -- middle log --------------------------------------------------------------------------
+
+
+class LogRecord(NamedTuple):
+    node: str
+    node_seq: int
+    reading: bytes
+
+
+def encode_log_record(node: str, node_seq: int, reading: bytes) -> bytes:
+    return _packb([node, node_seq, reading])
+
+
+def decode_log_record(data: bytes) -> LogRecord:
+    obj = _unpack(data, "log record")
+    if (
+        not isinstance(obj, list)
+        or len(obj) != 3
+        or not isinstance(obj[0], str)
+        or not isinstance(obj[1], int)
+        or not isinstance(obj[2], bytes)
+    ):
+        raise WireError("log record: expected [node: str, node_seq: int, reading: bytes]")
+    return LogRecord(obj[0], obj[1], obj[2])
+
+
+# -- middle -> relay ---------------------------------------------------------------------
+
+
+class LiveEvent(NamedTuple):
+    device_id: str
+    middle_id: str
+    seq: int
+    reading: bytes
+
+
+def encode_live(device_id: str, middle_id: str, seq: int, reading: bytes) -> list[bytes]:
+    return [device_id.encode(), _packb({"m": middle_id, "s": seq}), reading]
+
+
+def decode_live(frames: Sequence[bytes]) -> LiveEvent:
+    if len(frames) != 3:
+        raise WireError("live event: expected 3 frames")
+    meta = _require_dict(_unpack(bytes(frames[1]), "live meta"), "live meta", {"m": str, "s": int})
+    try:
+        device_id = bytes(frames[0]).decode()
+    except UnicodeDecodeError:
+        raise WireError("live event: topic is not utf-8") from None
+    return LiveEvent(device_id, str(meta["m"]), int(meta["s"]), bytes(frames[2]))  # type: ignore[call-overload]
+
+
+# -- storage <-> middle feed -------------------------------------------------------------
+
+
+class FeedRequest(NamedTuple):
+    group: str
+    consumer: str
+    credit: int
+    acks: list[tuple[int, int]]
+
+
+class Records(NamedTuple):
+    group: str
+    middle: str
+    first: int
+    records: list[bytes]
+
+    @property
+    def last(self) -> int:
+        return self.first + len(self.records) - 1
+
+
+def encode_feed_request(
+    group: str, consumer: str, credit: int, acks: Sequence[tuple[int, int]] = ()
+) -> list[bytes]:
+    body = {"group": group, "consumer": consumer, "credit": credit,
+            "acks": [[a, b] for a, b in acks]}
+    return [KIND_FEED, _packb(body)]
+
+
+def decode_feed_request(frames: Sequence[bytes]) -> FeedRequest:
+    if len(frames) != 2 or bytes(frames[0]) != KIND_FEED:
+        raise WireError("feed request: expected kind frame and body")
+    body = _require_dict(
+        _unpack(bytes(frames[1]), "feed request"), "feed request",
+        {"group": str, "consumer": str, "credit": int, "acks": list},
+    )
+    acks: list[tuple[int, int]] = []
+    for item in body["acks"]:  # type: ignore[attr-defined]
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in item)
+            or item[0] > item[1]
+            or item[0] < 1
+        ):
+            raise WireError("feed request: each ack must be [first, last] with 1 <= first <= last")
+        acks.append((item[0], item[1]))
+    credit = int(body["credit"])  # type: ignore[call-overload]
+    if credit < 0:
+        raise WireError("feed request: credit must be >= 0")
+    return FeedRequest(str(body["group"]), str(body["consumer"]), credit, acks)
+
+
+def encode_records(group: str, middle: str, first: int, records: Sequence[bytes]) -> list[bytes]:
+    header = _packb({"group": group, "middle": middle, "first": first, "n": len(records)})
+    return [KIND_RECORDS, header, *records]
+
+
+def decode_records(frames: Sequence[bytes]) -> Records:
+    if len(frames) < 2 or bytes(frames[0]) != KIND_RECORDS:
+        raise WireError("records: expected kind frame and header")
+    header = _require_dict(
+        _unpack(bytes(frames[1]), "records header"), "records header",
+        {"group": str, "middle": str, "first": int, "n": int},
+    )
+    records = [bytes(f) for f in frames[2:]]
+    if header["n"] != len(records):
+        raise WireError(f"records: header says {header['n']} records, got {len(records)}")
+    return Records(str(header["group"]), str(header["middle"]), int(header["first"]),  # type: ignore[call-overload]
+                   records)

@@ -11,7 +11,7 @@ UP_ARGS ?= --simulate 20
 .PHONY: up test lint bench apt venv clean
 
 # Debian packages the tests and the pmem backend use. Installed only when missing.
-.stamp-apt:
+.stamp-apt: Makefile
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \

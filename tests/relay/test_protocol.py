@@ -1,0 +1,278 @@
+"""The relay's sans-I/O core: parsing, matching, bounded queues, gaps, stalls."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from iotpipe.relay.protocol import (
+    ClientSession,
+    Fanout,
+    ProtocolError,
+    SourceTracker,
+    SourceVerdict,
+    encode_reading_frame,
+    parse_client_frame,
+)
+from iotpipe.wire import LiveEvent, Reading, encode_reading
+
+pytestmark = pytest.mark.unit
+
+
+def live(device: str, seq: int, source: str = "m0", data: bytes = b'{"t":21.5}',
+         msg_id: str | None = None) -> LiveEvent:
+    reading = encode_reading(device, msg_id or f"{device}-{seq}", 1_700_000_000_000_000_000 + seq,
+                             data, 1_700_000_000_000_000_500 + seq)
+    return LiveEvent(device, source, seq, reading)
+
+
+def decoded(frames: list[bytes]) -> list[dict[str, object]]:
+    return [orjson.loads(f) for f in frames]
+
+
+def subscribed(session: ClientSession, **filters: list[str]) -> ClientSession:
+    reply = orjson.loads(session.receive(orjson.dumps({"op": "subscribe", **filters})))
+    assert reply["event"] == "subscribed", reply
+    return session
+
+
+# -- client frames ---------------------------------------------------------------------------
+
+
+def test_parse_subscribe_all_fields() -> None:
+    request = parse_client_frame(b'{"op":"subscribe","devices":["a"],"prefixes":["b-"],'
+                                 b'"classes":["c"],"locations":["d"]}')
+    assert request.op == "subscribe"
+    assert request.devices == {"a"} and request.prefixes == {"b-"}
+    assert request.classes == {"c"} and request.locations == {"d"}
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("not json", "bad_json"),
+    ("[1,2]", "bad_frame"),
+    ('{"op":"publish","devices":["a"]}', "unknown_op"),
+    ('{"devices":["a"]}', "unknown_op"),
+    ('{"op":"subscribe","devices":"a"}', "bad_field"),
+    ('{"op":"subscribe","devices":[1]}', "bad_field"),
+    ('{"op":"subscribe","devices":[""]}', "bad_field"),
+    ('{"op":"subscribe","device":["a"]}', "bad_field"),
+    ('{"op":"subscribe"}', "bad_field"),
+])
+def test_parse_rejects_bad_frames_with_reason(text: str, reason: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_client_frame(text)
+    assert info.value.reason == reason
+    assert info.value.detail
+
+
+def test_parse_limits_entries_and_length() -> None:
+    with pytest.raises(ProtocolError, match="too_many_filters"):
+        parse_client_frame(orjson.dumps({"op": "subscribe", "devices": [str(i) for i in range(11)]}),
+                           max_items=10)
+    with pytest.raises(ProtocolError, match="longer than"):
+        parse_client_frame(orjson.dumps({"op": "subscribe", "devices": ["x" * 300]}))
+
+
+def test_session_subscribe_unsubscribe_replies_with_full_filter() -> None:
+    session = ClientSession("c1")
+    reply = orjson.loads(session.receive(b'{"op":"subscribe","devices":["a","b"],"classes":["k"]}'))
+    assert reply == {"event": "subscribed", "devices": ["a", "b"], "prefixes": [],
+                     "classes": ["k"], "locations": []}
+    reply = orjson.loads(session.receive(b'{"op":"unsubscribe","devices":["a"]}'))
+    assert reply == {"event": "unsubscribed", "devices": ["b"], "prefixes": [],
+                     "classes": ["k"], "locations": []}
+    error = orjson.loads(session.receive(b'{"op":"subscribe"'))
+    assert error["event"] == "error" and error["reason"] == "bad_json"
+
+
+def test_session_filter_limit_is_cumulative_and_rolls_back() -> None:
+    session = ClientSession("c1", max_filters=3)
+    subscribed(session, devices=["a", "b"])
+    error = orjson.loads(session.receive(b'{"op":"subscribe","prefixes":["x","y"]}'))
+    assert error["reason"] == "too_many_filters" and error["op"] == "subscribe"
+    assert session.subscription.describe()["devices"] == ["a", "b"]
+    assert session.subscription.prefixes == set()
+
+
+# -- frames -------------------------------------------------------------------------------
+
+
+def test_reading_frame_splices_data_and_is_valid_json() -> None:
+    reading = Reading('dev"1', "m-1", 123, b'{"x":[1,2],"s":"\\u00e9"}', 456)
+    frame = orjson.loads(encode_reading_frame(reading, 7, "middle-0"))
+    assert frame == {"event": "reading", "device": 'dev"1', "id": "m-1", "ts": 123,
+                     "received": 456, "data": {"x": [1, 2], "s": "\u00e9"}, "seq": 7,
+                     "source": "middle-0"}
+
+
+# -- matching -----------------------------------------------------------------------------
+
+
+def test_matching_by_id_prefix_class_location() -> None:
+    registry = {"boiler-1": ("boiler", "hall-1"), "therm-1": ("thermometer", "hall-2")}
+    fanout = Fanout(lambda d: registry.get(d, ("unknown", "unknown")))
+    by_id = subscribed(ClientSession("id"), devices=["boiler-1"])
+    by_prefix = subscribed(ClientSession("prefix"), prefixes=["therm-"])
+    by_class = subscribed(ClientSession("class"), classes=["boiler"])
+    by_location = subscribed(ClientSession("loc"), locations=["hall-2"])
+    unknown = subscribed(ClientSession("unknown"), classes=["unknown"])
+    idle = ClientSession("idle")
+    for s in (by_id, by_prefix, by_class, by_location, unknown, idle):
+        fanout.add(s)
+    for seq, device in enumerate(["boiler-1", "therm-1", "stray-9"], start=1):
+        fanout.on_event(live(device, seq), now=0.0)
+
+    def devices(session: ClientSession) -> list[object]:
+        return [f["device"] for f in decoded(session.take(0.0))]
+
+    assert devices(by_id) == ["boiler-1"]
+    assert devices(by_prefix) == ["therm-1"]
+    assert devices(by_class) == ["boiler-1"]
+    assert devices(by_location) == ["therm-1"]
+    assert devices(unknown) == ["stray-9"]
+    assert devices(idle) == []
+    assert fanout.stats.events_in == 3
+
+
+def test_one_event_matching_several_filters_is_sent_once() -> None:
+    fanout = Fanout(lambda d: ("boiler", "hall"))
+    session = subscribed(ClientSession("c"), devices=["b1"], prefixes=["b"], classes=["boiler"])
+    fanout.add(session)
+    fanout.on_event(live("b1", 1), 0.0)
+    assert len(session.take(0.0)) == 1
+
+
+def test_unsubscribed_client_gets_nothing_more() -> None:
+    fanout = Fanout()
+    session = subscribed(ClientSession("c"), devices=["a"])
+    fanout.add(session)
+    fanout.on_event(live("a", 1), 0.0)
+    session.receive(b'{"op":"unsubscribe","devices":["a"]}')
+    fanout.on_event(live("a", 2), 0.0)
+    assert [f["seq"] for f in decoded(session.take(0.0))] == [1]
+
+
+# -- slow clients -------------------------------------------------------------------------
+
+
+def test_slow_client_gets_gap_in_place_of_dropped_events_and_others_get_all() -> None:
+    fanout = Fanout()
+    slow = subscribed(ClientSession("slow", queue_limit=5), prefixes=["d"])
+    fast = subscribed(ClientSession("fast", queue_limit=5), prefixes=["d"])
+    fanout.add(slow)
+    fanout.add(fast)
+    fast_seen: list[dict[str, object]] = []
+    for seq in range(1, 21):
+        fanout.on_event(live("d1", seq), 0.0)
+        fast_seen += decoded(fast.take(0.0))
+    assert [f["seq"] for f in fast_seen] == list(range(1, 21))
+    assert slow.pending == 6  # 5 queued frames + the pending gap notice
+    frames = decoded(slow.take(0.0, max_frames=100))
+    assert [f.get("seq") for f in frames[:5]] == [1, 2, 3, 4, 5]
+    assert frames[5] == {"event": "gap", "reason": "slow_client", "missed": 15}
+    assert fanout.stats.dropped == 15
+    assert slow.missed_total == 15
+    # After draining, delivery resumes normally.
+    fanout.on_event(live("d1", 21), 0.0)
+    assert [f["seq"] for f in decoded(slow.take(0.0))] == [21]
+
+
+def test_gap_notice_is_placed_before_the_next_delivered_event() -> None:
+    session = subscribed(ClientSession("s", queue_limit=3), devices=["d"])
+    fanout = Fanout()
+    fanout.add(session)
+    for seq in range(1, 6):  # 1..3 queued, 4..5 dropped
+        fanout.on_event(live("d", seq), 0.0)
+    first = decoded(session.take(0.0, max_frames=2))
+    assert [f["seq"] for f in first] == [1, 2]
+    for seq in range(6, 9):  # room for one gap notice + one event: 6 in, 7..8 dropped
+        fanout.on_event(live("d", seq), 0.0)
+    rest = decoded(session.take(0.0, max_frames=100))
+    assert rest == [
+        *decoded([encode_reading_frame(Reading("d", "d-3", 1_700_000_000_000_000_003, b'{"t":21.5}',
+                                               1_700_000_000_000_000_503), 3, "m0")]),
+        {"event": "gap", "reason": "slow_client", "missed": 2},
+        rest[2],
+        {"event": "gap", "reason": "slow_client", "missed": 2},
+    ]
+    assert rest[2]["seq"] == 6
+    # Total accounting: every event is either delivered or counted in a gap.
+    assert session.missed_total == 4
+
+
+def test_queue_memory_is_bounded_for_a_client_that_never_reads() -> None:
+    session = subscribed(ClientSession("never", queue_limit=10), devices=["d"])
+    fanout = Fanout()
+    fanout.add(session)
+    for seq in range(1, 100_001):
+        fanout.on_event(live("d", seq), 0.0)
+    assert session.pending == 11
+    assert session.missed_total == 100_000 - 10
+
+
+def test_stall_detection_needs_pending_frames_and_no_progress() -> None:
+    session = subscribed(ClientSession("s", queue_limit=10), devices=["d"])
+    session.take(0.0)  # the reply frame from subscribed() was not queued here
+    fanout = Fanout()
+    fanout.add(session)
+    assert not session.stalled(100.0, 5.0)  # nothing pending: idle is not stalled
+    fanout.on_event(live("d", 1), 100.0)
+    assert not session.stalled(104.0, 5.0)
+    assert session.stalled(105.0, 5.0)
+    assert list(fanout.stalled(105.0, 5.0)) == [session]
+    session.take(105.0)
+    assert not session.stalled(200.0, 5.0)
+
+
+# -- upstream sequences -------------------------------------------------------------------
+
+
+def test_source_tracker_verdicts() -> None:
+    tracker = SourceTracker()
+    assert tracker.observe("m0", 10)[0] is SourceVerdict.FIRST
+    assert tracker.observe("m0", 11)[0] is SourceVerdict.NEXT
+    assert tracker.observe("m1", 1)[0] is SourceVerdict.FIRST  # sources are independent
+    assert tracker.observe("m0", 15) == (SourceVerdict.GAP, 11)
+    assert tracker.observe("m0", 15)[0] is SourceVerdict.DUPLICATE
+    assert tracker.observe("m0", 12)[0] is SourceVerdict.DUPLICATE
+    assert tracker.observe("m0", 1) == (SourceVerdict.RESET, 15)
+    assert tracker.observe("m0", 2)[0] is SourceVerdict.NEXT
+
+
+def test_upstream_gap_is_reported_to_subscribed_clients_in_order() -> None:
+    fanout = Fanout()
+    session = subscribed(ClientSession("c"), devices=["other"])
+    idle = ClientSession("idle")
+    fanout.add(session)
+    fanout.add(idle)
+    for seq in (1, 2, 6, 6, 7):
+        fanout.on_event(live("other" if seq != 2 else "x", seq, source="m0"), 0.0)
+    frames = decoded(session.take(0.0))
+    assert frames[0]["seq"] == 1
+    assert frames[1] == {"event": "gap", "reason": "upstream", "source": "m0", "missed": 3,
+                         "from_seq": 3, "to_seq": 5}
+    assert [f["seq"] for f in frames[2:]] == [6, 7]  # the duplicate 6 is not delivered twice
+    assert idle.take(0.0) == []  # no subscription: no gap noise
+    assert fanout.stats.upstream_missed == 3
+    assert fanout.stats.duplicates == 1
+
+
+def test_source_reset_is_announced() -> None:
+    fanout = Fanout()
+    session = subscribed(ClientSession("c"), devices=["d"])
+    fanout.add(session)
+    fanout.on_event(live("d", 5), 0.0)
+    fanout.on_event(live("d", 1), 0.0)
+    frames = decoded(session.take(0.0))
+    assert frames[1] == {"event": "reset", "source": "m0", "last_seq": 5}
+    assert frames[2]["seq"] == 1
+
+
+def test_undecodable_reading_is_counted_not_delivered() -> None:
+    fanout = Fanout()
+    session = subscribed(ClientSession("c"), devices=["d"])
+    fanout.add(session)
+    fanout.on_event(LiveEvent("d", "m0", 1, b"\xc1garbage"), 0.0)
+    fanout.on_event(LiveEvent("d", "m0", 2, encode_reading("e", "x", 1, b"{}", 1)), 0.0)
+    assert session.take(0.0) == []
+    assert fanout.stats.bad_events == 2

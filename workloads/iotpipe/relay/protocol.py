@@ -1,0 +1,438 @@
+"""Sans-I/O core of the relay: client subscriptions, fan-out, bounded queues and gaps.
+
+Nothing here touches a socket or a clock: the I/O shell (``server.py``) feeds decoded live
+events and client text frames in, passes the current time where it matters, and sends the
+frames this module hands back. ``docs/client-protocol.md`` is the client-facing description
+of the same rules; keep the two in step.
+
+Fan-out rules
+    * Each upstream live event is turned into one JSON ``reading`` frame, built once and
+      shared by every matching client. The device's ``data`` JSON is spliced in as bytes.
+    * Each client has a bounded queue of frames waiting to be sent. When it is full, new
+      matching events are dropped for that client only and counted; as soon as there is room
+      again (or the queue has drained), one ``gap`` frame with ``reason: "slow_client"`` and
+      the number missed takes the place of the dropped events, so the client sees exactly
+      where it lost data. Other clients are never delayed.
+    * A client whose queue has frames waiting and whose sender made no progress for the
+      stall timeout is reported by :meth:`Fanout.stalled`; the shell closes it with
+      :data:`CLOSE_SLOW_CONSUMER`.
+    * Upstream sequence numbers are per middle (``source``). A jump forward means the relay
+      missed events on the PUB/SUB hop (lossy by design); every subscribed client is told
+      with a ``gap`` frame, ``reason: "upstream"``, naming the source and the missing range
+      (the relay cannot know which of those would have matched the client's filter). A
+      sequence number at or below the last one seen is a duplicate and is dropped, except
+      ``1``, which means the source's log started afresh (``reset`` frame to every client).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+
+import orjson
+
+from iotpipe.wire import LiveEvent, Reading, WireError, decode_reading
+
+__all__ = [
+    "CLOSE_SLOW_CONSUMER",
+    "FILTER_FIELDS",
+    "UNKNOWN",
+    "ClientSession",
+    "Fanout",
+    "FanoutStats",
+    "Lookup",
+    "ProtocolError",
+    "SourceTracker",
+    "SourceVerdict",
+    "Subscription",
+    "encode_reading_frame",
+    "parse_client_frame",
+]
+
+# Application close code for a client that stopped reading (see docs/client-protocol.md).
+CLOSE_SLOW_CONSUMER = 4008
+
+# Class/location given to devices the registry does not know (same rule as storage).
+UNKNOWN = "unknown"
+
+FILTER_FIELDS = ("devices", "prefixes", "classes", "locations")
+
+# Lookup(device_id) -> (device_class, location); the shell binds it to the live registry.
+Lookup = Callable[[str], tuple[str, str]]
+
+
+class ProtocolError(ValueError):
+    """A client frame the relay cannot accept; ``reason`` is the machine-readable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def error_frame(reason: str, detail: str, op: str | None = None) -> bytes:
+    body: dict[str, object] = {"event": "error", "reason": reason, "detail": detail}
+    if op is not None:
+        body["op"] = op
+    return orjson.dumps(body)
+
+
+# -- client frames -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientRequest:
+    """A parsed ``subscribe`` / ``unsubscribe`` frame."""
+
+    op: str
+    devices: frozenset[str] = frozenset()
+    prefixes: frozenset[str] = frozenset()
+    classes: frozenset[str] = frozenset()
+    locations: frozenset[str] = frozenset()
+
+
+def parse_client_frame(text: str | bytes, max_items: int = 1000,
+                       max_item_len: int = 256) -> ClientRequest:
+    """Parse one client text frame; raise :class:`ProtocolError` naming what is wrong."""
+    try:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError("bad_json", f"frame is not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_frame", "frame must be a JSON object")
+    op = obj.get("op")
+    if op not in ("subscribe", "unsubscribe"):
+        raise ProtocolError("unknown_op", f"'op' must be 'subscribe' or 'unsubscribe', got {op!r}")
+    unknown = sorted(set(obj) - {"op", *FILTER_FIELDS})
+    if unknown:
+        raise ProtocolError("bad_field", f"unknown field(s) {', '.join(unknown)}")
+    values: dict[str, frozenset[str]] = {}
+    total = 0
+    for name in FILTER_FIELDS:
+        raw = obj.get(name, [])
+        if not isinstance(raw, list):
+            raise ProtocolError("bad_field", f"{name!r} must be a list of strings")
+        for item in raw:
+            if not isinstance(item, str) or not item:
+                raise ProtocolError("bad_field", f"{name!r} must hold non-empty strings")
+            if len(item) > max_item_len:
+                raise ProtocolError("bad_field", f"an entry of {name!r} is longer than "
+                                    f"{max_item_len} characters")
+        values[name] = frozenset(raw)
+        total += len(values[name])
+    if total == 0:
+        raise ProtocolError("bad_field", f"{op} needs at least one of {', '.join(FILTER_FIELDS)}")
+    if total > max_items:
+        raise ProtocolError("too_many_filters", f"{total} entries in one frame, limit {max_items}")
+    return ClientRequest(op, **values)
+
+
+# -- subscriptions -----------------------------------------------------------------------
+
+
+@dataclass
+class Subscription:
+    """What one client wants: a union of exact ids, id prefixes, classes and locations."""
+
+    devices: set[str] = field(default_factory=set)
+    prefixes: set[str] = field(default_factory=set)
+    classes: set[str] = field(default_factory=set)
+    locations: set[str] = field(default_factory=set)
+
+    def size(self) -> int:
+        return len(self.devices) + len(self.prefixes) + len(self.classes) + len(self.locations)
+
+    def is_empty(self) -> bool:
+        return self.size() == 0
+
+    def apply(self, request: ClientRequest) -> None:
+        for name in FILTER_FIELDS:
+            current: set[str] = getattr(self, name)
+            change: frozenset[str] = getattr(request, name)
+            if request.op == "subscribe":
+                current |= change
+            else:
+                current -= change
+
+    def needs_registry(self) -> bool:
+        return bool(self.classes or self.locations)
+
+    def matches(self, device_id: str, attrs: tuple[str, str] | None) -> bool:
+        """``attrs`` is (class, location), looked up only when a filter needs it."""
+        if device_id in self.devices:
+            return True
+        if any(device_id.startswith(p) for p in self.prefixes):
+            return True
+        if attrs is not None:
+            device_class, location = attrs
+            return device_class in self.classes or location in self.locations
+        return False
+
+    def describe(self) -> dict[str, list[str]]:
+        return {name: sorted(getattr(self, name)) for name in FILTER_FIELDS}
+
+
+# -- event frames ------------------------------------------------------------------------
+
+
+def _json_str(value: str) -> bytes:
+    return orjson.dumps(value)
+
+
+def encode_reading_frame(reading: Reading, seq: int, source: str) -> bytes:
+    """The ``reading`` event, with the device's ``data`` JSON spliced in unchanged."""
+    return b"".join((
+        b'{"event":"reading","device":', _json_str(reading.device_id),
+        b',"id":', _json_str(reading.msg_id),
+        b',"ts":', str(reading.ts_ns).encode(),
+        b',"received":', str(reading.received_ns).encode(),
+        b',"data":', reading.data_json,
+        b',"seq":', str(seq).encode(),
+        b',"source":', _json_str(source), b"}",
+    ))
+
+
+def slow_gap_frame(missed: int) -> bytes:
+    return orjson.dumps({"event": "gap", "reason": "slow_client", "missed": missed})
+
+
+def upstream_gap_frame(source: str, first: int, last: int) -> bytes:
+    return orjson.dumps({"event": "gap", "reason": "upstream", "source": source,
+                         "missed": last - first + 1, "from_seq": first, "to_seq": last})
+
+
+def reset_frame(source: str, last_seq: int) -> bytes:
+    return orjson.dumps({"event": "reset", "source": source, "last_seq": last_seq})
+
+
+# -- per-source sequence tracking --------------------------------------------------------
+
+
+class SourceVerdict(Enum):
+    FIRST = "first"  # first event seen from this source: nothing to compare with
+    NEXT = "next"  # the expected next sequence number
+    GAP = "gap"  # a jump forward: events were missed upstream
+    DUPLICATE = "duplicate"  # at or below the last seen: drop
+    RESET = "reset"  # the source started again at 1
+
+
+class SourceTracker:
+    """Last sequence number seen per middle (``source``)."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, int] = {}
+
+    def observe(self, source: str, seq: int) -> tuple[SourceVerdict, int]:
+        """Classify ``seq``; the int is the previous last seq (0 when there was none)."""
+        previous = self.last.get(source)
+        if previous is None:
+            self.last[source] = seq
+            return SourceVerdict.FIRST, 0
+        if seq == previous + 1:
+            self.last[source] = seq
+            return SourceVerdict.NEXT, previous
+        if seq > previous:
+            self.last[source] = seq
+            return SourceVerdict.GAP, previous
+        if seq == 1:
+            self.last[source] = seq
+            return SourceVerdict.RESET, previous
+        return SourceVerdict.DUPLICATE, previous
+
+
+# -- per-client session ------------------------------------------------------------------
+
+
+class ClientSession:
+    """One client's subscription and bounded send queue.
+
+    The shell calls :meth:`take` from the client's sender task and sends what it returns, in
+    order; :meth:`receive` for each text frame from the client.
+    """
+
+    def __init__(self, client_id: str, queue_limit: int = 1000, max_filters: int = 1000) -> None:
+        if queue_limit < 1:
+            raise ValueError("queue_limit must be >= 1")
+        self.client_id = client_id
+        self.queue_limit = queue_limit
+        self.max_filters = max_filters
+        self.subscription = Subscription()
+        self._queue: deque[bytes] = deque()
+        self._missed = 0  # dropped since the last gap frame was queued
+        self.missed_total = 0
+        self.sent_total = 0
+        self._last_progress = 0.0
+        self.closed = False
+
+    # client -> relay
+    def receive(self, text: str | bytes) -> bytes:
+        """Apply one client frame; returns the reply frame (confirmation or error)."""
+        try:
+            request = parse_client_frame(text, max_items=self.max_filters)
+        except ProtocolError as exc:
+            return error_frame(exc.reason, exc.detail)
+        before = self.subscription.describe()
+        self.subscription.apply(request)
+        if self.subscription.size() > self.max_filters:
+            # Roll back: a client may not grow its filter without bound.
+            self.subscription = Subscription(*(set(before[name]) for name in FILTER_FIELDS))
+            return error_frame("too_many_filters",
+                               f"subscription would exceed {self.max_filters} entries", request.op)
+        return orjson.dumps({"event": "subscribed" if request.op == "subscribe"
+                             else "unsubscribed", **self.subscription.describe()})
+
+    # relay -> client
+    @property
+    def pending(self) -> int:
+        """Frames waiting to be sent (a pending gap notice counts as one)."""
+        return len(self._queue) + (1 if self._missed else 0)
+
+    def offer(self, frame: bytes, now: float) -> bool:
+        """Queue ``frame`` unless the queue is full; returns False when it was dropped."""
+        if self.pending == 0:
+            self._last_progress = now  # the stall clock starts when work appears
+        if len(self._queue) >= self.queue_limit:
+            self._missed += 1
+            self.missed_total += 1
+            return False
+        if self._missed:
+            if len(self._queue) + 1 >= self.queue_limit:
+                # No room for the gap notice and the event: keep dropping, in order.
+                self._missed += 1
+                self.missed_total += 1
+                return False
+            self._queue.append(slow_gap_frame(self._missed))
+            self._missed = 0
+        self._queue.append(frame)
+        return True
+
+    def notify(self, frame: bytes, now: float) -> None:
+        """Queue a control frame (upstream gap, reset) that must not be dropped silently.
+
+        Control frames may exceed the queue limit by a small amount; they are rare (one
+        per upstream incident) so this cannot grow without bound in practice, and a client
+        that stops reading is closed by the stall rule anyway.
+        """
+        if self.pending == 0:
+            self._last_progress = now
+        if self._missed:
+            self._queue.append(slow_gap_frame(self._missed))
+            self._missed = 0
+        self._queue.append(frame)
+
+    def take(self, now: float, max_frames: int = 64) -> list[bytes]:
+        """Frames to send now, oldest first; calling it marks sender progress."""
+        self._last_progress = now
+        out: list[bytes] = []
+        queue = self._queue
+        while queue and len(out) < max_frames:
+            out.append(queue.popleft())
+        if not queue and self._missed and len(out) < max_frames:
+            out.append(slow_gap_frame(self._missed))
+            self._missed = 0
+        self.sent_total += len(out)
+        return out
+
+    def stalled(self, now: float, stall_s: float) -> bool:
+        return self.pending > 0 and now - self._last_progress >= stall_s
+
+
+# -- fan-out -----------------------------------------------------------------------------
+
+
+@dataclass
+class FanoutStats:
+    events_in: int = 0
+    events_matched: int = 0  # events that matched at least one client
+    frames_queued: int = 0  # reading frames queued to clients (sum over clients)
+    dropped: int = 0  # reading frames dropped for slow clients
+    upstream_gaps: int = 0
+    upstream_missed: int = 0
+    duplicates: int = 0
+    resets: int = 0
+    bad_events: int = 0
+
+
+class Fanout:
+    """All client sessions of one relay process and the upstream sequence trackers."""
+
+    def __init__(self, lookup: Lookup | None = None) -> None:
+        self.sessions: dict[str, ClientSession] = {}
+        self.sources = SourceTracker()
+        self.stats = FanoutStats()
+        self._lookup = lookup
+
+    def set_lookup(self, lookup: Lookup | None) -> None:
+        self._lookup = lookup
+
+    def add(self, session: ClientSession) -> None:
+        self.sessions[session.client_id] = session
+
+    def remove(self, client_id: str) -> None:
+        session = self.sessions.pop(client_id, None)
+        if session is not None:
+            session.closed = True
+
+    def _attrs(self, device_id: str) -> tuple[str, str]:
+        if self._lookup is None:
+            return (UNKNOWN, UNKNOWN)
+        return self._lookup(device_id)
+
+    def on_event(self, event: LiveEvent, now: float) -> list[ClientSession]:
+        """Route one upstream event; returns the sessions that got new frames."""
+        stats = self.stats
+        stats.events_in += 1
+        verdict, previous = self.sources.observe(event.middle_id, event.seq)
+        woken: dict[str, ClientSession] = {}
+        if verdict is SourceVerdict.DUPLICATE:
+            stats.duplicates += 1
+            return []
+        if verdict is SourceVerdict.GAP:
+            stats.upstream_gaps += 1
+            stats.upstream_missed += event.seq - previous - 1
+            notice = upstream_gap_frame(event.middle_id, previous + 1, event.seq - 1)
+            for session in self.sessions.values():
+                if not session.subscription.is_empty():
+                    session.notify(notice, now)
+                    woken[session.client_id] = session
+        elif verdict is SourceVerdict.RESET:
+            stats.resets += 1
+            notice = reset_frame(event.middle_id, previous)
+            for session in self.sessions.values():
+                if not session.subscription.is_empty():
+                    session.notify(notice, now)
+                    woken[session.client_id] = session
+        if not self.sessions:
+            return list(woken.values())
+        device_id = event.device_id
+        attrs: tuple[str, str] | None = None
+        frame: bytes | None = None
+        for session in self.sessions.values():
+            subscription = session.subscription
+            if subscription.needs_registry() and attrs is None:
+                attrs = self._attrs(device_id)
+            if not subscription.matches(device_id,
+                                        attrs if subscription.needs_registry() else None):
+                continue
+            if frame is None:
+                try:
+                    reading = decode_reading(event.reading)
+                except WireError:
+                    stats.bad_events += 1
+                    return list(woken.values())
+                if reading.device_id != device_id:
+                    stats.bad_events += 1
+                    return list(woken.values())
+                frame = encode_reading_frame(reading, event.seq, event.middle_id)
+                stats.events_matched += 1
+            if session.offer(frame, now):
+                stats.frames_queued += 1
+            else:
+                stats.dropped += 1
+            woken[session.client_id] = session
+        return list(woken.values())
+
+    def stalled(self, now: float, stall_s: float) -> Iterable[ClientSession]:
+        return [s for s in self.sessions.values() if s.stalled(now, stall_s)]

@@ -1,0 +1,388 @@
+"""``iotpipe relay``: the I/O shell around :mod:`iotpipe.relay.protocol`.
+
+One asyncio loop owns everything: a ZeroMQ SUB socket connected to every middle PUB
+endpoint, the WebSocket server on ``/v1/live``, one sender task per client and a watchdog
+that closes clients which stopped reading. Per-event work is the sans-I/O ``Fanout``; this
+module only moves frames between sockets and the core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from http import HTTPStatus
+from urllib.parse import parse_qs, urlsplit
+
+import zmq
+import zmq.asyncio
+from prometheus_client import REGISTRY, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import Field
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from iotpipe.auth import CLIENT_AUDIENCE, AuthError, bearer_token, load_secret, verify_token
+from iotpipe.observability import ObservabilityServer, setup_logging
+from iotpipe.registry import RegistryWatcher
+from iotpipe.relay.protocol import CLOSE_SLOW_CONSUMER, UNKNOWN, ClientSession, Fanout
+from iotpipe.settings import CommaList, TierSettings, parse_settings, tier_config
+from iotpipe.wire import WireError, decode_live
+
+__all__ = ["LIVE_PATH", "RelayServer", "RelaySettings", "main"]
+
+log = logging.getLogger("iotpipe.relay")
+
+LIVE_PATH = "/v1/live"
+
+
+class RelaySettings(TierSettings):
+    """Serve live device readings to client apps over WebSocket (path /v1/live)."""
+
+    model_config = tier_config("iotpipe relay", "IOTPIPE_RELAY_")
+
+    host: str = Field("0.0.0.0", description="bind address for the WebSocket and metrics ports")
+    port: int = Field(8081, ge=0, le=65535, description="WebSocket port (path /v1/live)")
+    metrics_port: int = Field(9100, ge=0, le=65535,
+                              description="port of /metrics, /healthz and /readyz")
+    log_level: str = Field("info", description="debug, info, warning or error")
+    middle_pub_endpoints: CommaList = Field(
+        default_factory=list,
+        description="middle PUB endpoints, comma separated (tcp://host:5556,...)")
+    registry_file: str = Field(
+        "/etc/iotpipe/registry/registry.yaml",
+        description="device registry YAML (for class/location subscriptions); "
+                    "a missing file means every device is 'unknown'")
+    client_queue: int = Field(1000, ge=1,
+                              description="frames queued per client before events are dropped "
+                                          "for it (the client then gets a gap frame)")
+    stall_timeout: float = Field(15.0, gt=0,
+                                 description="close a client (code 4008) whose queue made no "
+                                             "progress for this many seconds")
+    max_filters: int = Field(1000, ge=1, description="subscription entries allowed per client")
+    max_frame_bytes: int = Field(65536, ge=256,
+                                 description="largest client frame accepted (larger: close 1009)")
+    max_clients: int = Field(10000, ge=1, description="connections above this get HTTP 503")
+    sub_hwm: int = Field(100_000, ge=1,
+                         description="ZeroMQ receive high-water mark of the SUB socket")
+    compression: bool = Field(False, description="offer permessage-deflate (costs memory)")
+    insecure_no_auth: bool = Field(False, description="accept clients without a token "
+                                                      "(local demos only)")
+
+
+class _RelayCollector:
+    """Relay counters read from the core at scrape time (no per-message metric calls)."""
+
+    def __init__(self, relay: RelayServer) -> None:
+        self._relay = relay
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        fanout = self._relay.fanout
+        stats = fanout.stats
+        yield GaugeMetricFamily("iotpipe_relay_clients", "Connected client apps",
+                                value=len(fanout.sessions))
+        yield GaugeMetricFamily("iotpipe_relay_client_queue_frames",
+                                "Frames waiting in all client send queues",
+                                value=sum(s.pending for s in fanout.sessions.values()))
+        for name, text, value in (
+            ("iotpipe_relay_events_in", "Live events received from the middle tier",
+             stats.events_in),
+            ("iotpipe_relay_events_out", "Reading frames queued to clients (sum over clients)",
+             stats.frames_queued),
+            ("iotpipe_relay_dropped", "Reading frames dropped for slow clients",
+             stats.dropped),
+            ("iotpipe_relay_upstream_gaps", "Sequence jumps seen on the PUB/SUB hop",
+             stats.upstream_gaps),
+            ("iotpipe_relay_upstream_missed", "Events missed on the PUB/SUB hop",
+             stats.upstream_missed),
+            ("iotpipe_relay_duplicates", "Upstream events dropped as duplicates",
+             stats.duplicates),
+            ("iotpipe_relay_source_resets", "Sources whose sequence restarted at 1",
+             stats.resets),
+            ("iotpipe_relay_bad_events", "Upstream events that could not be decoded",
+             stats.bad_events + self._relay.bad_frames),
+        ):
+            yield CounterMetricFamily(name, text, value=value)
+
+
+class RelayServer:
+    """The running relay: SUB loop, WebSocket server, per-client senders, stall watchdog."""
+
+    def __init__(self, settings: RelaySettings, secret: bytes | None) -> None:
+        if secret is None and not settings.insecure_no_auth:
+            raise ValueError("a secret is required unless insecure_no_auth is set")
+        self.settings = settings
+        self.secret = secret
+        self.registry = RegistryWatcher(settings.registry_file)
+        self.fanout = Fanout(self._lookup)
+        self.bad_frames = 0
+        self._ids = itertools.count(1)
+        self._wakers: dict[str, asyncio.Event] = {}
+        self._connections: dict[str, ServerConnection] = {}
+        self._server: Server | None = None
+        self._ready = False
+        self.port = settings.port
+        self.rejected = Counter("iotpipe_relay_rejected_connections",
+                                "Client connections refused at the handshake", ["reason"],
+                                registry=None)
+        self.slow_closes = 0
+        self._closing: set[asyncio.Task[None]] = set()
+
+    # -- registry -------------------------------------------------------------------------
+
+    def _lookup(self, device_id: str) -> tuple[str, str]:
+        info = self.registry.current.lookup(device_id)
+        if info is None:
+            return (UNKNOWN, UNKNOWN)
+        return (info.device_class, info.location)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    # -- handshake ------------------------------------------------------------------------
+
+    def _reject(self, connection: ServerConnection, status: HTTPStatus, reason: str,
+                detail: str) -> Response:
+        self.rejected.labels(reason).inc()
+        response = connection.respond(status, f"{reason}: {detail}\n")
+        return response
+
+    def _process_request(self, connection: ServerConnection, request: Request
+                         ) -> Response | None:
+        url = urlsplit(request.path)
+        if url.path != LIVE_PATH:
+            return self._reject(connection, HTTPStatus.NOT_FOUND, "not_found",
+                                f"the live endpoint is {LIVE_PATH}")
+        if len(self.fanout.sessions) >= self.settings.max_clients:
+            return self._reject(connection, HTTPStatus.SERVICE_UNAVAILABLE, "too_many_clients",
+                                f"this relay serves at most {self.settings.max_clients} clients")
+        query = parse_qs(url.query)
+        if self.secret is None:
+            subject = (query.get("client") or ["anonymous"])[0][:128]
+        else:
+            try:
+                header = request.headers.get("Authorization")
+                # Browsers cannot set headers on a WebSocket: accept ?token= as well.
+                token = bearer_token(header) if header else (query.get("token") or [""])[0]
+                if not token:
+                    raise AuthError("missing", "no Authorization header or token parameter")
+                subject = verify_token(self.secret, token, CLIENT_AUDIENCE)
+            except AuthError as exc:
+                return self._reject(connection, HTTPStatus.UNAUTHORIZED, exc.reason,
+                                    exc.detail or exc.reason)
+        connection.iotpipe_subject = subject  # type: ignore[attr-defined]
+        return None
+
+    # -- per-client ------------------------------------------------------------------------
+
+    async def _handle(self, connection: ServerConnection) -> None:
+        subject = str(getattr(connection, "iotpipe_subject", "anonymous"))
+        client_id = f"{subject}#{next(self._ids)}"
+        session = ClientSession(client_id, self.settings.client_queue, self.settings.max_filters)
+        wake = asyncio.Event()
+        progress = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        session.take(loop.time(), max_frames=0)  # start the stall clock now
+        self.fanout.add(session)
+        self._wakers[client_id] = wake
+        self._connections[client_id] = connection
+        sender = asyncio.create_task(self._sender(connection, session, wake, progress))
+        try:
+            async for message in connection:
+                if isinstance(message, bytes):
+                    reply = b'{"event":"error","reason":"binary_not_supported",' \
+                            b'"detail":"send JSON text frames"}'
+                else:
+                    reply = session.receive(message)
+                # Replies go through the client's queue so they stay in order with events.
+                session.notify(reply, loop.time())
+                wake.set()
+                # A client that sends without reading must not grow its queue: wait for the
+                # sender (the stall watchdog closes the connection if it never drains).
+                while session.pending > session.queue_limit and not session.closed:
+                    progress.clear()
+                    await progress.wait()
+        except ConnectionClosed:
+            pass
+        finally:
+            self.fanout.remove(client_id)
+            self._wakers.pop(client_id, None)
+            self._connections.pop(client_id, None)
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                await sender
+
+    async def _sender(self, connection: ServerConnection, session: ClientSession,
+                      wake: asyncio.Event, progress: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                frames = session.take(loop.time())
+                if not frames:
+                    wake.clear()
+                    if session.pending:
+                        continue
+                    await wake.wait()
+                    continue
+                for frame in frames:
+                    await connection.send(frame, text=True)
+                progress.set()
+        finally:
+            session.closed = True
+            progress.set()
+
+    async def _watchdog(self) -> None:
+        loop = asyncio.get_running_loop()
+        stall_s = self.settings.stall_timeout
+        while True:
+            await asyncio.sleep(min(1.0, stall_s / 4))
+            for session in list(self.fanout.stalled(loop.time(), stall_s)):
+                connection = self._connections.get(session.client_id)
+                self.fanout.remove(session.client_id)
+                self.slow_closes += 1
+                log.warning("closing slow client", extra={"fields": {
+                    "client": session.client_id, "pending": session.pending,
+                    "missed": session.missed_total}})
+                if connection is not None:
+                    task = loop.create_task(self._close_slow(connection, session))
+                    self._closing.add(task)
+                    task.add_done_callback(self._closing.discard)
+
+    async def _close_slow(self, connection: ServerConnection, session: ClientSession) -> None:
+        reason = f"slow_consumer: no progress for {self.settings.stall_timeout:g}s"
+        try:
+            await asyncio.wait_for(connection.close(CLOSE_SLOW_CONSUMER, reason), timeout=2.0)
+        except (TimeoutError, ConnectionClosed):
+            pass
+        finally:
+            # A client that never reads cannot take the close frame: drop the TCP connection.
+            if connection.transport is not None and not connection.transport.is_closing():
+                connection.transport.abort()
+
+    # -- upstream --------------------------------------------------------------------------
+
+    async def _subscribe_loop(self, sub: zmq.asyncio.Socket) -> None:
+        loop = asyncio.get_running_loop()
+        fanout = self.fanout
+        wakers = self._wakers
+        woken: set[str] = set()
+        handled = 0
+        while True:
+            frames = await sub.recv_multipart()
+            try:
+                event = decode_live(frames)
+            except WireError:
+                self.bad_frames += 1
+                event = None
+            if event is not None:
+                for session in fanout.on_event(event, loop.time()):
+                    woken.add(session.client_id)
+            handled += 1
+            # Wake senders once per burst, and let them run at least every 256 events.
+            if handled % 256 == 0 or not sub.get(zmq.EVENTS) & zmq.POLLIN:
+                for client_id in woken:
+                    waker = wakers.get(client_id)
+                    if waker is not None:
+                        waker.set()
+                woken.clear()
+                if handled % 256 == 0:
+                    await asyncio.sleep(0)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        settings = self.settings
+        context = zmq.asyncio.Context()
+        sub = context.socket(zmq.SUB)
+        sub.setsockopt(zmq.RCVHWM, settings.sub_hwm)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        for endpoint in settings.middle_pub_endpoints:
+            sub.connect(endpoint)
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            self._server = await serve(
+                self._handle, settings.host, settings.port,
+                process_request=self._process_request,
+                compression="deflate" if settings.compression else None,
+                max_size=settings.max_frame_bytes,
+                max_queue=4,
+                close_timeout=2.0,
+                open_timeout=10.0,
+            )
+            sockets = self._server.sockets
+            if sockets:
+                self.port = int(sockets[0].getsockname()[1])
+            tasks.append(asyncio.create_task(self._subscribe_loop(sub)))
+            tasks.append(asyncio.create_task(self._watchdog()))
+            self._ready = True
+            log.info("relay serving", extra={"fields": {
+                "port": self.port, "path": LIVE_PATH,
+                "middle_pub_endpoints": settings.middle_pub_endpoints,
+                "auth": self.secret is not None}})
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            stopper.cancel()
+        finally:
+            self._ready = False
+            for task in tasks:
+                task.cancel()
+            if self._server is not None:
+                # Clients are told 1001 "going away" so they reconnect elsewhere.
+                self._server.close(close_connections=True)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._server.wait_closed(), timeout=5.0)
+            sub.close(linger=0)
+            context.term()
+            log.info("relay stopped")
+
+
+def main(argv: Sequence[str]) -> int:
+    """``iotpipe relay``: run until SIGTERM/SIGINT, then close clients with 1001 and exit 0."""
+    settings = parse_settings(RelaySettings, argv)
+    setup_logging("relay", settings.log_level)
+    secret: bytes | None = None
+    if not settings.insecure_no_auth:
+        try:
+            secret = load_secret()
+        except RuntimeError as exc:
+            print(f"iotpipe relay: error: {exc}", file=sys.stderr)
+            return 2
+    if not settings.middle_pub_endpoints:
+        log.warning("no middle PUB endpoints configured: clients will receive nothing")
+    relay = RelayServer(settings, secret)
+    REGISTRY.register(_RelayCollector(relay))
+    REGISTRY.register(relay.rejected)
+    observability = ObservabilityServer(settings.host, settings.metrics_port,
+                                        ready=lambda: relay.ready).start()
+
+    async def _run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await relay.run(stop)
+
+    try:
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(_run())
+        else:
+            uvloop.run(_run())
+    except OSError as exc:
+        log.error("relay failed", extra={"fields": {"error": str(exc)}})
+        return 1
+    finally:
+        observability.stop()
+    return 0
+

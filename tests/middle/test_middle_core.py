@@ -1,0 +1,348 @@
+"""Unit tests of the middle tier's sans-I/O cores: marks, intake, checkpoint, feed."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from iotpipe import wire
+from iotpipe.middle.core import (
+    CheckpointError,
+    FeedCore,
+    Intake,
+    IntervalSet,
+    NodeMarks,
+    UnknownGroup,
+    decode_checkpoint,
+    encode_checkpoint,
+    reading_device_id,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def reading(device: str, n: int) -> bytes:
+    return wire.encode_reading(device, f"m{n}", n, b'{"v":1}', n)
+
+
+def batch(node: str, first: int, n: int) -> wire.Batch:
+    return wire.Batch(node, first, [reading("dev", first + i) for i in range(n)])
+
+
+# -- IntervalSet -------------------------------------------------------------------------
+
+
+def test_interval_set_merges_adjacent_and_overlapping() -> None:
+    s = IntervalSet()
+    s.add(5, 7)
+    s.add(1, 2)
+    s.add(3, 4)  # touches both neighbours
+    assert s.ranges() == [(1, 7)]
+    s.add(10, 12)
+    s.add(6, 11)
+    assert s.ranges() == [(1, 12)]
+
+
+def test_interval_set_remove_splits() -> None:
+    s = IntervalSet([(1, 10), (20, 30)])
+    s.remove(5, 22)
+    assert s.ranges() == [(1, 4), (23, 30)]
+    s.remove(100, 200)
+    assert s.ranges() == [(1, 4), (23, 30)]
+
+
+def test_interval_set_uncovered_and_covers() -> None:
+    s = IntervalSet([(3, 5), (8, 9)])
+    assert s.uncovered(1, 10) == [(1, 2), (6, 7), (10, 10)]
+    assert s.uncovered(3, 5) == []
+    assert s.covers(3, 5) and not s.covers(3, 6)
+    assert 4 in s and 6 not in s
+
+
+def test_interval_set_matches_a_plain_set() -> None:
+    rng = random.Random(7)
+    s = IntervalSet()
+    model: set[int] = set()
+    for _ in range(2000):
+        a = rng.randint(1, 200)
+        b = a + rng.randint(0, 15)
+        if rng.random() < 0.6:
+            s.add(a, b)
+            model |= set(range(a, b + 1))
+        else:
+            s.remove(a, b)
+            model -= set(range(a, b + 1))
+        assert s.count() == len(model)
+        ranges = s.ranges()
+        assert all(ranges[i][1] + 1 < ranges[i + 1][0] for i in range(len(ranges) - 1))
+    assert {x for a, b in s for x in range(a, b + 1)} == model
+
+
+# -- intake and dedup --------------------------------------------------------------------
+
+
+def acks(replies: list) -> list[wire.Ack]:
+    return [wire.decode_ack(r.frames) for r in replies]
+
+
+def test_new_batch_is_stored_and_acked() -> None:
+    intake = Intake(NodeMarks())
+    plan = intake.plan([(b"p", batch("n1", 1, 3))])
+    assert len(plan.records) == 3
+    assert [wire.decode_log_record(r)[:2] for r in plan.records] == [("n1", 1), ("n1", 2),
+                                                                     ("n1", 3)]
+    assert intake.marks.high_water("n1") == 0  # not before the append returned
+    assert acks(intake.committed(plan)) == [wire.Ack("n1", 3)]
+    assert intake.marks.high_water("n1") == 3
+
+
+def test_resent_batch_is_acked_without_storing() -> None:
+    intake = Intake(NodeMarks())
+    intake.committed(intake.plan([(b"p", batch("n1", 1, 3))]))
+    plan = intake.plan([(b"p", batch("n1", 1, 3))])
+    assert plan.records == []
+    assert acks(intake.committed(plan)) == [wire.Ack("n1", 3)]
+    assert intake.counters.duplicates == 3
+
+
+def test_straddling_batch_stores_only_the_new_part() -> None:
+    intake = Intake(NodeMarks())
+    intake.committed(intake.plan([(b"p", batch("n1", 1, 5))]))
+    plan = intake.plan([(b"p", batch("n1", 4, 4))])  # seqs 4..7, 4 and 5 known
+    stored = [wire.decode_log_record(r) for r in plan.records]
+    assert [r.node_seq for r in stored] == [6, 7]
+    assert [wire.decode_reading(r.reading).msg_id for r in stored] == ["m6", "m7"]
+    assert plan.readings == [r.reading for r in stored]
+    assert acks(intake.committed(plan)) == [wire.Ack("n1", 7)]
+    assert intake.marks.get("n1").ranges() == [(1, 7)]
+
+
+def test_same_batch_twice_in_one_group_is_stored_once() -> None:
+    intake = Intake(NodeMarks())
+    plan = intake.plan([(b"p", batch("n1", 1, 3)), (b"p", batch("n1", 1, 3)),
+                        (b"q", batch("n2", 1, 2))])
+    assert len(plan.records) == 5
+    assert acks(intake.committed(plan)) == [wire.Ack("n1", 3), wire.Ack("n1", 3),
+                                           wire.Ack("n2", 2)]
+
+
+def test_skipped_batch_keeps_its_hole_open() -> None:
+    # Batch 4..6 arrives while 1..3 was lost in transit: the resent 1..3 must still be stored.
+    intake = Intake(NodeMarks())
+    intake.committed(intake.plan([(b"p", batch("n1", 4, 3))]))
+    plan = intake.plan([(b"p", batch("n1", 1, 6))])
+    assert [wire.decode_log_record(r).node_seq for r in plan.records] == [1, 2, 3]
+    intake.committed(plan)
+    assert intake.marks.get("n1").ranges() == [(1, 6)]
+
+
+def test_refused_plan_answers_busy_and_changes_no_marks() -> None:
+    intake = Intake(NodeMarks())
+    intake.committed(intake.plan([(b"p", batch("n1", 1, 2))]))
+    plan = intake.plan([(b"p", batch("n1", 1, 2)), (b"p", batch("n1", 3, 2)),
+                        (b"p", batch("n1", 3, 2))])
+    replies = intake.refused(plan, retry_ms=250, reason="log full")
+    assert wire.decode_ack(replies[0].frames) == wire.Ack("n1", 2)  # was durable before
+    # the second copy of 3..4 was only provisionally covered: it must not be acked
+    assert [wire.decode_busy(r.frames) for r in replies[1:]] == [
+        wire.Busy("n1", 3, 250, "log full")] * 2
+    assert intake.marks.get("n1").ranges() == [(1, 2)]
+    assert intake.counters.busy == 2
+
+
+def test_marks_bound_their_holes() -> None:
+    marks = NodeMarks(max_ranges=3)
+    for first in (1, 10, 20, 30):
+        marks.add("n", first, first + 1)
+    assert marks.get("n").ranges() == [(1, 11), (20, 21), (30, 31)]
+
+
+def test_checkpoint_round_trip_and_damage() -> None:
+    marks = NodeMarks()
+    marks.add("a", 1, 10)
+    marks.add("a", 15, 20)
+    marks.add("b-p1", 3, 4)
+    data = encode_checkpoint(42, marks)
+    ckpt = decode_checkpoint(data)
+    assert ckpt.log_seq == 42 and ckpt.marks == marks
+    damaged = bytearray(data)
+    damaged[-1] ^= 0xFF
+    with pytest.raises(CheckpointError, match="checksum"):
+        decode_checkpoint(bytes(damaged))
+    with pytest.raises(CheckpointError, match="shorter"):
+        decode_checkpoint(data[:5])
+    with pytest.raises(CheckpointError, match="magic"):
+        decode_checkpoint(b"X" * 40)
+
+
+def test_reading_device_id() -> None:
+    assert reading_device_id(reading("sensor-9", 1)) == "sensor-9"
+    assert reading_device_id(b"\xc1garbage") is None
+    assert reading_device_id(wire.encode_log_record("n", 1, b"x")) == "n"  # first item str
+
+
+# -- feed --------------------------------------------------------------------------------
+
+
+def req(consumer: str, credit: int, acks_: list[tuple[int, int]] = (),  # type: ignore[assignment]
+        group: str = "storage") -> wire.FeedRequest:
+    return wire.FeedRequest(group, consumer, credit, list(acks_))
+
+
+def drain(core: FeedCore, now: float, tail: int) -> list[tuple[bytes, int, int]]:
+    out = []
+    while (lease := core.next_delivery(now, tail)) is not None:
+        out.append((lease.peer, lease.first, lease.last))
+    return out
+
+
+def test_feed_delivers_up_to_credit_in_max_record_chunks() -> None:
+    core = FeedCore({"storage": 0}, max_records=4)
+    core.on_request(b"A", req("c1", 10), now=0, tail=100)
+    assert drain(core, 0, 100) == [(b"A", 1, 4), (b"A", 5, 8), (b"A", 9, 10)]
+    assert core.consumer("storage", "c1").outstanding == 10
+    # a heartbeat repeating the same credit grants nothing more
+    core.on_request(b"A", req("c1", 10), now=1, tail=100)
+    assert drain(core, 1, 100) == []
+    core.on_request(b"A", req("c1", 10, [(1, 4)]), now=2, tail=100)
+    assert drain(core, 2, 100) == [(b"A", 11, 14)]
+    assert core.cursor("storage") == 4
+
+
+def test_feed_long_poll_gets_data_once_appended() -> None:
+    core = FeedCore({"storage": 0})
+    core.on_request(b"A", req("c1", 100), now=0, tail=0)
+    assert drain(core, 0, 0) == []
+    assert drain(core, 0, 3) == [(b"A", 1, 3)]
+    assert drain(core, 0, 5) == [(b"A", 4, 5)]
+
+
+def test_feed_out_of_order_acks_advance_cursor_only_when_contiguous() -> None:
+    core = FeedCore({"storage": 0}, max_records=2)
+    core.on_request(b"A", req("c1", 6), now=0, tail=6)
+    assert drain(core, 0, 6) == [(b"A", 1, 2), (b"A", 3, 4), (b"A", 5, 6)]
+    core.on_request(b"A", req("c1", 6, [(5, 6), (3, 4)]), now=0, tail=6)
+    assert core.cursor("storage") == 0
+    assert core.lag("storage", 6) == 2
+    core.on_request(b"A", req("c1", 6, [(1, 2)]), now=0, tail=6)
+    assert core.cursor("storage") == 6
+    assert core.lag("storage", 6) == 0
+    assert core.leases("storage") == []
+
+
+def test_feed_expired_lease_is_redelivered_to_another_consumer() -> None:
+    core = FeedCore({"storage": 0}, lease_timeout=10, consumer_timeout=100)
+    core.on_request(b"A", req("c1", 5), now=0, tail=5)
+    assert drain(core, 0, 5) == [(b"A", 1, 5)]
+    core.on_request(b"B", req("c2", 5), now=1, tail=5)
+    assert drain(core, 1, 5) == []  # everything is leased to c1
+    assert core.expire(now=9) == 0
+    assert core.expire(now=10) == 5
+    assert core.counters.redelivered_records == 5
+    got = drain(core, 10, 5)
+    assert sorted(first for _, first, _ in got) == [1]
+    assert got[0][2] == 5
+
+
+def test_feed_partial_ack_then_expiry_redelivers_only_unacked() -> None:
+    core = FeedCore({"storage": 0}, lease_timeout=10, consumer_timeout=100)
+    core.on_request(b"A", req("c1", 10), now=0, tail=10)
+    assert drain(core, 0, 10) == [(b"A", 1, 10)]
+    core.on_request(b"A", req("c1", 10, [(3, 4), (8, 10)]), now=1, tail=10)
+    core.expire(now=11)
+    core.on_request(b"A", req("c1", 10), now=11, tail=10)
+    assert drain(core, 11, 10) == [(b"A", 1, 2), (b"A", 5, 7)]
+
+
+def test_feed_reconnect_releases_the_old_sockets_leases() -> None:
+    core = FeedCore({"storage": 0}, lease_timeout=1000)
+    core.on_request(b"A", req("c1", 4), now=0, tail=8)
+    assert drain(core, 0, 8) == [(b"A", 1, 4)]
+    core.on_request(b"A2", req("c1", 8), now=1, tail=8)  # same consumer, new socket
+    assert drain(core, 1, 8) == [(b"A2", 1, 4), (b"A2", 5, 8)]
+    assert core.counters.redelivered_records == 4
+
+
+def test_feed_peer_gone_and_silent_consumers_release_leases() -> None:
+    core = FeedCore({"storage": 0}, lease_timeout=1000, consumer_timeout=5)
+    core.on_request(b"A", req("c1", 3), now=0, tail=6)
+    core.on_request(b"B", req("c2", 3), now=0, tail=6)
+    assert sorted(drain(core, 0, 6)) == [(b"A", 1, 3), (b"B", 4, 6)]
+    assert core.peer_gone(b"A") == 3
+    assert core.consumer("storage", "c1") is None
+    core.on_request(b"C", req("c3", 3), now=4, tail=6)
+    assert drain(core, 4, 6) == [(b"C", 1, 3)]
+    assert core.expire(now=6) == 3  # c2 silent since 0 with consumer_timeout 5
+    assert core.consumer("storage", "c2") is None
+
+
+def test_feed_shrink_returns_the_unsent_rest() -> None:
+    core = FeedCore({"storage": 0}, max_records=10)
+    core.on_request(b"A", req("c1", 10), now=0, tail=10)
+    lease = core.next_delivery(0, 10)
+    assert lease is not None and (lease.first, lease.last) == (1, 10)
+    core.shrink(lease, 3)  # e.g. a byte limit on the read
+    assert core.consumer("storage", "c1").outstanding == 3
+    assert drain(core, 0, 10) == [(b"A", 4, 10)]
+    with pytest.raises(ValueError):
+        core.shrink(lease, 4)
+
+
+def test_feed_acks_from_before_a_restart_are_skipped() -> None:
+    # A restarted middle starts at the durable cursor; the consumer acks what it had.
+    core = FeedCore({"storage": 2})
+    core.on_request(b"A", req("c1", 100, [(5, 7)]), now=0, tail=10)
+    assert drain(core, 0, 10) == [(b"A", 3, 4), (b"A", 8, 10)]
+    core.on_request(b"A", req("c1", 100, [(3, 4), (8, 10)]), now=0, tail=10)
+    assert core.cursor("storage") == 10
+
+
+def test_feed_groups_are_independent_and_unknown_is_refused() -> None:
+    core = FeedCore({"storage": 0, "lake": 0})
+    core.on_request(b"A", req("c1", 5), now=0, tail=5)
+    core.on_request(b"B", req("c1", 5, group="lake"), now=0, tail=5)
+    assert sorted(drain(core, 0, 5)) == [(b"A", 1, 5), (b"B", 1, 5)]
+    core.on_request(b"A", req("c1", 5, [(1, 5)]), now=0, tail=5)
+    assert core.cursor("storage") == 5 and core.cursor("lake") == 0
+    with pytest.raises(UnknownGroup):
+        core.on_request(b"A", req("c1", 5, group="nope"), now=0, tail=5)
+
+
+def test_feed_acks_above_the_tail_are_ignored() -> None:
+    core = FeedCore({"storage": 0})
+    core.on_request(b"A", req("c1", 0, [(1, 50)]), now=0, tail=5)
+    assert core.cursor("storage") == 5
+    assert core.counters.ignored_acks == 1
+
+
+def test_feed_random_acks_and_expiry_deliver_everything() -> None:
+    # Whatever order acks and expiries come in, every seq is eventually acked exactly up
+    # to the tail and the cursor ends there.
+    rng = random.Random(3)
+    core = FeedCore({"storage": 0}, lease_timeout=5, consumer_timeout=1000, max_records=7)
+    tail, now = 0, 0.0
+    held: dict[str, list[tuple[int, int]]] = {"c1": [], "c2": []}
+    peers = {"c1": b"A", "c2": b"B"}
+    for _ in range(3000):
+        now += rng.random()
+        tail = min(500, tail + rng.randint(0, 5))
+        name = rng.choice(["c1", "c2"])
+        ack_now = [held[name].pop(rng.randrange(len(held[name])))
+                   for _ in range(rng.randint(0, len(held[name])))]
+        if rng.random() < 0.1:
+            ack_now = []  # lose this ack batch: those leases expire and get redelivered
+        core.on_request(peers[name], req(name, 20, ack_now), now, tail)
+        core.expire(now)
+        for peer, first, last in drain(core, now, tail):
+            held["c1" if peer == b"A" else "c2"].append((first, last))
+    for _ in range(200):
+        now += 10
+        core.expire(now)
+        for name in ("c1", "c2"):
+            core.on_request(peers[name], req(name, 20, held[name]), now, tail)
+            held[name] = []
+        for peer, first, last in drain(core, now, tail):
+            held["c1" if peer == b"A" else "c2"].append((first, last))
+    assert tail == 500
+    assert core.cursor("storage") == 500

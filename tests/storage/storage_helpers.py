@@ -1,0 +1,109 @@
+"""Helpers shared by the storage tests: building feed records and a fake middle feed."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import msgpack
+import zmq
+
+from iotpipe import wire
+
+T0_NS = 1_764_151_200_000_000_000  # 2025-11-26T10:00:00Z
+
+
+def log_record(device_id: str, msg_id: str, ts_ns: int, data: bytes = b'{"t":1}',
+               node: str = "ingest-0-p0", node_seq: int = 1) -> bytes:
+    reading = wire.encode_reading(device_id, msg_id, ts_ns, data, ts_ns + 1000)
+    return wire.encode_log_record(node, node_seq, reading)
+
+
+def make_log(n: int, devices: int = 5) -> list[bytes]:
+    """``n`` log records (seq 1..n), device ``dev-<i % devices>``, ts one second apart."""
+    return [
+        log_record(f"dev-{i % devices}", f"m-{i}", T0_NS + i * 1_000_000_000,
+                   b'{"i":%d}' % i, node_seq=i)
+        for i in range(1, n + 1)
+    ]
+
+
+class FakeFeed:
+    """A minimal middle feed (ROUTER) honouring credit, acks and redelivery on restart.
+
+    It keeps the acknowledged ranges; ``unacked_from`` is where a fresh instance (a
+    "restarted middle") starts delivering: everything not acknowledged contiguously.
+    Deliveries hold at most ``batch`` records and never exceed the consumer's credit.
+    """
+
+    def __init__(self, endpoint: str, log: list[bytes], middle_id: str = "middle-0",
+                 group: str = "storage", batch: int = 50,
+                 acked: set[int] | None = None) -> None:
+        self.endpoint = endpoint
+        self.log = log
+        self.middle_id = middle_id
+        self.group = group
+        self.batch = batch
+        self.acked: set[int] = acked if acked is not None else set()
+        self.requests: list[wire.FeedRequest] = []
+        self.malformed_first = False
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._ready = threading.Event()
+        self.on_request: Callable[[wire.FeedRequest], None] | None = None
+
+    def start(self) -> FakeFeed:
+        self._thread.start()
+        assert self._ready.wait(5), "fake feed did not start"
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def acked_count(self) -> int:
+        with self._lock:
+            return len(self.acked)
+
+    def _serve(self) -> None:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(self.endpoint)
+        self._ready.set()
+        credit: dict[bytes, int] = {}
+        next_seq = 1
+        # Like a restarted middle: start at the lowest unacknowledged record.
+        with self._lock:
+            while next_seq in self.acked:
+                next_seq += 1
+        try:
+            while not self._stop.is_set():
+                if sock.poll(20):
+                    identity, *frames = sock.recv_multipart()
+                    request = wire.decode_feed_request(frames)
+                    self.requests.append(request)
+                    with self._lock:
+                        for first, last in request.acks:
+                            self.acked.update(range(first, last + 1))
+                    credit[identity] = request.credit
+                    if self.malformed_first:
+                        self.malformed_first = False
+                        sock.send_multipart([identity, wire.KIND_RECORDS, b"\xc1"])
+                for identity, available in list(credit.items()):
+                    while available > 0 and next_seq <= len(self.log):
+                        n = min(available, self.batch, len(self.log) - next_seq + 1)
+                        records = self.log[next_seq - 1: next_seq - 1 + n]
+                        sock.send_multipart([identity, *wire.encode_records(
+                            self.group, self.middle_id, next_seq, records)])
+                        next_seq += n
+                        available -= n
+                    credit[identity] = available
+        finally:
+            sock.close(0)
+            ctx.term()
+
+
+def header(frames: list[bytes]) -> dict[str, object]:
+    return dict(msgpack.unpackb(frames[1]))

@@ -67,8 +67,8 @@ def test_parse_rejects_bad_frames_with_reason(text: str, reason: str) -> None:
 
 def test_parse_limits_entries_and_length() -> None:
     with pytest.raises(ProtocolError, match="too_many_filters"):
-        parse_client_frame(orjson.dumps({"op": "subscribe", "devices": [str(i) for i in range(11)]}),
-                           max_items=10)
+        too_many = {"op": "subscribe", "devices": [str(i) for i in range(11)]}
+        parse_client_frame(orjson.dumps(too_many), max_items=10)
     with pytest.raises(ProtocolError, match="longer than"):
         parse_client_frame(orjson.dumps({"op": "subscribe", "devices": ["x" * 300]}))
 

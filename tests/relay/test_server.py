@@ -1,0 +1,272 @@
+"""A real ``iotpipe relay`` process fed by a PUB socket in the test, with real WebSocket clients."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import pytest
+import zmq
+from conftest import ProcessGroup, free_port
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from iotpipe.auth import CLIENT_AUDIENCE, DEVICE_AUDIENCE, issue_token
+from iotpipe.wire import encode_live, encode_reading
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+SECRET = b"relay-test-secret-0123456789abcdef"
+
+
+@dataclass
+class Relay:
+    url: str
+    metrics: str
+    pub: zmq.Socket  # type: ignore[type-arg]
+    proc_name: str
+    procs: ProcessGroup
+
+    def publish(self, device: str, seq: int, source: str = "m0", data: bytes = b'{"v":1}') -> None:
+        reading = encode_reading(device, f"{device}/{seq}", seq, data, seq + 1)
+        self.pub.send_multipart(encode_live(device, source, seq, reading))
+
+    def token(self, subject: str = "app", audience: str = CLIENT_AUDIENCE) -> str:
+        return issue_token(SECRET, subject, audience, 600)
+
+    def headers(self, subject: str = "app") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(subject)}"}
+
+
+def wait_http(url: str, timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.read().decode()
+        except (urllib.error.URLError, ConnectionError) as exc:
+            last = exc
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer 200 within {timeout}s: {last}")
+
+
+@pytest.fixture
+def relay(procs: ProcessGroup, tmp_path: Path) -> Iterator[Relay]:
+    registry = tmp_path / "registry.yaml"
+    registry.write_text("devices:\n  boiler-1: {class: boiler, location: hall-1}\n"
+                        "prefixes:\n  therm-: {class: thermometer, location: hall-2}\n")
+    context = zmq.Context()
+    pub = context.socket(zmq.PUB)
+    pub.setsockopt(zmq.SNDHWM, 100_000)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub_port = pub.bind_to_random_port("tcp://127.0.0.1")
+    port, metrics_port = free_port(), free_port()
+    procs.iotpipe(
+        "relay", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
+        "--middle-pub-endpoints", f"tcp://127.0.0.1:{pub_port}",
+        "--registry-file", str(registry), "--client-queue", "50", "--stall-timeout", "2",
+        name="relay", env={"IOTPIPE_AUTH_SECRET": SECRET.decode()},
+    )
+    metrics = f"http://127.0.0.1:{metrics_port}"
+    wait_http(metrics + "/readyz")
+    try:
+        yield Relay(f"ws://127.0.0.1:{port}/v1/live", metrics, pub, "relay", procs)
+    finally:
+        pub.close(0)
+        context.term()
+
+
+async def recv_json(ws: ClientConnection, wait_s: float = 5.0) -> dict[str, object]:
+    return orjson.loads(await asyncio.wait_for(ws.recv(), wait_s))
+
+
+async def subscribe(ws: ClientConnection, **filters: list[str]) -> dict[str, object]:
+    await ws.send(orjson.dumps({"op": "subscribe", **filters}).decode())
+    reply = await recv_json(ws)
+    assert reply["event"] == "subscribed", reply
+    return reply
+
+
+async def warm_up(relay: Relay, ws: ClientConnection) -> None:
+    """PUB/SUB drops everything until the subscription reaches the publisher: wait for it."""
+    await subscribe(ws, devices=["warmup"])
+    deadline = time.monotonic() + 10
+    seq = 0
+    while time.monotonic() < deadline:
+        seq += 1
+        relay.publish("warmup", seq, source="warmup")
+        try:
+            frame = await recv_json(ws, wait_s=0.2)
+        except TimeoutError:
+            continue
+        assert frame["device"] == "warmup"
+        await ws.send('{"op":"unsubscribe","devices":["warmup"]}')
+        # Drain warm-up readings still in flight until the unsubscribe confirmation.
+        while (await recv_json(ws))["event"] != "unsubscribed":
+            pass
+        return
+    raise AssertionError("relay never received from the test publisher")
+
+
+@pytest.fixture
+async def client(relay: Relay) -> AsyncIterator[ClientConnection]:
+    async with connect(relay.url, additional_headers=relay.headers()) as ws:
+        await warm_up(relay, ws)
+        yield ws
+
+
+async def test_handshake_rejects_missing_device_and_forged_tokens(relay: Relay) -> None:
+    forged = issue_token(b"another-secret-of-32-bytes-or-more!", "app", CLIENT_AUDIENCE, 60)
+    cases = [
+        ({}, "missing"),
+        ({"Authorization": f"Bearer {relay.token('dev-1', DEVICE_AUDIENCE)}"}, "wrong_audience"),
+        ({"Authorization": "Bearer not.a.token"}, "malformed"),
+        ({"Authorization": f"Bearer {forged}"}, "bad_signature"),
+    ]
+    for headers, reason in cases:
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(relay.url, additional_headers=headers):
+                pass
+        assert info.value.response.status_code == 401
+        assert info.value.response.body.decode().startswith(reason), info.value.response.body
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(relay.url.replace("/v1/live", "/v1/other"),
+                           additional_headers=relay.headers()):
+            pass
+    assert info.value.response.status_code == 404
+    # Browsers cannot set headers: the token is accepted as a query parameter too.
+    async with connect(f"{relay.url}?token={relay.token()}") as ws:
+        await subscribe(ws, devices=["x"])
+    metrics = wait_http(relay.metrics + "/metrics")
+    assert 'iotpipe_relay_rejected_connections_total{reason="wrong_audience"} 1.0' in metrics
+
+
+async def test_filters_and_order(relay: Relay, client: ClientConnection) -> None:
+    async with connect(relay.url, additional_headers=relay.headers("b")) as by_class:
+        await subscribe(by_class, classes=["thermometer"], locations=["hall-1"])
+        await subscribe(client, devices=["d-7"], prefixes=["therm-"])
+        devices = ["d-7", "d-8", "therm-a", "boiler-1", "other", "therm-b"]
+        for seq in range(1, 61):
+            relay.publish(devices[seq % len(devices)], seq)
+        got_client = [await recv_json(client) for _ in range(30)]
+        got_class = [await recv_json(by_class) for _ in range(30)]
+    wanted_client = [s for s in range(1, 61) if devices[s % 6] in ("d-7", "therm-a", "therm-b")]
+    assert [f["seq"] for f in got_client] == wanted_client
+    wanted_class = [s for s in range(1, 61) if devices[s % 6] in ("therm-a", "therm-b",
+                                                                   "boiler-1")]
+    assert [f["seq"] for f in got_class] == wanted_class
+    first = got_client[0]
+    assert first["event"] == "reading" and first["source"] == "m0"
+    assert first["data"] == {"v": 1} and first["id"] == f"{first['device']}/{first['seq']}"
+
+
+async def test_bad_frames_get_errors_and_connection_continues(relay: Relay,
+                                                              client: ClientConnection) -> None:
+    await client.send("{nope")
+    assert (await recv_json(client))["reason"] == "bad_json"
+    await client.send(b"\x00\x01")
+    assert (await recv_json(client))["reason"] == "binary_not_supported"
+    await client.send('{"op":"subscribe","rooms":["a"]}')
+    assert (await recv_json(client))["reason"] == "bad_field"
+    await subscribe(client, devices=["ok"])
+    relay.publish("ok", 1)
+    assert (await recv_json(client))["device"] == "ok"
+    # An oversized frame closes the connection with 1009.
+    await client.send('{"op":"subscribe","devices":["' + "x" * 70_000 + '"]}')
+    with pytest.raises(ConnectionClosed) as info:
+        await recv_json(client)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+
+
+async def test_upstream_gap_is_reported(relay: Relay, client: ClientConnection) -> None:
+    await subscribe(client, devices=["g"])
+    for seq in (1, 2, 5, 6):
+        relay.publish("g", seq, source="mid-x")
+    frames = [await recv_json(client) for _ in range(5)]
+    assert [f.get("seq") for f in frames[:2]] == [1, 2]
+    assert frames[2] == {"event": "gap", "reason": "upstream", "source": "mid-x", "missed": 2,
+                         "from_seq": 3, "to_seq": 4}
+    assert [f.get("seq") for f in frames[3:]] == [5, 6]
+
+
+async def reading_seq(ws: ClientConnection) -> int:
+    frame = await recv_json(ws)
+    assert frame["event"] == "reading", frame
+    return int(frame["seq"])  # type: ignore[call-overload]
+
+
+def raw_ws_client(url_port: int, token: str) -> socket.socket:
+    """A client that completes the handshake and then never reads a byte."""
+    sock = socket.create_connection(("127.0.0.1", url_port), timeout=5)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(
+        b"GET /v1/live HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer " + token.encode() + b"\r\n\r\n")
+    response = b""
+    while b"\r\n\r\n" not in response:
+        response += sock.recv(1)
+    assert response.startswith(b"HTTP/1.1 101"), response
+    # A masked text frame subscribing to everything this test publishes.
+    payload = b'{"op":"subscribe","prefixes":["s"]}'
+    mask = b"\x01\x02\x03\x04"
+    sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask
+                 + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+    return sock
+
+
+async def test_client_that_never_reads_is_dropped_and_others_get_everything(
+        relay: Relay, client: ClientConnection) -> None:
+    port = int(relay.url.split(":")[2].split("/")[0])
+    stuck = raw_ws_client(port, relay.token("stuck"))
+    try:
+        await subscribe(client, prefixes=["s"])
+        received: list[int] = []
+        big = b'{"blob":"' + b"x" * 2000 + b'"}'
+        for seq in range(1, 3001):
+            relay.publish("s1", seq, data=big)
+            if seq % 10 == 0:
+                # Read as we go, like a healthy app; the stuck one never reads.
+                while len(received) < seq - 20:
+                    received.append(await reading_seq(client))
+        while len(received) < 3000:
+            received.append(await reading_seq(client))
+        assert received == list(range(1, 3001))
+        metrics = wait_http(relay.metrics + "/metrics")
+        dropped = [line for line in metrics.splitlines()
+                   if line.startswith("iotpipe_relay_dropped_total")]
+        assert dropped and float(dropped[0].split()[-1]) > 0, dropped
+        # After the stall timeout (2 s) the stuck client is disconnected.
+        deadline = time.monotonic() + 15
+        clients = None
+        while time.monotonic() < deadline:
+            metrics = wait_http(relay.metrics + "/metrics")
+            clients = next(line for line in metrics.splitlines()
+                           if line.startswith("iotpipe_relay_clients "))
+            if clients.endswith(" 1.0"):
+                break
+            await asyncio.sleep(0.2)
+        assert clients is not None and clients.endswith(" 1.0"), clients
+        assert "closing slow client" in relay.procs.log("relay")
+    finally:
+        stuck.close()
+
+
+async def test_sigterm_closes_clients_with_going_away(relay: Relay,
+                                                      client: ClientConnection) -> None:
+    import signal
+
+    proc = relay.procs._procs[0]
+    proc.send_signal(signal.SIGTERM)
+    with pytest.raises(ConnectionClosed) as info:
+        await recv_json(client, wait_s=10)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+    assert proc.wait(timeout=10) == 0

@@ -1,0 +1,428 @@
+"""Pure builders: an IoTPipeline (dict) in, the child manifests (dicts) out.
+
+In the style of CloudNativePG's ``pkg/specs``: no I/O, no cluster, the same input always
+gives the same objects. The manifests themselves live in Jinja2 templates
+(``templates/*.yaml.j2``), readable by anyone who knows Helm; this module computes the
+values (names, labels, tier settings, the config hash) and parses the rendered YAML.
+
+What is built, for a pipeline named ``NAME``:
+
+- ingest: ConfigMap ``NAME-ingest-config``, StatefulSet ``NAME-ingest`` (queue PVC per pod,
+  ``persistentVolumeClaimRetentionPolicy`` Retain, preStop delay and a grace period that
+  covers the drain), headless Service ``NAME-ingest-headless``, client Service
+  ``NAME-ingest``, PDB; plus an HPA or a KEDA ScaledObject (``NAME-ingest``), never both.
+  When autoscaled, ``replicas`` is left out of the StatefulSet so the operator never
+  fights the autoscaler.
+- middle: ConfigMap, StatefulSet ``NAME-middle`` (log PVC per pod), headless Service
+  ``NAME-middle`` (pod DNS ``NAME-middle-<i>.NAME-middle``, the ingest/relay/storage
+  endpoints), PDB.
+- relay: ConfigMap, Deployment ``NAME-relay``, headless ``NAME-relay-headless`` (metrics)
+  and client Service ``NAME-relay``, PDB.
+- storage: ConfigMap, StatefulSet ``NAME-storage`` (data PVC per pod), headless Service
+  ``NAME-storage``, PDB.
+- a ServiceMonitor ``NAME`` when ``metrics.serviceMonitor`` is on and its CRD exists.
+
+Volume sizing: ``queue.size`` is the pod's total queue capacity; with ``ingest.processes``
+= N each process gets ``size // N`` bytes (``queue_bytes``). The PVC requests ``size``
+plus 10% (at least 64Mi) for segment preallocation and the cursor ledger.
+
+Every pod template carries ``iotpipe.dev/config-hash``: a hash of the tier's ConfigMap data,
+extra env, resources and mounted references, so a configuration change rolls the pods
+(the ConfigMap is consumed through ``envFrom``, which alone would not restart anything).
+The registry ConfigMap's *content* is not hashed: a mounted ConfigMap updates in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import jinja2
+import yaml
+
+from iotpipe_operator import crd
+from iotpipe_operator.quantity import format_mebibytes, quantity_bytes
+
+TIERS = ("ingest", "middle", "relay", "storage")
+QUEUE_CLAIM = "queue"
+INGEST_DATA_DIR = "/var/lib/iotpipe/queue"
+MIDDLE_DATA_DIR = "/var/lib/iotpipe/log"
+STORAGE_DATA_DIR = "/var/lib/iotpipe/store"
+REGISTRY_DIR = "/etc/iotpipe/registry"
+AUTH_DIR = "/etc/iotpipe/auth"
+CONFIG_HASH_ANNOTATION = "iotpipe.dev/config-hash"
+PIPELINE_LABEL = "iotpipe.dev/pipeline"
+TIER_LABEL = "iotpipe.dev/tier"
+ORDINAL_LABEL = "iotpipe.dev/ordinal"
+SCRAPE_LABEL = "iotpipe.dev/scrape"
+MANAGED_BY = "iotpipe-operator"
+PMEM_STORAGE_CLASS = "pmem-csi-sc-ext4"  # documented preset: PMEM-CSI, ext4 with DAX
+
+
+@dataclass(frozen=True)
+class ClusterCapabilities:
+    """Optional APIs the cluster serves (found by discovery; render assumes what it is told)."""
+
+    keda: bool = False
+    service_monitor: bool = False
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    api_version: str
+    kind: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A spec the cluster cannot honour; reported as condition Degraded with this reason."""
+
+    reason: str
+    message: str
+
+
+@dataclass
+class BuildResult:
+    children: list[dict[str, Any]] = field(default_factory=list)
+    absent: list[ObjectRef] = field(default_factory=list)  # must not exist (mode switches)
+    problems: list[Problem] = field(default_factory=list)
+
+    def find(self, kind: str, name: str) -> dict[str, Any]:
+        for child in self.children:
+            if child["kind"] == kind and child["metadata"]["name"] == name:
+                return child
+        raise KeyError(f"no {kind} {name!r} among the built children")
+
+
+@cache
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("iotpipe_operator", "templates"),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,  # YAML, not HTML
+    )
+
+
+def render_template(template: str, **context: Any) -> list[dict[str, Any]]:
+    """Render one template and parse its YAML documents."""
+    text = _environment().get_template(template).render(**context)
+    try:
+        docs = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as exc:  # a template bug, never user input: show the text
+        raise RuntimeError(f"template {template} rendered invalid YAML: {exc}\n{text}") from exc
+    return [doc for doc in docs if doc]
+
+
+def labels_for(name: str, tier: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "iotpipe",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": tier,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        PIPELINE_LABEL: name,
+        TIER_LABEL: tier,
+    }
+
+
+def selector_for(name: str, tier: str) -> dict[str, str]:
+    return {PIPELINE_LABEL: name, TIER_LABEL: tier}
+
+
+def workload_name(name: str, tier: str) -> str:
+    return f"{name}-{tier}"
+
+
+def ingest_pod_name(name: str, ordinal: int) -> str:
+    return f"{name}-ingest-{ordinal}"
+
+
+def ingest_pvc_name(name: str, ordinal: int) -> str:
+    """The PVC the StatefulSet controller creates from the volumeClaimTemplate."""
+    return f"{QUEUE_CLAIM}-{name}-ingest-{ordinal}"
+
+
+def drain_job_name(name: str, ordinal: int) -> str:
+    return f"{name}-ingest-drain-{ordinal}"
+
+
+def middle_endpoints(name: str, replicas: int, port: int) -> list[str]:
+    return [f"tcp://{name}-middle-{i}.{name}-middle:{port}" for i in range(replicas)]
+
+
+def config_hash(*parts: Any) -> str:
+    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def pvc_request(size: str) -> str:
+    raw = quantity_bytes(size)
+    return format_mebibytes(raw + max(64 * 2**20, raw // 10))
+
+
+def autoscaler_active(spec: Mapping[str, Any], caps: ClusterCapabilities) -> bool:
+    mode = spec["ingest"]["autoscaling"]["mode"]
+    return mode == "hpa" or (mode == "keda" and caps.keda)
+
+
+def _volume(tier_spec: Mapping[str, Any], mount: str) -> dict[str, Any]:
+    queue = tier_spec["queue"]
+    return {
+        "claim": QUEUE_CLAIM,
+        "mount": mount,
+        "request": pvc_request(queue["size"]),
+        "storage_class": queue.get("storageClassName"),
+        "access_mode": queue["accessMode"],
+    }
+
+
+def _registry_mount(spec: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
+                                                      dict[str, str]]:
+    registry = spec["storage"].get("registry")
+    if not registry:
+        return [], [], {}
+    volume = {"name": "registry", "configMap": {
+        "name": registry["configMapName"],
+        "items": [{"key": registry["key"], "path": "registry.yaml"}]}}
+    mount = {"name": "registry", "mountPath": REGISTRY_DIR, "readOnly": True}
+    return [volume], [mount], {"REGISTRY_FILE": f"{REGISTRY_DIR}/registry.yaml"}
+
+
+def _auth_mount(spec: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
+                                                  dict[str, str]]:
+    auth = spec["ingest"]["auth"]
+    if not auth.get("secretName"):
+        return [], [], {}
+    volume = {"name": "auth", "secret": {
+        "secretName": auth["secretName"],
+        "items": [{"key": auth["secretKey"], "path": "secret"}]}}
+    mount = {"name": "auth", "mountPath": AUTH_DIR, "readOnly": True}
+    return [volume], [mount], {"IOTPIPE_AUTH_SECRET_FILE": f"{AUTH_DIR}/secret"}
+
+
+def _prefixed(tier: str, settings: Mapping[str, Any]) -> dict[str, str]:
+    """Tier settings as IOTPIPE_<TIER>_<FIELD> env vars (the workload contract)."""
+    prefix = f"IOTPIPE_{tier.upper()}_"
+    out: dict[str, str] = {}
+    for key, value in settings.items():
+        if value is None:
+            continue
+        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        out[key if key.startswith("IOTPIPE_") else prefix + key] = text
+    return out
+
+
+def _tier_context(name: str, tier: str, spec: Mapping[str, Any], config: dict[str, str], *,
+                  replicas: int | None, args: list[str], ports: list[dict[str, Any]],
+                  volume: dict[str, Any] | None, extra_volumes: list[dict[str, Any]],
+                  extra_mounts: list[dict[str, Any]], headless_name: str,
+                  service: Mapping[str, Any] | None = None, grace_seconds: int = 30,
+                  pre_stop_seconds: int = 0, publish_not_ready: bool = False,
+                  resources: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    tier_spec = spec[tier]
+    env = list(tier_spec.get("env") or [])
+    resources = dict(resources if resources is not None else (tier_spec.get("resources") or {}))
+    labels = labels_for(name, tier)
+    return {
+        "tier": tier,
+        "name": workload_name(name, tier),
+        "labels": labels,
+        "scrape_labels": {**labels, SCRAPE_LABEL: "true"},
+        "selector": selector_for(name, tier),
+        "config_name": f"{name}-{tier}-config",
+        "config": config,
+        "config_hash": config_hash(config, env, resources, extra_volumes, spec["image"],
+                                   spec["imagePullPolicy"]),
+        "replicas": replicas,
+        "args": args,
+        "ports": ports,
+        "env": env,
+        "resources": resources,
+        "volume": volume,
+        "extra_volumes": extra_volumes,
+        "extra_mounts": extra_mounts,
+        "headless_name": headless_name,
+        "service": dict(service) if service else None,
+        "grace_seconds": grace_seconds,
+        "pre_stop_seconds": pre_stop_seconds,
+        "publish_not_ready": publish_not_ready,
+    }
+
+
+def _behavior(autoscaling: Mapping[str, Any]) -> dict[str, Any]:
+    down = autoscaling["scaleDown"]
+    return {
+        # Scale down slowly: every removed ingest pod closes its devices and drains.
+        "scaleDown": {
+            "stabilizationWindowSeconds": down["stabilizationWindowSeconds"],
+            "selectPolicy": "Min",
+            "policies": [{"type": "Pods", "value": down["podsPerPeriod"],
+                          "periodSeconds": down["periodSeconds"]}],
+        },
+        "scaleUp": {
+            "stabilizationWindowSeconds": 0,
+            "selectPolicy": "Max",
+            "policies": [{"type": "Pods", "value": 4, "periodSeconds": 60},
+                         {"type": "Percent", "value": 100, "periodSeconds": 60}],
+        },
+    }
+
+
+def build(pipeline: Mapping[str, Any],
+          caps: ClusterCapabilities = ClusterCapabilities()) -> BuildResult:
+    """Every child object of ``pipeline`` (no owner references: the caller adopts them)."""
+    meta = pipeline.get("metadata") or {}
+    name = meta.get("name")
+    if not name:
+        raise ValueError("IoTPipeline has no metadata.name")
+    namespace = meta.get("namespace") or "default"
+    spec = crd.defaulted_spec(pipeline.get("spec"))
+    result = BuildResult()
+
+    ingest, middle, relay, storage = (spec[t] for t in TIERS)
+    autoscaling = ingest["autoscaling"]
+    mode = autoscaling["mode"]
+    registry_volumes, registry_mounts, registry_env = _registry_mount(spec)
+    auth_volumes, auth_mounts, auth_env = _auth_mount(spec)
+    router_endpoints = middle_endpoints(name, middle["replicas"], 5555)
+    pub_endpoints = middle_endpoints(name, middle["replicas"], 5556)
+    feed_endpoints = middle_endpoints(name, middle["replicas"], 5557)
+    common = {"HOST": "0.0.0.0", "METRICS_PORT": 9100, "LOG_LEVEL": "info"}
+
+    # --- ingest -------------------------------------------------------------------------
+    processes = ingest["processes"]
+    drain = ingest["drain"]
+    ingest_config = _prefixed("ingest", {
+        **common,
+        "PORT": 8080,
+        "DATA_DIR": INGEST_DATA_DIR,
+        "QUEUE_BYTES": quantity_bytes(ingest["queue"]["size"]) // processes,
+        "PROCESSES": processes,
+        "MIDDLE_ENDPOINTS": ",".join(router_endpoints),
+        "INSECURE_NO_AUTH": ingest["auth"]["insecureNoAuth"],
+        "RATE_LIMIT": ingest.get("rateLimit"),
+        "MAX_FRAME_BYTES": ingest.get("maxFrameBytes"),
+        "DRAIN_TIMEOUT": drain["graceSeconds"],
+        **auth_env,
+    })
+    ingest_resources = ingest.get("resources") or {}
+    if mode != "none" and not ingest_resources:
+        # CPU utilisation targets are relative to requests: without them an HPA cannot act.
+        ingest_resources = {"requests": {"cpu": f"{500 * processes}m", "memory": "256Mi"}}
+    scaled = autoscaler_active(spec, caps)
+    if mode == "keda" and not caps.keda:
+        result.problems.append(Problem(
+            "KedaNotInstalled",
+            "autoscaling.mode is keda but the keda.sh/v1alpha1 ScaledObject API is not "
+            "served; install KEDA. Ingest runs at autoscaling.minReplicas meanwhile."))
+    ingest_replicas = None if scaled else (
+        autoscaling["minReplicas"] if mode == "keda" else ingest["replicas"])
+    t_ingest = _tier_context(
+        name, "ingest", spec, ingest_config, replicas=ingest_replicas, args=["ingest"],
+        ports=[{"name": "ws", "port": 8080}], volume=_volume(ingest, INGEST_DATA_DIR),
+        extra_volumes=auth_volumes, extra_mounts=auth_mounts,
+        headless_name=f"{name}-ingest-headless", service=ingest["service"],
+        # preStop delay + the drain itself + a margin for the forwarder's last round trip
+        grace_seconds=drain["preStopSeconds"] + drain["graceSeconds"] + 15,
+        pre_stop_seconds=drain["preStopSeconds"], resources=ingest_resources)
+
+    # --- middle -------------------------------------------------------------------------
+    middle_config = _prefixed("middle", {
+        **common, "ROUTER_PORT": 5555, "PUB_PORT": 5556, "FEED_PORT": 5557,
+        "DATA_DIR": MIDDLE_DATA_DIR, "LOG_BYTES": quantity_bytes(middle["queue"]["size"]),
+        "CONSUMER_GROUPS": storage["group"],
+    })
+    t_middle = _tier_context(
+        name, "middle", spec, middle_config, replicas=middle["replicas"], args=["middle"],
+        ports=[{"name": "router", "port": 5555}, {"name": "pub", "port": 5556},
+               {"name": "feed", "port": 5557}],
+        volume=_volume(middle, MIDDLE_DATA_DIR), extra_volumes=[], extra_mounts=[],
+        # Ingest pods must resolve every middle pod before it is ready (ZeroMQ reconnects).
+        headless_name=f"{name}-middle", publish_not_ready=True, grace_seconds=60)
+
+    # --- relay --------------------------------------------------------------------------
+    relay_config = _prefixed("relay", {
+        **common, "PORT": 8081, "MIDDLE_PUB_ENDPOINTS": ",".join(pub_endpoints),
+        "CLIENT_QUEUE": relay["clientQueue"], **registry_env, **auth_env,
+    })
+    t_relay = _tier_context(
+        name, "relay", spec, relay_config, replicas=relay["replicas"], args=["relay"],
+        ports=[{"name": "ws", "port": 8081}], volume=None,
+        extra_volumes=auth_volumes + registry_volumes, extra_mounts=auth_mounts + registry_mounts,
+        headless_name=f"{name}-relay-headless", service=relay["service"], grace_seconds=30)
+
+    # --- storage ------------------------------------------------------------------------
+    storage_config = _prefixed("storage", {
+        **common, "FEED_ENDPOINTS": ",".join(feed_endpoints), "GROUP": storage["group"],
+        "SINKS": ",".join(storage["sinks"]), "DATA_DIR": STORAGE_DATA_DIR, **registry_env,
+    })
+    t_storage = _tier_context(
+        name, "storage", spec, storage_config, replicas=storage["replicas"], args=["storage"],
+        ports=[], volume=_volume(storage, STORAGE_DATA_DIR), extra_volumes=registry_volumes,
+        extra_mounts=registry_mounts, headless_name=f"{name}-storage", grace_seconds=60)
+
+    base = {"namespace": namespace, "image": spec["image"],
+            "pull_policy": spec["imagePullPolicy"],
+            "pull_secrets": [{"name": s} for s in spec.get("imagePullSecrets") or []]}
+    for t in (t_ingest, t_middle, t_relay, t_storage):
+        result.children += render_template("configmap.yaml.j2", t=t, **base)
+        template = "deployment.yaml.j2" if t is t_relay else "statefulset.yaml.j2"
+        result.children += render_template(template, t=t, **base)
+        result.children += render_template("service.yaml.j2", t=t, **base)
+        result.children += render_template("pdb.yaml.j2", t=t, **base)
+
+    # --- autoscaling: an HPA or a ScaledObject, never both ------------------------------
+    hpa_ref = ObjectRef("autoscaling/v2", "HorizontalPodAutoscaler", t_ingest["name"])
+    keda_ref = ObjectRef("keda.sh/v1alpha1", "ScaledObject", t_ingest["name"])
+    scaling_context = {"t": t_ingest, "autoscaling": autoscaling,
+                       "behavior": _behavior(autoscaling), **base}
+    if mode == "hpa":
+        result.children += render_template("hpa.yaml.j2", **scaling_context)
+    else:
+        result.absent.append(hpa_ref)
+    if mode == "keda" and caps.keda:
+        query = (f'sum(iotpipe_ingest_connections{{namespace="{namespace}",'
+                 f'pod=~"{name}-ingest-[0-9]+"}})')
+        result.children += render_template("scaledobject.yaml.j2", connections_query=query,
+                                           **scaling_context)
+    elif caps.keda:
+        result.absent.append(keda_ref)
+
+    # --- metrics ------------------------------------------------------------------------
+    monitor_ref = ObjectRef("monitoring.coreos.com/v1", "ServiceMonitor", name)
+    if spec["metrics"]["serviceMonitor"] and caps.service_monitor:
+        result.children += render_template(
+            "servicemonitor.yaml.j2", name=name, namespace=namespace,
+            labels=labels_for(name, "metrics"), interval=spec["metrics"]["interval"],
+            scrape_selector={PIPELINE_LABEL: name, SCRAPE_LABEL: "true"})
+    elif caps.service_monitor:
+        result.absent.append(monitor_ref)
+    return result
+
+
+def build_drain_job(pipeline: Mapping[str, Any], ordinal: int) -> dict[str, Any]:
+    """The Job that forwards the retained queue of ingest pod ``ordinal`` to the middle tier."""
+    meta = pipeline["metadata"]
+    name = meta["name"]
+    spec = crd.defaulted_spec(pipeline.get("spec"))
+    endpoints = middle_endpoints(name, spec["middle"]["replicas"], 5555)
+    labels = {**labels_for(name, "ingest-drain"), ORDINAL_LABEL: str(ordinal)}
+    args = ["drain", "--data-dir", INGEST_DATA_DIR,
+            "--node-id", ingest_pod_name(name, ordinal),
+            "--middle-endpoints", ",".join(endpoints),
+            "--timeout", str(spec["ingest"]["drain"]["graceSeconds"])]
+    (job,) = render_template(
+        "drain-job.yaml.j2", namespace=meta.get("namespace") or "default",
+        job_name=drain_job_name(name, ordinal), labels=labels,
+        backoff_limit=spec["ingest"]["drain"]["jobBackoffLimit"], image=spec["image"],
+        pull_policy=spec["imagePullPolicy"],
+        pull_secrets=[{"name": s} for s in spec.get("imagePullSecrets") or []],
+        args=args, data_dir=INGEST_DATA_DIR, claim_name=ingest_pvc_name(name, ordinal))
+    return job

@@ -1,0 +1,247 @@
+"""Builders: pure spec -> manifests, validated strictly against Kubernetes schemas."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from iotpipe_operator import builders
+from iotpipe_operator.builders import BuildResult, ClusterCapabilities
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLES = sorted((REPO / "samples").glob("*.yaml"))
+K8S_VERSION = kubernetes_validate.utils.latest_version()
+ALL_CAPS = ClusterCapabilities(keda=True, service_monitor=True)
+
+
+def _sample(name: str) -> dict[str, Any]:
+    return yaml.safe_load((REPO / "samples" / name).read_text())
+
+
+def _names(result: BuildResult) -> set[tuple[str, str]]:
+    return {(c["kind"], c["metadata"]["name"]) for c in result.children}
+
+
+def _container(workload: dict[str, Any]) -> dict[str, Any]:
+    return workload["spec"]["template"]["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.name)
+def test_every_builtin_child_validates_strictly(path: Path) -> None:
+    pipeline = yaml.safe_load(path.read_text())
+    result = builders.build(pipeline, ALL_CAPS)
+    children = [*result.children, builders.build_drain_job(pipeline, 3)]
+    builtin = [c for c in children if c["apiVersion"] not in
+               ("keda.sh/v1alpha1", "monitoring.coreos.com/v1")]
+    assert len(builtin) >= 18
+    for child in builtin:
+        kubernetes_validate.validate(child, K8S_VERSION, strict=True)
+    namespace = pipeline["metadata"].get("namespace", "default")
+    assert {c["metadata"]["namespace"] for c in children} == {namespace}
+
+
+def test_minimal_builds_all_tiers() -> None:
+    result = builders.build(_sample("minimal.yaml"))
+    names = _names(result)
+    for kind, name in [("StatefulSet", "demo-ingest"), ("StatefulSet", "demo-middle"),
+                       ("StatefulSet", "demo-storage"), ("Deployment", "demo-relay"),
+                       ("Service", "demo-ingest"), ("Service", "demo-ingest-headless"),
+                       ("Service", "demo-middle"), ("Service", "demo-relay"),
+                       ("ConfigMap", "demo-ingest-config"), ("PodDisruptionBudget", "demo-ingest")]:
+        assert (kind, name) in names
+    kinds = {c["kind"] for c in result.children}
+    assert "HorizontalPodAutoscaler" not in kinds and "ScaledObject" not in kinds
+    assert result.problems == []
+    ingest = result.find("StatefulSet", "demo-ingest")
+    assert ingest["spec"]["replicas"] == 2
+    assert ingest["spec"]["persistentVolumeClaimRetentionPolicy"] == {
+        "whenDeleted": "Retain", "whenScaled": "Retain"}
+    claim = ingest["spec"]["volumeClaimTemplates"][0]
+    assert claim["metadata"]["name"] == "queue"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1127Mi"  # 1Gi + 10%
+    assert "storageClassName" not in claim["spec"]
+    middle = result.find("StatefulSet", "demo-middle")
+    assert middle["spec"]["serviceName"] == "demo-middle"
+    config = result.find("ConfigMap", "demo-ingest-config")["data"]
+    assert config["IOTPIPE_INGEST_MIDDLE_ENDPOINTS"] == (
+        "tcp://demo-middle-0.demo-middle:5555,tcp://demo-middle-1.demo-middle:5555")
+    assert config["IOTPIPE_INGEST_QUEUE_BYTES"] == str(2**30)
+    assert config["IOTPIPE_AUTH_SECRET_FILE"] == "/etc/iotpipe/auth/secret"
+    assert _container(ingest)["envFrom"] == [{"configMapRef": {"name": "demo-ingest-config"}}]
+    storage = result.find("ConfigMap", "demo-storage-config")["data"]
+    assert storage["IOTPIPE_STORAGE_FEED_ENDPOINTS"].endswith("demo-middle-1.demo-middle:5557")
+    assert result.find("ConfigMap", "demo-middle-config")["data"][
+        "IOTPIPE_MIDDLE_LOG_BYTES"] == str(4 * 2**30)
+
+
+def test_ingest_drain_settings() -> None:
+    pipeline = _sample("autoscaled-hpa.yaml")
+    ingest = builders.build(pipeline).find("StatefulSet", "fleet-ingest")
+    pod = ingest["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 5 + 300 + 15
+    assert _container(ingest)["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    config = builders.build(pipeline).find("ConfigMap", "fleet-ingest-config")["data"]
+    assert config["IOTPIPE_INGEST_DRAIN_TIMEOUT"] == "300"
+    assert config["IOTPIPE_INGEST_PROCESSES"] == "2"
+    assert config["IOTPIPE_INGEST_QUEUE_BYTES"] == str(2**30 // 2)  # per process
+
+
+def test_hpa_mode_leaves_replicas_unset_and_builds_hpa() -> None:
+    result = builders.build(_sample("autoscaled-hpa.yaml"), ALL_CAPS)
+    ingest = result.find("StatefulSet", "fleet-ingest")
+    assert "replicas" not in ingest["spec"]
+    hpa = result.find("HorizontalPodAutoscaler", "fleet-ingest")
+    assert hpa["spec"]["minReplicas"] == 3 and hpa["spec"]["maxReplicas"] == 20
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet",
+                                             "name": "fleet-ingest"}
+    assert hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"] == 60
+    scale_down = hpa["spec"]["behavior"]["scaleDown"]
+    assert scale_down["stabilizationWindowSeconds"] == 600
+    assert scale_down["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 300}]
+    assert "ScaledObject" not in {c["kind"] for c in result.children}
+    assert builders.ObjectRef("keda.sh/v1alpha1", "ScaledObject", "fleet-ingest") in result.absent
+    # other tiers keep explicit replicas
+    assert result.find("StatefulSet", "fleet-middle")["spec"]["replicas"] == 3
+    monitor = result.find("ServiceMonitor", "fleet")
+    assert monitor["spec"]["selector"]["matchLabels"] == {"iotpipe.dev/pipeline": "fleet",
+                                                          "iotpipe.dev/scrape": "true"}
+
+
+def test_keda_mode_builds_scaledobject_not_hpa() -> None:
+    result = builders.build(_sample("autoscaled-keda.yaml"), ALL_CAPS)
+    kinds = {c["kind"] for c in result.children}
+    assert "ScaledObject" in kinds and "HorizontalPodAutoscaler" not in kinds
+    assert builders.ObjectRef("autoscaling/v2", "HorizontalPodAutoscaler",
+                              "keda-fleet-ingest") in result.absent
+    scaled = result.find("ScaledObject", "keda-fleet-ingest")
+    assert scaled["spec"]["minReplicaCount"] == 2 and scaled["spec"]["maxReplicaCount"] == 50
+    prometheus, cpu = scaled["spec"]["triggers"]
+    assert prometheus["type"] == "prometheus"
+    assert prometheus["metadata"]["threshold"] == "5000"
+    assert "iotpipe_ingest_connections" in prometheus["metadata"]["query"]
+    assert 'namespace="default"' in prometheus["metadata"]["query"]
+    assert cpu == {"type": "cpu", "metricType": "Utilization", "metadata": {"value": "70"}}
+    assert "replicas" not in result.find("StatefulSet", "keda-fleet-ingest")["spec"]
+    # autoscaled without explicit resources: CPU requests are added so targets mean something
+    requests = _container(result.find("StatefulSet", "keda-fleet-ingest"))["resources"]
+    assert requests["requests"]["cpu"] == "500m"
+
+
+def test_keda_missing_is_a_problem_not_a_crash() -> None:
+    result = builders.build(_sample("autoscaled-keda.yaml"), ClusterCapabilities())
+    assert [p.reason for p in result.problems] == ["KedaNotInstalled"]
+    kinds = {c["kind"] for c in result.children}
+    assert "ScaledObject" not in kinds and "HorizontalPodAutoscaler" not in kinds
+    assert "ServiceMonitor" not in kinds  # its CRD is absent too
+    # without an autoscaler the operator holds ingest at the minimum
+    assert result.find("StatefulSet", "keda-fleet-ingest")["spec"]["replicas"] == 2
+
+
+def test_pmem_class_and_access_mode() -> None:
+    result = builders.build(_sample("pmem.yaml"))
+    claim = result.find("StatefulSet", "pmem-ingest")["spec"]["volumeClaimTemplates"][0]["spec"]
+    assert claim["storageClassName"] == builders.PMEM_STORAGE_CLASS
+    assert claim["accessModes"] == ["ReadWriteOncePod"]
+    assert claim["resources"]["requests"]["storage"] == f"{8 * 1024 + 820}Mi"  # 8Gi + 10% up
+    middle = result.find("StatefulSet", "pmem-middle")["spec"]["volumeClaimTemplates"][0]
+    assert middle["spec"]["storageClassName"] == "pmem-csi-sc-ext4"
+    storage = result.find("StatefulSet", "pmem-storage")["spec"]["volumeClaimTemplates"][0]
+    assert storage["spec"]["storageClassName"] == "standard"
+
+
+def test_several_sinks_and_registry() -> None:
+    result = builders.build(_sample("sinks.yaml"))
+    data = result.find("ConfigMap", "lake-storage-config")["data"]
+    sinks = data["IOTPIPE_STORAGE_SINKS"].split(",")
+    assert len(sinks) == 4 and sinks[1] == "parquet:///var/lib/iotpipe/store/lake"
+    assert data["IOTPIPE_STORAGE_REGISTRY_FILE"] == "/etc/iotpipe/registry/registry.yaml"
+    storage = result.find("StatefulSet", "lake-storage")
+    volumes = storage["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "registry", "configMap": {"name": "lake-registry", "items": [
+        {"key": "registry.yaml", "path": "registry.yaml"}]}} in volumes
+    relay = result.find("Deployment", "lake-relay")
+    assert relay["spec"]["replicas"] == 2
+    assert result.find("Service", "lake-relay")["spec"]["type"] == "LoadBalancer"
+    relay_config = result.find("ConfigMap", "lake-relay-config")["data"]
+    assert relay_config["IOTPIPE_RELAY_CLIENT_QUEUE"] == "5000"
+    ingest_config = result.find("ConfigMap", "lake-ingest-config")["data"]
+    assert ingest_config["IOTPIPE_INGEST_RATE_LIMIT"] == "50"
+    assert ingest_config["IOTPIPE_INGEST_MAX_FRAME_BYTES"] == "65536"
+
+
+def test_config_hash_changes_with_config_only() -> None:
+    pipeline = _sample("minimal.yaml")
+    hashes = {}
+    for tier, kind in [("ingest", "StatefulSet"), ("relay", "Deployment")]:
+        workload = builders.build(pipeline).find(kind, f"demo-{tier}")
+        hashes[tier] = workload["spec"]["template"]["metadata"]["annotations"][
+            builders.CONFIG_HASH_ANNOTATION]
+    again = builders.build(pipeline).find("StatefulSet", "demo-ingest")
+    assert again["spec"]["template"]["metadata"]["annotations"][
+        builders.CONFIG_HASH_ANNOTATION] == hashes["ingest"]  # deterministic
+    pipeline["spec"]["ingest"]["rateLimit"] = 10
+    changed = builders.build(pipeline)
+    annotation = builders.CONFIG_HASH_ANNOTATION
+    assert changed.find("StatefulSet", "demo-ingest")["spec"]["template"]["metadata"][
+        "annotations"][annotation] != hashes["ingest"]
+    assert changed.find("Deployment", "demo-relay")["spec"]["template"]["metadata"][
+        "annotations"][annotation] == hashes["relay"]  # relay config untouched
+
+
+def test_extra_env_is_passed_and_hashed() -> None:
+    pipeline = _sample("minimal.yaml")
+    before = builders.build(pipeline).find("StatefulSet", "demo-middle")
+    pipeline["spec"]["middle"] = {"env": [{"name": "IOTPIPE_MIDDLE_LOG_LEVEL", "value": "debug"}]}
+    after = builders.build(pipeline).find("StatefulSet", "demo-middle")
+    assert _container(after)["env"] == [{"name": "IOTPIPE_MIDDLE_LOG_LEVEL", "value": "debug"}]
+    key = builders.CONFIG_HASH_ANNOTATION
+    assert (before["spec"]["template"]["metadata"]["annotations"][key]
+            != after["spec"]["template"]["metadata"]["annotations"][key])
+
+
+def test_drain_job_mounts_the_retained_queue() -> None:
+    job = builders.build_drain_job(_sample("minimal.yaml"), 4)
+    assert job["metadata"]["name"] == "demo-ingest-drain-4"
+    pod = job["spec"]["template"]["spec"]
+    assert pod["volumes"][-1] == {"name": "queue",
+                                  "persistentVolumeClaim": {"claimName": "queue-demo-ingest-4"}}
+    args = pod["containers"][0]["args"]
+    assert args[:5] == ["drain", "--data-dir", "/var/lib/iotpipe/queue",
+                        "--node-id", "demo-ingest-4"]
+    assert args[args.index("--middle-endpoints") + 1] == (
+        "tcp://demo-middle-0.demo-middle:5555,tcp://demo-middle-1.demo-middle:5555")
+    assert pod["restartPolicy"] == "Never"
+
+
+def test_build_rejects_nameless_pipeline() -> None:
+    with pytest.raises(ValueError, match=r"metadata\.name"):
+        builders.build({"metadata": {}, "spec": {}})
+
+
+def test_render_cli_prints_every_child(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "iotpipe_operator.cli", "render", "-f",
+         str(REPO / "samples" / "autoscaled-keda.yaml"), "--keda", "--drain-ordinals", "5"],
+        capture_output=True, text=True, timeout=60, check=True)
+    docs = list(yaml.safe_load_all(out.stdout))
+    kinds = [d["kind"] for d in docs]
+    assert "ScaledObject" in kinds and kinds[-1] == "Job"
+    assert len(docs) == len(builders.build(_sample("autoscaled-keda.yaml"),
+                                           ClusterCapabilities(keda=True)).children) + 1
+
+
+def test_render_cli_names_bad_input(tmp_path: Path) -> None:
+    bad = tmp_path / "p.yaml"
+    bad.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
+    out = subprocess.run([sys.executable, "-m", "iotpipe_operator.cli", "render", "-f", str(bad)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "expected exactly one IoTPipeline document" in out.stderr

@@ -1,0 +1,379 @@
+"""``iotpipe up``: the whole pipeline on one machine, under one supervisor.
+
+The four tiers run as separate processes exactly as they do in Kubernetes (same commands,
+same flags), so local mode exercises the real wire paths: ``iotpipe middle``, ``iotpipe
+storage`` (embedded SQLite sink under the data directory), ``iotpipe relay`` and ``iotpipe
+ingest``, plus ``iotpipe simulate`` with ``--simulate N``. The supervisor restarts any tier
+that dies, with exponential backoff (reset once a tier has stayed up for a while), forwards
+SIGINT/SIGTERM to its children in a safe order (simulator, ingest - which drains its queue
+to the middle tier -, relay, storage, middle last) and waits for them.
+
+Layout of ``--data-dir`` (default ``./data``)::
+
+    auth.secret        generated signing secret (0600), reused on the next start
+    registry.yaml      device registry (a sample is written when missing)
+    ingest/            ingest queue        middle/   middle log
+    store/readings.db  embedded storage    logs/     one log file per tier
+
+Ports: the contract defaults (ingest 8080, relay 8081, middle 5555/5556/5557, metrics
+9100..9103 for ingest, middle, storage, relay); ``--base-port B`` moves them all to
+``B .. B+8`` in that order; per-tier flags override either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from pydantic import Field
+
+from iotpipe.settings import TierSettings, parse_settings, tier_config
+
+__all__ = [
+    "ChildSpec",
+    "Ports",
+    "RestartPolicy",
+    "UpSettings",
+    "build_children",
+    "main",
+    "plan_ports",
+]
+
+SAMPLE_REGISTRY = """\
+# Device registry used by storage (enrichment) and the relay (class/location subscriptions).
+# Exact ids under `devices`, id prefixes under `prefixes`; the longest prefix wins.
+devices: {}
+prefixes:
+  sim-: {class: simulated, location: local, labels: {source: iotpipe-simulate}}
+"""
+
+
+class UpSettings(TierSettings):
+    """Run middle, storage, relay and ingest on this machine (embedded storage)."""
+
+    model_config = tier_config("iotpipe up", "IOTPIPE_UP_")
+
+    data_dir: str = Field("./data", description="where queues, the store, logs and the "
+                                                "generated secret live")
+    host: str = Field("127.0.0.1", description="bind address of every tier (loopback by default)")
+    base_port: int | None = Field(None, ge=1, le=65535 - 8,
+                                  description="put every port at BASE..BASE+8 (ingest, relay, "
+                                              "middle router/pub/feed, metrics of ingest, "
+                                              "middle, storage, relay)")
+    ingest_port: int | None = Field(None, description="device WebSocket port")
+    relay_port: int | None = Field(None, description="client WebSocket port")
+    middle_router_port: int | None = Field(None, description="middle ROUTER (ingest batches)")
+    middle_pub_port: int | None = Field(None, description="middle PUB (live events)")
+    middle_feed_port: int | None = Field(None, description="middle durable feed (storage)")
+    ingest_metrics_port: int | None = Field(None, description="ingest /metrics port")
+    middle_metrics_port: int | None = Field(None, description="middle /metrics port")
+    storage_metrics_port: int | None = Field(None, description="storage /metrics port")
+    relay_metrics_port: int | None = Field(None, description="relay /metrics port")
+    insecure_no_auth: bool = Field(False, description="no tokens at all (demos only)")
+    registry_file: str | None = Field(None, description="device registry YAML (default: "
+                                                        "DATA_DIR/registry.yaml, created)")
+    queue_bytes: int = Field(256 << 20, ge=1 << 20, description="ingest queue capacity")
+    log_bytes: int = Field(1 << 30, ge=1 << 20, description="middle log capacity")
+    simulate: int = Field(0, ge=0, description="also run a simulated fleet of N devices")
+    simulate_rate: float = Field(1.0, gt=0, description="messages per second per simulated "
+                                                        "device")
+    log_level: str = Field("info", description="log level of every tier")
+    stop_timeout: float = Field(30.0, gt=0, description="seconds each tier gets to stop "
+                                                        "before SIGKILL")
+    max_backoff: float = Field(10.0, gt=0, description="longest wait before restarting a "
+                                                       "tier that keeps dying")
+
+
+@dataclass(frozen=True)
+class Ports:
+    ingest: int
+    relay: int
+    middle_router: int
+    middle_pub: int
+    middle_feed: int
+    ingest_metrics: int
+    middle_metrics: int
+    storage_metrics: int
+    relay_metrics: int
+
+
+_PORT_FIELDS = ("ingest", "relay", "middle_router", "middle_pub", "middle_feed",
+                "ingest_metrics", "middle_metrics", "storage_metrics", "relay_metrics")
+_CONTRACT_PORTS = (8080, 8081, 5555, 5556, 5557, 9100, 9101, 9102, 9103)
+
+
+def plan_ports(settings: UpSettings) -> Ports:
+    """Contract defaults, or BASE+offset; per-tier settings win. Duplicates are an error."""
+    values: dict[str, int] = {}
+    for offset, (name, default) in enumerate(zip(_PORT_FIELDS, _CONTRACT_PORTS, strict=True)):
+        override = getattr(settings, f"{name}_port")
+        if override is not None:
+            values[name] = override
+        elif settings.base_port is not None:
+            values[name] = settings.base_port + offset
+        else:
+            values[name] = default
+    seen: dict[int, str] = {}
+    for name, port in values.items():
+        if port in seen:
+            raise ValueError(f"port {port} is given to both {seen[port]} and {name}")
+        seen[port] = name
+    return Ports(**values)
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    restart: bool = True  # False: a clean exit (status 0) is final (the simulator's run ended)
+
+
+def _iotpipe(*args: str) -> list[str]:
+    return [sys.executable, "-m", "iotpipe.cli", *args]
+
+
+def build_children(settings: UpSettings, ports: Ports, data_dir: Path, registry_file: Path,
+                   secret_file: Path | None) -> list[ChildSpec]:
+    """The processes of a local pipeline, in start order (stop order is the reverse)."""
+    host = settings.host
+    loop_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    common = ["--host", host, "--log-level", settings.log_level]
+    env = {"IOTPIPE_AUTH_SECRET_FILE": str(secret_file)} if secret_file is not None else {}
+    no_auth = ["--insecure-no-auth"] if secret_file is None else []
+    node = "local-ingest"
+    children = [
+        ChildSpec("middle", _iotpipe(
+            "middle", *common, "--metrics-port", str(ports.middle_metrics),
+            "--router-port", str(ports.middle_router), "--pub-port", str(ports.middle_pub),
+            "--feed-port", str(ports.middle_feed), "--data-dir", str(data_dir / "middle"),
+            "--log-bytes", str(settings.log_bytes), "--middle-id", "local-middle",
+            "--consumer-groups", "storage")),
+        ChildSpec("storage", _iotpipe(
+            "storage", *common, "--metrics-port", str(ports.storage_metrics),
+            "--feed-endpoints", f"tcp://{loop_host}:{ports.middle_feed}",
+            "--group", "storage", "--consumer-id", "local-storage",
+            "--sinks", f"sqlite://{(data_dir / 'store' / 'readings.db').resolve()}",
+            "--registry-file", str(registry_file), "--data-dir", str(data_dir / "store"))),
+        ChildSpec("relay", _iotpipe(
+            "relay", *common, "--port", str(ports.relay), "--metrics-port",
+            str(ports.relay_metrics),
+            "--middle-pub-endpoints", f"tcp://{loop_host}:{ports.middle_pub}",
+            "--registry-file", str(registry_file), *no_auth), env),
+        ChildSpec("ingest", _iotpipe(
+            "ingest", *common, "--port", str(ports.ingest), "--metrics-port",
+            str(ports.ingest_metrics), "--data-dir", str(data_dir / "ingest"),
+            "--queue-bytes", str(settings.queue_bytes), "--node-id", node,
+            "--middle-endpoints", f"tcp://{loop_host}:{ports.middle_router}", *no_auth), env),
+    ]
+    if settings.simulate:
+        children.append(ChildSpec("simulate", _iotpipe(
+            "simulate", "--url", f"ws://{loop_host}:{ports.ingest}/v1/ingest",
+            "--devices", str(settings.simulate), "--rate", str(settings.simulate_rate),
+            "--device-prefix", "sim-",
+            *(["--insecure"] if secret_file is None else [])), env, restart=False))
+    return children
+
+
+class RestartPolicy:
+    """Exponential backoff for a tier that keeps dying; forgiven after a stable run."""
+
+    def __init__(self, initial_s: float = 0.5, factor: float = 2.0, max_s: float = 10.0,
+                 stable_s: float = 30.0) -> None:
+        self.initial_s = initial_s
+        self.factor = factor
+        self.max_s = max_s
+        self.stable_s = stable_s
+
+    def delay(self, consecutive_failures: int) -> float:
+        if consecutive_failures <= 0:
+            return 0.0
+        return min(self.max_s, self.initial_s * self.factor ** (consecutive_failures - 1))
+
+    def failures_after_exit(self, previous_failures: int, uptime_s: float) -> int:
+        """The failure count after a child died having run ``uptime_s`` seconds."""
+        return 1 if uptime_s >= self.stable_s else previous_failures + 1
+
+
+@dataclass
+class _Child:
+    spec: ChildSpec
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    failures: int = 0
+    restart_at: float | None = None
+    restarts: int = 0
+    done: bool = False  # will not be started again
+
+
+def _ensure_secret(path: Path) -> None:
+    if path.exists() and path.read_bytes().strip():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(32) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
+def _say(message: str) -> None:
+    print(f"iotpipe up: {message}", file=sys.stderr, flush=True)
+
+
+class Supervisor:
+    """Starts the children, restarts the ones that die, stops them all in reverse order."""
+
+    def __init__(self, specs: list[ChildSpec], log_dir: Path, policy: RestartPolicy,
+                 stop_timeout: float) -> None:
+        self.children = [_Child(spec) for spec in specs]
+        self.log_dir = log_dir
+        self.policy = policy
+        self.stop_timeout = stop_timeout
+        self.stopping = False
+
+    def _start(self, child: _Child) -> None:
+        log: IO[bytes] = open(self.log_dir / f"{child.spec.name}.log", "ab")  # noqa: SIM115
+        try:
+            child.proc = subprocess.Popen(
+                child.spec.argv, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, **child.spec.env}, start_new_session=True)
+        finally:
+            log.close()
+        child.started_at = time.monotonic()
+        child.restart_at = None
+
+    def start_all(self) -> None:
+        for child in self.children:
+            self._start(child)
+            _say(f"started {child.spec.name} (pid {child.proc.pid if child.proc else '?'})")
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.done or self.stopping:
+                continue
+            if child.proc is not None:
+                status = child.proc.poll()
+                if status is None:
+                    continue
+                child.proc = None
+                if status == 0 and not child.spec.restart:
+                    child.done = True
+                    _say(f"{child.spec.name} finished")
+                    continue
+                child.failures = self.policy.failures_after_exit(child.failures,
+                                                                 now - child.started_at)
+                delay = self.policy.delay(child.failures)
+                child.restart_at = now + delay
+                _say(f"{child.spec.name} exited with status {status}; restarting in {delay:.1f}s "
+                     f"(see {self.log_dir / (child.spec.name + '.log')})")
+            elif child.restart_at is not None and now >= child.restart_at:
+                self._start(child)
+                child.restarts += 1
+                _say(f"restarted {child.spec.name} (pid {child.proc.pid if child.proc else '?'})")
+
+    def stop_all(self) -> int:
+        """SIGTERM in reverse start order, each waited for (then SIGKILL). Returns worst status."""
+        self.stopping = True
+        worst = 0
+        for child in reversed(self.children):
+            proc = child.proc
+            if proc is None or proc.poll() is not None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                status = proc.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                _say(f"{child.spec.name} did not stop within {self.stop_timeout:g}s: killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                status = proc.wait(timeout=10)
+            _say(f"stopped {child.spec.name} (status {status})")
+            if status not in (0, -signal.SIGTERM):
+                worst = 1
+        return worst
+
+
+def _banner(settings: UpSettings, ports: Ports, data_dir: Path, secret_file: Path | None,
+            registry_file: Path) -> str:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
+    env = "" if secret_file is None else f"IOTPIPE_AUTH_SECRET_FILE={secret_file} "
+    lines = [
+        "iotpipe is up",
+        f"  devices     ws://{host}:{ports.ingest}/v1/ingest",
+        f"  client apps ws://{host}:{ports.relay}/v1/live",
+        f"  metrics     ingest http://{host}:{ports.ingest_metrics}/metrics  "
+        f"middle http://{host}:{ports.middle_metrics}/metrics",
+        f"              storage http://{host}:{ports.storage_metrics}/metrics  "
+        f"relay http://{host}:{ports.relay_metrics}/metrics",
+        f"  data        {data_dir}  (logs in {data_dir / 'logs'}, registry {registry_file})",
+    ]
+    if secret_file is None:
+        lines.append("  auth        OFF (--insecure-no-auth): devices pass ?device=ID")
+    else:
+        lines += [
+            f"  device token: {env}iotpipe token DEVICE_ID",
+            f"  client token: {env}iotpipe token APP_ID --client",
+        ]
+    lines.append(f"  stored data: iotpipe query --db {data_dir / 'store' / 'readings.db'} "
+                 "--device DEVICE_ID")
+    lines.append("  Ctrl-C stops everything (ingest drains its queue first)")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> int:
+    """``iotpipe up``: run until SIGINT/SIGTERM, then stop every tier and exit."""
+    settings = parse_settings(UpSettings, argv)
+    try:
+        ports = plan_ports(settings)
+    except ValueError as exc:
+        print(f"iotpipe up: error: {exc}", file=sys.stderr)
+        return 2
+    data_dir = Path(settings.data_dir).resolve()
+    for sub in ("ingest", "middle", "store", "logs"):
+        (data_dir / sub).mkdir(parents=True, exist_ok=True)
+    secret_file: Path | None = None
+    if not settings.insecure_no_auth:
+        secret_file = data_dir / "auth.secret"
+        _ensure_secret(secret_file)
+    if settings.registry_file:
+        registry_file = Path(settings.registry_file).resolve()
+    else:
+        registry_file = data_dir / "registry.yaml"
+        if not registry_file.exists():
+            registry_file.write_text(SAMPLE_REGISTRY)
+    specs = build_children(settings, ports, data_dir, registry_file, secret_file)
+    supervisor = Supervisor(specs, data_dir / "logs",
+                            RestartPolicy(max_s=settings.max_backoff), settings.stop_timeout)
+    stop_requested: list[int] = []
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        stop_requested.append(signum)
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        supervisor.start_all()
+        print(_banner(settings, ports, data_dir, secret_file, registry_file), flush=True)
+        while not stop_requested:
+            supervisor.poll()
+            time.sleep(0.2)
+    finally:
+        # Children run in their own sessions, so a terminal Ctrl-C reaches only us; we stop
+        # them in order so ingest can drain into a still-running middle tier.
+        _say("stopping")
+        status = supervisor.stop_all()
+    return status

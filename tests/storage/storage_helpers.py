@@ -19,10 +19,10 @@ def log_record(device_id: str, msg_id: str, ts_ns: int, data: bytes = b'{"t":1}'
     return wire.encode_log_record(node, node_seq, reading)
 
 
-def make_log(n: int, devices: int = 5) -> list[bytes]:
-    """``n`` log records (seq 1..n), device ``dev-<i % devices>``, ts one second apart."""
+def make_log(n: int, devices: int = 5, prefix: str = "dev-") -> list[bytes]:
+    """``n`` log records (seq 1..n), device ``<prefix><i % devices>``, ts one second apart."""
     return [
-        log_record(f"dev-{i % devices}", f"m-{i}", T0_NS + i * 1_000_000_000,
+        log_record(f"{prefix}{i % devices}", f"m-{i}", T0_NS + i * 1_000_000_000,
                    b'{"i":%d}' % i, node_seq=i)
         for i in range(1, n + 1)
     ]
@@ -31,20 +31,23 @@ def make_log(n: int, devices: int = 5) -> list[bytes]:
 class FakeFeed:
     """A minimal middle feed (ROUTER) honouring credit, acks and redelivery on restart.
 
-    It keeps the acknowledged ranges; ``unacked_from`` is where a fresh instance (a
-    "restarted middle") starts delivering: everything not acknowledged contiguously.
+    It keeps the acknowledged seqs; a fresh instance given them (a "restarted middle")
+    starts delivering at the lowest unacknowledged seq, or at ``start_at`` if lower.
     Deliveries hold at most ``batch`` records and never exceed the consumer's credit.
     """
 
     def __init__(self, endpoint: str, log: list[bytes], middle_id: str = "middle-0",
                  group: str = "storage", batch: int = 50,
-                 acked: set[int] | None = None) -> None:
+                 acked: set[int] | None = None, start_at: int | None = None) -> None:
         self.endpoint = endpoint
         self.log = log
         self.middle_id = middle_id
         self.group = group
         self.batch = batch
         self.acked: set[int] = acked if acked is not None else set()
+        # Where delivery starts: the lowest unacked record, or earlier (a middle whose ack
+        # checkpoint lagged redelivers records the consumer already stored).
+        self.start_at = start_at if start_at is not None else 1 << 62
         self.requests: list[wire.FeedRequest] = []
         self.malformed_first = False
         self._stop = threading.Event()
@@ -73,36 +76,44 @@ class FakeFeed:
         sock.bind(self.endpoint)
         self._ready.set()
         credit: dict[bytes, int] = {}
-        next_seq = 1
-        # Like a restarted middle: start at the lowest unacknowledged record.
+        outstanding: dict[bytes, set[int]] = {}  # delivered, not yet acked, per consumer
         with self._lock:
-            while next_seq in self.acked:
-                next_seq += 1
+            next_seq = max(1, min(self.start_at, self._lowest_unacked()))
         try:
             while not self._stop.is_set():
                 if sock.poll(20):
                     identity, *frames = sock.recv_multipart()
                     request = wire.decode_feed_request(frames)
                     self.requests.append(request)
+                    held = outstanding.setdefault(identity, set())
                     with self._lock:
                         for first, last in request.acks:
                             self.acked.update(range(first, last + 1))
+                            held.difference_update(range(first, last + 1))
+                    # Credit is a window of unacknowledged records (see the consumer docs).
                     credit[identity] = request.credit
                     if self.malformed_first:
                         self.malformed_first = False
                         sock.send_multipart([identity, wire.KIND_RECORDS, b"\xc1"])
-                for identity, available in list(credit.items()):
-                    while available > 0 and next_seq <= len(self.log):
-                        n = min(available, self.batch, len(self.log) - next_seq + 1)
+                for identity, window in credit.items():
+                    held = outstanding[identity]
+                    while window - len(held) > 0 and next_seq <= len(self.log):
+                        n = min(window - len(held), self.batch,
+                                len(self.log) - next_seq + 1)
                         records = self.log[next_seq - 1: next_seq - 1 + n]
                         sock.send_multipart([identity, *wire.encode_records(
                             self.group, self.middle_id, next_seq, records)])
+                        held.update(range(next_seq, next_seq + n))
                         next_seq += n
-                        available -= n
-                    credit[identity] = available
         finally:
             sock.close(0)
             ctx.term()
+
+    def _lowest_unacked(self) -> int:
+        seq = 1
+        while seq in self.acked:
+            seq += 1
+        return seq
 
 
 def header(frames: list[bytes]) -> dict[str, object]:

@@ -49,13 +49,15 @@ def test_credit_shrinks_with_records_in_hand_and_acks_follow_stores() -> None:
     second = consumer.on_frames(_delivery_frames(31, 50))
     assert first is not None and second is not None
     assert (first.first, first.last, second.first, second.last) == (1, 30, 31, 80)
-    assert consumer.in_hand == 80 and consumer.credit == 20
+    assert consumer.in_hand == 80
     assert not consumer.request_due(0.1)  # nothing stored yet: no early request
 
     consumer.stored(second)  # out of order is fine
     assert consumer.request_due(0.1)
     request = wire.decode_feed_request(consumer.make_request(0.1))
-    assert request.acks == [(31, 80)] and request.credit == 70
+    # Credit is the window (the middle subtracts what it has outstanding), not an increment.
+    assert request.acks == [(31, 80)] and request.credit == 100
+    assert consumer.in_hand == 30
 
     consumer.stored(first)
     request = wire.decode_feed_request(consumer.make_request(0.2))
@@ -74,10 +76,11 @@ def test_adjacent_acks_are_merged_in_one_request() -> None:
     assert request.acks == [(1, 30), (41, 50)]
 
 
-def test_overshooting_delivery_is_taken_and_credit_floors_at_zero() -> None:
+def test_overshooting_delivery_is_taken() -> None:
     consumer = FeedConsumer("storage", "c1", window=10)
-    assert consumer.on_frames(_delivery_frames(1, 25)) is not None
-    assert consumer.in_hand == 25 and consumer.credit == 0
+    delivery = consumer.on_frames(_delivery_frames(1, 25))
+    assert delivery is not None and len(delivery.records) == 25
+    assert consumer.in_hand == 25 and consumer.credit == 10
 
 
 def test_other_group_and_malformed_are_ignored() -> None:
@@ -102,7 +105,7 @@ def test_abandon_releases_credit_without_ack() -> None:
     delivery = consumer.on_frames(_delivery_frames(1, 4))
     assert delivery is not None
     consumer.abandon(delivery)
-    assert consumer.credit == 10 and consumer.pending_acks == []
+    assert consumer.in_hand == 0 and consumer.pending_acks == []
 
 
 def test_bad_consumer_settings_are_rejected() -> None:

@@ -4,12 +4,13 @@ Protocol (see ``iotpipe.wire``): the consumer sends ``iotpipe.feed.v1`` requests
 its group, its consumer id, its credit and the log ranges it has stored; the middle answers
 with ``iotpipe.records.v1`` deliveries of at most that many records.
 
-Credit is the number of records the consumer is willing to receive *now*: the window minus
-the records in hand (delivered, not yet acknowledged). Every request restates it (it is an
-absolute value, not an increment), so a middle that restarted, or lost a request, learns it
-again from the next heartbeat. A delivery that races a request may briefly push the records
-in hand above the window; the consumer takes it anyway (never refuse data), which bounds the
-overshoot to one window.
+Credit is a *window*: the number of delivered-but-unacknowledged records the consumer is
+willing to hold (the middle subtracts what it has outstanding to this consumer). Every
+request restates it (an absolute value, not an increment), so a heartbeat never over-grants
+and a middle that restarted, or lost a request, learns it again from the next heartbeat.
+A delivery that races an ack may briefly leave more records in hand than the window; the
+consumer takes it anyway (never refuse data). The final request before shutdown carries
+credit 0, so the middle sends nothing more.
 
 Acknowledgements are sent only for ranges the caller reports stored with ``stored()``,
 which the server calls after every sink write returned. Adjacent ranges are merged.
@@ -55,7 +56,7 @@ class Delivery:
 class FeedConsumer:
     group: str
     consumer_id: str
-    window: int = 1000  # records in hand at most (plus one racing delivery)
+    window: int = 1000  # delivered-but-unacknowledged records the middle may leave with us
     heartbeat_s: float = 1.0  # restate credit at least this often
     middle: str = ""  # the middle's id, learned from its deliveries
     in_hand: int = 0
@@ -73,7 +74,7 @@ class FeedConsumer:
 
     @property
     def credit(self) -> int:
-        return max(0, self.window - self.in_hand)
+        return self.window
 
     @property
     def pending_acks(self) -> list[tuple[int, int]]:

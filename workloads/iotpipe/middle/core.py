@@ -483,6 +483,9 @@ class FeedCore:
     def leases(self, group: str) -> list[Lease]:
         return list(self._group(group).leases)
 
+    def consumer_count(self, group: str) -> int:
+        return len(self._group(group).consumers)
+
     def consumer(self, group: str, name: str) -> ConsumerState | None:
         return self._group(group).consumers.get(name)
 

@@ -1,0 +1,102 @@
+"""Test helpers for ingest: a fake middle ROUTER in a thread, readiness waits."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+
+import zmq
+
+from iotpipe.wire import KIND_BATCH, decode_batch, decode_reading, encode_ack, encode_busy
+
+SECRET = "ingest-test-secret-at-least-32-bytes-long"
+
+
+class FakeMiddle:
+    """A ROUTER that records every batch and acks it (or stays silent, or says busy).
+
+    ``mode``: "ack" (default), "silent" (never answers), or "busy" (answers busy to the
+    first ``busy_count`` batches, then acks).
+    """
+
+    def __init__(self, endpoint: str = "tcp://127.0.0.1:*", mode: str = "ack",
+                 busy_count: int = 0) -> None:
+        self.mode = mode
+        self.busy_count = busy_count
+        self._context = zmq.Context()
+        self._sock = self._context.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.bind(endpoint)
+        self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.lock = threading.Lock()
+        self.batches: list[tuple[str, int, int]] = []   # (node, first, n) in arrival order
+        self.stored: dict[tuple[str, int], bytes] = {}  # (node, seq) -> reading
+        self.busy_sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(20):
+                continue
+            frames = self._sock.recv_multipart()
+            ident, body = frames[0], frames[1:]
+            if not body or body[0] != KIND_BATCH:
+                continue
+            batch = decode_batch(body)
+            with self.lock:
+                self.batches.append((batch.node, batch.first, len(batch.readings)))
+                if self.mode == "silent":
+                    continue
+                if self.mode == "busy" and self.busy_sent < self.busy_count:
+                    self.busy_sent += 1
+                    reply = encode_busy(batch.node, batch.first, 50, "log full")
+                else:
+                    for i, reading in enumerate(batch.readings):
+                        self.stored[(batch.node, batch.first + i)] = reading
+                    reply = encode_ack(batch.node, batch.last)
+            self._sock.send_multipart([ident, *reply])
+
+    def messages(self) -> set[tuple[str, str]]:
+        """(device_id, msg_id) of every stored reading."""
+        with self.lock:
+            readings = list(self.stored.values())
+        return {(r.device_id, r.msg_id) for r in map(decode_reading, readings)}
+
+    def wait_for(self, predicate: Callable[[FakeMiddle], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self):
+                return True
+            time.sleep(0.02)
+        return predicate(self)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close(0)
+        self._context.term()
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0
+
+
+def wait_ready(metrics_port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if http_status(f"http://127.0.0.1:{metrics_port}/readyz") == 200:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"ingest on metrics port {metrics_port} not ready in {timeout}s")

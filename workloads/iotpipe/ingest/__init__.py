@@ -1,0 +1,1 @@
+"""The ingest tier: device WebSocket server, forwarder to the middle tier, drain."""

@@ -1,0 +1,156 @@
+"""The forwarder's I/O shell: a thread that moves the ingest queue's head to the middle tier.
+
+One thread per queue owns one DEALER socket per middle endpoint (pyzmq sockets are not
+thread-safe, so nothing else touches them) and drives a sans-I/O ``ForwarderCore``. It
+reads durable records from the queue, sends windowed batches, and acks the queue (the
+``forwarder`` consumer) only after the middle acked, so a crash at any point resends
+rather than loses. A thread, not an asyncio task: the queue's read/ack block on disk and
+the device-facing event loop must not.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+import zmq
+
+from iotpipe.protocol.forwarder import ForwarderCore
+from iotpipe.queue import PersistentQueue
+
+__all__ = ["CONSUMER", "Forwarder"]
+
+CONSUMER = "forwarder"
+log = logging.getLogger("iotpipe.ingest.forwarder")
+
+
+class Forwarder:
+    def __init__(
+        self,
+        queue: PersistentQueue,
+        node: str,
+        endpoints: Sequence[str],
+        *,
+        batch_records: int = 512,
+        batch_bytes: int = 1 << 20,
+        window: int = 8,
+        ack_timeout: float = 5.0,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("no middle endpoints given (--middle-endpoints)")
+        self.queue = queue
+        self.node = node
+        self.endpoints = list(endpoints)
+        self.batch_records = batch_records
+        self.batch_bytes = batch_bytes
+        queue.register_consumer(CONSUMER)
+        self.core = ForwarderCore(node, len(self.endpoints), next_seq=self._start_seq(),
+                                  window=window, ack_timeout=ack_timeout)
+        self._own_context = context is None
+        self._context = context or zmq.Context()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"forwarder-{node}", daemon=True)
+
+    def _start_seq(self) -> int:
+        return max(self.queue.acked(CONSUMER) + 1, self.queue.first_seq)
+
+    # -- control ---------------------------------------------------------------------
+
+    def start(self) -> Forwarder:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    def is_empty(self) -> bool:
+        """Everything appended so far has been acked by a middle."""
+        return self.queue.acked(CONSUMER) >= self.queue.next_seq - 1
+
+    def wait_empty(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.is_empty():
+            if self._error is not None or not self._thread.is_alive():
+                return False
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    # -- the thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        sockets: list[zmq.Socket[bytes]] = []
+        try:
+            for endpoint in self.endpoints:
+                sock = self._context.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+                sock.connect(endpoint)
+                sockets.append(sock)
+            self._loop(sockets)
+        except BaseException as exc:  # surfaced through .error and /readyz
+            self._error = exc
+            log.exception("forwarder stopped", extra={"fields": {"node": self.node}})
+        finally:
+            for sock in sockets:
+                sock.close(0)
+            if self._own_context:
+                self._context.term()
+
+    def _loop(self, sockets: list[zmq.Socket[bytes]]) -> None:
+        core, queue = self.core, self.queue
+        poller = zmq.Poller()
+        index_of = {}
+        for i, sock in enumerate(sockets):
+            poller.register(sock, zmq.POLLIN)
+            index_of[sock] = i
+        while not self._stop.is_set():
+            now = time.monotonic()
+            # Fill the window from the durable head of the queue.
+            while core.can_send(now) and queue.next_seq > core.next_seq:
+                records = queue.read(core.next_seq, max_records=self.batch_records,
+                                     max_bytes=self.batch_bytes)
+                if not records:
+                    break
+                send = core.add(records[0].seq, [r.payload for r in records], now)
+                _send(sockets[send.endpoint], send.frames)
+            if core.idle():
+                # Nothing in flight: sleep on the queue, not the sockets.
+                queue.wait(core.next_seq - 1, 0.05)
+                continue
+            deadline = core.next_deadline()
+            # Short waits while the window has room, so new records go out promptly.
+            cap_ms = 5 if core.can_send(now) else 50
+            wait_ms = cap_ms if deadline is None else max(0, min(cap_ms, (deadline - now) * 1000))
+            acked_through = None
+            for sock, _ in poller.poll(wait_ms):
+                while True:
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    advanced = core.on_reply(index_of[sock], frames, time.monotonic())
+                    if advanced is not None:
+                        acked_through = advanced
+            if acked_through is not None:
+                queue.ack(CONSUMER, acked_through)  # one durable cursor update per wakeup
+            for send in core.poll(time.monotonic()):
+                _send(sockets[send.endpoint], send.frames)
+
+
+def _send(sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
+    # Never block on a peer that is gone: an unsent batch times out and is resent.
+    try:
+        sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        log.warning("middle endpoint send queue full; will resend on timeout")

@@ -1,0 +1,433 @@
+"""``iotpipe ingest``: the device WebSocket server (a thin I/O shell) plus its forwarder.
+
+Per connection: the handshake is authenticated in ``process_request`` (HTTP 401 naming
+the reason otherwise); each received frame goes through the sans-I/O ``DeviceSession``;
+good messages are appended to the local persistent queue (``AsyncQueue``: one group
+commit shared by every connection) and acked only once that append is durable. While an
+append waits for queue space the connection is not read (backpressure); after
+``busy_wait`` seconds the device gets ``busy`` instead. Replies go out through a
+per-connection sender task so the read loop never waits on a slow socket write.
+
+Processes: with ``--processes N`` a parent starts N children on one port (SO_REUSEPORT).
+Child ``i`` uses queue dir ``<data_dir>/p<i>``, node id ``<node_id>-p<i>`` and metrics
+port ``metrics_port + i``. With N = 1 the single process is ``p0`` itself (same layout,
+so ``iotpipe drain`` always finds ``p<i>`` directories). The parent forwards SIGTERM and
+SIGINT and restarts a child that dies unexpectedly.
+
+SIGTERM drains: /readyz turns 503, the listener closes, devices are closed with 1001 at
+``drain_close_rate`` per second, the forwarder empties the queue to the middle tier, and
+the process exits 0 -- or 1 if ``drain_timeout`` ran out (the queue stays on disk, intact).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from prometheus_client import REGISTRY
+from pydantic import Field
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from iotpipe.auth import DEVICE_AUDIENCE, AuthError, bearer_token, load_secret, verify_token
+from iotpipe.ingest import metrics
+from iotpipe.ingest.forwarder import CONSUMER, Forwarder
+from iotpipe.observability import ObservabilityServer, QueueDepthCollector, setup_logging
+from iotpipe.protocol import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL,
+    DeviceSession,
+    FrameLimits,
+    TokenBucket,
+    encode_ack_frame,
+    encode_busy_frame,
+    encode_error_frame,
+)
+from iotpipe.queue import AsyncQueue, PersistentQueue, QueueError, QueueFull
+from iotpipe.settings import CommaList, TierSettings, parse_settings, tier_config
+
+__all__ = ["IngestServer", "IngestSettings", "main"]
+
+log = logging.getLogger("iotpipe.ingest")
+PATH = "/v1/ingest"
+PROCESS_INDEX_ENV = "IOTPIPE_INGEST_PROCESS_INDEX"
+
+
+class IngestSettings(TierSettings):
+    """Device WebSocket server: authenticates devices, stores each message durably, acks it,
+    and forwards the queue to the middle tier."""
+
+    model_config = tier_config("iotpipe ingest", "IOTPIPE_INGEST_")
+
+    host: str = Field("0.0.0.0", description="bind address")
+    port: int = Field(8080, ge=0, le=65535, description="WebSocket port (path /v1/ingest)")
+    metrics_port: int = Field(9100, ge=0, le=65535,
+                              description="metrics/health port (process i uses port + i)")
+    log_level: str = Field("info", description="log level")
+    data_dir: Path = Field(Path("/var/lib/iotpipe/queue"),
+                           description="queue directory (process i uses <data_dir>/p<i>)")
+    queue_bytes: int = Field(1 << 30, gt=0, description="queue capacity per process in bytes")
+    processes: int = Field(1, ge=1, le=256, description="processes on one port (SO_REUSEPORT)")
+    node_id: str = Field(default_factory=socket.gethostname,
+                         description="node identity (process i is <node_id>-p<i>)")
+    middle_endpoints: CommaList = Field(default_factory=list,
+                                        description="middle ROUTER endpoints, comma separated")
+    insecure_no_auth: bool = Field(False, description="no tokens; device from ?device= or the "
+                                   "message's 'device' field (local demos only)")
+    rate_limit: float = Field(1000.0, ge=0, description="messages/s per device (0 = unlimited)")
+    rate_burst: float = Field(0.0, ge=0, description="token bucket size (0 = 2 x rate_limit)")
+    flood_limit: int = Field(20, ge=1, description="consecutive rate-limited frames before the "
+                             "device is closed with 1008")
+    max_frame_bytes: int = Field(65536, ge=128, description="largest frame (bigger -> close 1009)")
+    max_batch: int = Field(1000, ge=1, description="messages per batch frame")
+    busy_wait: float = Field(1.0, ge=0, description="seconds to wait for queue space before "
+                             "answering busy")
+    busy_retry_ms: int = Field(1000, ge=1, description="retry hint sent with busy")
+    compression: bool = Field(False, description="permessage-deflate (costs ~35 KB/connection)")
+    open_timeout: float = Field(10.0, gt=0, description="seconds to finish the handshake")
+    ping_interval: float = Field(20.0, gt=0, description="seconds between keepalive pings")
+    ping_timeout: float = Field(20.0, gt=0, description="seconds to wait for a pong")
+    drain_timeout: float = Field(60.0, gt=0, description="seconds to empty the queue on SIGTERM")
+    drain_close_rate: float = Field(500.0, gt=0, description="device closes per second on drain")
+    forward_batch: int = Field(512, ge=1, description="records per batch to the middle tier")
+    forward_window: int = Field(8, ge=1, description="batches in flight to the middle tier")
+    forward_ack_timeout: float = Field(5.0, gt=0, description="seconds before failover/resend")
+    process_index: int = Field(-1, ge=-1, description="internal: index of this child process")
+
+
+class _DeviceBuckets:
+    """One token bucket per device id, shared by that device's connections in this process."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst if burst > 0 else max(1.0, 2 * rate)
+        self._buckets: dict[str, tuple[TokenBucket, int]] = {}
+
+    def acquire(self, device: str | None, now: float) -> TokenBucket | None:
+        if self.rate <= 0:
+            return None
+        key = device or ""
+        bucket, users = self._buckets.get(key) or (TokenBucket(self.rate, self.burst, now), 0)
+        self._buckets[key] = (bucket, users + 1)
+        return bucket
+
+    def release(self, device: str | None) -> None:
+        key = device or ""
+        entry = self._buckets.get(key)
+        if entry is None:
+            return
+        bucket, users = entry
+        if users <= 1:
+            del self._buckets[key]
+        else:
+            self._buckets[key] = (bucket, users - 1)
+
+
+class IngestServer:
+    """One ingest process: WebSocket server + queue + forwarder thread."""
+
+    def __init__(self, settings: IngestSettings, index: int) -> None:
+        self.settings = settings
+        self.index = index
+        self.node = f"{settings.node_id}-p{index}"
+        self.queue_dir = settings.data_dir / f"p{index}"
+        self.secret: bytes | None = None if settings.insecure_no_auth else load_secret()
+        self.limits = FrameLimits(max_batch=settings.max_batch)
+        self.draining = False
+        self.buckets = _DeviceBuckets(settings.rate_limit, settings.rate_burst)
+        self.queue: PersistentQueue | None = None
+        self.aqueue: AsyncQueue | None = None
+        self.forwarder: Forwarder | None = None
+        self.ws_server: Server | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+
+    # -- readiness -------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        fwd = self.forwarder
+        return (not self.draining and self.ws_server is not None and fwd is not None
+                and fwd.error is None)
+
+    # -- handshake -------------------------------------------------------------------
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        url = urlsplit(request.path)
+        if url.path != PATH:
+            return connection.respond(http.HTTPStatus.NOT_FOUND, f"no such path; use {PATH}\n")
+        if self.draining:
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+        if self.secret is None:
+            device = parse_qs(url.query).get("device", [None])[0]
+            connection.device_id = device or None  # type: ignore[attr-defined]
+            return None
+        try:
+            token = bearer_token(request.headers.get("Authorization"))
+            connection.device_id = verify_token(  # type: ignore[attr-defined]
+                self.secret, token, DEVICE_AUDIENCE)
+        except AuthError as exc:
+            metrics.AUTH_FAILURES.labels(exc.reason).inc()
+            response = connection.respond(http.HTTPStatus.UNAUTHORIZED, f"{exc}\n")
+            response.headers["WWW-Authenticate"] = f'Bearer error="invalid_token", ' \
+                f'error_description="{exc.reason}"'
+            return response
+        return None
+
+    # -- one device ------------------------------------------------------------------
+
+    async def handle(self, ws: ServerConnection) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        loop = asyncio.get_running_loop()
+        device: str | None = getattr(ws, "device_id", None)
+        session = DeviceSession(device, bucket=self.buckets.acquire(device, loop.time()),
+                                limits=self.limits, flood_limit=self.settings.flood_limit)
+        outbox: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=64)
+        sender = asyncio.create_task(self._sender(ws, outbox))
+        metrics.CONNECTIONS.inc()
+        try:
+            await self._read_loop(ws, session, outbox)
+        except ConnectionClosed:
+            pass
+        finally:
+            metrics.CONNECTIONS.dec()
+            self.buckets.release(device)
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                await sender
+            self._handlers.discard(task)
+
+    async def _read_loop(self, ws: ServerConnection, session: DeviceSession,
+                         outbox: asyncio.Queue[bytes | None]) -> None:
+        assert self.aqueue is not None
+        loop = asyncio.get_running_loop()
+        settings = self.settings
+        while True:
+            frame = await ws.recv(decode=False)
+            outcome = session.on_frame(frame, loop.time(), time.time_ns())
+            for reason, count in outcome.rejected.items():
+                metrics.REJECTED.labels(reason).inc(count)
+            for reply in outcome.replies:
+                await outbox.put(reply)
+            if outcome.readings:
+                try:
+                    # Backpressure: while this waits for space, this socket is not read.
+                    await self.aqueue.append(outcome.readings, timeout=settings.busy_wait)
+                except QueueFull:
+                    metrics.BUSY.inc(len(outcome.ids))
+                    await outbox.put(encode_busy_frame(outcome.ids, settings.busy_retry_ms))
+                except QueueError as exc:
+                    log.error("queue append failed", extra={"fields": {"error": str(exc)}})
+                    metrics.REJECTED.labels("internal").inc(len(outcome.ids))
+                    await outbox.put(encode_error_frame("internal", list(outcome.ids),
+                                                        "the server cannot store messages"))
+                    await self._close_after_flush(ws, outbox, CLOSE_INTERNAL, "queue failure")
+                    return
+                else:
+                    metrics.ACCEPTED.inc(len(outcome.ids))
+                    metrics.ACK_FRAMES.inc()
+                    metrics.BATCH_SIZE.observe(len(outcome.ids))
+                    await outbox.put(encode_ack_frame(outcome.ids))
+            if outcome.close is not None:
+                await self._close_after_flush(ws, outbox, *outcome.close)
+                return
+
+    async def _close_after_flush(self, ws: ServerConnection, outbox: asyncio.Queue[bytes | None],
+                                 code: int, reason: str) -> None:
+        metrics.CLOSES.labels(str(code)).inc()
+        await outbox.put(None)  # the sender sends what is queued, then stops
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(outbox.join(), timeout=5.0)
+        await ws.close(code, reason)
+
+    @staticmethod
+    async def _sender(ws: ServerConnection, outbox: asyncio.Queue[bytes | None]) -> None:
+        while True:
+            frame = await outbox.get()
+            try:
+                if frame is None:
+                    return
+                await ws.send(frame, text=True)
+            finally:
+                outbox.task_done()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        self.queue = PersistentQueue.open(self.queue_dir, capacity_bytes=s.queue_bytes,
+                                          consumers=(CONSUMER,))
+        self.aqueue = AsyncQueue(self.queue)
+        self.forwarder = Forwarder(
+            self.queue, self.node, s.middle_endpoints, batch_records=s.forward_batch,
+            window=s.forward_window, ack_timeout=s.forward_ack_timeout,
+        ).start()
+        self.ws_server = await serve(
+            self.handle, s.host, s.port,
+            process_request=self.process_request,
+            compression="deflate" if s.compression else None,
+            max_size=s.max_frame_bytes,
+            open_timeout=s.open_timeout,
+            ping_interval=s.ping_interval,
+            ping_timeout=s.ping_timeout,
+            close_timeout=5,
+            reuse_port=s.processes > 1,
+        )
+
+    @property
+    def port(self) -> int:
+        assert self.ws_server is not None
+        return int(self.ws_server.sockets[0].getsockname()[1])
+
+    async def drain(self) -> bool:
+        """Stop accepting, close devices at a bounded rate, empty the queue. True if empty."""
+        s = self.settings
+        deadline = time.monotonic() + s.drain_timeout
+        self.draining = True
+        assert self.ws_server is not None and self.forwarder is not None
+        self.ws_server.close(close_connections=False)
+        log.info("draining", extra={"fields": {"connections": len(self.ws_server.connections)}})
+        interval = 1.0 / s.drain_close_rate
+        closing = []
+        for conn in list(self.ws_server.connections):
+            closing.append(asyncio.create_task(conn.close(CLOSE_GOING_AWAY, "going away")))
+            metrics.CLOSES.labels(str(CLOSE_GOING_AWAY)).inc()
+            await asyncio.sleep(interval)
+        if closing:
+            await asyncio.wait(closing, timeout=max(0.1, deadline - time.monotonic()))
+        if self._handlers:  # appends in progress finish (and are acked) before we count
+            await asyncio.wait(list(self._handlers),
+                               timeout=max(0.1, deadline - time.monotonic()))
+        forwarder = self.forwarder
+        empty = await asyncio.to_thread(forwarder.wait_empty,
+                                        max(0.0, deadline - time.monotonic()))
+        depth = self.queue.depth() if self.queue else None
+        log.info("drain finished", extra={"fields": {"empty": empty, "depth": depth}})
+        return empty
+
+    async def aclose(self) -> None:
+        if self.ws_server is not None:
+            self.ws_server.close()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.ws_server.wait_closed(), 5)
+        if self.forwarder is not None:
+            await asyncio.to_thread(self.forwarder.stop)
+        if self.aqueue is not None:
+            await self.aqueue.aclose()
+        if self.queue is not None:
+            self.queue.close()
+
+
+def _queue_source(server: IngestServer) -> tuple[int, int, int]:
+    q = server.queue
+    if q is None:
+        return (0, 0, 0)
+    depth = q.depth()
+    return (depth.records, depth.bytes, q.capacity_bytes)
+
+
+async def run_process(settings: IngestSettings, index: int) -> int:
+    """Run one ingest process until SIGTERM/SIGINT; returns the exit code."""
+    server = IngestServer(settings, index)
+    REGISTRY.register(QueueDepthCollector("ingest", {"ingest": lambda: _queue_source(server)}))
+    REGISTRY.register(metrics.ForwarderCollector(
+        lambda: [server.forwarder.core] if server.forwarder else []))
+    obs = ObservabilityServer(settings.host, settings.metrics_port + index if
+                              settings.metrics_port else 0, ready=server.ready).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        log.info("ingest listening", extra={"fields": {
+            "node": server.node, "port": server.port, "metrics_port": obs.port,
+            "queue": str(server.queue_dir), "middle": settings.middle_endpoints}})
+        await stop.wait()
+        empty = await server.drain()
+        return 0 if empty else 1
+    finally:
+        await server.aclose()
+        obs.stop()
+
+
+def _install_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _run_parent(settings: IngestSettings, argv: Sequence[str]) -> int:
+    """Start N children on one port; forward signals; restart children that die."""
+    children: dict[int, subprocess.Popen[bytes]] = {}
+    stopping = False
+
+    def spawn(i: int) -> subprocess.Popen[bytes]:
+        env = {**os.environ, PROCESS_INDEX_ENV: str(i)}
+        return subprocess.Popen([sys.executable, "-m", "iotpipe.cli", "ingest", *argv], env=env)
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for i in range(settings.processes):
+        children[i] = spawn(i)
+    codes: dict[int, int] = {}
+    while len(codes) < len(children):
+        time.sleep(0.2)
+        for i, child in list(children.items()):
+            if i in codes:
+                continue
+            rc = child.poll()
+            if rc is None:
+                continue
+            if stopping:
+                codes[i] = rc
+            else:
+                log.error("ingest child died; restarting", extra={"fields": {"index": i,
+                                                                              "rc": rc}})
+                time.sleep(0.5)
+                children[i] = spawn(i)
+    return max(codes.values(), default=0)
+
+
+def main(argv: Sequence[str]) -> int:
+    settings = parse_settings(IngestSettings, argv)
+    setup_logging("ingest", settings.log_level)
+    # websockets logs every connection open/close at INFO: far too much at C10K.
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    if not settings.middle_endpoints:
+        print("iotpipe ingest: error: --middle-endpoints is required", file=sys.stderr)
+        return 2
+    if not settings.insecure_no_auth:
+        try:
+            load_secret()
+        except RuntimeError as exc:
+            print(f"iotpipe ingest: error: {exc} (or pass --insecure-no-auth for local demos)",
+                  file=sys.stderr)
+            return 2
+    index = settings.process_index  # set by the parent through IOTPIPE_INGEST_PROCESS_INDEX
+    if index < 0 and settings.processes > 1:
+        return _run_parent(settings, argv)
+    _install_uvloop()
+    return asyncio.run(run_process(settings, max(index, 0)))
+

@@ -1,0 +1,279 @@
+"""Unit tests of PersistentQueue and AsyncQueue on real files."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from iotpipe.queue import (
+    AsyncQueue,
+    Depth,
+    PersistentQueue,
+    QueueClosed,
+    QueueFull,
+    QueueLocked,
+    Record,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def payload_for(seq: int) -> bytes:
+    return f"payload-{seq}-".encode() * (seq % 7 + 1)
+
+
+def segment_files(path: Path) -> list[str]:
+    return sorted(name for name in os.listdir(path) if name.endswith(".seg"))
+
+
+def test_append_assigns_consecutive_seqs_from_one_and_reads_them_back(tmp_path: Path) -> None:
+    with PersistentQueue.open(tmp_path / "q") as queue:
+        assert (queue.first_seq, queue.next_seq) == (1, 1)
+        assert queue.append([b"a", b"bb"]) == range(1, 3)
+        assert queue.append([b""]) == range(3, 4)
+        assert queue.append([]) == range(4, 4)
+        assert queue.next_seq == 4
+        assert queue.read(1) == [Record(1, b"a"), Record(2, b"bb"), Record(3, b"")]
+        assert queue.read(3) == [Record(3, b"")]
+        assert queue.read(4) == []
+        assert queue.read(-5, max_records=1) == [Record(1, b"a")]
+        assert queue.persist_mode == "fdatasync"
+
+
+def test_reopen_keeps_records_cursors_and_seqs(tmp_path: Path) -> None:
+    path = tmp_path / "q"
+    with PersistentQueue.open(path, consumers=["storage"]) as queue:
+        queue.append([payload_for(s) for s in range(1, 51)])
+        queue.ack("storage", 20)
+    with PersistentQueue.open(path, consumers=["storage", "relay"]) as queue:
+        assert queue.next_seq == 51
+        assert queue.acked("storage") == 20
+        assert queue.acked("relay") == 0  # new consumers start at the oldest retained
+        assert queue.consumers == ["relay", "storage"]
+        records = queue.read(1, max_records=100)
+        assert [r.seq for r in records] == list(range(1, 51))
+        assert all(r.payload == payload_for(r.seq) for r in records)
+        assert queue.append([b"next"]) == range(51, 52)
+
+
+def test_read_limits_records_and_bytes_but_returns_at_least_one(tmp_path: Path) -> None:
+    with PersistentQueue.open(tmp_path / "q") as queue:
+        queue.append([b"x" * 100] * 10)
+        assert len(queue.read(1, max_records=3)) == 3
+        assert len(queue.read(1, max_bytes=250)) == 2
+        assert len(queue.read(1, max_bytes=10)) == 1  # one record even past max_bytes
+        with pytest.raises(ValueError, match="max_records"):
+            queue.read(1, max_records=0)
+
+
+def test_records_span_segments_and_acked_segments_are_deleted(tmp_path: Path) -> None:
+    path = tmp_path / "q"
+    with PersistentQueue.open(path, capacity_bytes=64 << 10, segment_bytes=8192,
+                              consumers=["c"]) as queue:
+        seqs = queue.append([payload_for(s) for s in range(1, 301)])
+        assert seqs == range(1, 301)
+        assert len(segment_files(path)) > 1
+        records = queue.read(1, max_records=1000, max_bytes=1 << 30)
+        assert [r.payload for r in records] == [payload_for(s) for s in range(1, 301)]
+        before = len(segment_files(path))
+        queue.ack("c", 300)
+        after = segment_files(path)
+        assert len(after) == 1 < before  # the last (active) segment stays
+        assert queue.first_seq == int(after[0].split(".")[0])
+        assert queue.depth() == Depth(0, 0)
+    with PersistentQueue.open(path, capacity_bytes=64 << 10, segment_bytes=8192) as queue:
+        assert queue.next_seq == 301
+        assert queue.read(0)[0].seq == queue.first_seq
+
+
+def test_depth_counts_unacked_records_and_their_bytes(tmp_path: Path) -> None:
+    with PersistentQueue.open(tmp_path / "q") as queue:
+        queue.append([b"x" * 16] * 4)  # 16 header + 16 payload = 32 bytes each
+        assert queue.depth() == Depth(4, 128)  # no consumer: everything retained
+        queue.register_consumer("a")
+        queue.register_consumer("b")
+        queue.ack("a", 3)
+        assert queue.depth() == Depth(4, 128)  # the slowest consumer counts
+        queue.ack("b", 1)
+        assert queue.depth() == Depth(3, 96)
+        queue.unregister_consumer("b")
+        assert queue.depth() == Depth(1, 32)
+
+
+def test_ack_is_cumulative_and_checked(tmp_path: Path) -> None:
+    with PersistentQueue.open(tmp_path / "q", consumers=["c"]) as queue:
+        queue.append([b"a", b"b", b"c"])
+        queue.ack("c", 2)
+        queue.ack("c", 1)  # older ack: already covered
+        assert queue.acked("c") == 2
+        with pytest.raises(ValueError, match="last durable record is 3"):
+            queue.ack("c", 4)
+        with pytest.raises(KeyError, match="unknown consumer"):
+            queue.ack("nobody", 1)
+        with pytest.raises(ValueError, match="consumer name"):
+            queue.register_consumer("")
+
+
+def test_full_queue_raises_at_once_or_after_a_bounded_wait(tmp_path: Path) -> None:
+    with PersistentQueue.open(tmp_path / "q", capacity_bytes=16384, segment_bytes=8192,
+                              consumers=["c"]) as queue:
+        record = b"r" * 1000  # 1016 framed: 8 records per 8 KiB segment
+        appended = queue.append([record] * 10)
+        with pytest.raises(QueueFull, match="full"):
+            queue.append([record] * 8)
+        start = time.monotonic()
+        with pytest.raises(QueueFull):
+            queue.append([record] * 8, timeout=0.2)
+        assert time.monotonic() - start >= 0.2
+        assert queue.next_seq == appended.stop  # nothing of a refused batch was stored
+
+        def ack_later() -> None:
+            time.sleep(0.1)
+            queue.ack("c", appended.stop - 1)
+
+        thread = threading.Thread(target=ack_later)
+        thread.start()
+        assert len(queue.append([record] * 8, timeout=5)) == 8
+        thread.join(5)
+
+
+def test_oversized_record_and_bad_arguments_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="persist"):
+        PersistentQueue.open(tmp_path / "q", persist="mmap")
+    with pytest.raises(ValueError, match="capacity_bytes"):
+        PersistentQueue.open(tmp_path / "q", capacity_bytes=100)
+    with PersistentQueue.open(tmp_path / "q", capacity_bytes=32768) as queue:
+        assert queue.segment_bytes == 16384  # capped to half the capacity
+        with pytest.raises(ValueError, match="does not fit in a segment"):
+            queue.append([b"x" * 20000])
+        with pytest.raises(TypeError, match="sequence of payloads"):
+            queue.append(b"abc")
+        with pytest.raises(TypeError, match="bytes"):
+            queue.append(["text"])  # type: ignore[list-item]
+
+
+def test_second_process_gets_queue_locked(tmp_path: Path) -> None:
+    path = tmp_path / "q"
+    with PersistentQueue.open(path):
+        code = ("import sys\nfrom iotpipe.queue import PersistentQueue, QueueLocked\n"
+                "try:\n    PersistentQueue.open(sys.argv[1])\n"
+                "except QueueLocked as exc:\n    print(exc); sys.exit(3)\n")
+        result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                                text=True, timeout=30)
+        assert result.returncode == 3, result.stderr
+        assert "already open" in result.stdout and str(os.getpid()) in result.stdout
+        with pytest.raises(QueueLocked):
+            PersistentQueue.open(path)
+    with PersistentQueue.open(path):  # released on close
+        pass
+
+
+def test_closed_queue_refuses_use(tmp_path: Path) -> None:
+    queue = PersistentQueue.open(tmp_path / "q")
+    queue.close()
+    queue.close()
+    with pytest.raises(QueueClosed):
+        queue.append([b"x"])
+    with pytest.raises(QueueClosed):
+        queue.read(1)
+
+
+def test_wait_wakes_on_a_durable_append(tmp_path: Path) -> None:
+    with PersistentQueue.open(tmp_path / "q") as queue:
+        assert queue.wait(0, timeout=0.05) is False
+        timer = threading.Timer(0.05, queue.append, args=([b"x"],))
+        timer.start()
+        assert queue.wait(0, timeout=5) is True
+        timer.join()
+        assert queue.wait(0, timeout=0) is True
+
+
+def test_concurrent_appenders_get_disjoint_ranges_and_share_syncs(tmp_path: Path) -> None:
+    syncs = 0
+    with PersistentQueue.open(tmp_path / "q", capacity_bytes=64 << 20,
+                              segment_bytes=1 << 20) as queue:
+        original = os.fdatasync
+
+        def counting_fdatasync(fd: int) -> None:
+            nonlocal syncs
+            syncs += 1
+            time.sleep(0.001)  # a slow disk makes followers pile up behind the leader
+            original(fd)
+
+        results: list[tuple[int, range]] = []
+        lock = threading.Lock()
+
+        def worker(number: int) -> None:
+            for index in range(50):
+                seqs = queue.append([f"{number}:{index}".encode()] * 3)
+                with lock:
+                    results.append((number, seqs))
+
+        os.fdatasync = counting_fdatasync  # type: ignore[assignment]
+        try:
+            threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+        finally:
+            os.fdatasync = original
+        assert len(results) == 400
+        seen = sorted(seq for _, seqs in results for seq in seqs)
+        assert seen == list(range(1, 1201))
+        assert syncs < 400  # group commit: followers rode on leaders' syncs
+        records = queue.read(1, max_records=2000)
+        by_seq = {r.seq: r.payload for r in records}
+        for number, seqs in results:
+            assert {by_seq[s] for s in seqs} == {by_seq[seqs[0]]}
+            assert by_seq[seqs[0]].startswith(f"{number}:".encode())
+
+
+async def test_async_queue_groups_concurrent_appends(tmp_path: Path) -> None:
+    queue = PersistentQueue.open(tmp_path / "q", capacity_bytes=1 << 20, segment_bytes=65536)
+    async_queue = AsyncQueue(queue)
+    ranges = await asyncio.gather(*(async_queue.append([f"m{i}".encode()]) for i in range(200)))
+    assert sorted(r.start for r in ranges) == list(range(1, 201))
+    assert all(len(r) == 1 for r in ranges)
+    records = queue.read(1, max_records=500)
+    assert {r.payload for r in records} == {f"m{i}".encode() for i in range(200)}
+    for r in ranges:
+        assert queue.read(r.start, max_records=1)[0].payload in {rec.payload for rec in records}
+    waiter = asyncio.ensure_future(async_queue.wait(200, timeout=5))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    await async_queue.append([b"wake"])
+    assert await waiter is True
+    assert await async_queue.wait(10_000, timeout=0.05) is False
+    with pytest.raises(TypeError):
+        await async_queue.append(b"not a list")
+    await async_queue.aclose()
+    with pytest.raises(QueueClosed):
+        queue.read(1)
+
+
+async def test_async_queue_full_waits_then_fails_per_caller(tmp_path: Path) -> None:
+    queue = PersistentQueue.open(tmp_path / "q", capacity_bytes=16384, segment_bytes=8192,
+                                 consumers=["c"])
+    async_queue = AsyncQueue(queue)
+    try:
+        record = b"r" * 1000
+        first = await async_queue.append([record] * 10)
+        results = await asyncio.gather(async_queue.append([record] * 8),
+                                       async_queue.append([b"small"]),
+                                       return_exceptions=True)
+        assert isinstance(results[0], QueueFull)
+        assert isinstance(results[1], range)
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.1, queue.ack, "c", results[1].stop - 1)
+        assert len(await async_queue.append([record] * 8, timeout=5)) == 8
+        assert first.start == 1
+    finally:
+        await async_queue.aclose()

@@ -1,0 +1,74 @@
+"""The persistent queue: a durable, segmented, group-committed FIFO of opaque payloads.
+
+Every tier of iotpipe keeps its messages here between receiving and forwarding them.
+``append`` returns only once its records are durable (fdatasync, or pmem persist on real
+persistent memory); consumers read from a seq, acknowledge cumulatively, and space is
+reclaimed up to the slowest registered consumer.
+
+On-disk format (all integers little-endian)
+-------------------------------------------
+A queue is a directory::
+
+    LOCK                      flock'ed by the one process that has the queue open
+    cursors.ledger            consumer cursors (below)
+    00000000000000000001.seg  segment files, named by the seq of their first record
+    ...
+
+Segment file: fixed size (``segment_bytes``), preallocated, created as ``NAME.tmp``,
+synced, renamed, and the directory synced. Header, 32 bytes::
+
+    magic b"IOTQSEG1" | first_seq u64 | segment_bytes u64 | reserved u32 | crc32c u32
+                                                          (crc of the 28 bytes before it)
+
+then records back to back from offset 32, each 8-byte aligned::
+
+    crc32c u32 | length u32 | seq u64 | payload | zero padding to a multiple of 8
+
+``length`` = 16 + payload length (so it is never 0 for a record); its top bit
+(FIRST_IN_WRITE) marks the first record of each write, i.e. the first after a sync point.
+The CRC32C (Castagnoli) covers bytes 4.. of the frame: length, seq and payload. The tail
+position is never stored: it is where the records stop. Unused space is zeros.
+
+Writes: one pwrite (or pmem memcpy) per group commit per segment, then one fdatasync
+(or pmem drain). A segment is synced before the next segment is created, so only the last
+segment can have an unsynced (torn) tail.
+
+Recovery on open scans the last segment from its header and stops at a zero length, a bad
+length, a bad checksum or an unexpected seq. If an intact FIRST_IN_WRITE record with a
+later seq follows the stop point, the damage is inside synced data: ``QueueCorrupted``.
+Otherwise the rest of the segment is cut (truncated, preallocated again, fsynced) so stale
+bytes never line up after new records. Older segments are checked when first read; any
+bad record there, or a gap in seqs between segments, raises ``QueueCorrupted`` naming the
+file and offset. A corrupt record is never returned.
+
+Ledger: two 64 KiB slots written alternately, each followed by fdatasync::
+
+    magic b"IOTQLDG1" | crc32c u32 | generation u64 | body_length u32 | body
+    body = count u32, then per consumer: acked_seq u64 | name_length u16 | name (UTF-8)
+
+The CRC covers generation, body_length and body; on open the valid slot with the highest
+generation wins. A segment is deleted only after a synced ledger shows every registered
+consumer past its last record.
+
+Capacity: the sum of segment file sizes never exceeds ``capacity_bytes``; ``segment_bytes``
+is capped to half of it. Sequence numbers start at 1 and are never reused.
+"""
+
+from __future__ import annotations
+
+from .aio import AsyncQueue
+from .core import Depth, PersistentQueue
+from .errors import QueueClosed, QueueCorrupted, QueueError, QueueFull, QueueLocked
+from .framing import Record
+
+__all__ = [
+    "AsyncQueue",
+    "Depth",
+    "PersistentQueue",
+    "QueueClosed",
+    "QueueCorrupted",
+    "QueueError",
+    "QueueFull",
+    "QueueLocked",
+    "Record",
+]

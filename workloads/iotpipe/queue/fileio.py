@@ -1,0 +1,124 @@
+"""The file-operation seam of the queue.
+
+Every byte the queue reads or writes, and every sync, goes through a ``FileIO`` object.
+``OS_FILE_IO`` is the real thing; tests substitute an in-memory file system that keeps
+written-but-unsynced bytes aside and drops them (all, or a torn part) at a simulated power
+cut. Handles are opaque to the queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from typing import Any, Protocol
+
+__all__ = ["OS_FILE_IO", "FileIO", "OsFileIO"]
+
+
+class FileIO(Protocol):
+    """File operations the queue needs; ``handle`` values are whatever ``open`` returned."""
+
+    def open(self, path: str, *, create: bool) -> Any: ...
+    def close(self, handle: Any) -> None: ...
+    def size(self, handle: Any) -> int: ...
+    def pread(self, handle: Any, length: int, offset: int) -> bytes: ...
+    def pwrite(self, handle: Any, data: bytes, offset: int) -> None: ...
+    def fdatasync(self, handle: Any) -> None: ...
+    def fsync(self, handle: Any) -> None: ...
+    def truncate(self, handle: Any, length: int) -> None: ...
+    def allocate(self, handle: Any, length: int) -> None: ...
+    def rename(self, src: str, dst: str) -> None: ...
+    def unlink(self, path: str) -> None: ...
+    def sync_dir(self, path: str) -> None: ...
+    def makedirs(self, path: str) -> None: ...
+    def listdir(self, path: str) -> list[str]: ...
+    def exists(self, path: str) -> bool: ...
+    def lock(self, path: str) -> Any: ...
+    def unlock(self, handle: Any) -> None: ...
+
+
+class OsFileIO:
+    """Real files: ``os.pwrite`` + ``os.fdatasync`` on file descriptors."""
+
+    def open(self, path: str, *, create: bool) -> int:
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
+        return os.open(path, flags, 0o644)
+
+    def close(self, handle: int) -> None:
+        os.close(handle)
+
+    def size(self, handle: int) -> int:
+        return os.fstat(handle).st_size
+
+    def pread(self, handle: int, length: int, offset: int) -> bytes:
+        data = os.pread(handle, length, offset)
+        # A short read of a preallocated region only happens on a concurrent truncate.
+        while len(data) < length:
+            more = os.pread(handle, length - len(data), offset + len(data))
+            if not more:
+                break
+            data += more
+        return data
+
+    def pwrite(self, handle: int, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(handle, view, offset)
+            view = view[written:]
+            offset += written
+
+    def fdatasync(self, handle: int) -> None:
+        os.fdatasync(handle)
+
+    def fsync(self, handle: int) -> None:
+        os.fsync(handle)
+
+    def truncate(self, handle: int, length: int) -> None:
+        os.ftruncate(handle, length)
+
+    def allocate(self, handle: int, length: int) -> None:
+        # Real blocks up front: a full disk fails here, not in the middle of an append.
+        os.posix_fallocate(handle, 0, length)
+
+    def rename(self, src: str, dst: str) -> None:
+        os.rename(src, dst)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def sync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def makedirs(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+
+    def listdir(self, path: str) -> list[str]:
+        return os.listdir(path)
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def lock(self, path: str) -> int:
+        """Exclusive flock on ``path``; raises BlockingIOError if someone else holds it."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
+        # The holder's pid, for the error message of the next opener (not for locking).
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    def unlock(self, handle: int) -> None:
+        os.close(handle)  # closing the descriptor releases the flock
+
+
+OS_FILE_IO = OsFileIO()

@@ -1,0 +1,197 @@
+"""Sans-I/O framing of segment headers and records (bytes in, records or bytes out).
+
+See the package docstring for the on-disk format. Nothing here touches a file.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from google_crc32c import value as crc32c
+
+__all__ = [
+    "FIRST_IN_WRITE",
+    "RECORD_HEADER_BYTES",
+    "SEGMENT_HEADER_BYTES",
+    "ParseResult",
+    "Record",
+    "Stop",
+    "clear_first_flag",
+    "decode_segment_header",
+    "encode_records",
+    "encode_segment_header",
+    "find_later_write",
+    "framed_size",
+    "parse_records",
+]
+
+SEGMENT_MAGIC = b"IOTQSEG1"
+SEGMENT_HEADER = struct.Struct("<8sQQII")  # magic, first_seq, segment_bytes, reserved, crc
+SEGMENT_HEADER_BYTES = SEGMENT_HEADER.size  # 32, keeps records 8-byte aligned
+
+RECORD_HEADER = struct.Struct("<IIQ")  # crc32c, length|flags, seq
+RECORD_HEADER_BYTES = RECORD_HEADER.size  # 16
+# Set on the first record of every write (one write per segment per group commit). A write
+# starts only after the previous one was synced, so an intact flagged record found past a
+# damaged one proves the damage is inside synced data.
+FIRST_IN_WRITE = 0x8000_0000
+LENGTH_MASK = 0x7FFF_FFFF
+MAX_FRAME = LENGTH_MASK
+
+_pack_length_seq = struct.Struct("<IQ").pack
+_pack_crc = struct.Struct("<I").pack
+_unpack_header = RECORD_HEADER.unpack_from
+_PADDING = tuple(b"\0" * n for n in range(8))
+_NONZERO = re.compile(rb"[^\x00]")
+
+
+class Record(NamedTuple):
+    seq: int
+    payload: bytes
+
+
+class Stop:
+    """Why ``parse_records`` stopped."""
+
+    LIMIT = "limit"  # max_records / max_bytes reached
+    END = "end"  # reached `end` (or too little room left for a header)
+    ZERO = "zero"  # zero length: the end of written data
+    SHORT = "short"  # the frame runs past `end` of the buffer given
+    BAD_LENGTH = "bad length"  # length smaller than a header
+    CRC = "checksum mismatch"
+    SEQ = "unexpected sequence number"
+
+
+class ParseResult(NamedTuple):
+    offset: int  # where parsing stopped (start of the first record not returned)
+    next_seq: int  # sequence number expected at `offset`
+    stop: str  # a Stop value
+    frame_length: int  # with Stop.SHORT: the full length the frame needs
+
+
+def framed_size(payload_length: int) -> int:
+    """Bytes one record takes on disk: header + payload, padded to 8."""
+    return (RECORD_HEADER_BYTES + payload_length + 7) & ~7
+
+
+def encode_segment_header(first_seq: int, segment_bytes: int) -> bytes:
+    head = SEGMENT_HEADER.pack(SEGMENT_MAGIC, first_seq, segment_bytes, 0, 0)[:-4]
+    return head + _pack_crc(crc32c(head))
+
+
+def decode_segment_header(data: bytes) -> tuple[int, int]:
+    """``(first_seq, segment_bytes)``; raises ValueError naming what is wrong."""
+    if len(data) < SEGMENT_HEADER_BYTES:
+        raise ValueError("segment header is truncated")
+    magic, first_seq, segment_bytes, _reserved, crc = SEGMENT_HEADER.unpack_from(data)
+    if magic != SEGMENT_MAGIC:
+        raise ValueError(f"bad segment magic {magic!r}")
+    if crc32c(bytes(data[: SEGMENT_HEADER_BYTES - 4])) != crc:
+        raise ValueError("segment header checksum mismatch")
+    return first_seq, segment_bytes
+
+
+def encode_records(payloads: Sequence[bytes], first_seq: int) -> bytes:
+    """Frame ``payloads`` with consecutive seqs from ``first_seq`` as ONE write."""
+    parts: list[bytes] = []
+    add = parts.append
+    seq = first_seq
+    flag = FIRST_IN_WRITE
+    for payload in payloads:
+        size = len(payload)
+        length_seq = _pack_length_seq((RECORD_HEADER_BYTES + size) | flag, seq)
+        add(_pack_crc(crc32c(length_seq + payload)))
+        add(length_seq)
+        add(payload)
+        add(_PADDING[-size & 7])
+        flag = 0
+        seq += 1
+    return b"".join(parts)
+
+
+def parse_records(
+    buf: bytes,
+    offset: int,
+    end: int,
+    seq: int,
+    out: list[Record] | None,
+    *,
+    max_records: int = 1 << 62,
+    max_bytes: int = 1 << 62,
+    at_least_one: bool = True,
+) -> ParseResult:
+    """Parse records from ``buf[offset:end]`` expecting ``seq`` first.
+
+    Appends to ``out`` unless it is None (a walk that still checks every CRC). At least one
+    record is taken if one is intact, even past ``max_bytes``, unless ``at_least_one`` is
+    False.
+    """
+    count = 0
+    payload_bytes = 0
+    while count < max_records:
+        if offset + RECORD_HEADER_BYTES > end:
+            return ParseResult(offset, seq, Stop.END, 0)
+        crc, length_flags, record_seq = _unpack_header(buf, offset)
+        length = length_flags & LENGTH_MASK
+        if length == 0:
+            return ParseResult(offset, seq, Stop.ZERO, 0)
+        if length < RECORD_HEADER_BYTES:
+            return ParseResult(offset, seq, Stop.BAD_LENGTH, 0)
+        if offset + length > end:
+            return ParseResult(offset, seq, Stop.SHORT, length)
+        body = buf[offset + 4 : offset + length]
+        if crc32c(body) != crc:
+            return ParseResult(offset, seq, Stop.CRC, 0)
+        if record_seq != seq:
+            return ParseResult(offset, seq, Stop.SEQ, 0)
+        size = length - RECORD_HEADER_BYTES
+        if payload_bytes + size > max_bytes and (count or not at_least_one):
+            return ParseResult(offset, seq, Stop.LIMIT, 0)
+        if out is not None:
+            out.append(Record(seq, body[12:]))
+        payload_bytes += size
+        count += 1
+        seq += 1
+        offset += (length + 7) & ~7
+    return ParseResult(offset, seq, Stop.LIMIT, 0)
+
+
+def clear_first_flag(chunk: bytes) -> bytes:
+    """``chunk`` with its first record's FIRST_IN_WRITE flag cleared (CRC recomputed).
+
+    Used when several appenders' chunks are merged into one write: only the first record
+    after a sync point may carry the flag.
+    """
+    _crc, length_flags, seq = _unpack_header(chunk, 0)
+    length = length_flags & LENGTH_MASK
+    length_seq = _pack_length_seq(length, seq)
+    return _pack_crc(crc32c(length_seq + chunk[16:length])) + length_seq + chunk[16:]
+
+
+def find_later_write(buf: bytes, offset: int, end: int, after_seq: int) -> int | None:
+    """Offset of an intact record flagged FIRST_IN_WRITE with seq > ``after_seq``, or None.
+
+    Used after recovery stopped at ``offset``: such a record was written after a sync that
+    covered the stop point, so the damage there is in durable data, not a torn tail.
+    ``buf`` must start at file offset 0 (records are 8-byte aligned in the file).
+    """
+    while True:
+        match = _NONZERO.search(buf, offset, end)
+        if match is None:
+            return None
+        offset = match.start() & ~7
+        if offset + RECORD_HEADER_BYTES > end:
+            return None
+        crc, length_flags, record_seq = _unpack_header(buf, offset)
+        length = length_flags & LENGTH_MASK
+        if (
+            length_flags & FIRST_IN_WRITE
+            and record_seq > after_seq
+            and RECORD_HEADER_BYTES <= length <= end - offset
+            and crc32c(buf[offset + 4 : offset + length]) == crc
+        ):
+            return offset
+        offset += 8

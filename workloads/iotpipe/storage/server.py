@@ -256,10 +256,9 @@ class StorageService:
                 newest = max(r.received_ns for r in readings)
                 if newest > newest_received_ns.get(link.endpoint, 0):
                     newest_received_ns[link.endpoint] = newest
-        n_readings = sum(len(b.readings) for b in batches)
         if batches:
             for sink in self.sinks:
-                if not self._write_until_done(sink, batches, n_readings):
+                if not self._write_until_done(sink, batches):
                     for link, delivery in deliveries:
                         link.consumer.abandon(delivery)
                     log.error("stopping while a sink is failing: the batch in hand is not "
@@ -278,12 +277,12 @@ class StorageService:
                 self.metrics.lag.labels(link.endpoint).set(lag_s)
         return True
 
-    def _write_until_done(self, sink: Sink, batches: list[SinkBatch], n_readings: int) -> bool:
+    def _write_until_done(self, sink: Sink, batches: list[SinkBatch]) -> bool:
         backoff_s = 0.1
         while True:
             started = time.perf_counter()
             try:
-                new = sink.write(batches)
+                result = sink.write(batches)
             except SinkError as exc:
                 self.metrics.write_errors.labels(sink.kind).inc()
                 self.sinks_healthy = False
@@ -295,9 +294,9 @@ class StorageService:
                 backoff_s = min(backoff_s * 2, 5.0)
                 continue
             self.metrics.write_seconds.labels(sink.kind).observe(time.perf_counter() - started)
-            self.metrics.written.labels(sink.kind).inc(new)
-            if n_readings > new:
-                self.metrics.duplicates.labels(sink.kind).inc(n_readings - new)
+            self.metrics.written.labels(sink.kind).inc(result.written)
+            if result.duplicates:
+                self.metrics.duplicates.labels(sink.kind).inc(result.duplicates)
             if not self.sinks_healthy:
                 log.info("sink write succeeded again", extra={"fields": {"sink": sink.url}})
                 self.sinks_healthy = True

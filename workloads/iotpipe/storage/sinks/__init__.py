@@ -23,6 +23,7 @@ __all__ = [
     "Sink",
     "SinkBatch",
     "SinkError",
+    "WriteResult",
     "open_sink",
     "sink_scheme",
 ]
@@ -40,15 +41,17 @@ class SinkBatch(NamedTuple):
     readings: Sequence[StoredReading]
 
 
+class WriteResult(NamedTuple):
+    written: int  # readings (or points) newly written
+    duplicates: int  # readings the sink already held (0 where a sink cannot tell)
+
+
 class Sink(Protocol):
     url: str
     kind: str  # the URL scheme, used as the metrics label
 
-    def write(self, batches: Sequence[SinkBatch]) -> int:
-        """Store all readings durably; return how many were new (the rest were duplicates).
-
-        Sinks that cannot tell duplicates apart return the number of readings written.
-        """
+    def write(self, batches: Sequence[SinkBatch]) -> WriteResult:
+        """Store all readings durably (idempotently), or raise ``SinkError``."""
         ...
 
     def close(self) -> None: ...

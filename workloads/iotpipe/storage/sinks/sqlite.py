@@ -15,7 +15,7 @@ from pathlib import Path
 import orjson
 
 from iotpipe.storage.enrich import StoredReading
-from iotpipe.storage.sinks import SinkBatch, SinkError
+from iotpipe.storage.sinks import SinkBatch, SinkError, WriteResult
 
 __all__ = ["SCHEMA_VERSION", "SqliteSink"]
 
@@ -96,7 +96,7 @@ class SqliteSink:
             raise SinkError(f"sink URL {url!r}: no database path (expected sqlite:///path/x.db)")
         return cls(path, read_only=read_only, url=url)
 
-    def write(self, batches: Sequence[SinkBatch]) -> int:
+    def write(self, batches: Sequence[SinkBatch]) -> WriteResult:
         labels_json: dict[int, str] = {}  # labels dicts are shared per registry entry
 
         def rows() -> Iterator[tuple[object, ...]]:
@@ -121,7 +121,8 @@ class SqliteSink:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
-            return db.total_changes - before
+            new = db.total_changes - before
+            return WriteResult(new, sum(len(b.readings) for b in batches) - new)
         except sqlite3.Error as exc:
             raise SinkError(f"sink {self.url}: write failed: {exc}") from None
 

@@ -60,7 +60,8 @@ def metric(text: str, name: str, labels: str = "") -> float:
 
 
 def start_storage(procs: ProcessGroup, tmp_path: Path, endpoints: list[str], name: str,
-                  window: int = 500) -> tuple[subprocess.Popen[bytes], int]:
+                  window: int = 500, sinks: list[str] | None = None
+                  ) -> tuple[subprocess.Popen[bytes], int]:
     registry = tmp_path / "registry.yaml"
     if not registry.exists():
         registry.write_text(REGISTRY_YAML)
@@ -68,7 +69,7 @@ def start_storage(procs: ProcessGroup, tmp_path: Path, endpoints: list[str], nam
     proc = procs.iotpipe(
         "storage", "--host", "127.0.0.1", "--metrics-port", str(metrics_port),
         "--feed-endpoints", ",".join(endpoints), "--consumer-id", "storage-test",
-        "--sinks", f"sqlite://{tmp_path}/store/readings.db",
+        "--sinks", ",".join(sinks or [f"sqlite://{tmp_path}/store/readings.db"]),
         "--registry-file", str(registry), "--window", str(window),
         "--heartbeat", "0.2", name=name)
     wait_for(lambda: proc.poll() is not None or http_get(metrics_port, "/readyz")[0] == 200,

@@ -1,0 +1,137 @@
+"""The VictoriaMetrics sink: line protocol, and a real victoria-metrics on loopback."""
+
+from __future__ import annotations
+
+import shutil
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import ProcessGroup, free_port
+from storage_helpers import T0_NS, log_record
+
+from iotpipe.registry import Registry
+from iotpipe.storage.enrich import StoredReading, enrich_records
+from iotpipe.storage.sinks import SinkBatch, SinkError, open_sink
+from iotpipe.storage.sinks.victoriametrics import VictoriaMetricsSink, line_for
+
+REGISTRY = Registry.from_yaml(
+    "devices: {therm-1: {class: thermostat, location: 'lab 2', labels: {floor: 3, class: x}}}")
+
+
+def _reading(data: bytes, device: str = "therm-1", msg_id: str = "m1") -> StoredReading:
+    stored, rejected = enrich_records(1, [log_record(device, msg_id, T0_NS, data)], REGISTRY)
+    assert rejected == []
+    return stored[0]
+
+
+@pytest.mark.unit
+def test_line_protocol_tags_fields_and_escaping() -> None:
+    line = line_for(_reading(b'{"t":21.5,"on":true,"n":3,"s":"text","pos":{"x":1.0},"z":null}'),
+                    "iotpipe")
+    assert line == (
+        "iotpipe,device_id=therm-1,class=thermostat,location=lab\\ 2,floor=3 "
+        f"t=21.5,on=1i,n=3i,pos_x=1.0 {T0_NS}"
+    )
+    assert line_for(_reading(b'{"s":"only text"}'), "iotpipe") is None
+    line = line_for(_reading(b'{"a,b=c":1}', device="odd,dev=1 x"), "m")
+    assert line == ("m,device_id=odd\\,dev\\=1\\ x,class=unknown,location=unknown "
+                    f"a\\,b\\=c=1i {T0_NS}")
+
+
+@pytest.mark.unit
+def test_url_errors_name_the_url() -> None:
+    with pytest.raises(SinkError, match="no host"):
+        open_sink("victoriametrics://")
+    with pytest.raises(SinkError, match=r"unknown option\(s\) \['db'\]"):
+        open_sink("victoriametrics://h:8428?db=x")
+    sink = open_sink("victoriametrics://vm.example:9999?measurement=plant")
+    assert isinstance(sink, VictoriaMetricsSink)
+    assert (sink.host, sink.port, sink.measurement) == ("vm.example", 9999, "plant")
+
+
+@pytest.mark.unit
+def test_unreachable_server_is_a_sink_error() -> None:
+    sink = VictoriaMetricsSink("127.0.0.1", free_port())
+    with pytest.raises(SinkError, match=r"victoriametrics://127\.0\.0\.1"):
+        sink.write([SinkBatch("m", 1, [_reading(b'{"t":1}')])])
+
+
+@pytest.fixture
+def victoria(procs: ProcessGroup, tmp_path: Path) -> Iterator[int]:
+    binary = shutil.which("victoria-metrics")
+    if binary is None:
+        pytest.skip("victoria-metrics is not installed (Debian package victoria-metrics)")
+    port = free_port()
+    procs.start([binary, f"-httpListenAddr=127.0.0.1:{port}",
+                 f"-storageDataPath={tmp_path / 'vm'}", "-retentionPeriod=100y",
+                 "-dedup.minScrapeInterval=1ms", "-loggerLevel=ERROR"], name="victoria")
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError("victoria-metrics did not start:\n" + procs.log("victoria"))
+        time.sleep(0.1)
+    yield port
+
+
+def export(port: int, selector: str) -> list[dict[str, object]]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/internal/force_flush", timeout=10):
+        pass
+    body = urllib.parse.urlencode({"match[]": selector, "start": "0"}).encode()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/export", body,
+                                timeout=10) as resp:
+        return [orjson.loads(line) for line in resp.read().splitlines() if line.strip()]
+
+
+@pytest.mark.integration
+def test_real_victoriametrics_stores_each_sample_once_under_redelivery(victoria: int) -> None:
+    records = [log_record("therm-1", f"m{i}", T0_NS + i * 1_000_000_000,
+                          b'{"t":%d.5,"label":"x"}' % i) for i in range(10)]
+    readings, _ = enrich_records(1, records, REGISTRY)
+    sink = open_sink(f"victoriametrics://127.0.0.1:{victoria}")
+    assert sink.write([SinkBatch("middle-0", 1, readings)]) == (10, 0)
+    assert sink.write([SinkBatch("middle-0", 1, readings[:5])]) == (5, 0)  # redelivery
+    sink.close()
+    series = export(victoria, '{__name__="iotpipe_t"}')
+    assert len(series) == 1
+    assert series[0]["metric"] == {"__name__": "iotpipe_t", "device_id": "therm-1",
+                                   "class": "thermostat", "location": "lab 2", "floor": "3"}
+    assert series[0]["values"] == [i + 0.5 for i in range(10)]
+    assert series[0]["timestamps"] == [(T0_NS + i * 1_000_000_000) // 1_000_000
+                                       for i in range(10)]
+
+
+@pytest.mark.integration
+def test_storage_process_writes_sqlite_and_victoriametrics(
+    victoria: int, procs: ProcessGroup, tmp_path: Path
+) -> None:
+    from storage_helpers import FakeFeed, make_log
+    from test_storage_process import db_rows, start_storage, wait_for
+
+    feed = FakeFeed(f"tcp://127.0.0.1:{free_port()}", make_log(300, prefix="a-dev-")).start()
+    try:
+        proc, _ = start_storage(
+            procs, tmp_path, [feed.endpoint], "storage",
+            sinks=[f"sqlite://{tmp_path}/store/readings.db",
+                   f"victoriametrics://127.0.0.1:{victoria}"])
+        wait_for(lambda: feed.acked_count() == 300, 20, "every record acknowledged")
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+    finally:
+        feed.stop()
+    series = export(victoria, '{__name__="iotpipe_i"}')
+    assert sorted(len(s["values"]) for s in series) == [60] * 5  # type: ignore[arg-type]
+    boiler = next(s for s in series if s["metric"]["device_id"] == "a-dev-1")  # type: ignore[index]
+    assert boiler["metric"]["class"] == "boiler"  # type: ignore[index]
+    rows = db_rows(tmp_path)
+    assert len(rows) == 300

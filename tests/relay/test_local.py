@@ -38,6 +38,7 @@ def test_base_port_and_overrides() -> None:
 
 
 def test_children_point_at_each_other(tmp_path: Path) -> None:
+    (tmp_path / "auth.secret").write_text("s3cret\n")
     settings = UpSettings(base_port=21000, simulate=5)
     ports = plan_ports(settings)
     specs = build_children(settings, ports, tmp_path, tmp_path / "registry.yaml",
@@ -52,6 +53,7 @@ def test_children_point_at_each_other(tmp_path: Path) -> None:
     assert f"ws://127.0.0.1:{ports.ingest}/v1/ingest" in joined["simulate"]
     assert by_name["ingest"].env == {"IOTPIPE_AUTH_SECRET_FILE": str(tmp_path / "auth.secret")}
     assert not by_name["simulate"].restart and by_name["middle"].restart
+    assert by_name["simulate"].env == {"IOTPIPE_AUTH_SECRET": "s3cret"}
     no_auth = build_children(UpSettings(insecure_no_auth=True), ports, tmp_path,
                              tmp_path / "r.yaml", None)
     assert all("--insecure-no-auth" in s.argv for s in no_auth if s.name in ("ingest", "relay"))
@@ -62,6 +64,7 @@ _TIER_SETTINGS = {
     "storage": ("iotpipe.storage.server", "StorageSettings"),
     "relay": ("iotpipe.relay.server", "RelaySettings"),
     "ingest": ("iotpipe.ingest.server", "IngestSettings"),
+    "simulate": ("iotpipe.simulate", "SimulateSettings"),
 }
 
 
@@ -79,13 +82,17 @@ def test_every_child_command_parses_with_its_tier_settings(tier: str, tmp_path: 
                       and isinstance(v, type) and v.__module__ == module_name]
         assert len(candidates) == 1, f"cannot find the settings model of {module_name}"
         model = candidates[0]
-    settings = UpSettings(base_port=22000)
+    settings = UpSettings(base_port=22000, simulate=2)
+    (tmp_path / "s").write_text("secret")
     spec = next(s for s in build_children(settings, plan_ports(settings), tmp_path,
                                           tmp_path / "r.yaml", tmp_path / "s")
                 if s.name == tier)
     argv = spec.argv[spec.argv.index(tier) + 1:]
     parsed = parse_settings(model, argv)
-    assert parsed.host == "127.0.0.1"  # type: ignore[attr-defined]
+    if tier == "simulate":
+        assert parsed.connections == 2  # type: ignore[attr-defined]
+    else:
+        assert parsed.host == "127.0.0.1"  # type: ignore[attr-defined]
 
 
 def test_restart_policy_backs_off_and_forgives() -> None:

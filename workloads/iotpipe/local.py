@@ -86,6 +86,8 @@ class UpSettings(TierSettings):
     simulate: int = Field(0, ge=0, description="also run a simulated fleet of N devices")
     simulate_rate: float = Field(1.0, gt=0, description="messages per second per simulated "
                                                         "device")
+    simulate_duration: float = Field(365 * 86400.0, gt=0,
+                                     description="seconds the simulated fleet sends")
     log_level: str = Field("info", description="log level of every tier")
     stop_timeout: float = Field(30.0, gt=0, description="seconds each tier gets to stop "
                                                         "before SIGKILL")
@@ -176,11 +178,15 @@ def build_children(settings: UpSettings, ports: Ports, data_dir: Path, registry_
             "--middle-endpoints", f"tcp://{loop_host}:{ports.middle_router}", *no_auth), env),
     ]
     if settings.simulate:
+        # The simulator mints device tokens itself and takes the secret only by value.
+        sim_env = {} if secret_file is None else {
+            "IOTPIPE_AUTH_SECRET": secret_file.read_text().strip()}
         children.append(ChildSpec("simulate", _iotpipe(
             "simulate", "--url", f"ws://{loop_host}:{ports.ingest}/v1/ingest",
-            "--devices", str(settings.simulate), "--rate", str(settings.simulate_rate),
-            "--device-prefix", "sim-",
-            *(["--insecure"] if secret_file is None else [])), env, restart=False))
+            "--connections", str(settings.simulate), "--rate", str(settings.simulate_rate),
+            "--duration", str(settings.simulate_duration), "--device-prefix", "sim-",
+            "--reconnect", *(["--insecure"] if secret_file is None else [])),
+            sim_env, restart=False))
     return children
 
 

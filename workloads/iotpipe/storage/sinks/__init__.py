@@ -93,7 +93,7 @@ def open_sink(url: str, *, read_only: bool = False) -> Sink:
     if scheme == "parquet":
         from iotpipe.storage.sinks.parquet import ParquetSink
 
-        return ParquetSink.from_url(url)
+        return ParquetSink.from_url(url, read_only=read_only)
     raise SinkError(
         f"sink URL {url!r}: unknown scheme {scheme!r} "
         f"(supported: sqlite://, victoriametrics://, parquet://)"

@@ -251,7 +251,14 @@ class IngestServer:
         await outbox.put(None)  # the sender sends what is queued, then stops
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(outbox.join(), timeout=5.0)
-        await ws.close(code, reason)
+        # Frames the device already sent are read and dropped while closing: websockets
+        # stops reading the socket when its frame buffer is full, and would then never
+        # see the device's close reply (waiting close_timeout instead).
+        closing = asyncio.create_task(ws.close(code, reason))
+        with contextlib.suppress(ConnectionClosed):
+            while not closing.done():
+                await ws.recv(decode=False)
+        await closing
 
     @staticmethod
     async def _sender(ws: ServerConnection, outbox: asyncio.Queue[bytes | None]) -> None:

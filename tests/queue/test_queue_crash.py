@@ -63,7 +63,7 @@ def run_child_until_killed(path: Path, seed: int, run_for: float) -> tuple[int, 
         try:
             os.close(read_fd)
             child_main(path, write_fd, seed)
-        except BaseException:  # noqa: BLE001 - report through the exit status
+        except BaseException:  # reported through the exit status
             import traceback
 
             traceback.print_exc()

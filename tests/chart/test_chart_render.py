@@ -347,15 +347,40 @@ def _normalised(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
             for resource in rule["resources"] for verb in rule["verbs"]}
 
 
-def test_rbac_matches_the_operators_declared_api_use() -> None:
-    """The chart grants exactly what operator/iotpipe_operator/rbac.py says it uses."""
-    rbac = pytest.importorskip("iotpipe_operator.rbac")
-    docs = objects(render({}))
-    granted = _normalised(_rules_for_subject(docs, None))
-    declared = _normalised(rbac.rules())
-    assert granted == declared, (
-        f"chart grants but operator does not use: {sorted(granted - declared)}; "
-        f"operator uses but chart lacks: {sorted(declared - granted)}")
+def test_chart_operator_rules_file_is_generated_from_rbac_py() -> None:
+    from iotpipe_operator import rbac
+
+    text = (CHART / "files" / "operator-rules.yaml").read_text()
+    body = "".join(line for line in text.splitlines(keepends=True)
+                   if not line.startswith("#"))
+    assert body == rbac.rules_yaml(), (
+        "charts/iotpipe-operator/files/operator-rules.yaml is stale; regenerate it with the "
+        "command in its header")
+
+
+@pytest.mark.parametrize("value_set", ["defaults", "namespaced-dashboards"])
+def test_rbac_grants_exactly_what_the_operator_declares(value_set: str) -> None:
+    """Cluster-wide: OPERATOR_RULES + FRAMEWORK_RULES. Namespaced: OPERATOR_RULES only in
+    each watched namespace, and of the framework rules only CRD watching (kopf watches
+    no namespaces when it is given a fixed list)."""
+    from iotpipe_operator import rbac
+
+    docs = objects(render(VALUE_SETS[value_set]))
+    watched = VALUE_SETS[value_set].get("watchNamespaces", [])
+    framework = _normalised(rbac.FRAMEWORK_RULES)
+    operator = _normalised(rbac.OPERATOR_RULES)
+    if not watched:
+        granted = _normalised(_rules_for_subject(docs, None))
+        assert granted == operator | framework, (
+            f"chart grants but operator does not declare: "
+            f"{sorted(granted - operator - framework)}; declared but not granted: "
+            f"{sorted((operator | framework) - granted)}")
+        return
+    framework_namespaced = {rule for rule in framework if rule[1] != "namespaces"}
+    assert _normalised(_rules_for_subject(docs, None)) == framework_namespaced
+    for namespace in watched:
+        assert _normalised(_rules_for_subject(docs, namespace)) == \
+            operator | framework_namespaced
 
 
 # ---------------------------------------------------------------- dashboards

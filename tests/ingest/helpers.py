@@ -21,9 +21,15 @@ class FakeMiddle:
     first ``busy_count`` batches, then acks).
     """
 
+    @property
+    def nodes(self) -> set[str]:
+        with self.lock:
+            return {node for node, _ in self.stored}
+
     def __init__(self, endpoint: str = "tcp://127.0.0.1:*", mode: str = "ack",
-                 busy_count: int = 0) -> None:
+                 busy_count: int = 0, delay: float = 0.0) -> None:
         self.mode = mode
+        self.delay = delay  # seconds before each ack: a slow middle lets the queue fill
         self.busy_count = busy_count
         self._context = zmq.Context()
         self._sock = self._context.socket(zmq.ROUTER)
@@ -49,6 +55,8 @@ class FakeMiddle:
             if not body or body[0] != KIND_BATCH:
                 continue
             batch = decode_batch(body)
+            if self.delay:
+                time.sleep(self.delay)
             with self.lock:
                 self.batches.append((batch.node, batch.first, len(batch.readings)))
                 if self.mode == "silent":

@@ -1,0 +1,172 @@
+"""Real ``iotpipe ingest`` processes: SIGTERM drain under load, kill -9 + restart, ``iotpipe
+drain``, and several processes on one port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ProcessGroup, free_port
+
+from iotpipe.queue import PersistentQueue
+from iotpipe.simulate import SimulateSettings, SimulationReport, run_simulation
+
+from .helpers import SECRET, FakeMiddle, http_status, wait_ready
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+ENV = {"IOTPIPE_AUTH_SECRET": SECRET}
+
+
+def start_ingest(procs: ProcessGroup, data_dir: Path, middle: FakeMiddle, name: str,
+                 *extra: str) -> tuple[subprocess.Popen[bytes], int, int]:
+    port, metrics_port = free_port(), free_port()
+    proc = procs.iotpipe(
+        "ingest", "--host", "127.0.0.1", "--port", str(port), "--metrics-port",
+        str(metrics_port), "--data-dir", str(data_dir), "--node-id", "node",
+        "--middle-endpoints", middle.endpoint, *extra, name=name, env=ENV,
+    )
+    try:
+        wait_ready(metrics_port)
+    except TimeoutError:
+        raise AssertionError(procs.log(name)) from None
+    return proc, port, metrics_port
+
+
+def simulate(port: int, **kwargs: object) -> SimulateSettings:
+    values: dict[str, object] = {"url": f"ws://127.0.0.1:{port}/v1/ingest",
+                                 "secret": SECRET, "ack_timeout": 10.0}
+    values.update(kwargs)
+    return SimulateSettings(**values)  # type: ignore[arg-type]
+
+
+def acked_pairs(report: SimulationReport) -> set[tuple[str, str]]:
+    return {(d, str(i)) for d, ids in report.acked_ids.items() for i in ids}
+
+
+def queue_depth(path: Path) -> int:
+    with PersistentQueue.open(path, capacity_bytes=1 << 30, consumers=("forwarder",)) as q:
+        return q.depth().records
+
+
+async def test_sigterm_drain_under_load_loses_nothing(procs: ProcessGroup,
+                                                      tmp_path: Path) -> None:
+    # A slow middle (1 batch of 50 in flight, 20 ms per ack) lets the queue build up.
+    middle = FakeMiddle(delay=0.02)
+    try:
+        proc, port, metrics_port = start_ingest(
+            procs, tmp_path / "q", middle, "ingest", "--forward-window", "1",
+            "--forward-batch", "50", "--drain-timeout", "60", "--drain-close-rate", "50")
+        sim = asyncio.create_task(run_simulation(simulate(port, connections=20, duration=4,
+                                                          batch=5)))
+        await asyncio.sleep(1.5)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        assert http_status(f"http://127.0.0.1:{metrics_port}/readyz") == 503
+        report = await sim
+        rc = await asyncio.to_thread(proc.wait, 60)
+        assert rc == 0, procs.log("ingest")
+        assert report.acked > 500
+        assert report.closes.get("1001", 0) >= 1
+        assert acked_pairs(report) <= middle.messages()
+        assert queue_depth(tmp_path / "q" / "p0") == 0
+    finally:
+        middle.close()
+
+
+async def test_kill9_after_acks_then_restart_delivers_everything(procs: ProcessGroup,
+                                                                 tmp_path: Path) -> None:
+    silent = FakeMiddle(mode="silent")
+    acking = FakeMiddle()
+    try:
+        proc, port, _ = start_ingest(procs, tmp_path / "q", silent, "ingest1")
+        sim = asyncio.create_task(run_simulation(simulate(port, connections=10, duration=5,
+                                                          batch=3)))
+        await asyncio.sleep(1.5)
+        os.kill(proc.pid, signal.SIGKILL)  # mid-load, acks flowing
+        report = await sim
+        assert report.acked > 100
+        assert not silent.stored
+        proc.wait(10)
+        start_ingest(procs, tmp_path / "q", acking, "ingest2")
+        expected = acked_pairs(report)
+        assert acking.wait_for(lambda m: expected <= m.messages(), 20), \
+            len(expected - acking.messages())
+        assert acking.nodes == {"node-p0"}
+    finally:
+        silent.close()
+        acking.close()
+
+
+async def test_drain_command_forwards_a_retained_queue(procs: ProcessGroup,
+                                                       tmp_path: Path) -> None:
+    silent = FakeMiddle(mode="silent")
+    acking = FakeMiddle()
+    try:
+        proc, port, _ = start_ingest(procs, tmp_path / "q", silent, "ingest")
+        report = await run_simulation(simulate(port, connections=5, messages=40, batch=4))
+        assert report.ok and report.acked == 200
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+        def drain(endpoint: str, timeout: str, data_dir: Path = tmp_path / "q"
+                  ) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "iotpipe.cli", "drain", "--data-dir", str(data_dir),
+                 "--node-id", "node", "--middle-endpoints", endpoint, "--timeout", timeout],
+                capture_output=True, text=True, timeout=60,
+            )
+
+        # Nowhere to deliver: the drain times out non-zero and the queue stays intact.
+        stuck = await asyncio.to_thread(drain, silent.endpoint, "1")
+        assert stuck.returncode == 1, stuck.stderr
+        assert queue_depth(tmp_path / "q" / "p0") == 200
+        done = await asyncio.to_thread(drain, acking.endpoint, "30")
+        assert done.returncode == 0, done.stderr
+        assert acked_pairs(report) <= acking.messages()
+        assert acking.nodes == {"node-p0"}
+        assert queue_depth(tmp_path / "q" / "p0") == 0
+        missing = await asyncio.to_thread(drain, acking.endpoint, "5", tmp_path / "none")
+        assert missing.returncode == 2 and "not a directory" in missing.stderr
+    finally:
+        silent.close()
+        acking.close()
+
+
+async def test_processes_share_one_port_with_separate_queues(procs: ProcessGroup,
+                                                             tmp_path: Path) -> None:
+    middle = FakeMiddle()
+    try:
+        port, metrics_port = free_port(), free_port()
+        parent = procs.iotpipe(
+            "ingest", "--host", "127.0.0.1", "--port", str(port), "--metrics-port",
+            str(metrics_port), "--data-dir", str(tmp_path / "q"), "--node-id", "node",
+            "--middle-endpoints", middle.endpoint, "--processes", "2",
+            name="parent", env=ENV)
+        wait_ready(metrics_port)
+        wait_ready(metrics_port + 1)
+        report = await run_simulation(simulate(port, connections=40, messages=10,
+                                               spread_sources=False))
+        assert report.ok, report.to_dict()
+        assert middle.wait_for(lambda m: acked_pairs(report) <= m.messages(), 10)
+        assert middle.nodes == {"node-p0", "node-p1"}
+        assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["p0", "p1"]
+        parent.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(parent.wait, 60) == 0, procs.log("parent")
+    finally:
+        middle.close()
+
+
+def test_ingest_refuses_to_start_without_secret_or_middle(tmp_path: Path) -> None:
+    base = [sys.executable, "-m", "iotpipe.cli", "ingest", "--data-dir", str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IOTPIPE_")}
+    no_middle = subprocess.run(base, capture_output=True, text=True, timeout=30, env=env)
+    assert no_middle.returncode == 2 and "--middle-endpoints" in no_middle.stderr
+    no_secret = subprocess.run([*base, "--middle-endpoints", "tcp://127.0.0.1:1"],
+                               capture_output=True, text=True, timeout=30, env=env)
+    assert no_secret.returncode == 2 and "IOTPIPE_AUTH_SECRET" in no_secret.stderr

@@ -1,0 +1,222 @@
+"""``iotpipe bench queue``: persistent-queue append throughput against the plainest way.
+
+For each persist mode and batch size, the queue's ``append`` (framing, CRC32C, one write
+and one sync per batch) runs for a fixed time, alternating with the baseline: ``os.pwrite``
+of the pre-joined payloads + ``os.fdatasync`` per batch on a preallocated file, in the same
+directory. ``limit_ratio`` = queue / baseline, the fraction of the disk's limit that the
+queue reaches from Python. The median of the rounds is reported.
+
+The pmem mode runs when libpmem loads. On a machine without persistent memory it runs
+with ``PMEM_IS_PMEM_FORCE=1`` (libpmem then treats the ordinary file as pmem and its
+persist only flushes CPU caches: it measures the code path, not durability); the result
+says so in ``pmem_is_pmem_forced``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings
+
+from iotpipe.settings import CommaList, parse_settings, tier_config
+
+PLAIN_FILE_BYTES = 64 << 20  # the size of a default queue segment
+
+
+class QueueBenchSettings(BaseSettings):
+    """Persistent-queue append throughput vs pwrite+fdatasync."""
+
+    model_config = tier_config("iotpipe bench queue", "IOTPIPE_BENCH_QUEUE_")
+
+    json_output: bool = Field(False, alias="json",
+                              description="print one JSON object instead of a table")
+    batches: CommaList = Field(["1", "16", "64", "256"], description="batch sizes to measure")
+    modes: CommaList = Field(["fdatasync", "pmem"],
+                             description="persist modes (pmem is skipped if libpmem is missing)")
+    record_bytes: int = Field(128, ge=1, le=1 << 20, description="payload bytes per record")
+    seconds: float = Field(0.5, gt=0, le=60, description="seconds per measurement")
+    rounds: int = Field(3, ge=1, le=20, description="alternating rounds per case (median kept)")
+    dir: Path | None = Field(None, description="directory for the files (default: a temp dir)")
+
+    @field_validator("batches")
+    @classmethod
+    def _positive_batches(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not item.isdigit() or int(item) < 1:
+                raise ValueError(f"batch sizes must be positive integers, got {item!r}")
+        return value
+
+    @field_validator("modes")
+    @classmethod
+    def _known_modes(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if item not in ("fdatasync", "pmem"):
+                raise ValueError(f"unknown persist mode {item!r} (fdatasync, pmem)")
+        return value
+
+
+def _fs_type(path: Path) -> str:
+    best, fstype = "", "unknown"
+    try:
+        with open("/proc/mounts") as mounts:
+            for line in mounts:
+                fields = line.split()
+                mount_point = fields[1]
+                if str(path).startswith(mount_point) and len(mount_point) > len(best):
+                    best, fstype = mount_point, fields[2]
+    except OSError:
+        pass
+    return fstype
+
+
+def _machine(directory: Path) -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+        "filesystem": _fs_type(directory.resolve()),
+    }
+
+
+def measure_plain(directory: Path, payloads: list[bytes], seconds: float) -> float:
+    """Records/s of pwrite(pre-joined batch) + fdatasync on a preallocated file."""
+    path = directory / "plain.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, PLAIN_FILE_BYTES)
+        os.fsync(fd)
+        data = b"".join(payloads)
+        offset = records = 0
+        start = time.perf_counter()
+        deadline = start + seconds
+        while True:
+            if offset + len(data) > PLAIN_FILE_BYTES:
+                offset = 0
+            os.pwrite(fd, data, offset)
+            os.fdatasync(fd)
+            offset += len(data)
+            records += len(payloads)
+            now = time.perf_counter()
+            if now >= deadline:
+                return records / (now - start)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def measure_queue(directory: Path, payloads: list[bytes], seconds: float, mode: str) -> float:
+    """Records/s of PersistentQueue.append(payloads) in a fresh queue."""
+    from iotpipe.queue import PersistentQueue
+
+    path = directory / "queue"
+    queue = PersistentQueue.open(path, capacity_bytes=8 << 30, segment_bytes=64 << 20,
+                                 persist=mode)
+    try:
+        if queue.persist_mode != mode:
+            raise RuntimeError(f"asked for {mode}, queue runs {queue.persist_mode}")
+        records = 0
+        start = time.perf_counter()
+        deadline = start + seconds
+        while True:
+            queue.append(payloads)
+            records += len(payloads)
+            now = time.perf_counter()
+            if now >= deadline:
+                return records / (now - start)
+    finally:
+        queue.close()
+        shutil.rmtree(path)
+
+
+def _pmem_available() -> tuple[bool, bool]:
+    """(libpmem loads, PMEM_IS_PMEM_FORCE had to be set)."""
+    forced = False
+    if os.environ.get("PMEM_IS_PMEM_FORCE") is None:
+        # Read by libpmem when it initialises: set before the first load in this process.
+        os.environ["PMEM_IS_PMEM_FORCE"] = "1"
+        forced = True
+    from iotpipe.queue import pmem
+
+    return pmem.available(), forced or os.environ.get("PMEM_IS_PMEM_FORCE") == "1"
+
+
+def run(settings: QueueBenchSettings, directory: Path) -> dict[str, Any]:
+    results: list[dict[str, Any]] = []
+    notes: list[str] = []
+    modes = list(settings.modes)
+    pmem_forced = False
+    if "pmem" in modes:
+        loaded, pmem_forced = _pmem_available()
+        if not loaded:
+            modes.remove("pmem")
+            notes.append("pmem skipped: libpmem not loadable (Debian libpmem1)")
+        elif pmem_forced:
+            notes.append("pmem ran with PMEM_IS_PMEM_FORCE=1 on an ordinary file: pmem persist "
+                         "only flushes CPU caches there, so pmem numbers measure the code "
+                         "path, not durable throughput")
+    for mode in modes:
+        for batch in (int(b) for b in settings.batches):
+            payloads = [os.urandom(settings.record_bytes) for _ in range(batch)]
+            queue_rates, plain_rates = [], []
+            for _ in range(settings.rounds):
+                plain_rates.append(measure_plain(directory, payloads, settings.seconds))
+                queue_rates.append(measure_queue(directory, payloads, settings.seconds, mode))
+            queue_rate = statistics.median(queue_rates)
+            plain_rate = statistics.median(plain_rates)
+            result: dict[str, Any] = {
+                "mode": mode,
+                "batch": batch,
+                "records_per_s": round(queue_rate),
+                "plain_records_per_s": round(plain_rate),
+                "limit_ratio": round(queue_rate / plain_rate, 3),
+            }
+            if mode == "pmem":
+                result["pmem_is_pmem_forced"] = pmem_forced
+            results.append(result)
+    return {
+        "bench": "queue",
+        "record_bytes": settings.record_bytes,
+        "seconds_per_measurement": settings.seconds,
+        "rounds": settings.rounds,
+        "machine": _machine(directory),
+        "notes": notes,
+        "results": results,
+    }
+
+
+def _table(report: dict[str, Any]) -> str:
+    lines = [f"queue append, {report['record_bytes']}-byte records, median of "
+             f"{report['rounds']} x {report['seconds_per_measurement']}s "
+             f"({report['machine']['filesystem']}, load {report['machine']['loadavg_1m']})", "",
+             f"{'mode':10} {'batch':>6} {'queue rec/s':>12} {'plain rec/s':>12} {'ratio':>6}"]
+    for r in report["results"]:
+        lines.append(f"{r['mode']:10} {r['batch']:>6} {r['records_per_s']:>12,} "
+                     f"{r['plain_records_per_s']:>12,} {r['limit_ratio']:>6.2f}")
+    lines += [f"note: {note}" for note in report["notes"]]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_settings(QueueBenchSettings, argv)
+    if settings.dir is not None:
+        settings.dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="iotpipe-bench-queue-",
+                                     dir=settings.dir) as scratch:
+        report = run(settings, Path(scratch))
+    if settings.json_output:
+        sys.stdout.write(json.dumps(report) + "\n")
+    else:
+        print(_table(report))
+    return 0

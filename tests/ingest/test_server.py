@@ -307,3 +307,28 @@ def test_queue_survives_reopen_with_forwarder_cursor(tmp_path: Path) -> None:
                               consumers=("forwarder",)) as queue:
         queue.append([b"a", b"b"])
         assert queue.depth().records == 2
+
+
+async def test_metrics_count_by_reason_without_per_message_labels(ingest: Factory) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from iotpipe.ingest.metrics import IngestCollector
+
+    server = await ingest()
+    async with device_connect(server, "dev-m") as ws:
+        await ws.send("[]")
+        await reply(ws)
+        await ws.send(orjson.dumps([{"id": 1, "data": {"k": 1}}, {"id": 2, "data": 3}]))
+        await reply(ws)
+        await reply(ws)
+        registry = CollectorRegistry()
+        assert server.forwarder is not None
+        registry.register(IngestCollector(server.counters, lambda: [server.forwarder.core]))
+        text = generate_latest(registry).decode()
+    assert "iotpipe_ingest_connections 1.0" in text
+    assert "iotpipe_ingest_messages_accepted_total 1.0" in text
+    assert 'iotpipe_ingest_messages_rejected_total{reason="empty_batch"} 1.0' in text
+    assert 'iotpipe_ingest_messages_rejected_total{reason="bad_data"} 1.0' in text
+    assert 'iotpipe_ingest_frame_messages_bucket{le="1"} 1.0' in text
+    assert "iotpipe_forwarder_in_flight_records" in text
+    assert "dev-m" not in text

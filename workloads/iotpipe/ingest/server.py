@@ -43,8 +43,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from iotpipe.auth import DEVICE_AUDIENCE, AuthError, bearer_token, load_secret, verify_token
-from iotpipe.ingest import metrics
 from iotpipe.ingest.forwarder import CONSUMER, Forwarder
+from iotpipe.ingest.metrics import IngestCollector, IngestCounters
 from iotpipe.observability import ObservabilityServer, QueueDepthCollector, setup_logging
 from iotpipe.protocol import (
     CLOSE_GOING_AWAY,
@@ -153,6 +153,7 @@ class IngestServer:
         self.forwarder: Forwarder | None = None
         self.ws_server: Server | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
+        self.counters = IngestCounters()
 
     # -- readiness -------------------------------------------------------------------
 
@@ -178,7 +179,7 @@ class IngestServer:
             connection.device_id = verify_token(  # type: ignore[attr-defined]
                 self.secret, token, DEVICE_AUDIENCE)
         except AuthError as exc:
-            metrics.AUTH_FAILURES.labels(exc.reason).inc()
+            self.counters.auth_failures[exc.reason] += 1
             response = connection.respond(http.HTTPStatus.UNAUTHORIZED, f"{exc}\n")
             response.headers["WWW-Authenticate"] = f'Bearer error="invalid_token", ' \
                 f'error_description="{exc.reason}"'
@@ -197,13 +198,14 @@ class IngestServer:
                                 limits=self.limits, flood_limit=self.settings.flood_limit)
         outbox: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=64)
         sender = asyncio.create_task(self._sender(ws, outbox))
-        metrics.CONNECTIONS.inc()
+        counters = self.counters
+        counters.connections += 1
         try:
             await self._read_loop(ws, session, outbox)
         except ConnectionClosed:
             pass
         finally:
-            metrics.CONNECTIONS.dec()
+            counters.connections -= 1
             self.buckets.release(device)
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
@@ -215,11 +217,12 @@ class IngestServer:
         assert self.aqueue is not None
         loop = asyncio.get_running_loop()
         settings = self.settings
+        counters = self.counters
         while True:
             frame = await ws.recv(decode=False)
             outcome = session.on_frame(frame, loop.time(), time.time_ns())
-            for reason, count in outcome.rejected.items():
-                metrics.REJECTED.labels(reason).inc(count)
+            if outcome.rejected:
+                counters.rejected.update(outcome.rejected)
             for reply in outcome.replies:
                 await outbox.put(reply)
             if outcome.readings:
@@ -227,19 +230,19 @@ class IngestServer:
                     # Backpressure: while this waits for space, this socket is not read.
                     await self.aqueue.append(outcome.readings, timeout=settings.busy_wait)
                 except QueueFull:
-                    metrics.BUSY.inc(len(outcome.ids))
+                    counters.busy += len(outcome.ids)
                     await outbox.put(encode_busy_frame(outcome.ids, settings.busy_retry_ms))
                 except QueueError as exc:
                     log.error("queue append failed", extra={"fields": {"error": str(exc)}})
-                    metrics.REJECTED.labels("internal").inc(len(outcome.ids))
+                    counters.rejected["internal"] += len(outcome.ids)
                     await outbox.put(encode_error_frame("internal", list(outcome.ids),
                                                         "the server cannot store messages"))
                     await self._close_after_flush(ws, outbox, CLOSE_INTERNAL, "queue failure")
                     return
                 else:
-                    metrics.ACCEPTED.inc(len(outcome.ids))
-                    metrics.ACK_FRAMES.inc()
-                    metrics.BATCH_SIZE.observe(len(outcome.ids))
+                    counters.accepted += len(outcome.ids)
+                    counters.ack_frames += 1
+                    counters.observe_frame(len(outcome.ids))
                     await outbox.put(encode_ack_frame(outcome.ids))
             if outcome.close is not None:
                 await self._close_after_flush(ws, outbox, *outcome.close)
@@ -247,7 +250,7 @@ class IngestServer:
 
     async def _close_after_flush(self, ws: ServerConnection, outbox: asyncio.Queue[bytes | None],
                                  code: int, reason: str) -> None:
-        metrics.CLOSES.labels(str(code)).inc()
+        self.counters.closes[str(code)] += 1
         await outbox.put(None)  # the sender sends what is queued, then stops
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(outbox.join(), timeout=5.0)
@@ -311,7 +314,7 @@ class IngestServer:
         closing = []
         for conn in list(self.ws_server.connections):
             closing.append(asyncio.create_task(conn.close(CLOSE_GOING_AWAY, "going away")))
-            metrics.CLOSES.labels(str(CLOSE_GOING_AWAY)).inc()
+            self.counters.closes[str(CLOSE_GOING_AWAY)] += 1
             await asyncio.sleep(interval)
         if closing:
             await asyncio.wait(closing, timeout=max(0.1, deadline - time.monotonic()))
@@ -350,8 +353,8 @@ async def run_process(settings: IngestSettings, index: int) -> int:
     """Run one ingest process until SIGTERM/SIGINT; returns the exit code."""
     server = IngestServer(settings, index)
     REGISTRY.register(QueueDepthCollector("ingest", {"ingest": lambda: _queue_source(server)}))
-    REGISTRY.register(metrics.ForwarderCollector(
-        lambda: [server.forwarder.core] if server.forwarder else []))
+    REGISTRY.register(IngestCollector(
+        server.counters, lambda: [server.forwarder.core] if server.forwarder else []))
     obs = ObservabilityServer(settings.host, settings.metrics_port + index if
                               settings.metrics_port else 0, ready=server.ready).start()
     stop = asyncio.Event()

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "queue": ("iotpipe.bench.queue:main", "persistent queue append throughput vs pwrite+fdatasync"),
     "ingest": ("iotpipe.bench.ingest:main", "ingest acks/s vs a bare WebSocket server"),
+    "storage": ("iotpipe.storage.bench:main", "storage records/s vs plain SQLite inserts"),
 }
 
 

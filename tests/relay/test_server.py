@@ -205,8 +205,10 @@ async def reading_seq(ws: ClientConnection) -> int:
 
 def raw_ws_client(url_port: int, token: str) -> socket.socket:
     """A client that completes the handshake and then never reads a byte."""
-    sock = socket.create_connection(("127.0.0.1", url_port), timeout=5)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: small window
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", url_port))
     sock.sendall(
         b"GET /v1/live HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
         b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"

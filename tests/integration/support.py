@@ -273,7 +273,8 @@ class Fleet:
             except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError):
                 self.reconnects += 1
                 failures += 1
-                await asyncio.sleep(min(1.0, 0.05 * 2 ** min(failures, 5)) * random.uniform(0.5, 1.5))
+                backoff = min(1.0, 0.05 * 2 ** min(failures, 5))
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
 
     def _data(self, device: str, msg_id: str) -> dict[str, object]:
         data: dict[str, object] = {"n": int(msg_id.rsplit(".", 1)[1]), "device": device}
@@ -373,8 +374,8 @@ def check_live_stream(connections: list[list[dict[str, object]]]) -> dict[str, i
                 missed = int(frame["missed"])  # type: ignore[call-overload]
                 if frame["reason"] == "upstream":
                     source = str(frame["source"])
-                    assert int(frame["from_seq"]) == last.get(source, 0) + 1 or source not in last, \
-                        frame  # type: ignore[call-overload]
+                    first = int(frame["from_seq"])  # type: ignore[call-overload]
+                    assert source not in last or first == last[source] + 1, frame
                     missed_since[source] = missed_since.get(source, 0) + missed
                     totals["upstream_missed"] += missed
                 else:
@@ -383,7 +384,7 @@ def check_live_stream(connections: list[list[dict[str, object]]]) -> dict[str, i
             elif event == "reading":
                 source, seq = str(frame["source"]), int(frame["seq"])  # type: ignore[call-overload]
                 if source in last:
-                    assert seq > last[source], f"out of order or duplicate: {seq} after {last[source]}"
+                    assert seq > last[source], f"out of order/duplicate: {seq} after {last[source]}"
                     jump = seq - last[source] - 1
                     announced = missed_since.get(source, 0) + slow_missed
                     assert jump == announced, (

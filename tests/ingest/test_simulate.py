@@ -1,0 +1,124 @@
+"""The simulator: its pure helpers, and full runs against an in-process ingest server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from iotpipe.ingest.server import IngestServer, IngestSettings
+from iotpipe.simulate import (
+    SimulateSettings,
+    SimulationReport,
+    message_data,
+    run_simulation,
+    source_addresses,
+)
+
+from .helpers import SECRET, FakeMiddle
+
+
+@pytest.mark.unit
+def test_source_addresses_spread_only_for_ipv4_loopback() -> None:
+    assert source_addresses("ws://127.0.0.1:1/v1/ingest", 10, True) == ["127.0.0.2"]
+    assert source_addresses("ws://127.0.0.1:1/v1/ingest", 45000, True) == \
+        ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    assert source_addresses("ws://127.0.0.1:1/", 45000, False) == [None]
+    assert source_addresses("ws://example.com:1/", 45000, True) == [None]
+    assert source_addresses("ws://[::1]:1/", 45000, True) == [None]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("size", [16, 64, 300, 1000])
+def test_message_size_is_close_to_requested(size: int) -> None:
+    encoded = orjson.dumps({"id": 123456, "data": message_data(size, 123456)})
+    assert abs(len(encoded) - size) <= max(24, size // 10)
+    assert all(len(v) <= 256 for v in message_data(size, 1).values() if isinstance(v, str))
+
+
+@pytest.mark.unit
+def test_report_ok_and_percentiles() -> None:
+    report = SimulationReport(connections=1, sent=4, acked=4, send_elapsed_s=2.0,
+                              latencies_s=[0.001, 0.002, 0.003, 0.100])
+    assert report.ok
+    summary = report.to_dict()
+    assert summary["acks_per_s"] == 2.0
+    assert summary["ack_latency_ms"] == {"p50": 2.0, "p99": 100.0}
+    report.errors["rate_limited"] += 3  # retried: still fine
+    assert report.ok
+    report.errors["bad_data"] += 1
+    assert not report.ok
+    assert not SimulationReport(acked=4, unacked=1).ok
+    assert not SimulationReport(acked=4, duplicate_acks=1).ok
+
+
+@pytest.fixture
+async def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                 ) -> AsyncIterator[tuple[IngestServer, FakeMiddle]]:
+    monkeypatch.setenv("IOTPIPE_AUTH_SECRET", SECRET)
+    middle = FakeMiddle()
+    ingest = IngestServer(IngestSettings(
+        host="127.0.0.1", port=0, data_dir=tmp_path / "q", node_id="sim-test",
+        middle_endpoints=[middle.endpoint], rate_limit=200, rate_burst=20, flood_limit=1000,
+    ), 0)
+    await ingest.start()
+    yield ingest, middle
+    await ingest.aclose()
+    middle.close()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+async def test_simulate_cli_checks_every_ack_and_writes_acked_file(
+        server: tuple[IngestServer, FakeMiddle], tmp_path: Path) -> None:
+    ingest, middle = server
+    acked_file = tmp_path / "acked.tsv"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "iotpipe.cli", "simulate", "--json",
+        "--url", f"ws://127.0.0.1:{ingest.port}/v1/ingest", "--secret", SECRET,
+        "--connections", "4", "--messages", "30", "--batch", "3", "--rate", "100",
+        "--acked-file", str(acked_file), stdout=asyncio.subprocess.PIPE,
+    )
+    stdout, _ = await asyncio.wait_for(proc.communicate(), 45)
+    assert proc.returncode == 0
+    report: dict[str, Any] = json.loads(stdout)
+    assert report["ok"] and report["acked"] == 120 and report["sent"] == 120
+    assert report["unacked"] == 0 and report["duplicate_acks"] == 0
+    assert report["ack_latency_ms"]["p50"] is not None
+    lines = {tuple(line.split("\t")) for line in acked_file.read_text().splitlines()}
+    assert len(lines) == 120
+    assert middle.wait_for(lambda m: lines <= m.messages(), 10)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+async def test_simulator_retries_rate_limited_messages_until_acked(
+        server: tuple[IngestServer, FakeMiddle]) -> None:
+    ingest, middle = server
+    # 2 devices x 150 messages, as fast as possible, against 200 msg/s (burst 20) per device.
+    report = await run_simulation(SimulateSettings(
+        url=f"ws://127.0.0.1:{ingest.port}/v1/ingest", secret=SECRET, connections=2,
+        messages=150, batch=10, inflight=4, duration=30))
+    assert report.errors["rate_limited"] > 0
+    assert report.ok, report.to_dict()
+    assert report.acked == 300
+    acked = {(d, str(i)) for d, ids in report.acked_ids.items() for i in ids}
+    assert middle.wait_for(lambda m: acked <= m.messages(), 10)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+async def test_simulator_reports_refused_connections(
+        server: tuple[IngestServer, FakeMiddle]) -> None:
+    ingest, _ = server
+    report = await run_simulation(SimulateSettings(
+        url=f"ws://127.0.0.1:{ingest.port}/v1/ingest",
+        secret="wrong-secret-wrong-secret-wrong-secret", connections=3, messages=1))
+    assert report.connect_failures == {"http_401": 3}
+    assert not report.ok

@@ -232,10 +232,11 @@ def run_bench(settings: IngestBenchSettings) -> dict[str, Any]:
         try:
             _wait_ready(metrics_port, 30)
             results["ingest"] = _measure(settings, port, ingest.pid)
-            results["ingest"]["middle_records"] = middle.records
         finally:
-            _stop(ingest)
+            _stop(ingest)  # SIGTERM drains: everything acked reaches the middle first
             middle.close()
+        results["ingest"]["drain_exit_code"] = ingest.returncode
+        results["ingest"]["middle_records"] = middle.records
     bare_rate = results["bare"]["acks_per_s"]
     ingest_rate = results["ingest"]["acks_per_s"]
     return {

@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,18 @@ devices:
 prefixes:
   dev-: {class: thermometer, location: hall-2}
 """
+
+
+async def eventually(predicate: Callable[[], bool], within_s: float,
+                     interval: float = 0.2) -> bool:
+    """Poll ``predicate`` until it holds or ``within_s`` seconds pass; returns its last value."""
+    deadline = time.monotonic() + within_s
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(interval)
 
 
 def raise_nofile(wanted: int = 65536) -> None:

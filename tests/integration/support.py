@@ -222,6 +222,7 @@ class Fleet:
     hold: asyncio.Event | None = None  # wait for it after connecting, before sending
     reply_timeout: float = 10.0
     pad: int = 0  # extra bytes of payload per message
+    ramp_s: float = 0.0  # spread the first connection attempts over this many seconds
     acked: dict[str, set[str]] = field(default_factory=dict)
     sent: dict[str, set[str]] = field(default_factory=dict)
     acks_seen: Counter[str] = field(default_factory=Counter)
@@ -254,6 +255,8 @@ class Fleet:
         if self.spread_sources:
             kwargs["local_addr"] = (f"127.0.0.{2 + index % self.spread_sources}", 0)
         headers = {"Authorization": f"Bearer {self.tokens[device]}"}
+        if self.ramp_s:
+            await asyncio.sleep(self.ramp_s * index / max(1, len(self.tokens)))
 
         def finished() -> bool:
             if pending:

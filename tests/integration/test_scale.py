@@ -1,0 +1,45 @@
+"""Scale: 2,000 simultaneous device connections, all sending, every message acked and stored."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import ProcessGroup
+
+from integration.support import Fleet, Pipeline, eventually, metric_value, raise_nofile
+from integration.test_e2e import assert_stored_exactly_once
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+CONNECTIONS = 2000
+PER_DEVICE = 6
+
+
+async def test_two_thousand_devices_at_once(procs: ProcessGroup, tmp_path: Path) -> None:
+    raise_nofile()  # the children inherit it: ingest holds one socket per device
+    pipeline = Pipeline(procs, tmp_path)
+    pipeline.start_all()
+    devices = [f"dev-{i:04d}" for i in range(CONNECTIONS)]
+    hold = asyncio.Event()
+    fleet = Fleet(pipeline.ingest_url, {d: pipeline.device_token(d) for d in devices},
+                  batch=2, interval=0.2, per_device=PER_DEVICE, spread_sources=20,
+                  hold=hold, ramp_s=8.0, reply_timeout=30.0)
+    task = asyncio.create_task(fleet.run(asyncio.Event()))
+    try:
+        # Every device is connected at the same time before any of them sends.
+        assert await eventually(lambda: fleet.connected == CONNECTIONS, within_s=90), \
+            f"only {fleet.connected} connected ({fleet.reconnects} reconnects)"
+        gauge = metric_value(await asyncio.to_thread(pipeline.metrics, "ingest"),
+                             "iotpipe_ingest_connections")
+        assert gauge == CONNECTIONS
+        hold.set()
+        await asyncio.wait_for(task, timeout=120)
+    finally:
+        task.cancel()
+    assert fleet.errors == Counter(), fleet.errors
+    assert fleet.max_connected == CONNECTIONS
+    assert fleet.total_acked() == CONNECTIONS * PER_DEVICE
+    assert_stored_exactly_once(pipeline, fleet)

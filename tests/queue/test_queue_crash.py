@@ -25,6 +25,8 @@ from iotpipe.queue import PersistentQueue, QueueCorrupted, QueueFull
 
 pytestmark = pytest.mark.crash
 
+# test_queue_pmem.py runs this module again with PMEM_IS_PMEM_FORCE=1 (pmem backend).
+EXPECTED_PERSIST = os.environ.get("IOTPIPE_QUEUE_EXPECT_PERSIST", "fdatasync")
 KILLS = int(os.environ.get("IOTPIPE_CRASH_KILLS", "200"))
 OPEN_ARGS = {"capacity_bytes": 256 << 10, "segment_bytes": 16 << 10}
 REPORT = struct.Struct("<cQ")  # b"A" appended through seq, b"K" acked through seq
@@ -37,6 +39,7 @@ def payload_for(seq: int) -> bytes:
 def child_main(path: Path, write_fd: int, seed: int) -> None:
     rng = random.Random(seed)
     queue = PersistentQueue.open(path, consumers=["c"], **OPEN_ARGS)
+    assert queue.persist_mode == EXPECTED_PERSIST
     while True:
         first = queue.next_seq
         batch = [payload_for(seq) for seq in range(first, first + rng.randint(1, 40))]

@@ -24,6 +24,9 @@ from iotpipe.queue import (
 
 pytestmark = pytest.mark.unit
 
+# test_queue_pmem.py runs this module again with PMEM_IS_PMEM_FORCE=1 (pmem backend).
+EXPECTED_PERSIST = os.environ.get("IOTPIPE_QUEUE_EXPECT_PERSIST", "fdatasync")
+
 
 def payload_for(seq: int) -> bytes:
     return f"payload-{seq}-".encode() * (seq % 7 + 1)
@@ -44,7 +47,9 @@ def test_append_assigns_consecutive_seqs_from_one_and_reads_them_back(tmp_path: 
         assert queue.read(3) == [Record(3, b"")]
         assert queue.read(4) == []
         assert queue.read(-5, max_records=1) == [Record(1, b"a")]
-        assert queue.persist_mode == "fdatasync"
+        assert queue.persist_mode == EXPECTED_PERSIST
+    with PersistentQueue.open(tmp_path / "q2", persist="fdatasync") as queue:
+        assert queue.persist_mode == "fdatasync"  # forcing fdatasync always works
 
 
 def test_reopen_keeps_records_cursors_and_seqs(tmp_path: Path) -> None:

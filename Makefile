@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := libpmem1 victoria-metrics
+APT_PACKAGES := libpmem1 victoria-metrics docker.io debootstrap
 UP_ARGS ?= --simulate 20
 
 .PHONY: up test lint bench apt venv clean

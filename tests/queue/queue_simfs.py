@@ -8,7 +8,7 @@ pending writes, a torn prefix of them, or a random subset of their 512-byte sect
 disk may persist a write's sectors in any order).
 
 Simplifications, on purpose: namespace operations (create, rename, unlink) and size
-changes (truncate, allocate) are durable at once; the queue syncs after each of them
+changes (allocate) are durable at once; the queue syncs after each of them
 anyway (files are created as temp files, synced, renamed, and the directory synced).
 """
 
@@ -129,14 +129,6 @@ class SimFS:
         self.syncs += 1
 
     fsync = fdatasync
-
-    def truncate(self, handle: int, length: int) -> None:
-        self._tick()
-        simfile = self._file(handle)
-        for image in (simfile.visible, simfile.durable):
-            del image[length:]
-        simfile.pending = [(offset, data[:max(0, length - offset)])
-                           for offset, data in simfile.pending if offset < length]
 
     def allocate(self, handle: int, length: int) -> None:
         self._tick()

@@ -36,8 +36,9 @@ segment can have an unsynced (torn) tail.
 Recovery on open scans the last segment from its header and stops at a zero length, a bad
 length, a bad checksum or an unexpected seq. If an intact FIRST_IN_WRITE record with a
 later seq follows the stop point, the damage is inside synced data: ``QueueCorrupted``.
-Otherwise the rest of the segment is cut (truncated, preallocated again, fsynced) so stale
-bytes never line up after new records. Older segments are checked when first read; any
+Otherwise the tail is cut there: every byte after it is overwritten with zeros and synced
+(zeros, not truncate + preallocate, so a crash during the cut cannot leave a short file),
+so stale bytes never line up after new records. Older segments are checked when first read; any
 bad record there, or a gap in seqs between segments, raises ``QueueCorrupted`` naming the
 file and offset. A corrupt record is never returned.
 

@@ -268,11 +268,12 @@ class PersistentQueue:
             raise QueueCorrupted(segment.path, offset, f"{result.stop} at seq {seq}, but intact "
                                  f"records written after it follow at offset {later}")
         if data.count(b"\0", offset) != segment.size - offset:
-            # Zero everything past the last intact record (truncate, then preallocate again)
-            # so stale bytes can never line up behind records appended later.
-            io.truncate(segment.handle, offset)
-            io.allocate(segment.handle, segment.size)
-            io.fsync(segment.handle)
+            # Zero everything past the last intact record, and sync, so stale bytes can never
+            # line up behind records appended later. Zeros are written rather than the file
+            # truncated and preallocated again: a crash in between would leave a short file.
+            garbage_end = (len(data.rstrip(b"\0")) + 7) & ~7
+            io.pwrite(segment.handle, bytes(garbage_end - offset), offset)
+            io.fdatasync(segment.handle)
         segment.end = offset
         segment.last_seq = seq - 1
         segment.scanned = True
@@ -306,7 +307,8 @@ class PersistentQueue:
         with self._ledger_lock, self._cond:
             if self._closed:
                 return
-            self._cond.wait_for(lambda: not self._flushing and not self._pending, timeout=60)
+            self._cond.wait_for(lambda: not self._flushing and
+                                (not self._pending or self._failed is not None), timeout=60)
             self._closed = True
             self._cond.notify_all()
         self._release_files()

@@ -26,7 +26,6 @@ class FileIO(Protocol):
     def pwrite(self, handle: Any, data: bytes, offset: int) -> None: ...
     def fdatasync(self, handle: Any) -> None: ...
     def fsync(self, handle: Any) -> None: ...
-    def truncate(self, handle: Any, length: int) -> None: ...
     def allocate(self, handle: Any, length: int) -> None: ...
     def rename(self, src: str, dst: str) -> None: ...
     def unlink(self, path: str) -> None: ...
@@ -53,7 +52,7 @@ class OsFileIO:
 
     def pread(self, handle: int, length: int, offset: int) -> bytes:
         data = os.pread(handle, length, offset)
-        # A short read of a preallocated region only happens on a concurrent truncate.
+        # Short reads only happen at the end of a file; loop in case of a signal.
         while len(data) < length:
             more = os.pread(handle, length - len(data), offset + len(data))
             if not more:
@@ -73,9 +72,6 @@ class OsFileIO:
 
     def fsync(self, handle: int) -> None:
         os.fsync(handle)
-
-    def truncate(self, handle: int, length: int) -> None:
-        os.ftruncate(handle, length)
 
     def allocate(self, handle: int, length: int) -> None:
         # Real blocks up front: a full disk fails here, not in the middle of an append.

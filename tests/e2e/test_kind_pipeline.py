@@ -201,12 +201,18 @@ def auth_secret() -> str:
     return secrets.token_hex(32)
 
 
-@pytest.fixture(scope="module")
-def pipeline(cluster: Cluster, operator: str, auth_secret: str) -> dict[str, Any]:
-    manifest = yaml.safe_load(SAMPLE.read_text())
+def pipeline_manifest() -> dict[str, Any]:
+    """samples/minimal.yaml, named for the test and pointed at the loaded workload image."""
+    manifest: dict[str, Any] = yaml.safe_load(SAMPLE.read_text())
     manifest["metadata"].update(name=PIPELINE, namespace=NAMESPACE)
     manifest["spec"]["image"] = WORKLOAD_IMAGE
     manifest["spec"]["imagePullPolicy"] = "IfNotPresent"
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def pipeline(cluster: Cluster, operator: str, auth_secret: str) -> dict[str, Any]:
+    manifest = pipeline_manifest()
     secret_name = manifest["spec"]["ingest"]["auth"]["secretName"]
     cluster.kubectl("create", "namespace", NAMESPACE)
     cluster.kubectl("-n", NAMESPACE, "create", "secret", "generic", secret_name,

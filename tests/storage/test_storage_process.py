@@ -125,12 +125,6 @@ def test_every_record_from_every_middle_stored_once_enriched_then_queried(
         assert metric(text, "iotpipe_storage_malformed_messages_total") == 1
         assert metric(text, "iotpipe_storage_write_seconds_count", 'sink="sqlite"') >= 1
 
-        # The registry is reloaded when it changes: new readings get the new class.
-        registry = tmp_path / "registry.yaml"
-        registry.write_text(REGISTRY_YAML.replace("class: sensor", "class: sensor-v2"))
-        st = registry.stat()
-        os.utime(registry, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
-
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0, procs.log("storage")
         # After SIGTERM the last request carried credit 0.

@@ -75,10 +75,12 @@ class SqliteSink:
                 if not self.path.exists():
                     raise SinkError(f"sink {self.url}: database file {str(self.path)!r} not found")
                 self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
-                                           isolation_level=None)
+                                           isolation_level=None, check_same_thread=False)
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._db = sqlite3.connect(self.path, isolation_level=None)
+                # Opened in one thread and used in another (one at a time) is fine here.
+                self._db = sqlite3.connect(self.path, isolation_level=None,
+                                           check_same_thread=False)
                 mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 if str(mode).lower() != "wal":
                     raise SinkError(f"sink {self.url}: cannot switch to WAL mode (got {mode})")

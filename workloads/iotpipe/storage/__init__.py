@@ -1,7 +1,27 @@
 """The storage tier: consumes the middle tier's durable feed, enriches, writes to sinks.
 
-``consumer`` holds the sans-I/O feed client state, ``enrich`` turns log records into
-stored readings, ``sinks`` holds the ``Sink`` protocol and its implementations, ``server``
-is the I/O shell (``iotpipe storage``) and ``query`` reads stored readings back
-(``iotpipe query``).
+Modules: ``consumer`` (sans-I/O feed client state: credit window, heartbeats, acks),
+``enrich`` (log records -> denormalised ``StoredReading`` rows), ``sinks`` (the ``Sink``
+protocol and the sqlite / victoriametrics / parquet implementations), ``server`` (the I/O
+shell, ``iotpipe storage``), ``query`` (``iotpipe query``) and ``bench``
+(``iotpipe bench storage``).
+
+Operating notes
+- Identity: a reading is stored once per ``(device_id, msg_id)``; ``(node, node_seq)`` is
+  kept alongside. A device that reuses a message id for a different reading has the later
+  one dropped as a duplicate, so ids must be unique per device.
+- Unknown devices (not in the registry) are stored with class and location ``unknown``
+  and empty labels, never dropped.
+- Acknowledgement: a delivery is acknowledged to its middle only after every configured
+  sink's ``write`` returned, so SIGKILL at any instant loses nothing acknowledged; what was
+  written but not acknowledged comes again and is ignored as a duplicate.
+- VictoriaMetrics must run with ``-dedup.minScrapeInterval=1ms`` for redelivered samples
+  to collapse (see ``sinks.victoriametrics``); SQLite is the store of record.
+- Metrics (``iotpipe_storage_*``): ``records_written_total{sink}``,
+  ``duplicates_total{sink}``, ``write_seconds{sink}`` (histogram),
+  ``write_errors_total{sink}``, ``rejected_records_total``, ``deliveries_total{endpoint}``,
+  ``records_received_total{endpoint}``, ``malformed_messages_total{endpoint}``,
+  ``in_flight_records{endpoint}``, ``feed_lag_seconds{endpoint}`` (age of the newest
+  stored reading since ingest received it), ``last_acked_seq{endpoint}``. The record lag
+  per group is the middle's ``iotpipe_middle_feed_lag_records{group}``.
 """

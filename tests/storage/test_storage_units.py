@@ -243,3 +243,21 @@ def test_json_output_shape() -> None:
     out = reading_to_json(reading)
     assert out["data"] == {"i": 1}
     assert out["class"] == "boiler" and out["labels"] == {"line": "3"}
+
+
+# -- settings ----------------------------------------------------------------------------
+
+def test_storage_settings_from_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    from iotpipe.settings import parse_settings
+    from iotpipe.storage.server import StorageSettings
+
+    monkeypatch.setenv("IOTPIPE_STORAGE_FEED_ENDPOINTS", "tcp://m0:5557, tcp://m1:5557")
+    monkeypatch.setenv("IOTPIPE_STORAGE_DATA_DIR", "/data/store")
+    monkeypatch.setenv("IOTPIPE_STORAGE_GROUP", "archive")
+    settings = parse_settings(StorageSettings, ["--group", "storage", "--window", "64"])
+    assert settings.feed_endpoints == ["tcp://m0:5557", "tcp://m1:5557"]
+    assert settings.group == "storage" and settings.window == 64  # flags win over env
+    assert settings.sink_urls() == ["sqlite:///data/store/readings.db"]
+    monkeypatch.setenv("IOTPIPE_STORAGE_SINKS", "sqlite:///a.db,parquet:///lake")
+    assert parse_settings(StorageSettings, []).sink_urls() == ["sqlite:///a.db",
+                                                                "parquet:///lake"]

@@ -78,7 +78,8 @@ class StorageSettings(TierSettings):
                                            "a missing file means every device is 'unknown'")
     data_dir: str = Field("/var/lib/iotpipe/store",
                           description="directory of the embedded default sink")
-    window: int = Field(2000, ge=1, description="feed credit: records in hand at most")
+    window: int = Field(2000, ge=1, description="feed credit window: delivered but unacknowledged "
+                                             "records each middle may send ahead")
     max_batch_records: int = Field(
         5000, ge=1, description="records written to the sinks in one go at most")
     heartbeat: float = Field(1.0, gt=0,

@@ -1,0 +1,450 @@
+"""The operator running against KMock's KubernetesEmulator (kopf 1.45 + KMock 0.8).
+
+KMock stores objects and streams watch events, but runs no controllers, garbage
+collection, schemas or CEL, and assigns no uid/resourceVersion/generation: the tests seed
+those themselves and play the controllers' part (StatefulSet status, pods, PVCs, Job
+status) where a scenario needs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import itertools
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import kmock
+import kopf
+import kubernetes
+import pytest
+import yaml
+
+from iotpipe_operator import handlers
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+REPO = Path(__file__).resolve().parents[2]
+NS = "iot"
+PIPELINES = "iotpipe.dev/v1alpha1/iotpipelines"
+STATEFULSETS = "apps/v1/statefulsets"
+DEPLOYMENTS = "apps/v1/deployments"
+CONFIGMAPS = "v1/configmaps"
+SERVICES = "v1/services"
+PVCS = "v1/persistentvolumeclaims"
+PODS = "v1/pods"
+JOBS = "batch/v1/jobs"
+HPAS = "autoscaling/v2/horizontalpodautoscalers"
+SCALEDOBJECTS = "keda.sh/v1alpha1/scaledobjects"
+EVENTS = "v1/events"
+_versions = itertools.count(100)
+
+
+def _sample(name: str) -> dict[str, Any]:
+    return yaml.safe_load((REPO / "samples" / name).read_text())
+
+
+def seeded(pipeline: dict[str, Any], uid: str = "uid-1") -> dict[str, Any]:
+    """What an API server would have stored: namespace, uid, versions."""
+    meta = pipeline["metadata"]
+    meta.update(namespace=NS, uid=uid, generation=1, resourceVersion=str(next(_versions)),
+                creationTimestamp="2026-11-26T12:00:00Z")
+    return pipeline
+
+
+def obj(emulator: Any, resource: str, name: str) -> dict[str, Any] | None:
+    wanted = kmock.resource(resource)
+    wanted_key = (wanted.group, wanted.version, wanted.plural, NS, name)
+    for (res, ns, stored_name), stored in emulator.objects.items():
+        if (res.group, res.version, res.plural, ns, stored_name) == wanted_key:
+            return None if stored.deleted else stored.raw
+    return None
+
+
+def names(emulator: Any, resource: str) -> set[str]:
+    wanted = kmock.resource(resource)
+    return {name for (res, ns, name), stored in emulator.objects.items()
+            if (res.group, res.version, res.plural) == (wanted.group, wanted.version,
+                                                        wanted.plural)
+            and ns == NS and not stored.deleted}
+
+
+async def eventually(check: Callable[[], Any], within: float = 15.0, what: str = "") -> Any:
+    """Poll ``check`` until it returns something truthy (bounded)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        value = check()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        await asyncio.sleep(0.1)
+
+
+class Cluster:
+    """KMock as the API server plus helpers to act like users and controllers."""
+
+    def __init__(self, emulator: Any) -> None:
+        self.k = emulator
+
+    async def send(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        headers = {"Content-Type": "application/merge-patch+json"} if method == "PATCH" else {}
+        async with self.k.request(method, path, json=body, headers=headers) as response:
+            text = await response.text()
+            assert response.status < 300, f"{method} {path}: {response.status} {text}"
+            return json.loads(text) if text else {}
+
+    async def create_pipeline(self, pipeline: dict[str, Any]) -> None:
+        await self.send("POST", f"/apis/iotpipe.dev/v1alpha1/namespaces/{NS}/iotpipelines",
+                        pipeline)
+
+    async def patch_pipeline(self, name: str, spec_patch: dict[str, Any]) -> None:
+        current = obj(self.k, PIPELINES, name)
+        assert current is not None
+        meta = current["metadata"]
+        await self.send("PATCH", f"/apis/iotpipe.dev/v1alpha1/namespaces/{NS}/iotpipelines/{name}",
+                        {"metadata": {"generation": meta["generation"] + 1,
+                                      "resourceVersion": str(next(_versions))},
+                         "spec": spec_patch})
+
+    async def put(self, resource: str, body: dict[str, Any]) -> None:
+        """Create an object as a controller would (e.g. a PVC from a claim template)."""
+        res = kmock.resource(resource)
+        prefix = f"/api/{res.version}" if not res.group else f"/apis/{res.group}/{res.version}"
+        body["metadata"].setdefault("namespace", NS)
+        body["metadata"].setdefault("uid", f"uid-{body['metadata']['name']}")
+        await self.send("POST", f"{prefix}/namespaces/{NS}/{res.plural}", body)
+
+    async def patch(self, resource: str, name: str, body: dict[str, Any]) -> None:
+        res = kmock.resource(resource)
+        prefix = f"/api/{res.version}" if not res.group else f"/apis/{res.group}/{res.version}"
+        await self.send("PATCH", f"{prefix}/namespaces/{NS}/{res.plural}/{name}", body)
+
+    def status(self, name: str) -> dict[str, Any]:
+        current = obj(self.k, PIPELINES, name) or {}
+        return current.get("status") or {}
+
+    def condition(self, name: str, kind: str) -> dict[str, Any] | None:
+        return next((c for c in self.status(name).get("conditions", [])
+                     if c["type"] == kind), None)
+
+
+async def _trim_request_log(emulator: Any) -> None:
+    """KMock matches each request against its whole request log (quadratic over a test);
+    an operator makes thousands of requests, so keep only the recent ones."""
+    while True:
+        await asyncio.sleep(0.2)
+        del emulator._requests[:-100]
+
+
+@pytest.fixture
+async def cluster(kmock: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                  ) -> AsyncIterator[Cluster]:
+    kmock.resources.load_bundled()
+    kmock.resources[PIPELINES] = kmock.ResourceInfo(
+        kind="IoTPipeline", singular="iotpipeline", namespaced=True, shortnames={"iotp"},
+        verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
+        subresources={"status"})
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": str(kmock.url).rstrip("/")}}],
+        "users": [{"name": "kmock", "user": {"token": "test"}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock",
+                                                   "namespace": NS}}],
+    }))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    # kopf's login_via_client uses the location the kubernetes package read at import time.
+    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION",
+                        str(kubeconfig))
+    trimmer = asyncio.create_task(_trim_request_log(kmock))
+    try:
+        yield Cluster(kmock)
+    finally:
+        trimmer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await trimmer
+
+
+def install_keda(cluster: Cluster) -> None:
+    cluster.k.resources[SCALEDOBJECTS] = kmock.ResourceInfo(
+        kind="ScaledObject", singular="scaledobject", namespaced=True,
+        verbs={"get", "list", "watch", "create", "patch", "update", "delete"})
+
+
+@contextlib.asynccontextmanager
+async def operator(interval: float = 0.5) -> AsyncIterator[None]:
+    """kopf running in this event loop until the block ends."""
+    settings = kopf.OperatorSettings()
+    settings.scanning.disabled = True
+    settings.watching.reconnect_backoff = 0.2
+    settings.networking.request_timeout = 10
+    settings.background.instant_exit_timeout = 0.5
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=4)
+    settings.execution.executor = executor
+    stop = asyncio.Event()
+    task = asyncio.create_task(kopf.operator(
+        registry=handlers.make_registry(reconcile_interval=interval), settings=settings,
+        standalone=True, namespaces=[NS], stop_flag=stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        try:
+            await asyncio.wait_for(task, timeout=10)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        # Let handler threads still talking to KMock finish while its loop still runs.
+        await asyncio.wait_for(asyncio.to_thread(executor.shutdown, wait=True), timeout=20)
+    if task.done() and not task.cancelled() and task.exception():
+        raise task.exception()  # type: ignore[misc]
+
+
+async def test_create_builds_owned_children_and_status(cluster: Cluster) -> None:
+    await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
+    async with operator():
+        await eventually(lambda: obj(cluster.k, STATEFULSETS, "demo-ingest"), what="ingest sts")
+        await eventually(lambda: cluster.status("demo").get("phase"), what="status")
+    for resource, name in [(STATEFULSETS, "demo-ingest"), (STATEFULSETS, "demo-middle"),
+                           (STATEFULSETS, "demo-storage"), (DEPLOYMENTS, "demo-relay"),
+                           (CONFIGMAPS, "demo-ingest-config"), (SERVICES, "demo-ingest")]:
+        child = obj(cluster.k, resource, name)
+        assert child is not None, name
+        (owner,) = child["metadata"]["ownerReferences"]
+        assert owner["kind"] == "IoTPipeline" and owner["uid"] == "uid-1"
+        assert owner["controller"] is True and owner["blockOwnerDeletion"] is True
+    status = cluster.status("demo")
+    assert status["observedGeneration"] == 1
+    assert {c["type"] for c in status["conditions"]} == {"Ready", "Progressing", "Degraded"}
+    assert status["ingest"]["desired"] == 2 and status["ingest"]["summary"] == "0/2"
+    assert status["phase"] == "Progressing"
+    assert cluster.condition("demo", "Ready")["status"] == "False"
+
+
+def _hash(workload: dict[str, Any] | None) -> str:
+    assert workload is not None
+    return workload["spec"]["template"]["metadata"]["annotations"]["iotpipe.dev/config-hash"]
+
+
+async def test_spec_change_patches_children_and_rolls_pods(cluster: Cluster) -> None:
+    await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
+    async with operator():
+        sts = await eventually(lambda: obj(cluster.k, STATEFULSETS, "demo-ingest"))
+        before = _hash(sts)
+        await eventually(lambda: obj(cluster.k, DEPLOYMENTS, "demo-relay"))
+        relay_before = _hash(obj(cluster.k, DEPLOYMENTS, "demo-relay"))
+        await cluster.patch_pipeline("demo", {"ingest": {"replicas": 3, "rateLimit": 10}})
+        await eventually(lambda: (obj(cluster.k, STATEFULSETS, "demo-ingest") or {})
+                         .get("spec", {}).get("replicas") == 3, what="replicas patched")
+        await eventually(lambda: cluster.status("demo").get("observedGeneration") == 2,
+                         what="observedGeneration 2")
+    sts = obj(cluster.k, STATEFULSETS, "demo-ingest")
+    assert _hash(sts) != before, "a config change must roll the ingest pods"
+    assert _hash(obj(cluster.k, DEPLOYMENTS, "demo-relay")) == relay_before
+    config = obj(cluster.k, CONFIGMAPS, "demo-ingest-config")
+    assert config is not None and config["data"]["IOTPIPE_INGEST_RATE_LIMIT"] == "10"
+    assert cluster.status("demo")["ingest"]["desired"] == 3
+
+
+async def test_autoscaling_mode_switches_replace_the_autoscaler(cluster: Cluster) -> None:
+    install_keda(cluster)
+    pipeline = seeded(_sample("minimal.yaml"))
+    pipeline["spec"]["ingest"]["autoscaling"] = {"mode": "hpa", "minReplicas": 2,
+                                                 "maxReplicas": 6}
+    await cluster.create_pipeline(pipeline)
+    async with operator():
+        hpa = await eventually(lambda: obj(cluster.k, HPAS, "demo-ingest"), what="HPA")
+        assert hpa["spec"]["maxReplicas"] == 6
+        sts = obj(cluster.k, STATEFULSETS, "demo-ingest")
+        assert sts is not None and "replicas" not in sts["spec"], \
+            "the operator must leave replicas to the autoscaler"
+        assert obj(cluster.k, SCALEDOBJECTS, "demo-ingest") is None
+
+        await cluster.patch_pipeline("demo", {"ingest": {"autoscaling": {
+            "mode": "keda", "targetConnectionsPerPod": 1000}}})
+        await eventually(lambda: obj(cluster.k, SCALEDOBJECTS, "demo-ingest"), what="KEDA")
+        await eventually(lambda: obj(cluster.k, HPAS, "demo-ingest") is None,
+                         what="HPA removed when switching to KEDA")
+
+        await cluster.patch_pipeline("demo", {"ingest": {"autoscaling": {"mode": "hpa"}}})
+        await eventually(lambda: obj(cluster.k, HPAS, "demo-ingest"), what="HPA back")
+        await eventually(lambda: obj(cluster.k, SCALEDOBJECTS, "demo-ingest") is None,
+                         what="ScaledObject removed when switching to HPA")
+
+        await cluster.patch_pipeline("demo", {"ingest": {"replicas": 4,
+                                                         "autoscaling": {"mode": "none"}}})
+        await eventually(lambda: obj(cluster.k, HPAS, "demo-ingest") is None, what="no HPA")
+        await eventually(lambda: (obj(cluster.k, STATEFULSETS, "demo-ingest") or {})
+                         .get("spec", {}).get("replicas") == 4, what="fixed replicas again")
+    assert obj(cluster.k, SCALEDOBJECTS, "demo-ingest") is None
+
+
+async def test_missing_keda_is_reported_not_crashed(cluster: Cluster) -> None:
+    pipeline = seeded(_sample("autoscaled-keda.yaml"))
+    await cluster.create_pipeline(pipeline)
+    async with operator():
+        degraded = await eventually(lambda: cluster.condition("keda-fleet", "Degraded"),
+                                    what="Degraded condition")
+        assert degraded["status"] == "True" and degraded["reason"] == "KedaNotInstalled"
+        # the rest of the pipeline is still reconciled, ingest held at minReplicas
+        sts = await eventually(lambda: obj(cluster.k, STATEFULSETS, "keda-fleet-ingest"))
+        assert sts["spec"]["replicas"] == 2
+        assert cluster.status("keda-fleet")["phase"] == "Degraded"
+        assert obj(cluster.k, HPAS, "keda-fleet-ingest") is None
+        # installing KEDA later heals it on the next reconcile
+        install_keda(cluster)
+        await eventually(lambda: obj(cluster.k, SCALEDOBJECTS, "keda-fleet-ingest"),
+                         what="ScaledObject after KEDA appears")
+        await eventually(lambda: (cluster.condition("keda-fleet", "Degraded") or {})
+                         .get("status") == "False", what="Degraded cleared")
+
+
+async def _controller_pods_and_pvcs(cluster: Cluster, ordinals: list[int],
+                                    pvc_ordinals: list[int]) -> None:
+    """Play the StatefulSet controller: pods and queue PVCs with the template's labels."""
+    labels = {"iotpipe.dev/pipeline": "demo", "iotpipe.dev/tier": "ingest"}
+    for ordinal in ordinals:
+        await cluster.put(PODS, {"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": f"demo-ingest-{ordinal}", "labels": labels}})
+    for ordinal in pvc_ordinals:
+        await cluster.put(PVCS, {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                                 "metadata": {"name": f"queue-demo-ingest-{ordinal}",
+                                              "labels": labels},
+                                 "spec": {"resources": {"requests": {"storage": "1127Mi"}}}})
+
+
+async def test_scale_down_drains_the_retained_queue(cluster: Cluster) -> None:
+    pipeline = seeded(_sample("minimal.yaml"))
+    pipeline["spec"]["ingest"]["replicas"] = 3
+    await cluster.create_pipeline(pipeline)
+    await _controller_pods_and_pvcs(cluster, [0, 1, 2], [0, 1, 2])
+    async with operator(interval=0.3):
+        await eventually(lambda: obj(cluster.k, STATEFULSETS, "demo-ingest"))
+        await asyncio.sleep(0.5)
+        assert names(cluster.k, JOBS) == set(), "no drain while every ordinal is in service"
+
+        # Scale down by a spec change; the pod of ordinal 2 is still terminating at first.
+        await cluster.patch_pipeline("demo", {"ingest": {"replicas": 2}})
+        await eventually(lambda: (obj(cluster.k, STATEFULSETS, "demo-ingest") or {})
+                         .get("spec", {}).get("replicas") == 2)
+        await asyncio.sleep(0.8)
+        assert names(cluster.k, JOBS) == set(), "the pod drains itself first"
+        await cluster.send("DELETE", f"/api/v1/namespaces/{NS}/pods/demo-ingest-2")
+
+        job = await eventually(lambda: obj(cluster.k, JOBS, "demo-ingest-drain-2"),
+                               what="drain Job for the removed ordinal")
+        pod = job["spec"]["template"]["spec"]
+        assert {"name": "queue", "persistentVolumeClaim": {
+            "claimName": "queue-demo-ingest-2"}} in pod["volumes"]
+        assert pod["containers"][0]["args"][:5] == [
+            "drain", "--data-dir", "/var/lib/iotpipe/queue", "--node-id", "demo-ingest-2"]
+        assert job["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+        assert names(cluster.k, JOBS) == {"demo-ingest-drain-2"}
+        await eventually(lambda: cluster.status("demo").get("drains", {}).get("draining")
+                         == [2], what="status shows the drain")
+
+        # The Job succeeds: the drained PVC goes, then the Job.
+        await cluster.patch(JOBS, "demo-ingest-drain-2", {"status": {
+            "succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}})
+        await eventually(lambda: obj(cluster.k, PVCS, "queue-demo-ingest-2") is None,
+                         what="drained PVC deleted")
+        await eventually(lambda: obj(cluster.k, JOBS, "demo-ingest-drain-2") is None,
+                         what="finished Job deleted")
+    assert names(cluster.k, PVCS) == {"queue-demo-ingest-0", "queue-demo-ingest-1"}
+
+
+async def test_scale_up_during_a_drain_cancels_it_and_keeps_the_queue(cluster: Cluster) -> None:
+    await cluster.create_pipeline(seeded(_sample("minimal.yaml")))  # replicas 2
+    await _controller_pods_and_pvcs(cluster, [0, 1], [0, 1, 2])  # ordinal 2 left a queue
+    async with operator(interval=0.3):
+        await eventually(lambda: obj(cluster.k, JOBS, "demo-ingest-drain-2"), what="drain Job")
+        await cluster.patch_pipeline("demo", {"ingest": {"replicas": 3}})
+        await eventually(lambda: obj(cluster.k, JOBS, "demo-ingest-drain-2") is None,
+                         what="drain cancelled by the scale-up")
+        await asyncio.sleep(0.8)
+    assert obj(cluster.k, PVCS, "queue-demo-ingest-2") is not None, \
+        "the returning pod owns its queue again"
+    assert names(cluster.k, JOBS) == set()
+
+
+async def test_failed_drain_keeps_the_queue_and_degrades(cluster: Cluster) -> None:
+    await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
+    await _controller_pods_and_pvcs(cluster, [0, 1], [0, 1, 2])
+    async with operator(interval=0.3):
+        await eventually(lambda: obj(cluster.k, JOBS, "demo-ingest-drain-2"), what="drain Job")
+        await cluster.patch(JOBS, "demo-ingest-drain-2", {"status": {
+            "failed": 7, "conditions": [{"type": "Failed", "status": "True"}]}})
+        degraded = await eventually(
+            lambda: (c := cluster.condition("demo", "Degraded")) and c["status"] == "True"
+            and c, what="Degraded DrainFailed")
+        assert degraded["reason"] == "DrainFailed"
+    assert obj(cluster.k, PVCS, "queue-demo-ingest-2") is not None
+
+
+async def test_paused_pipeline_changes_nothing(cluster: Cluster) -> None:
+    pipeline = seeded(_sample("minimal.yaml"))
+    pipeline["spec"]["paused"] = True
+    await cluster.create_pipeline(pipeline)
+    await _controller_pods_and_pvcs(cluster, [0, 1], [0, 1, 2])
+    async with operator(interval=0.3):
+        await eventually(lambda: cluster.status("demo").get("phase") == "Paused",
+                         what="phase Paused")
+        await asyncio.sleep(1.0)  # a few timer passes
+        assert names(cluster.k, STATEFULSETS) == set()
+        assert names(cluster.k, CONFIGMAPS) == set()
+        assert names(cluster.k, JOBS) == set(), "paused: no drains either"
+        progressing = cluster.condition("demo", "Progressing")
+        assert progressing is not None and progressing["reason"] == "Paused"
+
+        await cluster.patch_pipeline("demo", {"paused": False})
+        await eventually(lambda: obj(cluster.k, STATEFULSETS, "demo-ingest"), what="unpaused")
+
+
+async def test_timer_repairs_drift(cluster: Cluster) -> None:
+    await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
+    async with operator(interval=0.3):
+        await eventually(lambda: obj(cluster.k, CONFIGMAPS, "demo-ingest-config"))
+        await cluster.send("DELETE", f"/api/v1/namespaces/{NS}/configmaps/demo-ingest-config")
+        await cluster.patch(STATEFULSETS, "demo-middle", {"spec": {"replicas": 9}})
+        await eventually(lambda: obj(cluster.k, CONFIGMAPS, "demo-ingest-config"),
+                         what="deleted child recreated")
+        await eventually(lambda: (obj(cluster.k, STATEFULSETS, "demo-middle") or {})
+                         .get("spec", {}).get("replicas") == 2, what="drifted field restored")
+
+
+async def test_deletion_leaves_children_to_garbage_collection(cluster: Cluster) -> None:
+    await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
+    async with operator(interval=0.3):
+        await eventually(lambda: cluster.status("demo").get("phase"))
+        finalizers = (obj(cluster.k, PIPELINES, "demo") or {})["metadata"].get("finalizers")
+        assert finalizers, "kopf holds a finalizer while the timer runs"
+        children_before = names(cluster.k, STATEFULSETS) | names(cluster.k, CONFIGMAPS)
+        await cluster.send("DELETE",
+                           f"/apis/iotpipe.dev/v1alpha1/namespaces/{NS}/iotpipelines/demo")
+        await eventually(lambda: obj(cluster.k, PIPELINES, "demo") is None,
+                         what="finalizer released and object gone")
+        await asyncio.sleep(0.8)
+    # Children are owned (the API server's garbage collector removes them); the operator
+    # neither deletes them itself nor recreates anything after the deletion.
+    assert names(cluster.k, STATEFULSETS) | names(cluster.k, CONFIGMAPS) == children_before
+    sts = obj(cluster.k, STATEFULSETS, "demo-ingest")
+    assert sts is not None and sts["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert names(cluster.k, JOBS) == set()
+
+
+async def test_resume_after_operator_restart(cluster: Cluster) -> None:
+    await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
+    async with operator(interval=60):
+        await eventually(lambda: obj(cluster.k, CONFIGMAPS, "demo-middle-config"))
+    # While the operator is down, a child disappears.
+    await cluster.send("DELETE", f"/api/v1/namespaces/{NS}/configmaps/demo-middle-config")
+    assert obj(cluster.k, CONFIGMAPS, "demo-middle-config") is None
+    # A new operator instance (long timer interval: only the resume handler can fix it).
+    async with operator(interval=60):
+        await eventually(lambda: obj(cluster.k, CONFIGMAPS, "demo-middle-config"),
+                         within=8, what="child recreated on resume")

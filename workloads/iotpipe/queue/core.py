@@ -14,6 +14,7 @@ from . import pmem as pmem_binding
 from .errors import QueueClosed, QueueCorrupted, QueueError, QueueFull, QueueLocked
 from .fileio import OS_FILE_IO, FileIO
 from .framing import (
+    RECORD_HEADER_BYTES,
     SEGMENT_HEADER_BYTES,
     Record,
     Stop,
@@ -443,16 +444,15 @@ class PersistentQueue:
     def _framed_sizes(self, payloads: Sequence[bytes]) -> list[int]:
         if isinstance(payloads, (bytes, bytearray, memoryview, str)):
             raise TypeError("append() takes a sequence of payloads, not one payload")
+        if not all(isinstance(payload, bytes) for payload in payloads):
+            bad = next(p for p in payloads if not isinstance(p, bytes))
+            raise TypeError(f"payloads must be bytes, got {type(bad).__name__}")
+        sizes = [(len(payload) + RECORD_HEADER_BYTES + 7) & ~7 for payload in payloads]
         limit = self._segment_bytes - SEGMENT_HEADER_BYTES
-        sizes = []
-        for payload in payloads:
-            if not isinstance(payload, bytes):
-                raise TypeError(f"payloads must be bytes, got {type(payload).__name__}")
-            size = framed_size(len(payload))
-            if size > limit:
-                raise ValueError(f"record of {len(payload)} bytes does not fit in a segment "
-                                 f"({self._segment_bytes} bytes)")
-            sizes.append(size)
+        if sizes and max(sizes) > limit:
+            size = next(len(p) for p in payloads if framed_size(len(p)) > limit)
+            raise ValueError(f"record of {size} bytes does not fit in a segment "
+                             f"({self._segment_bytes} bytes)")
         return sizes
 
     def _full_error(self, sizes: list[int]) -> QueueFull:
@@ -466,7 +466,7 @@ class PersistentQueue:
         splits: list[tuple[int, int, int, bool]] = []  # (begin, end, offset, new segment)
         begin, offset, new = 0, self._tail_offset, False
         room = self._segments[-1].size - offset
-        for index, size in enumerate(sizes):
+        for index, size in enumerate(sizes if sum(sizes) > room else ()):
             if size > room:
                 if index > begin:
                     splits.append((begin, index, offset, new))

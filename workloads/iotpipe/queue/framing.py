@@ -95,20 +95,23 @@ def decode_segment_header(data: bytes) -> tuple[int, int]:
 
 
 def encode_records(payloads: Sequence[bytes], first_seq: int) -> bytes:
-    """Frame ``payloads`` with consecutive seqs from ``first_seq`` as ONE write."""
+    """Frame ``payloads`` with consecutive seqs from ``first_seq`` as ONE write.
+
+    The hot loop of every append: one struct pack, one concatenation, one CRC and one
+    pack per record, then a single join.
+    """
+    if not payloads:
+        return b""
+    pack_length_seq, pack_crc, padding, crc = _pack_length_seq, _pack_crc, _PADDING, crc32c
     parts: list[bytes] = []
-    add = parts.append
-    seq = first_seq
-    flag = FIRST_IN_WRITE
-    for payload in payloads:
-        size = len(payload)
-        length_seq = _pack_length_seq((RECORD_HEADER_BYTES + size) | flag, seq)
-        add(_pack_crc(crc32c(length_seq + payload)))
-        add(length_seq)
-        add(payload)
-        add(_PADDING[-size & 7])
-        flag = 0
-        seq += 1
+    extend = parts.extend
+    payload = payloads[0]
+    body = pack_length_seq((RECORD_HEADER_BYTES + len(payload)) | FIRST_IN_WRITE,
+                           first_seq) + payload
+    extend((pack_crc(crc(body)), body, padding[-len(payload) & 7]))
+    for seq, payload in enumerate(payloads[1:], first_seq + 1):
+        body = pack_length_seq(RECORD_HEADER_BYTES + len(payload), seq) + payload
+        extend((pack_crc(crc(body)), body, padding[-len(payload) & 7]))
     return b"".join(parts)
 
 

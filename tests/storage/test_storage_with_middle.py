@@ -109,13 +109,39 @@ def test_storage_and_middle_killed_and_restarted_store_everything_once(
     storage, metrics_port = start_storage(procs, tmp_path, [endpoint], "storage-2", window=200)
     wait_for(lambda: len(stored(db_path)) >= 6000 and middle.lag() == 0, 30,
              "every record stored and acknowledged")
+
+    # The middle alone dies and comes back: the running storage resumes through heartbeats.
+    middle.kill()
+    middle.start()
+    send_batches(middle, "ing-2-p0", 1, 1000, 100)
+    wait_for(lambda: len(stored(db_path)) >= 7000 and middle.lag() == 0, 30,
+             "records sent after the middle restart stored and acknowledged")
     _, text = http_get(metrics_port, "/metrics")
     storage.send_signal(signal.SIGTERM)
     assert storage.wait(timeout=10) == 0, procs.log("storage-2")
 
     rows = stored(db_path)
-    assert len(rows) == 6000
+    assert len(rows) == 7000
     expected = {(f"a-dev-{s % 7}", f"ing-0-p0-{s}") for s in range(1, 4001)}
     expected |= {(f"a-dev-{s % 7}", f"ing-1-p0-{s}") for s in range(1, 2001)}
+    expected |= {(f"a-dev-{s % 7}", f"ing-2-p0-{s}") for s in range(1, 1001)}
     assert set(rows) == expected
     assert metric(text, "iotpipe_storage_records_written_total", 'sink="sqlite"') > 0
+
+
+def test_storage_consumes_every_configured_middle(procs: ProcessGroup, tmp_path: Path) -> None:
+    middles = [RealMiddle(procs, tmp_path / f"middle-{i}") for i in range(2)]
+    for middle in middles:
+        middle.start()
+    send_batches(middles[0], "ing-0-p0", 1, 500, 100)
+    send_batches(middles[1], "ing-1-p0", 1, 700, 100)
+    db_path = tmp_path / "store" / "readings.db"
+    storage, _ = start_storage(
+        procs, tmp_path, [f"tcp://127.0.0.1:{m.feed_port}" for m in middles], "storage")
+    wait_for(lambda: len(stored(db_path)) >= 1200 and all(m.lag() == 0 for m in middles), 30,
+             "records of both middles stored and acknowledged")
+    storage.send_signal(signal.SIGTERM)
+    assert storage.wait(timeout=10) == 0
+    rows = stored(db_path)
+    assert len(rows) == 1200
+    assert {msg.rsplit("-", 1)[0] for _, msg in rows} == {"ing-0-p0", "ing-1-p0"}

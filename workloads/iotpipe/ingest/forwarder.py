@@ -37,6 +37,8 @@ class Forwarder:
         batch_bytes: int = 1 << 20,
         window: int = 8,
         ack_timeout: float = 5.0,
+        linger: float = 0.002,
+        cursor_interval: float = 0.05,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
     ) -> None:
         if not endpoints:
@@ -46,6 +48,8 @@ class Forwarder:
         self.endpoints = list(endpoints)
         self.batch_records = batch_records
         self.batch_bytes = batch_bytes
+        self.linger = linger
+        self.cursor_interval = cursor_interval
         queue.register_consumer(CONSUMER)
         self.core = ForwarderCore(node, len(self.endpoints), next_seq=self._start_seq(),
                                   window=window, ack_timeout=ack_timeout)
@@ -114,25 +118,43 @@ class Forwarder:
         for i, sock in enumerate(sockets):
             poller.register(sock, zmq.POLLIN)
             index_of[sock] = i
+        acked_through = core.acked_through   # acked by a middle...
+        cursor = queue.acked(CONSUMER)       # ...and recorded in the queue's ledger
+        last_cursor_write = 0.0
+        waiting_since: float | None = None   # when unsent records were first seen
         while not self._stop.is_set():
             now = time.monotonic()
-            # Fill the window from the durable head of the queue.
+            # Fill the window from the durable head of the queue. While batches are in
+            # flight, a small batch waits up to `linger` for more records (fewer, fuller
+            # batches: less per-batch work here, in the middle and in the ledger).
             while core.can_send(now) and queue.next_seq > core.next_seq:
+                if waiting_since is None:
+                    waiting_since = now
+                if (not core.idle() and queue.next_seq - core.next_seq < self.batch_records
+                        and now - waiting_since < self.linger):
+                    break
                 records = queue.read(core.next_seq, max_records=self.batch_records,
                                      max_bytes=self.batch_bytes)
                 if not records:
                     break
+                waiting_since = None
                 send = core.add(records[0].seq, [r.payload for r in records], now)
                 _send(sockets[send.endpoint], send.frames)
+            # The ledger write is an fdatasync: do it at most every `cursor_interval`,
+            # and at once when everything is acked (drain waits on it). Losing a cursor
+            # update in a crash only means resending batches the middle deduplicates.
+            if cursor < acked_through and (core.idle()
+                                           or now - last_cursor_write >= self.cursor_interval):
+                queue.ack(CONSUMER, acked_through)
+                cursor, last_cursor_write = acked_through, now
             if core.idle():
                 # Nothing in flight: sleep on the queue, not the sockets.
                 queue.wait(core.next_seq - 1, 0.05)
                 continue
             deadline = core.next_deadline()
             # Short waits while the window has room, so new records go out promptly.
-            cap_ms = 5 if core.can_send(now) else 50
+            cap_ms = 2 if core.can_send(now) else 50
             wait_ms = cap_ms if deadline is None else max(0, min(cap_ms, (deadline - now) * 1000))
-            acked_through = None
             for sock, _ in poller.poll(wait_ms):
                 while True:
                     try:
@@ -142,10 +164,10 @@ class Forwarder:
                     advanced = core.on_reply(index_of[sock], frames, time.monotonic())
                     if advanced is not None:
                         acked_through = advanced
-            if acked_through is not None:
-                queue.ack(CONSUMER, acked_through)  # one durable cursor update per wakeup
             for send in core.poll(time.monotonic()):
                 _send(sockets[send.endpoint], send.frames)
+        if cursor < acked_through:
+            queue.ack(CONSUMER, acked_through)
 
 
 def _send(sock: zmq.Socket[bytes], frames: list[bytes]) -> None:

@@ -243,7 +243,10 @@ class IngestServer:
                     counters.accepted += len(outcome.ids)
                     counters.ack_frames += 1
                     counters.observe_frame(len(outcome.ids))
-                    await outbox.put(encode_ack_frame(outcome.ids))
+                    if outbox.full():
+                        await outbox.put(encode_ack_frame(outcome.ids))
+                    else:  # the common case, without a coroutine per frame
+                        outbox.put_nowait(encode_ack_frame(outcome.ids))
             if outcome.close is not None:
                 await self._close_after_flush(ws, outbox, *outcome.close)
                 return

@@ -121,6 +121,23 @@ def test_helm_lint_reports_no_warnings_or_errors() -> None:
         assert not report["errors"] and not problems, report
 
 
+def test_helm_lint_against_the_oldest_supported_kubernetes() -> None:
+    report = helm.lint(CHART, strict=True, kube_version="v1.25.0")
+    assert not report["errors"] and not [m for m in report["messages"] if m["severity"] >= 2]
+
+
+def test_packaged_chart_carries_crd_dashboards_and_rules(tmp_path: Path) -> None:
+    archive = helm.package(CHART, destination=tmp_path)
+    with helm.Chart.load(archive) as packaged:
+        assert [c["filename"] for c in packaged.crds] == [
+            "iotpipe-operator/crds/iotpipelines.yaml"]
+        names = {f["name"] for f in packaged.files}
+        assert {"dashboards/iotpipe-pipeline.json", "files/operator-rules.yaml"} <= names
+        rendered = objects(packaged.render(values={"grafanaDashboards": {"enabled": True}},
+                                           name=RELEASE, namespace=NAMESPACE))
+    assert by_kind(rendered, "ConfigMap") and by_kind(rendered, "ClusterRole")
+
+
 def test_every_value_is_documented_in_values_yaml_and_schema() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     text = (CHART / "values.yaml").read_text()

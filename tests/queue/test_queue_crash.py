@@ -11,12 +11,16 @@ CI; ``IOTPIPE_CRASH_KILLS`` raises the count locally.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import os
 import random
 import select
 import signal
 import struct
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -57,15 +61,15 @@ def child_main(path: Path, write_fd: int, seed: int) -> None:
             os.write(write_fd, REPORT.pack(b"K", target))
 
 
-def run_child_until_killed(path: Path, seed: int, run_for: float) -> tuple[int, int]:
-    """Fork a child, let it work ``run_for`` seconds, SIGKILL it; return its reports."""
+def fork_and_kill(child: Callable[[int], None], run_for: float) -> bytes:
+    """Fork ``child(write_fd)``, let it run ``run_for`` s, SIGKILL it; return what it reported."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: never returns into pytest
         status = 0
         try:
             os.close(read_fd)
-            child_main(path, write_fd, seed)
+            child(write_fd)
         except BaseException:  # reported through the exit status
             import traceback
 
@@ -74,7 +78,6 @@ def run_child_until_killed(path: Path, seed: int, run_for: float) -> tuple[int, 
         finally:
             os._exit(status)
     os.close(write_fd)
-    appended = acked = 0
     buffer = b""
     deadline = time.monotonic() + run_for
     try:
@@ -96,8 +99,14 @@ def run_child_until_killed(path: Path, seed: int, run_for: float) -> tuple[int, 
         buffer += chunk
     os.close(read_fd)
     assert os.WIFSIGNALED(status), f"child exited by itself (status {status})"
-    usable = len(buffer) - len(buffer) % REPORT.size
-    for kind, seq in REPORT.iter_unpack(buffer[:usable]):
+    return buffer
+
+
+def run_child_until_killed(path: Path, seed: int, run_for: float) -> tuple[int, int]:
+    """The single-appender child; returns (last reported append, last reported ack)."""
+    buffer = fork_and_kill(lambda write_fd: child_main(path, write_fd, seed), run_for)
+    appended = acked = 0
+    for kind, seq in REPORT.iter_unpack(buffer[:len(buffer) - len(buffer) % REPORT.size]):
         if kind == b"A":
             appended = max(appended, seq)
         else:
@@ -192,3 +201,65 @@ def test_damage_before_later_writes_in_the_last_segment_fails_the_open(tmp_path:
         segment.write(b"\xff\xff")
     with pytest.raises(QueueCorrupted, match="intact records written after it"):
         PersistentQueue.open(path, **OPEN_ARGS)
+
+
+THREADED_REPORT = struct.Struct("<QQII")  # first seq, count, thread, batch number
+
+
+def threaded_payload(life: int, thread: int, batch: int, index: int) -> bytes:
+    return b"%d/%d/%d/%d|" % (life, thread, batch, index) * (index % 5 + 1)
+
+
+def threaded_child(path: Path, write_fd: int, *, life: int) -> None:
+    """Four appender threads (group commit) and an acker, all killed at once."""
+    queue = PersistentQueue.open(path, consumers=["c"], **OPEN_ARGS)
+    write_lock = threading.Lock()
+
+    def appender(thread: int) -> None:
+        rng = random.Random(life * 100 + thread)
+        for batch in itertools.count():
+            payloads = [threaded_payload(life, thread, batch, index)
+                        for index in range(rng.randint(1, 20))]
+            try:
+                seqs = queue.append(payloads, timeout=1.0)
+            except QueueFull:
+                continue
+            with write_lock:
+                os.write(write_fd, THREADED_REPORT.pack(seqs.start, len(seqs), thread, batch))
+
+    for thread in range(4):
+        threading.Thread(target=appender, args=(thread,), daemon=True).start()
+    while True:
+        queue.wait(queue.acked("c") + 200, timeout=0.01)
+        queue.ack("c", max(queue.acked("c"), queue.durable_seq - 100))
+
+
+def test_sigkill_with_concurrent_appenders_loses_no_reported_batch(tmp_path: Path) -> None:
+    path = tmp_path / "q"
+    rng = random.Random(99)
+    expected: dict[int, bytes] = {}  # reported, not yet known to be acked
+    reported_batches = 0
+    for life in range(max(20, KILLS // 10)):
+        child = functools.partial(threaded_child, path, life=life)
+        buffer = fork_and_kill(child, run_for=rng.uniform(0.02, 0.08))
+        usable = len(buffer) - len(buffer) % THREADED_REPORT.size
+        for first, count, thread, batch in THREADED_REPORT.iter_unpack(buffer[:usable]):
+            reported_batches += 1
+            for index in range(count):
+                expected[first + index] = threaded_payload(life, thread, batch, index)
+        with PersistentQueue.open(path, **OPEN_ARGS) as queue:
+            acked = queue.acked("c")
+            assert queue.next_seq > max(expected, default=0), "reported records lost at the tail"
+            assert queue.first_seq <= acked + 1, "unacknowledged records were deleted"
+            records = []
+            seq = acked + 1
+            while seq < queue.next_seq:
+                records.extend(queue.read(seq, max_records=4096, max_bytes=1 << 30))
+                seq = records[-1].seq + 1
+            assert [r.seq for r in records] == list(range(acked + 1, queue.next_seq))
+            present = {r.seq: r.payload for r in records}
+            for seq, payload in expected.items():
+                if seq > acked:
+                    assert present.get(seq) == payload, f"life {life}: reported seq {seq} lost"
+            expected = {s: p for s, p in expected.items() if s > acked}
+    assert reported_batches > 100, "children made too little progress"

@@ -346,3 +346,20 @@ def test_feed_random_acks_and_expiry_deliver_everything() -> None:
             held["c1" if peer == b"A" else "c2"].append((first, last))
     assert tail == 500
     assert core.cursor("storage") == 500
+
+
+def test_recent_records_serve_contiguous_tail_within_budget() -> None:
+    from iotpipe.middle.core import RecentRecords
+
+    recent = RecentRecords(max_bytes=100)
+    recent.extend(1, [b"a" * 10] * 5)  # seqs 1..5
+    assert recent.get(2, 2, 1000) == [b"a" * 10] * 2
+    assert recent.get(6, 1, 1000) is None and recent.get(0, 1, 1000) is None
+    assert recent.get(1, 10, 25) == [b"a" * 10] * 2  # byte limit
+    assert recent.get(1, 10, 1) == [b"a" * 10]  # at least one record
+    recent.extend(6, [b"b" * 10] * 8)  # 130 bytes > 100: trimmed to <= 50
+    assert recent.get(1, 1, 1000) is None
+    assert recent.get(13, 1, 1000) == [b"b" * 10]
+    assert recent.get(9, 10, 1000) == [b"b" * 10] * 5
+    recent.extend(20, [b"c"])  # a gap (e.g. appends by nobody else): start over
+    assert recent.get(13, 1, 1000) is None and recent.get(20, 5, 1000) == [b"c"]

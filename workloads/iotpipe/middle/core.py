@@ -67,6 +67,7 @@ __all__ = [
     "MarksCheckpoint",
     "NodeMarks",
     "PlannedBatch",
+    "RecentRecords",
     "Reply",
     "UnknownGroup",
     "decode_checkpoint",
@@ -391,6 +392,52 @@ def reading_device_id(reading: bytes) -> str | None:
     if isinstance(obj, list) and obj and isinstance(obj[0], str):
         return obj[0]
     return None
+
+
+# -- recently appended records -----------------------------------------------------------
+
+
+class RecentRecords:
+    """The most recently appended log records, kept in memory for feed deliveries.
+
+    A consumer that keeps up reads what was just appended; serving it from here saves a
+    read and a re-parse of the log file. Older ranges come from the log itself.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._base = 0  # seq of self._records[0]
+        self._records: list[bytes] = []
+        self._bytes = 0
+
+    def extend(self, first_seq: int, records: Sequence[bytes]) -> None:
+        if first_seq != self._base + len(self._records):  # not contiguous: start over
+            self._base, self._records, self._bytes = first_seq, [], 0
+        self._records.extend(records)
+        self._bytes += sum(map(len, records))
+        if self._bytes > self.max_bytes:
+            # Drop the oldest down to half the budget, so trimming is amortised.
+            drop, freed = 0, 0
+            while self._bytes - freed > self.max_bytes // 2 and drop < len(self._records):
+                freed += len(self._records[drop])
+                drop += 1
+            del self._records[:drop]
+            self._base += drop
+            self._bytes -= freed
+
+    def get(self, first: int, max_records: int, max_bytes: int) -> list[bytes] | None:
+        """Records from ``first`` on (at least one), or None when ``first`` is not held."""
+        start = first - self._base
+        if start < 0 or start >= len(self._records):
+            return None
+        out: list[bytes] = []
+        size = 0
+        for record in self._records[start:start + max_records]:
+            size += len(record)
+            if out and size > max_bytes:
+                break
+            out.append(record)
+        return out
 
 
 # -- the durable feed --------------------------------------------------------------------

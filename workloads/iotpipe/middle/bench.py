@@ -1,0 +1,262 @@
+"""``iotpipe bench middle``: batches/s and records/s through the middle tier's ROUTER.
+
+For each batch size, a real ``iotpipe middle`` process (fdatasync log in a temp dir) is
+driven by ``--nodes`` DEALER sockets, each keeping ``--window`` batches in flight like the
+ingest forwarder does, while a feed consumer in the driver acknowledges every delivery so
+the log never fills. The same load is also sent to the plainest possible ROUTER, one that
+acknowledges each batch at once and stores nothing, measured in the same run: ``ratio`` is
+middle / bare. Latency is from send to ack, per batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+
+import zmq
+
+from iotpipe import wire
+
+__all__ = ["bare_router", "main"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def bare_router(port: int) -> None:
+    """Acknowledge every batch at once, storing nothing (the baseline)."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(f"tcp://127.0.0.1:{port}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    while True:
+        msg = router.recv_multipart()
+        try:
+            batch = wire.decode_batch(msg[1:])
+        except wire.WireError:
+            continue
+        router.send_multipart([msg[0], *wire.encode_ack(batch.node, batch.last)])
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"middle exited with {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} not ready within {timeout}s")
+
+
+def _feed_acker(port: int, stop: threading.Event) -> None:
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    sock.send_multipart(wire.encode_feed_request("storage", "bench", 50_000))
+    last_request = time.monotonic()
+    while not stop.is_set():
+        acks: list[tuple[int, int]] = []
+        if sock.poll(100):
+            while True:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                records = wire.decode_records(frames)
+                acks.append((records.first, records.last))
+        if acks or time.monotonic() - last_request > 1.0:
+            sock.send_multipart(wire.encode_feed_request("storage", "bench", 50_000, acks))
+            last_request = time.monotonic()
+    sock.close()
+
+
+def _drive(port: int, nodes: int, window: int, batch: int, record_bytes: int,
+           seconds: float, warmup: float) -> dict[str, float]:
+    """Keep ``window`` batches in flight per node for ``seconds``; measure acks."""
+    ctx = zmq.Context.instance()
+    pad = b"x" * max(0, record_bytes - 60)
+    socks = []
+    for _ in range(nodes):
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://127.0.0.1:{port}")
+        socks.append(sock)
+    poller = zmq.Poller()
+    for sock in socks:
+        poller.register(sock, zmq.POLLIN)
+    # one reading payload per batch slot, reused: the middle never looks inside twice
+    readings = [wire.encode_reading(f"dev-{i}", f"m{i}", i, b'{"v":1,"p":"%s"}' % pad, i)
+                for i in range(batch)]
+    next_seq = [1] * nodes
+    sent_at: list[dict[int, float]] = [{} for _ in range(nodes)]
+    latencies: list[float] = []
+    acked_batches = 0
+    busy = 0
+
+    def send(i: int) -> None:
+        first = next_seq[i]
+        socks[i].send_multipart(wire.encode_batch(f"bench-{i}", first, readings))
+        sent_at[i][first + batch - 1] = time.perf_counter()
+        next_seq[i] += batch
+
+    for i in range(nodes):
+        for _ in range(window):
+            send(i)
+    start = time.perf_counter()
+    measuring = False
+    t0 = start + warmup
+    end = start + warmup + seconds
+    index = {sock: i for i, sock in enumerate(socks)}
+    while True:
+        now = time.perf_counter()
+        if not measuring and now >= start + warmup:
+            measuring, acked_batches, busy, latencies = True, 0, 0, []
+            t0 = now
+        if now >= end:
+            break
+        for sock, _ in poller.poll(1000):
+            i = index[sock]
+            while True:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if wire.message_kind(frames) == wire.KIND_BUSY:
+                    # resend the refused batch after the hint (rare: the feed keeps up)
+                    refused = wire.decode_busy(frames)
+                    busy += 1
+                    time.sleep(refused.retry_ms / 1000)
+                    socks[i].send_multipart(wire.encode_batch(
+                        f"bench-{i}", refused.first, readings))
+                    continue
+                ack = wire.decode_ack(frames)
+                sent = sent_at[i].pop(ack.last, None)
+                if sent is not None:
+                    latencies.append(time.perf_counter() - sent)
+                acked_batches += 1
+                send(i)
+    elapsed = time.perf_counter() - t0
+    for sock in socks:
+        sock.close()
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1e3, 3) \
+            if latencies else 0.0
+
+    return {
+        "batches_per_s": round(acked_batches / elapsed, 1),
+        "records_per_s": round(acked_batches * batch / elapsed, 1),
+        "ack_p50_ms": pct(0.50),
+        "ack_p99_ms": pct(0.99),
+        "busy": busy,
+    }
+
+
+def _run_middle(batch: int, args: argparse.Namespace) -> dict[str, float]:
+    ports = {name: _free_port() for name in ("router", "pub", "feed", "metrics")}
+    with tempfile.TemporaryDirectory(prefix="iotpipe-bench-middle-", dir=args.dir) as tmp:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "iotpipe.cli", "middle", "--host", "127.0.0.1",
+             "--router-port", str(ports["router"]), "--pub-port", str(ports["pub"]),
+             "--feed-port", str(ports["feed"]), "--metrics-port", str(ports["metrics"]),
+             "--data-dir", tmp, "--log-bytes", str(args.log_bytes), "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        )
+        stop = threading.Event()
+        acker = threading.Thread(target=_feed_acker, args=(ports["feed"], stop), daemon=True)
+        try:
+            _wait_ready(f"http://127.0.0.1:{ports['metrics']}/readyz", proc)
+            acker.start()
+            return _drive(ports["router"], args.nodes, args.window, batch, args.record_bytes,
+                          args.seconds, args.warmup)
+        finally:
+            stop.set()
+            acker.join(timeout=5)
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _run_bare(batch: int, args: argparse.Namespace) -> dict[str, float]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"from iotpipe.middle.bench import bare_router; "
+                               f"bare_router({port})"],
+        start_new_session=True,
+    )
+    try:
+        time.sleep(0.5)  # DEALERs connect lazily; the driver's sends wait for the bind
+        return _drive(port, args.nodes, args.window, batch, args.record_bytes, args.seconds,
+                      args.warmup)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="iotpipe bench middle", description=__doc__)
+    parser.add_argument("--batches", default="1,16,64,256",
+                        help="batch sizes (readings per batch), comma separated")
+    parser.add_argument("--nodes", type=int, default=4, help="ingest nodes (DEALER sockets)")
+    parser.add_argument("--window", type=int, default=8, help="batches in flight per node")
+    parser.add_argument("--record-bytes", type=int, default=200, help="bytes per reading")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds first")
+    parser.add_argument("--log-bytes", type=int, default=1 << 30, help="middle log capacity")
+    parser.add_argument("--dir", default=None, help="where the temporary log lives")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the bare ROUTER")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(list(argv))
+    try:
+        batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    except ValueError:
+        parser.error(f"--batches must be integers, got {args.batches!r}")
+    if not batches or min(batches) < 1:
+        parser.error("--batches must list sizes >= 1")
+    results = []
+    for batch in batches:
+        row: dict[str, object] = {"batch": batch, **_run_middle(batch, args)}
+        if not args.no_baseline:
+            bare = _run_bare(batch, args)
+            row["bare_records_per_s"] = bare["records_per_s"]
+            row["ratio"] = round(float(row["records_per_s"]) / bare["records_per_s"], 3) \
+                if bare["records_per_s"] else None
+        results.append(row)
+        if not args.json:
+            print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    if args.json:
+        print(json.dumps({
+            "bench": "middle", "nodes": args.nodes, "window": args.window,
+            "record_bytes": args.record_bytes,
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                        "zmq": zmq.zmq_version()},
+            "results": results,
+        }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "queue": ("iotpipe.bench.queue:main", "persistent queue append throughput vs pwrite+fdatasync"),
     "ingest": ("iotpipe.bench.ingest:main", "ingest acks/s vs a bare WebSocket server"),
     "storage": ("iotpipe.storage.bench:main", "storage records/s vs plain SQLite inserts"),
+    "middle": ("iotpipe.middle.bench:main", "middle ROUTER records/s vs a bare ROUTER"),
 }
 
 

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,20 @@ def simulate(port: int, **kwargs: object) -> SimulateSettings:
 
 def acked_pairs(report: SimulationReport) -> set[tuple[str, str]]:
     return {(d, str(i)) for d, ids in report.acked_ids.items() for i in ids}
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            if ppid == pid:
+                found.append(int(entry))
+    return sorted(found)
 
 
 def queue_depth(path: Path) -> int:
@@ -156,6 +171,22 @@ async def test_processes_share_one_port_with_separate_queues(procs: ProcessGroup
         assert middle.wait_for(lambda m: acked_pairs(report) <= m.messages(), 10)
         assert middle.nodes == {"node-p0", "node-p1"}
         assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["p0", "p1"]
+        # A child that dies is restarted by the parent, with the same queue and port.
+        before = children_of(parent.pid)
+        assert len(before) == 2
+        os.kill(before[0], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            now = children_of(parent.pid)
+            if len(now) == 2 and before[0] not in now:
+                break
+            await asyncio.sleep(0.1)
+        assert len(children_of(parent.pid)) == 2 and before[0] not in children_of(parent.pid)
+        wait_ready(metrics_port)
+        wait_ready(metrics_port + 1)
+        again = await run_simulation(simulate(port, connections=10, messages=5,
+                                              spread_sources=False, first_device=100))
+        assert again.ok, again.to_dict()
         parent.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(parent.wait, 60) == 0, procs.log("parent")
     finally:

@@ -19,7 +19,6 @@ from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
 import zmq
-import zmq.asyncio
 from prometheus_client import REGISTRY, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import Field
@@ -39,6 +38,10 @@ __all__ = ["LIVE_PATH", "RelayServer", "RelaySettings", "main"]
 log = logging.getLogger("iotpipe.relay")
 
 LIVE_PATH = "/v1/live"
+# Upstream messages handled per reader callback before client senders get a turn.
+_SUB_BURST = 512
+# A plain int: pyzmq's enum flags cost microseconds per operation on the hot path.
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 class RelaySettings(TierSettings):
@@ -132,6 +135,7 @@ class RelayServer:
                                 registry=None)
         self.slow_closes = 0
         self._closing: set[asyncio.Task[None]] = set()
+        self._sub: zmq.Socket[bytes] | None = None
 
     # -- registry -------------------------------------------------------------------------
 
@@ -267,38 +271,48 @@ class RelayServer:
 
     # -- upstream --------------------------------------------------------------------------
 
-    async def _subscribe_loop(self, sub: zmq.asyncio.Socket) -> None:
+    def _drain_sub(self) -> None:
+        """Read every ready upstream message (up to a burst), route it, wake the senders.
+
+        Runs as the loop's reader callback for the SUB socket's file descriptor. That
+        descriptor is edge-triggered, so the socket is read until it would block; a burst
+        limit keeps client senders running under a flood (the rest is read on the next
+        loop iteration).
+        """
+        sub = self._sub
+        if sub is None:
+            return
         loop = asyncio.get_running_loop()
         fanout = self.fanout
-        wakers = self._wakers
-        woken: set[str] = set()
-        handled = 0
-        while True:
-            frames = await sub.recv_multipart()
+        now = loop.time()
+        woken: dict[str, None] = {}
+        more = True
+        for _ in range(_SUB_BURST):
+            try:
+                frames = sub.recv_multipart(_NOBLOCK)
+            except zmq.Again:
+                more = False
+                break
             try:
                 event = decode_live(frames)
             except WireError:
                 self.bad_frames += 1
-                event = None
-            if event is not None:
-                for session in fanout.on_event(event, loop.time()):
-                    woken.add(session.client_id)
-            handled += 1
-            # Wake senders once per burst, and let them run at least every 256 events.
-            if handled % 256 == 0 or not sub.get(zmq.EVENTS) & zmq.POLLIN:
-                for client_id in woken:
-                    waker = wakers.get(client_id)
-                    if waker is not None:
-                        waker.set()
-                woken.clear()
-                if handled % 256 == 0:
-                    await asyncio.sleep(0)
+                continue
+            for session in fanout.on_event(event, now):
+                woken[session.client_id] = None
+        wakers = self._wakers
+        for client_id in woken:
+            waker = wakers.get(client_id)
+            if waker is not None:
+                waker.set()
+        if more:
+            loop.call_soon(self._drain_sub)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.settings
-        context = zmq.asyncio.Context()
+        context = zmq.Context()
         sub = context.socket(zmq.SUB)
         sub.setsockopt(zmq.RCVHWM, settings.sub_hwm)
         sub.setsockopt(zmq.LINGER, 0)
@@ -319,7 +333,10 @@ class RelayServer:
             sockets = self._server.sockets
             if sockets:
                 self.port = int(sockets[0].getsockname()[1])
-            tasks.append(asyncio.create_task(self._subscribe_loop(sub)))
+            loop = asyncio.get_running_loop()
+            self._sub = sub
+            loop.add_reader(sub.getsockopt(zmq.FD), self._drain_sub)
+            loop.call_soon(self._drain_sub)  # messages that arrived before the reader was added
             tasks.append(asyncio.create_task(self._watchdog()))
             self._ready = True
             log.info("relay serving", extra={"fields": {
@@ -341,6 +358,9 @@ class RelayServer:
                 self._server.close(close_connections=True)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._server.wait_closed(), timeout=5.0)
+            if self._sub is not None:
+                asyncio.get_running_loop().remove_reader(sub.getsockopt(zmq.FD))
+                self._sub = None
             sub.close(linger=0)
             context.term()
             log.info("relay stopped")

@@ -363,3 +363,25 @@ def test_recent_records_serve_contiguous_tail_within_budget() -> None:
     assert recent.get(9, 10, 1000) == [b"b" * 10] * 5
     recent.extend(20, [b"c"])  # a gap (e.g. appends by nobody else): start over
     assert recent.get(13, 1, 1000) is None and recent.get(20, 5, 1000) == [b"c"]
+
+
+def test_rebuild_marks_from_checkpoint_plus_retained_log(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from iotpipe.middle.server import read_checkpoint, rebuild_marks, write_checkpoint
+    from iotpipe.queue import PersistentQueue
+
+    ckpt_path = tmp_path / "marks.ckpt"
+    assert read_checkpoint(ckpt_path, 16)[0] == 0  # none yet
+    early = NodeMarks()
+    early.add("a", 1, 100)  # records long gone from the log
+    write_checkpoint(ckpt_path, encode_checkpoint(2, early))
+    with PersistentQueue.open(tmp_path / "q", capacity_bytes=1 << 20,
+                              consumers=["storage"]) as q:
+        q.append([wire.encode_log_record(n, s, b"r") for n, s in
+                  [("a", 99), ("a", 100), ("a", 101), ("a", 102), ("b", 5), ("a", 110)]])
+        log_seq, marks = read_checkpoint(ckpt_path, 16)
+        assert log_seq == 2
+        assert rebuild_marks(q, log_seq, marks) == 4  # seqs 3..6 only
+    assert marks.get("a").ranges() == [(1, 102), (110, 110)]
+    assert marks.get("b").ranges() == [(5, 5)]
+    ckpt_path.write_bytes(ckpt_path.read_bytes()[:-1])  # damaged: rebuild from the log alone
+    assert read_checkpoint(ckpt_path, 16)[0] == 0

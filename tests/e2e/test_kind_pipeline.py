@@ -291,7 +291,7 @@ class Device:
     def send(self, port: int, msg_ids: list[str], stop: threading.Event | None = None) -> None:
         """Send ``msg_ids`` in batches; return when all are acked, on ``stop``, or when the
         connection drops (what was acked stays in ``self.acked``)."""
-        from websockets.exceptions import ConnectionClosed
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
         from websockets.sync.client import connect
 
         try:
@@ -302,8 +302,12 @@ class Device:
                     if stop is not None and stop.is_set():
                         return
                     self._send_batch(ws, msg_ids[start:start + self.batch])
-        except (ConnectionClosed, OSError, TimeoutError):
-            return  # the connection dropped: what was acked stays acked
+        except InvalidStatus as exc:
+            if exc.response.status_code in (401, 403):
+                self.errors.append(exc)  # the token is refused: never transient
+            return  # e.g. 503 while the pod is not ready yet
+        except (ConnectionClosed, InvalidHandshake, EOFError, OSError, TimeoutError):
+            return  # the connection dropped (or the pod is restarting): acked stays acked
         except BaseException as exc:  # a protocol violation: the test thread re-raises it
             self.errors.append(exc)
 
@@ -468,6 +472,7 @@ def _stream_while(cluster: Cluster, device: Device, target: str, disrupt: Callab
     deadline = time.monotonic() + 600
     while len(device.acked) < total:
         assert time.monotonic() < deadline, f"{device.device_id}: stream did not finish"
+        before = len(device.acked)
         try:
             with port_forward(cluster, target, 8080) as port:
                 sender = threading.Thread(target=device.send, args=(port, ids), daemon=True)
@@ -481,6 +486,8 @@ def _stream_while(cluster: Cluster, device: Device, target: str, disrupt: Callab
             time.sleep(2)  # the pod is not back yet
         if device.errors:
             raise device.errors[0]
+        if len(device.acked) == before:
+            time.sleep(1)  # no progress (pod restarting): do not spin
     assert disrupted, "the stream finished before the disruption ran"
 
 

@@ -201,3 +201,30 @@ def test_ingest_refuses_to_start_without_secret_or_middle(tmp_path: Path) -> Non
     no_secret = subprocess.run([*base, "--middle-endpoints", "tcp://127.0.0.1:1"],
                                capture_output=True, text=True, timeout=30, env=env)
     assert no_secret.returncode == 2 and "IOTPIPE_AUTH_SECRET" in no_secret.stderr
+
+
+async def test_simulator_reconnects_through_an_ingest_restart(procs: ProcessGroup,
+                                                              tmp_path: Path) -> None:
+    middle = FakeMiddle()
+    try:
+        port, metrics_port = free_port(), free_port()
+        args = ("ingest", "--host", "127.0.0.1", "--port", str(port), "--metrics-port",
+                str(metrics_port), "--data-dir", str(tmp_path / "q"), "--node-id", "node",
+                "--middle-endpoints", middle.endpoint)
+        first = procs.iotpipe(*args, name="first", env=ENV)
+        wait_ready(metrics_port)
+        sim = asyncio.create_task(run_simulation(simulate(
+            port, connections=10, messages=300, rate=100, batch=5, reconnect=True,
+            duration=20)))
+        await asyncio.sleep(1.0)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+        await asyncio.sleep(0.5)
+        procs.iotpipe(*args, name="second", env=ENV)
+        report = await sim
+        assert report.reconnects >= 10
+        assert report.ok, report.to_dict()
+        assert report.acked == 3000
+        assert middle.wait_for(lambda m: acked_pairs(report) <= m.messages(), 20)
+    finally:
+        middle.close()

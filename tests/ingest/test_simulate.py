@@ -55,6 +55,7 @@ def test_report_ok_and_percentiles() -> None:
     report.errors["bad_data"] += 1
     assert not report.ok
     assert not SimulationReport(acked=4, unacked=1).ok
+    assert not SimulationReport(acked=4, never_connected=1).ok
     assert not SimulationReport(acked=4, duplicate_acks=1).ok
 
 

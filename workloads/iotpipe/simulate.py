@@ -82,6 +82,7 @@ class SimulateSettings(TierSettings):
 class SimulationReport:
     connections: int = 0
     connected: int = 0
+    never_connected: int = 0
     connect_failures: Counter[str] = field(default_factory=Counter)
     sent: int = 0
     acked: int = 0
@@ -106,8 +107,10 @@ class SimulationReport:
 
     @property
     def ok(self) -> bool:
+        # Connect failures that a reconnect got past are not failures of the run; a
+        # device that never connected is.
         return (self.unacked == 0 and self.duplicate_acks == 0 and self.unknown_acks == 0
-                and not self.refused and self.acked > 0 and not self.connect_failures)
+                and not self.refused and self.acked > 0 and self.never_connected == 0)
 
     @property
     def refused(self) -> int:
@@ -125,6 +128,7 @@ class SimulationReport:
             "ok": self.ok,
             "connections": self.connections,
             "connected": self.connected,
+            "never_connected": self.never_connected,
             "connect_failures": dict(self.connect_failures),
             "sent": self.sent,
             "acked": self.acked,
@@ -202,6 +206,7 @@ class _Device:
         self.frame_of: dict[int, int] = {}     # id -> frame number it was last sent in
         self.window_open = asyncio.Event()
         self.window_open.set()
+        self.ever_connected = False
 
     def all_settled(self) -> bool:
         return not self.pending and not self.retry
@@ -213,6 +218,7 @@ class _Device:
             try:
                 async with self.sim.connect(self) as ws:
                     self.sim.report.connected += 1
+                    self.ever_connected = True
                     backoff = 0.1
                     # After a reconnect, everything not yet acked goes again.
                     if self.pending:
@@ -420,6 +426,7 @@ class _Simulation:
         await asyncio.gather(*tasks, return_exceptions=True)
         self.report.elapsed_s = time.monotonic() - start
         self.report.unacked = sum(len(d.pending) + len(d.retry) for d in devices)
+        self.report.never_connected = sum(1 for d in devices if not d.ever_connected)
         self.report.acked_ids = {d.device_id: d.acked for d in devices}
         return self.report
 

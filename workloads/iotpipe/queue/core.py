@@ -416,23 +416,38 @@ class PersistentQueue:
         exception it raised (QueueFull at once if it does not fit, TypeError, ValueError...).
         """
         results: list[range | Exception] = []
-        placed: list[int] = []
+        valid: list[tuple[int, Sequence[bytes], list[int]]] = []  # (index, payloads, sizes)
+        for payloads in batches:
+            try:
+                sizes = self._framed_sizes(payloads)
+            except (TypeError, ValueError) as exc:
+                results.append(exc)
+                continue
+            results.append(range(0))  # replaced below
+            if sizes:
+                valid.append((len(results) - 1, payloads, sizes))
         with self._cond:
             self._check_usable()
-            for payloads in batches:
-                try:
-                    sizes = self._framed_sizes(payloads)
-                except (TypeError, ValueError) as exc:
-                    results.append(exc)
-                    continue
-                first = self._next_seq
-                if not sizes:
-                    results.append(range(first, first))
-                elif self._place(payloads, sizes):
-                    results.append(range(first, self._next_seq))
-                    placed.append(len(results) - 1)
-                else:
-                    results.append(self._full_error(sizes))
+            for index, result in enumerate(results):
+                if isinstance(result, range):
+                    results[index] = range(self._next_seq, self._next_seq)
+            placed: list[int] = []
+            combined = [payload for _, payloads, _ in valid for payload in payloads]
+            first = self._next_seq
+            if combined and self._place(combined, [s for _, _, sizes in valid for s in sizes]):
+                # The usual case: every batch fits, so the group is ONE encoded chunk.
+                for index, payloads, _ in valid:
+                    results[index] = range(first, first + len(payloads))
+                    first += len(payloads)
+                    placed.append(index)
+            else:
+                for index, payloads, sizes in valid:
+                    first = self._next_seq
+                    if self._place(payloads, sizes):
+                        results[index] = range(first, self._next_seq)
+                        placed.append(index)
+                    else:
+                        results[index] = self._full_error(sizes)
             if placed:
                 try:
                     self._commit(self._next_seq - 1)

@@ -31,7 +31,6 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from iotpipe.auth import CLIENT_AUDIENCE, DEVICE_AUDIENCE, issue_token
 
 SECRET = "integration-secret-0123456789abcdef0123456789"
-TIERS = ("middle", "storage", "relay", "ingest")
 
 REGISTRY_YAML = """\
 devices:
@@ -84,16 +83,23 @@ class Pipeline:
     middle_args: list[str] = field(default_factory=list)
     relay_args: list[str] = field(default_factory=list)
     storage_args: list[str] = field(default_factory=list)
+    middles: int = 1  # tiers "middle" (id mid-0), "middle1" (mid-1), ...
 
     def __post_init__(self) -> None:
-        self.ports = {name: free_port() for name in (
-            "ingest", "relay", "router", "pub", "feed",
-            "ingest_m", "middle_m", "storage_m", "relay_m")}
+        self.middle_names = ["middle"] + [f"middle{i}" for i in range(1, self.middles)]
+        names = ["ingest", "relay", "ingest_m", "storage_m", "relay_m"]
+        for i in range(self.middles):
+            names += [f"router{i}", f"pub{i}", f"feed{i}", f"{self.middle_names[i]}_m"]
+        self.ports = {name: free_port() for name in names}
         self.registry = self.root / "registry.yaml"
         self.registry.write_text(REGISTRY_YAML)
         self.db = self.root / "store" / "readings.db"
         self.running: dict[str, subprocess.Popen[bytes]] = {}
         self.env = {"IOTPIPE_AUTH_SECRET": SECRET}
+
+    @property
+    def tiers(self) -> list[str]:
+        return [*self.middle_names, "storage", "relay", "ingest"]
 
     @property
     def ingest_url(self) -> str:
@@ -106,29 +112,34 @@ class Pipeline:
     def metrics_url(self, tier: str) -> str:
         return f"http://127.0.0.1:{self.ports[tier + '_m']}"
 
+    def _endpoints(self, kind: str) -> str:
+        return ",".join(f"tcp://127.0.0.1:{self.ports[f'{kind}{i}']}"
+                        for i in range(self.middles))
+
     def argv(self, tier: str) -> list[str]:
         p = self.ports
         common = ["--host", "127.0.0.1", "--metrics-port", str(p[tier + "_m"])]
-        if tier == "middle":
-            return ["middle", *common, "--router-port", str(p["router"]),
-                    "--pub-port", str(p["pub"]), "--feed-port", str(p["feed"]),
-                    "--data-dir", str(self.root / "middle"), "--log-bytes", str(256 << 20),
-                    "--segment-bytes", str(8 << 20), "--middle-id", "mid-0",
+        if tier in self.middle_names:
+            i = self.middle_names.index(tier)
+            return ["middle", *common, "--router-port", str(p[f"router{i}"]),
+                    "--pub-port", str(p[f"pub{i}"]), "--feed-port", str(p[f"feed{i}"]),
+                    "--data-dir", str(self.root / tier), "--log-bytes", str(256 << 20),
+                    "--segment-bytes", str(8 << 20), "--middle-id", f"mid-{i}",
                     "--consumer-groups", "storage", "--lease-timeout", "3",
                     "--consumer-timeout", "3", *self.middle_args]
         if tier == "storage":
-            return ["storage", *common, "--feed-endpoints", f"tcp://127.0.0.1:{p['feed']}",
+            return ["storage", *common, "--feed-endpoints", self._endpoints("feed"),
                     "--group", "storage", "--consumer-id", "store-0",
                     "--sinks", f"sqlite://{self.db}", "--registry-file", str(self.registry),
                     "--data-dir", str(self.root / "store"), *self.storage_args]
         if tier == "relay":
             return ["relay", *common, "--port", str(p["relay"]),
-                    "--middle-pub-endpoints", f"tcp://127.0.0.1:{p['pub']}",
+                    "--middle-pub-endpoints", self._endpoints("pub"),
                     "--registry-file", str(self.registry), *self.relay_args]
         if tier == "ingest":
             return ["ingest", *common, "--port", str(p["ingest"]),
                     "--data-dir", str(self.root / "ingest"), "--queue-bytes", str(64 << 20),
-                    "--node-id", "ing-0", "--middle-endpoints", f"tcp://127.0.0.1:{p['router']}",
+                    "--node-id", "ing-0", "--middle-endpoints", self._endpoints("router"),
                     "--forward-ack-timeout", "1", "--rate-limit", "0", *self.ingest_args]
         raise ValueError(tier)
 
@@ -140,9 +151,9 @@ class Pipeline:
         return proc
 
     def start_all(self) -> None:
-        for tier in TIERS:
+        for tier in self.tiers:
             self.start(tier, wait=False)
-        for tier in TIERS:
+        for tier in self.tiers:
             self.wait_ready(tier)
 
     def wait_ready(self, tier: str, timeout: float = 30.0) -> None:

@@ -33,12 +33,16 @@ ROUNDS = int(os.environ.get("IOTPIPE_CHAOS_ROUNDS", "1"))
 
 @pytest.mark.crash
 @pytest.mark.timeout(120 + 60 * ROUNDS)
-async def test_kill_every_tier_while_a_fleet_sends(procs: ProcessGroup, tmp_path: Path) -> None:
+@pytest.mark.parametrize("middles", [1, 2], ids=["one-middle", "two-middles"])
+async def test_kill_every_tier_while_a_fleet_sends(procs: ProcessGroup, tmp_path: Path,
+                                                   middles: int) -> None:
+    """With two middles, killing the one ingest uses makes it fail over to the other."""
     seed = int(os.environ.get("IOTPIPE_CHAOS_SEED", str(time.time_ns() % 1_000_000)))
     print(f"chaos seed {seed} (IOTPIPE_CHAOS_SEED to replay)")
     rng = random.Random(seed)
-    pipeline = Pipeline(procs, tmp_path)
+    pipeline = Pipeline(procs, tmp_path, middles=middles)
     pipeline.start_all()
+    victims = ["ingest", *pipeline.middle_names, "storage", "relay"]
     devices = [f"dev-{i:03d}" for i in range(30)]
     fleet = Fleet(pipeline.ingest_url, {d: pipeline.device_token(d) for d in devices},
                   batch=4, interval=0.05, reply_timeout=5.0)
@@ -51,7 +55,7 @@ async def test_kill_every_tier_while_a_fleet_sends(procs: ProcessGroup, tmp_path
     try:
         await asyncio.sleep(2.0)
         for _ in range(ROUNDS):
-            for tier in ("ingest", "middle", "storage", "relay"):
+            for tier in victims:
                 await asyncio.sleep(rng.uniform(1.0, 3.0))
                 before = fleet.total_acked()
                 await asyncio.to_thread(pipeline.kill, tier)
@@ -82,6 +86,9 @@ async def test_kill_every_tier_while_a_fleet_sends(procs: ProcessGroup, tmp_path
     assert totals["readings"] > 0
     seen = Counter((f["source"], f["seq"]) for f in live.readings())
     assert max(seen.values()) == 1, "a live event was delivered twice"
+    if middles > 1:
+        sources = {f["source"] for f in live.readings()}
+        assert sources == {"mid-0", "mid-1"}, f"ingest never failed over: {sources}"
     # A device resending after an ingest crash may be logged twice upstream: storage stores it
     # once; live clients see it at most once per logged copy (distinct source seqs).
 

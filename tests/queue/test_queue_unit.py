@@ -17,6 +17,7 @@ from iotpipe.queue import (
     Depth,
     PersistentQueue,
     QueueClosed,
+    QueueCorrupted,
     QueueFull,
     QueueLocked,
     Record,
@@ -282,3 +283,82 @@ async def test_async_queue_full_waits_then_fails_per_caller(tmp_path: Path) -> N
         assert first.start == 1
     finally:
         await async_queue.aclose()
+
+
+async def test_async_queue_bad_batch_fails_alone(tmp_path: Path) -> None:
+    queue = PersistentQueue.open(tmp_path / "q", capacity_bytes=1 << 20, segment_bytes=65536)
+    async_queue = AsyncQueue(queue)
+    try:
+        results = await asyncio.gather(async_queue.append([b"a", b"b"]),
+                                       async_queue.append(["text"]),  # type: ignore[list-item]
+                                       async_queue.append([b"x" * 70000]),
+                                       async_queue.append([]),
+                                       async_queue.append([b"c"]),
+                                       return_exceptions=True)
+        assert isinstance(results[1], TypeError)
+        assert isinstance(results[2], ValueError)
+        good = [r for r in results if isinstance(r, range)]
+        assert sorted(seq for r in good for seq in r) == [1, 2, 3]
+        assert [r.payload for r in queue.read(1)] == [b"a", b"b", b"c"]
+    finally:
+        await async_queue.aclose()
+
+
+def test_records_in_older_segments_are_read_after_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "q"
+    with PersistentQueue.open(path, capacity_bytes=1 << 20, segment_bytes=8192) as queue:
+        for start in range(1, 1001, 50):
+            queue.append([payload_for(s) for s in range(start, start + 50)])
+    assert len(segment_files(path)) > 5
+    with PersistentQueue.open(path, capacity_bytes=1 << 20, segment_bytes=8192) as queue:
+        assert queue.depth().records == 1000
+        for start in (1, 333, 777, 1000):
+            records = queue.read(start, max_records=10)
+            assert [r.seq for r in records] == list(range(start, min(start + 10, 1001)))
+            assert all(r.payload == payload_for(r.seq) for r in records)
+        everything = queue.read(1, max_records=5000, max_bytes=1 << 30)
+        assert [r.payload for r in everything] == [payload_for(s) for s in range(1, 1001)]
+
+
+def test_missing_or_damaged_files_are_reported_not_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "q"
+    args = {"capacity_bytes": 1 << 20, "segment_bytes": 8192}
+    with PersistentQueue.open(path, consumers=["c"], **args) as queue:
+        for start in range(1, 601, 50):
+            queue.append([payload_for(s) for s in range(start, start + 50)])
+    names = segment_files(path)
+    # A segment in the middle disappears: reading across the gap fails and says so.
+    os.rename(path / names[2], tmp_path / names[2])
+    with PersistentQueue.open(path, **args) as queue, \
+            pytest.raises(QueueCorrupted, match="next segment starts at seq"):
+        queue.read(1, max_records=1000, max_bytes=1 << 30)
+    os.rename(tmp_path / names[2], path / names[2])
+    # The first segment disappears while consumer "c" still needs it: the open fails.
+    os.rename(path / names[0], tmp_path / names[0])
+    with pytest.raises(QueueCorrupted, match="missing"):
+        PersistentQueue.open(path, **args)
+    os.rename(tmp_path / names[0], path / names[0])
+    # A damaged segment header.
+    with open(path / names[-1], "r+b") as segment:
+        segment.write(b"NOTASEG!")
+    with pytest.raises(QueueCorrupted, match=f"{names[-1]} at offset 0: bad segment magic"):
+        PersistentQueue.open(path, **args)
+
+
+def test_ledger_survives_one_torn_slot_but_not_two(tmp_path: Path) -> None:
+    path = tmp_path / "q"
+    with PersistentQueue.open(path, consumers=["c"]) as queue:
+        queue.append([b"x"] * 10)
+        queue.ack("c", 4)
+        queue.ack("c", 7)  # generation 3: slot 1 holds it, slot 0 holds ack 4
+    ledger = path / "cursors.ledger"
+    with open(ledger, "r+b") as file:  # tear the newest slot
+        file.seek(65536 + 20)
+        file.write(b"\xde\xad")
+    with PersistentQueue.open(path) as queue:
+        assert queue.acked("c") == 4  # the state before the interrupted write
+    with open(ledger, "r+b") as file:
+        file.seek(20)
+        file.write(b"\xde\xad")
+    with pytest.raises(QueueCorrupted, match="both ledger slots"):
+        PersistentQueue.open(path)

@@ -672,7 +672,7 @@ class PersistentQueue:
                     offset = SEGMENT_HEADER_BYTES
                     continue
                 before = len(records)
-                want = min(segment.end - offset, max(remaining_bytes, 0) + (64 << 10))
+                want = min(segment.end - offset, max(remaining_bytes, 0) + (64 << 10), 1 << 20)
                 data = self._io.pread(segment.handle, want, offset)
                 result = parse_records(data, 0, len(data), seq, records,
                                        max_records=max_records - before,

@@ -81,10 +81,19 @@ class Ledger:
         if size != 2 * SLOT_BYTES:
             file_io.close(self._handle)
             raise QueueCorrupted(self.path, 0, f"ledger size {size}, expected {2 * SLOT_BYTES}")
+        damaged = 0
         for slot in range(2):
-            decoded = decode_slot(file_io.pread(self._handle, SLOT_BYTES, slot * SLOT_BYTES))
-            if decoded is not None and decoded[0] > self.generation:
+            data = file_io.pread(self._handle, SLOT_BYTES, slot * SLOT_BYTES)
+            decoded = decode_slot(data)
+            if decoded is None:
+                damaged += data.count(0) != len(data)
+            elif decoded[0] > self.generation:
                 self.generation, self.cursors = decoded
+        # One torn slot is an interrupted write (the other holds the state before it); two
+        # written but invalid slots cannot come from a crash: the cursors are lost.
+        if damaged == 2:
+            file_io.close(self._handle)
+            raise QueueCorrupted(self.path, 0, "both ledger slots fail their checksum")
 
     def write(self, cursors: dict[str, int]) -> None:
         generation = self.generation + 1

@@ -258,6 +258,10 @@ async def test_client_that_never_reads_is_dropped_and_others_get_everything(
             await asyncio.sleep(0.2)
         assert clients is not None and clients.endswith(" 1.0"), clients
         assert "closing slow client" in relay.procs.log("relay")
+        assert "iotpipe_relay_slow_closes_total 1.0" in metrics
+        sent = next(line for line in metrics.splitlines()
+                    if line.startswith("iotpipe_relay_frames_sent_total"))
+        assert float(sent.split()[-1]) >= 3000
     finally:
         stuck.close()
 

@@ -97,6 +97,10 @@ class _RelayCollector:
              stats.events_in),
             ("iotpipe_relay_events_out", "Reading frames queued to clients (sum over clients)",
              stats.frames_queued),
+            ("iotpipe_relay_frames_sent", "Frames written to client connections (all kinds)",
+             self._relay.frames_sent),
+            ("iotpipe_relay_slow_closes", "Clients closed with 4008 for not reading",
+             self._relay.slow_closes),
             ("iotpipe_relay_dropped", "Reading frames dropped for slow clients",
              stats.dropped),
             ("iotpipe_relay_upstream_gaps", "Sequence jumps seen on the PUB/SUB hop",
@@ -134,6 +138,7 @@ class RelayServer:
                                 "Client connections refused at the handshake", ["reason"],
                                 registry=None)
         self.slow_closes = 0
+        self.frames_sent = 0
         self._closing: set[asyncio.Task[None]] = set()
         self._sub: zmq.Socket[bytes] | None = None
 
@@ -236,6 +241,7 @@ class RelayServer:
                     continue
                 for frame in frames:
                     await connection.send(frame, text=True)
+                self.frames_sent += len(frames)
                 progress.set()
         finally:
             session.closed = True

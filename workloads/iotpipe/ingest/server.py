@@ -268,12 +268,18 @@ class IngestServer:
 
     @staticmethod
     async def _sender(ws: ServerConnection, outbox: asyncio.Queue[bytes | None]) -> None:
+        closed = False
         while True:
             frame = await outbox.get()
             try:
                 if frame is None:
                     return
-                await ws.send(frame, text=True)
+                if not closed:
+                    await ws.send(frame, text=True)
+            except ConnectionClosed:
+                # Keep consuming (and dropping) replies so the read loop never blocks on a
+                # full outbox; it learns of the close from its next recv.
+                closed = True
             finally:
                 outbox.task_done()
 

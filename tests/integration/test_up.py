@@ -131,3 +131,24 @@ async def test_up_runs_restarts_and_stops_everything(procs: ProcessGroup,
             for pid in group:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
+
+
+async def test_children_stop_when_the_supervisor_is_killed(procs: ProcessGroup,
+                                                           tmp_path: Path) -> None:
+    base = free_port_block(9)
+    up = procs.iotpipe("up", "--data-dir", str(tmp_path / "data"), "--base-port", str(base),
+                       "--insecure-no-auth", "--drain-timeout", "3", name="up")
+    try:
+        assert await eventually(lambda: "iotpipe is up" in procs.log("up"), within_s=30)
+        assert "auth        OFF" in procs.log("up")
+        pids = [pid for group in child_pids(procs.log("up")).values() for pid in group]
+        assert len(pids) == 4 and all(alive(pid) for pid in pids)
+        up.kill()
+        up.wait(timeout=10)
+        assert await eventually(lambda: not any(alive(pid) for pid in pids), within_s=30), \
+            [pid for pid in pids if alive(pid)]
+    finally:
+        for group in child_pids(procs.log("up")).values():
+            for pid in group:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)

@@ -89,6 +89,9 @@ class UpSettings(TierSettings):
     simulate_duration: float = Field(365 * 86400.0, gt=0,
                                      description="seconds the simulated fleet sends")
     log_level: str = Field("info", description="log level of every tier")
+    drain_timeout: float = Field(15.0, gt=0, description="seconds ingest gets to forward its "
+                                                         "queue on stop (the rest stays queued "
+                                                         "for the next start)")
     stop_timeout: float = Field(30.0, gt=0, description="seconds each tier gets to stop "
                                                         "before SIGKILL")
     max_backoff: float = Field(10.0, gt=0, description="longest wait before restarting a "
@@ -175,6 +178,7 @@ def build_children(settings: UpSettings, ports: Ports, data_dir: Path, registry_
             "ingest", *common, "--port", str(ports.ingest), "--metrics-port",
             str(ports.ingest_metrics), "--data-dir", str(data_dir / "ingest"),
             "--queue-bytes", str(settings.queue_bytes), "--node-id", node,
+            "--drain-timeout", str(settings.drain_timeout),
             "--middle-endpoints", f"tcp://{loop_host}:{ports.middle_router}", *no_auth), env),
     ]
     if settings.simulate:
@@ -221,6 +225,21 @@ class _Child:
     done: bool = False  # will not be started again
 
 
+def _die_with_parent() -> None:
+    """Runs in each child before exec: SIGTERM it if the supervisor itself dies (Linux).
+
+    Without this a SIGKILLed ``iotpipe up`` would leave its tiers running in their own
+    sessions, holding the ports and queue locks of the next start.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: children outlive a killed supervisor, as with any shell job
+
+
 def _ensure_secret(path: Path) -> None:
     if path.exists() and path.read_bytes().strip():
         return
@@ -254,7 +273,8 @@ class Supervisor:
         try:
             child.proc = subprocess.Popen(
                 child.spec.argv, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, **child.spec.env}, start_new_session=True)
+                env={**os.environ, **child.spec.env}, start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         finally:
             log.close()
         child.started_at = time.monotonic()

@@ -332,3 +332,44 @@ async def test_metrics_count_by_reason_without_per_message_labels(ingest: Factor
     assert 'iotpipe_ingest_frame_messages_bucket{le="1"} 1.0' in text
     assert "iotpipe_forwarder_in_flight_records" in text
     assert "dev-m" not in text
+
+
+async def test_drain_closes_devices_with_1001_at_a_bounded_rate(ingest: Factory,
+                                                                middles: Factory) -> None:
+    middle = middles()
+    server = await ingest([middle], drain_close_rate=10, drain_timeout=20)
+    loop = asyncio.get_running_loop()
+    closed_at: list[float] = []
+    codes: list[int] = []
+    acked: list[int] = []
+    all_acked = asyncio.Event()
+
+    async def device(index: int) -> None:
+        async with device_connect(server, f"dev-{index}") as ws:
+            await ws.send(orjson.dumps({"id": index, "data": {"k": index}}).decode())
+            assert (await reply(ws))["type"] == "ack"
+            acked.append(index)
+            if len(acked) == 5:
+                all_acked.set()
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 15)
+            assert closed.value.rcvd is not None
+            codes.append(closed.value.rcvd.code)
+            closed_at.append(loop.time())
+
+    devices = [asyncio.create_task(device(i)) for i in range(5)]
+    await asyncio.wait_for(all_acked.wait(), 10)
+    assert server.ready()
+    start = loop.time()
+    assert await server.drain()
+    assert not server.ready()
+    await asyncio.gather(*devices)
+    assert codes == [1001] * 5
+    # 10 closes/s: five closes take at least 0.4 s from the first to the last.
+    assert max(closed_at) - min(closed_at) >= 0.35
+    assert min(closed_at) - start < 1.0
+    with pytest.raises(OSError):
+        async with device_connect(server, "late", open_timeout=2):
+            pass
+    assert middle.wait_for(lambda m: len(m.stored) == 5, 5)
+    assert server.queue is not None and server.queue.depth().records == 0

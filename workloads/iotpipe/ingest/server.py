@@ -119,13 +119,16 @@ class _DeviceBuckets:
     def acquire(self, device: str | None, now: float) -> TokenBucket | None:
         if self.rate <= 0:
             return None
-        key = device or ""
-        bucket, users = self._buckets.get(key) or (TokenBucket(self.rate, self.burst, now), 0)
-        self._buckets[key] = (bucket, users + 1)
+        if device is None:  # insecure mode, device named per message: one per connection
+            return TokenBucket(self.rate, self.burst, now)
+        bucket, users = self._buckets.get(device) or (TokenBucket(self.rate, self.burst, now), 0)
+        self._buckets[device] = (bucket, users + 1)
         return bucket
 
     def release(self, device: str | None) -> None:
-        key = device or ""
+        if device is None:
+            return
+        key = device
         entry = self._buckets.get(key)
         if entry is None:
             return
@@ -154,6 +157,7 @@ class IngestServer:
         self.ws_server: Server | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
         self.counters = IngestCounters()
+        self._port = 0
 
     # -- readiness -------------------------------------------------------------------
 
@@ -305,11 +309,12 @@ class IngestServer:
             close_timeout=5,
             reuse_port=s.processes > 1,
         )
+        self._port = int(self.ws_server.sockets[0].getsockname()[1])
 
     @property
     def port(self) -> int:
-        assert self.ws_server is not None
-        return int(self.ws_server.sockets[0].getsockname()[1])
+        """The bound WebSocket port (known once started; kept after the listener closes)."""
+        return self._port
 
     async def drain(self) -> bool:
         """Stop accepting, close devices at a bounded rate, empty the queue. True if empty."""
@@ -321,10 +326,13 @@ class IngestServer:
         log.info("draining", extra={"fields": {"connections": len(self.ws_server.connections)}})
         interval = 1.0 / s.drain_close_rate
         closing = []
+        # Half the drain time at most goes to spreading the closes; the rest at once.
+        spread_until = time.monotonic() + s.drain_timeout / 2
         for conn in list(self.ws_server.connections):
             closing.append(asyncio.create_task(conn.close(CLOSE_GOING_AWAY, "going away")))
             self.counters.closes[str(CLOSE_GOING_AWAY)] += 1
-            await asyncio.sleep(interval)
+            if time.monotonic() < spread_until:
+                await asyncio.sleep(interval)
         if closing:
             await asyncio.wait(closing, timeout=max(0.1, deadline - time.monotonic()))
         if self._handlers:  # appends in progress finish (and are acked) before we count

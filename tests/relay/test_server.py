@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 import urllib.error
@@ -33,6 +34,7 @@ class Relay:
     pub: zmq.Socket  # type: ignore[type-arg]
     proc_name: str
     procs: ProcessGroup
+    registry: Path
 
     def publish(self, device: str, seq: int, source: str = "m0", data: bytes = b'{"v":1}') -> None:
         reading = encode_reading(device, f"{device}/{seq}", seq, data, seq + 1)
@@ -59,7 +61,9 @@ def wait_http(url: str, timeout: float = 20.0) -> str:
 
 
 @pytest.fixture
-def relay(procs: ProcessGroup, tmp_path: Path) -> Iterator[Relay]:
+def relay(procs: ProcessGroup, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Relay]:
+    """A relay process; parametrize indirectly with a list of extra flags."""
+    extra: list[str] = list(getattr(request, "param", []))
     registry = tmp_path / "registry.yaml"
     registry.write_text("devices:\n  boiler-1: {class: boiler, location: hall-1}\n"
                         "prefixes:\n  therm-: {class: thermometer, location: hall-2}\n")
@@ -73,12 +77,12 @@ def relay(procs: ProcessGroup, tmp_path: Path) -> Iterator[Relay]:
         "relay", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
         "--middle-pub-endpoints", f"tcp://127.0.0.1:{pub_port}",
         "--registry-file", str(registry), "--client-queue", "50", "--stall-timeout", "2",
-        name="relay", env={"IOTPIPE_AUTH_SECRET": SECRET.decode()},
+        *extra, name="relay", env={"IOTPIPE_AUTH_SECRET": SECRET.decode()},
     )
     metrics = f"http://127.0.0.1:{metrics_port}"
     wait_http(metrics + "/readyz")
     try:
-        yield Relay(f"ws://127.0.0.1:{port}/v1/live", metrics, pub, "relay", procs)
+        yield Relay(f"ws://127.0.0.1:{port}/v1/live", metrics, pub, "relay", procs, registry)
     finally:
         pub.close(0)
         context.term()
@@ -276,3 +280,36 @@ async def test_sigterm_closes_clients_with_going_away(relay: Relay,
         await recv_json(client, wait_s=10)
     assert info.value.rcvd is not None and info.value.rcvd.code == 1001
     assert proc.wait(timeout=10) == 0
+
+
+async def test_class_subscription_follows_registry_changes(relay: Relay,
+                                                           client: ClientConnection) -> None:
+    await subscribe(client, classes=["pump"])
+    relay.publish("p-1", 1)
+    relay.publish("boiler-1", 2)
+    # p-1 is unknown and boiler-1 is a boiler: nothing matches "pump" yet. Reclassify both;
+    # the relay's registry watcher picks the file up within its interval (2 s).
+    text = "devices:\n  boiler-1: {class: pump}\nprefixes:\n  p-: {class: pump}\n"
+    tmp = relay.registry.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(relay.registry)
+    deadline = time.monotonic() + 10
+    seq = 2
+    got: list[dict[str, object]] = []
+    while time.monotonic() < deadline and len(got) < 2:
+        seq += 1
+        relay.publish("p-1" if seq % 2 else "boiler-1", seq)
+        with contextlib.suppress(TimeoutError):
+            while len(got) < 2:
+                got.append(await recv_json(client, wait_s=0.3))
+    assert {f["device"] for f in got} == {"p-1", "boiler-1"}, got
+    assert all(f["seq"] > 2 for f in got)  # nothing from before the change
+
+
+@pytest.mark.parametrize("relay", [["--max-clients", "1"]], indirect=True)
+async def test_too_many_clients_get_503(relay: Relay, client: ClientConnection) -> None:
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(relay.url, additional_headers=relay.headers("second")):
+            pass
+    assert info.value.response.status_code == 503
+    assert info.value.response.body.startswith(b"too_many_clients")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import time
@@ -366,3 +367,69 @@ def test_malformed_frames_are_counted_and_harmless(middle_factory) -> None:  # t
     assert 'iotpipe_middle_malformed_frames_total{socket="feed"} 2.0' in text
     assert feed_sock.poll(300) == 0  # the unknown group got nothing
     assert sorted(Feed(middle).collect(2)) == [1, 2]
+
+
+@pytest.mark.crash
+@pytest.mark.timeout(90)
+def test_random_sigkills_lose_nothing_acked_and_store_each_seq_once(middle_factory) -> None:  # type: ignore[no-untyped-def]
+    """An ingest-like forwarder (window, resend all unacked on timeout) against a middle
+    that is SIGKILLed and restarted at random moments: every seq ends up in the log
+    exactly once, because the dedup marks are rebuilt after every crash."""
+    rng = random.Random(20261126)
+    middle: Middle = middle_factory()
+    ingest = middle.dealer(middle.router_port)
+    total, size, window, resend_after = 3000, 10, 6, 1.0
+    next_first = 1
+    inflight: dict[int, tuple[int, float]] = {}  # last -> (first, sent_at)
+    acked: set[int] = set()
+    kills = 0
+    kill_at = sorted(rng.sample(range(200, total - 200), 3))  # acked counts to kill at
+    deadline = time.monotonic() + 60
+
+    def send(first: int) -> None:
+        n = min(size, total - first + 1)
+        ingest.send_multipart(wire.encode_batch(
+            "n1", first, [reading("d", s) for s in range(first, first + n)]))
+        inflight[first + n - 1] = (first, time.monotonic())
+
+    while len(acked) < total:
+        assert time.monotonic() < deadline, f"only {len(acked)} of {total} acked"
+        while len(inflight) < window and next_first <= total:
+            send(next_first)
+            next_first += size
+        if kills < 3 and len(acked) >= kill_at[kills]:
+            middle.kill()  # with a window of batches in flight
+            kills += 1
+            middle.start()
+        if ingest.poll(50):
+            reply = ingest.recv_multipart()
+            if wire.message_kind(reply) == wire.KIND_ACK:
+                ack = wire.decode_ack(reply)
+                if ack.last in inflight:
+                    first, _ = inflight.pop(ack.last)
+                    acked.update(range(first, ack.last + 1))
+        oldest = min((sent for _, sent in inflight.values()), default=None)
+        if oldest is not None and time.monotonic() - oldest > resend_after:
+            for first, _ in sorted(inflight.values()):
+                send(first)
+    assert kills == 3
+    got = Feed(middle).collect(total, timeout=20)
+    assert sorted(r.node_seq for r in got.values()) == list(range(1, total + 1))
+    assert len(got) == total  # no seq stored twice
+    assert middle.metric("iotpipe_middle_log_tail_seq") == total
+
+
+def test_group_dropped_from_settings_stops_holding_the_log(middle_factory) -> None:  # type: ignore[no-untyped-def]
+    middle: Middle = middle_factory("--consumer-groups", "storage,lake")
+    ingest = middle.dealer(middle.router_port)
+    wire.decode_ack(send_batch(ingest, "n1", 1, 5))
+    feed = Feed(middle)
+    feed.collect(5)
+    feed.request(acks=[(1, 5)])
+    time.sleep(0.5)
+    assert middle.depth() == 5  # "lake" has not acknowledged anything
+    assert middle.terminate() == 0
+    middle.extra = ["--consumer-groups", "storage"]
+    middle.start()
+    assert middle.depth() == 0
+    assert "consumer group no longer configured" in middle.procs.log("middle-2")

@@ -305,6 +305,7 @@ class PlannedBatch:
     batch: wire.Batch
     new: list[tuple[int, int]]  # node seq ranges of this batch that get stored
     stored_before: bool  # every reading was already durable before this plan
+    skipped_ahead: bool  # started above the node's high-water mark + 1 (a hole opens)
 
 
 @dataclass
@@ -345,15 +346,14 @@ class Intake:
             if marks is None:
                 marks = plan.provisional[node] = self.marks.get(node).copy()
             stored_before = self.marks.get(node).covers(first, last)
-            if first > marks.highest() + 1 and marks:
-                self.counters.skipped_ahead += 1
+            skipped_ahead = bool(marks) and first > marks.highest() + 1
             new = marks.uncovered(first, last)
             for a, b in new:
                 marks.add(a, b)
                 readings = batch.readings[a - first:b - first + 1]
                 plan.readings.extend(readings)
                 plan.records.extend(encode(node, seq, r) for seq, r in enumerate(readings, a))
-            plan.batches.append(PlannedBatch(peer, batch, new, stored_before))
+            plan.batches.append(PlannedBatch(peer, batch, new, stored_before, skipped_ahead))
         return plan
 
     def committed(self, plan: IntakePlan) -> list[Reply]:
@@ -363,6 +363,7 @@ class Intake:
         self.counters.batches += len(plan.batches)
         self.counters.records += len(plan.records)
         self.counters.duplicates += plan.duplicates
+        self.counters.skipped_ahead += sum(pb.skipped_ahead for pb in plan.batches)
         return [Reply(pb.peer, wire.encode_ack(pb.batch.node, pb.batch.last))
                 for pb in plan.batches]
 
@@ -634,11 +635,6 @@ class FeedCore:
             for name in silent:
                 del g.consumers[name]
         return returned
-
-    def next_deadline(self) -> float | None:
-        """When the earliest lease expires (None without leases)."""
-        deadlines = [lease.deadline for g in self._groups.values() for lease in g.leases]
-        return min(deadlines) if deadlines else None
 
     def next_delivery(self, now: float, tail: int) -> Lease | None:
         """The next range to send (already leased), or None when nothing can be sent now.

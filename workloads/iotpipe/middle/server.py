@@ -304,6 +304,12 @@ class MiddleServer:
             persist=settings.persist,
             consumers=settings.consumer_groups,
         )
+        for stale in set(self.queue.consumers) - set(settings.consumer_groups):
+            # The setting is the source of truth: a group dropped from it must not hold
+            # the log's space forever.
+            log.warning("consumer group no longer configured: forgetting its cursor",
+                        extra={"fields": {"group": stale, "acked": self.queue.acked(stale)}})
+            self.queue.unregister_consumer(stale)
         self.tail = self.queue.next_seq - 1
         self.ckpt_log_seq, marks = read_checkpoint(self.checkpoint_path, settings.max_holes)
         if self.ckpt_log_seq > self.tail:
@@ -408,38 +414,40 @@ class MiddleServer:
 
     def _commit(self, arrivals: Sequence[tuple[bytes, wire.Batch]]) -> list[Reply]:
         plan = self.intake.plan(arrivals)
-        if self._append(plan):
+        refusal = self._append(plan)
+        if refusal is None:
             return self.intake.committed(plan)
         if len(arrivals) == 1:
-            return self.intake.refused(plan, self.settings.busy_retry_ms, "log full")
+            return self.intake.refused(plan, self.settings.busy_retry_ms, refusal)
         # The group did not fit: store batches one at a time, in arrival order, and refuse
         # everything from the first that does not fit, so batches keep their order.
         replies: list[Reply] = []
         for i, arrival in enumerate(arrivals):
             single = self.intake.plan([arrival])
-            if not self._append(single):
+            refusal = self._append(single)
+            if refusal is not None:
                 rest = self.intake.plan(arrivals[i:])
                 return replies + self.intake.refused(rest, self.settings.busy_retry_ms,
-                                                     "log full")
+                                                     refusal)
             replies += self.intake.committed(single)
         return replies
 
-    def _append(self, plan: IntakePlan) -> bool:
-        """Append the plan's records durably and publish them; False if the log is full."""
+    def _append(self, plan: IntakePlan) -> str | None:
+        """Append the plan's records durably and publish them; the refusal reason if not."""
         if not plan.records:
-            return True
+            return None
         try:
             seqs = self.queue.append(plan.records, timeout=0.0)
         except QueueFull:
-            return False
-        except ValueError as exc:  # a record larger than a segment: can never fit
-            log.error("batch too large for the log", extra={"fields": {"error": str(exc)}})
-            return False
+            return "log full"
+        except ValueError as exc:  # a record larger than a log segment can never fit
+            log.error("reading too large for the log", extra={"fields": {"error": str(exc)}})
+            return "reading too large for the log"
         self.group_commits += 1
         self.tail = seqs[-1]
         self.recent.extend(seqs.start, plan.records)
         self._publish(seqs.start, plan.readings)
-        return True
+        return None
 
     def _publish(self, first_seq: int, readings: Sequence[bytes]) -> None:
         # The frames of wire.encode_live, sent frame by frame through the backend socket

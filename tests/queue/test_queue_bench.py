@@ -14,8 +14,8 @@ pytestmark = pytest.mark.bench
 
 def test_bench_queue_json_shape(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "iotpipe.cli", "bench", "queue", "--json", "--seconds", "0.02",
-         "--rounds", "1", "--batches", "1,16", "--dir", str(tmp_path)],
+        [sys.executable, "-m", "iotpipe.cli", "bench", "queue", "--json", "--seconds", "0.04",
+         "--slices", "2", "--batches", "1,16", "--dir", str(tmp_path)],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr

@@ -1,10 +1,10 @@
 """``iotpipe bench queue``: persistent-queue append throughput against the plainest way.
 
 For each persist mode and batch size, the queue's ``append`` (framing, CRC32C, one write
-and one sync per batch) runs for a fixed time, alternating with the baseline: ``os.pwrite``
-of the pre-joined payloads + ``os.fdatasync`` per batch on a preallocated file, in the same
-directory. ``limit_ratio`` = queue / baseline, the fraction of the disk's limit that the
-queue reaches from Python. The median of the rounds is reported.
+and one sync per batch) runs for a fixed time in short slices that alternate with the
+baseline: ``os.pwrite`` of the pre-joined payloads + ``os.fdatasync`` per batch on a
+preallocated file, in the same directory. ``limit_ratio`` = queue / baseline, the fraction
+of the disk's limit that the queue reaches from Python.
 
 The pmem mode runs when libpmem loads. On a machine without persistent memory it runs
 with ``PMEM_IS_PMEM_FORCE=1`` (libpmem then treats the ordinary file as pmem and its
@@ -15,14 +15,14 @@ says so in ``pmem_is_pmem_forced``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,10 @@ class QueueBenchSettings(BaseSettings):
     modes: CommaList = Field(["fdatasync", "pmem"],
                              description="persist modes (pmem is skipped if libpmem is missing)")
     record_bytes: int = Field(128, ge=1, le=1 << 20, description="payload bytes per record")
-    seconds: float = Field(0.5, gt=0, le=60, description="seconds per measurement")
-    rounds: int = Field(3, ge=1, le=20, description="alternating rounds per case (median kept)")
+    seconds: float = Field(1.5, gt=0, le=60,
+                           description="seconds per case for the queue (and again for plain)")
+    slices: int = Field(10, ge=1, le=1000,
+                        description="alternate queue and plain this many times per case")
     dir: Path | None = Field(None, description="directory for the files (default: a temp dir)")
 
     @field_validator("batches")
@@ -90,54 +92,71 @@ def _machine(directory: Path) -> dict[str, Any]:
     }
 
 
-def measure_plain(directory: Path, payloads: list[bytes], seconds: float) -> float:
-    """Records/s of pwrite(pre-joined batch) + fdatasync on a preallocated file."""
-    path = directory / "plain.bin"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.posix_fallocate(fd, 0, PLAIN_FILE_BYTES)
-        os.fsync(fd)
-        data = b"".join(payloads)
-        offset = records = 0
-        start = time.perf_counter()
-        deadline = start + seconds
-        while True:
-            if offset + len(data) > PLAIN_FILE_BYTES:
-                offset = 0
-            os.pwrite(fd, data, offset)
-            os.fdatasync(fd)
-            offset += len(data)
-            records += len(payloads)
-            now = time.perf_counter()
-            if now >= deadline:
-                return records / (now - start)
-    finally:
-        os.close(fd)
-        os.unlink(path)
+class _Plain:
+    """The baseline: pwrite of the pre-joined batch + fdatasync, on a preallocated file."""
+
+    def __init__(self, directory: Path, payloads: list[bytes]) -> None:
+        self.path = directory / "plain.bin"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.posix_fallocate(self.fd, 0, PLAIN_FILE_BYTES)
+        os.fsync(self.fd)
+        self.data = b"".join(payloads)
+        self.offset = 0
+
+    def append(self) -> None:
+        if self.offset + len(self.data) > PLAIN_FILE_BYTES:
+            self.offset = 0
+        os.pwrite(self.fd, self.data, self.offset)
+        os.fdatasync(self.fd)
+        self.offset += len(self.data)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.unlink(self.path)
 
 
-def measure_queue(directory: Path, payloads: list[bytes], seconds: float, mode: str) -> float:
-    """Records/s of PersistentQueue.append(payloads) in a fresh queue."""
+def _run_for(append: Callable[[], None], seconds: float) -> tuple[int, float]:
+    """(appends, elapsed) of calling ``append`` for about ``seconds``."""
+    count = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while True:
+        append()
+        count += 1
+        now = time.perf_counter()
+        if now >= deadline:
+            return count, now - start
+
+
+def measure_case(directory: Path, payloads: list[bytes], mode: str, seconds: float,
+                 slices: int) -> tuple[float, float]:
+    """(queue records/s, plain records/s), measured in alternating slices.
+
+    Alternating short slices exposes both to the same disk conditions: on a shared
+    machine the sync latency swings by 10x from one second to the next.
+    """
     from iotpipe.queue import PersistentQueue
 
-    path = directory / "queue"
-    queue = PersistentQueue.open(path, capacity_bytes=8 << 30, segment_bytes=64 << 20,
+    queue_path = directory / "queue"
+    queue = PersistentQueue.open(queue_path, capacity_bytes=8 << 30, segment_bytes=64 << 20,
                                  persist=mode)
+    plain = _Plain(directory, payloads)
     try:
         if queue.persist_mode != mode:
             raise RuntimeError(f"asked for {mode}, queue runs {queue.persist_mode}")
-        records = 0
-        start = time.perf_counter()
-        deadline = start + seconds
-        while True:
-            queue.append(payloads)
-            records += len(payloads)
-            now = time.perf_counter()
-            if now >= deadline:
-                return records / (now - start)
+        totals = {"queue": [0, 0.0], "plain": [0, 0.0]}
+        for _ in range(slices):
+            for name, append in (("plain", plain.append),
+                                 ("queue", lambda: queue.append(payloads))):
+                count, elapsed = _run_for(append, seconds / slices)
+                totals[name][0] += count * len(payloads)
+                totals[name][1] += elapsed
+        return (totals["queue"][0] / totals["queue"][1],
+                totals["plain"][0] / totals["plain"][1])
     finally:
+        plain.close()
         queue.close()
-        shutil.rmtree(path)
+        shutil.rmtree(queue_path)
 
 
 def _pmem_available() -> tuple[bool, bool]:
@@ -158,6 +177,8 @@ def run(settings: QueueBenchSettings, directory: Path) -> dict[str, Any]:
     modes = list(settings.modes)
     pmem_forced = False
     if "pmem" in modes:
+        # The queue warns at every open with PMEM_IS_PMEM_FORCE=1; the report says it once.
+        logging.getLogger("iotpipe.queue").setLevel(logging.ERROR)
         loaded, pmem_forced = _pmem_available()
         if not loaded:
             modes.remove("pmem")
@@ -169,12 +190,8 @@ def run(settings: QueueBenchSettings, directory: Path) -> dict[str, Any]:
     for mode in modes:
         for batch in (int(b) for b in settings.batches):
             payloads = [os.urandom(settings.record_bytes) for _ in range(batch)]
-            queue_rates, plain_rates = [], []
-            for _ in range(settings.rounds):
-                plain_rates.append(measure_plain(directory, payloads, settings.seconds))
-                queue_rates.append(measure_queue(directory, payloads, settings.seconds, mode))
-            queue_rate = statistics.median(queue_rates)
-            plain_rate = statistics.median(plain_rates)
+            queue_rate, plain_rate = measure_case(directory, payloads, mode, settings.seconds,
+                                                  settings.slices)
             result: dict[str, Any] = {
                 "mode": mode,
                 "batch": batch,
@@ -188,8 +205,8 @@ def run(settings: QueueBenchSettings, directory: Path) -> dict[str, Any]:
     return {
         "bench": "queue",
         "record_bytes": settings.record_bytes,
-        "seconds_per_measurement": settings.seconds,
-        "rounds": settings.rounds,
+        "seconds_per_case": settings.seconds,
+        "slices": settings.slices,
         "machine": _machine(directory),
         "notes": notes,
         "results": results,
@@ -197,8 +214,8 @@ def run(settings: QueueBenchSettings, directory: Path) -> dict[str, Any]:
 
 
 def _table(report: dict[str, Any]) -> str:
-    lines = [f"queue append, {report['record_bytes']}-byte records, median of "
-             f"{report['rounds']} x {report['seconds_per_measurement']}s "
+    lines = [f"queue append, {report['record_bytes']}-byte records, "
+             f"{report['seconds_per_case']}s per case in {report['slices']} alternating slices "
              f"({report['machine']['filesystem']}, load {report['machine']['loadavg_1m']})", "",
              f"{'mode':10} {'batch':>6} {'queue rec/s':>12} {'plain rec/s':>12} {'ratio':>6}"]
     for r in report["results"]:

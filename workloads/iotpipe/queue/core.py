@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 import re
 import threading
@@ -29,6 +30,8 @@ from .framing import (
 from .ledger import MAX_CONSUMER_NAME_BYTES, Ledger
 
 __all__ = ["Depth", "PersistentQueue"]
+
+_log = logging.getLogger("iotpipe.queue")
 
 LOCK_NAME = "LOCK"
 MIN_SEGMENT_BYTES = 4096
@@ -302,6 +305,10 @@ class PersistentQueue:
             return
         self._segments[-1].mapping = mapping
         self._persist_mode = "pmem"
+        if os.environ.get("PMEM_IS_PMEM_FORCE") == "1":
+            _log.warning("queue %s uses the pmem backend because PMEM_IS_PMEM_FORCE=1: on a "
+                         "file that is not persistent memory, appends are NOT durable",
+                         self._path)
 
     def close(self) -> None:
         """Finish in-flight appends, then release files and the directory lock. Idempotent."""
@@ -434,7 +441,12 @@ class PersistentQueue:
             placed: list[int] = []
             combined = [payload for _, payloads, _ in valid for payload in payloads]
             first = self._next_seq
-            if combined and self._place(combined, [s for _, _, sizes in valid for s in sizes]):
+            try:
+                together = bool(combined) and self._place(
+                    combined, [s for _, _, sizes in valid for s in sizes])
+            except TypeError:  # a bad payload somewhere: placed one by one below
+                together = False
+            if together:
                 # The usual case: every batch fits, so the group is ONE encoded chunk.
                 for index, payloads, _ in valid:
                     results[index] = range(first, first + len(payloads))
@@ -443,7 +455,12 @@ class PersistentQueue:
             else:
                 for index, payloads, sizes in valid:
                     first = self._next_seq
-                    if self._place(payloads, sizes):
+                    try:
+                        fits = self._place(payloads, sizes)
+                    except TypeError as exc:
+                        results[index] = exc
+                        continue
+                    if fits:
                         results[index] = range(first, self._next_seq)
                         placed.append(index)
                     else:
@@ -459,10 +476,12 @@ class PersistentQueue:
     def _framed_sizes(self, payloads: Sequence[bytes]) -> list[int]:
         if isinstance(payloads, (bytes, bytearray, memoryview, str)):
             raise TypeError("append() takes a sequence of payloads, not one payload")
-        if not all(isinstance(payload, bytes) for payload in payloads):
-            bad = next(p for p in payloads if not isinstance(p, bytes))
-            raise TypeError(f"payloads must be bytes, got {type(bad).__name__}")
-        sizes = [(len(payload) + RECORD_HEADER_BYTES + 7) & ~7 for payload in payloads]
+        # Types are checked by the encoder (concatenation with bytes), before any state
+        # changes: a separate isinstance pass costs ~7% of the append path.
+        try:
+            sizes = [(len(payload) + RECORD_HEADER_BYTES + 7) & ~7 for payload in payloads]
+        except TypeError as exc:
+            raise TypeError(f"payloads must be a sequence of bytes: {exc}") from None
         limit = self._segment_bytes - SEGMENT_HEADER_BYTES
         if sizes and max(sizes) > limit:
             size = next(len(p) for p in payloads if framed_size(len(p)) > limit)
@@ -494,14 +513,26 @@ class PersistentQueue:
             self._reclaim_locked()
             if self._allocated + new_bytes > self._capacity:
                 return False
+        # Encode everything before changing any state: a payload of the wrong type fails
+        # here and leaves the queue as it was.
+        encoded: list[bytes] = []
+        seq = self._next_seq
+        for begin, end, _, _ in splits:
+            try:
+                encoded.append(encode_records(
+                    payloads if len(splits) == 1 else payloads[begin:end], seq))
+            except TypeError as exc:
+                raise TypeError(f"payloads must be a sequence of bytes: {exc}") from None
+            if len(encoded[-1]) != sum(sizes[begin:end]):  # len() was not the byte count
+                raise TypeError("payloads must be bytes (or bytes-like with 1-byte items)")
+            seq += end - begin
         seq = self._next_seq
         segment = self._segments[-1]
-        for begin, end, write_offset, new in splits:
+        for (begin, end, write_offset, new), data in zip(splits, encoded, strict=True):
             if new:
                 segment = self._new_segment(seq)
                 self._segments.append(segment)
                 self._allocated += segment.size
-            data = encode_records(payloads[begin:end], seq)
             self._pending.append(_Chunk(segment, write_offset, data, seq, seq + end - begin - 1))
             seq += end - begin
             self._tail_offset = write_offset + len(data)

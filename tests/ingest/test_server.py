@@ -249,6 +249,16 @@ async def test_queue_full_answers_busy_and_loses_nothing(ingest: Factory,
         assert msg_id < 1000
         assert server.queue is not None
         assert server.queue.depth().records == len(acked)
+        # Pipelined frames into the full queue: every id gets exactly one answer.
+        burst = list(range(msg_id + 1, msg_id + 31))
+        for i in burst:
+            await ws.send(orjson.dumps({"id": i, "data": payload}).decode())
+        answered: list[int] = []
+        while len(answered) < len(burst):
+            answer = await reply(ws)
+            answered.extend(answer["ids"])
+            (acked if answer["type"] == "ack" else busy).update(answer["ids"])
+        assert sorted(answered) == burst
     assert not (acked & busy)
     # Nothing acked was lost: the queue keeps every acked message until a middle takes it.
     stored = [decode_reading(r.payload) for r in server.queue.read(1, max_records=10_000)]

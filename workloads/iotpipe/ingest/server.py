@@ -2,11 +2,13 @@
 
 Per connection: the handshake is authenticated in ``process_request`` (HTTP 401 naming
 the reason otherwise); each received frame goes through the sans-I/O ``DeviceSession``;
-good messages are appended to the local persistent queue (``AsyncQueue``: one group
-commit shared by every connection) and acked only once that append is durable. While an
-append waits for queue space the connection is not read (backpressure); after
-``busy_wait`` seconds the device gets ``busy`` instead. Replies go out through a
-per-connection sender task so the read loop never waits on a slow socket write.
+good messages join the current commit group (``_Committer``: the readings of every frame
+that arrives while an append is in flight become ONE ``AsyncQueue`` append, so one
+fdatasync and one future serve all of them). Replies go out in order through a
+per-connection sender task, and an ack only once its group is durable. The read loop runs
+ahead of the sender by at most ``OUTBOX_FRAMES`` frames: while appends wait for queue space
+the connection stops being read (backpressure), and after ``busy_wait`` seconds the
+waiting frames are answered ``busy``.
 
 Processes: with ``--processes N`` a parent starts N children on one port (SO_REUSEPORT).
 Child ``i`` uses queue dir ``<data_dir>/p<i>``, node id ``<node_id>-p<i>`` and metrics
@@ -56,7 +58,7 @@ from iotpipe.protocol import (
     encode_busy_frame,
     encode_error_frame,
 )
-from iotpipe.queue import AsyncQueue, PersistentQueue, QueueError, QueueFull
+from iotpipe.queue import AsyncQueue, PersistentQueue, QueueFull
 from iotpipe.settings import CommaList, TierSettings, parse_settings, tier_config
 
 __all__ = ["IngestServer", "IngestSettings", "main"]
@@ -139,6 +141,56 @@ class _DeviceBuckets:
             self._buckets[key] = (bucket, users - 1)
 
 
+# What a connection's sender task gets: a reply frame, (durable-future, ids) for an ack,
+# or None to stop.
+_Reply = bytes | tuple["asyncio.Future[None]", list[str | int]] | None
+OUTBOX_FRAMES = 16
+
+
+class _Committer:
+    """Collects the readings of every frame that arrives while a queue append is in
+    flight and appends them as ONE batch: one future per group instead of one per frame.
+    ``submit`` returns the group's future; it fails with ``QueueFull`` (after waiting up to
+    ``busy_wait`` for space) or ``QueueError`` for every frame of the group."""
+
+    def __init__(self, aqueue: AsyncQueue, busy_wait: float) -> None:
+        self._aqueue = aqueue
+        self._busy_wait = busy_wait
+        self._loop = asyncio.get_running_loop()
+        self._readings: list[bytes] = []
+        self._future: asyncio.Future[None] | None = None
+        self._writing = False
+
+    def submit(self, readings: list[bytes]) -> asyncio.Future[None]:
+        future = self._future
+        if future is None:
+            future = self._future = self._loop.create_future()
+        self._readings.extend(readings)
+        if not self._writing:
+            self._start()
+        return future
+
+    def _start(self) -> None:
+        readings, future = self._readings, self._future
+        assert future is not None
+        self._readings, self._future = [], None
+        self._writing = True
+        self._loop.create_task(self._write(readings, future))
+
+    async def _write(self, readings: list[bytes], future: asyncio.Future[None]) -> None:
+        try:
+            await self._aqueue.append(readings, timeout=self._busy_wait)
+        except Exception as exc:  # QueueFull / QueueError go to every frame of the group
+            future.set_exception(exc)
+            future.exception()  # retrieved here: a group whose devices left is not an error
+        else:
+            future.set_result(None)
+        finally:
+            self._writing = False
+            if self._readings:
+                self._start()
+
+
 class IngestServer:
     """One ingest process: WebSocket server + queue + forwarder thread."""
 
@@ -153,6 +205,7 @@ class IngestServer:
         self.buckets = _DeviceBuckets(settings.rate_limit, settings.rate_burst)
         self.queue: PersistentQueue | None = None
         self.aqueue: AsyncQueue | None = None
+        self.committer: _Committer | None = None
         self.forwarder: Forwarder | None = None
         self.ws_server: Server | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
@@ -200,7 +253,7 @@ class IngestServer:
         device: str | None = getattr(ws, "device_id", None)
         session = DeviceSession(device, bucket=self.buckets.acquire(device, loop.time()),
                                 limits=self.limits, flood_limit=self.settings.flood_limit)
-        outbox: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=64)
+        outbox: asyncio.Queue[_Reply] = asyncio.Queue(maxsize=OUTBOX_FRAMES)
         sender = asyncio.create_task(self._sender(ws, outbox))
         counters = self.counters
         counters.connections += 1
@@ -217,10 +270,10 @@ class IngestServer:
             self._handlers.discard(task)
 
     async def _read_loop(self, ws: ServerConnection, session: DeviceSession,
-                         outbox: asyncio.Queue[bytes | None]) -> None:
-        assert self.aqueue is not None
+                         outbox: asyncio.Queue[_Reply]) -> None:
+        assert self.committer is not None
         loop = asyncio.get_running_loop()
-        settings = self.settings
+        committer = self.committer
         counters = self.counters
         while True:
             frame = await ws.recv(decode=False)
@@ -230,37 +283,24 @@ class IngestServer:
             for reply in outcome.replies:
                 await outbox.put(reply)
             if outcome.readings:
-                try:
-                    # Backpressure: while this waits for space, this socket is not read.
-                    await self.aqueue.append(outcome.readings, timeout=settings.busy_wait)
-                except QueueFull:
-                    counters.busy += len(outcome.ids)
-                    await outbox.put(encode_busy_frame(outcome.ids, settings.busy_retry_ms))
-                except QueueError as exc:
-                    log.error("queue append failed", extra={"fields": {"error": str(exc)}})
-                    counters.rejected["internal"] += len(outcome.ids)
-                    await outbox.put(encode_error_frame("internal", list(outcome.ids),
-                                                        "the server cannot store messages"))
-                    await self._close_after_flush(ws, outbox, CLOSE_INTERNAL, "queue failure")
-                    return
-                else:
-                    counters.accepted += len(outcome.ids)
-                    counters.ack_frames += 1
-                    counters.observe_frame(len(outcome.ids))
-                    if outbox.full():
-                        await outbox.put(encode_ack_frame(outcome.ids))
-                    else:  # the common case, without a coroutine per frame
-                        outbox.put_nowait(encode_ack_frame(outcome.ids))
+                # The sender acks once the append is durable; this loop reads on until the
+                # outbox is full, which is the backpressure: a device whose frames wait for
+                # queue space is not read beyond OUTBOX_FRAMES frames.
+                pending = (committer.submit(outcome.readings), outcome.ids)
+                if outbox.full():
+                    await outbox.put(pending)
+                else:  # the common case, without a coroutine per frame
+                    outbox.put_nowait(pending)
             if outcome.close is not None:
                 await self._close_after_flush(ws, outbox, *outcome.close)
                 return
 
-    async def _close_after_flush(self, ws: ServerConnection, outbox: asyncio.Queue[bytes | None],
+    async def _close_after_flush(self, ws: ServerConnection, outbox: asyncio.Queue[_Reply],
                                  code: int, reason: str) -> None:
         self.counters.closes[str(code)] += 1
         await outbox.put(None)  # the sender sends what is queued, then stops
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(outbox.join(), timeout=5.0)
+            await asyncio.wait_for(outbox.join(), timeout=self.settings.busy_wait + 5.0)
         # Frames the device already sent are read and dropped while closing: websockets
         # stops reading the socket when its frame buffer is full, and would then never
         # see the device's close reply (waiting close_timeout instead).
@@ -270,14 +310,43 @@ class IngestServer:
                 await ws.recv(decode=False)
         await closing
 
-    @staticmethod
-    async def _sender(ws: ServerConnection, outbox: asyncio.Queue[bytes | None]) -> None:
+    async def _sender(self, ws: ServerConnection, outbox: asyncio.Queue[_Reply]) -> None:
+        """Sends replies in order; an ack only after its append is durable."""
+        counters = self.counters
+        busy_retry_ms = self.settings.busy_retry_ms
         closed = False
         while True:
-            frame = await outbox.get()
+            item = await outbox.get()
             try:
-                if frame is None:
+                if item is None:
                     return
+                if isinstance(item, tuple):
+                    durable, ids = item
+                    try:
+                        await durable
+                    except QueueFull:
+                        counters.busy += len(ids)
+                        frame = encode_busy_frame(ids, busy_retry_ms)
+                    except Exception as exc:  # QueueError, or a bug: never ack, close 1011
+                        log.error("queue append failed", extra={"fields": {"error": str(exc)}})
+                        counters.rejected["internal"] += len(ids)
+                        frame = encode_error_frame("internal", list(ids),
+                                                   "the server cannot store messages")
+                        if not closed:
+                            with contextlib.suppress(ConnectionClosed):
+                                await ws.send(frame, text=True)
+                        counters.closes[str(CLOSE_INTERNAL)] += 1
+                        closed = True
+                        asyncio.get_running_loop().create_task(
+                            ws.close(CLOSE_INTERNAL, "queue failure"))
+                        continue
+                    else:
+                        counters.accepted += len(ids)
+                        counters.ack_frames += 1
+                        counters.observe_frame(len(ids))
+                        frame = encode_ack_frame(ids)
+                else:
+                    frame = item
                 if not closed:
                     await ws.send(frame, text=True)
             except ConnectionClosed:
@@ -294,6 +363,7 @@ class IngestServer:
         self.queue = PersistentQueue.open(self.queue_dir, capacity_bytes=s.queue_bytes,
                                           consumers=(CONSUMER,))
         self.aqueue = AsyncQueue(self.queue)
+        self.committer = _Committer(self.aqueue, s.busy_wait)
         self.forwarder = Forwarder(
             self.queue, self.node, s.middle_endpoints, batch_records=s.forward_batch,
             window=s.forward_window, ack_timeout=s.forward_ack_timeout,

@@ -5,7 +5,9 @@ driven by ``--nodes`` DEALER sockets, each keeping ``--window`` batches in fligh
 ingest forwarder does, while a feed consumer in the driver acknowledges every delivery so
 the log never fills. The same load is also sent to the plainest possible ROUTER, one that
 acknowledges each batch at once and stores nothing, measured in the same run: ``ratio`` is
-middle / bare. Latency is from send to ack, per batch.
+middle / bare. Latency is from send to ack, per batch. ``records_per_cpu_s`` divides by the
+server process's own CPU time, so it shows what one dedicated core would sustain even on a
+shared, busy machine.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 
 import zmq
 
@@ -89,9 +92,19 @@ def _feed_acker(port: int, stop: threading.Event) -> None:
     sock.close()
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _drive(port: int, nodes: int, window: int, batch: int, record_bytes: int,
-           seconds: float, warmup: float) -> dict[str, float]:
-    """Keep ``window`` batches in flight per node for ``seconds``; measure acks."""
+           seconds: float, warmup: float, server_pid: int) -> dict[str, float]:
+    """Keep ``window`` batches in flight per node for ``seconds``; measure acks.
+
+    The server's CPU time over the measured period gives records per CPU-second: what one
+    core would sustain, a figure that does not depend on how busy the shared machine is.
+    """
     ctx = zmq.Context.instance()
     pad = b"x" * max(0, record_bytes - 60)
     socks = []
@@ -124,6 +137,7 @@ def _drive(port: int, nodes: int, window: int, batch: int, record_bytes: int,
     start = time.perf_counter()
     measuring = False
     t0 = start + warmup
+    cpu0 = _cpu_seconds(server_pid)
     end = start + warmup + seconds
     index = {sock: i for i, sock in enumerate(socks)}
     while True:
@@ -131,6 +145,7 @@ def _drive(port: int, nodes: int, window: int, batch: int, record_bytes: int,
         if not measuring and now >= start + warmup:
             measuring, acked_batches, busy, latencies = True, 0, 0, []
             t0 = now
+            cpu0 = _cpu_seconds(server_pid)
         if now >= end:
             break
         for sock, _ in poller.poll(1000):
@@ -155,6 +170,7 @@ def _drive(port: int, nodes: int, window: int, batch: int, record_bytes: int,
                 acked_batches += 1
                 send(i)
     elapsed = time.perf_counter() - t0
+    cpu = _cpu_seconds(server_pid) - cpu0
     for sock in socks:
         sock.close()
     latencies.sort()
@@ -169,6 +185,8 @@ def _drive(port: int, nodes: int, window: int, batch: int, record_bytes: int,
         "ack_p50_ms": pct(0.50),
         "ack_p99_ms": pct(0.99),
         "busy": busy,
+        "server_cpu_s": round(cpu, 3),
+        "records_per_cpu_s": round(acked_batches * batch / cpu, 1) if cpu > 0 else 0.0,
     }
 
 
@@ -188,7 +206,7 @@ def _run_middle(batch: int, args: argparse.Namespace) -> dict[str, float]:
             _wait_ready(f"http://127.0.0.1:{ports['metrics']}/readyz", proc)
             acker.start()
             return _drive(ports["router"], args.nodes, args.window, batch, args.record_bytes,
-                          args.seconds, args.warmup)
+                          args.seconds, args.warmup, proc.pid)
         finally:
             stop.set()
             acker.join(timeout=5)
@@ -210,7 +228,7 @@ def _run_bare(batch: int, args: argparse.Namespace) -> dict[str, float]:
     try:
         time.sleep(0.5)  # DEALERs connect lazily; the driver's sends wait for the bind
         return _drive(port, args.nodes, args.window, batch, args.record_bytes, args.seconds,
-                      args.warmup)
+                      args.warmup, proc.pid)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -242,6 +260,7 @@ def main(argv: Sequence[str]) -> int:
         if not args.no_baseline:
             bare = _run_bare(batch, args)
             row["bare_records_per_s"] = bare["records_per_s"]
+            row["bare_records_per_cpu_s"] = bare["records_per_cpu_s"]
             row["ratio"] = round(float(row["records_per_s"]) / bare["records_per_s"], 3) \
                 if bare["records_per_s"] else None
         results.append(row)

@@ -593,8 +593,12 @@ def main(argv: Sequence[str]) -> int:
             "groups": settings.consumer_groups}})
         try:
             server.run()
-        finally:
-            server.close()
+        except Exception:  # e.g. an I/O error on the log: exit non-zero, restart clean
+            log.exception("middle failed")
+            with contextlib.suppress(Exception):
+                server.close()
+            return 1
+        server.close()
         log.info("middle stopped", extra={"fields": {"log_tail": server.tail}})
         return 0
     finally:

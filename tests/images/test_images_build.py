@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(1500)]
 
@@ -265,6 +266,21 @@ def test_operator_image_renders_a_sample_pipeline(docker: Docker, operator_image
     assert {"StatefulSet", "Service"} <= kinds, result.stdout[:2000]
 
 
+def test_operator_image_starts_kopf_read_only(docker: Docker, operator_image: str) -> None:
+    """`iotpipe-operator run` gets as far as logging in on a read-only root: kopf, the
+    handlers and the liveness endpoint load; only the (absent) cluster is missing."""
+    # Host networking: a free loopback port of this host (kopf reads port 0 as 80).
+    port = free_port()
+    result = _run(docker, operator_image, "15", "iotpipe-operator", "run", "--standalone",
+                  f"--liveness-endpoint=http://127.0.0.1:{port}/healthz", entrypoint="timeout",
+                  env={"KUBECONFIG": "/nonexistent"}, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 124, output[-3000:]  # still running when timeout stopped it
+    assert "Cannot authenticate the client library" in output, output[-3000:]
+    for problem in ("Read-only file system", "ModuleNotFoundError", "ImportError"):
+        assert problem not in output, output[-3000:]
+
+
 # ---------------------------------------------------------------- both images
 
 
@@ -275,11 +291,14 @@ def test_images_are_non_root_without_compilers_or_pip(
     config = json.loads(docker.run("image", "inspect", image).stdout)[0]["Config"]
     # Numeric, so Kubernetes runAsNonRoot can verify it without reading /etc/passwd.
     assert config["User"] == "10001:10001"
-    probe = ("id -u; for tool in gcc cc c++ make pip pip3; do command -v $tool; done; "
+    probe = ("id -u; command -v sleep; "
+             "for tool in gcc cc c++ make pip pip3; do command -v $tool; done; "
              "ls /opt/iotpipe/bin; ls -d /root/.cache 2>/dev/null; true")
     result = _run(docker, image, "-c", probe, entrypoint="sh")
     lines = result.stdout.split()
     assert lines[0] == "10001"
+    # The operator's ingest pods run `sleep` as their preStop hook.
+    assert lines[1].endswith("/sleep")
     for tool in ("gcc", "cc", "c++", "make", "pip", "pip3"):
         assert not any(line.endswith(f"/{tool}") for line in lines), result.stdout
     assert "/root/.cache" not in lines

@@ -250,7 +250,10 @@ def test_sigterm_flushes_cursor_so_only_unacked_is_redelivered(middle_factory) -
     feed = Feed(middle)
     feed.collect(50)
     feed.request(acks=[(1, 20)])
-    time.sleep(0.3)
+    time.sleep(0.5)
+    text = middle.metrics()
+    assert 'iotpipe_middle_feed_lag_records{group="storage"} 30.0' in text
+    assert 'iotpipe_middle_feed_consumers{group="storage"} 1.0' in text
     assert middle.terminate() == 0
     assert "middle stopped" in middle.procs.log("middle-1")
     middle.start()

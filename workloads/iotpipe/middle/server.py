@@ -252,9 +252,9 @@ class _MiddleCollector:
                                       "Feed consumers currently known, per group",
                                       labels=["group"])
         tail = s.tail
-        for group in s.feed.groups:
-            lag.add_metric([group], s.feed.lag(group, tail))
-            consumers.add_metric([group], s.feed.consumer_count(group))
+        for group, (group_lag, group_consumers) in s.feed_snapshot.items():
+            lag.add_metric([group], group_lag)
+            consumers.add_metric([group], group_consumers)
         yield lag
         yield consumers
         yield GaugeMetricFamily("iotpipe_middle_log_tail_seq", "Highest log seq appended",
@@ -328,6 +328,7 @@ class MiddleServer:
         # wire.encode_live's meta map {"m": middle_id, "s": seq} up to the seq value
         self._live_meta_prefix = b"\x82\xa1m" + _packb(self.middle_id) + b"\xa1s"
         self.recent = RecentRecords(settings.recent_bytes)
+        self.feed_snapshot = {g: (self.feed.lag(g, self.tail), 0) for g in self.feed.groups}
         self.group_commits = 0
         self.published = 0
         self.unpublishable = 0
@@ -541,6 +542,10 @@ class MiddleServer:
         if not final and now - self._last_cursor_sync < 0.2:
             return
         self._last_cursor_sync = now
+        # Per-group figures for the metrics thread, computed here on the loop thread that
+        # owns the feed state (never read half-updated from another thread).
+        self.feed_snapshot = {g: (self.feed.lag(g, self.tail), self.feed.consumer_count(g))
+                              for g in self.feed.groups}
         for group in self.feed.groups:
             # Never past the checkpoint: a reclaimed record's mark must be in a checkpoint.
             target = min(self.feed.cursor(group), self.ckpt_log_seq)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from iotpipe import wire
 from iotpipe.middle.core import (
@@ -385,3 +387,37 @@ def test_rebuild_marks_from_checkpoint_plus_retained_log(tmp_path) -> None:  # t
     assert marks.get("b").ranges() == [(5, 5)]
     ckpt_path.write_bytes(ckpt_path.read_bytes()[:-1])  # damaged: rebuild from the log alone
     assert read_checkpoint(ckpt_path, 16)[0] == 0
+
+
+# -- property: intake never stores a seq twice and never acks an unstored one -------------
+
+batch_strategy = st.tuples(st.sampled_from(["a", "b"]), st.integers(1, 60), st.integers(1, 8))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.lists(batch_strategy, min_size=1, max_size=5), st.booleans()),
+                max_size=30))
+def test_intake_stores_each_seq_once_and_acks_only_stored(
+        groups: list[tuple[list[tuple[str, int, int]], bool]]) -> None:
+    intake = Intake(NodeMarks(max_ranges=1000))
+    stored: dict[tuple[str, int], int] = {}
+    for group, log_full in groups:
+        plan = intake.plan([(b"p", batch(node, first, n)) for node, first, n in group])
+        if log_full:
+            replies = intake.refused(plan, 100, "log full")
+        else:
+            for raw in plan.records:
+                record = wire.decode_log_record(raw)
+                key = (record.node, record.node_seq)
+                stored[key] = stored.get(key, 0) + 1
+            replies = intake.committed(plan)
+        assert len(replies) == len(group)
+        for (node, first, n), reply in zip(group, replies, strict=True):
+            if wire.message_kind(reply.frames) == wire.KIND_ACK:
+                assert wire.decode_ack(reply.frames) == wire.Ack(node, first + n - 1)
+                assert all((node, s) in stored for s in range(first, first + n))
+            else:
+                assert log_full
+    assert all(count == 1 for count in stored.values())
+    for node in ("a", "b"):
+        assert intake.marks.get(node).count() == sum(1 for k in stored if k[0] == node)

@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "ingest": ("iotpipe.bench.ingest:main", "ingest acks/s vs a bare WebSocket server"),
     "storage": ("iotpipe.storage.bench:main", "storage records/s vs plain SQLite inserts"),
     "middle": ("iotpipe.middle.bench:main", "middle ROUTER records/s vs a bare ROUTER"),
+    "relay": ("iotpipe.relay.bench:main", "relay events/s to WebSocket clients vs a bare fan-out"),
 }
 
 

@@ -14,6 +14,8 @@ import pytest
 
 from iotpipe.ingest.server import IngestServer, IngestSettings
 from iotpipe.simulate import (
+    LATENCY_SAMPLES,
+    AckedIds,
     SimulateSettings,
     SimulationReport,
     message_data,
@@ -57,6 +59,31 @@ def test_report_ok_and_percentiles() -> None:
     assert not SimulationReport(acked=4, unacked=1).ok
     assert not SimulationReport(acked=4, never_connected=1).ok
     assert not SimulationReport(acked=4, duplicate_acks=1).ok
+
+
+@pytest.mark.unit
+def test_acked_ids_keep_only_gaps() -> None:
+    acked = AckedIds()
+    for msg_id in [1, 2, 5, 3, 7, 2]:
+        acked.add(msg_id)
+    assert acked.floor == 3
+    assert list(acked) == [1, 2, 3, 5, 7]
+    assert len(acked) == 5
+    assert 2 in acked and 5 in acked and 4 not in acked and 0 not in acked
+    acked.add(4)
+    acked.add(6)
+    assert acked.floor == 7 and list(acked) == list(range(1, 8))
+
+
+@pytest.mark.unit
+def test_latency_reservoir_stays_bounded() -> None:
+    report = SimulationReport()
+    for i in range(LATENCY_SAMPLES + 5000):
+        report.add_latency(i * 1e-6)
+    assert len(report.latencies_s) == LATENCY_SAMPLES
+    assert report.latency_count == LATENCY_SAMPLES + 5000
+    p50 = report.percentile(0.5)
+    assert p50 is not None and 0.08 < p50 < 0.12
 
 
 @pytest.fixture

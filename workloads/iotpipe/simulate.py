@@ -28,11 +28,12 @@ import ipaddress
 import json
 import math
 import os
+import random
 import resource
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from iotpipe.settings import TierSettings, parse_settings, tier_config
 __all__ = ["SimulateSettings", "SimulationReport", "main", "run_simulation"]
 
 RETRIED_REASONS = ("rate_limited",)
+LATENCY_SAMPLES = 200_000  # reservoir size: percentiles stay exact-ish, memory stays flat
 PORTS_PER_SOURCE = 20000  # below the ~28k ephemeral ports, leaving room for the rest
 
 
@@ -78,6 +80,35 @@ class SimulateSettings(TierSettings):
     json_output: bool = Field(False, alias="json", description="print one JSON report")
 
 
+class AckedIds:
+    """The set of acked ids of one device in O(gaps) memory: ids are acked mostly in order,
+    so everything up to ``floor`` is acked and only ids above it are kept in a set."""
+
+    __slots__ = ("_above", "floor")
+
+    def __init__(self) -> None:
+        self.floor = 0
+        self._above: set[int] = set()
+
+    def add(self, msg_id: int) -> None:
+        if msg_id <= self.floor:
+            return
+        self._above.add(msg_id)
+        while self.floor + 1 in self._above:
+            self.floor += 1
+            self._above.discard(self.floor)
+
+    def __contains__(self, msg_id: object) -> bool:
+        return isinstance(msg_id, int) and (0 < msg_id <= self.floor or msg_id in self._above)
+
+    def __len__(self) -> int:
+        return self.floor + len(self._above)
+
+    def __iter__(self) -> Iterator[int]:
+        yield from range(1, self.floor + 1)
+        yield from sorted(self._above)
+
+
 @dataclass
 class SimulationReport:
     connections: int = 0
@@ -96,14 +127,24 @@ class SimulationReport:
     reconnects: int = 0
     elapsed_s: float = 0.0
     send_elapsed_s: float = 0.0
-    latencies_s: list[float] = field(default_factory=list)
-    acked_ids: dict[str, set[int]] = field(default_factory=dict)
+    latencies_s: list[float] = field(default_factory=list)  # a uniform reservoir sample
+    latency_count: int = 0
+    acked_ids: dict[str, AckedIds] = field(default_factory=dict)
+
+    def add_latency(self, seconds: float) -> None:
+        self.latency_count += 1
+        if len(self.latencies_s) < LATENCY_SAMPLES:
+            self.latencies_s.append(seconds)
+        else:
+            slot = random.randrange(self.latency_count)
+            if slot < LATENCY_SAMPLES:
+                self.latencies_s[slot] = seconds
 
     def write_acked(self, path: Path) -> None:
         """One 'device_id<TAB>msg_id' line per acked message."""
         with open(path, "w") as out:
             for device_id, ids in self.acked_ids.items():
-                out.writelines(f"{device_id}\t{i}\n" for i in sorted(ids))
+                out.writelines(f"{device_id}\t{i}\n" for i in ids)
 
     @property
     def ok(self) -> bool:
@@ -197,7 +238,7 @@ class _Device:
         self.source = sim.sources[index % len(sim.sources)]
         self.next_id = 1
         self.pending: dict[int, float] = {}    # id -> when last sent
-        self.acked: set[int] = set()
+        self.acked = AckedIds()
         self.refused: set[int] = set()
         self.retry: list[int] = []             # ids to send again (busy / rate_limited)
         self.retry_at = 0.0
@@ -332,7 +373,7 @@ class _Device:
                     if sent_at is not None:
                         self.acked.add(msg_id)
                         report.acked += 1
-                        report.latencies_s.append(now - sent_at)
+                        report.add_latency(now - sent_at)
                         self._settle(msg_id)
                     elif msg_id in self.acked:
                         report.duplicate_acks += 1

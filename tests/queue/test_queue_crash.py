@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from iotpipe.queue import PersistentQueue, QueueCorrupted, QueueFull
+from iotpipe.queue.framing import RECORD_HEADER_BYTES, encode_records, framed_size
 
 pytestmark = pytest.mark.crash
 
@@ -140,27 +141,39 @@ def test_sigkill_at_random_moments_loses_no_reported_record(tmp_path: Path) -> N
         reported_append = max(reported_append, appended)
         reported_ack = max(reported_ack, acked)
         queue = verify(path, reported_append, reported_ack)
-        if kill % 10 == 5:
-            # Garbage past the last durable record (a torn write of any shape) must be cut.
+        if kill % 5 == 2:
+            # Bytes past the last durable record must be cut: random garbage, or a torn write
+            # of real records (a prefix of them: the complete ones may stay, they are valid).
             tail = queue._segments[-1]
             tail_path, tail_end, next_seq = tail.path, tail.end, queue.next_seq
             queue.close()
             room = OPEN_ARGS["segment_bytes"] - tail_end
-            if room > 0:
+            kept = 0
+            if kill % 10 == 2:
+                junk = os.urandom(rng.randint(1, 3000))
+            else:
+                torn = [payload_for(next_seq), payload_for(next_seq + 1)]
+                whole = encode_records(torn, next_seq)
+                junk = whole[:min(room, rng.randint(1, len(whole) - 1))]
+                # Padding is zeros anyway: a record is whole without its padding.
+                kept = (len(junk) >= RECORD_HEADER_BYTES + len(torn[0])) + (
+                    len(junk) >= framed_size(len(torn[0])) + RECORD_HEADER_BYTES + len(torn[1]))
+            junk = junk[:room]
+            if junk:
                 with open(tail_path, "r+b") as segment:
                     segment.seek(tail_end)
-                    segment.write(os.urandom(rng.randint(1, min(room, 3000))))
+                    segment.write(junk)
                 queue = verify(path, reported_append, reported_ack)
-                assert queue.next_seq == next_seq
+                assert queue.next_seq == next_seq + kept
                 with open(tail_path, "rb") as segment:
-                    segment.seek(tail_end)
-                    assert not segment.read().strip(b"\0"), "garbage after the tail survived"
+                    segment.seek(queue._segments[-1].end)
+                    assert not segment.read().strip(b"\0"), "bytes after the tail survived"
                 garbage_cut += 1
             else:
                 queue = verify(path, reported_append, reported_ack)
         queue.close()
     assert reported_append > 100 and reported_ack > 0, "children made too little progress"
-    assert garbage_cut > 0
+    assert garbage_cut >= KILLS // 10
     with PersistentQueue.open(path, **OPEN_ARGS) as queue:
         assert queue.first_seq > 1, "no segment was ever reclaimed"
         print(f"{KILLS} kills: {reported_append} records, first retained {queue.first_seq}")

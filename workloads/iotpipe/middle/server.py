@@ -108,7 +108,7 @@ class MiddleSettings(TierSettings):
     middle_id: str = Field(default_factory=socket.gethostname,
                            description="this middle's name in live events and deliveries")
     consumer_groups: CommaList = Field(
-        default_factory=lambda: ["storage"],
+        ["storage"],
         description="durable feed consumer groups, comma separated; the log keeps every "
                     "record until each of them acknowledged it")
     lease_timeout: float = Field(30.0, gt=0,

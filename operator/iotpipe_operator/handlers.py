@@ -124,9 +124,9 @@ def _drive_drains(kube: Kube, body: Mapping[str, Any], problems: list[Problem],
                     if exc.status != 409:  # 409: a previous pass created it already
                         raise
                 else:
-                    kopf.info(dict(body), reason="DrainStarted",
-                              message=f"ingest ordinal {action.ordinal} removed with a "
-                                      f"retained queue: started Job {action.name}")
+                    kopf.event(dict(body), type="Normal", reason="DrainStarted",
+                               message=f"ingest ordinal {action.ordinal} removed with a "
+                                       f"retained queue: started Job {action.name}")
             elif action.action == "delete_pvc":
                 # Re-check against fresh state: a scale-up may have brought the pod back.
                 fresh_replicas, fresh_pods = _ingest_replicas_and_pods(kube, name, namespace)
@@ -136,9 +136,9 @@ def _drive_drains(kube: Kube, body: Mapping[str, Any], problems: list[Problem],
                                 action.ordinal, action.name)
                     continue
                 kube.delete("v1", "PersistentVolumeClaim", namespace, action.name)
-                kopf.info(dict(body), reason="QueueDrained",
-                          message=f"queue of ingest ordinal {action.ordinal} drained; "
-                                  f"deleted PVC {action.name}")
+                kopf.event(dict(body), type="Normal", reason="QueueDrained",
+                           message=f"queue of ingest ordinal {action.ordinal} drained; "
+                                   f"deleted PVC {action.name}")
             elif action.action == "delete_job":
                 kube.delete("batch/v1", "Job", namespace, action.name)
         except KubeError as exc:
@@ -187,12 +187,22 @@ def reconcile(kube: Kube, body: Mapping[str, Any], logger: logging.Logger
 
 
 def _report(body: Mapping[str, Any], patch: kopf.Patch, new_status: dict[str, Any],
-            transitions: list[status_mod.Transition]) -> None:
+            transitions: list[status_mod.Transition], announced: dict[tuple[str, str], str]
+            ) -> None:
+    """Patch the status; one event per condition transition. ``announced`` remembers the
+    statuses already announced per object: the timer and a change handler may both
+    compute the same transition from the same old status."""
     patch.status.update(new_status)
+    uid = body["metadata"].get("uid") or body["metadata"]["name"]
+    had_conditions = bool((body.get("status") or {}).get("conditions"))
     for change in transitions:
-        initial_false = change.status == "False" and not (body.get("status") or {}).get(
-            "conditions")
-        if initial_false:
+        key = (uid, change.condition)
+        with _locks_guard:
+            before = announced.get(key)
+            announced[key] = change.status
+        if before == change.status:
+            continue
+        if before is None and change.status == "False" and not had_conditions:
             continue  # the first report is not a transition worth an event
         warning = (change.condition, change.status) in (("Degraded", "True"), ("Ready", "False"))
         kopf.event(dict(body), type="Warning" if warning else "Normal", reason=change.reason,
@@ -205,6 +215,7 @@ def make_registry(reconcile_interval: float = 60.0,
     """A fresh registry with every handler (tests make one per operator instance)."""
     registry = kopf.OperatorRegistry()
     clients: dict[str, Kube] = {}
+    announced: dict[tuple[str, str], str] = {}
     clients_guard = threading.Lock()
 
     def kube() -> Kube:
@@ -235,7 +246,7 @@ def make_registry(reconcile_interval: float = 60.0,
 
     def handle(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger) -> None:
         new_status, transitions = reconcile(kube(), body, logger)
-        _report(body, patch, new_status, transitions)
+        _report(body, patch, new_status, transitions, announced)
 
     @kopf.on.resume(*resource, id="resume", registry=registry)
     def on_resume(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,

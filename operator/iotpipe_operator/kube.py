@@ -101,6 +101,8 @@ class Kube:
         return cls(ApiClient(configuration))
 
     def close(self) -> None:
+        # Drop keep-alive connections too, so the server side sees them end now.
+        self.api.rest_client.pool_manager.clear()
         self.api.close()
 
     def request(self, method: str, path: str, body: Any = None,

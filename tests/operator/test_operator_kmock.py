@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import itertools
 import json
+import warnings
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,23 @@ import yaml
 
 from iotpipe_operator import handlers
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+class NamingEmulator(kmock.KubernetesEmulator):
+    """KMock plus ``metadata.generateName`` (kopf names its Events that way)."""
+
+    _serial = itertools.count(1)
+
+    async def _handle(self, request: Any) -> Any:
+        data = request.data
+        if request.action == kmock.action.CREATE and isinstance(data, dict):
+            meta = data.setdefault("metadata", {})
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = f"{meta['generateName']}{next(self._serial)}"
+        return await super()._handle(request)
+
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60),
+              pytest.mark.kmock(cls=NamingEmulator)]
 
 REPO = Path(__file__).resolve().parents[2]
 NS = "iot"
@@ -91,7 +108,11 @@ class Cluster:
         self.k = emulator
 
     async def send(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
-        headers = {"Content-Type": "application/merge-patch+json"} if method == "PATCH" else {}
+        # Connection: close, so no keep-alive server task outlives the request (kopf waits
+        # for every task spawned while it runs before it stops).
+        headers = {"Connection": "close"}
+        if method == "PATCH":
+            headers["Content-Type"] = "application/merge-patch+json"
         async with self.k.request(method, path, json=body, headers=headers) as response:
             text = await response.text()
             assert response.status < 300, f"{method} {path}: {response.status} {text}"
@@ -123,6 +144,10 @@ class Cluster:
         prefix = f"/api/{res.version}" if not res.group else f"/apis/{res.group}/{res.version}"
         await self.send("PATCH", f"{prefix}/namespaces/{NS}/{res.plural}/{name}", body)
 
+    def events(self, reason: str) -> list[dict[str, Any]]:
+        return [event for name in names(self.k, EVENTS)
+                if (event := obj(self.k, EVENTS, name)) and event.get("reason") == reason]
+
     def status(self, name: str) -> dict[str, Any]:
         current = obj(self.k, PIPELINES, name) or {}
         return current.get("status") or {}
@@ -143,7 +168,9 @@ async def _trim_request_log(emulator: Any) -> None:
 @pytest.fixture
 async def cluster(kmock: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                   ) -> AsyncIterator[Cluster]:
-    kmock.resources.load_bundled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # KMock's importlib call
+        kmock.resources.load_bundled()
     kmock.resources[PIPELINES] = kmock.ResourceInfo(
         kind="IoTPipeline", singular="iotpipeline", namespaced=True, shortnames={"iotp"},
         verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
@@ -183,6 +210,7 @@ async def operator(interval: float = 0.5) -> AsyncIterator[None]:
     settings.watching.reconnect_backoff = 0.2
     settings.networking.request_timeout = 10
     settings.background.instant_exit_timeout = 0.5
+    settings.queueing.exit_timeout = 1.0
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=4)
     settings.execution.executor = executor
     stop = asyncio.Event()
@@ -193,15 +221,16 @@ async def operator(interval: float = 0.5) -> AsyncIterator[None]:
         yield
     finally:
         stop.set()
-        try:
-            await asyncio.wait_for(task, timeout=10)
-        except TimeoutError:
+        # kopf then waits up to 5 s for every task spawned meanwhile, including KMock's
+        # never-ending server side of watch streams: cancel once kopf's own parts are done.
+        await asyncio.wait({task}, timeout=2)
+        if not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await asyncio.wait_for(task, timeout=10)
         # Let handler threads still talking to KMock finish while its loop still runs.
         await asyncio.wait_for(asyncio.to_thread(executor.shutdown, wait=True), timeout=20)
-    if task.done() and not task.cancelled() and task.exception():
+    if not task.cancelled() and task.exception():
         raise task.exception()  # type: ignore[misc]
 
 
@@ -291,6 +320,10 @@ async def test_missing_keda_is_reported_not_crashed(cluster: Cluster) -> None:
         degraded = await eventually(lambda: cluster.condition("keda-fleet", "Degraded"),
                                     what="Degraded condition")
         assert degraded["status"] == "True" and degraded["reason"] == "KedaNotInstalled"
+        (event, *_) = await eventually(lambda: cluster.events("KedaNotInstalled"),
+                                       what="a Warning event for the transition")
+        assert event["type"] == "Warning"
+        assert event["involvedObject"]["name"] == "keda-fleet"
         # the rest of the pipeline is still reconciled, ingest held at minReplicas
         sts = await eventually(lambda: obj(cluster.k, STATEFULSETS, "keda-fleet-ingest"))
         assert sts["spec"]["replicas"] == 2
@@ -302,6 +335,9 @@ async def test_missing_keda_is_reported_not_crashed(cluster: Cluster) -> None:
                          what="ScaledObject after KEDA appears")
         await eventually(lambda: (cluster.condition("keda-fleet", "Degraded") or {})
                          .get("status") == "False", what="Degraded cleared")
+        await eventually(lambda: cluster.events("AsExpected"), what="a recovery event")
+    # one event per transition, not one per reconcile
+    assert len(cluster.events("KedaNotInstalled")) == 1
 
 
 async def _controller_pods_and_pvcs(cluster: Cluster, ordinals: list[int],
@@ -355,6 +391,8 @@ async def test_scale_down_drains_the_retained_queue(cluster: Cluster) -> None:
                          what="drained PVC deleted")
         await eventually(lambda: obj(cluster.k, JOBS, "demo-ingest-drain-2") is None,
                          what="finished Job deleted")
+        await eventually(lambda: cluster.events("QueueDrained"), what="QueueDrained event")
+    assert len(cluster.events("DrainStarted")) == 1
     assert names(cluster.k, PVCS) == {"queue-demo-ingest-0", "queue-demo-ingest-1"}
 
 

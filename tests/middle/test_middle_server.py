@@ -436,3 +436,38 @@ def test_group_dropped_from_settings_stops_holding_the_log(middle_factory) -> No
     middle.start()
     assert middle.depth() == 0
     assert "consumer group no longer configured" in middle.procs.log("middle-2")
+
+
+def test_competing_consumers_of_one_group_share_the_feed(middle_factory) -> None:  # type: ignore[no-untyped-def]
+    middle: Middle = middle_factory()
+    ingest = middle.dealer(middle.router_port)
+    for first in range(1, 501, 50):
+        wire.decode_ack(send_batch(ingest, "n1", first, 50))
+    consumers = [Feed(middle, "c1", credit=40), Feed(middle, "c2", credit=40)]
+    seen: list[set[int]] = [set(), set()]
+    for feed in consumers:
+        feed.request()
+    deadline = time.monotonic() + 15
+    while len(seen[0] | seen[1]) < 500:
+        assert time.monotonic() < deadline, f"only {len(seen[0] | seen[1])} of 500 delivered"
+        for i, feed in enumerate(consumers):
+            if feed.sock.poll(50):
+                records = wire.decode_records(feed.sock.recv_multipart())
+                seen[i].update(range(records.first, records.last + 1))
+                feed.request(acks=[(records.first, records.last)])  # frees window
+    assert not seen[0] & seen[1], "a record went to both consumers without a lease expiry"
+    assert seen[0] and seen[1], "one consumer got everything"
+    assert seen[0] | seen[1] == set(range(1, 501))
+
+
+def test_undecodable_reading_is_stored_but_not_published(middle_factory) -> None:  # type: ignore[no-untyped-def]
+    # The middle passes readings through untouched; one without a device id cannot be
+    # routed on the PUB socket, so it is counted instead of published.
+    middle: Middle = middle_factory()
+    ingest = middle.dealer(middle.router_port)
+    ingest.send_multipart(wire.encode_batch("n1", 1, [b"\xc1", reading("d", 2)]))
+    assert wire.decode_ack(recv(ingest)) == wire.Ack("n1", 2)
+    got = Feed(middle).collect(2)
+    assert [got[1].reading, got[2].node_seq] == [b"\xc1", 2]
+    assert middle.metric("iotpipe_middle_unpublishable_records_total") == 1
+    assert middle.metric("iotpipe_middle_pub_messages_total") == 1

@@ -50,6 +50,7 @@ class SimFS:
         self._locks: set[str] = set()
         self.ops_until_cut: int | None = None  # a PowerCut is raised at this mutating op
         self.syncs = 0
+        self.free = 1 << 40  # what free_bytes reports
 
     # -- power -------------------------------------------------------------------------
 
@@ -159,6 +160,9 @@ class SimFS:
 
     def exists(self, path: str) -> bool:
         return path in self.files or path in self.dirs
+
+    def free_bytes(self, path: str) -> int:
+        return self.free
 
     def lock(self, path: str) -> str:
         if path in self._locks:

@@ -153,3 +153,17 @@ def test_torn_tail_is_cut_so_stale_bytes_never_follow_new_records() -> None:
     assert not any(fs.files[segment].durable[tail:])
     assert [r.payload for r in queue.read(1, max_records=100)][:5] == [b"a" * 100] * 5
     queue.close()
+
+
+def test_a_full_disk_is_backpressure_not_a_broken_queue() -> None:
+    fs = SimFS()
+    queue = PersistentQueue.open(QUEUE_DIR, consumers=["c"], file_io=fs, **OPEN_ARGS)
+    queue.append([b"x" * 1000] * 8)  # fills the first 8 KiB segment
+    fs.free = 4096  # less than a segment (plus reserve) left on the disk
+    with pytest.raises(QueueFull, match="disk"):
+        queue.append([b"y" * 1000])
+    assert queue.append([]) == range(9, 9)  # the queue still works
+    fs.free = 1 << 40
+    assert queue.append([b"y" * 1000]) == range(9, 10)
+    assert queue.read(9)[0].payload == b"y" * 1000
+    queue.close()

@@ -178,6 +178,8 @@ class PersistentQueue:
         self._listeners: list[Callable[[int], None]] = []
         self._lock_handle: Any = None
         self._ledger: Ledger | None = None
+        self._disk_reserve = 1 << 20  # keep this much free for the ledger and the system
+        self._disk_full_logged = False
 
     def _recover(self, consumer_names: list[str]) -> None:
         io = self._io
@@ -254,6 +256,11 @@ class PersistentQueue:
         self._choose_persist_mode()
         with self._cond:
             self._reclaim_locked()
+        free = io.free_bytes(self._path)
+        if free < self._capacity - self._allocated:
+            _log.warning("queue %s: capacity %d bytes but only %d bytes free on disk; appends "
+                         "will be refused as full before the capacity is reached",
+                         self._path, self._capacity, free + self._allocated)
 
     def _recover_tail(self, segment: _Segment) -> None:
         """Scan the last segment, cut a torn tail, and fail on damage inside synced data."""
@@ -491,8 +498,8 @@ class PersistentQueue:
 
     def _full_error(self, sizes: list[int]) -> QueueFull:
         return QueueFull(f"queue {self._path} is full: {len(sizes)} records ({sum(sizes)} "
-                         f"bytes) do not fit in capacity {self._capacity} bytes until consumers "
-                         "acknowledge more")
+                         f"bytes) do not fit in capacity {self._capacity} bytes (or in the free "
+                         "disk space) until consumers acknowledge more")
 
     def _place(self, payloads: Sequence[bytes], sizes: list[int]) -> bool:
         """Assign seqs and segment positions, encode, queue the chunks. False if full."""
@@ -509,10 +516,23 @@ class PersistentQueue:
             room -= size
         splits.append((begin, len(sizes), offset, new))
         new_bytes = sum(self._segment_bytes for split in splits if split[3])
-        if new_bytes and self._allocated + new_bytes > self._capacity:
-            self._reclaim_locked()
+        if new_bytes:
             if self._allocated + new_bytes > self._capacity:
-                return False
+                self._reclaim_locked()
+                if self._allocated + new_bytes > self._capacity:
+                    return False
+            # A full disk is backpressure too: the segment could not be created (the
+            # error would poison the queue in the middle of a group commit).
+            if self._io.free_bytes(self._path) < new_bytes + self._disk_reserve:
+                self._reclaim_locked()
+                if self._io.free_bytes(self._path) < new_bytes + self._disk_reserve:
+                    if not self._disk_full_logged:
+                        _log.warning("queue %s: disk full (%d bytes free), refusing appends "
+                                     "that need a new segment", self._path,
+                                     self._io.free_bytes(self._path))
+                        self._disk_full_logged = True
+                    return False
+            self._disk_full_logged = False
         # Encode everything before changing any state: a payload of the wrong type fails
         # here and leaves the queue as it was.
         encoded: list[bytes] = []

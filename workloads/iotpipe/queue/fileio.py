@@ -33,6 +33,7 @@ class FileIO(Protocol):
     def makedirs(self, path: str) -> None: ...
     def listdir(self, path: str) -> list[str]: ...
     def exists(self, path: str) -> bool: ...
+    def free_bytes(self, path: str) -> int: ...
     def lock(self, path: str) -> Any: ...
     def unlock(self, handle: Any) -> None: ...
 
@@ -98,6 +99,11 @@ class OsFileIO:
 
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
+
+    def free_bytes(self, path: str) -> int:
+        """Bytes an unprivileged writer may still allocate on the file system of ``path``."""
+        stats = os.statvfs(path)
+        return stats.f_bavail * stats.f_frsize
 
     def lock(self, path: str) -> int:
         """Exclusive flock on ``path``; raises BlockingIOError if someone else holds it."""

@@ -262,12 +262,14 @@ def _hash(workload: dict[str, Any] | None) -> str:
 
 async def test_spec_change_patches_children_and_rolls_pods(cluster: Cluster) -> None:
     await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
+    await _controller_pods_and_pvcs(cluster, [0, 1], [0, 1])
     async with operator():
         sts = await eventually(lambda: obj(cluster.k, STATEFULSETS, "demo-ingest"))
         before = _hash(sts)
         await eventually(lambda: obj(cluster.k, DEPLOYMENTS, "demo-relay"))
         relay_before = _hash(obj(cluster.k, DEPLOYMENTS, "demo-relay"))
-        await cluster.patch_pipeline("demo", {"ingest": {"replicas": 3, "rateLimit": 10}})
+        await cluster.patch_pipeline("demo", {"ingest": {"replicas": 3, "rateLimit": 10,
+                                                         "queue": {"size": "2Gi"}}})
         await eventually(lambda: (obj(cluster.k, STATEFULSETS, "demo-ingest") or {})
                          .get("spec", {}).get("replicas") == 3, what="replicas patched")
         await eventually(lambda: cluster.status("demo").get("observedGeneration") == 2,
@@ -278,6 +280,14 @@ async def test_spec_change_patches_children_and_rolls_pods(cluster: Cluster) -> 
     config = obj(cluster.k, CONFIGMAPS, "demo-ingest-config")
     assert config is not None and config["data"]["IOTPIPE_INGEST_RATE_LIMIT"] == "10"
     assert cluster.status("demo")["ingest"]["desired"] == 3
+    # a grown queue expands the existing PVCs (the claim template itself is immutable)
+    for ordinal in (0, 1):
+        pvc = obj(cluster.k, PVCS, f"queue-demo-ingest-{ordinal}")
+        assert pvc is not None
+        assert pvc["spec"]["resources"]["requests"]["storage"] == "2253Mi"  # 2Gi + 10%
+    claim = sts["spec"]["volumeClaimTemplates"][0]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1127Mi", \
+        "volumeClaimTemplates must not be patched (immutable)"
 
 
 async def test_autoscaling_mode_switches_replace_the_autoscaler(cluster: Cluster) -> None:
@@ -486,3 +496,22 @@ async def test_resume_after_operator_restart(cluster: Cluster) -> None:
     async with operator(interval=60):
         await eventually(lambda: obj(cluster.k, CONFIGMAPS, "demo-middle-config"),
                          within=8, what="child recreated on resume")
+
+
+async def test_autoscaler_scale_down_drains_too(cluster: Cluster) -> None:
+    pipeline = seeded(_sample("minimal.yaml"))
+    pipeline["spec"]["ingest"]["autoscaling"] = {"mode": "hpa", "minReplicas": 1}
+    await cluster.create_pipeline(pipeline)
+    await _controller_pods_and_pvcs(cluster, [0, 1], [0, 1])
+    async with operator(interval=0.3):
+        await eventually(lambda: obj(cluster.k, HPAS, "demo-ingest"), what="HPA")
+        # The HPA scales the StatefulSet directly (the operator leaves replicas alone) ...
+        await cluster.patch(STATEFULSETS, "demo-ingest", {"spec": {"replicas": 2}})
+        await asyncio.sleep(0.8)
+        await cluster.patch(STATEFULSETS, "demo-ingest", {"spec": {"replicas": 1}})
+        await cluster.send("DELETE", f"/api/v1/namespaces/{NS}/pods/demo-ingest-1")
+        # ... and the removed ordinal's queue is drained all the same.
+        await eventually(lambda: obj(cluster.k, JOBS, "demo-ingest-drain-1"), what="drain Job")
+        await asyncio.sleep(0.6)
+        sts = obj(cluster.k, STATEFULSETS, "demo-ingest")
+        assert sts is not None and sts["spec"]["replicas"] == 1, "no fight with the HPA"

@@ -1,0 +1,186 @@
+"""Pure decision logic: drain planning, status and conditions, RBAC coverage, kube paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from iotpipe_operator import builders, drain, rbac
+from iotpipe_operator import status as status_mod
+from iotpipe_operator.builders import ClusterCapabilities, Problem
+from iotpipe_operator.kube import PLURALS, patch_body, resource_path
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _job(ordinal: int, **status: Any) -> dict[str, Any]:
+    return {"metadata": {"name": f"demo-ingest-drain-{ordinal}"}, "status": status}
+
+
+def _pvcs(*ordinals: int) -> list[str]:
+    return [f"queue-demo-ingest-{o}" for o in ordinals]
+
+
+def _actions(plan: drain.DrainPlan) -> list[tuple[str, int]]:
+    return [(a.action, a.ordinal) for a in plan.actions]
+
+
+def test_no_drain_while_every_ordinal_is_in_service() -> None:
+    plan = drain.plan("demo", 3, _pvcs(0, 1, 2), {"demo-ingest-0", "demo-ingest-1",
+                                                  "demo-ingest-2"}, [])
+    assert plan.actions == [] and plan.draining == []
+
+
+def test_removed_ordinal_with_pod_gone_gets_one_job() -> None:
+    plan = drain.plan("demo", 2, _pvcs(0, 1, 2, 3), {"demo-ingest-0", "demo-ingest-1"}, [])
+    assert _actions(plan) == [("create_job", 2), ("create_job", 3)]
+    assert plan.actions[0].name == "demo-ingest-drain-2"
+    # idempotent: with the Jobs running, the next pass does nothing new
+    again = drain.plan("demo", 2, _pvcs(0, 1, 2, 3), {"demo-ingest-0", "demo-ingest-1"},
+                       [_job(2, active=1), _job(3)])
+    assert again.actions == [] and again.draining == [2, 3]
+
+
+def test_terminating_pod_drains_itself_first() -> None:
+    plan = drain.plan("demo", 2, _pvcs(0, 1, 2), {"demo-ingest-0", "demo-ingest-1",
+                                                  "demo-ingest-2"}, [])
+    assert plan.actions == [] and plan.waiting == [2]
+
+
+def test_succeeded_job_releases_pvc_then_job() -> None:
+    done = _job(2, succeeded=1, conditions=[{"type": "Complete", "status": "True"}])
+    plan = drain.plan("demo", 2, _pvcs(0, 1, 2), {"demo-ingest-0", "demo-ingest-1"}, [done])
+    assert _actions(plan) == [("delete_pvc", 2), ("delete_job", 2)]
+    assert plan.actions[0].name == "queue-demo-ingest-2"
+    # PVC already gone: only the Job is tidied up
+    tidy = drain.plan("demo", 2, _pvcs(0, 1), {"demo-ingest-0", "demo-ingest-1"}, [done])
+    assert _actions(tidy) == [("delete_job", 2)]
+
+
+def test_failed_job_keeps_the_queue() -> None:
+    failed = _job(2, failed=7, conditions=[{"type": "Failed", "status": "True"}])
+    plan = drain.plan("demo", 2, _pvcs(0, 1, 2), {"demo-ingest-0", "demo-ingest-1"}, [failed])
+    assert plan.actions == [] and plan.failed == [2]
+
+
+def test_scale_up_cancels_a_running_drain_and_keeps_pvc() -> None:
+    plan = drain.plan("demo", 3, _pvcs(0, 1, 2), {"demo-ingest-0", "demo-ingest-1"},
+                      [_job(2, active=1)])
+    assert _actions(plan) == [("delete_job", 2)]
+
+
+def test_other_pipelines_pvcs_are_ignored() -> None:
+    plan = drain.plan("demo", 1, ["queue-demo2-ingest-5", "queue-demo-middle-3",
+                                  "queue-demo-ingest-x"], set(), [])
+    assert plan.actions == []
+    assert drain.pvc_ordinal("demo", "queue-demo-ingest-12") == 12
+    assert drain.pvc_ordinal("de.mo", "queue-deXmo-ingest-1") is None  # names are literal
+
+
+def _workload(replicas: int, ready: int, generation: int = 1, observed: int = 1
+              ) -> dict[str, Any]:
+    return {"metadata": {"generation": generation},
+            "spec": {"replicas": replicas},
+            "status": {"replicas": replicas, "readyReplicas": ready, "updatedReplicas": replicas,
+                       "observedGeneration": observed}}
+
+
+def _conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def test_status_running_when_every_tier_is_ready() -> None:
+    workloads = {t: _workload(2, 2) for t in builders.TIERS}
+    status, transitions = status_mod.compute("demo", 3, False, workloads, [], {}, None)
+    assert status["phase"] == "Running" and status["observedGeneration"] == 3
+    assert _conditions(status) == {"Ready": ("True", "AllTiersReady"),
+                                   "Progressing": ("False", "Stable"),
+                                   "Degraded": ("False", "AsExpected")}
+    assert status["ingest"]["summary"] == "2/2"
+    assert status["ingest"]["selector"] == "iotpipe.dev/pipeline=demo,iotpipe.dev/tier=ingest"
+    assert {t.condition for t in transitions} == {"Ready", "Progressing", "Degraded"}
+    # same inputs again: no transitions, lastTransitionTime kept
+    again, transitions = status_mod.compute("demo", 3, False, workloads, [], {}, status)
+    assert transitions == []
+    assert again["conditions"] == status["conditions"]
+
+
+def test_status_rolling_out_and_degraded() -> None:
+    workloads = {t: _workload(2, 2) for t in builders.TIERS}
+    workloads["ingest"] = _workload(3, 1, generation=2, observed=1)
+    status, _ = status_mod.compute("demo", 2, False, workloads, [], {}, None)
+    assert status["phase"] == "Progressing"
+    assert _conditions(status)["Ready"] == ("False", "RollingOut")
+    assert status["ingest"]["summary"] == "1/3"
+    problem = Problem("KedaNotInstalled", "install KEDA")
+    degraded, transitions = status_mod.compute("demo", 2, False, workloads, [problem], {},
+                                               status)
+    assert degraded["phase"] == "Degraded"
+    assert _conditions(degraded)["Degraded"] == ("True", "KedaNotInstalled")
+    assert [t.condition for t in transitions] == ["Degraded"]
+
+
+def test_status_pending_paused_and_draining() -> None:
+    nothing = {t: None for t in builders.TIERS}
+    status, _ = status_mod.compute("demo", 1, False, nothing, [], {}, None)
+    assert status["phase"] == "Pending"
+    assert _conditions(status)["Progressing"] == ("True", "Creating")
+    paused, _ = status_mod.compute("demo", 1, True, nothing, [], {}, None)
+    assert paused["phase"] == "Paused"
+    assert _conditions(paused)["Progressing"] == ("False", "Paused")
+    ready = {t: _workload(1, 1) for t in builders.TIERS}
+    draining, _ = status_mod.compute("demo", 1, False, ready, [],
+                                     {"draining": [4], "waitingForPod": [], "failed": []}, None)
+    assert draining["phase"] == "Progressing"
+    assert _conditions(draining)["Progressing"] == ("True", "Draining")
+
+
+def test_autoscaled_statefulset_without_replicas_counts_as_one() -> None:
+    sts = {"spec": {}, "status": {"readyReplicas": 1}}
+    assert status_mod.tier_status(sts)["desired"] == 1
+
+
+def test_rbac_covers_every_kind_the_operator_writes() -> None:
+    result = builders.build(yaml.safe_load((REPO / "samples" / "autoscaled-hpa.yaml")
+                                           .read_text()),
+                            ClusterCapabilities(keda=True, service_monitor=True))
+    keda = builders.build(yaml.safe_load((REPO / "samples" / "autoscaled-keda.yaml")
+                                         .read_text()), ClusterCapabilities(keda=True))
+    children = [*result.children, *keda.children,
+                builders.build_drain_job(yaml.safe_load(
+                    (REPO / "samples" / "minimal.yaml").read_text()), 1)]
+    for child in children:
+        group = child["apiVersion"].rpartition("/")[0]
+        plural = PLURALS[child["kind"]]
+        for verb in ("create", "patch", "delete", "get"):
+            assert rbac.allows(group, plural, verb), (group, plural, verb)
+    assert rbac.allows("", "persistentvolumeclaims", "delete")
+    assert rbac.allows("iotpipe.dev", "iotpipelines/status", "patch")
+    assert rbac.allows("", "events", "create")
+    rules = yaml.safe_load(rbac.rules_yaml())
+    assert rules == rbac.OPERATOR_RULES
+
+
+def test_crd_itself_validates_as_a_crd() -> None:
+    definition = yaml.safe_load((REPO / "crds" / "iotpipelines.yaml").read_text())
+    kubernetes_validate.validate(definition, kubernetes_validate.utils.latest_version(),
+                                 strict=True)
+
+
+def test_resource_paths_and_patch_bodies() -> None:
+    assert resource_path("v1", "ConfigMap", "iot", "x") == "/api/v1/namespaces/iot/configmaps/x"
+    assert resource_path("iotpipe.dev/v1alpha1", "IoTPipeline", "iot", "p", "status") == (
+        "/apis/iotpipe.dev/v1alpha1/namespaces/iot/iotpipelines/p/status")
+    with pytest.raises(ValueError, match="does not manage kind"):
+        resource_path("v1", "Secret", "iot")
+    sts = builders.build(yaml.safe_load((REPO / "samples" / "minimal.yaml").read_text())
+                         ).find("StatefulSet", "demo-ingest")
+    body = patch_body(sts)
+    assert "volumeClaimTemplates" not in body["spec"] and "selector" not in body["spec"]
+    assert body["spec"]["template"] == sts["spec"]["template"]

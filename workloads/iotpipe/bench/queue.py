@@ -4,7 +4,8 @@ For each persist mode and batch size, the queue's ``append`` (framing, CRC32C, o
 and one sync per batch) runs for a fixed time in short slices that alternate with the
 baseline: ``os.pwrite`` of the pre-joined payloads + ``os.fdatasync`` per batch on a
 preallocated file, in the same directory. ``limit_ratio`` = queue / baseline, the fraction
-of the disk's limit that the queue reaches from Python.
+of the disk's limit that the queue reaches from Python. ``framing_records_per_s`` runs the
+same appends with fdatasync skipped (not durable): the CPU ceiling of framing + CRC.
 
 The pmem mode runs when libpmem loads. On a machine without persistent memory it runs
 with ``PMEM_IS_PMEM_FORCE=1`` (libpmem then treats the ordinary file as pmem and its
@@ -29,6 +30,7 @@ from typing import Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings
 
+from iotpipe.queue.fileio import OsFileIO
 from iotpipe.settings import CommaList, parse_settings, tier_config
 
 PLAIN_FILE_BYTES = 64 << 20  # the size of a default queue segment
@@ -45,8 +47,8 @@ class QueueBenchSettings(BaseSettings):
     modes: CommaList = Field(["fdatasync", "pmem"],
                              description="persist modes (pmem is skipped if libpmem is missing)")
     record_bytes: int = Field(128, ge=1, le=1 << 20, description="payload bytes per record")
-    seconds: float = Field(1.5, gt=0, le=60,
-                           description="seconds per case for the queue (and again for plain)")
+    seconds: float = Field(1.0, gt=0, le=60,
+                           description="seconds per case for each of queue, plain, framing")
     slices: int = Field(10, ge=1, le=1000,
                         description="alternate queue and plain this many times per case")
     dir: Path | None = Field(None, description="directory for the files (default: a temp dir)")
@@ -115,7 +117,7 @@ class _Plain:
         os.unlink(self.path)
 
 
-def _run_for(append: Callable[[], None], seconds: float) -> tuple[int, float]:
+def _run_for(append: Callable[[], object], seconds: float) -> tuple[int, float]:
     """(appends, elapsed) of calling ``append`` for about ``seconds``."""
     count = 0
     start = time.perf_counter()
@@ -128,35 +130,48 @@ def _run_for(append: Callable[[], None], seconds: float) -> tuple[int, float]:
             return count, now - start
 
 
-def measure_case(directory: Path, payloads: list[bytes], mode: str, seconds: float,
-                 slices: int) -> tuple[float, float]:
-    """(queue records/s, plain records/s), measured in alternating slices.
+class _NoSyncFileIO(OsFileIO):
+    """Real writes, no sync: isolates the queue's CPU cost (NOT durable; bench only)."""
 
-    Alternating short slices exposes both to the same disk conditions: on a shared
+    def fdatasync(self, handle: int) -> None:
+        pass
+
+
+def measure_case(directory: Path, payloads: list[bytes], mode: str, seconds: float,
+                 slices: int) -> dict[str, float]:
+    """Records/s of "queue", "plain" and "framing" (the queue without syncs).
+
+    Measured in alternating short slices so all see the same conditions: on a shared
     machine the sync latency swings by 10x from one second to the next.
     """
     from iotpipe.queue import PersistentQueue
 
-    queue_path = directory / "queue"
-    queue = PersistentQueue.open(queue_path, capacity_bytes=8 << 30, segment_bytes=64 << 20,
-                                 persist=mode)
+    queue = PersistentQueue.open(directory / "queue", capacity_bytes=8 << 30,
+                                 segment_bytes=64 << 20, persist=mode)
+    framing = PersistentQueue.open(directory / "framing", capacity_bytes=8 << 30,
+                                   segment_bytes=64 << 20, persist="fdatasync",
+                                   file_io=_NoSyncFileIO())
     plain = _Plain(directory, payloads)
     try:
         if queue.persist_mode != mode:
             raise RuntimeError(f"asked for {mode}, queue runs {queue.persist_mode}")
-        totals = {"queue": [0, 0.0], "plain": [0, 0.0]}
+        cases: dict[str, Callable[[], object]] = {
+            "plain": plain.append,
+            "queue": lambda: queue.append(payloads),
+            "framing": lambda: framing.append(payloads),
+        }
+        totals = {name: [0, 0.0] for name in cases}
         for _ in range(slices):
-            for name, append in (("plain", plain.append),
-                                 ("queue", lambda: queue.append(payloads))):
+            for name, append in cases.items():
                 count, elapsed = _run_for(append, seconds / slices)
                 totals[name][0] += count * len(payloads)
                 totals[name][1] += elapsed
-        return (totals["queue"][0] / totals["queue"][1],
-                totals["plain"][0] / totals["plain"][1])
+        return {name: records / elapsed for name, (records, elapsed) in totals.items()}
     finally:
         plain.close()
-        queue.close()
-        shutil.rmtree(queue_path)
+        for opened in (queue, framing):
+            opened.close()
+            shutil.rmtree(opened.path)
 
 
 def _pmem_available() -> tuple[bool, bool]:
@@ -190,14 +205,16 @@ def run(settings: QueueBenchSettings, directory: Path) -> dict[str, Any]:
     for mode in modes:
         for batch in (int(b) for b in settings.batches):
             payloads = [os.urandom(settings.record_bytes) for _ in range(batch)]
-            queue_rate, plain_rate = measure_case(directory, payloads, mode, settings.seconds,
-                                                  settings.slices)
+            rates = measure_case(directory, payloads, mode, settings.seconds, settings.slices)
+            queue_rate, plain_rate = rates["queue"], rates["plain"]
             result: dict[str, Any] = {
                 "mode": mode,
                 "batch": batch,
                 "records_per_s": round(queue_rate),
                 "plain_records_per_s": round(plain_rate),
                 "limit_ratio": round(queue_rate / plain_rate, 3),
+                # The same appends with fdatasync skipped: the CPU ceiling of the framing.
+                "framing_records_per_s": round(rates["framing"]),
             }
             if mode == "pmem":
                 result["pmem_is_pmem_forced"] = pmem_forced
@@ -217,10 +234,12 @@ def _table(report: dict[str, Any]) -> str:
     lines = [f"queue append, {report['record_bytes']}-byte records, "
              f"{report['seconds_per_case']}s per case in {report['slices']} alternating slices "
              f"({report['machine']['filesystem']}, load {report['machine']['loadavg_1m']})", "",
-             f"{'mode':10} {'batch':>6} {'queue rec/s':>12} {'plain rec/s':>12} {'ratio':>6}"]
+             f"{'mode':10} {'batch':>6} {'queue rec/s':>12} {'plain rec/s':>12} {'ratio':>6} "
+             f"{'no-sync rec/s':>14}"]
     for r in report["results"]:
         lines.append(f"{r['mode']:10} {r['batch']:>6} {r['records_per_s']:>12,} "
-                     f"{r['plain_records_per_s']:>12,} {r['limit_ratio']:>6.2f}")
+                     f"{r['plain_records_per_s']:>12,} {r['limit_ratio']:>6.2f} "
+                     f"{r['framing_records_per_s']:>14,}")
     lines += [f"note: {note}" for note in report["notes"]]
     return "\n".join(lines)
 

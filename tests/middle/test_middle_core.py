@@ -19,6 +19,7 @@ from iotpipe.middle.core import (
     decode_checkpoint,
     encode_checkpoint,
     reading_device_id,
+    reading_topic,
 )
 
 pytestmark = pytest.mark.unit
@@ -182,6 +183,18 @@ def test_reading_device_id() -> None:
     assert reading_device_id(reading("sensor-9", 1)) == "sensor-9"
     assert reading_device_id(b"\xc1garbage") is None
     assert reading_device_id(wire.encode_log_record("n", 1, b"x")) == "n"  # first item str
+
+
+@pytest.mark.parametrize("device", ["d", "x" * 31, "x" * 32, "é" * 100, "y" * 300,
+                                    "z" * 70000])
+def test_reading_topic_matches_the_decoded_device_id(device: str) -> None:
+    assert reading_topic(reading(device, 1)) == device.encode()
+
+
+@pytest.mark.parametrize("data", [b"", b"\x95", b"\xc1garbage", b"\x95\xd9",
+                                  b"\x95\xa5ab", b"\x94\xa1d", b"\x95\x01"])
+def test_reading_topic_rejects_what_is_not_a_reading(data: bytes) -> None:
+    assert reading_topic(data) is None
 
 
 # -- feed --------------------------------------------------------------------------------
@@ -421,3 +434,33 @@ def test_intake_stores_each_seq_once_and_acks_only_stored(
     assert all(count == 1 for count in stored.values())
     for node in ("a", "b"):
         assert intake.marks.get(node).count() == sum(1 for k in stored if k[0] == node)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.binary(min_size=1, max_size=40), min_size=1, max_size=6),
+                min_size=1, max_size=30),
+       st.integers(10, 200), st.data())
+def test_recent_records_match_the_appended_log(appends: list[list[bytes]], budget: int,
+                                               data: st.DataObject) -> None:
+    from iotpipe.middle.core import RecentRecords
+
+    recent = RecentRecords(max_bytes=budget)
+    log: list[bytes] = []
+    for records in appends:
+        recent.extend(len(log) + 1, records)
+        log.extend(records)
+        assert recent.get(len(log), 1, 1) == [log[-1]]  # the newest is always held
+        first = data.draw(st.integers(1, len(log)))
+        max_records = data.draw(st.integers(1, 10))
+        max_bytes = data.draw(st.integers(1, 100))
+        got = recent.get(first, max_records, max_bytes)
+        if got is None:
+            continue
+        assert got == log[first - 1:first - 1 + len(got)]
+        assert 1 <= len(got) <= max_records
+        assert len(got) == 1 or sum(map(len, got)) <= max_bytes
+        expected_len = 1
+        while (expected_len < max_records and first - 1 + expected_len < len(log)
+               and sum(map(len, log[first - 1:first + expected_len])) <= max_bytes):
+            expected_len += 1
+        assert len(got) == expected_len  # as many as the limits allow

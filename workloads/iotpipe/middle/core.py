@@ -73,6 +73,7 @@ __all__ = [
     "decode_checkpoint",
     "encode_checkpoint",
     "reading_device_id",
+    "reading_topic",
 ]
 
 
@@ -395,6 +396,30 @@ def reading_device_id(reading: bytes) -> str | None:
     return None
 
 
+def reading_topic(reading: bytes) -> bytes | None:
+    """The device id of an encoded reading as raw UTF-8 bytes (the PUB topic), cheaply.
+
+    A reading is a msgpack array of 5 whose first item is the device id string, so it
+    starts with 0x95 and a str header; the id is sliced out without decoding the rest.
+    None when the bytes do not start like a reading.
+    """
+    if len(reading) < 2 or reading[0] != 0x95:
+        return None
+    head = reading[1]
+    if 0xA0 <= head <= 0xBF:  # fixstr
+        start, length = 2, head & 0x1F
+    elif head == 0xD9 and len(reading) >= 3:  # str 8
+        start, length = 3, reading[2]
+    elif head == 0xDA and len(reading) >= 4:  # str 16
+        start, length = 4, int.from_bytes(reading[2:4], "big")
+    elif head == 0xDB and len(reading) >= 6:  # str 32
+        start, length = 6, int.from_bytes(reading[2:6], "big")
+    else:
+        return None
+    end = start + length
+    return reading[start:end] if end <= len(reading) else None
+
+
 # -- recently appended records -----------------------------------------------------------
 
 
@@ -409,36 +434,38 @@ class RecentRecords:
         self.max_bytes = max_bytes
         self._base = 0  # seq of self._records[0]
         self._records: list[bytes] = []
-        self._bytes = 0
+        # Running byte total after each record, counted from the last reset, so a byte
+        # limit becomes one bisect instead of a loop over records.
+        self._cum: list[int] = []
+        self._cum_before = 0  # running total before self._records[0]
 
     def extend(self, first_seq: int, records: Sequence[bytes]) -> None:
         if first_seq != self._base + len(self._records):  # not contiguous: start over
-            self._base, self._records, self._bytes = first_seq, [], 0
+            self._base, self._records, self._cum, self._cum_before = first_seq, [], [], 0
+        total = self._cum[-1] if self._cum else self._cum_before
         self._records.extend(records)
-        self._bytes += sum(map(len, records))
-        if self._bytes > self.max_bytes:
+        cum = self._cum
+        for record in records:
+            total += len(record)
+            cum.append(total)
+        if total - self._cum_before > self.max_bytes:
             # Drop the oldest down to half the budget, so trimming is amortised.
-            drop, freed = 0, 0
-            while self._bytes - freed > self.max_bytes // 2 and drop < len(self._records):
-                freed += len(self._records[drop])
-                drop += 1
-            del self._records[:drop]
-            self._base += drop
-            self._bytes -= freed
+            drop = bisect_right(cum, total - self.max_bytes // 2)
+            if drop:
+                self._cum_before = cum[drop - 1]
+                del self._records[:drop]
+                del cum[:drop]
+                self._base += drop
 
     def get(self, first: int, max_records: int, max_bytes: int) -> list[bytes] | None:
         """Records from ``first`` on (at least one), or None when ``first`` is not held."""
         start = first - self._base
         if start < 0 or start >= len(self._records):
             return None
-        out: list[bytes] = []
-        size = 0
-        for record in self._records[start:start + max_records]:
-            size += len(record)
-            if out and size > max_bytes:
-                break
-            out.append(record)
-        return out
+        before = self._cum[start - 1] if start else self._cum_before
+        stop = min(len(self._records), start + max_records)
+        end = max(start + 1, bisect_right(self._cum, before + max_bytes, start, stop))
+        return self._records[start:end]
 
 
 # -- the durable feed --------------------------------------------------------------------

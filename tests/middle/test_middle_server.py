@@ -471,3 +471,26 @@ def test_undecodable_reading_is_stored_but_not_published(middle_factory) -> None
     assert [got[1].reading, got[2].node_seq] == [b"\xc1", 2]
     assert middle.metric("iotpipe_middle_unpublishable_records_total") == 1
     assert middle.metric("iotpipe_middle_pub_messages_total") == 1
+
+
+def test_failing_checkpoint_holds_log_space_instead_of_forgetting_marks(middle_factory,  # type: ignore[no-untyped-def]
+                                                                         tmp_path) -> None:
+    # A directory where the checkpoint's temp file goes makes every write fail.
+    data_dir = tmp_path / "data0"
+    (data_dir / "marks.ckpt.tmp").mkdir(parents=True)
+    middle: Middle = middle_factory()
+    assert middle.data_dir == data_dir
+    ingest = middle.dealer(middle.router_port)
+    wire.decode_ack(send_batch(ingest, "n1", 1, 5))
+    feed = Feed(middle)
+    feed.collect(5)
+    feed.request(acks=[(1, 5)])
+    time.sleep(0.6)
+    assert middle.metric("iotpipe_middle_checkpoint_failures_total") >= 1
+    assert middle.depth() == 5  # acked by storage, but not released without a checkpoint
+    assert 'iotpipe_middle_feed_lag_records{group="storage"} 0.0' in middle.metrics()
+    (data_dir / "marks.ckpt.tmp").rmdir()
+    deadline = time.monotonic() + 10
+    while middle.depth() > 0:
+        assert time.monotonic() < deadline, "space not released after checkpoints recovered"
+        time.sleep(0.1)

@@ -234,6 +234,8 @@ class _MiddleCollector:
         for sock_name, value in s.malformed.items():
             malformed.add_metric([sock_name], value)
         yield malformed
+        yield counter("checkpoint_failures", "Marks checkpoint writes that failed",
+                      s.checkpoint_failures)
         yield counter("pub_messages", "Live events published", s.published)
         yield counter("unpublishable_records", "Records whose reading had no device id",
                       s.unpublishable)
@@ -353,6 +355,8 @@ class MiddleServer:
         self._last_cursor_sync = 0.0
         self._warn_router = _RateLimitedWarning()
         self._warn_feed = _RateLimitedWarning()
+        self._warn_checkpoint = _RateLimitedWarning(10.0)
+        self.checkpoint_failures = 0
         log.info("log open", extra={"fields": {
             "path": str(settings.data_dir / QUEUE_DIR), "first_seq": self.queue.first_seq,
             "next_seq": self.queue.next_seq, "persist": self.queue.persist_mode,
@@ -547,9 +551,17 @@ class MiddleServer:
             return
         if not force and now - self._last_checkpoint < self.settings.checkpoint_interval:
             return
-        write_checkpoint(self.checkpoint_path, encode_checkpoint(self.tail, self.intake.marks))
-        self.ckpt_log_seq = self.tail
         self._last_checkpoint = now
+        try:
+            write_checkpoint(self.checkpoint_path,
+                             encode_checkpoint(self.tail, self.intake.marks))
+        except OSError as exc:
+            # Not fatal: the queue cursors stay at the last good checkpoint, so the log
+            # fills and ingest gets busy replies (backpressure) until writes work again.
+            self.checkpoint_failures += 1
+            self._warn_checkpoint.warn("marks checkpoint write failed", error=str(exc))
+            return
+        self.ckpt_log_seq = self.tail
 
     def _sync_cursors(self, now: float, final: bool = False) -> None:
         # Each ack is a durable write; a few per second are plenty to free space.

@@ -30,6 +30,14 @@ rebuilds from the retained log alone) or when a node has more than ``max_holes``
 (the oldest is closed). A node that then resends such an old, already acknowledged batch
 gets it stored twice in the log, and storage drops the copy by ``(device_id, msg_id)``.
 
+If a checkpoint cannot be written, the cursors simply stay where the last good one allows:
+the log fills and ingest gets ``busy`` (backpressure), nothing is forgotten.
+
+Feed consumers must send a request (a heartbeat restating their credit is enough) more
+often than ``consumer_timeout``; a silent consumer is dropped and its deliveries go to the
+others. A consumer seen from a new ZeroMQ peer (it reconnected or restarted) loses its
+leases to redelivery at once.
+
 A malformed frame on any socket is counted (``iotpipe_middle_malformed_frames_total``) and
 logged at most once a second, never answered with data and never fatal.
 """

@@ -313,3 +313,12 @@ async def test_too_many_clients_get_503(relay: Relay, client: ClientConnection) 
             pass
     assert info.value.response.status_code == 503
     assert info.value.response.body.startswith(b"too_many_clients")
+
+
+@pytest.mark.parametrize("relay", [["--insecure-no-auth"]], indirect=True)
+async def test_insecure_mode_accepts_clients_without_token(relay: Relay) -> None:
+    async with connect(relay.url + "?client=dashboard") as ws:
+        await warm_up(relay, ws)
+        await subscribe(ws, devices=["d"])
+        relay.publish("d", 1)
+        assert (await recv_json(ws))["device"] == "d"

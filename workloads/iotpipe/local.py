@@ -29,6 +29,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +94,8 @@ class UpSettings(TierSettings):
     drain_timeout: float = Field(15.0, gt=0, description="seconds ingest gets to forward its "
                                                          "queue on stop (the rest stays queued "
                                                          "for the next start)")
+    ready_timeout: float = Field(60.0, gt=0, description="seconds to wait for every tier's "
+                                                         "/readyz before printing the URLs")
     stop_timeout: float = Field(30.0, gt=0, description="seconds each tier gets to stop "
                                                         "before SIGKILL")
     max_backoff: float = Field(10.0, gt=0, description="longest wait before restarting a "
@@ -253,6 +257,26 @@ def _ensure_secret(path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _is_ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def _log_tail(path: Path, lines: int = 3) -> str:
+    """The last lines of a tier's log, to show why it died without opening the file."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - 4096))
+            tail = log.read().decode(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "".join(f"\n    {line[:300]}" for line in tail)
+
+
 def _say(message: str) -> None:
     print(f"iotpipe up: {message}", file=sys.stderr, flush=True)
 
@@ -303,8 +327,9 @@ class Supervisor:
                                                                  now - child.started_at)
                 delay = self.policy.delay(child.failures)
                 child.restart_at = now + delay
+                log_path = self.log_dir / f"{child.spec.name}.log"
                 _say(f"{child.spec.name} exited with status {status}; restarting in {delay:.1f}s "
-                     f"(see {self.log_dir / (child.spec.name + '.log')})")
+                     f"(see {log_path}){_log_tail(log_path)}")
             elif child.restart_at is not None and now >= child.restart_at:
                 self._start(child)
                 child.restarts += 1
@@ -391,8 +416,26 @@ def main(argv: Sequence[str]) -> int:
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
+    loop_host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
+    readyz = {
+        "middle": f"http://{loop_host}:{ports.middle_metrics}/readyz",
+        "storage": f"http://{loop_host}:{ports.storage_metrics}/readyz",
+        "relay": f"http://{loop_host}:{ports.relay_metrics}/readyz",
+        "ingest": f"http://{loop_host}:{ports.ingest_metrics}/readyz",
+    }
     try:
         supervisor.start_all()
+        # The banner means "usable now": wait (bounded) for every tier's /readyz first.
+        deadline = time.monotonic() + settings.ready_timeout
+        waiting = dict(readyz)
+        while waiting and not stop_requested and time.monotonic() < deadline:
+            supervisor.poll()
+            waiting = {name: url for name, url in waiting.items() if not _is_ready(url)}
+            if waiting:
+                time.sleep(0.2)
+        if waiting and not stop_requested:
+            _say(f"not ready after {settings.ready_timeout:g}s: {', '.join(waiting)} "
+                 f"(see {data_dir / 'logs'})")
         print(_banner(settings, ports, data_dir, secret_file, registry_file), flush=True)
         while not stop_requested:
             supervisor.poll()

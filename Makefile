@@ -5,22 +5,32 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := libpmem1 victoria-metrics docker.io debootstrap
+# libpmem1: the queue's pmem backend (optional at run time, tested in CI).
+# victoria-metrics: a real TSDB sink for tests; docker.io + debootstrap: the image build test.
+APT_RUN := libpmem1
+APT_TEST := $(APT_RUN) victoria-metrics docker.io debootstrap
 UP_ARGS ?= --simulate 20
 
 .PHONY: up test lint bench apt venv clean
 
-# Debian packages the tests and the pmem backend use. Installed only when missing.
-.stamp-apt: Makefile
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+# Debian packages, installed only when missing (the stamp re-checks when this file changes).
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
 	  echo "installing Debian packages:$$missing"; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 	@touch $@
+endef
 
-apt: .stamp-apt
+.stamp-apt-run: Makefile
+	$(call apt_install,$(APT_RUN))
+
+.stamp-apt-test: Makefile
+	$(call apt_install,$(APT_TEST))
+
+apt: .stamp-apt-test
 
 $(VENV)/.stamp-install: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,18 +40,17 @@ $(VENV)/.stamp-install: pyproject.toml
 
 venv: $(VENV)/.stamp-install
 
-up: venv apt
+up: venv .stamp-apt-run
 	$(VENV)/bin/iotpipe up $(UP_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
 
-test: venv apt lint
-	$(VENV)/bin/python -m pytest -m "not e2e" $(PYTEST_ARGS)
-	$(VENV)/bin/python -m pytest tests/e2e $(PYTEST_ARGS) || [ $$? = 5 ]
+test: venv .stamp-apt-test lint
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-bench: venv apt
+bench: venv .stamp-apt-run
 	$(VENV)/bin/iotpipe bench queue --json
 
 clean:
-	rm -rf $(VENV) .stamp-apt .pytest_cache .ruff_cache
+	rm -rf $(VENV) .stamp-apt-run .stamp-apt-test .pytest_cache .ruff_cache

@@ -17,8 +17,12 @@ A queue is a directory::
 Segment file: fixed size (``segment_bytes``), preallocated, created as ``NAME.tmp``,
 synced, renamed, and the directory synced. Header, 32 bytes::
 
-    magic b"IOTQSEG1" | first_seq u64 | segment_bytes u64 | reserved u32 | crc32c u32
-                                                          (crc of the 28 bytes before it)
+    magic b"IOTQSEG1" | first_seq u64 | segment_bytes u64 | previous_end u32 | crc32c u32
+
+``previous_end`` is where the records of the previous segment end (0 for the first
+segment ever), known because that segment was synced and sealed before this one was
+created; it lets depth and reads skip scanning older segments. The CRC32C covers the
+28 bytes before it.
 
 then records back to back from offset 32, each 8-byte aligned::
 

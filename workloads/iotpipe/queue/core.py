@@ -52,7 +52,7 @@ class _Segment:
 
     __slots__ = (
         "created", "end", "first_seq", "handle", "index_offsets", "index_seqs", "last_seq",
-        "mapping", "path", "scanned", "size",
+        "mapping", "path", "previous", "scanned", "size",
     )
 
     def __init__(self, path: str, first_seq: int, size: int) -> None:
@@ -67,6 +67,7 @@ class _Segment:
         self.index_seqs: list[int] = []
         self.index_offsets: list[int] = []
         self.mapping: pmem_binding.PmemMapping | None = None
+        self.previous: _Segment | None = None  # set on segments created by appends
 
     def add_index(self, seq: int, offset: int) -> None:
         if (
@@ -216,13 +217,20 @@ class PersistentQueue:
             self._segments.append(segment)
             self._allocated += size
             try:
-                header_seq, header_size = decode_segment_header(
+                header_seq, header_size, previous_end = decode_segment_header(
                     io.pread(handle, SEGMENT_HEADER_BYTES, 0))
             except ValueError as exc:
                 raise QueueCorrupted(segment_path, 0, str(exc)) from None
             if header_seq != first_seq or header_size != size:
                 raise QueueCorrupted(segment_path, 0, f"header says first seq {header_seq}, "
                                      f"{header_size} bytes; file is {size} bytes")
+            if len(self._segments) >= 2:
+                previous = self._segments[-2]
+                if not SEGMENT_HEADER_BYTES <= previous_end <= previous.size:
+                    raise QueueCorrupted(segment_path, 0, f"previous segment end {previous_end}"
+                                         f" is outside {previous.path}")
+                # Sealed and synced: its extent is known without a scan.
+                previous.end, previous.last_seq = previous_end, first_seq - 1
         cursors = dict(self._ledger.cursors)
         if not self._segments:
             if any(acked > 0 for acked in cursors.values()):
@@ -230,7 +238,7 @@ class PersistentQueue:
                                      f"acknowledged records: {cursors}")
             self._segments.append(self._new_segment(1))
             self._allocated += self._segment_bytes
-            self._create_segment_file(self._segments[-1])
+            self._create_segment_file(self._segments[-1], previous_end=0)
         else:
             self._recover_tail(self._segments[-1])
         tail = self._segments[-1]
@@ -550,7 +558,8 @@ class PersistentQueue:
         segment = self._segments[-1]
         for (begin, end, write_offset, new), data in zip(splits, encoded, strict=True):
             if new:
-                segment = self._new_segment(seq)
+                previous, segment = segment, self._new_segment(seq)
+                segment.previous = previous
                 self._segments.append(segment)
                 self._allocated += segment.size
             self._pending.append(_Chunk(segment, write_offset, data, seq, seq + end - begin - 1))
@@ -612,13 +621,15 @@ class PersistentQueue:
         last is fully synced (recovery relies on it).
         """
         index = 0
+        written_end = 0  # where this group's records end in the previous segment
         while index < len(chunks):
             segment = chunks[index].segment
             stop = index + 1
             while stop < len(chunks) and chunks[stop].segment is segment:
                 stop += 1
             if not segment.created:
-                self._create_segment_file(segment)
+                assert segment.previous is not None
+                self._create_segment_file(segment, written_end or segment.previous.end)
             if stop - index == 1:
                 data = chunks[index].data
             else:  # only the first record after a sync point may carry FIRST_IN_WRITE
@@ -626,6 +637,7 @@ class PersistentQueue:
                                 [clear_first_flag(chunk.data) for chunk in chunks[index + 1:stop]])
             self._write(segment, data, chunks[index].offset)
             self._persist(segment)
+            written_end = chunks[index].offset + len(data)
             index = stop
 
     def _write(self, segment: _Segment, data: bytes, offset: int) -> None:
@@ -640,7 +652,7 @@ class PersistentQueue:
         else:
             self._io.fdatasync(segment.handle)
 
-    def _create_segment_file(self, segment: _Segment) -> None:
+    def _create_segment_file(self, segment: _Segment, previous_end: int) -> None:
         """Create a preallocated segment as a temp file, sync it, rename it, sync the dir."""
         io = self._io
         tmp = segment.path + ".tmp"
@@ -649,7 +661,8 @@ class PersistentQueue:
         handle = io.open(tmp, create=True)
         try:
             io.allocate(handle, segment.size)
-            io.pwrite(handle, encode_segment_header(segment.first_seq, segment.size), 0)
+            io.pwrite(handle, encode_segment_header(segment.first_seq, segment.size,
+                                                    previous_end), 0)
             io.fsync(handle)
             io.rename(tmp, segment.path)
             io.sync_dir(self._path)
@@ -777,9 +790,9 @@ class PersistentQueue:
         created = [s for s in self._segments if s.created]
         position = bisect.bisect_right([s.first_seq for s in created], seq) - 1
         segment = created[max(position, 0)]
-        self._ensure_scanned(segment)
         if seq > segment.last_seq:  # the end of this segment: the next begins with seq
             return segment, segment.end
+        self._ensure_scanned(segment)
         entry = bisect.bisect_right(segment.index_seqs, seq) - 1
         entry_seq, offset = segment.index_seqs[entry], segment.index_offsets[entry]
         if entry_seq == seq:
@@ -792,27 +805,28 @@ class PersistentQueue:
         return segment, offset + result.offset
 
     def _ensure_scanned(self, segment: _Segment) -> None:
-        """Check an older segment found at open and build its index (once)."""
+        """Check an older segment found at open and build its index (once).
+
+        Its extent is known from the next segment's header (``end``, ``last_seq``); the
+        records up to there must all be intact and in sequence.
+        """
         if segment.scanned:
             return
-        position = self._segments.index(segment)
-        expected_last = self._segments[position + 1].first_seq - 1
-        data = self._io.pread(segment.handle, segment.size, 0)
+        data = self._io.pread(segment.handle, segment.end, 0)
         offset, seq = SEGMENT_HEADER_BYTES, segment.first_seq
         while True:
             segment.add_index(seq, offset)
-            result = parse_records(data, offset, segment.size, seq, None,
-                                   max_records=_PARSE_BATCH)
+            result = parse_records(data, offset, len(data), seq, None, max_records=_PARSE_BATCH)
             offset, seq = result.offset, result.next_seq
             if result.stop != Stop.LIMIT:
                 break
-        if result.stop not in (Stop.END, Stop.ZERO):
+        if result.stop in (Stop.END, Stop.ZERO) and (offset != segment.end
+                                                      or seq - 1 != segment.last_seq):
+            raise QueueCorrupted(segment.path, offset, f"records end at seq {seq - 1}, but the "
+                                 f"next segment starts at seq {segment.last_seq + 1} and says "
+                                 f"this one ends at offset {segment.end}: records are missing")
+        if result.stop != Stop.END:
             raise QueueCorrupted(segment.path, offset, f"{result.stop} at seq {seq}")
-        if seq - 1 != expected_last:
-            raise QueueCorrupted(segment.path, offset, f"segment ends at seq {seq - 1} but the "
-                                 f"next segment starts at seq {expected_last + 1}")
-        segment.end = offset
-        segment.last_seq = seq - 1
         segment.scanned = True
 
     # ------------------------------------------------------------------ consumers
@@ -889,7 +903,6 @@ class PersistentQueue:
             for current in self._segments[self._segments.index(segment):]:
                 if not current.created:
                     break
-                self._ensure_scanned(current)
                 start = offset if current is segment else SEGMENT_HEADER_BYTES
                 total += max(current.end - start, 0)
             return Depth(records, total)

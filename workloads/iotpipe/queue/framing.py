@@ -29,7 +29,8 @@ __all__ = [
 ]
 
 SEGMENT_MAGIC = b"IOTQSEG1"
-SEGMENT_HEADER = struct.Struct("<8sQQII")  # magic, first_seq, segment_bytes, reserved, crc
+# magic, first_seq, segment_bytes, end of the previous segment's records (0: none), crc
+SEGMENT_HEADER = struct.Struct("<8sQQII")
 SEGMENT_HEADER_BYTES = SEGMENT_HEADER.size  # 32, keeps records 8-byte aligned
 
 RECORD_HEADER = struct.Struct("<IIQ")  # crc32c, length|flags, seq
@@ -77,21 +78,21 @@ def framed_size(payload_length: int) -> int:
     return (RECORD_HEADER_BYTES + payload_length + 7) & ~7
 
 
-def encode_segment_header(first_seq: int, segment_bytes: int) -> bytes:
-    head = SEGMENT_HEADER.pack(SEGMENT_MAGIC, first_seq, segment_bytes, 0, 0)[:-4]
+def encode_segment_header(first_seq: int, segment_bytes: int, previous_end: int) -> bytes:
+    head = SEGMENT_HEADER.pack(SEGMENT_MAGIC, first_seq, segment_bytes, previous_end, 0)[:-4]
     return head + _pack_crc(crc32c(head))
 
 
-def decode_segment_header(data: bytes) -> tuple[int, int]:
-    """``(first_seq, segment_bytes)``; raises ValueError naming what is wrong."""
+def decode_segment_header(data: bytes) -> tuple[int, int, int]:
+    """``(first_seq, segment_bytes, previous_end)``; raises ValueError naming the problem."""
     if len(data) < SEGMENT_HEADER_BYTES:
         raise ValueError("segment header is truncated")
-    magic, first_seq, segment_bytes, _reserved, crc = SEGMENT_HEADER.unpack_from(data)
+    magic, first_seq, segment_bytes, previous_end, crc = SEGMENT_HEADER.unpack_from(data)
     if magic != SEGMENT_MAGIC:
         raise ValueError(f"bad segment magic {magic!r}")
     if crc32c(bytes(data[: SEGMENT_HEADER_BYTES - 4])) != crc:
         raise ValueError("segment header checksum mismatch")
-    return first_seq, segment_bytes
+    return first_seq, segment_bytes, previous_end
 
 
 def encode_records(payloads: Sequence[bytes], first_seq: int) -> bytes:

@@ -335,6 +335,10 @@ class ClientSession:
         self.sent_total += len(out)
         return out
 
+    def mark_progress(self, now: float) -> None:
+        """Restart the stall clock (the connection just opened)."""
+        self._last_progress = now
+
     def stalled(self, now: float, stall_s: float) -> bool:
         return self.pending > 0 and now - self._last_progress >= stall_s
 

@@ -232,7 +232,7 @@ class RelayServer:
         wake = asyncio.Event()
         progress = asyncio.Event()
         loop = asyncio.get_running_loop()
-        session.take(loop.time(), max_frames=0)  # start the stall clock now
+        session.mark_progress(loop.time())
         self.fanout.add(session)
         self._wakers[client_id] = wake
         self._connections[client_id] = connection
@@ -294,11 +294,11 @@ class RelayServer:
                     "client": session.client_id, "pending": session.pending,
                     "missed": session.missed_total}})
                 if connection is not None:
-                    task = loop.create_task(self._close_slow(connection, session))
+                    task = loop.create_task(self._close_slow(connection))
                     self._closing.add(task)
                     task.add_done_callback(self._closing.discard)
 
-    async def _close_slow(self, connection: ServerConnection, session: ClientSession) -> None:
+    async def _close_slow(self, connection: ServerConnection) -> None:
         reason = f"slow_consumer: no progress for {self.settings.stall_timeout:g}s"
         try:
             await asyncio.wait_for(connection.close(CLOSE_SLOW_CONSUMER, reason), timeout=2.0)

@@ -464,3 +464,14 @@ def test_recent_records_match_the_appended_log(appends: list[list[bytes]], budge
                and sum(map(len, log[first - 1:first + expected_len])) <= max_bytes):
             expected_len += 1
         assert len(got) == expected_len  # as many as the limits allow
+
+
+def test_feed_skip_moves_past_a_range_the_log_lost() -> None:
+    core = FeedCore({"storage": 0})
+    core.on_request(b"A", req("c1", 10), now=0, tail=10)
+    lease = core.next_delivery(0, 10)
+    assert lease is not None
+    core.shrink(lease, 0)
+    core.skip("storage", 1, 4, tail=10)
+    assert core.cursor("storage") == 4
+    assert drain(core, 0, 10) == [(b"A", 5, 10)]

@@ -592,6 +592,10 @@ class FeedCore:
         state.credit = request.credit
         state.last_seen = now
 
+    def skip(self, group: str, first: int, last: int, tail: int) -> None:
+        """Treat ``first..last`` as done: the log no longer holds it (never expected)."""
+        self._ack(self._group(group), first, last, tail)
+
     def _ack(self, g: _Group, first: int, last: int, tail: int) -> None:
         if last > tail:
             self.counters.ignored_acks += 1

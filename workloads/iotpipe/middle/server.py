@@ -531,11 +531,16 @@ class MiddleServer:
                 records = self.queue.read(lease.first, max_records=lease.count,
                                           max_bytes=max_bytes)
                 if not records or records[0].seq != lease.first:
-                    log.error("log does not hold a leased range", extra={"fields": {
-                        "group": lease.group, "first": lease.first,
-                        "log_first_seq": self.queue.first_seq}})
+                    # Only possible if the log dropped records a group had not acked (a
+                    # bug or a damaged ledger): say so loudly and move on, never spin.
+                    gone_last = records[0].seq - 1 if records else lease.last
+                    log.error("log no longer holds records a group has not acknowledged",
+                              extra={"fields": {"group": lease.group, "first": lease.first,
+                                                "last": gone_last,
+                                                "log_first_seq": self.queue.first_seq}})
                     self.feed.shrink(lease, 0)
-                    return
+                    self.feed.skip(lease.group, lease.first, gone_last, self.tail)
+                    continue
                 payloads = [r.payload for r in records]
             if len(payloads) < lease.count:
                 self.feed.shrink(lease, len(payloads))

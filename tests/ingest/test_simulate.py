@@ -46,7 +46,7 @@ def test_message_size_is_close_to_requested(size: int) -> None:
 
 @pytest.mark.unit
 def test_report_ok_and_percentiles() -> None:
-    report = SimulationReport(connections=1, sent=4, acked=4, send_elapsed_s=2.0,
+    report = SimulationReport(connections=1, sent=4, acked=4, acked_at_stop=4, send_elapsed_s=2.0,
                               latencies_s=[0.001, 0.002, 0.003, 0.100])
     assert report.ok
     summary = report.to_dict()

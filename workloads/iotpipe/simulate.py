@@ -69,6 +69,7 @@ class SimulateSettings(TierSettings):
     duration: float = Field(10.0, gt=0, description="seconds to send (with --messages: the "
                             "time limit for sending them)")
     ramp: float = Field(0.0, ge=0, description="seconds over which connections are opened")
+    connect_concurrency: int = Field(256, ge=1, description="handshakes in progress at once")
     ack_timeout: float = Field(30.0, gt=0, description="seconds to wait for the last acks")
     device_prefix: str = Field("sim-", description="device ids are <prefix><index>")
     first_device: int = Field(0, ge=0, description="index of the first device")
@@ -127,6 +128,8 @@ class SimulationReport:
     reconnects: int = 0
     elapsed_s: float = 0.0
     send_elapsed_s: float = 0.0
+    acked_at_stop: int = 0
+    steady_acks_per_s: float | None = None  # after every device connected, until stop
     latencies_s: list[float] = field(default_factory=list)  # a uniform reservoir sample
     latency_count: int = 0
     acked_ids: dict[str, AckedIds] = field(default_factory=dict)
@@ -182,8 +185,10 @@ class SimulationReport:
             "closes": dict(self.closes),
             "reconnects": self.reconnects,
             "elapsed_s": round(self.elapsed_s, 3),
-            "acks_per_s": round(self.acked / self.send_elapsed_s, 1)
+            "acks_per_s": round(self.acked_at_stop / self.send_elapsed_s, 1)
             if self.send_elapsed_s else 0.0,
+            "steady_acks_per_s": None if self.steady_acks_per_s is None
+            else round(self.steady_acks_per_s, 1),
             "ack_latency_ms": {
                 "p50": None if p50 is None else round(p50 * 1000, 3),
                 "p99": None if p99 is None else round(p99 * 1000, 3),
@@ -257,9 +262,15 @@ class _Device:
         backoff = 0.1
         while True:
             try:
-                async with self.sim.connect(self) as ws:
+                # At most --connect-concurrency handshakes at once: a storm of thousands
+                # only makes them all time out.
+                async with self.sim.handshakes:
+                    ws = await self.sim.connect(self)
+                async with ws:
                     self.sim.report.connected += 1
-                    self.ever_connected = True
+                    if not self.ever_connected:
+                        self.ever_connected = True
+                        self.sim.first_connect()
                     backoff = 0.1
                     # After a reconnect, everything not yet acked goes again.
                     if self.pending:
@@ -412,6 +423,9 @@ class _Simulation:
         if not settings.insecure and not self.secret:
             raise ValueError("give --secret (or IOTPIPE_AUTH_SECRET), or --insecure")
         self.stop_sending = asyncio.Event()
+        self.handshakes = asyncio.Semaphore(settings.connect_concurrency)
+        self._steady: tuple[float, int] | None = None
+        self._devices_connected = 0
         self.give_up_at = math.inf
         self._template = message_data(settings.size, 0)
 
@@ -421,7 +435,7 @@ class _Simulation:
     def finished(self, device: _Device) -> bool:
         return self.stop_sending.is_set() and device.all_settled()
 
-    def connect(self, device: _Device) -> Any:
+    def connect(self, device: _Device) -> connect:
         settings = self.settings
         url = settings.url
         headers = {}
@@ -436,32 +450,54 @@ class _Simulation:
         return connect(url, additional_headers=headers, compression=None, open_timeout=30,
                        max_size=1 << 20, ping_interval=None, **kwargs)
 
+    def first_connect(self) -> None:
+        """A device connected for the first time; the last one ends the ramp-up."""
+        self._devices_connected += 1
+        if self._devices_connected == self.settings.connections:
+            self._steady = (time.monotonic(), self.report.acked)
+
     async def run(self) -> SimulationReport:
         settings = self.settings
         raise_nofile(settings.connections + 1024)
         devices = [_Device(self, settings.first_device + i) for i in range(settings.connections)]
+        tasks: list[asyncio.Task[None]] = []
         start = time.monotonic()
-        tasks = []
-        for i, device in enumerate(devices):
-            tasks.append(asyncio.create_task(device.run()))
-            if settings.ramp:
-                await asyncio.sleep(settings.ramp / settings.connections)
-            elif i % 100 == 99:
-                await asyncio.sleep(0)  # let handshakes progress while we open more
-        send_start = time.monotonic()
+
+        async def open_all() -> None:
+            for i, device in enumerate(devices):
+                tasks.append(asyncio.create_task(device.run()))
+                if settings.ramp:
+                    await asyncio.sleep(settings.ramp / settings.connections)
+                elif i % 100 == 99:
+                    await asyncio.sleep(0)  # let handshakes progress while we open more
+
+        opener = asyncio.create_task(open_all())
+        # The clock runs from the start, ramp included: --duration is wall time.
         if settings.messages == 0:
-            await asyncio.sleep(max(0.0, settings.duration - (send_start - start)))
+            await asyncio.sleep(settings.duration)
             self.stop_sending.set()
-            self.report.send_elapsed_s = time.monotonic() - send_start
+            self.report.send_elapsed_s = time.monotonic() - start
+            self.report.acked_at_stop = self.report.acked
             self.give_up_at = time.monotonic() + settings.ack_timeout
-            await asyncio.wait(tasks, timeout=settings.ack_timeout + 5)
+            opener.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=settings.ack_timeout + 5)
         else:
             # --duration bounds the time to send them all, --ack-timeout the wait after it.
             overall = settings.duration + settings.ack_timeout
-            self.give_up_at = time.monotonic() + overall
-            await asyncio.wait(tasks, timeout=overall + 5)
+            self.give_up_at = start + overall
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(opener, overall)
+            if tasks:
+                await asyncio.wait(tasks, timeout=max(0.0, self.give_up_at - time.monotonic()) + 5)
             self.stop_sending.set()
-            self.report.send_elapsed_s = time.monotonic() - send_start
+            self.report.send_elapsed_s = time.monotonic() - start
+            self.report.acked_at_stop = self.report.acked
+        if self._steady is not None:
+            at, acked_then = self._steady
+            window = start + self.report.send_elapsed_s - at
+            if window > 0.5:
+                self.report.steady_acks_per_s = (self.report.acked_at_stop - acked_then) / window
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

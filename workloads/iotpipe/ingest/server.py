@@ -28,6 +28,7 @@ import contextlib
 import http
 import logging
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -461,6 +462,15 @@ async def run_process(settings: IngestSettings, index: int) -> int:
         obs.stop()
 
 
+def _raise_nofile() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit: one descriptor per device connection."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def _install_uvloop() -> None:
     with contextlib.suppress(ImportError):
         import uvloop
@@ -526,5 +536,6 @@ def main(argv: Sequence[str]) -> int:
     if index < 0 and settings.processes > 1:
         return _run_parent(settings, argv)
     _install_uvloop()
+    _raise_nofile()
     return asyncio.run(run_process(settings, max(index, 0)))
 

@@ -403,9 +403,12 @@ def test_operator_runs_non_root_with_a_live_health_endpoint(cluster: Cluster,
                             "app.kubernetes.io/name=iotpipe-operator")
     (pod,) = pods["items"]
     assert pod["status"]["containerStatuses"][0]["restartCount"] == 0
-    uid = cluster.kubectl("-n", OPERATOR_NAMESPACE, "exec", pod["metadata"]["name"], "--",
-                          "python3", "-c", "import os; print(os.getuid())").stdout.strip()
-    assert uid == "10001"
+    probe = ("import os, urllib.request; "
+             "r = urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=10); "
+             "print(os.getuid(), r.status)")
+    answer = cluster.kubectl("-n", OPERATOR_NAMESPACE, "exec", pod["metadata"]["name"], "--",
+                             "python3", "-c", probe).stdout.split()
+    assert answer == ["10001", "200"]  # non-root, and kopf's liveness endpoint answers
 
 
 def test_pipeline_becomes_ready_with_every_tier(cluster: Cluster,

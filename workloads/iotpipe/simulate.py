@@ -335,7 +335,8 @@ class _Device:
                 del self.retry[: len(ids)]
             elif fresh_allowed:
                 if interval and now < next_at:
-                    await asyncio.sleep(next_at - now)
+                    # Short naps, so a slow device notices the end of the run promptly.
+                    await asyncio.sleep(min(next_at - now, 0.25))
                     continue
                 next_at = max(next_at + interval, now - 1.0) if interval else now
                 count = settings.batch if settings.messages == 0 else \

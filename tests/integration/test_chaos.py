@@ -80,7 +80,7 @@ async def test_kill_every_tier_while_a_fleet_sends(procs: ProcessGroup, tmp_path
     await asyncio.wait_for(live_task, timeout=10)
     # Live: the client reconnected after the relay died; within each connection readings of
     # a source are in order and every skipped seq was announced by a gap frame.
-    assert len(live.connections) >= 2 * ROUNDS
+    assert len(live.connections) >= ROUNDS + 1  # the first, then one per relay restart
     totals = check_live_stream(live.connections)
     print(f"live totals: {totals}")
     assert totals["readings"] > 0

@@ -498,9 +498,16 @@ class MiddleServer:
         self.published += published
 
     def _send_replies(self, replies: Sequence[Reply]) -> None:
+        send = zmq.backend.Socket.send
+        router = self.router
         for reply in replies:
-            with contextlib.suppress(zmq.Again):  # a peer far behind on replies resends
-                self.router.send_multipart([reply.peer, *reply.frames], zmq.NOBLOCK)
+            # A ROUTER drops (never blocks) on a full or unknown peer; that peer resends.
+            with contextlib.suppress(zmq.Again):
+                send(router, reply.peer, _SEND_MORE_NOBLOCK)
+                frames = reply.frames
+                for frame in frames[:-1]:
+                    send(router, frame, _SEND_MORE_NOBLOCK)
+                send(router, frames[-1], _SEND_NOBLOCK)
 
     def _receive_feed(self, now: float) -> None:
         while True:

@@ -236,8 +236,9 @@ def _run_bare(batch: int, args: argparse.Namespace) -> dict[str, float]:
 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="iotpipe bench middle", description=__doc__)
-    parser.add_argument("--batches", default="1,16,64,256",
-                        help="batch sizes (readings per batch), comma separated")
+    parser.add_argument("--batches", default="1,16,64,256,512",
+                        help="batch sizes (readings per batch), comma separated; "
+                             "512 is the ingest forwarder's default")
     parser.add_argument("--nodes", type=int, default=4, help="ingest nodes (DEALER sockets)")
     parser.add_argument("--window", type=int, default=8, help="batches in flight per node")
     parser.add_argument("--record-bytes", type=int, default=200, help="bytes per reading")

@@ -18,7 +18,6 @@ from iotpipe.middle.core import (
     UnknownGroup,
     decode_checkpoint,
     encode_checkpoint,
-    reading_device_id,
     reading_topic,
 )
 
@@ -177,12 +176,6 @@ def test_checkpoint_round_trip_and_damage() -> None:
         decode_checkpoint(data[:5])
     with pytest.raises(CheckpointError, match="magic"):
         decode_checkpoint(b"X" * 40)
-
-
-def test_reading_device_id() -> None:
-    assert reading_device_id(reading("sensor-9", 1)) == "sensor-9"
-    assert reading_device_id(b"\xc1garbage") is None
-    assert reading_device_id(wire.encode_log_record("n", 1, b"x")) == "n"  # first item str
 
 
 @pytest.mark.parametrize("device", ["d", "x" * 31, "x" * 32, "é" * 100, "y" * 300,

@@ -72,7 +72,6 @@ __all__ = [
     "UnknownGroup",
     "decode_checkpoint",
     "encode_checkpoint",
-    "reading_device_id",
     "reading_topic",
 ]
 
@@ -383,17 +382,6 @@ class Intake:
                 replies.append(Reply(pb.peer, wire.encode_busy(
                     pb.batch.node, pb.batch.first, retry_ms, reason)))
         return replies
-
-
-def reading_device_id(reading: bytes) -> str | None:
-    """The device id of an encoded reading, or None when it is not a valid reading."""
-    try:
-        obj = msgpack.unpackb(reading, raw=False)
-    except Exception:  # msgpack raises several unrelated types
-        return None
-    if isinstance(obj, list) and obj and isinstance(obj[0], str):
-        return obj[0]
-    return None
 
 
 def reading_topic(reading: bytes) -> bytes | None:

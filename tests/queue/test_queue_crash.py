@@ -116,7 +116,7 @@ def run_child_until_killed(path: Path, seed: int, run_for: float) -> tuple[int, 
 
 
 def verify(path: Path, reported_append: int, reported_ack: int) -> PersistentQueue:
-    queue = PersistentQueue.open(path, **OPEN_ARGS)
+    queue = PersistentQueue.open(path, consumers=["c"], **OPEN_ARGS)  # "c": if never opened
     assert queue.next_seq > reported_append, "reported records lost at the tail"
     assert queue.acked("c") >= reported_ack, "a reported ack was lost"
     assert queue.first_seq <= queue.acked("c") + 1, "unacknowledged records were deleted"
@@ -260,8 +260,8 @@ def test_sigkill_with_concurrent_appenders_loses_no_reported_batch(tmp_path: Pat
             reported_batches += 1
             for index in range(count):
                 expected[first + index] = threaded_payload(life, thread, batch, index)
-        with PersistentQueue.open(path, **OPEN_ARGS) as queue:
-            acked = queue.acked("c")
+        with PersistentQueue.open(path, consumers=["c"], **OPEN_ARGS) as queue:
+            acked = queue.acked("c")  # (registered here if the child died before opening)
             assert queue.next_seq > max(expected, default=0), "reported records lost at the tail"
             assert queue.first_seq <= acked + 1, "unacknowledged records were deleted"
             records = []

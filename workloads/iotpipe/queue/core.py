@@ -732,7 +732,7 @@ class PersistentQueue:
             remaining_bytes = max_bytes
             while seq <= self._durable_seq and len(records) < max_records:
                 if offset >= segment.end:
-                    segment = self._segment_after(segment)
+                    segment = self._segment_after(segment, seq)
                     offset = SEGMENT_HEADER_BYTES
                     continue
                 before = len(records)
@@ -766,20 +766,21 @@ class PersistentQueue:
                     continue  # the read window ended; read on
                 if result.stop == Stop.END and offset >= segment.end:
                     continue
-                raise QueueCorrupted(segment.path, offset, f"{result.stop} at seq {seq} "
-                                     "inside durable data")
+                raise QueueCorrupted(segment.path, offset, f"{result.stop} at seq {seq} inside "
+                                     "durable data (this segment should hold records up to seq "
+                                     f"{segment.last_seq})")
             if len(self._positions) > 64:
                 self._positions.clear()
             self._positions[seq] = (segment, offset)
             return records
 
-    def _segment_after(self, segment: _Segment) -> _Segment:
-        position = self._segments.index(segment) + 1
-        following = self._segments[position]
-        if following.first_seq != segment.last_seq + 1:
-            raise QueueCorrupted(following.path, 0, f"starts at seq {following.first_seq}, but "
-                                 f"the previous segment ends at seq {segment.last_seq}")
-        self._ensure_scanned(following)
+    def _segment_after(self, segment: _Segment, seq: int) -> _Segment:
+        """The segment after ``segment``, which must start with ``seq``."""
+        following = self._segments[self._segments.index(segment) + 1]
+        if following.first_seq != seq:
+            raise QueueCorrupted(segment.path, segment.end, f"records end at seq {seq - 1}, but "
+                                 f"the next segment starts at seq {following.first_seq}: "
+                                 "records are missing")
         return following
 
     def _locate(self, seq: int) -> tuple[_Segment, int]:
@@ -792,6 +793,8 @@ class PersistentQueue:
         segment = created[max(position, 0)]
         if seq > segment.last_seq:  # the end of this segment: the next begins with seq
             return segment, segment.end
+        if seq <= segment.first_seq:
+            return segment, SEGMENT_HEADER_BYTES
         self._ensure_scanned(segment)
         entry = bisect.bisect_right(segment.index_seqs, seq) - 1
         entry_seq, offset = segment.index_seqs[entry], segment.index_offsets[entry]

@@ -56,7 +56,26 @@ generation wins. A segment is deleted only after a synced ledger shows every reg
 consumer past its last record.
 
 Capacity: the sum of segment file sizes never exceeds ``capacity_bytes``; ``segment_bytes``
-is capped to half of it. Sequence numbers start at 1 and are never reused.
+is capped to half of it (two segments are needed to roll over). Sequence numbers start at
+1 and are never reused.
+
+Semantics worth knowing
+-----------------------
+- Space is reclaimed (whole segments) only up to the slowest *registered* consumer; with no
+  consumer registered nothing is ever reclaimed and the queue eventually refuses appends
+  with ``QueueFull``. A consumer registered later starts at the oldest retained record.
+- ``append`` raises ``QueueFull`` when the batch does not fit in the capacity, or when the
+  disk has no room for the next segment; it never overwrites unacknowledged records.
+- ``next_seq`` counts appends in flight; ``read`` and ``wait`` see only durable records.
+- ``depth().bytes`` counts on-disk bytes (16-byte headers and padding included).
+- An I/O error during a group commit (EIO, a failed fdatasync) fails that group and makes
+  the queue refuse further use (``QueueError``) until it is reopened: after a failed sync
+  the page cache cannot be trusted, and recovery on open is the one safe way back.
+- Payloads are ``bytes`` (bytes-like objects with 1-byte items are accepted); ``read``
+  returns ``bytes``.
+- ``persist="auto"`` uses libpmem only when ``pmem_is_pmem`` is true for the mapped segment.
+  ``PMEM_IS_PMEM_FORCE=1`` makes libpmem say so for any file: for tests only, appends are
+  then NOT durable (the queue logs a warning at open).
 """
 
 from __future__ import annotations

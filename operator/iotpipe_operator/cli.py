@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import AliasChoices, BaseModel, Field
@@ -38,7 +38,12 @@ class RunSettings(BaseSettings):
     liveness_endpoint: str = Field(
         default="http://0.0.0.0:8080/healthz",
         description="kopf liveness probe endpoint (empty: none).")
-    log_level: str = Field(default="info", description="Log level (debug, info, warning).")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Log level.")
+    scanning: bool = Field(
+        default=True,
+        description="Let kopf watch CRDs and namespaces for changes at run time (needs "
+                    "cluster-wide read access to both); off: discover once at startup.")
 
 
 class RenderSettings(BaseSettings):

@@ -210,8 +210,8 @@ def _report(body: Mapping[str, Any], patch: kopf.Patch, new_status: dict[str, An
 
 
 def make_registry(reconcile_interval: float = 60.0,
-                  kube_factory: Callable[[], Kube] = Kube.from_environment
-                  ) -> kopf.OperatorRegistry:
+                  kube_factory: Callable[[], Kube] = Kube.from_environment,
+                  scanning: bool = True) -> kopf.OperatorRegistry:
     """A fresh registry with every handler (tests make one per operator instance)."""
     registry = kopf.OperatorRegistry()
     clients: dict[str, Kube] = {}
@@ -243,6 +243,8 @@ def make_registry(reconcile_interval: float = 60.0,
         # Only explicit events (condition transitions, drains), not every log line.
         settings.posting.level = logging.WARNING
         settings.execution.max_workers = 8
+        if not scanning:
+            settings.scanning.disabled = True
 
     def handle(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger) -> None:
         new_status, transitions = reconcile(kube(), body, logger)
@@ -284,9 +286,10 @@ def run(settings: RunSettings) -> int:
     """``iotpipe-operator run``: the kopf operator until SIGTERM."""
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    registry = make_registry(settings.reconcile_interval)
+    registry = make_registry(settings.reconcile_interval, scanning=settings.scanning)
+    # An explicit peering name makes peering mandatory in kopf: pass it only when peering.
     kopf.run(registry=registry, standalone=settings.standalone,
-             peering_name=settings.peering_name,
+             peering_name=None if settings.standalone else settings.peering_name,
              liveness_endpoint=settings.liveness_endpoint or None,
              clusterwide=not settings.namespaces, namespaces=settings.namespaces)
     return 0

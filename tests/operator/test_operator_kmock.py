@@ -13,6 +13,8 @@ import concurrent.futures
 import contextlib
 import itertools
 import json
+import signal
+import sys
 import warnings
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -89,7 +91,8 @@ def names(emulator: Any, resource: str) -> set[str]:
             and ns == NS and not stored.deleted}
 
 
-async def eventually(check: Callable[[], Any], within: float = 15.0, what: str = "") -> Any:
+async def eventually(check: Callable[[], Any], within: float = 15.0, what: str = "",
+                     log: Callable[[], str] | None = None) -> Any:
     """Poll ``check`` until it returns something truthy (bounded)."""
     deadline = asyncio.get_running_loop().time() + within
     while True:
@@ -97,7 +100,8 @@ async def eventually(check: Callable[[], Any], within: float = 15.0, what: str =
         if value:
             return value
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
+            details = f"\n{log()}" if log is not None else ""
+            raise AssertionError(f"timed out waiting for {what or check}{details}")
         await asyncio.sleep(0.1)
 
 
@@ -515,3 +519,24 @@ async def test_autoscaler_scale_down_drains_too(cluster: Cluster) -> None:
         await asyncio.sleep(0.6)
         sts = obj(cluster.k, STATEFULSETS, "demo-ingest")
         assert sts is not None and sts["spec"]["replicas"] == 1, "no fight with the HPA"
+
+
+async def test_cli_run_reconciles_and_stops_on_sigterm(cluster: Cluster, procs: Any,
+                                                       tmp_path: Path) -> None:
+    """The real entry point: ``iotpipe-operator run`` in its own process."""
+    await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
+    proc = procs.start(
+        [sys.executable, "-m", "iotpipe_operator.cli", "run", "--standalone",
+         "--namespaces", NS, "--reconcile-interval", "1", "--liveness-endpoint", "",
+         "--no-scanning"],  # KMock cannot list namespaces
+        name="operator", env={"KUBECONFIG": str(tmp_path / "kubeconfig")})
+    try:
+        await eventually(lambda: obj(cluster.k, STATEFULSETS, "demo-ingest")
+                         or proc.poll() is not None, within=30,
+                         what="the CLI operator", log=lambda: procs.log("operator"))
+        assert proc.poll() is None, f"operator exited early:\n{procs.log('operator')}"
+        await eventually(lambda: cluster.status("demo").get("phase"), what="status")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 20)
+    assert code == 0, procs.log("operator")

@@ -91,6 +91,7 @@ _SEND_NOBLOCK = int(zmq.NOBLOCK)
 _RCVMORE = int(zmq.RCVMORE)
 _packb = msgpack.Packer(use_bin_type=True).pack
 QUEUE_DIR = "queue"
+STATS_INTERVAL_S = 60.0
 
 
 class MiddleSettings(TierSettings):
@@ -361,6 +362,7 @@ class MiddleServer:
         self._stopping = False
         self._last_checkpoint = time.monotonic()
         self._last_cursor_sync = 0.0
+        self._last_stats = time.monotonic()
         self._warn_router = _RateLimitedWarning()
         self._warn_feed = _RateLimitedWarning()
         self._warn_checkpoint = _RateLimitedWarning(10.0)
@@ -418,6 +420,20 @@ class MiddleServer:
             self._deliver(now)
             self._maybe_checkpoint(now)
             self._sync_cursors(now)
+            if now - self._last_stats >= STATS_INTERVAL_S:
+                self._log_stats(now)
+
+    def _log_stats(self, now: float) -> None:
+        """One summary line a minute (never a line per message)."""
+        self._last_stats = now
+        intake, feed = self.intake.counters, self.feed.counters
+        log.info("stats", extra={"fields": {
+            "log_tail": self.tail, "batches": intake.batches, "records": intake.records,
+            "duplicates": intake.duplicates, "busy": intake.busy,
+            "group_commits": self.group_commits, "published": self.published,
+            "delivered": feed.delivered_records, "redelivered": feed.redelivered_records,
+            "malformed": dict(self.malformed),
+            "lag": {g: lag for g, (lag, _) in self.feed_snapshot.items()}}})
 
     def _receive_batches(self) -> None:
         arrivals: list[tuple[bytes, wire.Batch]] = []

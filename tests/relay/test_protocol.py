@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from iotpipe.relay.protocol import (
     ClientSession,
@@ -276,3 +278,38 @@ def test_undecodable_reading_is_counted_not_delivered() -> None:
     fanout.on_event(LiveEvent("d", "m0", 2, encode_reading("e", "x", 1, b"{}", 1)), 0.0)
     assert session.take(0.0) == []
     assert fanout.stats.bad_events == 2
+
+
+# -- property: nothing is lost silently ---------------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(limit=st.integers(1, 8),
+       ops=st.lists(st.tuples(st.sampled_from(["offer", "take"]), st.integers(1, 12)),
+                    max_size=40))
+def test_every_event_is_delivered_in_order_or_counted_where_it_was_dropped(
+        limit: int, ops: list[tuple[str, int]]) -> None:
+    session = subscribed(ClientSession("p", queue_limit=limit), devices=["d"])
+    fanout = Fanout()
+    fanout.add(session)
+    offered = 0
+    delivered: list[dict[str, object]] = []
+    for op, n in ops:
+        if op == "offer":
+            for _ in range(n):
+                offered += 1
+                fanout.on_event(live("d", offered), 0.0)
+        else:
+            delivered += decoded(session.take(0.0, max_frames=n))
+        assert session.pending <= limit + 1  # bounded, whatever the client does
+    delivered += decoded(session.take(0.0, max_frames=10**6))
+    assert session.pending == 0
+    expected_next = 1
+    for frame in delivered:
+        if frame["event"] == "gap":
+            assert frame["reason"] == "slow_client" and int(frame["missed"]) > 0  # type: ignore[call-overload]
+            expected_next += int(frame["missed"])  # type: ignore[call-overload]
+        else:
+            assert frame["seq"] == expected_next, (frame, delivered)
+            expected_next += 1
+    assert expected_next == offered + 1
+    assert session.missed_total == offered - sum(1 for f in delivered if f["event"] == "reading")

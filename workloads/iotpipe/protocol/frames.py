@@ -120,26 +120,30 @@ def parse_ts(value: object) -> int:
     return ns
 
 
+_SCALAR_TYPES = frozenset({int, float, bool, type(None)})  # orjson never yields NaN/inf
+
+
 def _check_data(data: object, limits: FrameLimits) -> str | None:
     """None if ``data`` is a valid readings map, else what is wrong with it."""
-    if not isinstance(data, dict):
+    if type(data) is not dict:
         return "'data' must be an object"
     if not data:
         return "'data' must not be empty"
     if len(data) > limits.max_data_keys:
         return f"'data' has {len(data)} keys (max {limits.max_data_keys})"
+    max_key_len, max_str_len = limits.max_key_len, limits.max_str_len
+    scalars = _SCALAR_TYPES
+    # type() identity, not isinstance: JSON decoding only yields exact builtin types, and
+    # this loop runs for every field of every message.
     for key, value in data.items():
-        if len(key) > limits.max_key_len or not key:
-            return f"'data' keys must be 1..{limits.max_key_len} characters"
-        if value is None or isinstance(value, (bool, int)):
-            continue
-        if isinstance(value, float):
-            continue  # orjson never yields NaN/inf from JSON text
-        if isinstance(value, str):
-            if len(value) > limits.max_str_len:
-                return f"'data.{key}' is longer than {limits.max_str_len} characters"
-            continue
-        return f"'data.{key}' must be a number, string, boolean or null"
+        if not 0 < len(key) <= max_key_len:
+            return f"'data' keys must be 1..{max_key_len} characters"
+        kind = type(value)
+        if kind is str:
+            if len(value) > max_str_len:
+                return f"'data.{key}' is longer than {max_str_len} characters"
+        elif kind not in scalars:
+            return f"'data.{key}' must be a number, string, boolean or null"
     return None
 
 
@@ -187,15 +191,22 @@ def parse_frame(
     else:
         messages = [doc]
     ids, readings, errors = out.ids, out.readings, out.errors
+    max_id_len = limits.max_id_len
     for msg in messages:
-        if not isinstance(msg, dict):
+        if type(msg) is not dict:
             errors.append(MessageError(None, NOT_AN_OBJECT, "a message must be a JSON object"))
             continue
         msg_id = msg.get("id")
         if msg_id is None:
             errors.append(MessageError(None, MISSING_ID, "'id' is required"))
             continue
-        problem = _check_id(msg_id, limits)
+        kind = type(msg_id)
+        if kind is str:
+            problem = None if 0 < len(msg_id) <= max_id_len else _check_id(msg_id, limits)
+        elif kind is int:
+            problem = None if 0 <= msg_id <= _INT64_MAX else _check_id(msg_id, limits)
+        else:
+            problem = _check_id(msg_id, limits)
         if problem:
             # Echo only ids that are safe to echo: a 10 MB id string is not.
             echo = msg_id if isinstance(msg_id, (str, int)) and not isinstance(msg_id, bool) \

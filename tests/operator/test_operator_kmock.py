@@ -207,8 +207,9 @@ def install_keda(cluster: Cluster) -> None:
 
 
 @contextlib.asynccontextmanager
-async def operator(interval: float = 0.5) -> AsyncIterator[None]:
-    """kopf running in this event loop until the block ends."""
+async def operator(interval: float) -> AsyncIterator[None]:
+    """kopf running in this event loop until the block ends; ``interval`` is the timer's
+    (long where a test relies on change handlers alone, short where on the timer)."""
     settings = kopf.OperatorSettings()
     settings.scanning.disabled = True
     settings.watching.reconnect_backoff = 0.2
@@ -240,7 +241,7 @@ async def operator(interval: float = 0.5) -> AsyncIterator[None]:
 
 async def test_create_builds_owned_children_and_status(cluster: Cluster) -> None:
     await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
-    async with operator():
+    async with operator(interval=30):
         await eventually(lambda: obj(cluster.k, STATEFULSETS, "demo-ingest"), what="ingest sts")
         await eventually(lambda: cluster.status("demo").get("phase"), what="status")
     for resource, name in [(STATEFULSETS, "demo-ingest"), (STATEFULSETS, "demo-middle"),
@@ -267,7 +268,7 @@ def _hash(workload: dict[str, Any] | None) -> str:
 async def test_spec_change_patches_children_and_rolls_pods(cluster: Cluster) -> None:
     await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
     await _controller_pods_and_pvcs(cluster, [0, 1], [0, 1])
-    async with operator():
+    async with operator(interval=30):
         sts = await eventually(lambda: obj(cluster.k, STATEFULSETS, "demo-ingest"))
         before = _hash(sts)
         await eventually(lambda: obj(cluster.k, DEPLOYMENTS, "demo-relay"))
@@ -300,7 +301,7 @@ async def test_autoscaling_mode_switches_replace_the_autoscaler(cluster: Cluster
     pipeline["spec"]["ingest"]["autoscaling"] = {"mode": "hpa", "minReplicas": 2,
                                                  "maxReplicas": 6}
     await cluster.create_pipeline(pipeline)
-    async with operator():
+    async with operator(interval=30):
         hpa = await eventually(lambda: obj(cluster.k, HPAS, "demo-ingest"), what="HPA")
         assert hpa["spec"]["maxReplicas"] == 6
         sts = obj(cluster.k, STATEFULSETS, "demo-ingest")
@@ -330,7 +331,7 @@ async def test_autoscaling_mode_switches_replace_the_autoscaler(cluster: Cluster
 async def test_missing_keda_is_reported_not_crashed(cluster: Cluster) -> None:
     pipeline = seeded(_sample("autoscaled-keda.yaml"))
     await cluster.create_pipeline(pipeline)
-    async with operator():
+    async with operator(interval=0.3):
         degraded = await eventually(lambda: cluster.condition("keda-fleet", "Degraded"),
                                     what="Degraded condition")
         assert degraded["status"] == "True" and degraded["reason"] == "KedaNotInstalled"
@@ -471,7 +472,7 @@ async def test_timer_repairs_drift(cluster: Cluster) -> None:
 
 async def test_deletion_leaves_children_to_garbage_collection(cluster: Cluster) -> None:
     await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
-    async with operator(interval=0.3):
+    async with operator(interval=30):
         await eventually(lambda: cluster.status("demo").get("phase"))
         finalizers = (obj(cluster.k, PIPELINES, "demo") or {})["metadata"].get("finalizers")
         assert finalizers, "kopf holds a finalizer while the timer runs"

@@ -167,6 +167,11 @@ def pvc_request(size: str) -> str:
     return format_mebibytes(raw + max(64 * 2**20, raw // 10))
 
 
+def ingest_queue_bytes(spec: Mapping[str, Any]) -> int:
+    """Queue capacity of one ingest process: the pod's queue size split across processes."""
+    return quantity_bytes(spec["ingest"]["queue"]["size"]) // spec["ingest"]["processes"]
+
+
 def autoscaler_active(spec: Mapping[str, Any], caps: ClusterCapabilities) -> bool:
     mode = spec["ingest"]["autoscaling"]["mode"]
     return mode == "hpa" or (mode == "keda" and caps.keda)
@@ -303,7 +308,7 @@ def build(pipeline: Mapping[str, Any],
         **common,
         "PORT": 8080,
         "DATA_DIR": INGEST_DATA_DIR,
-        "QUEUE_BYTES": quantity_bytes(ingest["queue"]["size"]) // processes,
+        "QUEUE_BYTES": ingest_queue_bytes(spec),
         "PROCESSES": processes,
         "MIDDLE_ENDPOINTS": ",".join(router_endpoints),
         "INSECURE_NO_AUTH": ingest["auth"]["insecureNoAuth"],
@@ -351,6 +356,8 @@ def build(pipeline: Mapping[str, Any],
     relay_config = _prefixed("relay", {
         **common, "PORT": 8081, "MIDDLE_PUB_ENDPOINTS": ",".join(pub_endpoints),
         "CLIENT_QUEUE": relay["clientQueue"], **registry_env, **auth_env,
+        # clients authenticate with the same secret as devices, or not at all
+        "INSECURE_NO_AUTH": ingest["auth"]["insecureNoAuth"],
     })
     t_relay = _tier_context(
         name, "relay", spec, relay_config, replicas=relay["replicas"], args=["relay"],
@@ -417,7 +424,9 @@ def build_drain_job(pipeline: Mapping[str, Any], ordinal: int) -> dict[str, Any]
     args = ["drain", "--data-dir", INGEST_DATA_DIR,
             "--node-id", ingest_pod_name(name, ordinal),
             "--middle-endpoints", ",".join(endpoints),
-            "--timeout", str(spec["ingest"]["drain"]["graceSeconds"])]
+            "--timeout", str(spec["ingest"]["drain"]["graceSeconds"]),
+            # open the queues with the capacity the pod had (per process)
+            "--queue-bytes", str(ingest_queue_bytes(spec))]
     (job,) = render_template(
         "drain-job.yaml.j2", namespace=meta.get("namespace") or "default",
         job_name=drain_job_name(name, ordinal), labels=labels,

@@ -164,8 +164,9 @@ def _spec_schema() -> dict[str, Any]:
                 }],
             },
             "rateLimit": {"type": "number", "minimum": 0,
-                          "description": "Messages per second per device (unset: no limit)."},
-            "maxFrameBytes": _int(None, 64, 64 * 1024 * 1024, "Largest WebSocket frame."),
+                          "description": "Messages per second per device (0: no limit; "
+                                         "unset: the ingest default)."},
+            "maxFrameBytes": _int(None, 128, 64 * 1024 * 1024, "Largest WebSocket frame."),
             "autoscaling": {
                 "type": "object", "default": {},
                 "description": "Autoscaling of ingest: an HPA or a KEDA ScaledObject, never "

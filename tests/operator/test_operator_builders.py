@@ -219,6 +219,7 @@ def test_drain_job_mounts_the_retained_queue() -> None:
     assert args[args.index("--middle-endpoints") + 1] == (
         "tcp://demo-middle-0.demo-middle:5555,tcp://demo-middle-1.demo-middle:5555")
     assert pod["restartPolicy"] == "Never"
+    assert args[args.index("--queue-bytes") + 1] == str(2**30)
 
 
 def test_build_rejects_nameless_pipeline() -> None:

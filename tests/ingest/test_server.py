@@ -383,3 +383,21 @@ async def test_drain_closes_devices_with_1001_at_a_bounded_rate(ingest: Factory,
             pass
     assert middle.wait_for(lambda m: len(m.stored) == 5, 5)
     assert server.queue is not None and server.queue.depth().records == 0
+
+
+async def test_queue_failure_is_never_acked_and_closes_1011(ingest: Factory) -> None:
+    server = await ingest()
+    async with device_connect(server, "dev-q") as ws:
+        await ws.send(orjson.dumps({"id": "before", "data": {"k": 1}}).decode())
+        assert await reply(ws) == {"type": "ack", "ids": ["before"]}
+        assert server.forwarder is not None and server.queue is not None
+        await asyncio.to_thread(server.forwarder.stop)
+        server.queue.close()  # the disk is gone, as far as the server can tell
+        await ws.send(orjson.dumps({"id": "after", "data": {"k": 1}}).decode())
+        error = await reply(ws)
+        assert (error["type"], error["reason"], error["ids"]) == ("error", "internal", ["after"])
+        with pytest.raises(ConnectionClosed) as closed:
+            await reply(ws)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+    assert server.counters.rejected["internal"] == 1
+    assert server.counters.accepted == 1

@@ -401,3 +401,16 @@ async def test_queue_failure_is_never_acked_and_closes_1011(ingest: Factory) -> 
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
     assert server.counters.rejected["internal"] == 1
     assert server.counters.accepted == 1
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+async def test_compression_is_off_unless_enabled(ingest: Factory, enabled: bool) -> None:
+    server = await ingest(compression=enabled)
+    token = issue_token(SECRET.encode(), "dev-z", DEVICE_AUDIENCE, 60)
+    async with connect(url(server), additional_headers={"Authorization": f"Bearer {token}"},
+                       compression="deflate") as ws:
+        assert ws.response is not None
+        negotiated = ws.response.headers.get("Sec-WebSocket-Extensions", "")
+        assert ("permessage-deflate" in negotiated) is enabled
+        await ws.send(orjson.dumps({"id": 1, "data": {"k": "x" * 200}}).decode())
+        assert await reply(ws) == {"type": "ack", "ids": [1]}

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from queue_simfs import SimFS
 
 from iotpipe.queue import (
     AsyncQueue,
@@ -371,3 +372,39 @@ def test_ledger_survives_one_torn_slot_but_not_two(tmp_path: Path) -> None:
         file.write(b"\xde\xad")
     with pytest.raises(QueueCorrupted, match="both ledger slots"):
         PersistentQueue.open(path)
+
+
+class SlowLedgerFS(SimFS):
+    """Holds the ledger's sync until released, to line up a race."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold_ledger = False
+        self.ledger_entered = threading.Event()
+        self.release = threading.Event()
+
+    def fdatasync(self, handle: int) -> None:
+        if self.hold_ledger and self._handles[handle].endswith("cursors.ledger"):
+            self.ledger_entered.set()
+            assert self.release.wait(10)
+        super().fdatasync(handle)
+
+
+def test_registering_a_consumer_holds_back_reclaim_until_it_is_durable() -> None:
+    fs = SlowLedgerFS()
+    args = {"capacity_bytes": 64 << 10, "segment_bytes": 8192, "file_io": fs}
+    queue = PersistentQueue.open("/sim/q", consumers=["a"], **args)
+    queue.append([b"x" * 1000] * 8)  # the first segment is now full
+    queue.ack("a", 8)
+    fs.hold_ledger = True
+    registering = threading.Thread(target=queue.register_consumer, args=("b",))
+    registering.start()
+    assert fs.ledger_entered.wait(10)
+    queue.append([b"y" * 1000])  # rolls over to a new segment while "b" is being written
+    fs.release.set()
+    registering.join(10)
+    assert queue.acked("b") == 0
+    assert queue.first_seq == 1  # "b" has not read anything yet
+    queue.close()
+    with PersistentQueue.open("/sim/q", **args) as reopened:
+        assert [r.seq for r in reopened.read(0, max_records=100)] == list(range(1, 10))

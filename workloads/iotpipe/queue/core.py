@@ -181,6 +181,7 @@ class PersistentQueue:
         self._ledger: Ledger | None = None
         self._disk_reserve = 1 << 20  # keep this much free for the ledger and the system
         self._disk_full_logged = False
+        self._registering: int | None = None  # cursor of a consumer being registered
 
     def _recover(self, consumer_names: list[str]) -> None:
         io = self._io
@@ -685,6 +686,8 @@ class PersistentQueue:
         if not self._cursors:
             return
         floor = min(self._cursors.values())
+        if self._registering is not None:
+            floor = min(floor, self._registering)
         freed = False
         while (len(self._segments) >= 2 and self._segments[1].created
                and self._segments[1].first_seq <= floor + 1):
@@ -844,7 +847,13 @@ class PersistentQueue:
                     return
                 updated = dict(self._cursors)
                 updated[name] = self._segments[0].first_seq - 1
-            self._write_ledger(updated)
+                # Until the ledger has it, reclaim must not pass the new consumer's cursor.
+                self._registering = updated[name]
+            try:
+                self._write_ledger(updated)
+            finally:
+                with self._cond:
+                    self._registering = None
 
     def unregister_consumer(self, name: str) -> None:
         """Forget ``name`` and its cursor (idempotent); may free segments."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import re
@@ -494,3 +495,30 @@ def test_failing_checkpoint_holds_log_space_instead_of_forgetting_marks(middle_f
     while middle.depth() > 0:
         assert time.monotonic() < deadline, "space not released after checkpoints recovered"
         time.sleep(0.1)
+
+
+def test_stuck_subscriber_never_slows_the_log(middle_factory) -> None:  # type: ignore[no-untyped-def]
+    # PUB is lossy by nature: a subscriber that never reads loses events (and sees the
+    # gap in the sequence) while ingest acks and the feed carry on.
+    middle: Middle = middle_factory("--pub-hwm", "50")
+    stuck = middle.ctx.socket(zmq.SUB)
+    stuck.setsockopt(zmq.LINGER, 0)
+    stuck.setsockopt(zmq.RCVHWM, 10)
+    stuck.setsockopt(zmq.RCVBUF, 4096)
+    stuck.setsockopt(zmq.SUBSCRIBE, b"")
+    stuck.connect(f"tcp://127.0.0.1:{middle.pub_port}")
+    ingest = middle.dealer(middle.router_port)
+    warm = 0
+    while not stuck.poll(100):  # the subscription is in place once one event arrives
+        warm += 1
+        send_batch(ingest, "warm", warm, 1)
+        assert warm < 100, "SUB never received anything"
+    for first in range(1, 10_001, 500):
+        assert wire.decode_ack(send_batch(ingest, "n1", first, 500, pad=100)).last == first + 499
+    got = Feed(middle, credit=30_000).collect(10_000 + warm, timeout=30)
+    assert sum(1 for r in got.values() if r.node == "n1") == 10_000
+    seqs = []
+    while stuck.poll(100):
+        seqs.append(wire.decode_live(stuck.recv_multipart()).seq)
+    assert len(seqs) < 10_000, "the stuck subscriber was not cut off"
+    assert any(b - a > 1 for a, b in itertools.pairwise(seqs)), "no visible gap"

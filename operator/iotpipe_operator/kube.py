@@ -45,6 +45,10 @@ IMMUTABLE_SPEC_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Kinds whose merge patch is computed against the live object (see patch_body).
+NEEDS_LIVE_STATE = ("ConfigMap", "Service")
+
+
 class KubeError(Exception):
     """An API call failed; ``status`` is the HTTP status (0 when unreachable)."""
 
@@ -176,7 +180,11 @@ class Kube:
             if exc.status != 409:
                 raise
         meta = obj["metadata"]
-        body = patch_body(obj)
+        live = None
+        if obj["kind"] in NEEDS_LIVE_STATE:
+            live = self.get(obj["apiVersion"], obj["kind"], meta.get("namespace", ""),
+                            meta["name"])
+        body = patch_body(obj, live)
         return ApplyOutcome("patched", self.patch(obj["apiVersion"], obj["kind"],
                                                   meta.get("namespace", ""), meta["name"], body))
 
@@ -193,10 +201,28 @@ class Kube:
         return True
 
 
-def patch_body(obj: dict[str, Any]) -> dict[str, Any]:
-    """The merge patch that brings a live object to ``obj``, without immutable fields."""
+def patch_body(obj: dict[str, Any], live: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The merge patch that brings ``live`` to ``obj``, without immutable fields.
+
+    A merge patch merges maps and replaces lists, so two kinds need the live object:
+    a ConfigMap's keys that are no longer wanted must be nulled (a removed setting must
+    not linger), and a Service's ports list must keep the allocated nodePorts (or every
+    patch would allocate new ones).
+    """
     body = {key: value for key, value in obj.items() if key != "status"}
     immutable = IMMUTABLE_SPEC_FIELDS.get(obj["kind"], ())
     if immutable and "spec" in body:
         body["spec"] = {k: v for k, v in body["spec"].items() if k not in immutable}
+    if live is not None and obj["kind"] == "ConfigMap":
+        stale = set(live.get("data") or {}) - set(obj.get("data") or {})
+        body["data"] = {**(obj.get("data") or {}), **dict.fromkeys(sorted(stale))}
+    if live is not None and obj["kind"] == "Service" and "ports" in obj.get("spec", {}):
+        allocated = {p.get("name"): p["nodePort"]
+                     for p in (live.get("spec") or {}).get("ports") or [] if p.get("nodePort")}
+        keeps_node_ports = obj["spec"].get("type") in ("NodePort", "LoadBalancer")
+        body["spec"] = {**body["spec"], "ports": [
+            {**port, "nodePort": allocated[port.get("name")]}
+            if keeps_node_ports and port.get("name") in allocated and "nodePort" not in port
+            else port
+            for port in obj["spec"]["ports"]]}
     return body

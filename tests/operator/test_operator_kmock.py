@@ -275,15 +275,19 @@ async def test_spec_change_patches_children_and_rolls_pods(cluster: Cluster) -> 
         relay_before = _hash(obj(cluster.k, DEPLOYMENTS, "demo-relay"))
         await cluster.patch_pipeline("demo", {"ingest": {"replicas": 3, "rateLimit": 10,
                                                          "queue": {"size": "2Gi"}}})
+        await eventually(lambda: (obj(cluster.k, CONFIGMAPS, "demo-ingest-config") or {})
+                         .get("data", {}).get("IOTPIPE_INGEST_RATE_LIMIT") == "10")
+        # removing a setting removes it from the tier's ConfigMap too
+        await cluster.patch_pipeline("demo", {"ingest": {"rateLimit": None}})
         await eventually(lambda: (obj(cluster.k, STATEFULSETS, "demo-ingest") or {})
                          .get("spec", {}).get("replicas") == 3, what="replicas patched")
-        await eventually(lambda: cluster.status("demo").get("observedGeneration") == 2,
-                         what="observedGeneration 2")
+        await eventually(lambda: cluster.status("demo").get("observedGeneration") == 3,
+                         what="observedGeneration 3")
     sts = obj(cluster.k, STATEFULSETS, "demo-ingest")
     assert _hash(sts) != before, "a config change must roll the ingest pods"
     assert _hash(obj(cluster.k, DEPLOYMENTS, "demo-relay")) == relay_before
     config = obj(cluster.k, CONFIGMAPS, "demo-ingest-config")
-    assert config is not None and config["data"]["IOTPIPE_INGEST_RATE_LIMIT"] == "10"
+    assert config is not None and "IOTPIPE_INGEST_RATE_LIMIT" not in config["data"]
     assert cluster.status("demo")["ingest"]["desired"] == 3
     # a grown queue expands the existing PVCs (the claim template itself is immutable)
     for ordinal in (0, 1):
@@ -541,3 +545,23 @@ async def test_cli_run_reconciles_and_stops_on_sigterm(cluster: Cluster, procs: 
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(proc.wait, 20)
     assert code == 0, procs.log("operator")
+
+
+async def test_service_monitor_follows_its_crd_and_the_spec(cluster: Cluster) -> None:
+    monitors = "monitoring.coreos.com/v1/servicemonitors"
+    pipeline = seeded(_sample("minimal.yaml"))
+    pipeline["spec"]["metrics"] = {"serviceMonitor": True}
+    await cluster.create_pipeline(pipeline)
+    async with operator(interval=0.3):
+        await eventually(lambda: obj(cluster.k, STATEFULSETS, "demo-ingest"))
+        await asyncio.sleep(0.6)
+        assert names(cluster.k, monitors) == set(), "no ServiceMonitor without its CRD"
+        cluster.k.resources[monitors] = kmock.ResourceInfo(
+            kind="ServiceMonitor", singular="servicemonitor", namespaced=True,
+            verbs={"get", "list", "watch", "create", "patch", "update", "delete"})
+        monitor = await eventually(lambda: obj(cluster.k, monitors, "demo"),
+                                   what="ServiceMonitor once its CRD exists")
+        assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+        await cluster.patch_pipeline("demo", {"metrics": {"serviceMonitor": False}})
+        await eventually(lambda: obj(cluster.k, monitors, "demo") is None,
+                         what="ServiceMonitor removed when switched off")

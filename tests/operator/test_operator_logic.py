@@ -184,3 +184,18 @@ def test_resource_paths_and_patch_bodies() -> None:
     body = patch_body(sts)
     assert "volumeClaimTemplates" not in body["spec"] and "selector" not in body["spec"]
     assert body["spec"]["template"] == sts["spec"]["template"]
+
+
+def test_patch_prunes_stale_configmap_keys_and_keeps_node_ports() -> None:
+    desired_cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"},
+                  "data": {"A": "1"}}
+    live_cm = {"data": {"A": "0", "GONE": "x"}}
+    assert patch_body(desired_cm, live_cm)["data"] == {"A": "1", "GONE": None}
+    desired_svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"},
+                   "spec": {"type": "LoadBalancer",
+                            "ports": [{"name": "ws", "port": 443, "targetPort": "ws"}]}}
+    live_svc = {"spec": {"ports": [{"name": "ws", "port": 8080, "nodePort": 31234}]}}
+    assert patch_body(desired_svc, live_svc)["spec"]["ports"] == [
+        {"name": "ws", "port": 443, "targetPort": "ws", "nodePort": 31234}]
+    desired_svc["spec"]["type"] = "ClusterIP"  # switching away from node ports drops them
+    assert "nodePort" not in patch_body(desired_svc, live_svc)["spec"]["ports"][0]

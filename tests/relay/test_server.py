@@ -322,3 +322,41 @@ async def test_insecure_mode_accepts_clients_without_token(relay: Relay) -> None
         await subscribe(ws, devices=["d"])
         relay.publish("d", 1)
         assert (await recv_json(ws))["device"] == "d"
+
+
+def readyz_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def test_ready_only_while_a_middle_is_connected(procs: ProcessGroup, tmp_path: Path) -> None:
+    pub_port, port, metrics_port = free_port(), free_port(), free_port()
+    procs.iotpipe(
+        "relay", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
+        "--middle-pub-endpoints", f"tcp://127.0.0.1:{pub_port}", "--insecure-no-auth",
+        "--registry-file", str(tmp_path / "none.yaml"), name="relay")
+    readyz = f"http://127.0.0.1:{metrics_port}/readyz"
+    wait_http(f"http://127.0.0.1:{metrics_port}/healthz")
+    time.sleep(0.5)
+    assert readyz_status(readyz) == 503  # serving, but no middle to relay from
+
+    def wait_status(expected: int) -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and readyz_status(readyz) != expected:
+            time.sleep(0.1)
+        assert readyz_status(readyz) == expected
+
+    context = zmq.Context()
+    pub = context.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    try:
+        pub.bind(f"tcp://127.0.0.1:{pub_port}")
+        wait_status(200)
+        pub.close(0)
+        wait_status(503)  # the middle went away
+    finally:
+        pub.close(0)
+        context.term()

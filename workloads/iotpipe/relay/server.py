@@ -25,6 +25,7 @@ from pydantic import Field
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from zmq.utils.monitor import parse_monitor_message
 
 from iotpipe.auth import CLIENT_AUDIENCE, AuthError, bearer_token, load_secret, verify_token
 from iotpipe.observability import ObservabilityServer, setup_logging
@@ -42,6 +43,8 @@ LIVE_PATH = "/v1/live"
 _SUB_BURST = 512
 # A plain int: pyzmq's enum flags cost microseconds per operation on the hot path.
 _NOBLOCK = int(zmq.NOBLOCK)
+_HANDSHAKE = int(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+_DISCONNECTED = int(zmq.EVENT_DISCONNECTED)
 
 
 class RelaySettings(TierSettings):
@@ -124,6 +127,9 @@ class _RelayCollector:
         stats = fanout.stats
         yield GaugeMetricFamily("iotpipe_relay_clients", "Connected client apps",
                                 value=len(fanout.sessions))
+        yield GaugeMetricFamily("iotpipe_relay_upstreams_connected",
+                                "Middle PUB endpoints the relay is subscribed to now",
+                                value=sum(self._relay.upstreams.values()))
         yield GaugeMetricFamily("iotpipe_relay_client_queue_frames",
                                 "Frames waiting in all client send queues",
                                 value=sum(s.pending for s in fanout.sessions.values()))
@@ -176,6 +182,8 @@ class RelayServer:
         self.frames_sent = 0
         self._closing: set[asyncio.Task[None]] = set()
         self._sub: zmq.Socket[bytes] | None = None
+        self._monitor: zmq.Socket[bytes] | None = None
+        self.upstreams: dict[str, bool] = {}  # middle PUB endpoint -> connected now
 
     # -- registry -------------------------------------------------------------------------
 
@@ -187,7 +195,10 @@ class RelayServer:
 
     @property
     def ready(self) -> bool:
-        return self._ready
+        """Serving, and subscribed to at least one middle (when any is configured)."""
+        if not self._ready:
+            return False
+        return not self.settings.middle_pub_endpoints or any(self.upstreams.values())
 
     # -- handshake ------------------------------------------------------------------------
 
@@ -348,6 +359,27 @@ class RelayServer:
         if more:
             loop.call_soon(self._drain_sub)
 
+    def _drain_monitor(self) -> None:
+        """Track which middle PUB endpoints the SUB socket is connected to."""
+        monitor = self._monitor
+        if monitor is None:
+            return
+        while True:
+            try:
+                message = monitor.recv_multipart(_NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                event = parse_monitor_message(message)
+            except RuntimeError:
+                continue
+            endpoint = event["endpoint"].decode(errors="replace")
+            connected = int(event["event"]) == _HANDSHAKE
+            if self.upstreams.get(endpoint) != connected:
+                log.info("middle connected" if connected else "middle disconnected",
+                         extra={"fields": {"endpoint": endpoint}})
+            self.upstreams[endpoint] = connected
+
     # -- lifecycle -------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -357,6 +389,10 @@ class RelayServer:
         sub.setsockopt(zmq.RCVHWM, settings.sub_hwm)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
+        # Watch the SUB socket's connections (before connecting, to see every event):
+        # the relay is ready only while at least one middle is reachable.
+        monitor = sub.get_monitor_socket(_HANDSHAKE | _DISCONNECTED)
+        self._monitor = monitor
         for endpoint in settings.middle_pub_endpoints:
             sub.connect(endpoint)
         tasks: list[asyncio.Task[None]] = []
@@ -378,6 +414,8 @@ class RelayServer:
             self._sub = sub
             loop.add_reader(sub.getsockopt(zmq.FD), self._drain_sub)
             loop.call_soon(self._drain_sub)  # messages that arrived before the reader was added
+            loop.add_reader(monitor.getsockopt(zmq.FD), self._drain_monitor)
+            loop.call_soon(self._drain_monitor)
             tasks.append(asyncio.create_task(self._watchdog()))
             self._ready = True
             log.info("relay serving", extra={"fields": {
@@ -400,8 +438,13 @@ class RelayServer:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._server.wait_closed(), timeout=5.0)
             if self._sub is not None:
-                asyncio.get_running_loop().remove_reader(sub.getsockopt(zmq.FD))
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(sub.getsockopt(zmq.FD))
+                loop.remove_reader(monitor.getsockopt(zmq.FD))
                 self._sub = None
+            self._monitor = None
+            sub.disable_monitor()
+            monitor.close(linger=0)
             sub.close(linger=0)
             context.term()
             log.info("relay stopped")

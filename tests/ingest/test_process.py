@@ -201,6 +201,13 @@ def test_ingest_refuses_to_start_without_secret_or_middle(tmp_path: Path) -> Non
     no_secret = subprocess.run([*base, "--middle-endpoints", "tcp://127.0.0.1:1"],
                                capture_output=True, text=True, timeout=30, env=env)
     assert no_secret.returncode == 2 and "IOTPIPE_AUTH_SECRET" in no_secret.stderr
+    bad_endpoint = subprocess.run([*base, "--middle-endpoints", "middle-0:5555",
+                                   "--insecure-no-auth"],
+                                  capture_output=True, text=True, timeout=30, env=env)
+    assert bad_endpoint.returncode == 2 and "'middle-0:5555'" in bad_endpoint.stderr
+    bad_number = subprocess.run([*base, "--middle-endpoints", "tcp://x:1", "--port", "http"],
+                                capture_output=True, text=True, timeout=30, env=env)
+    assert bad_number.returncode == 2 and "--port" in bad_number.stderr
 
 
 async def test_simulator_reconnects_through_an_ingest_restart(procs: ProcessGroup,

@@ -84,6 +84,11 @@ def main(argv: Sequence[str]) -> int:
     if not settings.middle_endpoints:
         print("iotpipe drain: error: --middle-endpoints is required", file=sys.stderr)
         return 2
+    bad = [e for e in settings.middle_endpoints if not e.startswith(("tcp://", "ipc://"))]
+    if bad:
+        print(f"iotpipe drain: error: --middle-endpoints: {bad[0]!r} is not a ZeroMQ endpoint "
+              "(expected tcp://HOST:PORT)", file=sys.stderr)
+        return 2
     if not settings.data_dir.is_dir():
         print(f"iotpipe drain: error: {settings.data_dir} is not a directory", file=sys.stderr)
         return 2

@@ -454,7 +454,15 @@ async def run_process(settings: IngestSettings, index: int) -> int:
         log.info("ingest listening", extra={"fields": {
             "node": server.node, "port": server.port, "metrics_port": obs.port,
             "queue": str(server.queue_dir), "middle": settings.middle_endpoints}})
-        await stop.wait()
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+            if server.forwarder is not None and server.forwarder.error is not None:
+                # Nothing would leave the queue any more: exit so the supervisor (or
+                # Kubernetes) restarts us; the queue is durable, nothing acked is lost.
+                log.error("forwarder failed; exiting", extra={"fields": {
+                    "error": repr(server.forwarder.error)}})
+                return 1
         empty = await server.drain()
         return 0 if empty else 1
     finally:
@@ -525,6 +533,11 @@ def main(argv: Sequence[str]) -> int:
     if not settings.middle_endpoints:
         print("iotpipe ingest: error: --middle-endpoints is required", file=sys.stderr)
         return 2
+    for endpoint in settings.middle_endpoints:
+        if not endpoint.startswith(("tcp://", "ipc://")):
+            print(f"iotpipe ingest: error: --middle-endpoints: {endpoint!r} is not a ZeroMQ "
+                  "endpoint (expected tcp://HOST:PORT)", file=sys.stderr)
+            return 2
     if not settings.insecure_no_auth:
         try:
             load_secret()

@@ -2,7 +2,7 @@
 
 libpmem reads PMEM_IS_PMEM_FORCE when it loads, so these run in child processes: with
 it set, an ordinary file counts as pmem and ``persist="auto"`` picks the pmem path
-(``pmem_map_file`` + ``pmem_memcpy_nodrain`` + ``pmem_drain``). Its durability is not what
+(``pmem_map_file`` + ``pmem_memcpy_persist``). Its durability is not what
 these test (an ordinary file is not persistent memory); the code path is.
 """
 

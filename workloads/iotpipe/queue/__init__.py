@@ -33,9 +33,10 @@ then records back to back from offset 32, each 8-byte aligned::
 The CRC32C (Castagnoli) covers bytes 4.. of the frame: length, seq and payload. The tail
 position is never stored: it is where the records stop. Unused space is zeros.
 
-Writes: one pwrite (or pmem memcpy) per group commit per segment, then one fdatasync
-(or pmem drain). A segment is synced before the next segment is created, so only the last
-segment can have an unsynced (torn) tail.
+Writes: per group commit and segment, one pwrite + one fdatasync (or, on persistent
+memory, one ``pmem_memcpy_persist`` into the segment mapped with ``pmem_map_file``). A
+segment is synced before the next segment is created, so only the last segment can have
+an unsynced (torn) tail.
 
 Recovery on open scans the last segment from its header and stops at a zero length, a bad
 length, a bad checksum or an unexpected seq. If an intact FIRST_IN_WRITE record with a

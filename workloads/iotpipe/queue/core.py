@@ -643,14 +643,13 @@ class PersistentQueue:
 
     def _write(self, segment: _Segment, data: bytes, offset: int) -> None:
         if segment.mapping is not None:
-            segment.mapping.write_nodrain(data, offset)
+            # pmem backend: pmem_memcpy_persist copies and persists in one call.
+            segment.mapping.write_persist(data, offset)
         else:
             self._io.pwrite(segment.handle, data, offset)
 
     def _persist(self, segment: _Segment) -> None:
-        if segment.mapping is not None:
-            segment.mapping.drain()
-        else:
+        if segment.mapping is None:  # a pmem write was persisted as it was copied
             self._io.fdatasync(segment.handle)
 
     def _create_segment_file(self, segment: _Segment, previous_end: int) -> None:
@@ -672,11 +671,12 @@ class PersistentQueue:
             raise
         segment.handle = handle
         if self._persist_mode == "pmem":
-            previous = [s for s in self._segments if s.mapping is not None and s is not segment]
             segment.mapping = pmem_binding.PmemMapping(segment.path)
-            for old in previous:  # sealed and persisted: reads go through pread
-                old.mapping.close()  # type: ignore[union-attr]
-                old.mapping = None
+            previous = segment.previous
+            mapping = previous.mapping if previous is not None else None
+            if mapping is not None:  # sealed and persisted: reads go through pread
+                mapping.close()
+                previous.mapping = None  # type: ignore[union-attr]
         segment.created = True
 
     # ------------------------------------------------------------------ reclaim
@@ -693,8 +693,9 @@ class PersistentQueue:
                and self._segments[1].first_seq <= floor + 1):
             segment = self._segments.pop(0)
             self._allocated -= segment.size
-            if segment.mapping is not None:
-                segment.mapping.close()
+            mapping = segment.mapping
+            if mapping is not None:  # the writer may close it at the same time: idempotent
+                mapping.close()
                 segment.mapping = None
             self._io.close(segment.handle)
             segment.handle = None

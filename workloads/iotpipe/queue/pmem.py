@@ -33,10 +33,6 @@ class _LibPmem:
         lib.pmem_is_pmem.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         lib.pmem_memcpy_persist.restype = ctypes.c_void_p
         lib.pmem_memcpy_persist.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
-        lib.pmem_memcpy_nodrain.restype = ctypes.c_void_p
-        lib.pmem_memcpy_nodrain.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
-        lib.pmem_drain.restype = None
-        lib.pmem_drain.argtypes = []
         lib.pmem_errormsg.restype = ctypes.c_char_p
         lib.pmem_errormsg.argtypes = []
         lib.pmem_check_version.restype = ctypes.c_char_p
@@ -96,22 +92,19 @@ class PmemMapping:
         self.length = mapped_length.value
         self.is_pmem = bool(is_pmem.value)
         self.path = path
-
-    def write_nodrain(self, data: bytes, offset: int) -> None:
-        """Copy ``data`` to ``offset`` and flush it; durable after the next ``drain``."""
-        if offset < 0 or offset + len(data) > self.length:
-            raise ValueError(f"pmem write [{offset}, {offset + len(data)}) outside {self.path}")
-        self._pmem.lib.pmem_memcpy_nodrain(self.address + offset, data, len(data))
-
-    def drain(self) -> None:
-        self._pmem.lib.pmem_drain()
+        self._close_lock = threading.Lock()
 
     def write_persist(self, data: bytes, offset: int) -> None:
+        """Copy ``data`` to ``offset`` and persist it (``pmem_memcpy_persist``)."""
+        if not self.address:
+            raise ValueError(f"pmem mapping of {self.path} is closed")
         if offset < 0 or offset + len(data) > self.length:
             raise ValueError(f"pmem write [{offset}, {offset + len(data)}) outside {self.path}")
         self._pmem.lib.pmem_memcpy_persist(self.address + offset, data, len(data))
 
     def close(self) -> None:
-        if self.address:
-            self._pmem.lib.pmem_unmap(self.address, self.length)
-            self.address = 0
+        """Unmap (idempotent; the writer and reclaim may both close a sealed segment)."""
+        with self._close_lock:
+            if self.address:
+                self._pmem.lib.pmem_unmap(self.address, self.length)
+                self.address = 0

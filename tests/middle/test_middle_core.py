@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -344,6 +345,17 @@ def test_feed_random_acks_and_expiry_deliver_everything() -> None:
         core.expire(now)
         for peer, first, last in drain(core, now, tail):
             held["c1" if peer == b"A" else "c2"].append((first, last))
+        # invariants: leases are disjoint, above the cursor, and add up to each window
+        leases = sorted((lease.first, lease.last) for lease in core.leases("storage"))
+        assert all(a[1] < b[0] for a, b in itertools.pairwise(leases))
+        assert all(first > core.cursor("storage") for first, _ in leases)
+        for consumer in ("c1", "c2"):
+            state = core.consumer("storage", consumer)
+            if state is None:
+                continue  # has not sent a request yet
+            leased = sum(lease.count for lease in core.leases("storage")
+                         if lease.consumer == consumer)
+            assert state.outstanding == leased <= 20
     for _ in range(200):
         now += 10
         core.expire(now)

@@ -408,3 +408,60 @@ def test_registering_a_consumer_holds_back_reclaim_until_it_is_durable() -> None
     queue.close()
     with PersistentQueue.open("/sim/q", **args) as reopened:
         assert [r.seq for r in reopened.read(0, max_records=100)] == list(range(1, 10))
+
+
+def test_concurrent_appends_reads_acks_and_reclaim_stay_consistent(tmp_path: Path) -> None:
+    """Appenders, a reading+acking consumer and a depth poller race on small segments."""
+    queue = PersistentQueue.open(tmp_path / "q", capacity_bytes=64 << 10, segment_bytes=8192,
+                                 consumers=["reader"])
+    errors: list[BaseException] = []
+    done = threading.Event()
+    per_thread = 300
+
+    def appender(number: int) -> None:
+        try:
+            for index in range(per_thread):
+                queue.append([b"%d:%d" % (number, index)], timeout=10)
+        except BaseException as exc:
+            errors.append(exc)
+
+    seen: dict[int, list[int]] = {0: [], 1: [], 2: []}
+
+    def reader() -> None:
+        try:
+            seq = 1
+            while sum(len(v) for v in seen.values()) < 3 * per_thread:
+                records = queue.read(seq, max_records=17)
+                if not records:
+                    queue.wait(seq - 1, timeout=1)
+                    continue
+                for record in records:
+                    assert record.seq == seq
+                    number, index = map(int, record.payload.split(b":"))
+                    seen[number].append(index)
+                    seq += 1
+                queue.ack("reader", seq - 1)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def poller() -> None:
+        try:
+            while not done.is_set():
+                depth = queue.depth()
+                assert depth.records >= 0 and depth.bytes >= 0
+                assert queue.first_seq <= queue.acked("reader") + 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=appender, args=(n,)) for n in range(3)]
+    threads += [threading.Thread(target=reader), threading.Thread(target=poller)]
+    for thread in threads:
+        thread.start()
+    for thread in threads[:4]:
+        thread.join(60)
+    done.set()
+    threads[4].join(10)
+    queue.close()
+    assert errors == []
+    for number in range(3):  # each appender's records arrive complete and in its order
+        assert seen[number] == list(range(per_thread))

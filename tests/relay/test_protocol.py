@@ -313,3 +313,41 @@ def test_every_event_is_delivered_in_order_or_counted_where_it_was_dropped(
             expected_next += 1
     assert expected_next == offered + 1
     assert session.missed_total == offered - sum(1 for f in delivered if f["event"] == "reading")
+
+
+_names = st.sampled_from(["a", "ab", "abc", "b", "ba", "x-1", "x-10", "x-2"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(subscriptions=st.lists(st.tuples(
+           st.lists(_names, max_size=3), st.lists(_names, max_size=3),
+           st.lists(st.sampled_from(["k1", "k2", "unknown"]), max_size=2),
+           st.lists(st.sampled_from(["l1", "l2", "unknown"]), max_size=2),
+           st.booleans()), max_size=6),
+       devices=st.lists(_names, min_size=1, max_size=10))
+def test_routing_index_agrees_with_the_subscription_rules(
+        subscriptions: list[tuple[list[str], list[str], list[str], list[str], bool]],
+        devices: list[str]) -> None:
+    registry = {"a": ("k1", "l1"), "ab": ("k2", "l1"), "x-1": ("k1", "l2")}
+    lookup = lambda d: registry.get(d, ("unknown", "unknown"))  # noqa: E731
+    fanout = Fanout(lookup)
+    sessions = []
+    for i, (ids, prefixes, classes, locations, leave) in enumerate(subscriptions):
+        session = ClientSession(f"c{i}", queue_limit=100)
+        fanout.add(session)
+        body = {"devices": ids, "prefixes": prefixes, "classes": classes, "locations": locations}
+        if any(body.values()):
+            session.receive(orjson.dumps({"op": "subscribe", **body}))
+        if ids and leave:  # changes after joining must reach the index too
+            session.receive(orjson.dumps({"op": "unsubscribe", "devices": ids[:1]}))
+        sessions.append(session)
+    if subscriptions and subscriptions[0][4]:
+        fanout.remove("c0")
+    for seq, device in enumerate(devices, start=1):
+        woken = {s.client_id for s in fanout.on_event(live(device, seq), 0.0)}
+        wanted = {s.client_id for s in fanout.sessions.values()
+                  if s.subscription.matches(device, lookup(device))}
+        assert woken == wanted, (device, woken, wanted)
+    for session in fanout.sessions.values():
+        got = [f["device"] for f in decoded(session.take(0.0, max_frames=100))]
+        assert got == [d for d in devices if session.subscription.matches(d, lookup(d))]

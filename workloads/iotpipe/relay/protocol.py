@@ -156,19 +156,18 @@ class Subscription:
             else:
                 current -= change
 
-    def needs_registry(self) -> bool:
-        return bool(self.classes or self.locations)
+    def matches(self, device_id: str, attrs: tuple[str, str]) -> bool:
+        """The subscription rule for one device with registry ``attrs`` (class, location).
 
-    def matches(self, device_id: str, attrs: tuple[str, str] | None) -> bool:
-        """``attrs`` is (class, location), looked up only when a filter needs it."""
+        The reference definition: ``Fanout`` routes through an index that must agree with it
+        (a property test checks that).
+        """
         if device_id in self.devices:
             return True
         if any(device_id.startswith(p) for p in self.prefixes):
             return True
-        if attrs is not None:
-            device_class, location = attrs
-            return device_class in self.classes or location in self.locations
-        return False
+        device_class, location = attrs
+        return device_class in self.classes or location in self.locations
 
     def describe(self) -> dict[str, list[str]]:
         return {name: sorted(getattr(self, name)) for name in FILTER_FIELDS}
@@ -265,6 +264,8 @@ class ClientSession:
         self.sent_total = 0
         self._last_progress = 0.0
         self.closed = False
+        # Set by the Fanout that holds this session: its routing index must be rebuilt.
+        self.on_change: Callable[[], None] | None = None
 
     # client -> relay
     def receive(self, text: str | bytes) -> bytes:
@@ -280,6 +281,8 @@ class ClientSession:
             self.subscription = Subscription(*(set(before[name]) for name in FILTER_FIELDS))
             return error_frame("too_many_filters",
                                f"subscription would exceed {self.max_filters} entries", request.op)
+        if self.on_change is not None:
+            self.on_change()
         return orjson.dumps({"event": "subscribed" if request.op == "subscribe"
                              else "unsubscribed", **self.subscription.describe()})
 
@@ -359,6 +362,53 @@ class FanoutStats:
     bad_events: int = 0
 
 
+class _RoutingIndex:
+    """Which sessions want which devices, so routing one event costs O(matches), not O(clients).
+
+    Exact ids and registry attributes are dict lookups; prefixes are looked up once per
+    distinct prefix length. Rebuilt from the sessions whenever a subscription changes or a
+    session leaves (rare next to events).
+    """
+
+    def __init__(self, sessions: Iterable[ClientSession]) -> None:
+        self.by_device: dict[str, list[ClientSession]] = {}
+        self.by_prefix: dict[str, list[ClientSession]] = {}
+        self.by_class: dict[str, list[ClientSession]] = {}
+        self.by_location: dict[str, list[ClientSession]] = {}
+        self.subscribed: list[ClientSession] = []
+        for session in sessions:
+            sub = session.subscription
+            if sub.is_empty():
+                continue
+            self.subscribed.append(session)
+            for index, values in ((self.by_device, sub.devices), (self.by_prefix, sub.prefixes),
+                                  (self.by_class, sub.classes),
+                                  (self.by_location, sub.locations)):
+                for value in values:
+                    index.setdefault(value, []).append(session)
+        self.prefix_lengths = sorted({len(p) for p in self.by_prefix})
+        self.needs_registry = bool(self.by_class or self.by_location)
+
+    def match(self, device_id: str, attrs: Callable[[str], tuple[str, str]]
+              ) -> list[ClientSession]:
+        found: list[ClientSession] = list(self.by_device.get(device_id, ()))
+        by_prefix = self.by_prefix
+        for length in self.prefix_lengths:
+            if length > len(device_id):
+                break
+            hit = by_prefix.get(device_id[:length])
+            if hit:
+                found += hit
+        if self.needs_registry:
+            device_class, location = attrs(device_id)
+            found += self.by_class.get(device_class, ())
+            found += self.by_location.get(location, ())
+        if len(found) > 1:
+            # A session matching through several entries gets the event once.
+            found = list({id(s): s for s in found}.values())
+        return found
+
+
 class Fanout:
     """All client sessions of one relay process and the upstream sequence trackers."""
 
@@ -367,17 +417,30 @@ class Fanout:
         self.sources = SourceTracker()
         self.stats = FanoutStats()
         self._lookup = lookup
+        self._index: _RoutingIndex | None = None
 
     def set_lookup(self, lookup: Lookup | None) -> None:
         self._lookup = lookup
 
+    def _invalidate(self) -> None:
+        self._index = None
+
+    def _routing(self) -> _RoutingIndex:
+        if self._index is None:
+            self._index = _RoutingIndex(self.sessions.values())
+        return self._index
+
     def add(self, session: ClientSession) -> None:
         self.sessions[session.client_id] = session
+        session.on_change = self._invalidate
+        self._invalidate()
 
     def remove(self, client_id: str) -> None:
         session = self.sessions.pop(client_id, None)
         if session is not None:
             session.closed = True
+            session.on_change = None
+            self._invalidate()
 
     def _attrs(self, device_id: str) -> tuple[str, str]:
         if self._lookup is None:
@@ -389,54 +452,44 @@ class Fanout:
         stats = self.stats
         stats.events_in += 1
         verdict, previous = self.sources.observe(event.middle_id, event.seq)
-        woken: dict[str, ClientSession] = {}
         if verdict is SourceVerdict.DUPLICATE:
             stats.duplicates += 1
             return []
-        if verdict is SourceVerdict.GAP:
-            stats.upstream_gaps += 1
-            stats.upstream_missed += event.seq - previous - 1
-            notice = upstream_gap_frame(event.middle_id, previous + 1, event.seq - 1)
-            for session in self.sessions.values():
-                if not session.subscription.is_empty():
-                    session.notify(notice, now)
-                    woken[session.client_id] = session
-        elif verdict is SourceVerdict.RESET:
-            stats.resets += 1
-            notice = reset_frame(event.middle_id, previous)
-            for session in self.sessions.values():
-                if not session.subscription.is_empty():
-                    session.notify(notice, now)
-                    woken[session.client_id] = session
-        if not self.sessions:
-            return list(woken.values())
-        device_id = event.device_id
-        attrs: tuple[str, str] | None = None
-        frame: bytes | None = None
-        for session in self.sessions.values():
-            subscription = session.subscription
-            if subscription.needs_registry() and attrs is None:
-                attrs = self._attrs(device_id)
-            if not subscription.matches(device_id,
-                                        attrs if subscription.needs_registry() else None):
-                continue
-            if frame is None:
-                try:
-                    reading = decode_reading(event.reading)
-                except WireError:
-                    stats.bad_events += 1
-                    return list(woken.values())
-                if reading.device_id != device_id:
-                    stats.bad_events += 1
-                    return list(woken.values())
-                frame = encode_reading_frame(reading, event.seq, event.middle_id)
-                stats.events_matched += 1
+        routing = self._routing()
+        woken: list[ClientSession] = []
+        if verdict is SourceVerdict.GAP or verdict is SourceVerdict.RESET:
+            if verdict is SourceVerdict.GAP:
+                stats.upstream_gaps += 1
+                stats.upstream_missed += event.seq - previous - 1
+                notice = upstream_gap_frame(event.middle_id, previous + 1, event.seq - 1)
+            else:
+                stats.resets += 1
+                notice = reset_frame(event.middle_id, previous)
+            # Every subscribed client: the relay cannot know what the missing events were.
+            for session in routing.subscribed:
+                session.notify(notice, now)
+            woken = list(routing.subscribed)
+        matched = routing.match(event.device_id, self._attrs)
+        if not matched:
+            return woken
+        try:
+            reading = decode_reading(event.reading)
+        except WireError:
+            stats.bad_events += 1
+            return woken
+        if reading.device_id != event.device_id:
+            stats.bad_events += 1
+            return woken
+        frame = encode_reading_frame(reading, event.seq, event.middle_id)
+        stats.events_matched += 1
+        for session in matched:
             if session.offer(frame, now):
                 stats.frames_queued += 1
             else:
                 stats.dropped += 1
-            woken[session.client_id] = session
-        return list(woken.values())
+        if woken:
+            return list({id(s): s for s in (*woken, *matched)}.values())
+        return matched
 
     def stalled(self, now: float, stall_s: float) -> Iterable[ClientSession]:
         return [s for s in self.sessions.values() if s.stalled(now, stall_s)]

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -246,6 +247,66 @@ def test_workload_image_has_libpmem_and_the_lake_sink(docker: Docker,
               "print(bool(lib.pmem_is_pmem))")
     result = _run(docker, workload_image, "-c", script, entrypoint="python3")
     assert result.stdout.strip() == "True"
+
+
+def _free_port_block(count: int) -> int:
+    """A base port with ``count`` consecutive free loopback ports (below the ephemeral
+    range, so nothing else is handed one of them meanwhile)."""
+    for base in range(21000, 32000, 97):
+        sockets: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports on 127.0.0.1")
+
+
+def test_workload_image_runs_the_pipeline_read_only(docker: Docker, workload_image: str,
+                                                    request: pytest.FixtureRequest) -> None:
+    """`iotpipe up` (every tier, embedded storage) inside one read-only container, devices
+    from `iotpipe simulate`: every acknowledged message is stored once, and SIGTERM stops
+    the tiers in order with exit status 0."""
+    base = _free_port_block(9)
+    name = f"iotpipe-up-{base}"
+    request.addfinalizer(lambda: docker.run("rm", "-f", name, check=False))
+    docker.run("run", "-d", "--name", name, "--network", "host", "--read-only",
+               "--tmpfs", "/tmp", "--tmpfs", "/data:uid=10001,gid=10001,mode=0750",
+               workload_image, "up", "--data-dir", "/data", "--base-port", str(base))
+    deadline = time.monotonic() + 90
+    while True:  # ingest's /readyz is on base+5 (see `iotpipe up --help`)
+        with contextlib.suppress(OSError), urllib.request.urlopen(
+                f"http://127.0.0.1:{base + 5}/readyz", timeout=2) as response:
+            if response.status == 200:
+                break
+        assert time.monotonic() < deadline, docker.run("logs", name, check=False).stderr
+        time.sleep(0.5)
+    simulate = ("IOTPIPE_AUTH_SECRET=$(cat /data/auth.secret) iotpipe simulate "
+                f"--url ws://127.0.0.1:{base}/v1/ingest --connections 5 --messages 50 "
+                "--rate 0 --batch 5 --acked-file /tmp/acked.tsv --json")
+    report = json.loads(docker.run("exec", name, "sh", "-c", simulate).stdout)
+    assert report["acked"] == 250 and report["ok"], report
+    acked = {tuple(line.split("\t")) for line in
+             docker.run("exec", name, "cat", "/tmp/acked.tsv").stdout.splitlines()}
+    assert len(acked) == 250
+    stored: list[tuple[str, str]] = []
+    deadline = time.monotonic() + 60
+    while not acked <= set(stored):
+        assert time.monotonic() < deadline, f"missing: {sorted(acked - set(stored))[:10]}"
+        time.sleep(0.5)
+        lines = docker.run("exec", name, "iotpipe", "query", "--db",
+                           "/data/store/readings.db", "--json", check=False).stdout
+        stored = [(r["device_id"], r["msg_id"]) for r in map(json.loads, lines.splitlines())]
+    assert len(stored) == len(set(stored)) == 250
+    docker.run("stop", "-t", "60", name, timeout=90)
+    state = json.loads(docker.run("inspect", name).stdout)[0]["State"]
+    assert state["ExitCode"] == 0, docker.run("logs", name, check=False).stderr[-3000:]
 
 
 # ---------------------------------------------------------------- operator image

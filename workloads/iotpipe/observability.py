@@ -9,6 +9,7 @@ loop never makes a scrape or a probe time out.
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 import threading
 import time
@@ -33,6 +34,17 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
+def _server_class(host: str) -> type[ThreadingWSGIServer]:
+    """The WSGI server class for ``host``: IPv6 literals (``::``, ``::1``) need AF_INET6."""
+    if ":" not in host:
+        return ThreadingWSGIServer
+
+    class _ThreadingWSGIServerV6(ThreadingWSGIServer):
+        address_family = socket.AF_INET6
+
+    return _ThreadingWSGIServerV6
+
+
 class ObservabilityServer:
     """Serves /metrics, /healthz and /readyz from a background thread."""
 
@@ -46,7 +58,7 @@ class ObservabilityServer:
         self._ready = ready
         self._metrics_app = make_wsgi_app(registry)
         self._server = make_server(
-            host, port, self._app, server_class=ThreadingWSGIServer, handler_class=_QuietHandler
+            host, port, self._app, server_class=_server_class(host), handler_class=_QuietHandler
         )
         self._server.daemon_threads = True
         self._thread = threading.Thread(

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import ProcessGroup, free_port
 
+from iotpipe.ingest.identity import INCARNATION_FILE
 from iotpipe.queue import PersistentQueue
 from iotpipe.simulate import SimulateSettings, SimulationReport, run_simulation
 
@@ -22,6 +23,13 @@ from .helpers import SECRET, FakeMiddle, http_status, wait_ready
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 ENV = {"IOTPIPE_AUTH_SECRET": SECRET}
+
+
+def node_identity(queue_dir: Path, base: str) -> str:
+    """The identity a queue is forwarded under: ``base~<incarnation in the queue dir>``."""
+    incarnation = (queue_dir / INCARNATION_FILE).read_text().strip()
+    assert len(incarnation) == 16
+    return f"{base}~{incarnation}"
 
 
 def start_ingest(procs: ProcessGroup, data_dir: Path, middle: FakeMiddle, name: str,
@@ -112,7 +120,7 @@ async def test_kill9_after_acks_then_restart_delivers_everything(procs: ProcessG
         expected = acked_pairs(report)
         assert acking.wait_for(lambda m: expected <= m.messages(), 20), \
             len(expected - acking.messages())
-        assert acking.nodes == {"node-p0"}
+        assert acking.nodes == {node_identity(tmp_path / "q" / "p0", "node-p0")}
     finally:
         silent.close()
         acking.close()
@@ -144,7 +152,8 @@ async def test_drain_command_forwards_a_retained_queue(procs: ProcessGroup,
         done = await asyncio.to_thread(drain, acking.endpoint, "30")
         assert done.returncode == 0, done.stderr
         assert acked_pairs(report) <= acking.messages()
-        assert acking.nodes == {"node-p0"}
+        # The drain forwards under the pod's own identity, so the middle deduplicates.
+        assert acking.nodes == {node_identity(tmp_path / "q" / "p0", "node-p0")}
         assert queue_depth(tmp_path / "q" / "p0") == 0
         missing = await asyncio.to_thread(drain, acking.endpoint, "5", tmp_path / "none")
         assert missing.returncode == 2 and "not a directory" in missing.stderr
@@ -169,7 +178,8 @@ async def test_processes_share_one_port_with_separate_queues(procs: ProcessGroup
                                                spread_sources=False))
         assert report.ok, report.to_dict()
         assert middle.wait_for(lambda m: acked_pairs(report) <= m.messages(), 10)
-        assert middle.nodes == {"node-p0", "node-p1"}
+        assert middle.nodes == {node_identity(tmp_path / "q" / f"p{i}", f"node-p{i}")
+                                for i in (0, 1)}
         assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["p0", "p1"]
         # A child that dies is restarted by the parent, with the same queue and port.
         before = children_of(parent.pid)

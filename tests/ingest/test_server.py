@@ -16,6 +16,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from iotpipe.auth import CLIENT_AUDIENCE, DEVICE_AUDIENCE, issue_token
+from iotpipe.ingest.identity import INCARNATION_FILE
 from iotpipe.ingest.server import IngestServer, IngestSettings
 from iotpipe.queue import PersistentQueue
 from iotpipe.wire import decode_reading
@@ -96,7 +97,9 @@ async def test_acked_messages_reach_the_middle_as_readings(ingest: Factory,
                                                             ("dev-1", "a")]
     assert readings[2].ts_ns == 1_795_705_200 * 10**9
     assert orjson.loads(readings[2].data_json) == {"t": 21.5}
-    assert {node for node, _ in middle.stored} == {"test-node-p0"}
+    # One identity: the pod's process name plus the queue's incarnation (see identity.py).
+    assert {node for node, _ in middle.stored} == {server.node}
+    assert server.node.startswith("test-node-p0~")
     assert sorted(seq for _, seq in middle.stored) == [1, 2, 3]
     # Once acked by the middle the queue is empty.
     assert server.forwarder is not None
@@ -270,8 +273,14 @@ async def test_failover_to_the_next_middle_resends_everything_unacked(
     from iotpipe.protocol import preferred_endpoint
 
     a, b = middles(mode="silent"), middles()
-    pair = [a, b] if preferred_endpoint("test-node-p0", 2) == 0 else [b, a]
+    # Fix the queue's incarnation up front, so the test knows which middle is preferred.
+    queue_dir = tmp_path / "q0" / "p0"
+    queue_dir.mkdir(parents=True)
+    (queue_dir / INCARNATION_FILE).write_text("0123456789abcdef\n")
+    node = "test-node-p0~0123456789abcdef"
+    pair = [a, b] if preferred_endpoint(node, 2) == 0 else [b, a]
     server = await ingest(pair, forward_ack_timeout=0.5)
+    assert server.node == node
     async with device_connect(server, "dev-f") as ws:
         for i in range(20):
             await ws.send(orjson.dumps({"id": i, "data": {"k": i}}).decode())

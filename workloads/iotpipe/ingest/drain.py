@@ -2,9 +2,10 @@
 
 Used by the operator's drain Job after an ingest pod was scaled away before its queue was
 empty (or crashed): it opens every ``<data_dir>/p<i>`` queue, runs one forwarder per queue
-with node id ``<node_id>-p<i>`` (the same identity the pod used, so the middle tier
-deduplicates anything that pod already delivered) and exits 0 once every queue is empty,
-1 if ``timeout`` ran out first (nothing is lost: the queues stay on disk), 2 on bad input.
+with node id ``<node_id>-p<i>~<incarnation>`` (the same identity the pod used, read from
+the queue directory, so the middle tier deduplicates anything that pod already delivered)
+and exits 0 once every queue is empty, 1 if ``timeout`` ran out first (nothing is lost:
+the queues stay on disk), 2 on bad input.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from pydantic import Field
 
 from iotpipe.ingest.forwarder import CONSUMER, Forwarder
+from iotpipe.ingest.identity import queue_node_id
 from iotpipe.observability import setup_logging
 from iotpipe.queue import PersistentQueue, QueueError
 from iotpipe.settings import CommaList, TierSettings, parse_settings, tier_config
@@ -66,10 +68,11 @@ def drain_queues(data_dir: Path, node_id: str, endpoints: Sequence[str], timeout
         for index, path in process_dirs(data_dir):
             queue = PersistentQueue.open(path, capacity_bytes=queue_bytes, consumers=(CONSUMER,))
             queues.append(queue)
+            node = queue_node_id(path, f"{node_id}-p{index}")
             depth = queue.depth()
             log.info("draining queue", extra={"fields": {
-                "path": str(path), "node": f"{node_id}-p{index}", "records": depth.records}})
-            forwarders.append(Forwarder(queue, f"{node_id}-p{index}", endpoints).start())
+                "path": str(path), "node": node, "records": depth.records}})
+            forwarders.append(Forwarder(queue, node, endpoints).start())
         return all(f.wait_empty(max(0.0, deadline - time.monotonic())) for f in forwarders)
     finally:
         for forwarder in forwarders:

@@ -11,7 +11,8 @@ the connection stops being read (backpressure), and after ``busy_wait`` seconds 
 waiting frames are answered ``busy``.
 
 Processes: with ``--processes N`` a parent starts N children on one port (SO_REUSEPORT).
-Child ``i`` uses queue dir ``<data_dir>/p<i>``, node id ``<node_id>-p<i>`` and metrics
+Child ``i`` uses queue dir ``<data_dir>/p<i>``, node id ``<node_id>-p<i>~<incarnation>``
+(see identity.py) and metrics
 port ``metrics_port + i``. With N = 1 the single process is ``p0`` itself (same layout,
 so ``iotpipe drain`` always finds ``p<i>`` directories). The parent forwards SIGTERM and
 SIGINT and restarts a child that dies unexpectedly.
@@ -47,6 +48,7 @@ from websockets.http11 import Request, Response
 
 from iotpipe.auth import DEVICE_AUDIENCE, AuthError, bearer_token, load_secret, verify_token
 from iotpipe.ingest.forwarder import CONSUMER, Forwarder
+from iotpipe.ingest.identity import queue_node_id
 from iotpipe.ingest.metrics import IngestCollector, IngestCounters
 from iotpipe.observability import ObservabilityServer, QueueDepthCollector, setup_logging
 from iotpipe.protocol import (
@@ -198,6 +200,7 @@ class IngestServer:
     def __init__(self, settings: IngestSettings, index: int) -> None:
         self.settings = settings
         self.index = index
+        # Completed with the queue's incarnation once the queue is open (see identity.py).
         self.node = f"{settings.node_id}-p{index}"
         self.queue_dir = settings.data_dir / f"p{index}"
         self.secret: bytes | None = None if settings.insecure_no_auth else load_secret()
@@ -363,6 +366,7 @@ class IngestServer:
         s = self.settings
         self.queue = PersistentQueue.open(self.queue_dir, capacity_bytes=s.queue_bytes,
                                           consumers=(CONSUMER,))
+        self.node = queue_node_id(self.queue_dir, self.node)
         self.aqueue = AsyncQueue(self.queue)
         self.committer = _Committer(self.aqueue, s.busy_wait)
         self.forwarder = Forwarder(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -199,3 +201,22 @@ def test_patch_prunes_stale_configmap_keys_and_keeps_node_ports() -> None:
         {"name": "ws", "port": 443, "targetPort": "ws", "nodePort": 31234}]
     desired_svc["spec"]["type"] = "ClusterIP"  # switching away from node ports drops them
     assert "nodePort" not in patch_body(desired_svc, live_svc)["spec"]["ports"][0]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["render", "--help"],
+                                  ["crd", "--help"]])
+def test_cli_help(argv: list[str]) -> None:
+    out = subprocess.run([sys.executable, "-m", "iotpipe_operator.cli", *argv],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "iotpipe-operator" in out.stdout + out.stderr
+
+
+def test_cli_rejects_unknown_command_and_bad_settings() -> None:
+    out = subprocess.run([sys.executable, "-m", "iotpipe_operator.cli", "deploy"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "unknown command 'deploy'" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "iotpipe_operator.cli", "run",
+                          "--reconcile-interval", "-1"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and "--reconcile-interval" in out.stderr

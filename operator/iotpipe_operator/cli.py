@@ -81,7 +81,23 @@ def load_pipeline(path: str) -> dict[str, Any]:
     if pipeline.get("apiVersion") != crd.API_VERSION:
         raise ValueError(f"{path}: apiVersion must be {crd.API_VERSION}, "
                          f"not {pipeline.get('apiVersion')!r}")
+    problems = schema_errors(pipeline)
+    if problems:
+        raise ValueError(f"{path}: " + "; ".join(problems))
     return pipeline
+
+
+def schema_errors(pipeline: dict[str, Any]) -> list[str]:
+    """Structural-schema errors of the spec (CEL rules are the API server's job), when
+    jsonschema is installed; each names the field."""
+    try:
+        import jsonschema
+    except ImportError:  # optional: the operator image does not need it
+        return []
+    schema = crd.spec_schema()
+    spec = crd.apply_defaults(schema, pipeline.get("spec") or {})
+    return [f"spec.{'.'.join(str(p) for p in error.absolute_path)}: {error.message}"
+            for error in jsonschema.Draft202012Validator(schema).iter_errors(spec)]
 
 
 def render_main(argv: list[str]) -> int:

@@ -246,3 +246,13 @@ def test_render_cli_names_bad_input(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "expected exactly one IoTPipeline document" in out.stderr
+
+
+def test_render_cli_names_the_bad_field(tmp_path: Path) -> None:
+    bad = tmp_path / "p.yaml"
+    bad.write_text("apiVersion: iotpipe.dev/v1alpha1\nkind: IoTPipeline\nmetadata: {name: x}\n"
+                   "spec: {ingest: {replicas: three, auth: {secretName: s}}}\n")
+    out = subprocess.run([sys.executable, "-m", "iotpipe_operator.cli", "render", "-f", str(bad)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "spec.ingest.replicas: 'three' is not of type 'integer'" in out.stderr

@@ -145,6 +145,8 @@ def _spec_schema() -> dict[str, Any]:
         "description": "The WebSocket ingest tier (StatefulSet, one queue per pod).",
         "properties": {
             **_tier_common(2, "ingest"),
+            "replicas": _int(2, 0, 1000, "Number of ingest pods (also the scale subresource). "
+                                         "Ignored while autoscaling.mode is hpa or keda."),
             "processes": _int(1, 1, 64, "Ingest processes per pod (SO_REUSEPORT, one per "
                                         "core), each with its own queue and node id."),
             "queue": _volume("1Gi", "ingest queue"),

@@ -124,8 +124,12 @@ class Kube:
             raise KubeError(exc.status or 0, str(exc.reason), str(exc.body)) from exc
         except OSError as exc:
             raise KubeError(0, "Unreachable", str(exc)) from exc
-        text = response.data.decode() if response.data else ""
-        payload: dict[str, Any] = json.loads(text) if text.strip() else {}
+        text = response.data.decode(errors="replace") if response.data else ""
+        try:
+            payload: dict[str, Any] = json.loads(text) if text.strip() else {}
+        except ValueError as exc:
+            raise KubeError(response.status, "NotJSON",
+                            f"{method} {path}: {text[:200]!r}") from exc
         if not 200 <= response.status < 300:
             raise KubeError(response.status, str(payload.get("reason", response.reason)),
                             str(payload.get("message", text[:500])))

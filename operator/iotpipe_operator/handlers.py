@@ -172,8 +172,11 @@ def reconcile(kube: Kube, body: Mapping[str, Any], logger: logging.Logger
             problems += result.problems
             if not spec["paused"]:
                 _apply_children(kube, body, result, problems, logger)
-                _expand_volumes(kube, body, spec, problems)
-                drains = _drive_drains(kube, body, problems, logger)
+                try:
+                    _expand_volumes(kube, body, spec, problems)
+                    drains = _drive_drains(kube, body, problems, logger)
+                except KubeError as exc:  # a failed read: report, retry on the next pass
+                    problems.append(Problem("ReadFailed", str(exc)))
         workloads: dict[str, dict[str, Any] | None] = {}
         for tier, (api_version, kind) in WORKLOAD_KINDS.items():
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from iotpipe_operator import builders, drain, rbac
+from iotpipe_operator import builders, drain, handlers, rbac
 from iotpipe_operator import status as status_mod
 from iotpipe_operator.builders import ClusterCapabilities, Problem
-from iotpipe_operator.kube import PLURALS, patch_body, resource_path
+from iotpipe_operator.kube import PLURALS, ApplyOutcome, KubeError, patch_body, resource_path
 
 pytestmark = pytest.mark.unit
 
@@ -220,3 +221,40 @@ def test_cli_rejects_unknown_command_and_bad_settings() -> None:
                           "--reconcile-interval", "-1"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 2 and "--reconcile-interval" in out.stderr
+
+
+class _FlakyKube:
+    """Accepts every write, answers no object, and fails every list call."""
+
+    def __init__(self) -> None:
+        self.applied: list[str] = []
+
+    def served(self, api_version: str, kind: str) -> bool:
+        return False
+
+    def apply(self, obj: dict[str, Any]) -> ApplyOutcome:
+        assert obj["metadata"]["ownerReferences"][0]["uid"] == "u1"
+        self.applied.append(f"{obj['kind']}/{obj['metadata']['name']}")
+        return ApplyOutcome("created", obj)
+
+    def delete(self, *args: Any) -> bool:
+        return False
+
+    def get(self, *args: Any) -> dict[str, Any] | None:
+        return None
+
+    def list(self, *args: Any) -> list[dict[str, Any]]:
+        raise KubeError(500, "InternalError", "etcd is having a bad day")
+
+
+def test_reconcile_reports_api_failures_instead_of_raising() -> None:
+    pipeline = yaml.safe_load((REPO / "samples" / "minimal.yaml").read_text())
+    pipeline["metadata"].update(namespace="iot", uid="u1", generation=4)
+    kube = _FlakyKube()
+    status, _ = handlers.reconcile(kube, pipeline,  # type: ignore[arg-type]
+                                   logging.getLogger("test"))
+    assert "StatefulSet/demo-ingest" in kube.applied and len(kube.applied) == 18
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "ReadFailed"
+    assert "etcd is having a bad day" in degraded["message"]
+    assert status["phase"] == "Degraded" and status["observedGeneration"] == 4

@@ -112,8 +112,12 @@ def compute(name: str, generation: int | None, paused: bool,
         phase = "Progressing"
 
     selector = ",".join(f"{k}={v}" for k, v in selector_for(name, "ingest").items())
+    # Every key always present: the status is merge-patched, so an absent key would keep
+    # its stale value.
+    drain_summary = {key: list(drains.get(key) or []) for key in ("draining", "waitingForPod",
+                                                                 "failed")}
     status: dict[str, Any] = {"phase": phase, "observedGeneration": generation,
-                              "conditions": conditions, "drains": dict(drains)}
+                              "conditions": conditions, "drains": drain_summary}
     for tier, counts in tiers.items():
         entry = {k: counts[k] for k in ("desired", "replicas", "readyReplicas",
                                         "updatedReplicas")}

@@ -136,6 +136,7 @@ def test_status_pending_paused_and_draining() -> None:
     assert _conditions(status)["Progressing"] == ("True", "Creating")
     paused, _ = status_mod.compute("demo", 1, True, nothing, [], {}, None)
     assert paused["phase"] == "Paused"
+    assert paused["drains"] == {"draining": [], "waitingForPod": [], "failed": []}
     assert _conditions(paused)["Progressing"] == ("False", "Paused")
     ready = {t: _workload(1, 1) for t in builders.TIERS}
     draining, _ = status_mod.compute("demo", 1, False, ready, [],

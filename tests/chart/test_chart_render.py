@@ -54,6 +54,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "image": {"tag": "0.2.0-rc1", "pullPolicy": "Always"},
     },
     "no-rbac": {"rbac": {"create": False}},
+    # The tightest RBAC: one namespace, kopf's run-time scanning off (nothing cluster-scoped).
+    "namespaced-no-scanning": {"watchNamespaces": ["iot"], "operator": {"scanning": False}},
+    "cluster-wide-no-scanning": {"operator": {"scanning": False}},
 }
 
 
@@ -271,6 +274,7 @@ def test_operator_arguments_parse_with_the_operators_own_settings(
     assert settings.log_level == values.get("operator", {}).get("logLevel", "info")
     assert settings.reconcile_interval == values.get("operator", {}).get(
         "reconcileInterval", 60)
+    assert settings.scanning == values.get("operator", {}).get("scanning", True)
 
 
 def test_image_reference_follows_tag_digest_and_app_version(
@@ -284,6 +288,8 @@ def test_image_reference_follows_tag_digest_and_app_version(
         "namespaced-dashboards": "registry.example.com/iotpipe-operator@sha256:" + "ab" * 32,
         "existing-service-account": "ghcr.io/iotpipe/iotpipe-operator:0.2.0-rc1",
         "no-rbac": f"ghcr.io/iotpipe/iotpipe-operator:{app_version}",
+        "namespaced-no-scanning": f"ghcr.io/iotpipe/iotpipe-operator:{app_version}",
+        "cluster-wide-no-scanning": f"ghcr.io/iotpipe/iotpipe-operator:{app_version}",
     }[name]
     assert container["image"] == expected
 
@@ -327,12 +333,16 @@ def test_rbac_is_bound_cluster_wide_or_per_watched_namespace(
         assert not kinds & {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
         return
     watched = values.get("watchNamespaces", [])
+    scanning = values.get("operator", {}).get("scanning", True)
     cluster_rules = _rules_for_subject(docs, None)
-    assert _allowed(cluster_rules, "apiextensions.k8s.io", "customresourcedefinitions", "watch")
+    assert _allowed(cluster_rules, "apiextensions.k8s.io", "customresourcedefinitions",
+                    "watch") == scanning
+    if not scanning and watched:
+        assert not cluster_rules and not by_kind(docs, "ClusterRoleBinding")
     if not watched:
         assert not by_kind(docs, "RoleBinding")
         assert _allowed(cluster_rules, "iotpipe.dev", "iotpipelines", "watch")
-        assert _allowed(cluster_rules, "", "namespaces", "list")
+        assert _allowed(cluster_rules, "", "namespaces", "list") == scanning
     else:
         # Nothing of the pipelines' API cluster-wide: only in the watched namespaces.
         assert not _allowed(cluster_rules, "iotpipe.dev", "iotpipelines", "list")
@@ -379,16 +389,18 @@ def test_chart_operator_rules_file_is_generated_from_rbac_py() -> None:
     assert yaml.safe_load(body) == rbac.OPERATOR_RULES
 
 
-@pytest.mark.parametrize("value_set", ["defaults", "namespaced-dashboards"])
+@pytest.mark.parametrize("value_set", ["defaults", "namespaced-dashboards",
+                                       "namespaced-no-scanning", "cluster-wide-no-scanning"])
 def test_rbac_grants_exactly_what_the_operator_declares(value_set: str) -> None:
     """Cluster-wide: OPERATOR_RULES + FRAMEWORK_RULES. Namespaced: OPERATOR_RULES only in
     each watched namespace, and of the framework rules only CRD watching (kopf watches
-    no namespaces when it is given a fixed list)."""
+    no namespaces when it is given a fixed list). Without scanning: no framework rules."""
     from iotpipe_operator import rbac
 
     docs = objects(render(VALUE_SETS[value_set]))
     watched = VALUE_SETS[value_set].get("watchNamespaces", [])
-    framework = _normalised(rbac.FRAMEWORK_RULES)
+    scanning = VALUE_SETS[value_set].get("operator", {}).get("scanning", True)
+    framework = _normalised(rbac.FRAMEWORK_RULES) if scanning else set()
     operator = _normalised(rbac.OPERATOR_RULES)
     if not watched:
         granted = _normalised(_rules_for_subject(docs, None))

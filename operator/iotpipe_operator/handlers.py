@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import kopf
 
+from iotpipe.observability import setup_logging
 from iotpipe_operator import builders, crd, drain
 from iotpipe_operator import status as status_mod
 from iotpipe_operator.builders import ClusterCapabilities, Problem, selector_for, workload_name
@@ -287,8 +288,7 @@ def make_registry(reconcile_interval: float = 60.0,
 
 def run(settings: RunSettings) -> int:
     """``iotpipe-operator run``: the kopf operator until SIGTERM."""
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging("operator", settings.log_level)  # JSON lines on stderr, like every tier
     registry = make_registry(settings.reconcile_interval, scanning=settings.scanning)
     # An explicit peering name makes peering mandatory in kopf: pass it only when peering.
     kopf.run(registry=registry, standalone=settings.standalone,

@@ -111,8 +111,9 @@ def encode_records(payloads: Sequence[bytes], first_seq: int) -> bytes:
                            first_seq) + payload
     extend((pack_crc(crc(body)), body, padding[-len(payload) & 7]))
     for seq, payload in enumerate(payloads[1:], first_seq + 1):
-        body = pack_length_seq(RECORD_HEADER_BYTES + len(payload), seq) + payload
-        extend((pack_crc(crc(body)), body, padding[-len(payload) & 7]))
+        size = len(payload)
+        body = pack_length_seq(RECORD_HEADER_BYTES + size, seq) + payload
+        extend((pack_crc(crc(body)), body, padding[-size & 7]))
     return b"".join(parts)
 
 

@@ -68,3 +68,24 @@ def test_auto_uses_pmem_only_where_libpmem_says_pmem(tmp_path: Path) -> None:
                             env={**os.environ, "PMEM_IS_PMEM_FORCE": "1"})
     assert plain.stdout.split() == ["fdatasync", "3"], plain.stderr
     assert forced.stdout.split() == ["pmem", "3"], forced.stderr
+
+
+@pytest.mark.unit
+def test_queue_works_without_libpmem(tmp_path: Path) -> None:
+    code = (
+        "import ctypes, sys\n"
+        "def missing(*args, **kwargs):\n    raise OSError('libpmem.so.1: cannot open')\n"
+        "ctypes.CDLL = missing\n"
+        "from iotpipe.queue import PersistentQueue, QueueError\n"
+        "with PersistentQueue.open(sys.argv[1]) as q:\n"
+        "    q.append([b'x'])\n    print(q.persist_mode, len(q.read(1)))\n"
+        "try:\n    PersistentQueue.open(sys.argv[1], persist='pmem')\n"
+        "except QueueError as exc:\n    print('refused:', exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "q")],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PMEM_IS_PMEM_FORCE": "1"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "fdatasync 1"
+    assert lines[1].startswith("refused:") and "libpmem" in lines[1]

@@ -59,9 +59,14 @@ def libpmem() -> _LibPmem:
             return _loaded
         if _load_error is not None:
             raise PmemUnavailable(_load_error)
-        name = ctypes.util.find_library("pmem") or "libpmem.so.1"
+        name = "libpmem.so.1"  # the soname of PMDK 1.x; find_library would spawn ldconfig
         try:
-            _loaded = _LibPmem(ctypes.CDLL(name))
+            try:
+                library = ctypes.CDLL(name)
+            except OSError:
+                name = ctypes.util.find_library("pmem") or name
+                library = ctypes.CDLL(name)
+            _loaded = _LibPmem(library)
         except (OSError, AttributeError, PmemUnavailable) as exc:
             _load_error = f"libpmem not usable ({name}): {exc} (install Debian libpmem1)"
             raise PmemUnavailable(_load_error) from exc

@@ -11,21 +11,14 @@ identity is ``<pod>-p<i>~<incarnation>``: the same pod, the same volume, the sam
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
+
+from iotpipe.durable import write_atomic
 
 __all__ = ["INCARNATION_FILE", "queue_node_id"]
 
 INCARNATION_FILE = "node.incarnation"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def queue_node_id(queue_dir: Path, base: str) -> str:
@@ -40,11 +33,5 @@ def queue_node_id(queue_dir: Path, base: str) -> str:
         incarnation = ""
     if len(incarnation) != 16 or not all(c in "0123456789abcdef" for c in incarnation):
         incarnation = secrets.token_hex(8)
-        tmp = queue_dir / (INCARNATION_FILE + ".tmp")
-        with open(tmp, "w") as handle:
-            handle.write(incarnation + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(queue_dir)
+        write_atomic(path, (incarnation + "\n").encode())
     return f"{base}~{incarnation}"

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import socket
 import sys
@@ -64,6 +63,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import Field
 
 from iotpipe import wire
+from iotpipe.durable import write_atomic
 from iotpipe.middle.core import (
     CheckpointError,
     FeedCore,
@@ -150,21 +150,7 @@ class MiddleSettings(TierSettings):
 
 def write_checkpoint(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically and durably."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, data)
 
 
 def read_checkpoint(path: Path, max_holes: int) -> tuple[int, NodeMarks]:

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from iotpipe.durable import fsync_dir, fsync_file
 from iotpipe.storage.enrich import StoredReading
 from iotpipe.storage.sinks import SinkBatch, SinkError, WriteResult
 
@@ -48,14 +49,6 @@ SCHEMA = pa.schema([
     ("labels", pa.map_(pa.string(), pa.string())),
 ])
 _COLUMNS = [f.name for f in SCHEMA]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _quote(text: str) -> str:
@@ -107,7 +100,7 @@ class ParquetSink:
             created = [p for p in (directory.parent, directory) if not p.exists()]
             directory.mkdir(parents=True, exist_ok=True)
             for new_dir in created:  # make the new directory entries durable
-                _fsync_dir(new_dir.parent)
+                fsync_dir(new_dir.parent)
             self._known_dirs.add(directory)
         return directory
 
@@ -115,13 +108,9 @@ class ParquetSink:
         final = directory / name
         tmp = directory / f".tmp-{name}"
         pq.write_table(_table(readings), tmp, compression="zstd")
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(tmp)
         os.replace(tmp, final)
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
     def write(self, batches: Sequence[SinkBatch]) -> WriteResult:
         written = 0

@@ -34,7 +34,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Annotated
 
 from pydantic import Field
 
@@ -49,6 +49,9 @@ __all__ = [
     "main",
     "plan_ports",
 ]
+
+# A TCP port number; the per-tier port settings are optional ones.
+Port = Annotated[int, Field(ge=1, le=65535)]
 
 SAMPLE_REGISTRY = """\
 # Device registry used by storage (enrichment) and the relay (class/location subscriptions).
@@ -71,15 +74,15 @@ class UpSettings(TierSettings):
                                   description="put every port at BASE..BASE+8 (ingest, relay, "
                                               "middle router/pub/feed, metrics of ingest, "
                                               "middle, storage, relay)")
-    ingest_port: int | None = Field(None, description="device WebSocket port")
-    relay_port: int | None = Field(None, description="client WebSocket port")
-    middle_router_port: int | None = Field(None, description="middle ROUTER (ingest batches)")
-    middle_pub_port: int | None = Field(None, description="middle PUB (live events)")
-    middle_feed_port: int | None = Field(None, description="middle durable feed (storage)")
-    ingest_metrics_port: int | None = Field(None, description="ingest /metrics port")
-    middle_metrics_port: int | None = Field(None, description="middle /metrics port")
-    storage_metrics_port: int | None = Field(None, description="storage /metrics port")
-    relay_metrics_port: int | None = Field(None, description="relay /metrics port")
+    ingest_port: Port | None = Field(None, description="device WebSocket port")
+    relay_port: Port | None = Field(None, description="client WebSocket port")
+    middle_router_port: Port | None = Field(None, description="middle ROUTER (ingest batches)")
+    middle_pub_port: Port | None = Field(None, description="middle PUB (live events)")
+    middle_feed_port: Port | None = Field(None, description="middle durable feed (storage)")
+    ingest_metrics_port: Port | None = Field(None, description="ingest /metrics port")
+    middle_metrics_port: Port | None = Field(None, description="middle /metrics port")
+    storage_metrics_port: Port | None = Field(None, description="storage /metrics port")
+    relay_metrics_port: Port | None = Field(None, description="relay /metrics port")
     insecure_no_auth: bool = Field(False, description="no tokens at all (demos only)")
     registry_file: str | None = Field(None, description="device registry YAML (default: "
                                                         "DATA_DIR/registry.yaml, created)")

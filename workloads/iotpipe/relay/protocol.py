@@ -59,6 +59,9 @@ UNKNOWN = "unknown"
 
 FILTER_FIELDS = ("devices", "prefixes", "classes", "locations")
 
+# Filter sets by field name ("devices", "prefixes", "classes", "locations").
+Filters = dict[str, set[str]]
+
 # Lookup(device_id) -> (device_class, location); the shell binds it to the live registry.
 Lookup = Callable[[str], tuple[str, str]]
 
@@ -169,6 +172,10 @@ class Subscription:
         device_class, location = attrs
         return device_class in self.classes or location in self.locations
 
+    def filters(self) -> Filters:
+        """A copy of the filter sets, by field name."""
+        return {name: set(getattr(self, name)) for name in FILTER_FIELDS}
+
     def describe(self) -> dict[str, list[str]]:
         return {name: sorted(getattr(self, name)) for name in FILTER_FIELDS}
 
@@ -264,8 +271,9 @@ class ClientSession:
         self.sent_total = 0
         self._last_progress = 0.0
         self.closed = False
-        # Set by the Fanout that holds this session: its routing index must be rebuilt.
-        self.on_change: Callable[[], None] | None = None
+        # Set by the Fanout that holds this session, to keep its routing index current:
+        # called with (session, filters before, filters after) after every change.
+        self.on_change: Callable[[ClientSession, Filters, Filters], None] | None = None
 
     # client -> relay
     def receive(self, text: str | bytes) -> bytes:
@@ -282,7 +290,8 @@ class ClientSession:
             return error_frame("too_many_filters",
                                f"subscription would exceed {self.max_filters} entries", request.op)
         if self.on_change is not None:
-            self.on_change()
+            self.on_change(self, {k: set(v) for k, v in before.items()},
+                           self.subscription.filters())
         return orjson.dumps({"event": "subscribed" if request.op == "subscribe"
                              else "unsubscribed", **self.subscription.describe()})
 
@@ -366,43 +375,75 @@ class _RoutingIndex:
     """Which sessions want which devices, so routing one event costs O(matches), not O(clients).
 
     Exact ids and registry attributes are dict lookups; prefixes are looked up once per
-    distinct prefix length. Rebuilt from the sessions whenever a subscription changes or a
-    session leaves (rare next to events).
+    distinct prefix length. Updated incrementally on every subscription change, so a client
+    that churns its subscription costs only its own entries, never a rebuild.
     """
 
-    def __init__(self, sessions: Iterable[ClientSession]) -> None:
-        self.by_device: dict[str, list[ClientSession]] = {}
-        self.by_prefix: dict[str, list[ClientSession]] = {}
-        self.by_class: dict[str, list[ClientSession]] = {}
-        self.by_location: dict[str, list[ClientSession]] = {}
-        self.subscribed: list[ClientSession] = []
-        for session in sessions:
-            sub = session.subscription
-            if sub.is_empty():
-                continue
-            self.subscribed.append(session)
-            for index, values in ((self.by_device, sub.devices), (self.by_prefix, sub.prefixes),
-                                  (self.by_class, sub.classes),
-                                  (self.by_location, sub.locations)):
-                for value in values:
-                    index.setdefault(value, []).append(session)
-        self.prefix_lengths = sorted({len(p) for p in self.by_prefix})
-        self.needs_registry = bool(self.by_class or self.by_location)
+    def __init__(self) -> None:
+        self.by_field: dict[str, dict[str, dict[str, ClientSession]]] = {
+            name: {} for name in FILTER_FIELDS}
+        self._prefix_length_uses: dict[int, int] = {}
+        self.prefix_lengths: list[int] = []
+        self.subscribed: dict[str, ClientSession] = {}
+
+    def update(self, session: ClientSession, before: Filters, after: Filters) -> None:
+        client_id = session.client_id
+        lengths_changed = False
+        for name in FILTER_FIELDS:
+            index = self.by_field[name]
+            old, new = before.get(name, set()), after.get(name, set())
+            for value in old - new:
+                holders = index.get(value)
+                if holders is not None and holders.pop(client_id, None) is not None:
+                    if not holders:
+                        del index[value]
+                    if name == "prefixes":
+                        lengths_changed |= self._count_length(len(value), -1)
+            for value in new - old:
+                holders = index.setdefault(value, {})
+                if client_id not in holders:
+                    holders[client_id] = session
+                    if name == "prefixes":
+                        lengths_changed |= self._count_length(len(value), +1)
+        if lengths_changed:
+            self.prefix_lengths = sorted(self._prefix_length_uses)
+        if any(after.values()):
+            self.subscribed[client_id] = session
+        else:
+            self.subscribed.pop(client_id, None)
+
+    def _count_length(self, length: int, delta: int) -> bool:
+        """Count prefixes per length; True when a length appeared or disappeared."""
+        uses = self._prefix_length_uses.get(length, 0) + delta
+        if uses:
+            self._prefix_length_uses[length] = uses
+        else:
+            del self._prefix_length_uses[length]
+        return uses == 0 or (uses == 1 and delta > 0)
 
     def match(self, device_id: str, attrs: Callable[[str], tuple[str, str]]
               ) -> list[ClientSession]:
-        found: list[ClientSession] = list(self.by_device.get(device_id, ()))
-        by_prefix = self.by_prefix
+        by_field = self.by_field
+        found: list[ClientSession] = []
+        holders = by_field["devices"].get(device_id)
+        if holders:
+            found += holders.values()
+        by_prefix = by_field["prefixes"]
         for length in self.prefix_lengths:
             if length > len(device_id):
                 break
-            hit = by_prefix.get(device_id[:length])
-            if hit:
-                found += hit
-        if self.needs_registry:
+            holders = by_prefix.get(device_id[:length])
+            if holders:
+                found += holders.values()
+        by_class, by_location = by_field["classes"], by_field["locations"]
+        if by_class or by_location:
             device_class, location = attrs(device_id)
-            found += self.by_class.get(device_class, ())
-            found += self.by_location.get(location, ())
+            holders = by_class.get(device_class)
+            if holders:
+                found += holders.values()
+            holders = by_location.get(location)
+            if holders:
+                found += holders.values()
         if len(found) > 1:
             # A session matching through several entries gets the event once.
             found = list({id(s): s for s in found}.values())
@@ -417,30 +458,22 @@ class Fanout:
         self.sources = SourceTracker()
         self.stats = FanoutStats()
         self._lookup = lookup
-        self._index: _RoutingIndex | None = None
+        self._routing = _RoutingIndex()
 
     def set_lookup(self, lookup: Lookup | None) -> None:
         self._lookup = lookup
 
-    def _invalidate(self) -> None:
-        self._index = None
-
-    def _routing(self) -> _RoutingIndex:
-        if self._index is None:
-            self._index = _RoutingIndex(self.sessions.values())
-        return self._index
-
     def add(self, session: ClientSession) -> None:
         self.sessions[session.client_id] = session
-        session.on_change = self._invalidate
-        self._invalidate()
+        session.on_change = self._routing.update
+        self._routing.update(session, {}, session.subscription.filters())
 
     def remove(self, client_id: str) -> None:
         session = self.sessions.pop(client_id, None)
         if session is not None:
             session.closed = True
             session.on_change = None
-            self._invalidate()
+            self._routing.update(session, session.subscription.filters(), {})
 
     def _attrs(self, device_id: str) -> tuple[str, str]:
         if self._lookup is None:
@@ -455,7 +488,7 @@ class Fanout:
         if verdict is SourceVerdict.DUPLICATE:
             stats.duplicates += 1
             return []
-        routing = self._routing()
+        routing = self._routing
         woken: list[ClientSession] = []
         if verdict is SourceVerdict.GAP or verdict is SourceVerdict.RESET:
             if verdict is SourceVerdict.GAP:
@@ -466,9 +499,9 @@ class Fanout:
                 stats.resets += 1
                 notice = reset_frame(event.middle_id, previous)
             # Every subscribed client: the relay cannot know what the missing events were.
-            for session in routing.subscribed:
+            woken = list(routing.subscribed.values())
+            for session in woken:
                 session.notify(notice, now)
-            woken = list(routing.subscribed)
         matched = routing.match(event.device_id, self._attrs)
         if not matched:
             return woken

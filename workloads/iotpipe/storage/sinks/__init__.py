@@ -8,7 +8,8 @@ twice. Sinks that can read rows back also implement ``ReadableSink`` (``iotpipe 
 URL schemes:
   ``sqlite:///abs/path/readings.db`` (``sqlite://rel/path.db`` is relative): embedded default;
   ``victoriametrics://host:port``: VictoriaMetrics, Influx line protocol on ``/write``;
-  ``parquet:///abs/dir``: a data lake of Parquet files partitioned by date and class.
+  ``parquet:///abs/dir``: a data lake of Parquet files partitioned by date and class;
+  ``akumuli://host[:8282]``: Akumuli, RESP-style writes on TCP (see ``sinks.akumuli``).
 """
 
 from __future__ import annotations
@@ -94,7 +95,11 @@ def open_sink(url: str, *, read_only: bool = False) -> Sink:
         from iotpipe.storage.sinks.parquet import ParquetSink
 
         return ParquetSink.from_url(url, read_only=read_only)
+    if scheme == "akumuli":
+        from iotpipe.storage.sinks.akumuli import AkumuliSink
+
+        return AkumuliSink.from_url(url)
     raise SinkError(
         f"sink URL {url!r}: unknown scheme {scheme!r} "
-        f"(supported: sqlite://, victoriametrics://, parquet://)"
+        f"(supported: sqlite://, victoriametrics://, parquet://, akumuli://)"
     )

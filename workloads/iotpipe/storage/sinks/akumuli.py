@@ -47,8 +47,11 @@ Errors. After each send the sink listens ``confirm_ms`` for a ``-...`` line or a
   skipped and counted as late, the rest are written, and ``write`` returns normally. If
   the query API cannot be reached the write raises and is retried like any error.
 - An error that arrives after the confirm window is seen before the next send (the idle
-  connection has a ``-...`` line waiting): the previous write's series are re-read from the
-  server the same way, so their marks are right before anything else is sent.
+  connection has a ``-...`` line waiting). The previous write had returned, so the feed
+  acknowledged it; the sink keeps that write's points in memory, re-reads its series from
+  the server as above, and sends what the server lacks together with the next write. (If
+  the storage process dies before that next write, those points are missing in Akumuli;
+  SQLite still has them.)
 - Like the VictoriaMetrics sink, nothing is checked at startup: an unreachable host makes
   writes fail (the tier is not ready and logs the URL) until it answers.
 
@@ -324,6 +327,7 @@ class AkumuliSink:
         # series -> (first timestamp sent, mark before): the last write, re-read from the
         # server if its error arrives after the confirm window.
         self._last_sent: dict[str, tuple[int, int | None]] = {}
+        self._last_points: list[Point] = []
         self._late_unlogged = 0
         self._late_logged_at = 0.0
 
@@ -518,11 +522,15 @@ class AkumuliSink:
 
         stale_error = self._check_idle()
         if stale_error is not None and self._last_sent:
+            # The last write returned (and the feed was acknowledged) but part of it was lost:
+            # put the marks right and send its missing points again along with this write.
             log.error("Akumuli reported an error after the last write was confirmed; "
-                      "re-reading that write's series from the server",
+                      "re-reading that write's series and resending what is missing",
                       extra={"fields": {"sink": self.url, "error": stale_error}})
             self._reconcile(self._last_sent)
+            points = self._last_points + points
         self._last_sent = {}
+        self._last_points = []
 
         late_total = 0
         for round_number in range(1, _LATE_WRITE_ROUNDS + 1):
@@ -548,6 +556,7 @@ class AkumuliSink:
             self._store.save(plan.new_marks)
             self._marks.update(plan.new_marks)
             self._last_sent = sent
+            self._last_points = plan.send
             self._count_late(late_total)
             return WriteResult(len(plan.send), late_total)
         self._count_late(late_total)

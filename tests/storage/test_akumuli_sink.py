@@ -1,0 +1,209 @@
+"""The Akumuli sink against the protocol-faithful stand-in, on loopback."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from akumuli_standin import AkumuliStandin
+from conftest import free_port
+from prometheus_client import REGISTRY
+from storage_helpers import T0_NS, log_record
+
+from iotpipe.registry import Registry
+from iotpipe.storage.enrich import StoredReading, enrich_records
+from iotpipe.storage.sinks import SinkBatch, SinkError, WriteResult
+from iotpipe.storage.sinks.akumuli import AkumuliSink
+
+REGISTRY_YAML = Registry.from_yaml(
+    "devices: {d1: {class: thermostat, location: lab}, d2: {class: meter, location: hall}}")
+S = 1_000_000_000
+D1_T = "t class=thermostat device=d1 location=lab"
+D1_ON = "on class=thermostat device=d1 location=lab"
+D2_T = "t class=meter device=d2 location=hall"
+
+
+def _readings(*items: tuple[str, int, bytes]) -> list[StoredReading]:
+    records = [log_record(device, f"m-{device}-{ts}", ts, data, node_seq=i)
+               for i, (device, ts, data) in enumerate(items, 1)]
+    stored, rejected = enrich_records(1, records, REGISTRY_YAML)
+    assert rejected == []
+    return stored
+
+
+def _batch(*items: tuple[str, int, bytes], first: int = 1) -> list[SinkBatch]:
+    return [SinkBatch("middle-0", first, _readings(*items))]
+
+
+def _t(device: str, offset_s: int, value: float) -> tuple[str, int, bytes]:
+    return device, T0_NS + offset_s * S, b'{"t":%r}' % value
+
+
+@pytest.fixture
+def standin() -> Iterator[AkumuliStandin]:
+    with AkumuliStandin() as server:
+        yield server
+
+
+def _sink(standin: AkumuliStandin, marks: Path, confirm_ms: int = 50) -> AkumuliSink:
+    return AkumuliSink.from_url(
+        f"akumuli://{standin.host}:{standin.port}?query_port={standin.query_port}"
+        f"&marks={marks}&confirm_ms={confirm_ms}")
+
+
+@pytest.fixture
+def sink(standin: AkumuliStandin, tmp_path: Path) -> Iterator[AkumuliSink]:
+    opened = _sink(standin, tmp_path / "marks.db")
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def _late(sink: AkumuliSink) -> float:
+    return REGISTRY.get_sample_value("iotpipe_storage_akumuli_late_points_total",
+                                     {"sink": sink.url}) or 0.0
+
+
+@pytest.mark.integration
+def test_writes_are_stored_one_point_per_numeric_field(
+        sink: AkumuliSink, standin: AkumuliStandin) -> None:
+    result = sink.write(_batch(("d1", T0_NS, b'{"t":21.5,"on":true,"name":"x"}'),
+                               _t("d2", 0, 3.0), _t("d1", 1, 22.0)))
+    assert result == WriteResult(4, 0)
+    assert standin.series() == {
+        D1_T: [(T0_NS, 21.5), (T0_NS + S, 22.0)],
+        D1_ON: [(T0_NS, 1.0)],
+        D2_T: [(T0_NS, 3.0)],
+    }
+    assert standin.errors_sent == []
+
+
+@pytest.mark.integration
+def test_redelivery_stores_nothing_twice(sink: AkumuliSink, standin: AkumuliStandin) -> None:
+    batch = _batch(_t("d1", 0, 1.0), _t("d1", 1, 2.0), _t("d2", 0, 3.0))
+    assert sink.write(batch) == WriteResult(3, 0)
+    before = standin.series()
+    late_before = _late(sink)
+    # Akumuli would accept the equal timestamps and store them again: the sink must not send.
+    assert sink.write(batch) == WriteResult(0, 3)
+    assert standin.series() == before
+    assert _late(sink) == late_before + 3
+
+
+@pytest.mark.integration
+def test_out_of_order_batch_is_stored_in_order(
+        sink: AkumuliSink, standin: AkumuliStandin) -> None:
+    result = sink.write(_batch(_t("d1", 3, 3.0), _t("d1", 1, 1.0), _t("d2", 5, 5.0),
+                               _t("d1", 2, 2.0), _t("d2", 4, 4.0)))
+    assert result == WriteResult(5, 0)
+    assert standin.errors_sent == []  # no late-write refusal
+    assert standin.series() == {
+        D1_T: [(T0_NS + S, 1.0), (T0_NS + 2 * S, 2.0), (T0_NS + 3 * S, 3.0)],
+        D2_T: [(T0_NS + 4 * S, 4.0), (T0_NS + 5 * S, 5.0)],
+    }
+
+
+@pytest.mark.integration
+def test_late_points_are_skipped_and_counted(
+        sink: AkumuliSink, standin: AkumuliStandin) -> None:
+    sink.write(_batch(_t("d1", 10, 10.0)))
+    late_before = _late(sink)
+    result = sink.write(_batch(_t("d1", 5, 5.0), _t("d1", 20, 20.0), _t("d2", 1, 1.0)))
+    assert result == WriteResult(2, 1)
+    assert _late(sink) == late_before + 1
+    assert standin.errors_sent == []
+    assert standin.series() == {D1_T: [(T0_NS + 10 * S, 10.0), (T0_NS + 20 * S, 20.0)],
+                                D2_T: [(T0_NS + S, 1.0)]}
+
+
+@pytest.mark.integration
+def test_error_line_fails_the_write_and_the_retry_completes_it_exactly(
+        sink: AkumuliSink, standin: AkumuliStandin) -> None:
+    batch = _batch(*[_t("d1", i, float(i)) for i in range(5)])
+    standin.fail_next("DB internal error", after_points=2)
+    with pytest.raises(SinkError, match="DB internal error") as caught:
+        sink.write(batch)
+    assert sink.url in str(caught.value)
+    assert standin.series() == {D1_T: [(T0_NS, 0.0), (T0_NS + S, 1.0)]}  # a prefix arrived
+    # The storage tier retries the same batch: only the missing points go out, on a new
+    # connection, and none of the stored ones is sent again (no late write, no duplicate).
+    assert sink.write(batch) == WriteResult(3, 2)
+    assert standin.series() == {D1_T: [(T0_NS + i * S, float(i)) for i in range(5)]}
+    assert standin.errors_sent == ["DB internal error"]
+    assert standin.connections == 2
+
+
+@pytest.mark.integration
+def test_server_late_write_is_resolved_without_wedging(
+        sink: AkumuliSink, standin: AkumuliStandin) -> None:
+    # Another writer (or a lost marks file) put a newer d1 point on the server.
+    with socket.create_connection((standin.host, standin.port), timeout=5) as other:
+        other.sendall(f"+{D1_T}\r\n:{T0_NS + 100 * S}\r\n+100.0\r\n".encode())
+    deadline = time.monotonic() + 5
+    while not standin.series() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    late_before = _late(sink)
+    result = sink.write(_batch(_t("d2", 1, 1.0), _t("d1", 50, 50.0), _t("d1", 150, 150.0)))
+    assert standin.errors_sent == ["DB late write"]
+    assert standin.series() == {
+        D1_T: [(T0_NS + 100 * S, 100.0), (T0_NS + 150 * S, 150.0)],
+        D2_T: [(T0_NS + S, 1.0)],
+    }
+    assert result.written == 1  # d1@150 in the retry; d2@1 went out before the refusal
+    assert _late(sink) >= late_before + 1  # d1@50 at least
+    # and the feed moves on: the next write is normal
+    assert sink.write(_batch(_t("d1", 200, 200.0))) == WriteResult(1, 0)
+
+
+@pytest.mark.integration
+def test_restarted_sink_keeps_marks(standin: AkumuliStandin, tmp_path: Path) -> None:
+    batch = _batch(_t("d1", 0, 1.0), _t("d1", 1, 2.0))
+    first = _sink(standin, tmp_path / "marks.db")
+    assert first.write(batch) == WriteResult(2, 0)
+    first.close()
+    stored = standin.series()
+    second = _sink(standin, tmp_path / "marks.db")
+    try:
+        assert second.write(batch) == WriteResult(0, 2)  # the feed redelivers after restart
+        assert second.write(_batch(_t("d1", 1, 2.0), _t("d1", 2, 3.0))) == WriteResult(1, 1)
+    finally:
+        second.close()
+    assert standin.series() == {D1_T: [*stored[D1_T], (T0_NS + 2 * S, 3.0)]}
+
+
+@pytest.mark.integration
+def test_error_after_the_confirm_window_is_repaired_on_the_next_write(
+        sink: AkumuliSink, standin: AkumuliStandin) -> None:
+    standin.fail_next("DB internal error", after_points=1, delay_s=0.3)  # > confirm_ms=50
+    assert sink.write(_batch(_t("d1", 0, 0.0), _t("d1", 1, 1.0), _t("d1", 2, 2.0))
+                      ) == WriteResult(3, 0)
+    deadline = time.monotonic() + 5
+    while not standin.errors_sent and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert standin.series() == {D1_T: [(T0_NS, 0.0)]}  # two points were lost silently
+    sink.write(_batch(_t("d1", 3, 3.0)))
+    assert standin.series() == {D1_T: [(T0_NS + i * S, float(i)) for i in range(4)]}
+
+
+@pytest.mark.integration
+def test_unreachable_server_fails_the_write_naming_the_url(tmp_path: Path) -> None:
+    port = free_port()
+    sink = AkumuliSink.from_url(f"akumuli://127.0.0.1:{port}?marks={tmp_path / 'm.db'}")
+    try:
+        with pytest.raises(SinkError, match=f"akumuli://127.0.0.1:{port}.*cannot connect"):
+            sink.write(_batch(_t("d1", 0, 1.0)))
+        # nothing was written, so nothing is marked: the retry will send it
+        assert sink.write([]) == WriteResult(0, 0)
+    finally:
+        sink.close()
+
+
+@pytest.mark.integration
+def test_readings_without_numbers_write_nothing(
+        sink: AkumuliSink, standin: AkumuliStandin) -> None:
+    assert sink.write(_batch(("d1", T0_NS, b'{"s":"text","n":null}'))) == WriteResult(0, 0)
+    assert standin.connections == 0

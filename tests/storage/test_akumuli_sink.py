@@ -207,3 +207,63 @@ def test_readings_without_numbers_write_nothing(
         sink: AkumuliSink, standin: AkumuliStandin) -> None:
     assert sink.write(_batch(("d1", T0_NS, b'{"s":"text","n":null}'))) == WriteResult(0, 0)
     assert standin.connections == 0
+
+
+class _Crash(BaseException):
+    """Stands for the process dying at this point (not an Exception: nothing catches it)."""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("crash_at", ["after_send", "before_send"])
+def test_crash_mid_write_then_restart_stores_each_point_once(
+        standin: AkumuliStandin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        crash_at: str) -> None:
+    marks = tmp_path / "marks.db"
+    first = _sink(standin, marks)
+    first.write(_batch(_t("d1", 0, 0.0)))
+    batch = _batch(_t("d1", 1, 1.0), _t("d2", 1, 1.0), _t("d1", 2, 2.0))
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise _Crash
+
+    # after_send: Akumuli took the points, the marks commit never happened (the feed will
+    # redeliver, and equal timestamps would be stored twice); before_send: nothing left.
+    if crash_at == "after_send":
+        monkeypatch.setattr(first._store, "save", crash)
+    else:
+        monkeypatch.setattr(first, "_send", crash)
+    with pytest.raises(_Crash):
+        first.write(batch)
+    first._drop_connection()
+    first._store._db.close()
+    monkeypatch.undo()
+
+    restarted = _sink(standin, marks)
+    try:
+        restarted.write(batch)  # the redelivery
+        restarted.write(_batch(_t("d1", 3, 3.0)))
+    finally:
+        restarted.close()
+    assert standin.series() == {D1_T: [(T0_NS + i * S, float(i)) for i in range(4)],
+                                D2_T: [(T0_NS + S, 1.0)]}
+    assert standin.errors_sent == []
+
+
+@pytest.mark.integration
+def test_failed_reread_is_retried_before_anything_is_sent(
+        standin: AkumuliStandin, tmp_path: Path) -> None:
+    sink = AkumuliSink.from_url(f"akumuli://{standin.host}:{standin.port}?query_port="
+                                f"{free_port()}&marks={tmp_path / 'm.db'}")
+    try:
+        batch = _batch(*[_t("d1", i, float(i)) for i in range(4)])
+        standin.fail_next("DB internal error", after_points=2)
+        with pytest.raises(SinkError, match="re-reading marks failed"):
+            sink.write(batch)
+        with pytest.raises(SinkError, match="query API"):  # still down: nothing is sent
+            sink.write(batch)
+        assert standin.connections == 1
+        sink.query_port = standin.query_port  # the query API is back
+        assert sink.write(batch) == WriteResult(2, 2)
+    finally:
+        sink.close()
+    assert standin.series() == {D1_T: [(T0_NS + i * S, float(i)) for i in range(4)]}

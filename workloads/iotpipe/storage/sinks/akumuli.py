@@ -24,8 +24,14 @@ one write keep the first. Skipped points are counted
 (``iotpipe_storage_akumuli_late_points_total``, and as ``duplicates`` in the write result:
 the sink cannot tell a late point from a redelivered one) and logged at most once a minute.
 The marks live in a small SQLite file (WAL, ``synchronous=FULL``), by default
-``<storage data dir>/akumuli-<host>-<port>.marks.db``, updated in the same ``write`` after
-the send succeeded, so a restarted storage tier does not resend what it wrote.
+``<storage data dir>/akumuli-<host>-<port>.marks.db`` (the data dir comes from
+``IOTPIPE_STORAGE_DATA_DIR``, which the operator sets; else ``/var/lib/iotpipe/store``), and
+are updated in the same ``write`` after the send succeeded, so a restarted storage tier does
+not resend what it wrote. Before each send the sink also commits a "pending" record (the
+series about to be sent, their first timestamp and their mark before); the marks commit
+clears it. A storage tier killed between the two finds it at start, and its first write
+re-reads those series from the server (see Errors) before sending anything, so the
+redelivery that follows stores nothing twice. Cost: two small SQLite commits per write.
 
 "Durable" for Akumuli. Akumuli acknowledges nothing: the sink counts a write as done when
 the server took the bytes and answered no error within ``confirm_ms`` (and did not close the
@@ -52,15 +58,18 @@ Errors. After each send the sink listens ``confirm_ms`` for a ``-...`` line or a
   the server as above, and sends what the server lacks together with the next write. (If
   the storage process dies before that next write, those points are missing in Akumuli;
   SQLite still has them.)
+- If re-reading fails (query API unreachable), the series stay "unsettled" (in memory and
+  in the pending record): every later write first retries the re-read and sends nothing
+  until it succeeds, because sending on stale marks could store points twice.
 - Like the VictoriaMetrics sink, nothing is checked at startup: an unreachable host makes
   writes fail (the tier is not ready and logs the URL) until it answers.
 
-Known limits. A crash after Akumuli took a send but before the marks commit, followed by
-redelivery, resends those points: a series whose newest point is sent again is stored
-twice (equal timestamps are accepted); older ones hit ``-DB late write`` and are handled as
-above. Marks are per storage process: several storage replicas writing the same series
-(one consumer group spreads a device over replicas) can refuse each other's older points as
-late; those points are skipped and counted, never retried forever.
+Known limits. The re-read assumes this sink is the only writer of its series and that the
+query API (``query_port``, default 8181) is reachable from the storage tier. Write counts
+after an error are approximate (points the server took before the error are counted as
+skipped by the retry). Marks are per storage process: several storage replicas writing the
+same series (one consumer group spreads a device over replicas) can refuse each other's
+older points as late; those points are skipped and counted, never retried forever.
 """
 
 from __future__ import annotations
@@ -246,6 +255,9 @@ class MarksStore:
             self._db.execute("PRAGMA busy_timeout=10000")
             self._db.execute("CREATE TABLE IF NOT EXISTS marks "
                              "(series TEXT PRIMARY KEY, ts_ns INTEGER NOT NULL)")
+            # The series of a send in progress: present after a crash mid-send.
+            self._db.execute("CREATE TABLE IF NOT EXISTS pending (series TEXT PRIMARY KEY, "
+                             "first_ts INTEGER NOT NULL, mark_before INTEGER)")
         except (OSError, sqlite3.Error) as exc:
             raise SinkError(f"sink {url}: cannot open marks file {str(path)!r}: {exc} "
                             f"(set ?marks=/writable/path.db or the storage data dir)") from None
@@ -255,19 +267,19 @@ class MarksStore:
         rows = self._db.execute("SELECT series, ts_ns FROM marks")
         return {series: int(ts) for series, ts in rows}
 
-    def save(self, marks: Mapping[str, int], forget: Sequence[str] = ()) -> None:
-        """Set ``marks`` and delete the marks of ``forget``, in one transaction."""
-        if not marks and not forget:
-            return
+    def load_pending(self) -> dict[str, tuple[int, int | None]]:
+        rows = self._db.execute("SELECT series, first_ts, mark_before FROM pending")
+        return {series: (int(first), None if before is None else int(before))
+                for series, first, before in rows}
+
+    def _transaction(self, statements: Sequence[tuple[str, Sequence[Sequence[object]]]]
+                     ) -> None:
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
-                db.executemany(
-                    "INSERT INTO marks (series, ts_ns) VALUES (?, ?) "
-                    "ON CONFLICT (series) DO UPDATE SET ts_ns = excluded.ts_ns",
-                    marks.items())
-                db.executemany("DELETE FROM marks WHERE series = ?", [(s,) for s in forget])
+                for sql, rows in statements:
+                    db.executemany(sql, rows)
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -275,6 +287,23 @@ class MarksStore:
                 raise
         except sqlite3.Error as exc:
             raise SinkError(f"sink {self.url}: cannot save marks: {exc}") from None
+
+    def begin_send(self, sent: Mapping[str, tuple[int, int | None]]) -> None:
+        """Record the series about to be sent (first timestamp, mark before), durably."""
+        self._transaction([
+            ("DELETE FROM pending", [()]),
+            ("INSERT INTO pending (series, first_ts, mark_before) VALUES (?, ?, ?)",
+             [(series, first, before) for series, (first, before) in sent.items()]),
+        ])
+
+    def save(self, marks: Mapping[str, int], forget: Sequence[str] = ()) -> None:
+        """Set ``marks``, delete the marks of ``forget`` and end the pending send, at once."""
+        self._transaction([
+            ("INSERT INTO marks (series, ts_ns) VALUES (?, ?) "
+             "ON CONFLICT (series) DO UPDATE SET ts_ns = excluded.ts_ns", list(marks.items())),
+            ("DELETE FROM marks WHERE series = ?", [(s,) for s in forget]),
+            ("DELETE FROM pending", [()]),
+        ])
 
     def close(self) -> None:
         self._db.close()
@@ -323,11 +352,14 @@ class AkumuliSink:
                           / f"akumuli-{sanitise_name(host)}-{port}.marks.db")
         self._store = MarksStore(Path(marks_path), self.url)
         self._marks = self._store.load()
+        # A send that a crash interrupted: its series are re-read before the next write.
+        self._unsettled = self._store.load_pending()
         self._sock: socket.socket | None = None
         # series -> (first timestamp sent, mark before): the last write, re-read from the
         # server if its error arrives after the confirm window.
         self._last_sent: dict[str, tuple[int, int | None]] = {}
         self._last_points: list[Point] = []
+        self._resend: list[Point] = []  # points of an earlier write the server lost
         self._late_unlogged = 0
         self._late_logged_at = 0.0
 
@@ -523,14 +555,22 @@ class AkumuliSink:
         stale_error = self._check_idle()
         if stale_error is not None and self._last_sent:
             # The last write returned (and the feed was acknowledged) but part of it was lost:
-            # put the marks right and send its missing points again along with this write.
+            # put the marks right and send its missing points again with this write (kept
+            # until a write succeeds, so a failing retry does not forget them).
             log.error("Akumuli reported an error after the last write was confirmed; "
                       "re-reading that write's series and resending what is missing",
                       extra={"fields": {"sink": self.url, "error": stale_error}})
-            self._reconcile(self._last_sent)
-            points = self._last_points + points
+            self._unsettled = {**self._last_sent, **self._unsettled}
+            self._resend = self._last_points
         self._last_sent = {}
         self._last_points = []
+        if self._unsettled:
+            log.warning("re-reading from the server the series of a send that did not "
+                        "finish", extra={"fields": {"sink": self.url,
+                                                    "series": len(self._unsettled)}})
+            self._reconcile(self._unsettled)  # raises if the query API is down: retried
+            self._unsettled = {}
+        points = self._resend + points
 
         late_total = 0
         for round_number in range(1, _LATE_WRITE_ROUNDS + 1):
@@ -541,6 +581,7 @@ class AkumuliSink:
                 break
             sent = {series: (first, self._marks.get(series))
                     for series, first in plan.first_ts.items()}
+            self._store.begin_send(sent)
             try:
                 self._send(format_points(plan.send))
             except _ServerError as exc:
@@ -548,6 +589,7 @@ class AkumuliSink:
                 try:
                     self._reconcile(sent)
                 except SinkError as reconcile_error:
+                    self._unsettled = sent  # re-read before the retry sends anything
                     raise SinkError(f"{exc}; re-reading marks failed: {reconcile_error}"
                                     ) from None
                 if late_write and round_number < _LATE_WRITE_ROUNDS:
@@ -557,8 +599,10 @@ class AkumuliSink:
             self._marks.update(plan.new_marks)
             self._last_sent = sent
             self._last_points = plan.send
+            self._resend = []
             self._count_late(late_total)
             return WriteResult(len(plan.send), late_total)
+        self._resend = []
         self._count_late(late_total)
         return WriteResult(0, late_total)
 

@@ -63,14 +63,19 @@ def sink(standin: AkumuliStandin, tmp_path: Path) -> Iterator[AkumuliSink]:
         opened.close()
 
 
+def _counter(name: str) -> float:
+    return REGISTRY.get_sample_value(f"iotpipe_storage_akumuli_{name}_total",
+                                     {"sink": "akumuli"}) or 0.0
+
+
 def _late(sink: AkumuliSink) -> float:
-    return REGISTRY.get_sample_value("iotpipe_storage_akumuli_late_points_total",
-                                     {"sink": sink.url}) or 0.0
+    return _counter("late_points")
 
 
 @pytest.mark.integration
 def test_writes_are_stored_one_point_per_numeric_field(
         sink: AkumuliSink, standin: AkumuliStandin) -> None:
+    skipped_before = _counter("skipped_values")
     result = sink.write(_batch(("d1", T0_NS, b'{"t":21.5,"on":true,"name":"x"}'),
                                _t("d2", 0, 3.0), _t("d1", 1, 22.0)))
     assert result == WriteResult(4, 0)
@@ -80,6 +85,7 @@ def test_writes_are_stored_one_point_per_numeric_field(
         D2_T: [(T0_NS, 3.0)],
     }
     assert standin.errors_sent == []
+    assert _counter("skipped_values") == skipped_before + 1  # the string
 
 
 @pytest.mark.integration
@@ -125,8 +131,10 @@ def test_error_line_fails_the_write_and_the_retry_completes_it_exactly(
         sink: AkumuliSink, standin: AkumuliStandin) -> None:
     batch = _batch(*[_t("d1", i, float(i)) for i in range(5)])
     standin.fail_next("DB internal error", after_points=2)
+    reconciles_before = _counter("reconciles")
     with pytest.raises(SinkError, match="DB internal error") as caught:
         sink.write(batch)
+    assert _counter("reconciles") == reconciles_before + 1
     assert sink.url in str(caught.value)
     assert standin.series() == {D1_T: [(T0_NS, 0.0), (T0_NS + S, 1.0)]}  # a prefix arrived
     # The storage tier retries the same batch: only the missing points go out, on a new

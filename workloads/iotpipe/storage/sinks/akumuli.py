@@ -493,7 +493,7 @@ class AkumuliSink:
     def _reconcile(self, sent: Mapping[str, tuple[int, int | None]]) -> None:
         """Set the marks of ``sent`` series to the newest point the server holds from the
         first timestamp sent on (or back to the mark before the send if it holds none)."""
-        RECONCILES.labels(self.url).inc()
+        RECONCILES.labels(self.kind).inc()
         by_metric: dict[str, list[str]] = defaultdict(list)
         for series in sent:
             by_metric[series.partition(" ")[0]].append(series)
@@ -531,7 +531,7 @@ class AkumuliSink:
     def _count_late(self, late: int) -> None:
         if not late:
             return
-        LATE_POINTS.labels(self.url).inc(late)
+        LATE_POINTS.labels(self.kind).inc(late)
         self._late_unlogged += late
         now = time.monotonic()
         if now - self._late_logged_at >= _LATE_LOG_INTERVAL_S:
@@ -550,7 +550,7 @@ class AkumuliSink:
                 points += reading_points
                 skipped_values += skipped
         if skipped_values:
-            SKIPPED_VALUES.labels(self.url).inc(skipped_values)
+            SKIPPED_VALUES.labels(self.kind).inc(skipped_values)
 
         stale_error = self._check_idle()
         if stale_error is not None and self._last_sent:

@@ -120,7 +120,6 @@ _IO_TIMEOUT_S = 10.0
 _LATE_LOG_INTERVAL_S = 60.0
 _LATE_WRITE_ROUNDS = 3
 _MAX_TS_NS = (1 << 63) - 1
-_RESERVED_TAGS = ("device", "class", "location")
 _INT64 = range(-(1 << 63), 1 << 63)
 
 LATE_POINTS = Counter(

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ProcessGroup, free_port
+from conftest import ProcessGroup, free_port, free_port_block
 
 from iotpipe.ingest.identity import INCARNATION_FILE
 from iotpipe.queue import PersistentQueue
@@ -166,7 +166,7 @@ async def test_processes_share_one_port_with_separate_queues(procs: ProcessGroup
                                                              tmp_path: Path) -> None:
     middle = FakeMiddle()
     try:
-        port, metrics_port = free_port(), free_port()
+        port, metrics_port = free_port(), free_port_block(2)  # child i: metrics_port + i
         parent = procs.iotpipe(
             "ingest", "--host", "127.0.0.1", "--port", str(port), "--metrics-port",
             str(metrics_port), "--data-dir", str(tmp_path / "q"), "--node-id", "node",

@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,32 +14,13 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import ProcessGroup
+from conftest import ProcessGroup, free_port_block
 from websockets.asyncio.client import connect
 
 from integration.support import eventually
 from iotpipe.auth import CLIENT_AUDIENCE, issue_token
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-
-
-def free_port_block(count: int) -> int:
-    """A base port with ``count`` consecutive free ports on 127.0.0.1."""
-    for _ in range(200):
-        base = random.randint(20000, 30000)
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise AssertionError("no block of free ports found")
 
 
 def child_pids(log: str) -> dict[str, list[int]]:

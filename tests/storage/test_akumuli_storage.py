@@ -53,9 +53,8 @@ def _start(procs: ProcessGroup, tmp_path: Path, endpoint: str, akumuli_url: str,
         "storage", "--host", "127.0.0.1", "--metrics-port", str(metrics_port),
         "--feed-endpoints", endpoint, "--consumer-id", "akumuli-test", "--window", "40",
         "--sinks", f"sqlite://{tmp_path}/store/readings.db,{akumuli_url}",
-        "--registry-file", str(tmp_path / "none.yaml"), "--heartbeat", "0.2", name=name,
-        # the operator passes the data dir this way; the marks file goes there
-        env={"IOTPIPE_STORAGE_DATA_DIR": str(tmp_path / "store")})
+        "--registry-file", str(tmp_path / "none.yaml"), "--heartbeat", "0.2",
+        "--data-dir", str(tmp_path / "store"), name=name)  # the marks file goes there
     _wait_for(lambda: proc.poll() is not None or _ready(metrics_port), 15, "storage ready")
     assert proc.poll() is None, procs.log(name)
     return proc

@@ -71,7 +71,7 @@ class StorageSettings(TierSettings):
     sinks: CommaList = Field(
         default_factory=list,
         description="sink URLs, comma separated (sqlite:///path/readings.db, "
-                    "victoriametrics://host:8428, parquet:///dir); "
+                    "victoriametrics://host:8428, parquet:///dir, akumuli://host:8282); "
                     "default: sqlite://<data-dir>/readings.db")
     registry_file: str = Field("/etc/iotpipe/registry/registry.yaml",
                                description="device registry YAML, reloaded when it changes; "
@@ -309,11 +309,11 @@ class StorageService:
         self._ctx.term()
 
 
-def open_sinks(urls: Sequence[str]) -> list[Sink]:
+def open_sinks(urls: Sequence[str], state_dir: Path | None = None) -> list[Sink]:
     sinks: list[Sink] = []
     try:
         for url in urls:
-            sinks.append(open_sink(url))
+            sinks.append(open_sink(url, state_dir=state_dir))
     except BaseException:
         for sink in sinks:
             sink.close()
@@ -330,7 +330,7 @@ def main(argv: Sequence[str]) -> int:
               "(e.g. tcp://127.0.0.1:5557)", file=sys.stderr)
         return 2
     try:
-        sinks = open_sinks(settings.sink_urls())
+        sinks = open_sinks(settings.sink_urls(), state_dir=Path(settings.data_dir))
     except SinkError as exc:
         print(f"iotpipe storage: error: --sinks: {exc}", file=sys.stderr)
         return 2

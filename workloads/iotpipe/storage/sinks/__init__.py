@@ -15,6 +15,7 @@ URL schemes:
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from iotpipe.storage.enrich import StoredReading
@@ -80,8 +81,11 @@ def sink_scheme(url: str) -> str:
     return scheme.lower()
 
 
-def open_sink(url: str, *, read_only: bool = False) -> Sink:
-    """Open the sink named by ``url``; an unknown scheme is a ``SinkError`` naming the URL."""
+def open_sink(url: str, *, read_only: bool = False, state_dir: Path | None = None) -> Sink:
+    """Open the sink named by ``url``; an unknown scheme is a ``SinkError`` naming the URL.
+
+    ``state_dir`` is where a sink keeps its own bookkeeping (the storage tier's data dir).
+    """
     scheme = sink_scheme(url)
     if scheme == "sqlite":
         from iotpipe.storage.sinks.sqlite import SqliteSink
@@ -98,7 +102,7 @@ def open_sink(url: str, *, read_only: bool = False) -> Sink:
     if scheme == "akumuli":
         from iotpipe.storage.sinks.akumuli import AkumuliSink
 
-        return AkumuliSink.from_url(url)
+        return AkumuliSink.from_url(url, state_dir=state_dir)
     raise SinkError(
         f"sink URL {url!r}: unknown scheme {scheme!r} "
         f"(supported: sqlite://, victoriametrics://, parquet://, akumuli://)"

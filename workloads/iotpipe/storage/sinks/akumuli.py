@@ -330,8 +330,7 @@ def _read_error_line(sock: socket.socket, first: bytes) -> str:
 
 
 def _default_state_dir() -> str:
-    # The storage tier's --data-dir reaches sinks only through its environment variable
-    # (the operator sets it); /var/lib/iotpipe/store is the tier's own default.
+    # Used only when the sink is opened without the storage tier's --data-dir (tests, tools).
     return os.environ.get("IOTPIPE_STORAGE_DATA_DIR") or "/var/lib/iotpipe/store"
 
 
@@ -340,14 +339,15 @@ class AkumuliSink:
 
     def __init__(self, host: str, port: int = DEFAULT_PORT, *,
                  query_port: int = DEFAULT_QUERY_PORT, marks_path: str | Path | None = None,
-                 confirm_s: float = DEFAULT_CONFIRM_S, url: str | None = None) -> None:
+                 confirm_s: float = DEFAULT_CONFIRM_S, url: str | None = None,
+                 state_dir: Path | None = None) -> None:
         self.host = host
         self.port = port
         self.query_port = query_port
         self.confirm_s = confirm_s
         self.url = url or f"akumuli://{host}:{port}"
         if marks_path is None:
-            marks_path = (Path(_default_state_dir())
+            marks_path = (Path(state_dir or _default_state_dir())
                           / f"akumuli-{sanitise_name(host)}-{port}.marks.db")
         self._store = MarksStore(Path(marks_path), self.url)
         self._marks = self._store.load()
@@ -363,7 +363,7 @@ class AkumuliSink:
         self._late_logged_at = 0.0
 
     @classmethod
-    def from_url(cls, url: str) -> AkumuliSink:
+    def from_url(cls, url: str, state_dir: Path | None = None) -> AkumuliSink:
         parsed = urllib.parse.urlsplit(url)
         try:
             port = parsed.port or DEFAULT_PORT
@@ -393,7 +393,7 @@ class AkumuliSink:
         if marks == "":
             raise SinkError(f"sink URL {url!r}: empty marks path")
         return cls(parsed.hostname, port, query_port=query_port, marks_path=marks,
-                   confirm_s=confirm_ms / 1000, url=url)
+                   confirm_s=confirm_ms / 1000, url=url, state_dir=state_dir)
 
     # --- connection -----------------------------------------------------------------------
 

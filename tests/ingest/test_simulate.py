@@ -150,3 +150,23 @@ async def test_simulator_reports_refused_connections(
         secret="wrong-secret-wrong-secret-wrong-secret", connections=3, messages=1))
     assert report.connect_failures == {"http_401": 3}
     assert not report.ok
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+async def test_simulator_takes_the_secret_from_the_secret_file(
+        server: tuple[IngestServer, FakeMiddle], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    ingest, _ = server
+    secret_file = tmp_path / "auth.secret"
+    secret_file.write_text(SECRET + "\n")
+    monkeypatch.delenv("IOTPIPE_AUTH_SECRET", raising=False)
+    monkeypatch.setenv("IOTPIPE_AUTH_SECRET_FILE", str(secret_file))
+    report = await run_simulation(SimulateSettings(
+        url=f"ws://127.0.0.1:{ingest.port}/v1/ingest", connections=2, messages=5))
+    assert report.ok, report.to_dict()
+    assert report.acked == 10
+    monkeypatch.delenv("IOTPIPE_AUTH_SECRET_FILE")
+    with pytest.raises(ValueError, match="give --secret or --insecure; no auth secret"):
+        await run_simulation(SimulateSettings(
+            url=f"ws://127.0.0.1:{ingest.port}/v1/ingest", connections=1, messages=1))

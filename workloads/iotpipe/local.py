@@ -189,15 +189,12 @@ def build_children(settings: UpSettings, ports: Ports, data_dir: Path, registry_
             "--middle-endpoints", f"tcp://{loop_host}:{ports.middle_router}", *no_auth), env),
     ]
     if settings.simulate:
-        # The simulator mints device tokens itself and takes the secret only by value.
-        sim_env = {} if secret_file is None else {
-            "IOTPIPE_AUTH_SECRET": secret_file.read_text().strip()}
         children.append(ChildSpec("simulate", _iotpipe(
             "simulate", "--url", f"ws://{loop_host}:{ports.ingest}/v1/ingest",
             "--connections", str(settings.simulate), "--rate", str(settings.simulate_rate),
             "--duration", str(settings.simulate_duration), "--device-prefix", "sim-",
             "--reconnect", *(["--insecure"] if secret_file is None else [])),
-            sim_env, restart=False))
+            env, restart=False))
     return children
 
 

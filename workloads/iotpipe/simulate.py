@@ -27,7 +27,6 @@ import contextlib
 import ipaddress
 import json
 import math
-import os
 import random
 import resource
 import sys
@@ -44,7 +43,7 @@ from pydantic import Field
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from iotpipe.auth import DEVICE_AUDIENCE, issue_token
+from iotpipe.auth import DEVICE_AUDIENCE, issue_token, load_secret
 from iotpipe.settings import TierSettings, parse_settings, tier_config
 
 __all__ = ["SimulateSettings", "SimulationReport", "main", "run_simulation"]
@@ -73,7 +72,8 @@ class SimulateSettings(TierSettings):
     ack_timeout: float = Field(30.0, gt=0, description="seconds to wait for the last acks")
     device_prefix: str = Field("sim-", description="device ids are <prefix><index>")
     first_device: int = Field(0, ge=0, description="index of the first device")
-    secret: str = Field("", description="token secret (default: IOTPIPE_AUTH_SECRET)")
+    secret: str = Field("", description="token secret (default: IOTPIPE_AUTH_SECRET or the "
+                                         "file named by IOTPIPE_AUTH_SECRET_FILE)")
     insecure: bool = Field(False, description="no token; send ?device=<id> (insecure ingest)")
     reconnect: bool = Field(False, description="reconnect and resend unacked ids on close")
     spread_sources: bool = Field(True, description="use 127.0.0.2.. as source addresses")
@@ -420,9 +420,12 @@ class _Simulation:
         self.report = SimulationReport(connections=settings.connections)
         self.sources = source_addresses(settings.url, settings.connections,
                                         settings.spread_sources)
-        self.secret = (settings.secret or os.environ.get("IOTPIPE_AUTH_SECRET", "")).encode()
+        self.secret = settings.secret.encode()
         if not settings.insecure and not self.secret:
-            raise ValueError("give --secret (or IOTPIPE_AUTH_SECRET), or --insecure")
+            try:
+                self.secret = load_secret()
+            except RuntimeError as exc:
+                raise ValueError(f"give --secret or --insecure; {exc}") from None
         self.stop_sending = asyncio.Event()
         self.handshakes = asyncio.Semaphore(settings.connect_concurrency)
         self._steady: tuple[float, int] | None = None

@@ -33,6 +33,7 @@ import orjson
 import zmq
 from pydantic import Field
 
+from iotpipe.bench.ports import free_port
 from iotpipe.settings import TierSettings, parse_settings, tier_config
 from iotpipe.wire import KIND_BATCH, decode_batch, encode_ack
 
@@ -53,12 +54,6 @@ class IngestBenchSettings(TierSettings):
     size: int = Field(64, ge=16, description="approximate JSON bytes per message")
     processes: int = Field(1, ge=1, description="ingest processes (SO_REUSEPORT)")
     json_output: bool = Field(False, alias="json", description="print one JSON object")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class _AckingMiddle:
@@ -209,7 +204,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 def run_bench(settings: IngestBenchSettings) -> dict[str, Any]:
     env = {**os.environ, "IOTPIPE_AUTH_SECRET": BENCH_SECRET}
     results: dict[str, Any] = {}
-    port = _free_port()
+    port = free_port()
     bare = subprocess.Popen(
         [sys.executable, "-c", f"from iotpipe.bench.ingest import _bare_main; _bare_main({port})"],
         env=env)
@@ -221,7 +216,7 @@ def run_bench(settings: IngestBenchSettings) -> dict[str, Any]:
 
     middle = _AckingMiddle()
     with tempfile.TemporaryDirectory(prefix="iotpipe-bench-ingest-") as data_dir:
-        port, metrics_port = _free_port(), _free_port()
+        port, metrics_port = free_port(), free_port()
         ingest = subprocess.Popen(
             [sys.executable, "-m", "iotpipe.cli", "ingest", "--host", "127.0.0.1",
              "--port", str(port), "--metrics-port", str(metrics_port), "--data-dir", data_dir,

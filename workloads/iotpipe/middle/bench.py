@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,14 +30,9 @@ from pathlib import Path
 import zmq
 
 from iotpipe import wire
+from iotpipe.bench.ports import free_port
 
 __all__ = ["bare_router", "main"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def bare_router(port: int) -> None:
@@ -191,7 +185,7 @@ def _drive(port: int, nodes: int, window: int, batch: int, record_bytes: int,
 
 
 def _run_middle(batch: int, args: argparse.Namespace) -> dict[str, float]:
-    ports = {name: _free_port() for name in ("router", "pub", "feed", "metrics")}
+    ports = {name: free_port() for name in ("router", "pub", "feed", "metrics")}
     with tempfile.TemporaryDirectory(prefix="iotpipe-bench-middle-", dir=args.dir) as tmp:
         proc = subprocess.Popen(
             [sys.executable, "-m", "iotpipe.cli", "middle", "--host", "127.0.0.1",
@@ -219,7 +213,7 @@ def _run_middle(batch: int, args: argparse.Namespace) -> dict[str, float]:
 
 
 def _run_bare(batch: int, args: argparse.Namespace) -> dict[str, float]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-c", f"from iotpipe.middle.bench import bare_router; "
                                f"bare_router({port})"],

@@ -39,6 +39,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from iotpipe.bench.ports import free_port
 from iotpipe.settings import TierSettings, parse_settings, tier_config
 from iotpipe.wire import encode_live, encode_reading
 
@@ -56,12 +57,6 @@ class RelayBenchSettings(TierSettings):
     clients: int = Field(4, ge=1, description="WebSocket clients, each receiving every event")
     data_bytes: int = Field(64, ge=2, description="approximate size of each reading's data JSON")
     json_output: bool = Field(False, alias="json", description="print one JSON object")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def bare_relay(port: int, pub_endpoint: str) -> None:
@@ -239,7 +234,7 @@ def run(settings: RelayBenchSettings) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     try:
         for server in ("bare", "relay"):
-            port = _free_port()
+            port = free_port()
             if server == "bare":
                 proc = subprocess.Popen(
                     [sys.executable, "-c", "import sys; from iotpipe.relay.bench import "
@@ -247,7 +242,7 @@ def run(settings: RelayBenchSettings) -> dict[str, Any]:
                      str(port), endpoint])
                 _wait_port(port, proc)
             else:
-                metrics_port = _free_port()
+                metrics_port = free_port()
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "iotpipe.cli", "relay", "--host", "127.0.0.1",
                      "--port", str(port), "--metrics-port", str(metrics_port),

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 import zmq
 
 from iotpipe import wire
+from iotpipe.bench.ports import free_port
 from iotpipe.registry import Registry
 from iotpipe.storage.enrich import StoredReading, enrich_records
 from iotpipe.storage.sinks import SinkBatch
@@ -48,12 +48,6 @@ def _records(n: int) -> list[bytes]:
             f"dev-{i % 1000}", f"m-{i}", _T0_NS + i, b'{"t":21.5,"h":40}', _T0_NS + i))
         for i in range(1, n + 1)
     ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _bench_sink(readings: list[StoredReading], batch: int, workdir: Path) -> dict[str, float]:
@@ -85,7 +79,7 @@ def _bench_sink(readings: list[StoredReading], batch: int, workdir: Path) -> dic
 
 def _bench_end_to_end(records: list[bytes], delivery: int, window: int, workdir: Path
                       ) -> dict[str, float]:
-    feed_port, metrics_port = _free_port(), _free_port()
+    feed_port, metrics_port = free_port(), free_port()
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)

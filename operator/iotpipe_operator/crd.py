@@ -227,6 +227,14 @@ def _spec_schema() -> dict[str, Any]:
         "description": "The ZeroMQ fan-in tier (StatefulSet, sharded: ingest nodes fail "
                        "over across all middle pods).",
         "properties": {**_tier_common(2, "middle"), "queue": _volume("4Gi", "middle log")},
+        # A removed middle pod's log may still hold records that storage has not consumed;
+        # nothing drains it (ingest has drain Jobs, the middle has none), so refuse it.
+        "x-kubernetes-validations": [{
+            "rule": "!has(oldSelf.replicas) || !has(self.replicas) "
+                    "|| self.replicas >= oldSelf.replicas",
+            "message": "middle.replicas may not decrease: a removed middle pod's log may "
+                       "still hold records that storage has not consumed",
+        }],
     }
     relay = {
         "type": "object", "default": {},

@@ -231,8 +231,10 @@ async def operator(interval: float) -> AsyncIterator[None]:
         await asyncio.wait({task}, timeout=2)
         if not task.done():
             task.cancel()
+            # kopf stops its root tasks with a 10 s grace each on cancellation; on a
+            # loaded machine that takes longer than 10 s, so allow it plenty (still bounded).
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(task, timeout=10)
+                await asyncio.wait_for(task, timeout=45)
         # Let handler threads still talking to KMock finish while its loop still runs.
         await asyncio.wait_for(asyncio.to_thread(executor.shutdown, wait=True), timeout=20)
     if not task.cancelled() and task.exception():

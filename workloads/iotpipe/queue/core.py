@@ -37,6 +37,9 @@ LOCK_NAME = "LOCK"
 MIN_SEGMENT_BYTES = 4096
 _SEGMENT_NAME = re.compile(r"^(\d{20})\.seg$")
 # Sparse in-memory index: one (seq, offset) entry at least every this many records/bytes.
+# Zeros written ahead of the records in the fdatasync backend (see _write).
+ZERO_AHEAD_BYTES = 256 << 10
+_ZEROS = bytes(ZERO_AHEAD_BYTES)
 _INDEX_RECORDS = 256
 _INDEX_BYTES = 64 << 10
 _PARSE_BATCH = 256
@@ -52,7 +55,7 @@ class _Segment:
 
     __slots__ = (
         "created", "end", "first_seq", "handle", "index_offsets", "index_seqs", "last_seq",
-        "mapping", "path", "previous", "scanned", "size",
+        "mapping", "path", "previous", "scanned", "size", "zeroed_until",
     )
 
     def __init__(self, path: str, first_seq: int, size: int) -> None:
@@ -68,6 +71,7 @@ class _Segment:
         self.index_offsets: list[int] = []
         self.mapping: pmem_binding.PmemMapping | None = None
         self.previous: _Segment | None = None  # set on segments created by appends
+        self.zeroed_until = 0  # bytes below this were written (zeros or records) by us
 
     def add_index(self, seq: int, offset: int) -> None:
         if (
@@ -645,8 +649,18 @@ class PersistentQueue:
         if segment.mapping is not None:
             # pmem backend: pmem_memcpy_persist copies and persists in one call.
             segment.mapping.write_persist(data, offset)
-        else:
-            self._io.pwrite(segment.handle, data, offset)
+            return
+        end = offset + len(data)
+        if end > segment.zeroed_until and end < segment.size:
+            # A write into preallocated (unwritten) extents makes its fdatasync also commit
+            # the extent conversion to the journal: about a third of every sync on ext4
+            # here. Writing zeros ahead of the records converts ZERO_AHEAD_BYTES at once,
+            # so most syncs find their extents written. The space past the tail is zeros
+            # already (fresh, or zeroed by recovery), so no content changes.
+            until = min(segment.size, end + ZERO_AHEAD_BYTES)
+            data = data + _ZEROS[:until - end]
+            segment.zeroed_until = until
+        self._io.pwrite(segment.handle, data, offset)
 
     def _persist(self, segment: _Segment) -> None:
         if segment.mapping is None:  # a pmem write was persisted as it was copied

@@ -333,7 +333,9 @@ class _Device:
             if self.retry and now >= self.retry_at:
                 ids = self.retry[: settings.batch]
                 del self.retry[: len(ids)]
-            elif fresh_allowed:
+            elif fresh_allowed and now >= self.retry_at:
+                # A retry hint holds back fresh messages too, as the device protocol asks:
+                # sending on regardless is a flood (closed with 1008).
                 if interval and now < next_at:
                     # Short naps, so a slow device notices the end of the run promptly.
                     await asyncio.sleep(min(next_at - now, 0.25))

@@ -96,7 +96,7 @@ def test_storage_and_middle_killed_and_restarted_store_everything_once(
     send_batches(middle, "ing-0-p0", 1, 4000, 100)
 
     # A small window keeps the first storage busy long enough to be killed mid-stream.
-    storage, _ = start_storage(procs, tmp_path, [endpoint], "storage-1", window=20)
+    storage, _ = start_storage(procs, tmp_path, [endpoint], "storage-1", window=5)
     wait_for(lambda: len(stored(db_path)) >= 1000, 20, "storage progress")
     os.killpg(storage.pid, signal.SIGKILL)
     storage.wait(timeout=10)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from iotpipe import wire
 
-__all__ = ["Delivery", "FeedConsumer", "merge_ranges"]
+__all__ = ["FeedConsumer", "merge_ranges"]
 
 
 def merge_ranges(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -37,19 +37,6 @@ def merge_ranges(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             merged.append((first, last))
     return merged
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """Records of one ``iotpipe.records.v1`` message: middle log seqs first .. last."""
-
-    middle: str
-    first: int
-    records: list[bytes]
-
-    @property
-    def last(self) -> int:
-        return self.first + len(self.records) - 1
 
 
 @dataclass
@@ -100,7 +87,7 @@ class FeedConsumer:
         self._pending_acks.clear()
         return wire.encode_feed_request(self.group, self.consumer_id, 0, acks)
 
-    def on_frames(self, frames: Sequence[bytes]) -> Delivery | None:
+    def on_frames(self, frames: Sequence[bytes]) -> wire.Records | None:
         """Take a message from the middle; a delivery to process, or None (ignored).
 
         Raises ``wire.WireError`` for malformed frames (counted in ``ignored``).
@@ -119,14 +106,14 @@ class FeedConsumer:
         self.middle = records.middle
         self.in_hand += len(records.records)
         self.deliveries += 1
-        return Delivery(records.middle, records.first, records.records)
+        return records
 
-    def stored(self, delivery: Delivery) -> None:
+    def stored(self, delivery: wire.Records) -> None:
         """Every sink holds ``delivery`` durably: acknowledge it with the next request."""
         self.in_hand = max(0, self.in_hand - len(delivery.records))
         self._pending_acks.append((delivery.first, delivery.last))
         self.last_acked = max(self.last_acked, delivery.last)
 
-    def abandon(self, delivery: Delivery) -> None:
+    def abandon(self, delivery: wire.Records) -> None:
         """Give a delivery up without acking it (shutdown while sinks fail); it is redelivered."""
         self.in_hand = max(0, self.in_hand - len(delivery.records))

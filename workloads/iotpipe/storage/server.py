@@ -40,7 +40,7 @@ from iotpipe import wire
 from iotpipe.observability import ObservabilityServer, setup_logging
 from iotpipe.registry import RegistryWatcher
 from iotpipe.settings import CommaList, TierSettings, parse_settings, tier_config
-from iotpipe.storage.consumer import Delivery, FeedConsumer
+from iotpipe.storage.consumer import FeedConsumer
 from iotpipe.storage.enrich import enrich_records
 from iotpipe.storage.sinks import Sink, SinkBatch, SinkError, open_sink
 
@@ -199,7 +199,7 @@ class StorageService:
             events = dict(poller.poll(int(wait_s * 1000) + 1))
             if not events:
                 continue
-            deliveries: list[tuple[_Link, Delivery]] = []
+            deliveries: list[tuple[_Link, wire.Records]] = []
             total = 0
             # Rotate the starting socket so that one busy middle cannot starve another.
             order = self._links[start:] + self._links[:start]
@@ -216,7 +216,7 @@ class StorageService:
             self._send(link, link.consumer.final_request())
         return exit_code
 
-    def _drain(self, link: _Link, out: list[tuple[_Link, Delivery]], budget: int) -> int:
+    def _drain(self, link: _Link, out: list[tuple[_Link, wire.Records]], budget: int) -> int:
         taken = 0
         while taken < budget:
             try:
@@ -239,7 +239,7 @@ class StorageService:
         self.metrics.in_flight.labels(link.endpoint).set(link.consumer.in_hand)
         return taken
 
-    def _process(self, deliveries: list[tuple[_Link, Delivery]]) -> bool:
+    def _process(self, deliveries: list[tuple[_Link, wire.Records]]) -> bool:
         """Enrich, write to every sink, then ack. False if given up (stop while failing)."""
         registry = self.registry.current
         batches: list[SinkBatch] = []

@@ -22,6 +22,7 @@ __all__ = [
     "clear_first_flag",
     "decode_segment_header",
     "encode_records",
+    "encode_records_python",
     "encode_segment_header",
     "find_later_write",
     "framed_size",
@@ -47,6 +48,7 @@ _pack_crc = struct.Struct("<I").pack
 _unpack_header = RECORD_HEADER.unpack_from
 _PADDING = tuple(b"\0" * n for n in range(8))
 _NONZERO = re.compile(rb"[^\x00]")
+_PAYLOAD_TYPE_ERROR = "payloads must be bytes (or bytes-like with 1-byte items), got {}"
 
 
 class Record(NamedTuple):
@@ -95,26 +97,51 @@ def decode_segment_header(data: bytes) -> tuple[int, int, int]:
     return first_seq, segment_bytes, previous_end
 
 
-def encode_records(payloads: Sequence[bytes], first_seq: int) -> bytes:
+def encode_records_python(payloads: Sequence[bytes], first_seq: int) -> bytes:
     """Frame ``payloads`` with consecutive seqs from ``first_seq`` as ONE write.
 
-    The hot loop of every append: one struct pack, one concatenation, one CRC and one
-    pack per record, then a single join.
+    The hot loop of every append, in Python: one struct pack, one concatenation, one CRC
+    and one pack per record, then a single join. ``encode_records`` is the C twin of this
+    (same bytes and errors, about ten times faster) when the extension is built.
     """
+    if not isinstance(first_seq, int) or not 0 <= first_seq < 1 << 64:
+        raise ValueError("first_seq must be an int in 0..2**64-1")
+    if not isinstance(payloads, Sequence):
+        raise TypeError(f"payloads must be a sequence of bytes, got {type(payloads).__name__}")
     if not payloads:
         return b""
     pack_length_seq, pack_crc, padding, crc = _pack_length_seq, _pack_crc, _PADDING, crc32c
     parts: list[bytes] = []
     extend = parts.extend
-    payload = payloads[0]
-    body = pack_length_seq((RECORD_HEADER_BYTES + len(payload)) | FIRST_IN_WRITE,
-                           first_seq) + payload
-    extend((pack_crc(crc(body)), body, padding[-len(payload) & 7]))
-    for seq, payload in enumerate(payloads[1:], first_seq + 1):
-        size = len(payload)
-        body = pack_length_seq(RECORD_HEADER_BYTES + size, seq) + payload
-        extend((pack_crc(crc(body)), body, padding[-size & 7]))
-    return b"".join(parts)
+    expected = 0
+    flag = FIRST_IN_WRITE
+    payload: object = None
+    try:
+        for seq, payload in enumerate(payloads, first_seq):
+            length = RECORD_HEADER_BYTES + len(payload)
+            if length > LENGTH_MASK:
+                raise ValueError(f"a record of {len(payload)} bytes is too large to frame")
+            body = pack_length_seq(length | flag, seq) + payload
+            extend((pack_crc(crc(body)), body, padding[-length & 7]))
+            expected += (length + 7) & ~7
+            flag = 0
+    except (TypeError, BufferError):
+        raise TypeError(_PAYLOAD_TYPE_ERROR.format(type(payload).__name__)) from None
+    except struct.error:
+        raise ValueError("seqs would pass 2**64-1") from None
+    data = b"".join(parts)
+    if len(data) != expected:  # len() was not the byte count (items wider than a byte)
+        raise TypeError(_PAYLOAD_TYPE_ERROR.format(type(payload).__name__))
+    return data
+
+
+try:
+    from ._framing import encode_records as encode_records  # the C encoder (_framing.c)
+
+    ENCODER = "c"
+except ImportError:  # not built (no compiler at install): the same format, slower
+    encode_records = encode_records_python
+    ENCODER = "python"
 
 
 def parse_records(

@@ -15,7 +15,6 @@ from . import pmem as pmem_binding
 from .errors import QueueClosed, QueueCorrupted, QueueError, QueueFull, QueueLocked
 from .fileio import OS_FILE_IO, FileIO
 from .framing import (
-    RECORD_HEADER_BYTES,
     SEGMENT_HEADER_BYTES,
     Record,
     Stop,
@@ -43,6 +42,17 @@ _ZEROS = bytes(ZERO_AHEAD_BYTES)
 _INDEX_RECORDS = 256
 _INDEX_BYTES = 64 << 10
 _PARSE_BATCH = 256
+
+
+def _batch_length(payloads: Sequence[bytes]) -> int:
+    """``len(payloads)``, or TypeError unless it is a sequence of payloads."""
+    if isinstance(payloads, (bytes, bytearray, memoryview, str)):
+        raise TypeError("append() takes a sequence of payloads, not one payload")
+    try:
+        return len(payloads)
+    except TypeError:
+        raise TypeError("append() takes a sequence of payloads (a list or tuple of bytes), "
+                        f"got {type(payloads).__name__}") from None
 
 
 class Depth(NamedTuple):
@@ -417,19 +427,19 @@ class PersistentQueue:
         All or nothing: raises QueueFull if the whole batch does not fit within ``timeout``
         seconds (0 = do not wait), ValueError if one record is larger than a segment.
         """
-        sizes = self._framed_sizes(payloads)
+        count = _batch_length(payloads)
         deadline = time.monotonic() + timeout
         with self._cond:
             self._check_usable()
-            if not sizes:
+            if not count:
                 return range(self._next_seq, self._next_seq)
             while True:
                 first = self._next_seq
-                if self._place(payloads, sizes):
+                if self._place(payloads):
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise self._full_error(sizes)
+                    raise self._full_error(payloads)
                 self._cond.wait(remaining)
                 self._check_usable()
             last = self._next_seq - 1
@@ -443,48 +453,47 @@ class PersistentQueue:
         exception it raised (QueueFull at once if it does not fit, TypeError, ValueError...).
         """
         results: list[range | Exception] = []
-        valid: list[tuple[int, Sequence[bytes], list[int]]] = []  # (index, payloads, sizes)
+        valid: list[tuple[int, Sequence[bytes]]] = []  # (index in results, payloads)
         for payloads in batches:
             try:
-                sizes = self._framed_sizes(payloads)
-            except (TypeError, ValueError) as exc:
+                count = _batch_length(payloads)
+            except TypeError as exc:
                 results.append(exc)
                 continue
             results.append(range(0))  # replaced below
-            if sizes:
-                valid.append((len(results) - 1, payloads, sizes))
+            if count:
+                valid.append((len(results) - 1, payloads))
         with self._cond:
             self._check_usable()
             for index, result in enumerate(results):
                 if isinstance(result, range):
                     results[index] = range(self._next_seq, self._next_seq)
             placed: list[int] = []
-            combined = [payload for _, payloads, _ in valid for payload in payloads]
             first = self._next_seq
             try:
-                together = bool(combined) and self._place(
-                    combined, [s for _, _, sizes in valid for s in sizes])
-            except TypeError:  # a bad payload somewhere: placed one by one below
+                together = bool(valid) and self._place(
+                    [payload for _, payloads in valid for payload in payloads])
+            except (TypeError, ValueError):  # a bad batch somewhere: placed one by one below
                 together = False
             if together:
                 # The usual case: every batch fits, so the group is ONE encoded chunk.
-                for index, payloads, _ in valid:
+                for index, payloads in valid:
                     results[index] = range(first, first + len(payloads))
                     first += len(payloads)
                     placed.append(index)
             else:
-                for index, payloads, sizes in valid:
+                for index, payloads in valid:
                     first = self._next_seq
                     try:
-                        fits = self._place(payloads, sizes)
-                    except TypeError as exc:
+                        fits = self._place(payloads)
+                    except (TypeError, ValueError) as exc:
                         results[index] = exc
                         continue
                     if fits:
                         results[index] = range(first, self._next_seq)
                         placed.append(index)
                     else:
-                        results[index] = self._full_error(sizes)
+                        results[index] = self._full_error(payloads)
             if placed:
                 try:
                     self._commit(self._next_seq - 1)
@@ -493,34 +502,42 @@ class PersistentQueue:
                         results[index] = exc
         return results
 
-    def _framed_sizes(self, payloads: Sequence[bytes]) -> list[int]:
-        if isinstance(payloads, (bytes, bytearray, memoryview, str)):
-            raise TypeError("append() takes a sequence of payloads, not one payload")
-        # Types are checked by the encoder (concatenation with bytes), before any state
-        # changes: a separate isinstance pass costs ~7% of the append path.
-        try:
-            sizes = [(len(payload) + RECORD_HEADER_BYTES + 7) & ~7 for payload in payloads]
-        except TypeError as exc:
-            raise TypeError(f"payloads must be a sequence of bytes: {exc}") from None
-        limit = self._segment_bytes - SEGMENT_HEADER_BYTES
-        if sizes and max(sizes) > limit:
-            size = next(len(p) for p in payloads if framed_size(len(p)) > limit)
-            raise ValueError(f"record of {size} bytes does not fit in a segment "
-                             f"({self._segment_bytes} bytes)")
-        return sizes
-
-    def _full_error(self, sizes: list[int]) -> QueueFull:
-        return QueueFull(f"queue {self._path} is full: {len(sizes)} records ({sum(sizes)} "
+    def _full_error(self, payloads: Sequence[bytes]) -> QueueFull:
+        size = sum(framed_size(len(payload)) for payload in payloads)
+        return QueueFull(f"queue {self._path} is full: {len(payloads)} records ({size} "
                          f"bytes) do not fit in capacity {self._capacity} bytes (or in the free "
                          "disk space) until consumers acknowledge more")
 
-    def _place(self, payloads: Sequence[bytes], sizes: list[int]) -> bool:
-        """Assign seqs and segment positions, encode, queue the chunks. False if full."""
+    def _place(self, payloads: Sequence[bytes]) -> bool:
+        """Assign seqs and a segment position, encode, queue the chunk(s). False if full.
+
+        Raises TypeError (a payload is not bytes-like) or ValueError (a record larger than a
+        segment) with nothing changed.
+        """
+        seq = self._next_seq
+        data = encode_records(payloads, seq)  # checks every payload's type first
+        segment, offset = self._segments[-1], self._tail_offset
+        if len(data) > segment.size - offset:
+            return self._place_across_segments(payloads)
+        # The usual case: the batch fits in the last segment, one chunk, no new file.
+        self._pending.append(_Chunk(segment, offset, data, seq, seq + len(payloads) - 1))
+        self._tail_offset = offset + len(data)
+        self._next_seq = seq + len(payloads)
+        return True
+
+    def _place_across_segments(self, payloads: Sequence[bytes]) -> bool:
+        """``_place`` for a batch that needs one or more new segments (the rare path)."""
+        sizes = [framed_size(len(payload)) for payload in payloads]
+        limit = self._segment_bytes - SEGMENT_HEADER_BYTES
+        if max(sizes) > limit:
+            size = next(len(p) for p in payloads if framed_size(len(p)) > limit)
+            raise ValueError(f"record of {size} bytes does not fit in a segment "
+                             f"({self._segment_bytes} bytes)")
         # Plan first (no side effects) so a batch that does not fit changes nothing.
         splits: list[tuple[int, int, int, bool]] = []  # (begin, end, offset, new segment)
         begin, offset, new = 0, self._tail_offset, False
         room = self._segments[-1].size - offset
-        for index, size in enumerate(sizes if sum(sizes) > room else ()):
+        for index, size in enumerate(sizes):
             if size > room:
                 if index > begin:
                     splits.append((begin, index, offset, new))
@@ -529,33 +546,26 @@ class PersistentQueue:
             room -= size
         splits.append((begin, len(sizes), offset, new))
         new_bytes = sum(self._segment_bytes for split in splits if split[3])
-        if new_bytes:
+        if self._allocated + new_bytes > self._capacity:
+            self._reclaim_locked()
             if self._allocated + new_bytes > self._capacity:
-                self._reclaim_locked()
-                if self._allocated + new_bytes > self._capacity:
-                    return False
-            # A full disk is backpressure too: the segment could not be created (the
-            # error would poison the queue in the middle of a group commit).
+                return False
+        # A full disk is backpressure too: the segment could not be created (the error
+        # would poison the queue in the middle of a group commit).
+        if self._io.free_bytes(self._path) < new_bytes + self._disk_reserve:
+            self._reclaim_locked()
             if self._io.free_bytes(self._path) < new_bytes + self._disk_reserve:
-                self._reclaim_locked()
-                if self._io.free_bytes(self._path) < new_bytes + self._disk_reserve:
-                    if not self._disk_full_logged:
-                        _log.warning("queue %s: disk full (%d bytes free), refusing appends "
-                                     "that need a new segment", self._path,
-                                     self._io.free_bytes(self._path))
-                        self._disk_full_logged = True
-                    return False
-            self._disk_full_logged = False
-        # Encode everything before changing any state: a payload of the wrong type fails
-        # here and leaves the queue as it was.
+                if not self._disk_full_logged:
+                    _log.warning("queue %s: disk full (%d bytes free), refusing appends "
+                                 "that need a new segment", self._path,
+                                 self._io.free_bytes(self._path))
+                    self._disk_full_logged = True
+                return False
+        self._disk_full_logged = False
         encoded: list[bytes] = []
         seq = self._next_seq
         for begin, end, _, _ in splits:
-            try:
-                encoded.append(encode_records(
-                    payloads if len(splits) == 1 else payloads[begin:end], seq))
-            except TypeError as exc:
-                raise TypeError(f"payloads must be a sequence of bytes: {exc}") from None
+            encoded.append(encode_records(payloads[begin:end], seq))
             if len(encoded[-1]) != sum(sizes[begin:end]):  # len() was not the byte count
                 raise TypeError("payloads must be bytes (or bytes-like with 1-byte items)")
             seq += end - begin

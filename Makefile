@@ -10,6 +10,11 @@ PY := $(VENV)/bin/python
 APT_RUN := libpmem1
 APT_TEST := $(APT_RUN) victoria-metrics docker.io debootstrap
 UP_ARGS ?= --simulate 20
+# Python's headers build the queue's C record encoder at install time; Debian's python3.11
+# keeps them in python3.11-dev (a pyenv or official-image Python has them already).
+APT_BUILD := $(shell $(PYTHON) -c 'import os, sys, sysconfig; \
+  print("" if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) \
+  else "python%d.%d-dev" % sys.version_info[:2])' 2>/dev/null)
 
 .PHONY: up test lint bench apt venv clean
 
@@ -24,6 +29,9 @@ define apt_install
 	@touch $@
 endef
 
+.stamp-apt-build: Makefile
+	$(call apt_install,$(APT_BUILD))
+
 .stamp-apt-run: Makefile
 	$(call apt_install,$(APT_RUN))
 
@@ -32,7 +40,7 @@ endef
 
 apt: .stamp-apt-test
 
-$(VENV)/.stamp-install: pyproject.toml
+$(VENV)/.stamp-install: pyproject.toml workloads/iotpipe/queue/_framing.c .stamp-apt-build
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -53,4 +61,4 @@ bench: venv .stamp-apt-run
 	$(VENV)/bin/iotpipe bench queue --json
 
 clean:
-	rm -rf $(VENV) .stamp-apt-run .stamp-apt-test .pytest_cache .ruff_cache
+	rm -rf $(VENV) .stamp-apt-build .stamp-apt-run .stamp-apt-test .pytest_cache .ruff_cache

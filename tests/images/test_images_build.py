@@ -254,12 +254,13 @@ def test_workload_image_issues_a_token(docker: Docker, workload_image: str) -> N
     assert header and payload and signature
 
 
-def test_workload_image_has_libpmem_and_the_lake_sink(docker: Docker,
-                                                      workload_image: str) -> None:
+def test_workload_image_has_libpmem_the_lake_sink_and_the_c_encoder(
+        docker: Docker, workload_image: str) -> None:
     script = ("import ctypes, pyarrow.parquet; lib = ctypes.CDLL('libpmem.so.1'); "
-              "print(bool(lib.pmem_is_pmem))")
+              "from iotpipe.queue import framing; "
+              "print(bool(lib.pmem_is_pmem), framing.ENCODER)")
     result = _run(docker, workload_image, "-c", script, entrypoint="python3")
-    assert result.stdout.strip() == "True"
+    assert result.stdout.strip() == "True c"
 
 
 def _free_port_block(count: int) -> int:

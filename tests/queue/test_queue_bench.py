@@ -29,7 +29,9 @@ def test_bench_queue_json_shape(tmp_path: Path) -> None:
         assert sorted(r["batch"] for r in report["results"] if r["mode"] == mode) == [1, 16]
     for r in report["results"]:
         assert r["records_per_s"] > 0 and r["plain_records_per_s"] > 0
-        assert r["framing_records_per_s"] > 0
+        assert r["framing_records_per_s"] > 0 and r["written_plain_records_per_s"] > 0
+        assert r["written_limit_ratio"] == pytest.approx(
+            r["records_per_s"] / r["written_plain_records_per_s"], rel=0.01)
         assert r["limit_ratio"] == pytest.approx(r["records_per_s"] / r["plain_records_per_s"],
                                                  rel=0.01)
         if r["mode"] == "pmem":

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import http
 import logging
 import os
@@ -46,11 +47,17 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from iotpipe import lifecycle
 from iotpipe.auth import DEVICE_AUDIENCE, AuthError, bearer_token, load_secret, verify_token
 from iotpipe.ingest.forwarder import CONSUMER, Forwarder
 from iotpipe.ingest.identity import queue_node_id
 from iotpipe.ingest.metrics import IngestCollector, IngestCounters
-from iotpipe.observability import ObservabilityServer, QueueDepthCollector, setup_logging
+from iotpipe.observability import (
+    ObservabilityServer,
+    PortInUse,
+    QueueDepthCollector,
+    setup_logging,
+)
 from iotpipe.protocol import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL,
@@ -62,7 +69,7 @@ from iotpipe.protocol import (
     encode_error_frame,
 )
 from iotpipe.queue import AsyncQueue, PersistentQueue, QueueFull
-from iotpipe.settings import CommaList, TierSettings, parse_settings, tier_config
+from iotpipe.settings import CommaList, Internal, ServerSettings, parse_settings, tier_config
 
 __all__ = ["IngestServer", "IngestSettings", "main"]
 
@@ -71,23 +78,22 @@ PATH = "/v1/ingest"
 PROCESS_INDEX_ENV = "IOTPIPE_INGEST_PROCESS_INDEX"
 
 
-class IngestSettings(TierSettings):
+class IngestSettings(ServerSettings):
     """Device WebSocket server: authenticates devices, stores each message durably, acks it,
     and forwards the queue to the middle tier."""
 
     model_config = tier_config("iotpipe ingest", "IOTPIPE_INGEST_")
 
-    host: str = Field("0.0.0.0", description="bind address")
     port: int = Field(8080, ge=0, le=65535, description="WebSocket port (path /v1/ingest)")
     metrics_port: int = Field(9100, ge=0, le=65535,
-                              description="metrics/health port (process i uses port + i)")
-    log_level: str = Field("info", description="log level")
+                              description="port of /metrics, /healthz and /readyz (process i "
+                                          "uses port + i)")
     data_dir: Path = Field(Path("/var/lib/iotpipe/queue"),
                            description="queue directory (process i uses <data_dir>/p<i>)")
     queue_bytes: int = Field(1 << 30, gt=0, description="queue capacity per process in bytes")
     processes: int = Field(1, ge=1, le=256, description="processes on one port (SO_REUSEPORT)")
     node_id: str = Field(default_factory=socket.gethostname,
-                         description="node identity (process i is <node_id>-p<i>)")
+                         description="node identity (process i is NODE_ID-pI)")
     middle_endpoints: CommaList = Field(default_factory=list,
                                         description="middle ROUTER endpoints, comma separated")
     insecure_no_auth: bool = Field(False, description="no tokens; device from ?device= or the "
@@ -110,7 +116,8 @@ class IngestSettings(TierSettings):
     forward_batch: int = Field(512, ge=1, description="records per batch to the middle tier")
     forward_window: int = Field(8, ge=1, description="batches in flight to the middle tier")
     forward_ack_timeout: float = Field(5.0, gt=0, description="seconds before failover/resend")
-    process_index: int = Field(-1, ge=-1, description="internal: index of this child process")
+    # Set by the parent of --processes N for each child; not a user option.
+    process_index: int = Field(-1, ge=-1, description=Internal)
 
 
 class _DeviceBuckets:
@@ -447,14 +454,27 @@ async def run_process(settings: IngestSettings, index: int) -> int:
     REGISTRY.register(QueueDepthCollector("ingest", {"ingest": lambda: _queue_source(server)}))
     REGISTRY.register(IngestCollector(
         server.counters, lambda: [server.forwarder.core] if server.forwarder else []))
-    obs = ObservabilityServer(settings.host, settings.metrics_port + index if
-                              settings.metrics_port else 0, ready=server.ready).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if lifecycle.requested():
+        return 0  # stopped while starting: nothing was opened yet
+    metrics_port = settings.metrics_port + index if settings.metrics_port else 0
     try:
-        await server.start()
+        obs = ObservabilityServer(settings.host, metrics_port, ready=server.ready).start()
+    except PortInUse as exc:
+        print(f"iotpipe ingest: error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        try:
+            await server.start()
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            print(f"iotpipe ingest: error: port {settings.port} on {settings.host} is in use",
+                  file=sys.stderr)
+            return 1
         log.info("ingest listening", extra={"fields": {
             "node": server.node, "port": server.port, "metrics_port": obs.port,
             "queue": str(server.queue_dir), "middle": settings.middle_endpoints}})
@@ -508,6 +528,8 @@ def _run_parent(settings: IngestSettings, argv: Sequence[str]) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    if lifecycle.requested():
+        return 0  # stopped while starting: no child was started
     for i in range(settings.processes):
         children[i] = spawn(i)
     codes: dict[int, int] = {}
@@ -530,6 +552,7 @@ def _run_parent(settings: IngestSettings, argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
+    lifecycle.catch_early()  # a stop while the queue opens counts (see iotpipe.lifecycle)
     settings = parse_settings(IngestSettings, argv)
     setup_logging("ingest", settings.log_level)
     # websockets logs every connection open/close at INFO: far too much at C10K.

@@ -2,7 +2,7 @@
 
 Nothing here touches a socket or a clock: the I/O shell (``server.py``) feeds decoded live
 events and client text frames in, passes the current time where it matters, and sends the
-frames this module hands back. The README's "Client-app protocol" section is the
+frames this module hands back. docs/protocols.md, "Client-app protocol", is the
 client-facing description of the same rules; keep the two in step.
 
 Fan-out rules
@@ -51,7 +51,7 @@ __all__ = [
     "parse_client_frame",
 ]
 
-# Application close code for a client that stopped reading (see the README, "Client-app protocol").
+# Application close code for a client that stopped reading (docs/protocols.md, "Client-app protocol").
 CLOSE_SLOW_CONSUMER = 4008
 
 # Class/location given to devices the registry does not know (same rule as storage).

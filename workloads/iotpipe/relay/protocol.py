@@ -51,7 +51,7 @@ __all__ = [
     "parse_client_frame",
 ]
 
-# Application close code for a client that stopped reading (docs/protocols.md, "Client-app protocol").
+# Close code for a client that stopped reading (docs/protocols.md, "Client-app protocol").
 CLOSE_SLOW_CONSUMER = 4008
 
 # Class/location given to devices the registry does not know (same rule as storage).

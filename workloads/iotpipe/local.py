@@ -77,7 +77,7 @@ class UpSettings(TierSettings):
 
     data_dir: str = Field("./data", description="where queues, the store, logs and the "
                                                 "generated secret live")
-    host: str = Field("127.0.0.1", description="bind address of every tier (loopback by default)")
+    host: str = Field("127.0.0.1", description="bind address of every tier")
     base_port: int | None = Field(None, ge=1, le=65535 - 8,
                                   description="put every port at BASE..BASE+8 (ingest, relay, "
                                               "middle router/pub/feed, metrics of ingest, "

@@ -14,6 +14,7 @@ options marked :data:`Internal` are accepted but not listed.
 from __future__ import annotations
 
 import sys
+from argparse import HelpFormatter
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -125,8 +126,13 @@ class _HelpSource(CliSettingsSource[Any]):
                      is_model_suppressed: bool, env_var_names: tuple[str, ...] = ()) -> str:
         text = super()._help_format(field_name, field_info, model_default, is_model_suppressed,
                                     env_var_names)
-        # A default of None means "not set": the description says what happens then.
-        return text.replace("(default factory: ", "(default: ").replace(" (default: None)", "")
+        # A default of None means "not set": the description says what happens then. A
+        # flag is off unless given; the few that are on by default are --no-... flags.
+        text = text.replace("(default factory: ", "(default: ").replace(" (default: None)", "")
+        if field_info.annotation is bool:
+            text = text.replace(" (default: False)", "").replace("(default: True)",
+                                                                  "(on by default)")
+        return text
 
 
 S = TypeVar("S", bound=BaseSettings)
@@ -140,7 +146,8 @@ def parse_settings(model: type[S], argv: Sequence[str] | None = None) -> S:
     """Build ``model`` from argv and the environment; exit 2 with a clear message on error."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        source: CliSettingsSource[Any] = _HelpSource(model)
+        # HelpFormatter re-flows the class docstring, whose continuation lines are indented.
+        source: CliSettingsSource[Any] = _HelpSource(model, formatter_class=HelpFormatter)
         return CliApp.run(model, cli_args=args, cli_settings_source=source)
     except ValidationError as exc:
         env_prefix = str(model.model_config.get("env_prefix") or "")

@@ -129,6 +129,7 @@ class _HelpSource(CliSettingsSource[Any]):
         # A default of None means "not set": the description says what happens then. A
         # flag is off unless given; the few that are on by default are --no-... flags.
         text = text.replace("(default factory: ", "(default: ").replace(" (default: None)", "")
+        text = text.replace("(default: list)", "(default: none)")  # default_factory=list
         if field_info.annotation is bool:
             text = text.replace(" (default: False)", "").replace("(default: True)",
                                                                   "(on by default)")

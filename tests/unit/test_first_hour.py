@@ -6,6 +6,7 @@ import importlib
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -168,3 +169,20 @@ def test_watch_prints_one_line_per_reading() -> None:
     frame: dict[str, Any] = {"event": "reading", "device": "sim-0", "id": 17,
                              "received": 1_764_163_200_123_000_000, "data": {"temp_c": 21.5}}
     assert format_reading(frame) == '13:20:00.123  sim-0  17  {"temp_c":21.5}'
+
+
+def test_up_writes_the_fleet_registry_but_never_a_users_own(tmp_path: Path) -> None:
+    from iotpipe.local import _OLD_SAMPLE_REGISTRY, _write_registry
+
+    path = tmp_path / "registry.yaml"
+    _write_registry(path, 3)
+    assert Registry.from_yaml(path.read_text()).lookup("sim-2").device_class == "pump"  # type: ignore[union-attr]
+    _write_registry(path, 6)  # still generated: follows the fleet size
+    assert Registry.from_yaml(path.read_text()).lookup("sim-5").device_class == "pump"  # type: ignore[union-attr]
+    path.write_text(_OLD_SAMPLE_REGISTRY)  # what earlier versions generated
+    _write_registry(path, 3)
+    assert Registry.from_yaml(path.read_text()).lookup("sim-0").device_class == "thermometer"  # type: ignore[union-attr]
+    own = "devices:\n  sim-0: {class: boiler, location: cellar}\n"
+    path.write_text(own)
+    _write_registry(path, 3)
+    assert path.read_text() == own

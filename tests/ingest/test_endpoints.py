@@ -14,8 +14,8 @@ from iotpipe.endpoints import (
     check_endpoint,
     diff_endpoints,
     parse_endpoints,
+    resolve_endpoints,
 )
-from iotpipe.ingest.drain import resolve_endpoints
 
 pytestmark = pytest.mark.unit
 
@@ -97,14 +97,14 @@ def test_resolve_prefers_a_usable_file_and_falls_back_to_the_static_list(
         tmp_path: Path) -> None:
     path = tmp_path / "router"
     path.write_text(f"{B}\n")
-    assert resolve_endpoints("t", "--e", [A], "--f", str(path))[0] == [B]
-    assert resolve_endpoints("t", "--e", [A], "--f", "")[0] == [A]
+    assert resolve_endpoints("--e", [A], "--f", str(path))[0] == [B]
+    assert resolve_endpoints("--e", [A], "--f", "")[0] == [A]
     path.write_text("")
-    endpoints, watched = resolve_endpoints("t", "--e", [A], "--f", str(path))
+    endpoints, watched = resolve_endpoints("--e", [A], "--f", str(path))
     assert endpoints == [A] and watched is not None and watched.failing
     with pytest.raises(EndpointsError, match=r"--f: .*no endpoint listed"):
-        resolve_endpoints("t", "--e", [], "--f", str(path))
+        resolve_endpoints("--e", [], "--f", str(path))
     with pytest.raises(EndpointsError, match="--e or --f is required"):
-        resolve_endpoints("t", "--e", [], "--f", "")
+        resolve_endpoints("--e", [], "--f", "")
     with pytest.raises(EndpointsError, match="--e: 'x:1' is not a ZeroMQ endpoint"):
-        resolve_endpoints("t", "--e", ["x:1"], "--f", "")
+        resolve_endpoints("--e", ["x:1"], "--f", "")

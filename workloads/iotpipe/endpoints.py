@@ -31,6 +31,7 @@ __all__ = [
     "check_endpoint",
     "diff_endpoints",
     "parse_endpoints",
+    "resolve_endpoints",
 ]
 
 log = logging.getLogger("iotpipe.endpoints")
@@ -154,6 +155,32 @@ class EndpointsFile:
             self._last_text = None  # the same bad text again is not news; a fix is
             log.error("endpoints file unusable; keeping the last good list", extra={"fields": {
                 "error": problem, "endpoints": self.current}})
+
+
+def resolve_endpoints(flag: str, static: Sequence[str], file_flag: str, path: str,
+                      required: bool = True) -> tuple[list[str], EndpointsFile | None]:
+    """The endpoints a tier starts with: the file's list when it is usable, else the static
+    list. Raises ``EndpointsError`` (message for the user) if neither gives one and
+    ``required``; otherwise the tier starts with what it has and the file is watched."""
+    for endpoint in static:
+        problem = check_endpoint(endpoint)
+        if problem is not None:
+            raise EndpointsError(f"{flag}: {problem}")
+    if not path:
+        if not static and required:
+            raise EndpointsError(f"{flag} or {file_flag} is required")
+        return list(static), None
+    watched = EndpointsFile(path, static)
+    try:
+        return watched.load(), watched
+    except EndpointsError as exc:
+        if not static and required:
+            raise EndpointsError(f"{file_flag}: {exc}") from None
+        log.error("endpoints file unusable; using the static list", extra={
+            "fields": {"error": str(exc), "endpoints": list(static)}})
+        watched.errors += 1
+        watched.failing = True
+        return list(static), watched
 
 
 class EndpointsCollector:

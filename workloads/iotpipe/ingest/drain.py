@@ -32,7 +32,7 @@ from pathlib import Path
 from pydantic import Field
 
 from iotpipe.durable import fsync_dir
-from iotpipe.endpoints import EndpointsError, EndpointsFile, check_endpoint
+from iotpipe.endpoints import EndpointsError, EndpointsFile, resolve_endpoints
 from iotpipe.ingest.forwarder import CONSUMER, Forwarder
 from iotpipe.ingest.identity import queue_node_id
 from iotpipe.observability import setup_logging
@@ -40,7 +40,7 @@ from iotpipe.queue import PersistentQueue, QueueError
 from iotpipe.settings import CommaList, TierSettings, parse_settings, tier_config
 
 __all__ = ["DrainSettings", "QueueDrainer", "drain_queues", "main", "process_dirs",
-           "remove_queue_dir", "resolve_endpoints"]
+           "remove_queue_dir"]
 
 log = logging.getLogger("iotpipe.drain")
 _PROCESS_DIR = re.compile(r"p(\d+)")
@@ -169,37 +169,12 @@ def drain_queues(data_dir: Path, node_id: str, endpoints: Sequence[str], timeout
             drainer.close()
 
 
-def resolve_endpoints(prog: str, flag: str, static: Sequence[str], file_flag: str,
-                      path: str) -> tuple[list[str], EndpointsFile | None]:
-    """The endpoints a tier starts with: the file's list when it is usable, else the static
-    list. Raises ``EndpointsError`` (message for the user) if neither gives one."""
-    for endpoint in static:
-        problem = check_endpoint(endpoint)
-        if problem is not None:
-            raise EndpointsError(f"{flag}: {problem}")
-    if not path:
-        if not static:
-            raise EndpointsError(f"{flag} or {file_flag} is required")
-        return list(static), None
-    watched = EndpointsFile(path, static)
-    try:
-        return watched.load(), watched
-    except EndpointsError as exc:
-        if not static:
-            raise EndpointsError(f"{file_flag}: {exc}") from None
-        logging.getLogger(prog).error("endpoints file unusable; using the static list", extra={
-            "fields": {"error": str(exc), "endpoints": list(static)}})
-        watched.errors += 1
-        watched.failing = True
-        return list(static), watched
-
-
 def main(argv: Sequence[str]) -> int:
     settings = parse_settings(DrainSettings, argv)
     setup_logging("drain", settings.log_level)
     try:
         endpoints, watched = resolve_endpoints(
-            "iotpipe.drain", "--middle-endpoints", settings.middle_endpoints,
+            "--middle-endpoints", settings.middle_endpoints,
             "--middle-endpoints-file", settings.middle_endpoints_file)
     except EndpointsError as exc:
         print(f"iotpipe drain: error: {exc}", file=sys.stderr)

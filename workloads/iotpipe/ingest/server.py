@@ -67,8 +67,13 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from iotpipe.auth import DEVICE_AUDIENCE, AuthError, bearer_token, load_secret, verify_token
-from iotpipe.endpoints import EndpointsCollector, EndpointsError, EndpointsFile
-from iotpipe.ingest.drain import QueueDrainer, process_dirs, remove_leftovers, resolve_endpoints
+from iotpipe.endpoints import (
+    EndpointsCollector,
+    EndpointsError,
+    EndpointsFile,
+    resolve_endpoints,
+)
+from iotpipe.ingest.drain import QueueDrainer, process_dirs, remove_leftovers
 from iotpipe.ingest.forwarder import CONSUMER, Forwarder
 from iotpipe.ingest.identity import queue_node_id
 from iotpipe.ingest.metrics import IngestCollector, IngestCounters
@@ -799,7 +804,7 @@ def main(argv: Sequence[str]) -> int:
     logging.getLogger("websockets").setLevel(logging.WARNING)
     try:
         endpoints, watched = resolve_endpoints(
-            "iotpipe.ingest", "--middle-endpoints", settings.middle_endpoints,
+            "--middle-endpoints", settings.middle_endpoints,
             "--middle-endpoints-file", settings.middle_endpoints_file)
     except EndpointsError as exc:
         print(f"iotpipe ingest: error: {exc}", file=sys.stderr)

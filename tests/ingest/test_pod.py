@@ -220,3 +220,30 @@ async def test_lowered_processes_drain_the_retired_queues(procs: ProcessGroup,
     finally:
         silent.close()
         acking.close()
+
+
+async def test_drain_command_follows_the_endpoints_file(procs: ProcessGroup,
+                                                        tmp_path: Path) -> None:
+    silent, acking = FakeMiddle(mode="silent"), FakeMiddle()
+    data_dir, router = tmp_path / "q", tmp_path / "router"
+    router.write_text(f"{silent.endpoint}\n")
+    try:
+        pod, port, _ = start_pod(procs, data_dir, "pod", 1, "--middle-endpoints",
+                                 silent.endpoint)
+        report = await run_simulation(simulate(port, connections=5, messages=40, batch=4))
+        assert report.ok and report.acked == 200
+        os.kill(pod.pid, signal.SIGKILL)
+        pod.wait(10)
+        drain = procs.iotpipe("drain", "--data-dir", str(data_dir), "--node-id", "node",
+                              "--middle-endpoints-file", str(router),
+                              "--endpoints-reload-seconds", "0.2", "--timeout", "60",
+                              name="drain")
+        assert silent.wait_for(lambda m: bool(m.batches), 20), procs.log("drain")
+        router.write_text(f"# moved\n{acking.endpoint}\n")
+        assert await asyncio.to_thread(drain.wait, 60) == 0, procs.log("drain")
+        assert acked_pairs(report) <= acking.messages()
+        assert acking.nodes == {node_identity(data_dir / "p0", "node-p0")}
+        assert queue_depth(data_dir / "p0") == 0
+    finally:
+        silent.close()
+        acking.close()

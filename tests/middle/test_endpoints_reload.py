@@ -1,6 +1,7 @@
-"""A middle tier that grows while the other tiers run: ingest, relay and storage follow
-their endpoints files (as mounted from the operator's ConfigMap) to a second middle
-without restarting, and every acknowledged message is stored once."""
+"""A middle tier that grows and shrinks while the other tiers run: ingest, relay and
+storage follow their endpoints files (as mounted from the operator's ConfigMap) to a second
+middle and away from the first without restarting, and every acknowledged message is
+stored once."""
 
 from __future__ import annotations
 
@@ -189,12 +190,27 @@ async def test_a_second_middle_is_used_without_restarting_any_tier(
             await asyncio.to_thread(wait_until, lambda: sources.get("middle-b", 0) > 0, 10,
                                     f"relay events from middle-b: {sources}")
             assert sources.get("middle-a", 0) > 0
+
+            # And shrinks again (A drained first, as the operator does): A is let go.
+            write_endpoints(endpoints, [b])
+            await asyncio.to_thread(
+                wait_until, lambda: metric(relay_metrics, "iotpipe_relay_upstreams_connected")
+                == 1 and metric(storage_metrics, "iotpipe_endpoints", 'key="feed"') == 1
+                and metric(ingest_metrics, "iotpipe_endpoints", 'key="router"') == 1,
+                20, "every tier let middle-a go")
+            a_records = metric(a.metrics, "iotpipe_middle_records_total")
+            third = await run_simulation(settings(200))
+            assert third.ok and third.acked == 200, third.to_dict()
+            expected |= acked_pairs(third)
+            await asyncio.to_thread(wait_until, lambda: len(stored_pairs(db_path)) == 600,
+                                    30, "third round stored")
+            assert metric(a.metrics, "iotpipe_middle_records_total") == a_records
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
     stored = stored_pairs(db_path)
-    assert len(stored) == len(set(stored)) == 400 and set(stored) == expected
+    assert len(stored) == len(set(stored)) == 600 and set(stored) == expected
     # Nobody restarted: the same processes serve throughout.
     assert ingest.poll() is None and relay.poll() is None and storage.poll() is None
-    assert metric(ingest_metrics, "iotpipe_endpoints_reloads_total", 'key="router"') == 1
+    assert metric(ingest_metrics, "iotpipe_endpoints_reloads_total", 'key="router"') == 2

@@ -93,7 +93,7 @@ from iotpipe.protocol import (
     encode_busy_frame,
     encode_error_frame,
 )
-from iotpipe.queue import AsyncQueue, PersistentQueue, QueueFull
+from iotpipe.queue import AsyncQueue, PersistentQueue, QueueError, QueueFull
 from iotpipe.settings import CommaList, TierSettings, parse_settings, tier_config
 
 __all__ = ["IngestServer", "IngestSettings", "main"]
@@ -103,6 +103,8 @@ PATH = "/v1/ingest"
 PROCESS_INDEX_ENV = "IOTPIPE_INGEST_PROCESS_INDEX"
 PARENT_PID_ENV = "IOTPIPE_INGEST_PARENT_PID"
 REPORT_FD_ENV = "IOTPIPE_INGEST_REPORT_FD"
+# How often process 0 looks again for retired queues it could not open (still locked).
+RETIRED_SCAN_SECONDS = 10.0
 
 
 class IngestSettings(TierSettings):
@@ -247,6 +249,7 @@ class IngestServer:
         # Queues p<i> (i >= processes) left by processes this pod no longer runs.
         self.retired: dict[str, QueueDrainer] = {}
         self.retired_removed = 0
+        self._retired_problems: set[str] = set()
         # Completed with the queue's incarnation once the queue is open (see identity.py).
         self.node = f"{settings.node_id}-p{index}"
         self.queue_dir = settings.data_dir / f"p{index}"
@@ -288,8 +291,16 @@ class IngestServer:
         for index, path in process_dirs(s.data_dir):
             if index < s.processes or path.name in self.retired:
                 continue
-            self.retired[path.name] = QueueDrainer(path, index, s.node_id, self.endpoints,
-                                                   s.queue_bytes)
+            try:
+                self.retired[path.name] = QueueDrainer(path, index, s.node_id, self.endpoints,
+                                                       s.queue_bytes)
+            except QueueError as exc:  # e.g. still locked: tried again later, never lost
+                if path.name not in self._retired_problems:
+                    log.error("retired queue cannot be opened yet", extra={"fields": {
+                        "path": str(path), "error": str(exc)}})
+                self._retired_problems.add(path.name)
+            else:
+                self._retired_problems.discard(path.name)
 
     def reap_retired(self) -> int:
         """Close and delete the retired queues that are empty now; how many were removed."""
@@ -584,6 +595,7 @@ async def run_process(settings: IngestSettings, index: int,
             "queue": str(server.queue_dir), "middle": server.endpoints,
             "retired_queues": sorted(server.retired)}})
         next_check = time.monotonic() + settings.endpoints_reload_seconds
+        next_retired_scan = time.monotonic() + RETIRED_SCAN_SECONDS
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(),
@@ -595,6 +607,9 @@ async def run_process(settings: IngestSettings, index: int,
                     server.set_endpoints(changed)
             if server.retired:
                 await asyncio.to_thread(server.reap_retired)
+            if index == 0 and time.monotonic() >= next_retired_scan:
+                next_retired_scan = time.monotonic() + RETIRED_SCAN_SECONDS
+                await asyncio.to_thread(server.start_retired)
             if server.forwarder is not None and server.forwarder.error is not None:
                 # Nothing would leave the queue any more: exit so the supervisor (or
                 # Kubernetes) restarts us; the queue is durable, nothing acked is lost.

@@ -211,6 +211,15 @@ async def test_a_second_middle_is_used_without_restarting_any_tier(
                 await watcher
     stored = stored_pairs(db_path)
     assert len(stored) == len(set(stored)) == 600 and set(stored) == expected
+    # A broken file is reported and the last good list kept: no tier crashes or lets go.
+    for key in ("router", "pub", "feed"):
+        write_atomically(endpoints / key, "middle-b:5555\n")
+    for port, key in ((ingest_metrics, "router"), (relay_metrics, "pub"),
+                      (storage_metrics, "feed")):
+        wait_until(lambda port=port, key=key: metric(  # type: ignore[misc]
+            port, "iotpipe_endpoints_file_failing", f'key="{key}"') == 1, 20, f"{key} failing")
+        assert metric(port, "iotpipe_endpoints", f'key="{key}"') == 1
+        assert http_get(port, "/readyz")[0] == 200
     # Nobody restarted: the same processes serve throughout.
     assert ingest.poll() is None and relay.poll() is None and storage.poll() is None
     assert metric(ingest_metrics, "iotpipe_endpoints_reloads_total", 'key="router"') == 2

@@ -706,10 +706,13 @@ class _Child:
             self._read_fd = None
 
 
+# Straight to the child: an HTTP(S)_PROXY in the pod's environment must not apply.
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _http_get(port: int, path: str, timeout: float) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}",
-                                    timeout=timeout) as response:
+        with _LOCAL.open(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
             return int(response.status), response.read().decode()
     except urllib.error.HTTPError as exc:
         return int(exc.code), ""

@@ -198,6 +198,9 @@ async def test_lowered_processes_drain_the_retired_queues(procs: ProcessGroup,
         wait_until(lambda: metric(metrics_port, "iotpipe_ingest_retired_queues") == 1, 10,
                    "the retired queue shown")
         assert metric(metrics_port, "iotpipe_ingest_retired_queue_records") == depths[1]
+        retired_depth = ("iotpipe_queue_depth_records",
+                         (("queue", "retired"), ("tier", "ingest")))
+        assert metrics(metrics_port)[retired_depth] == depths[1]
         assert (data_dir / "p1").is_dir()
         # The middle tier changes (endpoints file rewritten): same process, no restart.
         router.write_text(f"{acking.endpoint}\n")
@@ -207,10 +210,12 @@ async def test_lowered_processes_drain_the_retired_queues(procs: ProcessGroup,
         # Under the queues' own identities, each acked message under exactly one (node, seq).
         assert acking.nodes == identities
         assert len(acking.stored) == 400
-        wait_until(lambda: not (data_dir / "p1").exists(), 20, "p1 removed once empty")
-        assert sorted(p.name for p in data_dir.iterdir()) == ["p0"]
+        # Renamed first, then deleted: wait for both.
+        wait_until(lambda: sorted(p.name for p in data_dir.iterdir()) == ["p0"], 20,
+                   "p1 removed once empty")
         pod = metrics(metrics_port)
         assert pod[("iotpipe_ingest_retired_queues", ())] == 0
+        assert pod[retired_depth] == 0
         assert pod[("iotpipe_ingest_retired_queues_removed_total", ())] == 1
         assert pod[("iotpipe_endpoints_reloads_total", (("key", "router"),))] == 1
         assert second.poll() is None

@@ -55,6 +55,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -542,6 +543,11 @@ def _queue_source(server: IngestServer) -> tuple[int, int, int]:
     return (depth.records, depth.bytes, q.capacity_bytes)
 
 
+def _retired_source(server: IngestServer) -> tuple[int, int, int]:
+    depths = [d.depth() for d in list(server.retired.values())]
+    return (sum(d[0] for d in depths), sum(d[1] for d in depths), sum(d[2] for d in depths))
+
+
 class _RetiredCollector:
     """The retired queues (``p<i>`` of processes this pod no longer runs) being drained."""
 
@@ -567,7 +573,10 @@ async def run_process(settings: IngestSettings, index: int,
                       watched: EndpointsFile | None = None) -> int:
     """Run one ingest process until SIGTERM/SIGINT; returns the exit code."""
     server = IngestServer(settings, index, endpoints)
-    REGISTRY.register(QueueDepthCollector("ingest", {"ingest": lambda: _queue_source(server)}))
+    # "retired": queues of processes this pod no longer runs, until drained and deleted
+    # (so the depth covers everything on the pod's volume).
+    REGISTRY.register(QueueDepthCollector("ingest", {
+        "ingest": lambda: _queue_source(server), "retired": lambda: _retired_source(server)}))
     REGISTRY.register(IngestCollector(
         server.counters, lambda: [server.forwarder.core] if server.forwarder else []))
     REGISTRY.register(_RetiredCollector(server))
@@ -723,35 +732,47 @@ def _http_get(port: int, path: str, timeout: float) -> tuple[int, str]:
 class PodView:
     """The pod's one health and metrics endpoint, served by the parent process.
 
-    Scrapes each child's private endpoint at request time (so a scrape is as fresh as a
-    single process's); read from the observability thread while the main thread replaces
-    children, hence the copies of ``children``.
+    Asks every child's private endpoint at request time, all children at once (so a scrape
+    is as fresh as a single process's, and one hung child costs one timeout, not N). Read
+    from the observability thread while the main thread replaces children, hence the
+    copies of ``children``.
     """
 
-    def __init__(self, processes: int, timeout: float = 2.0) -> None:
+    def __init__(self, processes: int, probe_timeout: float = 0.8,
+                 scrape_timeout: float = 3.0) -> None:
         self.processes = processes
-        self.timeout = timeout
+        # Below Kubernetes' default probe timeout (1 s): a hung child makes the pod's
+        # answer "not ready", not a probe timeout.
+        self.probe_timeout = probe_timeout
+        self.scrape_timeout = scrape_timeout
         self.children: dict[int, _Child] = {}
         self.restarts = 0
+        self._pool = ThreadPoolExecutor(max_workers=max(2, 2 * processes),
+                                        thread_name_prefix="pod-view")
 
     def _ports(self) -> dict[int, int | None]:
         return {i: (c.metrics_port if c.alive() else None)
                 for i, c in list(self.children.items())}
 
+    def _ask(self, ports: dict[int, int], path: str, timeout: float
+             ) -> dict[int, tuple[int, str]]:
+        futures = {i: self._pool.submit(_http_get, port, path, timeout)
+                   for i, port in ports.items()}
+        return {i: future.result() for i, future in futures.items()}
+
     def ready(self) -> bool:
         ports = self._ports()
         if len(ports) < self.processes or any(p is None for p in ports.values()):
             return False  # a child is dead, restarting, or not serving yet
-        return all(_http_get(port, "/readyz", self.timeout)[0] == 200
-                   for port in ports.values() if port is not None)
+        answers = self._ask({i: p for i, p in ports.items() if p is not None}, "/readyz",
+                            self.probe_timeout)
+        return all(status == 200 for status, _ in answers.values())
 
     def collect(self) -> Iterator[Metric]:
-        scrapes: dict[str, str] = {}
-        for index, port in sorted(self._ports().items()):
-            if port is not None:
-                status, text = _http_get(port, "/metrics", self.timeout)
-                if status == 200:
-                    scrapes[str(index)] = text
+        ports = {i: p for i, p in self._ports().items() if p is not None}
+        answers = self._ask(ports, "/metrics", self.scrape_timeout)
+        scrapes = {str(i): text for i, (status, text) in sorted(answers.items())
+                   if status == 200}
         yield from merge_scrapes(scrapes)
         yield GaugeMetricFamily("iotpipe_ingest_processes", "Ingest processes configured",
                                 value=self.processes)
@@ -760,6 +781,9 @@ class PodView:
                                 value=len(scrapes))
         yield CounterMetricFamily("iotpipe_ingest_process_restarts",
                                   "Child processes restarted after dying", value=self.restarts)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _run_parent(settings: IngestSettings, argv: Sequence[str]) -> int:
@@ -808,6 +832,7 @@ def _run_parent(settings: IngestSettings, argv: Sequence[str]) -> int:
         return max(codes.values(), default=0)
     finally:
         obs.stop()
+        view.close()
         for child in view.children.values():
             child.close()
 

@@ -27,7 +27,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -36,10 +36,14 @@ from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 
+# A WSGI application: (environ, start_response) -> body chunks.
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
 __all__ = [
     "ObservabilityServer",
     "PortInUse",
     "QueueDepthCollector",
+    "WSGIApp",
     "setup_logging",
 ]
 
@@ -79,8 +83,11 @@ class ObservabilityServer:
         port: int,
         ready: Callable[[], bool] = lambda: True,
         registry: CollectorRegistry = REGISTRY,
+        routes: Mapping[str, WSGIApp] | None = None,
     ) -> None:
         self._ready = ready
+        # Extra read-only endpoints of a tier (storage's /v1/history), by exact path.
+        self._routes = dict(routes or {})
         self._metrics_app = make_wsgi_app(registry)
         try:
             self._server = make_server(
@@ -115,6 +122,9 @@ class ObservabilityServer:
             return [b"ready\n" if ok else b"not ready\n"]
         if path == "/metrics":
             return self._metrics_app(environ, start_response)
+        route = self._routes.get(path)
+        if route is not None:
+            return route(environ, start_response)
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found\n"]
 

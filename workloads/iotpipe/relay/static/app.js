@@ -52,6 +52,10 @@
   let pending = []; // reading frames received since the last flush
   let flushScheduled = false;
   let tableDirty = true; // membership, metadata or filters changed: re-filter and re-sort
+  let filtersChanged = false; // the user's change: redraw at once
+  let lastRebuild = 0;
+  const REBUILD_MS = 300;
+  const FLASH_MAX = 10; // rows flashed in one frame at most // new devices and metadata re-sort the table at most this often
   const dirty = new Set(); // devices whose visible row needs new values
   const needMeta = new Set();
   let metaBusy = false;
@@ -192,8 +196,17 @@
       if (frame.device === chart.device) chartAdd(frame.ts, frame.data, "live");
     }
     received += batch.length;
-    if (tableDirty) rebuildTable();
-    else for (const d of dirty) fillRow(d, true);
+    // Re-filtering and sorting 10,000 devices costs milliseconds: do it when the user asks,
+    // and otherwise at most every REBUILD_MS while new devices keep arriving.
+    if (tableDirty && (filtersChanged || now - lastRebuild >= REBUILD_MS)) {
+      rebuildTable();
+    } else {
+      if (tableDirty) setTimeout(schedule, REBUILD_MS - (now - lastRebuild));
+      // A flash marks a row that changed; when many change at once every frame would
+      // repaint the whole table for nothing, so busy frames skip it.
+      const flash = dirty.size <= FLASH_MAX;
+      for (const d of dirty) fillRow(d, flash);
+    }
     dirty.clear();
     if (chart.dirty) chartDraw();
     requestMeta();
@@ -261,6 +274,8 @@
 
   function rebuildTable() {
     tableDirty = false;
+    filtersChanged = false;
+    lastRebuild = Date.now();
     const now = Date.now();
     const matched = [];
     for (const d of devices.values()) if (matches(d, now)) matched.push(d);
@@ -285,6 +300,7 @@
     filter.prefix = $("f-prefix").value.trim();
     filter.staleOnly = $("f-stale").checked;
     tableDirty = true;
+    filtersChanged = true;
     schedule();
   }
   for (const id of ["f-class", "f-location", "f-stale"]) $(id).addEventListener("change", readFilters);
@@ -558,6 +574,7 @@
     $("chart-device").textContent = id;
     $("chart-status").textContent = "loading history…";
     tableDirty = true;
+    filtersChanged = true; // the selected row's highlight
     schedule();
     let note = "";
     try {

@@ -28,9 +28,11 @@ from iotpipe.simulate import fleet_registry_yaml
 CHROMIUM = "/usr/bin/chromium"
 FLEET = 40
 PROBE = "probe-1"
+SILENT = "silent-1"  # listed in the registry, never sends
 REGISTRY = fleet_registry_yaml("sim-", FLEET).replace(
     "devices:\n",
-    f"devices:\n  {PROBE}: {{class: probe, location: test-bench, labels: {{team: qa}}}}\n", 1)
+    f"devices:\n  {PROBE}: {{class: probe, location: test-bench, labels: {{team: qa}}}}\n"
+    f"  {SILENT}: {{class: probe, location: cellar}}\n", 1)
 
 pytestmark = pytest.mark.integration
 
@@ -157,7 +159,15 @@ def test_live_page_shows_the_fleet_filters_charts_and_reconnects(
     page.fill("#f-prefix", "")
     page.wait_for_selector("#f-class option[value=probe]", state="attached", timeout=10_000)
     page.select_option("#f-class", "probe")
-    wait_until(lambda: rows(page) == [PROBE], 10, "class filter shows only the probe")
+    wait_until(lambda: rows(page) == [PROBE, SILENT], 10, "class filter shows the probes")
+    # The silent device is known from the registry and shown as stale.
+    page.check("#f-stale")
+    wait_until(lambda: rows(page) == [SILENT], 10, "stale filter shows the silent device")
+    assert cell_texts(page, 3) == ["never"]
+    page.uncheck("#f-stale")
+    page.fill("#f-prefix", "probe")
+    wait_until(lambda: rows(page) == [PROBE], 10, "class and prefix filters together")
+    page.fill("#f-prefix", "")
     page.select_option("#f-class", "")
     page.fill("#f-label", "team=qa")
     wait_until(lambda: rows(page) == [PROBE], 10, "label filter shows only the probe")
@@ -167,7 +177,7 @@ def test_live_page_shows_the_fleet_filters_charts_and_reconnects(
                and set(cell_texts(page, 2)) == {"plant-a/hall-1"}, 10,
                "location filter shows only plant-a/hall-1")
     page.select_option("#f-location", "")
-    wait_until(lambda: len(rows(page)) == FLEET + 1, 10, "all devices again")
+    wait_until(lambda: len(rows(page)) == FLEET + 2, 10, "all devices again")
 
     # The device chart: the stored history, then live points.
     page.click(f"#devices tr[data-device='{PROBE}']")

@@ -28,6 +28,7 @@ from iotpipe.relay.web import (
     load_static,
     merge_history,
     parse_health_targets,
+    registry_payload,
     summarize_health,
 )
 from iotpipe.settings import parse_settings
@@ -51,7 +52,7 @@ def request(path: str, headers: dict[str, str] | None = None) -> Request:
 def front(history_urls: list[str] | None = None, health: dict[str, str] | None = None,
           secret: bytes | None = SECRET) -> WebFront:
     return WebFront(secret, REGISTRY.lookup, history_urls or [], health or {},
-                    lambda: "iotpipe_relay_clients 3.0\n")
+                    lambda: "iotpipe_relay_clients 3.0\n", REGISTRY.devices)
 
 
 def respond(web: WebFront, path: str, headers: dict[str, str] | None = None) -> Response:
@@ -140,6 +141,17 @@ def test_devices_come_from_the_registry() -> None:
     too_many = respond(front(), f"/api/devices?ids={ids}&token={client_token()}")
     assert too_many.status_code == 400 and body(too_many)["error"] == "too_many_ids"
     assert device_payload([], lambda _: DeviceInfo("c", "l")) == {"devices": {}}
+
+
+def test_registry_lists_the_exact_devices_for_the_fleet_view() -> None:
+    answer = body(respond(front(), f"/api/registry?token={client_token()}"))
+    assert answer == {"devices": {"b-1": {"class": "boiler", "location": "hall",
+                                          "labels": {"line": "3"}}}, "truncated": False}
+    assert respond(front(), "/api/registry").status_code == 401
+    many = {f"d{i:03d}": DeviceInfo("c", "l") for i in range(5)}
+    capped = registry_payload(many, limit=3)
+    assert list(capped["devices"]) == ["d000", "d001", "d002"]  # type: ignore[call-overload]
+    assert capped["truncated"] is True
 
 
 # -- /api/history ------------------------------------------------------------------------

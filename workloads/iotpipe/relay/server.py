@@ -207,7 +207,8 @@ class RelayServer:
         self.web = WebFront(secret, lambda device_id: self.registry.current.lookup(device_id),
                             settings.history_urls,
                             parse_health_targets(settings.health_urls),
-                            lambda: generate_latest(REGISTRY).decode()) if settings.web else None
+                            lambda: generate_latest(REGISTRY).decode(),
+                            lambda: self.registry.current.devices()) if settings.web else None
 
     # -- registry -------------------------------------------------------------------------
 

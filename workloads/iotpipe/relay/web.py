@@ -6,6 +6,8 @@ step, no CDN) opens ``/v1/live`` on the same port with the client token it was g
 three GET endpoints on the same origin, each taking the same token:
 
 ``/api/devices?ids=a,b``  class, location and labels of devices from the relay's registry
+``/api/registry``       every device the registry lists by exact id, so the page shows the
+                        ones that are silent (stale) too, not only those that send
 ``/api/history?device=ID&limit=N``  recent readings of one device, read from the storage
                         tier's read API (``--history-urls``): storage holds the store of
                         record, the relay only sees readings that pass while it runs
@@ -50,6 +52,7 @@ __all__ = [
     "load_static",
     "merge_history",
     "parse_health_targets",
+    "registry_payload",
     "summarize_health",
 ]
 
@@ -69,6 +72,7 @@ _CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'
         "frame-ancestors 'none'")
 MAX_LOOKUP_IDS = 200  # ids per /api/devices request (keeps the request line short)
 MAX_HISTORY = 5000  # readings per /api/history answer
+MAX_REGISTRY = 50_000  # devices per /api/registry answer (the rest: "truncated")
 _DEFAULT_HISTORY = 600
 _FETCH_TIMEOUT_S = 2.0
 _HEALTH_CACHE_S = 1.0  # many open pages cost one scrape per tier per second
@@ -138,6 +142,17 @@ def device_payload(ids: Sequence[str], lookup: Callable[[str], DeviceInfo | None
             devices[device_id] = {"class": info.device_class, "location": info.location,
                                   "labels": dict(info.labels)}
     return {"devices": devices}
+
+
+def registry_payload(devices: Mapping[str, DeviceInfo], limit: int = MAX_REGISTRY
+                     ) -> dict[str, object]:
+    """The registry's exact-id devices (the first ``limit`` by id) for the page's fleet."""
+    ids = sorted(devices)
+    return {"devices": {device_id: {"class": devices[device_id].device_class,
+                                    "location": devices[device_id].location,
+                                    "labels": dict(devices[device_id].labels)}
+                        for device_id in ids[:limit]},
+            "truncated": len(ids) > limit}
 
 
 def merge_history(device: str, answers: Sequence[Mapping[str, object]], limit: int
@@ -279,9 +294,11 @@ class WebFront:
 
     def __init__(self, secret: bytes | None, lookup: Callable[[str], DeviceInfo | None],
                  history_urls: Sequence[str], health_targets: Mapping[str, str],
-                 own_metrics: Callable[[], str]) -> None:
+                 own_metrics: Callable[[], str],
+                 registered: Callable[[], Mapping[str, DeviceInfo]] = dict) -> None:
         self.secret = secret
         self.lookup = lookup
+        self.registered = registered
         self.history_urls = [url.rstrip("/") for url in history_urls]
         self.health_targets = dict(health_targets)
         self.own_metrics = own_metrics
@@ -311,6 +328,8 @@ class WebFront:
                 return _error(HTTPStatus.BAD_REQUEST, "too_many_ids",
                               f"{len(ids)} ids, at most {MAX_LOOKUP_IDS} per request")
             return _json_response(HTTPStatus.OK, device_payload(ids, self.lookup))
+        if path == "/api/registry":
+            return _json_response(HTTPStatus.OK, registry_payload(self.registered()))
         if path == "/api/history":
             return await self._history(query)
         if path == "/api/health":

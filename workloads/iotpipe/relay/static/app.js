@@ -262,7 +262,7 @@
     const c = d.cells;
     c[1].textContent = d.cls;
     c[2].textContent = d.loc;
-    c[3].textContent = d.seen ? age(now - d.seen) : "";
+    c[3].textContent = d.seen ? age(now - d.seen) : "never";
     c[4].textContent = String(d.count);
     c[5].textContent = formatData(d.data);
     d.row.className = (now - d.seen < STALE_MS ? "online" : "stale") +
@@ -344,6 +344,30 @@
     }
     if (retry) setTimeout(requestMeta, 2000);
     else if (needMeta.size) requestMeta();
+  }
+
+  // Devices the registry lists but that have not sent while the page is open are shown as
+  // stale ("never"): a fleet page must show the silent ones too. Checked again now and then,
+  // since the registry file is reloaded when it changes.
+  async function loadRegistry() {
+    try {
+      const body = await getJson("/api/registry");
+      for (const [id, info] of Object.entries(body.devices || {})) {
+        const d = device(id);
+        d.cls = info.class;
+        d.loc = info.location;
+        d.labels = info.labels || {};
+        d.meta = true;
+        needMeta.delete(id);
+      }
+      if (body.truncated) notice("gap", "the registry lists more devices than this page loads; " +
+                                        "the others appear when they send");
+      tableDirty = true;
+      schedule();
+    } catch (_) {
+      // The live stream still shows every device that sends.
+    }
+    setTimeout(loadRegistry, 60000);
   }
 
   // -- fleet summary, once a second -------------------------------------------------------
@@ -601,6 +625,7 @@
 
   const wanted = params.get("device");
   connect();
+  loadRegistry();
   pollHealth();
   if (wanted) selectDevice(wanted);
 })();

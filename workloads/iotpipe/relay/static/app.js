@@ -497,7 +497,8 @@
           stat("lag", `${fmt(m.iotpipe_storage_feed_lag_seconds, 2)} s`);
           const w = info.write_seconds;
           if (w) stat("write p50/p99", `${fmt(w.p50 * 1000, 2)}/${fmt(w.p99 * 1000, 2)} ms`);
-          stat("write errors", fmt(m.iotpipe_storage_write_errors_total, 0));
+          // A labelled counter has no sample until its first error.
+          stat("write errors", fmt(m.iotpipe_storage_write_errors_total || 0, 0));
         } else if (tier === "relay") {
           stat("clients", fmt(m.iotpipe_relay_clients, 0));
           stat("events/s", fmt(perSecond(view, previousHealth, "iotpipe_relay_events_in_total", tier)));

@@ -98,13 +98,10 @@ def test_static_files_are_served_publicly_with_a_strict_policy_and_etag() -> Non
     assert (again.status_code, again.body) == (304, b"")
 
 
-def test_unknown_paths_and_websocket_upgrades_elsewhere_are_404() -> None:
+def test_unknown_paths_are_404() -> None:
     web = front()
     assert respond(web, "/nope").status_code == 404
     assert body(respond(web, "/nope"))["error"] == "not_found"
-    upgrade = respond(web, "/", {"Upgrade": "websocket"})
-    assert upgrade.status_code == 404
-    assert "/v1/live" in str(body(upgrade)["detail"])
     assert respond(web, f"/api/nope?token={client_token()}").status_code == 404
 
 

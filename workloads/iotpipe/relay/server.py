@@ -234,8 +234,10 @@ class RelayServer:
         return response
 
     async def _route(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Every path but the live endpoint goes to the page and its API (when enabled)."""
-        if self.web is not None and urlsplit(request.path).path != LIVE_PATH:
+        """Plain HTTP requests for any path but the live endpoint go to the page and its API
+        (when enabled); WebSocket handshakes keep the protocol's refusals."""
+        if (self.web is not None and urlsplit(request.path).path != LIVE_PATH
+                and "Upgrade" not in request.headers):
             return await self.web.respond(request)
         return self._process_request(connection, request)
 

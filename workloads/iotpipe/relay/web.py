@@ -16,7 +16,7 @@ three GET endpoints on the same origin, each taking the same token:
 
 The decisions (routing, token check, parsing scrapes, merging history) are plain functions
 tested without sockets; :class:`WebFront` is the thin shell the relay's HTTP handshake
-hook calls for every path other than ``/v1/live``.
+hook calls for every plain HTTP request (no ``Upgrade``) to a path other than ``/v1/live``.
 """
 
 from __future__ import annotations
@@ -309,8 +309,6 @@ class WebFront:
     async def respond(self, request: Request) -> Response:
         url = urllib.parse.urlsplit(request.path)
         path = url.path
-        if request.headers.get("Upgrade"):
-            return _error(HTTPStatus.NOT_FOUND, "not_found", "the live endpoint is /v1/live")
         static = self.files.get(path)
         if static is not None:
             return self._static(static, request)

@@ -193,7 +193,8 @@ def test_live_page_shows_the_fleet_filters_charts_and_reconnects(
     for tier in ("ingest", "middle", "storage", "relay"):
         page.wait_for_selector(f"#health .tier[data-tier={tier}]", timeout=15_000)
     assert "unreachable" not in page.inner_text("#health")
-    assert "queue" in page.inner_text("#health .tier[data-tier=ingest]")
+    ingest_health = page.inner_text("#health .tier[data-tier=ingest]")
+    assert "queue" in ingest_health and "ack p50/p99" in ingest_health, ingest_health
 
     page.screenshot(path=str(tmp_path / "live-page.png"), full_page=True)
     assert problems == [], problems

@@ -269,6 +269,32 @@ def test_health_summarises_queues_fill_lag_and_write_latency() -> None:
     assert tiers["relay"]["up"] is False
 
 
+def _ack_metrics(fast: int, slow: int) -> str:
+    """An ingest scrape whose ack histogram holds ``fast`` acks <= 1 ms, ``slow`` <= 100 ms."""
+    return (
+        "# HELP iotpipe_ingest_ack_seconds Time from reading a device frame to its ack\n"
+        "# TYPE iotpipe_ingest_ack_seconds histogram\n"
+        f'iotpipe_ingest_ack_seconds_bucket{{le="0.001"}} {fast}.0\n'
+        f'iotpipe_ingest_ack_seconds_bucket{{le="0.1"}} {fast + slow}.0\n'
+        f'iotpipe_ingest_ack_seconds_bucket{{le="+Inf"}} {fast + slow}.0\n'
+        f"iotpipe_ingest_ack_seconds_count {fast + slow}.0\n"
+        "iotpipe_ingest_ack_seconds_sum 1.0\n")
+
+
+def test_ack_latency_is_of_the_recent_acks_when_a_previous_view_exists() -> None:
+    first = summarize_health({"ingest": _ack_metrics(fast=1000, slow=0)})
+    ack = first["tiers"]["ingest"]["ack_seconds"]  # type: ignore[index]
+    assert ack["window"] == "since start" and ack["p99"] <= 0.001
+    # 100 slow acks since: the recent p50 is slow, though most acks ever were fast.
+    second = summarize_health({"ingest": _ack_metrics(fast=1000, slow=100)}, first)
+    ack = second["tiers"]["ingest"]["ack_seconds"]  # type: ignore[index]
+    assert ack["window"] == "recent" and ack["p50"] > 0.001
+    # Nothing new, or a restarted process (counts went down): all its samples again.
+    for scrape in (_ack_metrics(fast=1000, slow=100), _ack_metrics(fast=5, slow=0)):
+        again = summarize_health({"ingest": scrape}, second)
+        assert again["tiers"]["ingest"]["ack_seconds"]["window"] == "since start"  # type: ignore[index]
+
+
 def test_health_endpoint_scrapes_the_tiers_and_adds_the_relay(storage_read_api: str) -> None:
     dead = f"http://127.0.0.1:{free_port()}/metrics"
     web = front(health={"middle": dead})

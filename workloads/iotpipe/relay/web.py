@@ -185,7 +185,9 @@ _HEALTH_SCALARS: dict[str, tuple[str, ...]] = {
 }
 # Taken as the largest over label sets (a lag is as bad as its worst endpoint).
 _HEALTH_MAX = {"storage": ("iotpipe_storage_feed_lag_seconds",)}
-_WRITE_HIST = "iotpipe_storage_write_seconds"
+# Latency histograms shown as p50/p99, by the key they get in a tier's summary.
+_HISTOGRAMS = {"iotpipe_ingest_ack_seconds_bucket": "ack_seconds",
+               "iotpipe_storage_write_seconds_bucket": "write_seconds"}
 
 
 def _histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
@@ -206,13 +208,34 @@ def _histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float |
     return previous_le
 
 
-def summarize_health(scrapes: Mapping[str, str | None]) -> dict[str, object]:
+def _latency(buckets: dict[float, float], before: object) -> dict[str, object]:
+    """p50/p99 of the samples since ``before`` (the previous view's buckets of the same
+    histogram) when there are new ones, else of every sample since the process started."""
+    window = "since start"
+    current = sorted(buckets.items())
+    if isinstance(before, dict) and isinstance(before.get("buckets"), list):
+        old = {float(le): float(count) for le, count in before["buckets"]}
+        delta = [(le, count - old.get(le, 0.0)) for le, count in current]
+        # A restarted process counts from zero again: then the deltas mean nothing.
+        if delta and delta[-1][1] > 0 and all(d >= 0 for _, d in delta):
+            current, window = delta, "recent"
+    return {"p50": _histogram_quantile(current, 0.5), "p99": _histogram_quantile(current, 0.99),
+            "window": window,
+            "buckets": [[le, count] for le, count in sorted(buckets.items())]}
+
+
+def summarize_health(scrapes: Mapping[str, str | None],
+                     previous: Mapping[str, object] | None = None) -> dict[str, object]:
     """The page's health view from each tier's ``/metrics`` text (None: scrape failed).
 
     Per tier: ``up``, its queues (records, bytes, capacity, fill 0..1, from
-    ``iotpipe_queue_depth_*``), and the scalars above. Totals stay totals: the page turns
-    successive answers into rates.
+    ``iotpipe_queue_depth_*``), the scalars above, and ingest's ack and storage's write
+    latency (p50/p99 since the ``previous`` view, when given). Totals stay totals: the page
+    turns successive answers into rates.
     """
+    previous_tiers = (previous or {}).get("tiers")
+    if not isinstance(previous_tiers, dict):
+        previous_tiers = {}
     tiers: dict[str, object] = {}
     for tier, text in scrapes.items():
         if text is None:
@@ -221,7 +244,7 @@ def summarize_health(scrapes: Mapping[str, str | None]) -> dict[str, object]:
         queues: dict[tuple[str, str], dict[str, float]] = {}
         scalars: dict[str, float] = {}
         maxima: dict[str, float] = {}
-        buckets: dict[float, float] = {}
+        histograms: dict[str, dict[float, float]] = {}
         wanted = set(_HEALTH_SCALARS.get(tier, ()))
         wanted_max = set(_HEALTH_MAX.get(tier, ()))
         try:
@@ -244,7 +267,8 @@ def summarize_health(scrapes: Mapping[str, str | None]) -> dict[str, object]:
                     scalars[name] = scalars.get(name, 0.0) + value
                 elif name in wanted_max:
                     maxima[name] = max(maxima.get(name, value), value)
-                elif name == _WRITE_HIST + "_bucket":
+                elif name in _HISTOGRAMS:
+                    buckets = histograms.setdefault(_HISTOGRAMS[name], {})
                     le = float(labels.get("le", "inf"))
                     buckets[le] = buckets.get(le, 0.0) + value
         queue_list = []
@@ -256,10 +280,10 @@ def summarize_health(scrapes: Mapping[str, str | None]) -> dict[str, object]:
                 "fill": (q.get("bytes", 0.0) / capacity) if capacity else None})
         summary: dict[str, object] = {"up": True, "queues": queue_list,
                                       "metrics": {**scalars, **maxima}}
-        if buckets:
-            p50 = _histogram_quantile(list(buckets.items()), 0.5)
-            p99 = _histogram_quantile(list(buckets.items()), 0.99)
-            summary["write_seconds"] = {"p50": p50, "p99": p99}
+        before = previous_tiers.get(tier)
+        for key, buckets in histograms.items():
+            summary[key] = _latency(buckets, before.get(key) if isinstance(before, dict)
+                                    else None)
         tiers[tier] = summary
     return {"tiers": tiers}
 
@@ -407,7 +431,8 @@ class WebFront:
                 scrapes[name] = None if isinstance(result, BaseException) else \
                     result.decode(errors="replace")
             scrapes["relay"] = self.own_metrics()
-            view = summarize_health(scrapes)
+            previous = self._health[1] if self._health is not None else None
+            view = summarize_health(scrapes, previous)
             view["time"] = time.time()
             self._health = (now, view)
             return view

@@ -488,6 +488,8 @@
           stat("connections", fmt(m.iotpipe_ingest_connections, 0));
           stat("acks/s", fmt(perSecond(view, previousHealth, "iotpipe_ingest_messages_accepted_total", tier)));
           stat("busy/s", fmt(perSecond(view, previousHealth, "iotpipe_ingest_busy_total", tier)));
+          const a = info.ack_seconds;
+          if (a && a.p50 !== null) stat("ack p50/p99", `${fmt(a.p50 * 1000, 2)}/${fmt(a.p99 * 1000, 2)} ms`);
           stat("awaiting middle ack", fmt(m.iotpipe_forwarder_in_flight_records, 0));
         } else if (tier === "middle") {
           stat("feed lag", `${fmt(m.iotpipe_middle_feed_lag_records, 0)} records`);
@@ -496,7 +498,7 @@
           stat("stored/s", fmt(perSecond(view, previousHealth, "iotpipe_storage_records_written_total", tier)));
           stat("lag", `${fmt(m.iotpipe_storage_feed_lag_seconds, 2)} s`);
           const w = info.write_seconds;
-          if (w) stat("write p50/p99", `${fmt(w.p50 * 1000, 2)}/${fmt(w.p99 * 1000, 2)} ms`);
+          if (w && w.p50 !== null) stat("write p50/p99", `${fmt(w.p50 * 1000, 2)}/${fmt(w.p99 * 1000, 2)} ms`);
           // A labelled counter has no sample until its first error.
           stat("write errors", fmt(m.iotpipe_storage_write_errors_total || 0, 0));
         } else if (tier === "relay") {

@@ -6,9 +6,10 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 # libpmem1: the queue's pmem backend (optional at run time, tested in CI).
-# victoria-metrics: a real TSDB sink for tests; docker.io + debootstrap: the image build test.
+# victoria-metrics: a real TSDB sink for tests; docker.io + debootstrap: the image build test;
+# chromium: the live page's browser tests (driven by Playwright, which downloads no browser).
 APT_RUN := libpmem1
-APT_TEST := $(APT_RUN) victoria-metrics docker.io debootstrap
+APT_TEST := $(APT_RUN) victoria-metrics docker.io debootstrap chromium
 UP_ARGS ?= --simulate 20
 # Python's headers build the queue's C record encoder at install time; Debian's python3.11
 # keeps them in python3.11-dev (a pyenv or official-image Python has them already).

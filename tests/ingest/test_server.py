@@ -351,6 +351,9 @@ async def test_metrics_count_by_reason_without_per_message_labels(ingest: Factor
     assert 'iotpipe_ingest_messages_rejected_total{reason="empty_batch"} 1.0' in text
     assert 'iotpipe_ingest_messages_rejected_total{reason="bad_data"} 1.0' in text
     assert 'iotpipe_ingest_frame_messages_bucket{le="1"} 1.0' in text
+    # One accepted frame, one ack: its latency (read to durable) is in the histogram.
+    assert "iotpipe_ingest_ack_seconds_count 1.0" in text
+    assert 'iotpipe_ingest_ack_seconds_bucket{le="+Inf"} 1.0' in text
     assert "iotpipe_forwarder_in_flight_records" in text
     assert "dev-m" not in text
 

@@ -24,6 +24,11 @@ from iotpipe.auth import CLIENT_AUDIENCE, issue_token
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
+def http_body(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return bytes(response.read())
+
+
 def child_pids(log: str) -> dict[str, list[int]]:
     pids: dict[str, list[int]] = {}
     for name, pid in re.findall(r"(?:started|restarted) (\w+) \(pid (\d+)\)", log):
@@ -92,6 +97,16 @@ async def test_up_runs_restarts_and_stops_everything(procs: ProcessGroup,
         assert await eventually(lambda: db.exists() and stored_count(db) >= 20, within_s=30)
         first = orjson.loads(query(db, "--device", "sim-0", "--json", "--limit", "1"))
         assert first["class"] == "thermometer" and first["location"] == "plant-a/hall-1"
+        # The printed live page URL works: the page, and the stored history through the
+        # relay from storage's read API.
+        page_url = re.search(r"live page\s+(http://\S+)", banner)
+        assert page_url, banner
+        assert b"/static/app.js" in await asyncio.to_thread(http_body, page_url.group(1))
+        token_arg = page_url.group(1).split("?", 1)[1]
+        history = orjson.loads(await asyncio.to_thread(
+            http_body, f"http://127.0.0.1:{base + 1}/api/history?device=sim-0&{token_arg}"))
+        assert history["available"] is True and history["readings"], history
+        assert all("temp_c" in r["data"] for r in history["readings"])
         # A tier that dies is restarted by the supervisor.
         pids = child_pids(procs.log("up"))
         assert set(pids) == {"middle", "storage", "relay", "ingest", "simulate"}

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from iotpipe.auth import CLIENT_AUDIENCE, verify_token
 from iotpipe.local import (
     ChildSpec,
     RestartPolicy,
     Supervisor,
     UpSettings,
     build_children,
+    live_page_url,
     plan_ports,
 )
 from iotpipe.settings import parse_settings
@@ -139,3 +141,23 @@ def test_up_settings_from_flags() -> None:
     settings = parse_settings(UpSettings, ["--data-dir", "/tmp/x", "--simulate", "3",
                                            "--insecure-no-auth", "--base-port", "9000"])
     assert settings.simulate == 3 and settings.insecure_no_auth and settings.base_port == 9000
+
+
+def test_up_wires_the_live_page_and_prints_its_url_with_a_client_token(tmp_path: Path) -> None:
+    secret_file = tmp_path / "auth.secret"
+    secret_file.write_text("a-local-secret-of-thirty-two-bytes!\n")
+    settings = UpSettings(base_port=21000)
+    ports = plan_ports(settings)
+    specs = {spec.name: " ".join(spec.argv) for spec in build_children(
+        settings, ports, tmp_path, tmp_path / "registry.yaml", secret_file)}
+    assert "--read-api" in specs["storage"]
+    assert f"--history-urls http://127.0.0.1:{ports.storage_metrics}" in specs["relay"]
+    for tier, port in (("ingest", ports.ingest_metrics), ("middle", ports.middle_metrics),
+                       ("storage", ports.storage_metrics)):
+        assert f"{tier}=http://127.0.0.1:{port}/metrics" in specs["relay"]
+    url = live_page_url("127.0.0.1", ports.relay, secret_file)
+    prefix = f"http://127.0.0.1:{ports.relay}/?token="
+    assert url.startswith(prefix)
+    secret = secret_file.read_bytes().strip()
+    assert verify_token(secret, url.removeprefix(prefix), CLIENT_AUDIENCE) == "live-page"
+    assert live_page_url("127.0.0.1", 8081, None) == "http://127.0.0.1:8081/"

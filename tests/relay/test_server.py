@@ -146,6 +146,17 @@ async def test_handshake_rejects_missing_device_and_forged_tokens(relay: Relay) 
                            additional_headers=relay.headers()):
             pass
     assert info.value.response.status_code == 404
+    assert info.value.response.body.decode().startswith("not_found"), info.value.response.body
+    # The live page shares the port: a plain GET of / is the page, a WebSocket handshake on
+    # any path but /v1/live is still refused as above.
+    page = await asyncio.to_thread(wait_http, relay.url.replace("ws://", "http://")
+                                   .replace("/v1/live", "/"))
+    assert "<title>iotpipe" in page
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(relay.url.replace("/v1/live", "/"), additional_headers=relay.headers()):
+            pass
+    assert info.value.response.status_code == 404
+    assert info.value.response.body.decode().startswith("not_found"), info.value.response.body
     # Browsers cannot set headers: the token is accepted as a query parameter too.
     async with connect(f"{relay.url}?token={relay.token()}") as ws:
         await subscribe(ws, devices=["x"])

@@ -51,6 +51,7 @@ from typing import IO, Annotated
 from pydantic import Field
 
 from iotpipe import lifecycle
+from iotpipe.auth import CLIENT_AUDIENCE, SECRET_FILE_ENV, issue_token, load_secret
 from iotpipe.settings import LogLevel, TierSettings, parse_settings, tier_config
 from iotpipe.simulate import fleet_registry_yaml
 
@@ -184,12 +185,18 @@ def build_children(settings: UpSettings, ports: Ports, data_dir: Path, registry_
             "--feed-endpoints", f"tcp://{loop_host}:{ports.middle_feed}",
             "--group", "storage", "--consumer-id", "local-storage",
             "--sinks", f"sqlite://{(data_dir / 'store' / 'readings.db').resolve()}",
-            "--registry-file", str(registry_file), "--data-dir", str(data_dir / "store"))),
+            "--registry-file", str(registry_file), "--data-dir", str(data_dir / "store"),
+            "--read-api")),
         ChildSpec("relay", _iotpipe(
             "relay", *common, "--port", str(ports.relay), "--metrics-port",
             str(ports.relay_metrics),
             "--middle-pub-endpoints", f"tcp://{loop_host}:{ports.middle_pub}",
-            "--registry-file", str(registry_file), *no_auth), env),
+            "--registry-file", str(registry_file), *no_auth,
+            # The live page's device history and pipeline health.
+            "--history-urls", f"http://{loop_host}:{ports.storage_metrics}",
+            "--health-urls", f"ingest=http://{loop_host}:{ports.ingest_metrics}/metrics,"
+            f"middle=http://{loop_host}:{ports.middle_metrics}/metrics,"
+            f"storage=http://{loop_host}:{ports.storage_metrics}/metrics"), env),
         ChildSpec("ingest", _iotpipe(
             "ingest", *common, "--port", str(ports.ingest), "--metrics-port",
             str(ports.ingest_metrics), "--data-dir", str(data_dir / "ingest"),
@@ -456,6 +463,20 @@ def describe_exit(status: int) -> str:
     return f"exited with status {status}"
 
 
+# The local demo's page token: long enough for a demo left running, and only ever printed.
+LIVE_PAGE_TOKEN_TTL_S = 30 * 86400
+
+
+def live_page_url(host: str, port: int, secret_file: Path | None) -> str:
+    """The relay's live page, with a client token when the pipeline checks tokens."""
+    url = f"http://{host}:{port}/"
+    if secret_file is None:
+        return url
+    secret = load_secret({SECRET_FILE_ENV: str(secret_file)})
+    token = issue_token(secret, "live-page", CLIENT_AUDIENCE, LIVE_PAGE_TOKEN_TTL_S)
+    return f"{url}?token={token}"
+
+
 def _banner(settings: UpSettings, ports: Ports, data_dir: Path, secret_file: Path | None,
             registry_file: Path) -> str:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
@@ -466,6 +487,7 @@ def _banner(settings: UpSettings, ports: Ports, data_dir: Path, secret_file: Pat
     watch_auth = " --insecure" if secret_file is None else ""
     lines = [
         "iotpipe is up",
+        f"  live page   {live_page_url(host, ports.relay, secret_file)}",
         f"  devices     ws://{host}:{ports.ingest}/v1/ingest",
         f"  client apps ws://{host}:{ports.relay}/v1/live",
         f"  metrics     ingest http://{host}:{ports.ingest_metrics}/metrics  "

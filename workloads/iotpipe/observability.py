@@ -40,10 +40,14 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.parser import text_string_to_metric_families
 
+# A WSGI application: (environ, start_response) -> body chunks.
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
 __all__ = [
     "ObservabilityServer",
     "PortInUse",
     "QueueDepthCollector",
+    "WSGIApp",
     "merge_scrapes",
     "setup_logging",
 ]
@@ -125,8 +129,11 @@ class ObservabilityServer:
         port: int,
         ready: Callable[[], bool] = lambda: True,
         registry: CollectorRegistry = REGISTRY,
+        routes: Mapping[str, WSGIApp] | None = None,
     ) -> None:
         self._ready = ready
+        # Extra read-only endpoints of a tier (storage's /v1/history), by exact path.
+        self._routes = dict(routes or {})
         self._metrics_app = make_wsgi_app(registry)
         try:
             self._server = make_server(
@@ -161,6 +168,9 @@ class ObservabilityServer:
             return [b"ready\n" if ok else b"not ready\n"]
         if path == "/metrics":
             return self._metrics_app(environ, start_response)
+        route = self._routes.get(path)
+        if route is not None:
+            return route(environ, start_response)
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found\n"]
 

@@ -27,8 +27,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -151,6 +153,10 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._devices) + len(self._prefixes)
+
+    def devices(self) -> Mapping[str, DeviceInfo]:
+        """The devices listed by exact id (read-only; prefixes are not enumerable)."""
+        return MappingProxyType(self._devices)
 
     def lookup(self, device_id: str) -> DeviceInfo | None:
         """The entry for ``device_id``: exact id first, then the longest prefix; else None."""

@@ -22,9 +22,13 @@ from prometheus_client.registry import Collector
 
 from iotpipe.protocol.forwarder import ForwarderCore
 
-__all__ = ["FRAME_SIZE_BUCKETS", "IngestCollector", "IngestCounters"]
+__all__ = ["ACK_SECONDS_BUCKETS", "FRAME_SIZE_BUCKETS", "IngestCollector", "IngestCounters"]
 
 FRAME_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+# Frame read -> ack ready: a group-committed fdatasync is tens of microseconds to a few
+# milliseconds; a full queue's busy wait is a second.
+ACK_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                       2.5)
 
 
 class IngestCounters:
@@ -40,10 +44,16 @@ class IngestCounters:
         self.closes: Counter[str] = Counter()
         self.frame_buckets = [0] * (len(FRAME_SIZE_BUCKETS) + 1)  # last: +Inf
         self.frame_sum = 0
+        self.ack_buckets = [0] * (len(ACK_SECONDS_BUCKETS) + 1)  # last: +Inf
+        self.ack_sum = 0.0
 
     def observe_frame(self, messages: int) -> None:
         self.frame_buckets[bisect_left(FRAME_SIZE_BUCKETS, messages)] += 1
         self.frame_sum += messages
+
+    def observe_ack(self, seconds: float) -> None:
+        self.ack_buckets[bisect_left(ACK_SECONDS_BUCKETS, seconds)] += 1
+        self.ack_sum += seconds
 
 
 class IngestCollector(Collector):
@@ -83,7 +93,19 @@ class IngestCollector(Collector):
         yield HistogramMetricFamily("iotpipe_ingest_frame_messages",
                                     "Messages per accepted device frame",
                                     buckets=buckets, sum_value=c.frame_sum)
+        yield HistogramMetricFamily(
+            "iotpipe_ingest_ack_seconds",
+            "Time from reading an accepted device frame to its ack (append durable)",
+            buckets=_cumulative(ACK_SECONDS_BUCKETS, c.ack_buckets), sum_value=c.ack_sum)
         yield from _forwarder_metrics(self._cores())
+
+
+def _cumulative(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, float]]:
+    cumulative, buckets = 0, []
+    for bound, count in zip((*(str(b) for b in bounds), "+Inf"), counts, strict=True):
+        cumulative += count
+        buckets.append((bound, float(cumulative)))
+    return buckets
 
 
 def _forwarder_metrics(cores: list[ForwarderCore]) -> Iterator[Metric]:

@@ -194,7 +194,8 @@ class _DeviceBuckets:
 
 # What a connection's sender task gets: a reply frame, (durable-future, ids) for an ack,
 # or None to stop.
-_Reply = bytes | tuple["asyncio.Future[None]", list[str | int]] | None
+# A frame's durable append, its message ids and when it was read (for the ack latency).
+_Reply = bytes | tuple["asyncio.Future[None]", list[str | int], float] | None
 OUTBOX_FRAMES = 16
 
 
@@ -375,7 +376,8 @@ class IngestServer:
         counters = self.counters
         while True:
             frame = await ws.recv(decode=False)
-            outcome = session.on_frame(frame, loop.time(), time.time_ns())
+            read_at = loop.time()
+            outcome = session.on_frame(frame, read_at, time.time_ns())
             if outcome.rejected:
                 counters.rejected.update(outcome.rejected)
             for reply in outcome.replies:
@@ -384,7 +386,7 @@ class IngestServer:
                 # The sender acks once the append is durable; this loop reads on until the
                 # outbox is full, which is the backpressure: a device whose frames wait for
                 # queue space is not read beyond OUTBOX_FRAMES frames.
-                pending = (committer.submit(outcome.readings), outcome.ids)
+                pending = (committer.submit(outcome.readings), outcome.ids, read_at)
                 if outbox.full():
                     await outbox.put(pending)
                 else:  # the common case, without a coroutine per frame
@@ -412,6 +414,7 @@ class IngestServer:
         """Sends replies in order; an ack only after its append is durable."""
         counters = self.counters
         busy_retry_ms = self.settings.busy_retry_ms
+        loop = asyncio.get_running_loop()
         closed = False
         while True:
             item = await outbox.get()
@@ -419,7 +422,7 @@ class IngestServer:
                 if item is None:
                     return
                 if isinstance(item, tuple):
-                    durable, ids = item
+                    durable, ids, read_at = item
                     try:
                         await durable
                     except QueueFull:
@@ -442,6 +445,7 @@ class IngestServer:
                         counters.accepted += len(ids)
                         counters.ack_frames += 1
                         counters.observe_frame(len(ids))
+                        counters.observe_ack(loop.time() - read_at)
                         frame = encode_ack_frame(ids)
                 else:
                     frame = item

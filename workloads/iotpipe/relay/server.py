@@ -24,9 +24,9 @@ from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
 import zmq
-from prometheus_client import REGISTRY, Counter
+from prometheus_client import REGISTRY, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import Field
+from pydantic import Field, field_validator
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -44,6 +44,7 @@ from iotpipe.endpoints import (
 from iotpipe.observability import ObservabilityServer, PortInUse, setup_logging
 from iotpipe.registry import RegistryWatcher
 from iotpipe.relay.protocol import CLOSE_SLOW_CONSUMER, UNKNOWN, ClientSession, Fanout
+from iotpipe.relay.web import WebFront, parse_health_targets
 from iotpipe.settings import CommaList, ServerSettings, parse_settings, tier_config
 from iotpipe.wire import WireError, decode_live
 
@@ -97,6 +98,23 @@ class RelaySettings(ServerSettings):
     compression: bool = Field(False, description="offer permessage-deflate (costs memory)")
     insecure_no_auth: bool = Field(False, description="accept clients without a token "
                                                       "(local demos only)")
+    # The live fleet page (iotpipe.relay.web): served at / on the WebSocket port.
+    web: bool = Field(True, description="--no-web: do not serve the live fleet page at / "
+                                        "and its /api/ endpoints on the WebSocket port")
+    history_urls: CommaList = Field(
+        default_factory=list,
+        description="storage read APIs for the page's device history, comma separated "
+                    "(http://storage-host:9102; storage runs with --read-api)")
+    health_urls: CommaList = Field(
+        default_factory=list,
+        description="tier metrics for the page's pipeline health, comma separated "
+                    "TIER=URL (ingest=http://host:9100/metrics,...)")
+
+    @field_validator("health_urls")
+    @classmethod
+    def _check_health_urls(cls, value: list[str]) -> list[str]:
+        parse_health_targets(value)  # a ValueError names the bad entry
+        return value
 
 
 class _BatchingConnection(ServerConnection):
@@ -206,6 +224,12 @@ class RelayServer:
         self._sub: zmq.Socket[bytes] | None = None
         self._monitor: zmq.Socket[bytes] | None = None
         self.upstreams: dict[str, bool] = {}  # middle PUB endpoint -> connected now
+        # Looked up through the watcher each time: the registry file is reloaded when it changes.
+        self.web = WebFront(secret, lambda device_id: self.registry.current.lookup(device_id),
+                            settings.history_urls,
+                            parse_health_targets(settings.health_urls),
+                            lambda: generate_latest(REGISTRY).decode(),
+                            lambda: self.registry.current.devices()) if settings.web else None
 
     # -- registry -------------------------------------------------------------------------
 
@@ -229,6 +253,14 @@ class RelayServer:
         self.rejected.labels(reason).inc()
         response = connection.respond(status, f"{reason}: {detail}\n")
         return response
+
+    async def _route(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Plain HTTP requests for any path but the live endpoint go to the page and its API
+        (when enabled); WebSocket handshakes keep the protocol's refusals."""
+        if (self.web is not None and urlsplit(request.path).path != LIVE_PATH
+                and "Upgrade" not in request.headers):
+            return await self.web.respond(request)
+        return self._process_request(connection, request)
 
     def _process_request(self, connection: ServerConnection, request: Request
                          ) -> Response | None:
@@ -447,7 +479,7 @@ class RelayServer:
         try:
             self._server = await serve(
                 self._handle, settings.host, settings.port,
-                process_request=self._process_request,
+                process_request=self._route,
                 compression="deflate" if settings.compression else None,
                 max_size=settings.max_frame_bytes,
                 max_queue=4,

@@ -51,11 +51,12 @@ from iotpipe.endpoints import (
     diff_endpoints,
     resolve_endpoints,
 )
-from iotpipe.observability import ObservabilityServer, PortInUse, setup_logging
+from iotpipe.observability import ObservabilityServer, PortInUse, WSGIApp, setup_logging
 from iotpipe.registry import RegistryWatcher
 from iotpipe.settings import CommaList, ServerSettings, parse_settings, tier_config
 from iotpipe.storage.consumer import FeedConsumer
 from iotpipe.storage.enrich import enrich_records
+from iotpipe.storage.readapi import HISTORY_PATH, HistoryApp
 from iotpipe.storage.sinks import Sink, SinkBatch, SinkError, open_sink
 
 __all__ = ["StorageMetrics", "StorageService", "StorageSettings", "main"]
@@ -105,6 +106,10 @@ class StorageSettings(ServerSettings):
                              description="seconds between credit restatements to each middle")
     registry_interval: float = Field(2.0, gt=0,
                                      description="seconds between registry file checks")
+
+    read_api: bool = Field(False, description="serve GET /v1/history (recent readings of one "
+                                              "device, from the store of record) on the "
+                                              "metrics port, for the relay's live page")
 
     def sink_urls(self) -> list[str]:
         return self.sinks or [f"sqlite://{Path(self.data_dir).resolve()}/readings.db"]
@@ -385,6 +390,14 @@ def open_sinks(urls: Sequence[str], state_dir: Path | None = None) -> list[Sink]
     return sinks
 
 
+def _read_routes(settings: StorageSettings) -> dict[str, WSGIApp]:
+    """The read API over the first readable sink (the store of record), when asked for."""
+    if not settings.read_api:
+        return {}
+    readable = [url for url in settings.sink_urls() if url.startswith(("sqlite:", "parquet:"))]
+    return {HISTORY_PATH: HistoryApp(readable[0])} if readable else {}
+
+
 def main(argv: Sequence[str]) -> int:
     """``iotpipe storage``: run until SIGTERM/SIGINT, finish the batch in hand, exit 0."""
     lifecycle.catch_early()  # a stop while the sinks open counts
@@ -429,7 +442,8 @@ def main(argv: Sequence[str]) -> int:
         service.stop()  # stopped while starting: run() returns at once
     try:
         observability = ObservabilityServer(settings.host, settings.metrics_port,
-                                            ready=lambda: service.ready).start()
+                                            ready=lambda: service.ready,
+                                            routes=_read_routes(settings)).start()
     except PortInUse as exc:
         service.close()
         for sink in sinks:

@@ -1,11 +1,13 @@
 """A stand-in for an Akumuli server, faithful to the behaviour in FIELD-NOTES.md.
 
-Akumuli cannot run here, so the sink is tested against this. It implements what the notes
-record, and nothing more lenient:
+Akumuli is not built on this machine (see AKUMULI.md), so the sink is tested against this.
+It implements what the notes record (checked on a real 0.8.80), and nothing more lenient:
 
 - TCP writes, RESP style, each line ending in CRLF: ``+<metric> <tag>=<value> ...``, then a
   timestamp (``+YYYYMMDDTHHMMSS.nnnnnnnnn`` UTC or ``:<nanoseconds>``), then a value
-  (``+<float>`` or ``:<int>``). A series needs at least one tag.
+  (``+<float>`` or ``:<unsigned int>``). A series needs at least one tag. RESP integers are
+  unsigned: ``:-36`` is refused with ``-PARSER can't parse integer (character value out of
+  range)``.
 - Nothing is sent on success. An error is one ``-...`` line, after which the server closes
   the connection; whatever followed in the same send is lost.
 - A point older than its series' last point is refused with ``-DB late write``; an equal
@@ -13,7 +15,11 @@ record, and nothing more lenient:
   as epoch 0.
 - HTTP ``POST /api/query`` with a JSON ``select`` query (``range`` from/to as basic ISO 8601,
   ``where`` tag -> value or list of values, ``order-by``, ``limit``, ``output`` format csv
-  with ``timestamp`` raw or iso); a bad query is answered with one ``-...`` line.
+  with ``timestamp`` raw or iso); rows end in ``\n`` and look like
+  ``temp class=x device=y,ts=1796035254006683000,21.5`` (raw: the ``ts=`` prefix) or
+  ``temp class=x device=y,20261130T120000.000000000,21.5`` (iso). A query that matches no
+  series (or names an unknown metric) is answered ``-not found``; a bad query with one
+  ``-...`` line.
 
 ``fail_next`` injects a server-side error (what a full disk or an internal error looks like
 from the client) after a number of accepted points, optionally delayed.
@@ -42,6 +48,8 @@ __all__ = ["AkumuliStandin", "ParseError", "StandinPoint", "WriteParser", "canon
 
 _ISO = re.compile(rb"^(\d{8})T(\d{6})(?:\.(\d{1,9}))?$")
 _FORBIDDEN = re.compile(r"[:=|\s]")
+_UNSIGNED = re.compile(rb"^[0-9]+$")
+_INT_ERROR = "PARSER can't parse integer (character value out of range)"
 
 
 class ParseError(Exception):
@@ -124,16 +132,17 @@ class WriteParser:
             return None
         if self._ts_ns is None:
             if kind == b":":
-                try:
-                    self._ts_ns = int(body)
-                except ValueError:
-                    raise ParseError(f"PARSER error: bad timestamp {line[:40]!r}") from None
+                if not _UNSIGNED.match(body):
+                    raise ParseError(_INT_ERROR)
+                self._ts_ns = int(body)
             elif kind == b"+":
                 # Faithful to Akumuli: a timestamp string it cannot parse becomes epoch 0.
                 self._ts_ns = iso_to_ns(body) or 0
             else:
                 raise ParseError(f"PARSER error: expected a timestamp, got {line[:40]!r}")
             return None
+        if kind == b":" and not _UNSIGNED.match(body):
+            raise ParseError(_INT_ERROR)  # RESP integers are unsigned
         try:
             if kind == b"+":
                 value = float(body)
@@ -287,12 +296,14 @@ def run_query(store: _Store, body: bytes) -> bytes:
         where[tag] = [str(v) for v in wanted] if isinstance(wanted, list) else [str(wanted)]
     metric = query["select"]
     rows: list[tuple[str, int, float]] = []
+    matched = 0
     with store.lock:
         for series, points in store.points.items():
             name, *tag_list = series.split(" ")
             tags = dict(tag.partition("=")[::2] for tag in tag_list)
             if name != metric or any(tags.get(t) not in vs for t, vs in where.items()):
                 continue
+            matched += 1
             # [from, to) ascending; (to, from] descending
             rows += [(series, ts, v) for ts, v in points
                      if (low < ts <= high if descending else low <= ts < high)]
@@ -304,7 +315,9 @@ def run_query(store: _Store, body: bytes) -> bytes:
     limit = query.get("limit")
     if isinstance(limit, int):
         rows = rows[:limit]
-    lines = [f"{series}, {ts if raw_ts else ns_to_iso(ts)}, {value!r}\r\n"
+    if not matched:
+        return b"-not found\r\n"
+    lines = [f"{series},{'ts=' + str(ts) if raw_ts else ns_to_iso(ts)},{value!r}\n"
              for series, ts, value in rows]
     return "".join(lines).encode()
 

@@ -19,7 +19,7 @@ from iotpipe.storage.sinks import SinkBatch, SinkError, WriteResult
 
 __all__ = ["SCHEMA_VERSION", "SqliteSink"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: sink_cursors and late_points
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (
@@ -36,6 +36,26 @@ CREATE TABLE IF NOT EXISTS readings (
     UNIQUE (device_id, msg_id)
 );
 CREATE INDEX IF NOT EXISTS readings_device_ts ON readings (device_id, ts_ns);
+-- Each tailing sink's durable position in this table (see iotpipe.storage.tail): rows with
+-- rowid <= done are in that sink; pending_to is a range being written (recovered at start).
+CREATE TABLE IF NOT EXISTS sink_cursors (
+    sink       TEXT    PRIMARY KEY,
+    done       INTEGER NOT NULL,
+    pending_to INTEGER
+);
+-- Values a sink refused for good (Akumuli's late writes): kept, and counted apart from
+-- redeliveries. One row per (sink, reading, field).
+CREATE TABLE IF NOT EXISTS late_points (
+    sink       TEXT    NOT NULL,
+    device_id  TEXT    NOT NULL,
+    msg_id     TEXT    NOT NULL,
+    ts_ns      INTEGER NOT NULL,
+    field      TEXT    NOT NULL,
+    value      TEXT    NOT NULL,
+    reason     TEXT    NOT NULL,
+    noted_ns   INTEGER NOT NULL,
+    UNIQUE (sink, device_id, msg_id, field)
+);
 """
 
 _INSERT = (
@@ -101,7 +121,8 @@ class SqliteSink:
             raise SinkError(f"sink URL {url!r}: no database path (expected sqlite:///path/x.db)")
         return cls(path, read_only=read_only, url=url)
 
-    def write(self, batches: Sequence[SinkBatch]) -> WriteResult:
+    def write(self, batches: Sequence[SinkBatch], *, recovering: bool = False) -> WriteResult:
+        # INSERT OR IGNORE makes every write a safe rewrite: ``recovering`` changes nothing.
         labels_json: dict[int, str] = {}  # labels dicts are shared per registry entry
 
         def rows() -> Iterator[tuple[object, ...]]:
@@ -153,6 +174,32 @@ class SqliteSink:
                        .fetchone()[0])
         except sqlite3.Error as exc:
             raise SinkError(f"sink {self.url}: query failed: {exc}") from None
+
+    def prune(self, upto_rowid: int | None, received_before_ns: int) -> int:
+        """Delete readings with rowid <= ``upto_rowid`` (None: any) received before the
+        cutoff; the newest row stays, so rowids are never reused (tailing cursors rely on
+        that). Returns how many were deleted."""
+        sql = ("DELETE FROM readings WHERE received_ns < ? "
+               "AND rowid < (SELECT max(rowid) FROM readings)")
+        params: list[object] = [received_before_ns]
+        if upto_rowid is not None:
+            sql += " AND rowid <= ?"
+            params.append(upto_rowid)
+        try:
+            return int(self._db.execute(sql, params).rowcount)
+        except sqlite3.Error as exc:
+            raise SinkError(f"sink {self.url}: prune failed: {exc}") from None
+
+    def late_points(self, sink: str | None = None) -> list[dict[str, object]]:
+        """The values sinks refused for good (``late_points``), oldest reading first."""
+        sql = ("SELECT sink, device_id, msg_id, ts_ns, field, value, reason FROM late_points"
+               + (" WHERE sink = ?" if sink is not None else "") + " ORDER BY ts_ns, rowid")
+        try:
+            rows = self._db.execute(sql, [] if sink is None else [sink]).fetchall()
+        except sqlite3.Error as exc:
+            raise SinkError(f"sink {self.url}: query failed: {exc}") from None
+        keys = ("sink", "device_id", "msg_id", "ts_ns", "field", "value", "reason")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
 
     def close(self) -> None:
         self._db.close()

@@ -12,9 +12,22 @@ reading's data object; nested objects are flattened with ``_`` (``{"a": {"b": 1}
 A reading without a numeric value writes nothing here (it is still in the other sinks).
 VictoriaMetrics names the series ``<measurement>_<field>``.
 
-Idempotency: a redelivered reading is the same sample (series, timestamp, value) again.
-Run VictoriaMetrics with ``-dedup.minScrapeInterval=1ms`` so such repeats collapse to one;
-without it, repeats are kept as duplicate samples. Durability: a 204 means VictoriaMetrics
+Exactly once, whatever VictoriaMetrics' flags. VictoriaMetrics stores a sample sent twice
+twice (unless it runs with ``-dedup.minScrapeInterval``), so nothing may be sent twice. The
+sink tails the store of record (``iotpipe.storage.tail``), which hands it every row once;
+only a range whose write may have been cut short (a failed request, or a crash between the
+cursor's pending record and its commit) comes again, with ``recovering=True``. Then the sink
+first asks ``/internal/force_flush`` (so recent samples are searchable) and reads back
+``/api/v1/export`` for the range's devices and time span, and sends only the samples the
+server lacks (counted per series and millisecond, so two readings in one millisecond are
+both kept). If the read-back fails the write fails and is retried later: it never sends
+blind.
+
+Precision: VictoriaMetrics keeps milliseconds, so a reading's nanoseconds are truncated
+to the millisecond, and two readings of one device inside one millisecond are two samples
+with the same timestamp (a dedup flag on the server would collapse them into one). Values
+are float64: integers beyond 2**53 are rounded. Points older than the server's retention
+period are dropped by the server without an error. Durability: a 204 means VictoriaMetrics
 accepted the points; it buffers the newest ones in memory for about a second before they
 reach its disk, so a crash of VictoriaMetrics itself can lose that second. The embedded
 SQLite sink is the store of record; this sink feeds dashboards.
@@ -26,6 +39,7 @@ import http.client
 import math
 import re
 import urllib.parse
+from collections import Counter
 from collections.abc import Iterator, Sequence
 
 import orjson
@@ -63,20 +77,46 @@ def numeric_fields(data: object, prefix: str = "") -> Iterator[tuple[str, str]]:
             yield from numeric_fields(value, f"{name}_")
 
 
-def line_for(reading: StoredReading, measurement: str) -> str | None:
-    """The line-protocol line of one reading, or None when it has no numeric value."""
-    try:
-        data = orjson.loads(reading.data)
-    except orjson.JSONDecodeError:
-        return None
-    fields = ",".join(f"{_tag(name)}={value}" for name, value in numeric_fields(data))
-    if not fields:
-        return None
+def _tags(reading: StoredReading) -> list[tuple[str, str]]:
     tags = [("device_id", reading.device_id), ("class", reading.device_class),
             ("location", reading.location)]
     tags += [(k, v) for k, v in sorted(reading.labels.items()) if k not in _RESERVED_TAGS]
-    tag_text = ",".join(f"{_tag(k)}={_tag(v)}" for k, v in tags if k and v)
-    return f"{measurement},{tag_text} {fields} {reading.ts_ns}"
+    return [(k, v) for k, v in tags if k and v]
+
+
+def _fields(reading: StoredReading) -> list[tuple[str, str]]:
+    try:
+        data = orjson.loads(reading.data)
+    except orjson.JSONDecodeError:
+        return []
+    return list(numeric_fields(data))
+
+
+def line_for(reading: StoredReading, measurement: str,
+             fields: Sequence[tuple[str, str]] | None = None) -> str | None:
+    """The line-protocol line of one reading (or of ``fields`` of it), or None when it has
+    no numeric value."""
+    if fields is None:
+        fields = _fields(reading)
+    if not fields:
+        return None
+    field_text = ",".join(f"{_tag(name)}={value}" for name, value in fields)
+    tag_text = ",".join(f"{_tag(k)}={_tag(v)}" for k, v in _tags(reading))
+    return f"{measurement},{tag_text} {field_text} {reading.ts_ns}"
+
+
+SampleKey = tuple[tuple[tuple[str, str], ...], int]  # (sorted labels with __name__, ts ms)
+
+
+def sample_key(reading: StoredReading, measurement: str, field: str) -> SampleKey:
+    """How VictoriaMetrics names the sample of one field of one reading (labels, ms)."""
+    labels = [(k, v.replace("\n", " ").replace("\r", " ")) for k, v in _tags(reading)]
+    labels.append(("__name__", f"{measurement}_{field}"))
+    return tuple(sorted(labels)), reading.ts_ns // 1_000_000
+
+
+def _label_value(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 class VictoriaMetricsSink:
@@ -86,6 +126,7 @@ class VictoriaMetricsSink:
                  url: str | None = None) -> None:
         self.host = host
         self.port = port
+        self.raw_measurement = measurement
         self.measurement = _ESCAPE_MEASUREMENT.sub(r"\\\1", measurement)
         self.url = url or f"victoriametrics://{host}:{port}"
         self._conn: http.client.HTTPConnection | None = None
@@ -108,14 +149,15 @@ class VictoriaMetricsSink:
             raise SinkError(f"sink URL {url!r}: empty measurement")
         return cls(parsed.hostname, port, measurement, url=url)
 
-    def _post(self, path: str, body: bytes) -> tuple[int, bytes]:
+    def _post(self, path: str, body: bytes,
+              content_type: str = "text/plain") -> tuple[int, bytes]:
         # One persistent connection; a broken one is replaced once per call.
         for attempt in (1, 2):
             if self._conn is None:
                 self._conn = http.client.HTTPConnection(self.host, self.port, timeout=_TIMEOUT_S)
             try:
                 self._conn.request("POST", path, body=body,
-                                   headers={"Content-Type": "text/plain"})
+                                   headers={"Content-Type": content_type})
                 response = self._conn.getresponse()
                 return response.status, response.read()
             except (OSError, http.client.HTTPException) as exc:
@@ -125,16 +167,70 @@ class VictoriaMetricsSink:
                     raise SinkError(f"sink {self.url}: {path}: {exc}") from None
         raise AssertionError("unreachable")
 
-    def write(self, batches: Sequence[SinkBatch]) -> WriteResult:
-        lines = [line for batch in batches for reading in batch.readings
-                 if (line := line_for(reading, self.measurement)) is not None]
+    def stored_samples(self, readings: Sequence[StoredReading]) -> Counter[SampleKey]:
+        """How many samples the server holds per (series, ms) for these readings' devices
+        and time span (read back with ``/api/v1/export``)."""
+        if not readings:
+            return Counter()
+        # Best effort: makes the last second's samples searchable (a -forceFlushAuthKey
+        # may forbid it; its answer is ignored).
+        self._post("/internal/force_flush", b"")
+        start_ms = min(r.ts_ns for r in readings) // 1_000_000
+        end_ms = max(r.ts_ns for r in readings) // 1_000_000
+        name_re = re.escape(self.raw_measurement + "_")
+        params: list[tuple[str, str]] = [
+            ("match[]", "{__name__=~" + _label_value(name_re + ".*") + ",device_id="
+             + _label_value(device) + "}")
+            for device in sorted({r.device_id for r in readings})]
+        params += [("start", f"{start_ms / 1000:.3f}"), ("end", f"{(end_ms + 1) / 1000:.3f}")]
+        status, body = self._post("/api/v1/export", urllib.parse.urlencode(params).encode(),
+                                  "application/x-www-form-urlencoded")
+        if status != 200:
+            raise SinkError(f"sink {self.url}: read-back /api/v1/export answered {status}: "
+                            f"{body[:200].decode(errors='replace')}")
+        found: Counter[SampleKey] = Counter()
+        for line in body.splitlines():
+            if not line.strip():
+                continue
+            try:
+                item = orjson.loads(line)
+                labels = tuple(sorted(item["metric"].items()))
+                for ts_ms in item["timestamps"]:
+                    found[(labels, int(ts_ms))] += 1
+            except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError,
+                    ValueError):
+                raise SinkError(f"sink {self.url}: read-back: cannot read export line "
+                                f"{line[:120]!r}") from None
+        return found
+
+    def write(self, batches: Sequence[SinkBatch], *, recovering: bool = False) -> WriteResult:
+        readings = [reading for batch in batches for reading in batch.readings]
+        found: Counter[SampleKey] = (self.stored_samples(readings) if recovering
+                                     else Counter())
+        lines: list[str] = []
+        already = 0
+        for reading in readings:
+            fields = _fields(reading)
+            if found:
+                missing = []
+                for name, value in fields:
+                    key = sample_key(reading, self.raw_measurement, name)
+                    if found[key] > 0:
+                        found[key] -= 1
+                        already += 1
+                    else:
+                        missing.append((name, value))
+                fields = missing
+            line = line_for(reading, self.measurement, fields)
+            if line is not None:
+                lines.append(line)
         if not lines:
-            return WriteResult(0, 0)
+            return WriteResult(0, already)
         status, body = self._post("/write", ("\n".join(lines) + "\n").encode())
         if status not in (200, 204):
             raise SinkError(f"sink {self.url}: /write answered {status}: "
                             f"{body[:200].decode(errors='replace')}")
-        return WriteResult(len(lines), 0)
+        return WriteResult(len(lines), already)
 
     def close(self) -> None:
         if self._conn is not None:

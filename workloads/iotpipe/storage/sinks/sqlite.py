@@ -11,13 +11,14 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 
 from iotpipe.storage.enrich import StoredReading
 from iotpipe.storage.sinks import SinkBatch, SinkError, WriteResult
 
-__all__ = ["SCHEMA_VERSION", "SqliteSink"]
+__all__ = ["SCHEMA_VERSION", "LateRow", "SqliteSink"]
 
 SCHEMA_VERSION = 2  # 2: sink_cursors and late_points
 
@@ -57,6 +58,18 @@ CREATE TABLE IF NOT EXISTS late_points (
     UNIQUE (sink, device_id, msg_id, field)
 );
 """
+
+class LateRow(NamedTuple):
+    """One row of ``late_points``: a value ``sink`` refused for good, and why."""
+
+    sink: str
+    device_id: str
+    msg_id: str
+    ts_ns: int
+    field: str
+    value: str
+    reason: str
+
 
 _INSERT = (
     "INSERT OR IGNORE INTO readings (device_id, msg_id, ts_ns, received_ns, node, node_seq,"
@@ -190,7 +203,7 @@ class SqliteSink:
         except sqlite3.Error as exc:
             raise SinkError(f"sink {self.url}: prune failed: {exc}") from None
 
-    def late_points(self, sink: str | None = None) -> list[dict[str, object]]:
+    def late_points(self, sink: str | None = None) -> list[LateRow]:
         """The values sinks refused for good (``late_points``), oldest reading first."""
         sql = ("SELECT sink, device_id, msg_id, ts_ns, field, value, reason FROM late_points"
                + (" WHERE sink = ?" if sink is not None else "") + " ORDER BY ts_ns, rowid")
@@ -198,8 +211,7 @@ class SqliteSink:
             rows = self._db.execute(sql, [] if sink is None else [sink]).fetchall()
         except sqlite3.Error as exc:
             raise SinkError(f"sink {self.url}: query failed: {exc}") from None
-        keys = ("sink", "device_id", "msg_id", "ts_ns", "field", "value", "reason")
-        return [dict(zip(keys, row, strict=True)) for row in rows]
+        return [LateRow(*row) for row in rows]
 
     def close(self) -> None:
         self._db.close()

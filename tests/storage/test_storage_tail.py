@@ -188,3 +188,21 @@ def test_store_of_record_is_always_first(monkeypatch: pytest.MonkeyPatch) -> Non
     assert parse_settings(StorageSettings, [
         "--sinks", "parquet:///lake,sqlite:///x.db,sqlite:///y.db"]).sink_urls() == [
         "sqlite:///x.db", "parquet:///lake", "sqlite:///y.db"]
+
+
+def test_iotpipe_up_sinks_keep_the_embedded_store_first(tmp_path: Path) -> None:
+    from iotpipe.local import UpSettings, build_children, plan_ports
+
+    def storage_sinks(argv: list[str]) -> list[str]:
+        settings = parse_settings(UpSettings, ["--base-port", "23000", *argv])
+        spec = next(s for s in build_children(settings, plan_ports(settings), tmp_path,
+                                              tmp_path / "r.yaml", None) if s.name == "storage")
+        args = spec.argv[spec.argv.index("storage") + 1:]
+        return parse_settings(StorageSettings, args).sink_urls()
+
+    store = f"sqlite://{tmp_path.resolve()}/store/readings.db"
+    assert storage_sinks([]) == [store]
+    assert storage_sinks(["--sinks", "victoriametrics://127.0.0.1:8428,parquet:///lake"]) == [
+        store, "victoriametrics://127.0.0.1:8428", "parquet:///lake"]
+    assert storage_sinks(["--sinks", "parquet:///lake,sqlite:///elsewhere.db"]) == [
+        "sqlite:///elsewhere.db", "parquet:///lake"]

@@ -38,7 +38,7 @@ from typing import IO, Annotated
 
 from pydantic import Field
 
-from iotpipe.settings import TierSettings, parse_settings, tier_config
+from iotpipe.settings import CommaList, TierSettings, parse_settings, tier_config
 
 __all__ = [
     "ChildSpec",
@@ -94,6 +94,11 @@ class UpSettings(TierSettings):
     simulate_duration: float = Field(365 * 86400.0, gt=0,
                                      description="seconds the simulated fleet sends")
     log_level: str = Field("info", description="log level of every tier")
+    sinks: CommaList = Field(
+        default_factory=list,
+        description="storage sinks besides the embedded store DATA_DIR/store/readings.db, "
+                    "comma separated (victoriametrics://127.0.0.1:8428, parquet:///dir, "
+                    "akumuli://127.0.0.1:8282); a sqlite:// URL here replaces the store")
     drain_timeout: float = Field(15.0, gt=0, description="seconds ingest gets to forward its "
                                                          "queue on stop (the rest stays queued "
                                                          "for the next start)")
@@ -103,6 +108,13 @@ class UpSettings(TierSettings):
                                                         "before SIGKILL")
     max_backoff: float = Field(10.0, gt=0, description="longest wait before restarting a "
                                                        "tier that keeps dying")
+
+
+def _storage_sinks(settings: UpSettings, data_dir: Path) -> list[str]:
+    # The embedded store stays the store of record unless a sqlite:// URL replaces it.
+    if any(url.lower().startswith("sqlite://") for url in settings.sinks):
+        return list(settings.sinks)
+    return [f"sqlite://{(data_dir / 'store' / 'readings.db').resolve()}", *settings.sinks]
 
 
 @dataclass(frozen=True)
@@ -174,7 +186,7 @@ def build_children(settings: UpSettings, ports: Ports, data_dir: Path, registry_
             "storage", *common, "--metrics-port", str(ports.storage_metrics),
             "--feed-endpoints", f"tcp://{loop_host}:{ports.middle_feed}",
             "--group", "storage", "--consumer-id", "local-storage",
-            "--sinks", f"sqlite://{(data_dir / 'store' / 'readings.db').resolve()}",
+            "--sinks", ",".join(_storage_sinks(settings, data_dir)),
             "--registry-file", str(registry_file), "--data-dir", str(data_dir / "store"))),
         ChildSpec("relay", _iotpipe(
             "relay", *common, "--port", str(ports.relay), "--metrics-port",

@@ -82,6 +82,9 @@ def test_sigkill_and_redelivery_store_every_point_once(
                 assert len(acked) < total, "the kill came after the stream ended"
             else:
                 _wait_for(lambda f=feed: f.acked_count() == total, 30, "every record acked")
+                # Akumuli tails the store of record: it catches up after the acks.
+                _wait_for(lambda: sum(len(p) for p in standin.series().values()) == total, 30,
+                          "Akumuli caught up")
                 proc.send_signal(signal.SIGTERM)
                 assert proc.wait(timeout=10) == 0, procs.log(f"storage-{round_no}")
         finally:

@@ -21,8 +21,10 @@ It implements what the notes record (checked on a real 0.8.80), and nothing more
   series (or names an unknown metric) is answered ``-not found``; a bad query with one
   ``-...`` line.
 
-``fail_next`` injects a server-side error (what a full disk or an internal error looks like
-from the client) after a number of accepted points, optionally delayed.
+``down`` (an Event) makes the server behave as if it were down: every write connection is
+closed at once and every query answered 503. ``fail_next`` injects a server-side error (what
+a full disk or an internal error looks like from the client) after a number of accepted
+points, optionally delayed.
 
 The parser is sans-I/O (``WriteParser``: bytes in, points or an error out) so its own tests
 need no sockets.
@@ -170,6 +172,7 @@ class _Store:
     points: dict[str, list[tuple[int, float]]] = field(default_factory=lambda: defaultdict(list))
     injected: _Injected | None = None
     errors_sent: list[str] = field(default_factory=list)
+    down: threading.Event = field(default_factory=threading.Event)
     connections: int = 0
     bytes_received: int = 0
 
@@ -194,6 +197,8 @@ class _WriteHandler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         store = self.server.store
+        if store.down.is_set():
+            return  # closed at once, nothing read
         with store.lock:
             store.connections += 1
         parser = WriteParser()
@@ -204,8 +209,8 @@ class _WriteHandler(socketserver.BaseRequestHandler):
                 data = sock.recv(65536)
             except OSError:
                 return
-            if not data:
-                return
+            if not data or store.down.is_set():
+                return  # a server that went down loses what it had not yet taken
             with store.lock:
                 store.bytes_received += len(data)
             error: str | None = None
@@ -255,6 +260,9 @@ class _QueryHandler(http.server.BaseHTTPRequestHandler):
             self._answer(404, b"not found\r\n")
             return
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.server.store.down.is_set():
+            self._answer(503, b"down\r\n")
+            return
         try:
             self._answer(200, run_query(self.server.store, body))
         except ParseError as exc:
@@ -357,6 +365,10 @@ class AkumuliStandin:
         """Refuse the point after ``after_points`` more accepted ones with ``-message``."""
         with self.store.lock:
             self.store.injected = _Injected(message, after_points, delay_s)
+
+    @property
+    def down(self) -> threading.Event:
+        return self.store.down
 
     def series(self) -> dict[str, list[tuple[int, float]]]:
         with self.store.lock:

@@ -139,7 +139,7 @@ def test_late_points_are_returned_not_sent_and_not_counted_as_duplicates(
     result = sink.write(_batch(_t("d1", 5, 5.0), _t("d1", 20, 20.0), _t("d2", 1, 1.0)))
     assert (result.written, result.duplicates) == (2, 0)
     assert [(p.reading.device_id, p.reading.ts_ns, p.field, p.value) for p in result.late] == [
-        ("d1", T0_NS + 5 * S, "t", "+5.0")]
+        ("d1", T0_NS + 5 * S, "t", "5.0")]
     assert "late" in result.late[0].reason
     assert standin.errors_sent == []
     assert standin.series() == {D1_T: [(T0_NS + 10 * S, 10.0), (T0_NS + 20 * S, 20.0)],

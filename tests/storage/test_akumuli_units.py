@@ -108,20 +108,23 @@ def test_plan_sends_only_what_the_server_does_not_hold() -> None:
     a = "t device=a"
     points = [Point(a, 10, ":1"), Point(a, 20, ":2"), Point(a, 20, ":9"), Point(a, 30, ":3")]
     # A send was cut after a@10 and the first a@20: the server holds those two.
-    plan = plan_write(points, {a: 20}, {(a, 10): 1, (a, 20): 1})
+    plan = plan_write(points, {a: 20}, {(a, 10): [1.0], (a, 20): [2.0]})
     assert plan.send == [Point(a, 20, ":9"), Point(a, 30, ":3")]
     assert plan.held == 2 and plan.late == []
     # Everything held: nothing to send, nothing late.
-    done = plan_write(points, {a: 30}, {(a, 10): 1, (a, 20): 2, (a, 30): 1})
+    done = plan_write(points, {a: 30}, {(a, 10): [1.0], (a, 20): [9.0, 2.0], (a, 30): [3.0]})
     assert done.send == [] and done.late == [] and done.held == 4
+    # Same series and timestamp but another value: another reading, not held.
+    other = plan_write([Point(a, 40, "+4.5")], {a: 30}, {(a, 40): [4.0]})
+    assert other.send == [Point(a, 40, "+4.5")] and other.held == 0
 
 
 @pytest.mark.unit
 def test_query_answers_in_the_real_server_formats() -> None:
     text = ("temp device=y class=x,ts=1796035254006683000,21.5\n"
             "temp class=x device=y,ts=1796035254006683001,-36\n")
-    assert parse_query_answer(text) == [("temp class=x device=y", 1796035254006683000),
-                                        ("temp class=x device=y", 1796035254006683001)]
+    assert parse_query_answer(text) == [("temp class=x device=y", 1796035254006683000, 21.5),
+                                        ("temp class=x device=y", 1796035254006683001, -36.0)]
     assert parse_query_answer("-not found\r\n") == []  # no series matched: nothing stored
     assert parse_query_answer("") == []
     with pytest.raises(ValueError, match="query parsing error"):

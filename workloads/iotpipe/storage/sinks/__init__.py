@@ -55,7 +55,7 @@ class LatePoint(NamedTuple):
 
     reading: StoredReading
     field: str  # the data field (flattened name) that was refused
-    value: str  # the value as the sink would have sent it
+    value: str  # the value as text (e.g. ``-36.0``), as the sink would have stored it
     reason: str  # why, in words a user can act on
 
 

@@ -39,23 +39,26 @@ before the failing one are stored. So whenever the sink cannot be sure what a se
 API (one ``select`` per metric, CSV with raw timestamps: rows ``series,ts=<ns>,value``;
 ``-not found`` means nothing is stored) every point of the write's series from the write's
 oldest timestamp on, moves the marks up to the newest point the server holds, and sends only
-points the server does not hold (counted per series and timestamp). After an error line it
+points the server does not hold (matched by series, timestamp and value). After an error line it
 does that at once, up to 3 rounds per write, then fails the write (the storage tier retries
 the range with backoff). If the query API cannot be reached the write fails: the sink never
 sends blind.
 
 "Durable" for Akumuli. The sink counts a send as done when the server took the bytes and
 answered no error within ``confirm_ms`` (and did not close the connection); that is the
-strongest promise its protocol gives. An error that arrives after the window is found before
-the next write: that write then re-reads and resends the previous write's missing points too
-(if the storage process dies first, or no further write comes, they stay missing in Akumuli;
-the store of record holds them).
+strongest promise its protocol gives. An error that arrives after the window, or a connection
+the server closed since (a crash or restart may have lost bytes it had taken), is found
+before the next write: that write then reads back the previous send's series and resends
+its missing points too (if the storage process dies first, or no further write comes, they
+stay missing in Akumuli; the store of record holds them).
 
-Known limits. The read-back assumes this sink is the only writer of its series. Two
-readings of one series with the same nanosecond timestamp, one in an interrupted range and
-one in an earlier range, are taken for one by the read-back. Several storage replicas
-writing the same series (one consumer group spreads a device over replicas) each keep their
-own marks; a point one of them finds older than the server's newest is kept as late.
+Known limits. The read-back assumes this sink is the only writer of its series. A point
+counts as held when the server has its series, nanosecond timestamp and value (within a
+relative 1e-9): two readings of one series with the same timestamp and value, one in an
+interrupted range and one in an earlier range, are taken for one by the read-back. Several
+storage replicas writing the same series (one consumer group spreads a device over
+replicas) each keep their own marks; a point one of them finds older than the server's
+newest is kept as late.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ import socket
 import sqlite3
 import time
 import urllib.parse
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,6 +96,7 @@ __all__ = [
     "iso_timestamp",
     "parse_query_answer",
     "plan_write",
+    "point_number",
     "points_for",
     "resp_value",
     "series_name",
@@ -210,19 +214,40 @@ class Plan(NamedTuple):
     new_marks: dict[str, int]  # series -> newest timestamp sent
 
 
+Held = dict[tuple[str, int], list[float]]  # (series, ts) -> values the server holds there
+
+# Two values count as one point in a read-back when this close (Akumuli prints doubles in
+# CSV; a rounded print must still match, two readings this close at one series and
+# nanosecond are taken for one - only ever in a recovery).
+_VALUE_REL_TOL = 1e-9
+
+
+def _take_held(values: list[float] | None, value: float) -> bool:
+    """Remove ``value`` from ``values`` if the server holds it there; True if it did."""
+    if not values:
+        return False
+    for i, held in enumerate(values):
+        if math.isclose(held, value, rel_tol=_VALUE_REL_TOL, abs_tol=1e-300):
+            del values[i]
+            return True
+    return False
+
+
+def point_number(point: Point) -> float:
+    return float(point.value[1:])
+
+
 def plan_write(points: Sequence[Point], marks: Mapping[str, int],
-               held: Mapping[tuple[str, int], int] | None = None) -> Plan:
+               held: Held | None = None) -> Plan:
     """What to send: each series in timestamp order; nothing older than its mark (late);
-    nothing the server already holds (``held``: points per (series, ts), read back)."""
-    remaining = dict(held or {})
+    nothing the server already holds (``held``: values per (series, ts), read back)."""
+    remaining = {key: list(values) for key, values in (held or {}).items()}
     send: list[Point] = []
     late: list[Point] = []
     already = 0
     new_marks: dict[str, int] = {}
     for point in sorted(points, key=lambda p: (p.series, p.ts_ns)):
-        key = (point.series, point.ts_ns)
-        if remaining.get(key, 0) > 0:
-            remaining[key] -= 1
+        if _take_held(remaining.get((point.series, point.ts_ns)), point_number(point)):
             already += 1
             continue
         mark = new_marks.get(point.series, marks.get(point.series))
@@ -234,8 +259,8 @@ def plan_write(points: Sequence[Point], marks: Mapping[str, int],
     return Plan(send, late, already, new_marks)
 
 
-def parse_query_answer(text: str) -> list[tuple[str, int]]:
-    """``(canonical series, timestamp ns)`` of a CSV answer with raw timestamps.
+def parse_query_answer(text: str) -> list[tuple[str, int, float]]:
+    """``(canonical series, timestamp ns, value)`` of a CSV answer with raw timestamps.
 
     Akumuli prints ``metric tag=v ...,ts=<ns>,<value>`` per line; ``-not found`` (no series
     matched) is an empty answer; any other ``-...`` line is an error (``ValueError``).
@@ -245,7 +270,7 @@ def parse_query_answer(text: str) -> list[tuple[str, int]]:
         if stripped[1:].strip().lower() == "not found":
             return []
         raise ValueError(f"server answered {stripped[:200]}")
-    rows: list[tuple[str, int]] = []
+    rows: list[tuple[str, int, float]] = []
     for line in text.splitlines():
         if not line.strip():
             continue
@@ -257,7 +282,8 @@ def parse_query_answer(text: str) -> list[tuple[str, int]]:
             ts_text = ts_text[3:]
         try:
             metric, *tags = parts[0].split()
-            rows.append((" ".join([metric, *sorted(tags)]), int(ts_text)))
+            rows.append((" ".join([metric, *sorted(tags)]), int(ts_text),
+                         float(parts[2].strip())))
         except ValueError:
             raise ValueError(f"cannot read row {line[:120]!r}") from None
     return rows
@@ -361,6 +387,7 @@ class AkumuliSink:
         # its error arrives after the confirm window.
         self._last_points: list[Point] = []
         self._last_marks_before: dict[str, int | None] = {}
+        self._resend: list[Point] = []  # points of an earlier send the server may have lost
         self._late_unlogged = 0
         self._late_logged_at = 0.0
 
@@ -417,7 +444,8 @@ class AkumuliSink:
             self._sock = None
 
     def _check_idle(self) -> str | None:
-        """An error line the server sent since the last write (None: none), or reconnect."""
+        """Why the last send may not be stored (an error line the server sent since, or the
+        connection closed or broken), or None when the connection is quietly open."""
         if self._sock is None:
             return None
         sock = self._sock
@@ -426,15 +454,16 @@ class AkumuliSink:
             data = sock.recv(4096)
         except (BlockingIOError, InterruptedError):
             return None
-        except OSError:
+        except OSError as exc:
             self._drop_connection()
-            return None
+            return f"connection broken: {exc}"
         if data.startswith(b"-"):
             message = _read_error_line(sock, data)
             self._drop_connection()
             return message
-        self._drop_connection()  # closed (server restart, idle timeout) or garbage
-        return None
+        # Closed (a crash or restart may have lost what it had not written) or garbage.
+        self._drop_connection()
+        return "connection closed by the server" if not data else f"unexpected {data[:40]!r}"
 
     def _send(self, payload: bytes) -> None:
         """Send and listen ``confirm_s`` for an error; ``_ServerError`` if the send failed."""
@@ -461,8 +490,8 @@ class AkumuliSink:
 
     # --- reading back what the server holds -----------------------------------------------
 
-    def _query(self, body: dict[str, object]) -> list[tuple[str, int]]:
-        """``(canonical series, timestamp)`` rows of one select query."""
+    def _query(self, body: dict[str, object]) -> list[tuple[str, int, float]]:
+        """``(canonical series, timestamp, value)`` rows of one select query."""
         conn = http.client.HTTPConnection(self.host, self.query_port, timeout=_IO_TIMEOUT_S)
         try:
             conn.request("POST", "/api/query", body=orjson.dumps(body),
@@ -482,8 +511,8 @@ class AkumuliSink:
         except ValueError as exc:
             raise SinkError(f"sink {self.url}: query API: {exc}") from None
 
-    def held_points(self, points: Sequence[Point]) -> Counter[tuple[str, int]]:
-        """Points the server holds per (series, ts) for ``points``' series, from their
+    def held_points(self, points: Sequence[Point]) -> Held:
+        """Values the server holds per (series, ts) for ``points``' series, from their
         oldest timestamp on (newer ones too: they move the marks)."""
         RECONCILES.labels(self.kind).inc()
         by_metric: dict[str, set[str]] = defaultdict(set)
@@ -493,7 +522,7 @@ class AkumuliSink:
             by_metric[metric].add(point.series)
             since[metric] = min(since.get(metric, point.ts_ns), point.ts_ns)
         until = max(max(p.ts_ns for p in points), time.time_ns()) + _YEAR_NS
-        held: Counter[tuple[str, int]] = Counter()
+        held: Held = defaultdict(list)
         for metric, names in by_metric.items():
             devices = sorted({tag[len("device="):] for name in names
                               for tag in name.split(" ")[1:] if tag.startswith("device=")})
@@ -504,12 +533,12 @@ class AkumuliSink:
             }
             if devices:
                 query["where"] = {"device": devices}
-            for series, ts in self._query(query):
+            for series, ts, value in self._query(query):
                 if series in names:
-                    held[(series, ts)] += 1
-        return held
+                    held[(series, ts)].append(value)
+        return dict(held)
 
-    def _raise_marks(self, held: Counter[tuple[str, int]]) -> None:
+    def _raise_marks(self, held: Held) -> None:
         newest: dict[str, int] = {}
         for series, ts in held:
             if ts > newest.get(series, -(1 << 63)):
@@ -533,6 +562,25 @@ class AkumuliSink:
             self._late_unlogged = 0
             self._late_logged_at = now
 
+    def _suspect_last_send(self, why: str) -> None:
+        """The last send was taken as done but may not be stored (an error or a close came
+        after its confirm window): keep its points to be read back and resent with the
+        next sends until one succeeds, and put its marks back to before it (the read-back
+        raises them to what the server really holds)."""
+        if not self._last_points:
+            return
+        log.warning("Akumuli may have lost the last confirmed send; reading back its series "
+                    "and resending what is missing",
+                    extra={"fields": {"sink": self.url, "error": why}})
+        self._resend = self._last_points + self._resend
+        self._last_points = []
+        restored = {s: m for s, m in self._last_marks_before.items() if m is not None}
+        forget = [s for s, m in self._last_marks_before.items() if m is None]
+        self._store.save(restored, forget)
+        self._marks.update(restored)
+        for series in forget:
+            self._marks.pop(series, None)
+
     def write(self, batches: Sequence[SinkBatch], *, recovering: bool = False) -> WriteResult:
         points: list[Point] = []
         skipped_values = 0
@@ -545,41 +593,34 @@ class AkumuliSink:
             SKIPPED_VALUES.labels(self.kind).inc(skipped_values)
 
         stale_error = self._check_idle()
-        if stale_error is not None and self._last_points:
-            # The last send was taken as done but the server refused part of it: check it
-            # again with this write and send what the server lacks.
-            log.error("Akumuli reported an error after the last send was confirmed; reading "
-                      "back that send's series and resending what is missing",
-                      extra={"fields": {"sink": self.url, "error": stale_error}})
-            points = self._last_points + points
-            recovering = True
-            # Its marks were moved past points the server lost: put them back, the
-            # read-back below raises them to what the server really holds.
-            restored = {s: m for s, m in self._last_marks_before.items() if m is not None}
-            forget = [s for s, m in self._last_marks_before.items() if m is None]
-            self._store.save(restored, forget)
-            self._marks.update(restored)
-            for series in forget:
-                self._marks.pop(series, None)
-        if not points:
-            return WriteResult(0, 0)
+        if stale_error is not None:
+            self._suspect_last_send(stale_error)
 
         already = 0
         late: list[Point] = []
         for round_number in range(1, _ERROR_ROUNDS + 1):
-            held: Counter[tuple[str, int]] = Counter()
+            if self._resend:
+                recovering = True
+            all_points = self._resend + points
+            if not all_points:
+                return WriteResult(0, 0)
+            held: Held = {}
             if recovering:
-                held = self.held_points(points)  # raises if the query API is down: retried
+                held = self.held_points(all_points)  # raises if the query API is down
                 self._raise_marks(held)
-            plan = plan_write(points, self._marks, held)
+            plan = plan_write(all_points, self._marks, held)
             already, late = plan.held, plan.late
             if not plan.send:
                 self._last_points = []
+                self._resend = []
                 break
             try:
                 self._send(format_points(plan.send))
             except _ServerError as exc:
                 # Some prefix of the send was stored and the rest lost: read back, resend.
+                # The previous send on this connection is suspect too: the server may have
+                # gone down after it took those bytes.
+                self._suspect_last_send(str(exc))
                 recovering = True
                 if exc.server_message is not None and round_number < _ERROR_ROUNDS:
                     log.warning("Akumuli refused a send; reading back what it stored",
@@ -591,12 +632,14 @@ class AkumuliSink:
             self._store.save(plan.new_marks)
             self._marks.update(plan.new_marks)
             self._last_points = plan.send
+            self._resend = []
             break
         else:  # pragma: no cover - the loop always breaks or raises
             raise AssertionError("unreachable")
         self._count_late(len(late))
         reason = "older than its series' newest point in Akumuli (late write refused)"
-        late_points = [LatePoint(p.reading, p.field, p.value, reason)
+        # The value as a number (the RESP type marker dropped), as a user would query it.
+        late_points = [LatePoint(p.reading, p.field, p.value[1:], reason)
                        for p in late if p.reading is not None]
         return WriteResult(len(plan.send), already, tuple(late_points))
 

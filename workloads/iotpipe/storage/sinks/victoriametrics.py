@@ -19,9 +19,10 @@ only a range whose write may have been cut short (a failed request, or a crash b
 cursor's pending record and its commit) comes again, with ``recovering=True``. Then the sink
 first asks ``/internal/force_flush`` (so recent samples are searchable) and reads back
 ``/api/v1/export`` for the range's devices and time span, and sends only the samples the
-server lacks (counted per series and millisecond, so two readings in one millisecond are
-both kept). If the read-back fails the write fails and is retried later: it never sends
-blind.
+server lacks (matched by series, millisecond and value, so two readings in one millisecond
+are both kept; two readings of one device with the same millisecond and value, one in the
+interrupted range and one in an earlier one, are taken for one). If the read-back fails,
+the write fails and is retried later: it never sends blind.
 
 Precision: VictoriaMetrics keeps milliseconds, so a reading's nanoseconds are truncated
 to the millisecond, and two readings of one device inside one millisecond are two samples
@@ -39,7 +40,7 @@ import http.client
 import math
 import re
 import urllib.parse
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
 import orjson
@@ -106,6 +107,23 @@ def line_for(reading: StoredReading, measurement: str,
 
 
 SampleKey = tuple[tuple[tuple[str, str], ...], int]  # (sorted labels with __name__, ts ms)
+Stored = dict[SampleKey, list[float]]  # the values the server holds per series and ms
+_VALUE_REL_TOL = 1e-9  # VictoriaMetrics may print a float64 a little rounded
+
+
+def _take_stored(values: list[float] | None, value: float) -> bool:
+    if not values:
+        return False
+    for i, held in enumerate(values):
+        if math.isclose(held, value, rel_tol=_VALUE_REL_TOL, abs_tol=1e-300):
+            del values[i]
+            return True
+    return False
+
+
+def _number(text: str) -> float:
+    """The float of a line-protocol value (``3i``, ``1i`` for true, ``21.5``)."""
+    return float(text[:-1] if text.endswith("i") else text)
 
 
 def sample_key(reading: StoredReading, measurement: str, field: str) -> SampleKey:
@@ -167,11 +185,11 @@ class VictoriaMetricsSink:
                     raise SinkError(f"sink {self.url}: {path}: {exc}") from None
         raise AssertionError("unreachable")
 
-    def stored_samples(self, readings: Sequence[StoredReading]) -> Counter[SampleKey]:
-        """How many samples the server holds per (series, ms) for these readings' devices
-        and time span (read back with ``/api/v1/export``)."""
+    def stored_samples(self, readings: Sequence[StoredReading]) -> Stored:
+        """The values the server holds per (series, ms) for these readings' devices and
+        time span (read back with ``/api/v1/export``)."""
         if not readings:
-            return Counter()
+            return {}
         # Best effort: makes the last second's samples searchable (a -forceFlushAuthKey
         # may forbid it; its answer is ignored).
         self._post("/internal/force_flush", b"")
@@ -188,25 +206,24 @@ class VictoriaMetricsSink:
         if status != 200:
             raise SinkError(f"sink {self.url}: read-back /api/v1/export answered {status}: "
                             f"{body[:200].decode(errors='replace')}")
-        found: Counter[SampleKey] = Counter()
+        found: Stored = defaultdict(list)
         for line in body.splitlines():
             if not line.strip():
                 continue
             try:
                 item = orjson.loads(line)
                 labels = tuple(sorted(item["metric"].items()))
-                for ts_ms in item["timestamps"]:
-                    found[(labels, int(ts_ms))] += 1
+                for ts_ms, value in zip(item["timestamps"], item["values"], strict=True):
+                    found[(labels, int(ts_ms))].append(float(value))
             except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError,
                     ValueError):
                 raise SinkError(f"sink {self.url}: read-back: cannot read export line "
                                 f"{line[:120]!r}") from None
-        return found
+        return dict(found)
 
     def write(self, batches: Sequence[SinkBatch], *, recovering: bool = False) -> WriteResult:
         readings = [reading for batch in batches for reading in batch.readings]
-        found: Counter[SampleKey] = (self.stored_samples(readings) if recovering
-                                     else Counter())
+        found = self.stored_samples(readings) if recovering else {}
         lines: list[str] = []
         already = 0
         for reading in readings:
@@ -215,8 +232,7 @@ class VictoriaMetricsSink:
                 missing = []
                 for name, value in fields:
                     key = sample_key(reading, self.raw_measurement, name)
-                    if found[key] > 0:
-                        found[key] -= 1
+                    if _take_stored(found.get(key), _number(value)):
                         already += 1
                     else:
                         missing.append((name, value))

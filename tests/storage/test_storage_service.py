@@ -75,11 +75,12 @@ def wait_for(condition: object, timeout: float, what: str) -> None:
 def service_factory(tmp_path: Path) -> Iterator[object]:
     running: list[tuple[StorageService, threading.Thread, list[int]]] = []
 
-    def make(feed: FakeFeed, sinks: list[object], registry_file: Path | None = None
-             ) -> tuple[StorageService, list[int], CollectorRegistry]:
+    def make(feed: FakeFeed, sinks: list[object], registry_file: Path | None = None,
+             **overrides: object) -> tuple[StorageService, list[int], CollectorRegistry]:
         settings = StorageSettings(feed_endpoints=[feed.endpoint], consumer_id="svc",
                                    heartbeat=0.1, window=100,
-                                   registry_file=str(registry_file or tmp_path / "none.yaml"))
+                                   registry_file=str(registry_file or tmp_path / "none.yaml"),
+                                   **overrides)
         metrics_registry = CollectorRegistry()
         service = StorageService(settings, sinks,  # type: ignore[arg-type]
                                  RegistryWatcher(settings.registry_file, interval_s=0.05),
@@ -132,6 +133,29 @@ def test_a_failing_sink_stalls_neither_the_feed_nor_the_store_and_catches_up(
         assert metrics.get_sample_value("iotpipe_storage_sink_lag_rows",
                                         {"sink": "flaky"}) == 0
         assert metrics.get_sample_value("iotpipe_storage_sink_up", {"sink": "flaky"}) == 1
+    finally:
+        feed.stop()
+        store.close()
+
+
+def test_store_retention_prunes_only_what_every_sink_holds(
+    tmp_path: Path, service_factory: object
+) -> None:
+    feed = FakeFeed(f"tcp://127.0.0.1:{free_port()}", make_log(50), batch=50).start()
+    store = SqliteSink(tmp_path / "store.db")
+    flaky = FlakySink()
+    flaky.failing.set()
+    try:
+        _, _, metrics = service_factory(  # type: ignore[operator]
+            feed, [store, flaky], store_retention=0.05)
+        wait_for(lambda: feed.acked_count() == 50, 10, "acks")
+        wait_for(lambda: flaky.attempts >= 3, 10, "retries of the failing sink")
+        assert store.count(None, None, None) == 50  # the failing sink holds none of them
+        flaky.failing.clear()
+        wait_for(lambda: len(flaky.stored) == 50, 10, "the sink caught up")
+        # Now every sink holds them: all but the newest row go (rowids are never reused).
+        wait_for(lambda: store.count(None, None, None) == 1, 10, "pruning")
+        assert metrics.get_sample_value("iotpipe_storage_store_pruned_total") == 49
     finally:
         feed.stop()
         store.close()

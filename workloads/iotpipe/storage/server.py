@@ -234,7 +234,7 @@ class StorageService:
         while not self._stop.is_set():
             now = time.monotonic()
             if self.settings.store_retention and now >= self._next_prune:
-                self._next_prune = now + _PRUNE_INTERVAL_S
+                self._next_prune = now + min(_PRUNE_INTERVAL_S, self.settings.store_retention)
                 self._prune()
             for link in self._links:
                 if link.consumer.request_due(now):
@@ -300,7 +300,9 @@ class StorageService:
         return taken
 
     def _process(self, deliveries: list[tuple[_Link, wire.Records]]) -> bool:
-        """Enrich, write to every sink, then ack. False if given up (stop while failing)."""
+        """Enrich, write to the store of record, wake the tailing sinks, then ack.
+
+        False if given up (stop while the store is failing)."""
         registry = self.registry.current
         batches: list[SinkBatch] = []
         newest_received_ns: dict[str, int] = {}

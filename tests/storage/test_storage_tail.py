@@ -95,7 +95,9 @@ def test_worker_copies_every_row_once_in_ranges_and_records_late_points(
         worker.stop()
     assert [first for first, _, _ in sink.calls] == [1, 11, 21, 26]
     assert [m for _, ids, _ in sink.calls for m in ids] == [f"m-{i}" for i in range(1, 31)]
-    assert not any(recovering for _, _, recovering in sink.calls)
+    # A sink without a cursor is back-filled reading back first (it may hold some rows);
+    # once caught up, new rows are written plainly.
+    assert [recovering for _, _, recovering in sink.calls] == [True, True, True, False]
     late = store.late_points()
     assert [(p.sink, p.msg_id) for p in late] == [
         ("rec://x", f"m-{i}") for i in (1, 11, 21, 26)]
@@ -206,3 +208,29 @@ def test_iotpipe_up_sinks_keep_the_embedded_store_first(tmp_path: Path) -> None:
         store, "victoriametrics://127.0.0.1:8428", "parquet:///lake"]
     assert storage_sinks(["--sinks", "parquet:///lake,sqlite:///elsewhere.db"]) == [
         "sqlite:///elsewhere.db", "parquet:///lake"]
+
+
+def test_cursor_key_ignores_tuning_options_and_duplicates_are_refused(
+        store: SqliteSink, tmp_path: Path) -> None:
+    from iotpipe.registry import RegistryWatcher
+    from iotpipe.storage.server import StorageMetrics, StorageService
+    from iotpipe.storage.tail import cursor_key
+
+    assert cursor_key("akumuli://h:8282?query_port=1&confirm_ms=5&marks=/m.db") == \
+        "akumuli://h:8282"
+    assert cursor_key("victoriametrics://h:8428?measurement=plant") == \
+        "victoriametrics://h:8428?measurement=plant"
+    assert cursor_key("parquet:///abs/lake") == "parquet:///abs/lake"
+    # Changing a tuning option keeps the cursor: no back-fill, no rewrite.
+    first = CursorStore(store.path, "akumuli://h:8282?confirm_ms=50")
+    first.finish(7, [])
+    again = CursorStore(store.path, "akumuli://h:8282?confirm_ms=20&query_port=9")
+    assert (again.created, again.cursor()) == (False, (7, None))
+    first.close()
+    again.close()
+    settings = StorageSettings(feed_endpoints=["tcp://127.0.0.1:1"], consumer_id="svc")
+    twice = [store, RecordingSink(), RecordingSink()]
+    with pytest.raises(ValueError, match="listed twice: rec://x"):
+        StorageService(settings, twice,  # type: ignore[arg-type]
+                       RegistryWatcher(str(tmp_path / "none.yaml")),
+                       StorageMetrics(CollectorRegistry()))

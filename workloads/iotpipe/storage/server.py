@@ -51,7 +51,7 @@ from iotpipe.storage.consumer import FeedConsumer
 from iotpipe.storage.enrich import enrich_records
 from iotpipe.storage.sinks import Sink, SinkBatch, SinkError, open_sink, sink_scheme
 from iotpipe.storage.sinks.sqlite import SqliteSink
-from iotpipe.storage.tail import SinkWorker, TailMetrics
+from iotpipe.storage.tail import SinkWorker, TailMetrics, cursor_key
 
 __all__ = ["StorageMetrics", "StorageService", "StorageSettings", "main"]
 
@@ -173,7 +173,11 @@ class StorageService:
         if not settings.feed_endpoints:
             raise ValueError("no feed endpoints configured (--feed-endpoints tcp://host:5557)")
         if not sinks or not isinstance(sinks[0], SqliteSink):
-            raise ValueError("the first sink must be the store of record (sqlite://)")
+            raise ValueError("--sinks: the first sink must be the store of record (sqlite://)")
+        keys = [cursor_key(sink.url) for sink in sinks]
+        twice = sorted({key for key in keys if keys.count(key) > 1})
+        if twice:  # two writers on one cursor would each skip what the other wrote
+            raise ValueError(f"--sinks: sink(s) listed twice: {', '.join(twice)}")
         self.settings = settings
         self.store: SqliteSink = sinks[0]
         self.sinks = list(sinks)
@@ -197,7 +201,7 @@ class StorageService:
             except zmq.ZMQError as exc:
                 sock.close(0)
                 self.close()
-                raise ValueError(f"feed endpoint {endpoint!r}: {exc}") from None
+                raise ValueError(f"--feed-endpoints: {endpoint!r}: {exc}") from None
             consumer = FeedConsumer(settings.group, settings.consumer_id,
                                     window=settings.window, heartbeat_s=settings.heartbeat)
             self._links.append(_Link(endpoint, sock, consumer))
@@ -405,7 +409,7 @@ def main(argv: Sequence[str]) -> int:
     except ValueError as exc:
         for sink in sinks:
             sink.close()
-        print(f"iotpipe storage: error: --feed-endpoints: {exc}", file=sys.stderr)
+        print(f"iotpipe storage: error: {exc}", file=sys.stderr)  # names the setting
         return 2
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:

@@ -20,7 +20,11 @@ store_retention`` for the case where they are not), so it grows only with the di
 store uses anyway; the sink's lag and state are metrics and ``/readyz`` detail.
 
 A sink seen for the first time (no cursor row) starts at the beginning of the store: it is
-back-filled with everything the store of record holds.
+back-filled with everything the store of record holds, every range written with
+``recovering=True`` until it has caught up once (the sink may hold some of it already: a
+store of record that was recreated, or a sink that was configured before). The cursor is
+keyed by ``cursor_key(url)``: the URL without its tuning options (``confirm_ms``,
+``query_port``, ``marks``), so changing those does not start a back-fill.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import logging
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +44,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from iotpipe.storage.enrich import StoredReading
 from iotpipe.storage.sinks import LatePoint, Sink, SinkBatch, SinkError
 
-__all__ = ["CursorStore", "SinkWorker", "TailMetrics", "TailState"]
+__all__ = ["CursorStore", "SinkWorker", "TailMetrics", "TailState", "cursor_key"]
 
 log = logging.getLogger("iotpipe.storage.tail")
 
@@ -47,6 +52,18 @@ _COLUMNS = ("rowid, device_id, msg_id, ts_ns, received_ns, node, node_seq, data,
             "device_class, location, labels")
 _IDLE_WAIT_S = 0.5
 _MAX_BACKOFF_S = 5.0
+
+
+# URL options that tune how a sink talks, not where the data goes.
+_TUNING_OPTIONS = frozenset({"confirm_ms", "query_port", "marks"})
+
+
+def cursor_key(url: str) -> str:
+    """The identity of a sink's data: its URL without tuning options (sorted query)."""
+    base, _, query = url.partition("?")
+    options = sorted((k, v) for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True)
+                     if k not in _TUNING_OPTIONS)
+    return base + ("?" + urllib.parse.urlencode(options) if options else "")
 
 
 def _row_reading(row: Sequence[object]) -> StoredReading:
@@ -57,12 +74,14 @@ class CursorStore:
     """One sink's cursor and the rows it reads, on its own connection to the store."""
 
     def __init__(self, path: Path, sink_url: str) -> None:
-        self.sink_url = sink_url
+        self.sink_url = cursor_key(sink_url)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.execute("INSERT OR IGNORE INTO sink_cursors (sink, done, pending_to) "
-                         "VALUES (?, 0, NULL)", (sink_url,))
+        # True when this sink had no cursor: it is back-filled as a recovery (see above).
+        self.created = self._db.execute(
+            "INSERT OR IGNORE INTO sink_cursors (sink, done, pending_to) VALUES (?, 0, NULL)",
+            (self.sink_url,)).rowcount == 1
 
     def cursor(self) -> tuple[int, int | None]:
         done, pending_to = self._db.execute(
@@ -221,6 +240,10 @@ class SinkWorker:
         label = self.sink.kind
         done, pending_to = cursors.cursor()
         recovering = pending_to is not None
+        backfill = cursors.created  # it may hold some of the store already
+        if backfill:
+            log.info("a sink without a cursor: back-filling it from the store of record, "
+                     "reading back before each write", extra={"fields": {"sink": self.sink.url}})
         if recovering:
             log.warning("rewriting a range whose write was interrupted", extra={"fields": {
                 "sink": self.sink.url, "after": done, "to": pending_to}})
@@ -230,6 +253,7 @@ class SinkWorker:
             if pending_to is None:
                 rows = cursors.rows_after(done, self.batch_rows)
                 if not rows:
+                    backfill = False
                     self.state.state = "caught up"
                     self._report(done)
                     self.wake.wait(_IDLE_WAIT_S)
@@ -246,7 +270,7 @@ class SinkWorker:
                 self.metrics.recoveries.labels(label).inc()
             started = time.perf_counter()
             try:
-                result = self.sink.write([batch], recovering=recovering)
+                result = self.sink.write([batch], recovering=recovering or backfill)
             except SinkError as exc:
                 self.metrics.errors.labels(label).inc()
                 recovering = True  # part of the range may be stored: read back first

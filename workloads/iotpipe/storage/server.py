@@ -87,8 +87,8 @@ class StorageSettings(TierSettings):
     store_retention: float = Field(
         0.0, ge=0,
         description="seconds to keep readings in the store of record once every sink holds "
-                    "them; 0 keeps them for good (the store is then a spool for the other "
-                    "sinks, and a redelivery older than this is stored again)")
+                    "them (the store becomes a spool for the other sinks, and a reading "
+                    "redelivered after that is stored again); 0 keeps them for good")
     sink_batch_rows: int = Field(2000, ge=1,
                                  description="rows a tailing sink writes in one go at most")
     registry_file: str = Field("/etc/iotpipe/registry/registry.yaml",

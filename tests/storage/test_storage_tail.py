@@ -161,8 +161,8 @@ def test_parquet_recovery_of_a_range_rewrites_the_same_files(
     lake = ParquetSink(tmp_path / "lake")
     cursors = CursorStore(store.path, lake.url)
     rows = cursors.rows_after(0, 25)
-    lake.write([SinkBatch("store", 1, [r for _, r in rows])])  # written, cursor not moved:
-    cursors.set_pending(25)  # the process died here
+    lake.write([SinkBatch(cursors.store_id(), 1, [r for _, r in rows])])  # written, then
+    cursors.set_pending(25)  # the process died before the cursor moved
     cursors.close()
     worker = SinkWorker(lake, store.path, _metrics(), batch_rows=25).start()
     try:
@@ -172,6 +172,14 @@ def test_parquet_recovery_of_a_range_rewrites_the_same_files(
     table = ds.dataset(tmp_path / "lake", format="parquet", partitioning="hive").to_table()
     ids = table["msg_id"].to_pylist()
     assert sorted(ids) == sorted(f"m-{i}" for i in range(1, 41)) and len(ids) == 40
+    # A recreated store of record (new identity) never overwrites the earlier files.
+    store_id = CursorStore(store.path, lake.url).store_id()
+    other = SqliteSink(tmp_path / "other.db")
+    other_id = CursorStore(other.path, lake.url).store_id()
+    other.close()
+    assert len(store_id) == 12 and other_id != store_id
+    names = {p.name for p in (tmp_path / "lake").rglob("*.parquet")}
+    assert names == {f"{store_id}-{1:020d}.parquet", f"{store_id}-{26:020d}.parquet"}
 
 
 def test_store_retention_prunes_only_what_every_sink_holds(store: SqliteSink) -> None:

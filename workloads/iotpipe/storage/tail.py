@@ -83,6 +83,10 @@ class CursorStore:
             "INSERT OR IGNORE INTO sink_cursors (sink, done, pending_to) VALUES (?, 0, NULL)",
             (self.sink_url,)).rowcount == 1
 
+    def store_id(self) -> str:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+        return "store" if row is None else str(row[0])
+
     def cursor(self) -> tuple[int, int | None]:
         done, pending_to = self._db.execute(
             "SELECT done, pending_to FROM sink_cursors WHERE sink = ?", (self.sink_url,)
@@ -239,6 +243,7 @@ class SinkWorker:
         cursors = self._cursors
         label = self.sink.kind
         done, pending_to = cursors.cursor()
+        store_id = cursors.store_id()
         recovering = pending_to is not None
         backfill = cursors.created  # it may hold some of the store already
         if backfill:
@@ -265,7 +270,7 @@ class SinkWorker:
                 rows = cursors.rows_between(done, pending_to)
             if self.state.state != "failing":
                 self.state.state = "catching up"
-            batch = SinkBatch("store", done + 1, [reading for _, reading in rows])
+            batch = SinkBatch(store_id, done + 1, [reading for _, reading in rows])
             if recovering:
                 self.metrics.recoveries.labels(label).inc()
             started = time.perf_counter()

@@ -155,6 +155,34 @@ def test_failed_write_retries_the_same_range_as_recovery_and_reports_state(
     assert worker.state.error == "" and worker.state.lag_rows == 0
 
 
+def test_unexpected_error_restarts_the_worker_from_its_durable_cursor(
+        store: SqliteSink, monkeypatch: pytest.MonkeyPatch) -> None:
+    import iotpipe.storage.tail as tail
+
+    monkeypatch.setattr(tail, "_RESTART_WAIT_S", 0.05)
+    _fill(store, 5)
+    CursorStore(store.path, "rec://x").close()  # not a back-fill: the cursor exists
+    sink = RecordingSink()
+    original = sink.write
+    seen: list[str] = []
+
+    def write_with_a_bug(batches: Sequence[SinkBatch], *, recovering: bool = False
+                         ) -> WriteResult:
+        if not seen:
+            seen.append("boom")
+            raise RuntimeError("boom")  # not a SinkError: a bug, or the store unreadable
+        return original(batches, recovering=recovering)
+
+    sink.write = write_with_a_bug  # type: ignore[method-assign]
+    worker = SinkWorker(sink, store.path, _metrics()).start()
+    try:
+        wait_for(lambda: worker.state.state == "caught up", 10, "restarted and caught up")
+    finally:
+        worker.stop()
+    # The range that was pending when it failed is rewritten as a recovery, once.
+    assert sink.calls == [(1, [f"m-{i}" for i in range(1, 6)], True)]
+
+
 def test_parquet_recovery_of_a_range_rewrites_the_same_files(
         store: SqliteSink, tmp_path: Path) -> None:
     _fill(store, 40)

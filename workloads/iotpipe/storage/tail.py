@@ -52,6 +52,7 @@ _COLUMNS = ("rowid, device_id, msg_id, ts_ns, received_ns, node, node_seq, data,
             "device_class, location, labels")
 _IDLE_WAIT_S = 0.5
 _MAX_BACKOFF_S = 5.0
+_RESTART_WAIT_S = 5.0  # after an unexpected error in the worker itself
 
 
 # URL options that tune how a sink talks, not where the data goes.
@@ -232,12 +233,18 @@ class SinkWorker:
         self.metrics.cursor.labels(label).set(done)
 
     def _run(self) -> None:
-        try:
-            self._loop()
-        except Exception as exc:  # a bug must show as a failing sink, not a silent thread
-            log.exception("sink worker stopped", extra={"fields": {"sink": self.sink.url}})
-            self.state.state, self.state.error = "failing", f"worker stopped: {exc}"
-            self.metrics.up.labels(self.sink.kind).set(0)
+        while not self._stop.is_set():
+            try:
+                self._loop()
+                return
+            except Exception as exc:  # e.g. the store locked or unreadable for a while
+                # Shown as a failing sink, never a silent dead thread; the loop starts over
+                # from the durable cursor (a pending range is then rewritten as a recovery).
+                log.exception("sink worker failed; restarting it",
+                              extra={"fields": {"sink": self.sink.url}})
+                self.state.state, self.state.error = "failing", f"worker error: {exc}"
+                self.metrics.up.labels(self.sink.kind).set(0)
+                self._stop.wait(_RESTART_WAIT_S)
 
     def _loop(self) -> None:
         cursors = self._cursors

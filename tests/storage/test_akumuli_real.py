@@ -8,16 +8,13 @@ checked here against the real server: negative integers, raw CSV rows with ``ts=
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import ProcessGroup, free_port
-from storage_helpers import T0_NS, log_record
+from storage_helpers import T0_NS, log_record, start_real_akumulid
 
 from iotpipe.registry import Registry
 from iotpipe.storage.enrich import StoredReading, enrich_records
@@ -30,59 +27,11 @@ S = 1_000_000_000
 REGISTRY = Registry.from_yaml("devices: {d1: {class: meter, location: lab}}")
 RSSI = "rssi class=meter device=d1 location=lab"
 
-CONFIG = """path={root}/db
-nvolumes=2
-volume_size=64MB
-
-[HTTP]
-port={http_port}
-bind_addr=127.0.0.1
-
-[TCP]
-port={tcp_port}
-bind_addr=127.0.0.1
-pool_size=1
-
-[WAL]
-path={root}/wal
-volume_size=16MB
-nvolumes=2
-
-log4j.rootLogger=info, file
-log4j.appender.file=org.apache.log4j.FileAppender
-log4j.appender.file.layout=org.apache.log4j.PatternLayout
-log4j.appender.file.layout.ConversionPattern=%d [%t] %c [%p] %m%n
-log4j.appender.file.filename={root}/akumuli.log
-"""
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def akumulid(procs: ProcessGroup, tmp_path: Path) -> Iterator[tuple[int, int]]:
-    binary = shutil.which("akumulid")
-    if binary is None:
-        pytest.skip("akumulid is not on PATH (build recipe: /work/shared/AKUMULI.md)")
-    root = tmp_path / "akumuli"
-    (root / "db").mkdir(parents=True)
-    (root / "wal").mkdir()
     tcp_port, http_port = free_port(), free_port()
-    config = root / "akumulid.conf"
-    config.write_text(CONFIG.format(root=root, http_port=http_port, tcp_port=tcp_port))
-    subprocess.run([binary, "--create", "--config", str(config)], check=True, timeout=120,
-                   capture_output=True)
-    procs.start([binary, "--config", str(config)], name="akumulid")
-    deadline = time.monotonic() + 30
-    while not (_port_open(tcp_port) and _port_open(http_port)):
-        if time.monotonic() > deadline:
-            raise AssertionError("akumulid did not start:\n" + procs.log("akumulid"))
-        time.sleep(0.1)
+    if not start_real_akumulid(procs, tmp_path / "akumuli", tcp_port, http_port):
+        pytest.skip("akumulid is not on PATH (build recipe: /work/shared/AKUMULI.md)")
     yield tcp_port, http_port
 
 
@@ -121,3 +70,33 @@ def test_real_akumuli_negative_values_late_points_and_recovery(
         assert sink.held_points(probe) == held
     finally:
         sink.close()
+
+
+def test_real_akumuli_late_write_from_lost_marks_is_resolved_exactly(
+        akumulid: tuple[int, int], tmp_path: Path) -> None:
+    tcp_port, http_port = akumulid
+    url = f"akumuli://127.0.0.1:{tcp_port}?query_port={http_port}&confirm_ms=200"
+    first = AkumuliSink.from_url(f"{url}&marks={tmp_path / 'a.db'}")
+    try:
+        assert first.write([SinkBatch("store", 1, _readings((T0_NS + 10 * S, b'{"rssi":-1}')))
+                            ]).written == 1
+    finally:
+        first.close()
+    # A sink whose marks file was lost: it does not know the server holds d1@10 s. Its send
+    # (d1@5 s, then d1@20 s) is refused with "-DB late write" and the connection closed;
+    # the sink reads back, keeps 5 s as late and stores 20 s - once.
+    second = AkumuliSink.from_url(f"{url}&marks={tmp_path / 'b.db'}")
+    probe = [Point(RSSI, T0_NS, "+0.0")]
+    try:
+        result = second.write([SinkBatch("store", 2, _readings(
+            (T0_NS + 5 * S, b'{"rssi":-5}'), (T0_NS + 20 * S, b'{"rssi":-20}')))])
+        assert result.written == 1
+        assert [(p.reading.ts_ns, p.value) for p in result.late] == [(T0_NS + 5 * S, "-5.0")]
+        deadline = time.monotonic() + 10
+        while (sum(len(v) for v in second.held_points(probe).values()) < 2
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
+        assert second.held_points(probe) == {(RSSI, T0_NS + 10 * S): [-1.0],
+                                             (RSSI, T0_NS + 20 * S): [-20.0]}
+    finally:
+        second.close()

@@ -18,8 +18,9 @@ It implements what the notes record (checked on a real 0.8.80), and nothing more
   with ``timestamp`` raw or iso); rows end in ``\n`` and look like
   ``temp class=x device=y,ts=1796035254006683000,21.5`` (raw: the ``ts=`` prefix) or
   ``temp class=x device=y,20261130T120000.000000000,21.5`` (iso). A query that matches no
-  series (or names an unknown metric) is answered ``-not found``; a bad query with one
-  ``-...`` line.
+  series (or names an unknown metric) is answered ``-not found``, a matching series with no
+  point in the range an empty body; values print like ``2`` for 2.0 (checked against
+  akumulid 0.8.80); a bad query is answered with one ``-...`` line.
 
 ``down`` (an Event) makes the server behave as if it were down: every write connection is
 closed at once and every query answered 503. ``fail_next`` injects a server-side error (what
@@ -282,6 +283,11 @@ def _query_time(query: dict[str, Any], key: str) -> int:
     return ts
 
 
+def _number(value: float) -> str:
+    # As akumulid 0.8.80 prints them: 2 for 2.0, 1.5 for 1.5.
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
 def run_query(store: _Store, body: bytes) -> bytes:
     """The CSV (or error) answer to one JSON select query."""
     try:
@@ -325,7 +331,7 @@ def run_query(store: _Store, body: bytes) -> bytes:
         rows = rows[:limit]
     if not matched:
         return b"-not found\r\n"
-    lines = [f"{series},{'ts=' + str(ts) if raw_ts else ns_to_iso(ts)},{value!r}\n"
+    lines = [f"{series},{'ts=' + str(ts) if raw_ts else ns_to_iso(ts)},{_number(value)}\n"
              for series, ts, value in rows]
     return "".join(lines).encode()
 

@@ -158,17 +158,17 @@ def test_query_select_where_range_and_formats(standin: AkumuliStandin) -> None:
         "where": {"device": ["a", "b"]}, "output": {"format": "csv", "timestamp": "raw"}})
     assert status == 200
     # Akumuli's real rows: the raw timestamp carries a "ts=" prefix, lines end in \n.
-    assert text == (f"t device=a loc=x,ts={T0},1.0\n"  # "to" is exclusive
-                    f"t device=b loc=y,ts={T0 + 1},1.0\n")
+    assert text == (f"t device=a loc=x,ts={T0},1\n"  # "to" is exclusive
+                    f"t device=b loc=y,ts={T0 + 1},1\n")
     _, text = _query(standin, {
         "select": "t", "range": {"from": ns_to_iso(T0), "to": ns_to_iso(T0 + 10)},
         "where": {"loc": "x"}, "output": {"format": "csv"}})
-    assert text == (f"t device=a loc=x,{ns_to_iso(T0)},1.0\n"
-                    f"t device=a loc=x,{ns_to_iso(T0 + 5)},1.0\n")
+    assert text == (f"t device=a loc=x,{ns_to_iso(T0)},1\n"
+                    f"t device=a loc=x,{ns_to_iso(T0 + 5)},1\n")
     _, text = _query(standin, {  # from > to: newest first
         "select": "t", "range": {"from": ns_to_iso(T0 + 10), "to": ns_to_iso(T0)},
         "order-by": "time", "limit": 1, "output": {"format": "csv", "timestamp": "raw"}})
-    assert text == f"t device=a loc=x,ts={T0 + 5},1.0\n"
+    assert text == f"t device=a loc=x,ts={T0 + 5},1\n"
 
 
 @pytest.mark.integration

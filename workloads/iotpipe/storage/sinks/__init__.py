@@ -43,7 +43,9 @@ class SinkError(Exception):
 
 
 class SinkBatch(NamedTuple):
-    """The readings of one feed delivery: log seqs ``first ..`` of middle ``middle``."""
+    """Readings written together. For the store of record: one feed delivery (log seqs
+    ``first ..`` of middle ``middle``); for a tailing sink: one range of store rows (rowids
+    ``first ..`` of the store whose identity is ``middle``), the same on every rewrite."""
 
     middle: str
     first: int

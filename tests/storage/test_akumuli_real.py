@@ -50,24 +50,24 @@ def test_real_akumuli_negative_values_late_points_and_recovery(
     probe = [Point(RSSI, T0_NS, "+0.0")]
     try:
         # A series that does not exist yet: the server answers "-not found", i.e. nothing.
-        assert sink.held_points(probe) == {}
+        assert sink.held_points(probe, newer=True) == {}
         first = _readings((T0_NS + 2 * S, b'{"rssi":-36}'), (T0_NS, b'{"rssi":-40}'),
                           (T0_NS + 2 * S, b'{"rssi":-37}'))  # equal timestamp: kept twice
         result = sink.write([SinkBatch("store", 1, first)])
         assert (result.written, result.duplicates, result.late) == (3, 0, ())
         deadline = time.monotonic() + 10
-        while (sum(len(v) for v in sink.held_points(probe).values()) < 3
+        while (sum(len(v) for v in sink.held_points(probe, newer=True).values()) < 3
                and time.monotonic() < deadline):
             time.sleep(0.1)  # the query API reads the real rows ("series,ts=<ns>,value")
         held = {(RSSI, T0_NS): [-40.0], (RSSI, T0_NS + 2 * S): [-36.0, -37.0]}
-        assert sink.held_points(probe) == held
+        assert sink.held_points(probe, newer=True) == held
         # The same range again after a "crash": nothing twice.
         again = sink.write([SinkBatch("store", 1, first)], recovering=True)
         assert (again.written, again.duplicates) == (0, 3)
         # A late point is kept apart, never sent (it would cost the connection).
         late = sink.write([SinkBatch("store", 4, _readings((T0_NS + S, b'{"rssi":-50}')))])
         assert late.written == 0 and [p.value for p in late.late] == ["-50.0"]
-        assert sink.held_points(probe) == held
+        assert sink.held_points(probe, newer=True) == held
     finally:
         sink.close()
 
@@ -93,10 +93,10 @@ def test_real_akumuli_late_write_from_lost_marks_is_resolved_exactly(
         assert result.written == 1
         assert [(p.reading.ts_ns, p.value) for p in result.late] == [(T0_NS + 5 * S, "-5.0")]
         deadline = time.monotonic() + 10
-        while (sum(len(v) for v in second.held_points(probe).values()) < 2
+        while (sum(len(v) for v in second.held_points(probe, newer=True).values()) < 2
                and time.monotonic() < deadline):
             time.sleep(0.1)
-        assert second.held_points(probe) == {(RSSI, T0_NS + 10 * S): [-1.0],
+        assert second.held_points(probe, newer=True) == {(RSSI, T0_NS + 10 * S): [-1.0],
                                              (RSSI, T0_NS + 20 * S): [-20.0]}
     finally:
         second.close()

@@ -37,9 +37,10 @@ every row once; only a range whose write may have been cut short comes again, wi
 before the failing one are stored. So whenever the sink cannot be sure what a send stored
 (a recovering write, an error line, a close, a socket error), it reads back from the query
 API (one ``select`` per metric, CSV with raw timestamps: rows ``series,ts=<ns>,value``;
-``-not found`` means nothing is stored) every point of the write's series from the write's
-oldest timestamp on, moves the marks up to the newest point the server holds, and sends only
-points the server does not hold (matched by series, timestamp and value). After an error line it
+``-not found`` means nothing is stored) the points of the write's series between its oldest
+and newest timestamp (after a ``-DB late write``: from the oldest on, without end), moves
+the marks up to the newest point the server holds, and sends only points the server does
+not hold (matched by series, timestamp and value). After an error line it
 does that at once, up to 3 rounds per write, then fails the write (the storage tier retries
 the range with backoff). If the query API cannot be reached the write fails: the sink never
 sends blind.
@@ -511,9 +512,10 @@ class AkumuliSink:
         except ValueError as exc:
             raise SinkError(f"sink {self.url}: query API: {exc}") from None
 
-    def held_points(self, points: Sequence[Point]) -> Held:
-        """Values the server holds per (series, ts) for ``points``' series, from their
-        oldest timestamp on (newer ones too: they move the marks)."""
+    def held_points(self, points: Sequence[Point], *, newer: bool = False) -> Held:
+        """Values the server holds per (series, ts) for ``points``' series between their
+        oldest and newest timestamp; with ``newer``, everything from the oldest on (after a
+        late-write refusal: the newer points move the marks)."""
         RECONCILES.labels(self.kind).inc()
         by_metric: dict[str, set[str]] = defaultdict(set)
         since: dict[str, int] = {}
@@ -521,7 +523,8 @@ class AkumuliSink:
             metric = point.series.partition(" ")[0]
             by_metric[metric].add(point.series)
             since[metric] = min(since.get(metric, point.ts_ns), point.ts_ns)
-        until = max(max(p.ts_ns for p in points), time.time_ns()) + _YEAR_NS
+        newest = max(p.ts_ns for p in points)
+        until = max(newest, time.time_ns()) + _YEAR_NS if newer else newest + 1
         held: Held = defaultdict(list)
         for metric, names in by_metric.items():
             devices = sorted({tag[len("device="):] for name in names
@@ -598,6 +601,7 @@ class AkumuliSink:
 
         already = 0
         late: list[Point] = []
+        late_write = False  # the server holds newer points than the marks say
         for round_number in range(1, _ERROR_ROUNDS + 1):
             if self._resend:
                 recovering = True
@@ -606,7 +610,8 @@ class AkumuliSink:
                 return WriteResult(0, 0)
             held: Held = {}
             if recovering:
-                held = self.held_points(all_points)  # raises if the query API is down
+                # Raises if the query API is down: the write fails and is retried later.
+                held = self.held_points(all_points, newer=late_write)
                 self._raise_marks(held)
             plan = plan_write(all_points, self._marks, held)
             already, late = plan.held, plan.late
@@ -622,6 +627,7 @@ class AkumuliSink:
                 # gone down after it took those bytes.
                 self._suspect_last_send(str(exc))
                 recovering = True
+                late_write = late_write or "late write" in (exc.server_message or "")
                 if exc.server_message is not None and round_number < _ERROR_ROUNDS:
                     log.warning("Akumuli refused a send; reading back what it stored",
                                 extra={"fields": {"sink": self.url,

@@ -17,7 +17,7 @@ from storage_helpers import T0_NS, log_record
 from iotpipe.registry import Registry
 from iotpipe.storage.enrich import StoredReading, enrich_records
 from iotpipe.storage.sinks import SinkBatch, SinkError, WriteResult, open_sink
-from iotpipe.storage.sinks.victoriametrics import VictoriaMetricsSink, line_for
+from iotpipe.storage.sinks.victoriametrics import VictoriaMetricsSink, data_fields, line_for
 
 REGISTRY = Registry.from_yaml(
     "devices: {therm-1: {class: thermostat, location: 'lab 2', labels: {floor: 3, class: x}}}")
@@ -41,6 +41,15 @@ def test_line_protocol_tags_fields_and_escaping() -> None:
     line = line_for(_reading(b'{"a,b=c":1}', device="odd,dev=1 x"), "m")
     assert line == ("m,device_id=odd\\,dev\\=1\\ x,class=unknown,location=unknown "
                     f"a\\,b\\=c=1i {T0_NS}")
+
+
+@pytest.mark.unit
+def test_values_victoriametrics_cannot_take_are_sent_as_floats_or_counted() -> None:
+    big = (1 << 64) - 1
+    line = line_for(_reading(b'{"big":%d,"n":-36,"s":"x","z":null,"l":[1]}' % big), "m")
+    assert line is not None and f" big={float(big)!r},n=-36i {T0_NS}" in line
+    assert list(data_fields({"s": "x", "z": None, "l": [1], "f": 1.5})) == [
+        ("s", None), ("z", None), ("l", None), ("f", "1.5")]
 
 
 @pytest.mark.unit
@@ -116,6 +125,29 @@ def test_real_victoriametrics_recovery_writes_only_missing_samples(victoria: int
     assert sorted(series[0]["values"]) == sorted([i + 0.5 for i in range(10)] + [99.5])
     ms = [(T0_NS + i * 1_000_000_000) // 1_000_000 for i in range(10)]
     assert sorted(series[0]["timestamps"]) == sorted([*ms, ms[9]])  # type: ignore[type-var]
+
+
+@pytest.mark.integration
+def test_real_victoriametrics_takes_huge_integers_and_counts_skipped_values(
+        victoria: int) -> None:
+    from prometheus_client import REGISTRY
+
+    def skipped() -> float:
+        return REGISTRY.get_sample_value("iotpipe_storage_victoriametrics_skipped_values_total",
+                                         {"sink": "victoriametrics"}) or 0.0
+
+    before = skipped()
+    sink = open_sink(f"victoriametrics://127.0.0.1:{victoria}")
+    reading = _reading(b'{"big":18446744073709551615,"ok":1,"s":"text"}')
+    assert sink.write([SinkBatch("store", 1, [reading])]) == WriteResult(1, 0)
+    sink.close()
+    assert skipped() == before + 1  # the string
+    # VictoriaMetrics would have skipped the whole line for an int64 overflow (still 204).
+    values = {s["metric"]["__name__"]: s["values"]  # type: ignore[index]
+              for s in export(victoria, '{__name__=~"iotpipe_(big|ok)"}')}
+    assert values["iotpipe_ok"] == [1]
+    # Stored as a decimal of about 15 significant digits (18446744073709548000 here).
+    assert values["iotpipe_big"] == [pytest.approx(18446744073709551615, rel=1e-14)]
 
 
 @pytest.mark.integration

@@ -8,7 +8,10 @@ measurement, default ``iotpipe``). Each reading becomes one line::
 Tags are ``device_id``, ``class``, ``location`` and the registry labels (a label named like
 one of the first three is dropped). Fields are the numeric and boolean values of the
 reading's data object; nested objects are flattened with ``_`` (``{"a": {"b": 1}}`` ->
-``a_b``); strings, lists and nulls are skipped, since VictoriaMetrics stores numbers only.
+``a_b``); strings, lists and nulls are skipped (counted in
+``iotpipe_storage_victoriametrics_skipped_values_total``), since VictoriaMetrics stores
+numbers only. Integers beyond int64 are sent as floats: VictoriaMetrics would skip the whole
+line otherwise, and still answer 204.
 A reading without a numeric value writes nothing here (it is still in the other sinks).
 VictoriaMetrics names the series ``<measurement>_<field>``.
 
@@ -27,8 +30,9 @@ the write fails and is retried later: it never sends blind.
 Precision: VictoriaMetrics keeps milliseconds, so a reading's nanoseconds are truncated
 to the millisecond, and two readings of one device inside one millisecond are two samples
 with the same timestamp (a dedup flag on the server would collapse them into one). Values
-are float64: integers beyond 2**53 are rounded. Points older than the server's retention
-period are dropped by the server without an error. Durability: a 204 means VictoriaMetrics
+are stored as decimals of about 15 significant digits (18446744073709551615 comes back as
+18446744073709548000); integers beyond int64 are sent as floats. Points older than the
+server's retention period are dropped by the server without an error. Durability: a 204 means VictoriaMetrics
 accepted the points; it buffers the newest ones in memory for about a second before they
 reach its disk, so a crash of VictoriaMetrics itself can lose that second. The embedded
 SQLite sink is the store of record; this sink feeds dashboards.
@@ -44,13 +48,18 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
 import orjson
+import prometheus_client
 
 from iotpipe.storage.enrich import StoredReading
 from iotpipe.storage.sinks import SinkBatch, SinkError, WriteResult
 
-__all__ = ["VictoriaMetricsSink", "line_for", "numeric_fields"]
+__all__ = ["VictoriaMetricsSink", "data_fields", "line_for", "numeric_fields"]
 
 _RESERVED_TAGS = ("device_id", "class", "location")
+SKIPPED_VALUES = prometheus_client.Counter(
+    "iotpipe_storage_victoriametrics_skipped_values_total",
+    "Data values VictoriaMetrics cannot store (strings, nulls, lists, non-finite), not sent",
+    ["sink"])
 _ESCAPE_TAG = re.compile(r"([,= \\])")
 _ESCAPE_MEASUREMENT = re.compile(r"([, \\])")
 _TIMEOUT_S = 10.0
@@ -61,21 +70,40 @@ def _tag(text: str) -> str:
     return _ESCAPE_TAG.sub(r"\\\1", text.replace("\n", " ").replace("\r", " "))
 
 
-def numeric_fields(data: object, prefix: str = "") -> Iterator[tuple[str, str]]:
-    """``(field name, line-protocol value)`` for every number or bool in ``data``."""
+def _field_value(value: object) -> str | None:
+    """The line-protocol value of a number or bool; None when VictoriaMetrics cannot take it."""
+    if isinstance(value, bool):
+        return "1i" if value else "0i"
+    if isinstance(value, int):
+        if -(1 << 63) <= value < (1 << 63):
+            return f"{value}i"
+        # Beyond int64 VictoriaMetrics skips the whole line (answering 204): send a float.
+        try:
+            return repr(float(value))
+        except OverflowError:
+            return None
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else None
+    return None
+
+
+def data_fields(data: object, prefix: str = "") -> Iterator[tuple[str, str | None]]:
+    """``(field name, line-protocol value or None when not storable)`` for every leaf."""
     if not isinstance(data, dict):
         return
     for key, value in data.items():
         name = f"{prefix}{key}"
-        if isinstance(value, bool):
-            yield name, "1i" if value else "0i"
-        elif isinstance(value, int):
-            yield name, f"{value}i"
-        elif isinstance(value, float):
-            if math.isfinite(value):
-                yield name, repr(value)
-        elif isinstance(value, dict):
-            yield from numeric_fields(value, f"{name}_")
+        if isinstance(value, dict):
+            yield from data_fields(value, f"{name}_")
+        else:
+            yield name, _field_value(value)
+
+
+def numeric_fields(data: object, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """``(field name, line-protocol value)`` for every storable number or bool in ``data``."""
+    for name, value in data_fields(data, prefix):
+        if value is not None:
+            yield name, value
 
 
 def _tags(reading: StoredReading) -> list[tuple[str, str]]:
@@ -85,12 +113,20 @@ def _tags(reading: StoredReading) -> list[tuple[str, str]]:
     return [(k, v) for k, v in tags if k and v]
 
 
-def _fields(reading: StoredReading) -> list[tuple[str, str]]:
+def _fields(reading: StoredReading) -> tuple[list[tuple[str, str]], int]:
+    """The storable fields of a reading, and how many values cannot be stored here."""
     try:
         data = orjson.loads(reading.data)
     except orjson.JSONDecodeError:
-        return []
-    return list(numeric_fields(data))
+        return [], 1
+    fields: list[tuple[str, str]] = []
+    skipped = 0
+    for name, value in data_fields(data):
+        if value is None:
+            skipped += 1
+        else:
+            fields.append((name, value))
+    return fields, skipped
 
 
 def line_for(reading: StoredReading, measurement: str,
@@ -98,7 +134,7 @@ def line_for(reading: StoredReading, measurement: str,
     """The line-protocol line of one reading (or of ``fields`` of it), or None when it has
     no numeric value."""
     if fields is None:
-        fields = _fields(reading)
+        fields = _fields(reading)[0]
     if not fields:
         return None
     field_text = ",".join(f"{_tag(name)}={value}" for name, value in fields)
@@ -226,8 +262,10 @@ class VictoriaMetricsSink:
         found = self.stored_samples(readings) if recovering else {}
         lines: list[str] = []
         already = 0
+        skipped_values = 0
         for reading in readings:
-            fields = _fields(reading)
+            fields, skipped = _fields(reading)
+            skipped_values += skipped
             if found:
                 missing = []
                 for name, value in fields:
@@ -240,6 +278,8 @@ class VictoriaMetricsSink:
             line = line_for(reading, self.measurement, fields)
             if line is not None:
                 lines.append(line)
+        if skipped_values:
+            SKIPPED_VALUES.labels(self.kind).inc(skipped_values)
         if not lines:
             return WriteResult(0, already)
         status, body = self._post("/write", ("\n".join(lines) + "\n").encode())

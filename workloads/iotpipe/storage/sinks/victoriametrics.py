@@ -27,15 +27,15 @@ are both kept; two readings of one device with the same millisecond and value, o
 interrupted range and one in an earlier one, are taken for one). If the read-back fails,
 the write fails and is retried later: it never sends blind.
 
-Precision: VictoriaMetrics keeps milliseconds, so a reading's nanoseconds are truncated
-to the millisecond, and two readings of one device inside one millisecond are two samples
-with the same timestamp (a dedup flag on the server would collapse them into one). Values
-are stored as decimals of about 15 significant digits (18446744073709551615 comes back as
+Precision: VictoriaMetrics keeps milliseconds, so a reading's nanoseconds are truncated to
+the millisecond, and two readings of one device inside one millisecond are two samples with
+the same timestamp (a dedup flag on the server would collapse them into one). Values are
+stored as decimals of about 15 significant digits (18446744073709551615 comes back as
 18446744073709548000); integers beyond int64 are sent as floats. Points older than the
-server's retention period are dropped by the server without an error. Durability: a 204 means VictoriaMetrics
-accepted the points; it buffers the newest ones in memory for about a second before they
-reach its disk, so a crash of VictoriaMetrics itself can lose that second. The embedded
-SQLite sink is the store of record; this sink feeds dashboards.
+server's retention period are dropped by the server without an error. Durability: a 204
+means VictoriaMetrics accepted the points; it buffers the newest ones in memory for about a
+second before they reach its disk, so a crash of VictoriaMetrics itself can lose that
+second. The embedded SQLite sink is the store of record; this sink feeds dashboards.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """A stand-in for an Akumuli server, faithful to the behaviour in FIELD-NOTES.md.
 
-Akumuli cannot run here, so the sink is tested against this. It implements what the notes
-record, and nothing more lenient:
+Akumuli is not built on this machine (see AKUMULI.md), so the sink is tested against this.
+It implements what the notes record (checked on a real 0.8.80), and nothing more lenient:
 
 - TCP writes, RESP style, each line ending in CRLF: ``+<metric> <tag>=<value> ...``, then a
   timestamp (``+YYYYMMDDTHHMMSS.nnnnnnnnn`` UTC or ``:<nanoseconds>``), then a value
-  (``+<float>`` or ``:<int>``). A series needs at least one tag.
+  (``+<float>`` or ``:<unsigned int>``). A series needs at least one tag. RESP integers are
+  unsigned: ``:-36`` is refused with ``-PARSER can't parse integer (character value out of
+  range)``.
 - Nothing is sent on success. An error is one ``-...`` line, after which the server closes
   the connection; whatever followed in the same send is lost.
 - A point older than its series' last point is refused with ``-DB late write``; an equal
@@ -13,10 +15,17 @@ record, and nothing more lenient:
   as epoch 0.
 - HTTP ``POST /api/query`` with a JSON ``select`` query (``range`` from/to as basic ISO 8601,
   ``where`` tag -> value or list of values, ``order-by``, ``limit``, ``output`` format csv
-  with ``timestamp`` raw or iso); a bad query is answered with one ``-...`` line.
+  with ``timestamp`` raw or iso); rows end in ``\n`` and look like
+  ``temp class=x device=y,ts=1796035254006683000,21.5`` (raw: the ``ts=`` prefix) or
+  ``temp class=x device=y,20261130T120000.000000000,21.5`` (iso). A query that matches no
+  series (or names an unknown metric) is answered ``-not found``, a matching series with no
+  point in the range an empty body; values print like ``2`` for 2.0 (checked against
+  akumulid 0.8.80); a bad query is answered with one ``-...`` line.
 
-``fail_next`` injects a server-side error (what a full disk or an internal error looks like
-from the client) after a number of accepted points, optionally delayed.
+``down`` (an Event) makes the server behave as if it were down: every write connection is
+closed at once and every query answered 503. ``fail_next`` injects a server-side error (what
+a full disk or an internal error looks like from the client) after a number of accepted
+points, optionally delayed.
 
 The parser is sans-I/O (``WriteParser``: bytes in, points or an error out) so its own tests
 need no sockets.
@@ -42,6 +51,8 @@ __all__ = ["AkumuliStandin", "ParseError", "StandinPoint", "WriteParser", "canon
 
 _ISO = re.compile(rb"^(\d{8})T(\d{6})(?:\.(\d{1,9}))?$")
 _FORBIDDEN = re.compile(r"[:=|\s]")
+_UNSIGNED = re.compile(rb"^[0-9]+$")
+_INT_ERROR = "PARSER can't parse integer (character value out of range)"
 
 
 class ParseError(Exception):
@@ -124,16 +135,17 @@ class WriteParser:
             return None
         if self._ts_ns is None:
             if kind == b":":
-                try:
-                    self._ts_ns = int(body)
-                except ValueError:
-                    raise ParseError(f"PARSER error: bad timestamp {line[:40]!r}") from None
+                if not _UNSIGNED.match(body):
+                    raise ParseError(_INT_ERROR)
+                self._ts_ns = int(body)
             elif kind == b"+":
                 # Faithful to Akumuli: a timestamp string it cannot parse becomes epoch 0.
                 self._ts_ns = iso_to_ns(body) or 0
             else:
                 raise ParseError(f"PARSER error: expected a timestamp, got {line[:40]!r}")
             return None
+        if kind == b":" and not _UNSIGNED.match(body):
+            raise ParseError(_INT_ERROR)  # RESP integers are unsigned
         try:
             if kind == b"+":
                 value = float(body)
@@ -161,6 +173,7 @@ class _Store:
     points: dict[str, list[tuple[int, float]]] = field(default_factory=lambda: defaultdict(list))
     injected: _Injected | None = None
     errors_sent: list[str] = field(default_factory=list)
+    down: threading.Event = field(default_factory=threading.Event)
     connections: int = 0
     bytes_received: int = 0
 
@@ -185,6 +198,8 @@ class _WriteHandler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         store = self.server.store
+        if store.down.is_set():
+            return  # closed at once, nothing read
         with store.lock:
             store.connections += 1
         parser = WriteParser()
@@ -195,8 +210,8 @@ class _WriteHandler(socketserver.BaseRequestHandler):
                 data = sock.recv(65536)
             except OSError:
                 return
-            if not data:
-                return
+            if not data or store.down.is_set():
+                return  # a server that went down loses what it had not yet taken
             with store.lock:
                 store.bytes_received += len(data)
             error: str | None = None
@@ -246,6 +261,9 @@ class _QueryHandler(http.server.BaseHTTPRequestHandler):
             self._answer(404, b"not found\r\n")
             return
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.server.store.down.is_set():
+            self._answer(503, b"down\r\n")
+            return
         try:
             self._answer(200, run_query(self.server.store, body))
         except ParseError as exc:
@@ -263,6 +281,11 @@ def _query_time(query: dict[str, Any], key: str) -> int:
     if ts is None:
         raise ParseError(f"query parsing error: range.{key} is not a basic ISO 8601 timestamp")
     return ts
+
+
+def _number(value: float) -> str:
+    # As akumulid 0.8.80 prints them: 2 for 2.0, 1.5 for 1.5.
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 def run_query(store: _Store, body: bytes) -> bytes:
@@ -287,12 +310,14 @@ def run_query(store: _Store, body: bytes) -> bytes:
         where[tag] = [str(v) for v in wanted] if isinstance(wanted, list) else [str(wanted)]
     metric = query["select"]
     rows: list[tuple[str, int, float]] = []
+    matched = 0
     with store.lock:
         for series, points in store.points.items():
             name, *tag_list = series.split(" ")
             tags = dict(tag.partition("=")[::2] for tag in tag_list)
             if name != metric or any(tags.get(t) not in vs for t, vs in where.items()):
                 continue
+            matched += 1
             # [from, to) ascending; (to, from] descending
             rows += [(series, ts, v) for ts, v in points
                      if (low < ts <= high if descending else low <= ts < high)]
@@ -304,7 +329,9 @@ def run_query(store: _Store, body: bytes) -> bytes:
     limit = query.get("limit")
     if isinstance(limit, int):
         rows = rows[:limit]
-    lines = [f"{series}, {ts if raw_ts else ns_to_iso(ts)}, {value!r}\r\n"
+    if not matched:
+        return b"-not found\r\n"
+    lines = [f"{series},{'ts=' + str(ts) if raw_ts else ns_to_iso(ts)},{_number(value)}\n"
              for series, ts, value in rows]
     return "".join(lines).encode()
 
@@ -344,6 +371,10 @@ class AkumuliStandin:
         """Refuse the point after ``after_points`` more accepted ones with ``-message``."""
         with self.store.lock:
             self.store.injected = _Injected(message, after_points, delay_s)
+
+    @property
+    def down(self) -> threading.Event:
+        return self.store.down
 
     def series(self) -> dict[str, list[tuple[int, float]]]:
         with self.store.lock:

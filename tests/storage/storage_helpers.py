@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+import socket
+import subprocess
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import msgpack
 import zmq
@@ -118,3 +124,60 @@ class FakeFeed:
 
 def header(frames: list[bytes]) -> dict[str, object]:
     return dict(msgpack.unpackb(frames[1]))
+
+
+AKUMULID_CONFIG = """path={root}/db
+nvolumes=2
+volume_size=64MB
+
+[HTTP]
+port={http_port}
+bind_addr=127.0.0.1
+
+[TCP]
+port={tcp_port}
+bind_addr=127.0.0.1
+pool_size=1
+
+[WAL]
+path={root}/wal
+volume_size=16MB
+nvolumes=2
+
+log4j.rootLogger=info, file
+log4j.appender.file=org.apache.log4j.FileAppender
+log4j.appender.file.layout=org.apache.log4j.PatternLayout
+log4j.appender.file.layout.ConversionPattern=%d [%t] %c [%p] %m%n
+log4j.appender.file.filename={root}/akumuli.log
+"""
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def start_real_akumulid(procs: Any, root: Path, tcp_port: int, http_port: int
+                        ) -> bool:
+    """Create a database under ``root`` and start ``akumulid`` on loopback (the recipe of
+    /work/shared/AKUMULI.md); False when no ``akumulid`` is on PATH."""
+    binary = shutil.which("akumulid")
+    if binary is None:
+        return False
+    (root / "db").mkdir(parents=True)
+    (root / "wal").mkdir()
+    config = root / "akumulid.conf"
+    config.write_text(AKUMULID_CONFIG.format(root=root, http_port=http_port,
+                                             tcp_port=tcp_port))
+    subprocess.run([binary, "--create", "--config", str(config)], check=True, timeout=120,
+                   capture_output=True)
+    procs.start([binary, "--config", str(config)], name="akumulid")
+    deadline = time.monotonic() + 30
+    while not (_port_open(tcp_port) and _port_open(http_port)):
+        if time.monotonic() > deadline:
+            raise AssertionError("akumulid did not start:\n" + procs.log("akumulid"))
+        time.sleep(0.1)
+    return True

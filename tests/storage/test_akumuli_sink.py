@@ -68,10 +68,6 @@ def _counter(name: str) -> float:
                                      {"sink": "akumuli"}) or 0.0
 
 
-def _late(sink: AkumuliSink) -> float:
-    return _counter("late_points")
-
-
 @pytest.mark.integration
 def test_writes_are_stored_one_point_per_numeric_field(
         sink: AkumuliSink, standin: AkumuliStandin) -> None:
@@ -89,15 +85,38 @@ def test_writes_are_stored_one_point_per_numeric_field(
 
 
 @pytest.mark.integration
-def test_redelivery_stores_nothing_twice(sink: AkumuliSink, standin: AkumuliStandin) -> None:
+def test_negative_and_large_integers_are_stored(
+        sink: AkumuliSink, standin: AkumuliStandin) -> None:
+    result = sink.write(_batch(("d1", T0_NS, b'{"rssi":-36}'),
+                               ("d1", T0_NS + S, b'{"rssi":18446744073709551615}')))
+    assert result == WriteResult(2, 0)
+    assert standin.errors_sent == []  # ":-36" would be refused by Akumuli
+    assert standin.series() == {"rssi class=thermostat device=d1 location=lab": [
+        (T0_NS, -36.0), (T0_NS + S, float(18446744073709551615))]}
+
+
+@pytest.mark.integration
+def test_recovering_write_stores_nothing_twice(
+        sink: AkumuliSink, standin: AkumuliStandin) -> None:
     batch = _batch(_t("d1", 0, 1.0), _t("d1", 1, 2.0), _t("d2", 0, 3.0))
     assert sink.write(batch) == WriteResult(3, 0)
     before = standin.series()
-    late_before = _late(sink)
-    # Akumuli would accept the equal timestamps and store them again: the sink must not send.
-    assert sink.write(batch) == WriteResult(0, 3)
+    # Akumuli would store the equal timestamps again: a range written again after a crash
+    # is read back first, and nothing it holds is sent.
+    assert sink.write(batch, recovering=True) == WriteResult(0, 3)
     assert standin.series() == before
-    assert _late(sink) == late_before + 3
+    assert standin.connections == 1
+
+
+@pytest.mark.integration
+def test_equal_timestamps_of_two_readings_are_both_stored(
+        sink: AkumuliSink, standin: AkumuliStandin) -> None:
+    both = [*_readings(_t("d1", 0, 1.0)), *_readings(("d1", T0_NS, b'{"t":2.0}'))]
+    both[1] = both[1]._replace(msg_id="other")
+    assert sink.write([SinkBatch("store", 1, both)]) == WriteResult(2, 0)
+    assert standin.series() == {D1_T: [(T0_NS, 1.0), (T0_NS, 2.0)]}
+    # and a recovery of that range counts both as held
+    assert sink.write([SinkBatch("store", 1, both)], recovering=True) == WriteResult(0, 2)
 
 
 @pytest.mark.integration
@@ -114,35 +133,52 @@ def test_out_of_order_batch_is_stored_in_order(
 
 
 @pytest.mark.integration
-def test_late_points_are_skipped_and_counted(
+def test_late_points_are_returned_not_sent_and_not_counted_as_duplicates(
         sink: AkumuliSink, standin: AkumuliStandin) -> None:
     sink.write(_batch(_t("d1", 10, 10.0)))
-    late_before = _late(sink)
     result = sink.write(_batch(_t("d1", 5, 5.0), _t("d1", 20, 20.0), _t("d2", 1, 1.0)))
-    assert result == WriteResult(2, 1)
-    assert _late(sink) == late_before + 1
+    assert (result.written, result.duplicates) == (2, 0)
+    assert [(p.reading.device_id, p.reading.ts_ns, p.field, p.value) for p in result.late] == [
+        ("d1", T0_NS + 5 * S, "t", "5.0")]
+    assert "late" in result.late[0].reason
     assert standin.errors_sent == []
     assert standin.series() == {D1_T: [(T0_NS + 10 * S, 10.0), (T0_NS + 20 * S, 20.0)],
                                 D2_T: [(T0_NS + S, 1.0)]}
 
 
 @pytest.mark.integration
-def test_error_line_fails_the_write_and_the_retry_completes_it_exactly(
+def test_error_line_mid_send_is_read_back_and_completed_exactly(
         sink: AkumuliSink, standin: AkumuliStandin) -> None:
     batch = _batch(*[_t("d1", i, float(i)) for i in range(5)])
     standin.fail_next("DB internal error", after_points=2)
     reconciles_before = _counter("reconciles")
-    with pytest.raises(SinkError, match="DB internal error") as caught:
-        sink.write(batch)
-    assert _counter("reconciles") == reconciles_before + 1
-    assert sink.url in str(caught.value)
-    assert standin.series() == {D1_T: [(T0_NS, 0.0), (T0_NS + S, 1.0)]}  # a prefix arrived
-    # The storage tier retries the same batch: only the missing points go out, on a new
-    # connection, and none of the stored ones is sent again (no late write, no duplicate).
+    # The server stores 2 points, refuses the 3rd, closes and drops the rest of the send:
+    # the sink reads back what it holds and sends only the missing points.
     assert sink.write(batch) == WriteResult(3, 2)
+    assert _counter("reconciles") == reconciles_before + 1
     assert standin.series() == {D1_T: [(T0_NS + i * S, float(i)) for i in range(5)]}
     assert standin.errors_sent == ["DB internal error"]
     assert standin.connections == 2
+
+
+@pytest.mark.integration
+def test_repeated_errors_fail_the_write_naming_the_url(
+        sink: AkumuliSink, standin: AkumuliStandin, monkeypatch: pytest.MonkeyPatch) -> None:
+    batch = _batch(*[_t("d1", i, float(i)) for i in range(3)])
+    original = standin.store.accept
+
+    def refuse_each_send(point: object) -> tuple[str, float] | None:
+        standin.fail_next("DB disk full", after_points=0)
+        return original(point)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(standin.store, "accept", refuse_each_send)
+    with pytest.raises(SinkError, match="DB disk full") as caught:
+        sink.write(batch)
+    assert sink.url in str(caught.value)
+    assert standin.errors_sent == ["DB disk full"] * 3  # three rounds, then the tier retries
+    monkeypatch.undo()
+    assert sink.write(batch, recovering=True) == WriteResult(3, 0)
+    assert standin.series() == {D1_T: [(T0_NS + i * S, float(i)) for i in range(3)]}
 
 
 @pytest.mark.integration
@@ -154,33 +190,33 @@ def test_server_late_write_is_resolved_without_wedging(
     deadline = time.monotonic() + 5
     while not standin.series() and time.monotonic() < deadline:
         time.sleep(0.01)
-    late_before = _late(sink)
     result = sink.write(_batch(_t("d2", 1, 1.0), _t("d1", 50, 50.0), _t("d1", 150, 150.0)))
     assert standin.errors_sent == ["DB late write"]
     assert standin.series() == {
         D1_T: [(T0_NS + 100 * S, 100.0), (T0_NS + 150 * S, 150.0)],
         D2_T: [(T0_NS + S, 1.0)],
     }
-    assert result.written == 1  # d1@150 in the retry; d2@1 went out before the refusal
-    assert _late(sink) >= late_before + 1  # d1@50 at least
-    # and the feed moves on: the next write is normal
+    # d2@1 went out before the refusal (read back: held); d1@150 in the second round;
+    # d1@50 is late and comes back to be kept in late_points.
+    assert (result.written, result.duplicates) == (1, 1)
+    assert [(p.reading.ts_ns, p.field) for p in result.late] == [(T0_NS + 50 * S, "t")]
+    # and the sink moves on: the next write is normal
     assert sink.write(_batch(_t("d1", 200, 200.0))) == WriteResult(1, 0)
 
 
 @pytest.mark.integration
 def test_restarted_sink_keeps_marks(standin: AkumuliStandin, tmp_path: Path) -> None:
-    batch = _batch(_t("d1", 0, 1.0), _t("d1", 1, 2.0))
     first = _sink(standin, tmp_path / "marks.db")
-    assert first.write(batch) == WriteResult(2, 0)
+    assert first.write(_batch(_t("d1", 5, 1.0))) == WriteResult(1, 0)
     first.close()
-    stored = standin.series()
     second = _sink(standin, tmp_path / "marks.db")
-    try:
-        assert second.write(batch) == WriteResult(0, 2)  # the feed redelivers after restart
-        assert second.write(_batch(_t("d1", 1, 2.0), _t("d1", 2, 3.0))) == WriteResult(1, 1)
+    try:  # known to be late from the marks file alone: no refusal, no connection lost
+        result = second.write(_batch(_t("d1", 1, 2.0), _t("d1", 6, 3.0)))
+        assert (result.written, len(result.late)) == (1, 1)
     finally:
         second.close()
-    assert standin.series() == {D1_T: [*stored[D1_T], (T0_NS + 2 * S, 3.0)]}
+    assert standin.errors_sent == []
+    assert standin.series() == {D1_T: [(T0_NS + 5 * S, 1.0), (T0_NS + 6 * S, 3.0)]}
 
 
 @pytest.mark.integration
@@ -204,7 +240,6 @@ def test_unreachable_server_fails_the_write_naming_the_url(tmp_path: Path) -> No
     try:
         with pytest.raises(SinkError, match=f"akumuli://127.0.0.1:{port}.*cannot connect"):
             sink.write(_batch(_t("d1", 0, 1.0)))
-        # nothing was written, so nothing is marked: the retry will send it
         assert sink.write([]) == WriteResult(0, 0)
     finally:
         sink.close()
@@ -223,7 +258,7 @@ class _Crash(BaseException):
 
 @pytest.mark.integration
 @pytest.mark.parametrize("crash_at", ["after_send", "before_send"])
-def test_crash_mid_write_then_restart_stores_each_point_once(
+def test_crash_mid_write_then_recovery_stores_each_point_once(
         standin: AkumuliStandin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         crash_at: str) -> None:
     marks = tmp_path / "marks.db"
@@ -234,8 +269,8 @@ def test_crash_mid_write_then_restart_stores_each_point_once(
     def crash(*args: object, **kwargs: object) -> None:
         raise _Crash
 
-    # after_send: Akumuli took the points, the marks commit never happened (the feed will
-    # redeliver, and equal timestamps would be stored twice); before_send: nothing left.
+    # after_send: Akumuli took the points, the marks commit never happened (equal
+    # timestamps would be stored twice if resent); before_send: nothing left.
     if crash_at == "after_send":
         monkeypatch.setattr(first._store, "save", crash)
     else:
@@ -248,7 +283,11 @@ def test_crash_mid_write_then_restart_stores_each_point_once(
 
     restarted = _sink(standin, marks)
     try:
-        restarted.write(batch)  # the redelivery
+        # The tail rewrites the interrupted range with recovering=True. d2 is a brand-new
+        # series: before_send, Akumuli answers "-not found" for it, which means "nothing".
+        result = restarted.write(batch, recovering=True)
+        assert (result.written, result.duplicates) == (
+            (0, 3) if crash_at == "after_send" else (3, 0))
         restarted.write(_batch(_t("d1", 3, 3.0)))
     finally:
         restarted.close()
@@ -258,20 +297,20 @@ def test_crash_mid_write_then_restart_stores_each_point_once(
 
 
 @pytest.mark.integration
-def test_failed_reread_is_retried_before_anything_is_sent(
+def test_recovery_never_sends_blind_when_the_query_api_is_down(
         standin: AkumuliStandin, tmp_path: Path) -> None:
     sink = AkumuliSink.from_url(f"akumuli://{standin.host}:{standin.port}?query_port="
                                 f"{free_port()}&marks={tmp_path / 'm.db'}")
     try:
         batch = _batch(*[_t("d1", i, float(i)) for i in range(4)])
         standin.fail_next("DB internal error", after_points=2)
-        with pytest.raises(SinkError, match="re-reading marks failed"):
+        with pytest.raises(SinkError, match="query API"):
             sink.write(batch)
         with pytest.raises(SinkError, match="query API"):  # still down: nothing is sent
-            sink.write(batch)
+            sink.write(batch, recovering=True)
         assert standin.connections == 1
         sink.query_port = standin.query_port  # the query API is back
-        assert sink.write(batch) == WriteResult(2, 2)
+        assert sink.write(batch, recovering=True) == WriteResult(2, 2)
     finally:
         sink.close()
     assert standin.series() == {D1_T: [(T0_NS + i * S, float(i)) for i in range(4)]}

@@ -46,6 +46,8 @@ def test_parser_stores_malformed_timestamp_string_as_epoch_zero() -> None:
     b"+temp\r\n:1\r\n+1.0\r\n",  # no tag
     b"+temp device=\r\n:1\r\n+1.0\r\n",  # empty tag value
     b"+temp device=a\r\n:12x\r\n+1.0\r\n",  # bad integer timestamp
+    b"+temp device=a\r\n:-5\r\n+1.0\r\n",  # RESP integers are unsigned
+    b"+temp device=a\r\n:1\r\n:-36\r\n",  # a negative integer value
     b"+temp device=a\r\n:1\r\n+abc\r\n",  # bad float
     b"+temp device=a\r\n:1\r\n$1.0\r\n",  # unknown value type
     b":1\r\n",  # a timestamp where a series name belongs
@@ -155,17 +157,42 @@ def test_query_select_where_range_and_formats(standin: AkumuliStandin) -> None:
         "select": "t", "range": {"from": ns_to_iso(T0), "to": ns_to_iso(T0 + 5)},
         "where": {"device": ["a", "b"]}, "output": {"format": "csv", "timestamp": "raw"}})
     assert status == 200
-    assert text == (f"t device=a loc=x, {T0}, 1.0\r\n"  # "to" is exclusive
-                    f"t device=b loc=y, {T0 + 1}, 1.0\r\n")
+    # Akumuli's real rows: the raw timestamp carries a "ts=" prefix, lines end in \n.
+    assert text == (f"t device=a loc=x,ts={T0},1\n"  # "to" is exclusive
+                    f"t device=b loc=y,ts={T0 + 1},1\n")
     _, text = _query(standin, {
         "select": "t", "range": {"from": ns_to_iso(T0), "to": ns_to_iso(T0 + 10)},
         "where": {"loc": "x"}, "output": {"format": "csv"}})
-    assert text == (f"t device=a loc=x, {ns_to_iso(T0)}, 1.0\r\n"
-                    f"t device=a loc=x, {ns_to_iso(T0 + 5)}, 1.0\r\n")
+    assert text == (f"t device=a loc=x,{ns_to_iso(T0)},1\n"
+                    f"t device=a loc=x,{ns_to_iso(T0 + 5)},1\n")
     _, text = _query(standin, {  # from > to: newest first
         "select": "t", "range": {"from": ns_to_iso(T0 + 10), "to": ns_to_iso(T0)},
         "order-by": "time", "limit": 1, "output": {"format": "csv", "timestamp": "raw"}})
-    assert text == f"t device=a loc=x, {T0 + 5}, 1.0\r\n"
+    assert text == f"t device=a loc=x,ts={T0 + 5},1\n"
+
+
+@pytest.mark.integration
+def test_query_matching_no_series_answers_not_found(standin: AkumuliStandin) -> None:
+    _send(standin, _point("t device=a", T0))
+    window = {"from": ns_to_iso(T0), "to": ns_to_iso(T0 + 10)}
+    raw = {"format": "csv", "timestamp": "raw"}
+    for body in ({"select": "unknown", "range": window, "output": raw},
+                 {"select": "t", "range": window, "where": {"device": "b"}, "output": raw}):
+        assert _query(standin, body) == (200, "-not found\r\n")
+    # A series that matches but holds nothing in the range is an empty answer, not an error.
+    assert _query(standin, {"select": "t", "output": raw, "range": {
+        "from": ns_to_iso(T0 + 1), "to": ns_to_iso(T0 + 10)}}) == (200, "")
+
+
+@pytest.mark.integration
+def test_negative_integer_is_refused_and_the_rest_of_the_send_is_lost(
+        standin: AkumuliStandin) -> None:
+    answer = _send(standin, _point("t device=a", 1) + _point("t device=a", 2, ":-36")
+                   + _point("t device=a", 3, "+-36.0"))
+    assert answer == b"-PARSER can't parse integer (character value out of range)\r\n"
+    assert standin.series() == {"t device=a": [(1, 1.0)]}
+    assert _send(standin, _point("t device=a", 3, "+-36.0")) == b"<silence>"  # as a float
+    assert standin.series() == {"t device=a": [(1, 1.0), (3, -36.0)]}
 
 
 @pytest.mark.integration

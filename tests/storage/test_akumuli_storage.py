@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -63,7 +64,18 @@ def _start(procs: ProcessGroup, tmp_path: Path, endpoint: str, akumuli_url: str,
 def test_sigkill_and_redelivery_store_every_point_once(
         procs: ProcessGroup, tmp_path: Path, standin: AkumuliStandin) -> None:
     total = 3000
-    log = make_log(total, devices=20, prefix="a-dev-")  # data {"i": n}, ts T0 + n s
+    full_log = make_log(total, devices=20, prefix="a-dev-")  # data {"i": n}, ts T0 + n s
+    # Devices send over time (the feed serves what the log holds so far), so that the
+    # kills land mid-stream however fast the storage tier is.
+    log: list[bytes] = []
+    done_sending = threading.Event()
+
+    def fleet() -> None:
+        while len(log) < total and not done_sending.wait(0.05):
+            log.extend(full_log[len(log):len(log) + 30])  # about 600 records/s
+
+    pacer = threading.Thread(target=fleet, daemon=True)
+    pacer.start()
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     url = f"akumuli://{standin.host}:{standin.port}?query_port={standin.query_port}"
     acked: set[int] = set()
@@ -81,11 +93,17 @@ def test_sigkill_and_redelivery_store_every_point_once(
                 proc.wait(timeout=10)
                 assert len(acked) < total, "the kill came after the stream ended"
             else:
+                _wait_for(lambda: len(log) == total, 30, "the devices to finish sending")
                 _wait_for(lambda f=feed: f.acked_count() == total, 30, "every record acked")
+                # Akumuli tails the store of record: it catches up after the acks.
+                _wait_for(lambda: sum(len(p) for p in standin.series().values()) == total, 30,
+                          "Akumuli caught up")
                 proc.send_signal(signal.SIGTERM)
                 assert proc.wait(timeout=10) == 0, procs.log(f"storage-{round_no}")
         finally:
             feed.stop()
+    done_sending.set()
+    pacer.join(5)
     assert (tmp_path / "store" / f"akumuli-127.0.0.1-{standin.port}.marks.db").exists()
     stored = standin.series()
     expected = {}

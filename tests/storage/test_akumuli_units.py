@@ -19,8 +19,10 @@ from iotpipe.storage.sinks.akumuli import (
     Point,
     format_points,
     iso_timestamp,
+    parse_query_answer,
     plan_write,
     points_for,
+    resp_value,
 )
 
 REGISTRY = Registry.from_yaml(
@@ -40,23 +42,39 @@ def test_one_point_per_numeric_field_with_tags() -> None:
         b'{"t":21.5,"on":true,"off":false,"n":-3,"s":"text","z":null,"l":[1],'
         b'"pos":{"x":1.0},"my field":2}'))
     tags = "class=thermostat device=therm-1 floor=3 location=lab_2 zone_a=n_1_b"
-    assert points == [
-        Point(f"t {tags}", T0_NS, "+21.5"),
-        Point(f"on {tags}", T0_NS, ":1"),
-        Point(f"off {tags}", T0_NS, ":0"),
-        Point(f"n {tags}", T0_NS, ":-3"),
-        Point(f"pos_x {tags}", T0_NS, "+1.0"),
-        Point(f"my_field {tags}", T0_NS, ":2"),
+    assert [(p.series, p.ts_ns, p.value, p.field) for p in points] == [
+        (f"t {tags}", T0_NS, "+21.5", "t"),
+        (f"on {tags}", T0_NS, ":1", "on"),
+        (f"off {tags}", T0_NS, ":0", "off"),
+        (f"n {tags}", T0_NS, "+-3.0", "n"),  # RESP integers are unsigned: a float
+        (f"pos_x {tags}", T0_NS, "+1.0", "pos_x"),
+        (f"my_field {tags}", T0_NS, ":2", "my field"),
     ]
+    assert {p.reading.msg_id for p in points if p.reading is not None} == {"m1"}
     assert skipped == 3  # the string, the null and the list
 
 
 @pytest.mark.unit
-def test_unknown_device_and_int_beyond_int64() -> None:
-    big = (1 << 64) - 1  # orjson's largest integer; Akumuli's ":" form is 64-bit signed
-    points, skipped = points_for(_reading(b'{"big":%d}' % big, device="d 9"))
-    assert points == [Point("big class=unknown device=d_9 location=unknown", T0_NS,
-                            f"+{float(big)!r}")]
+@pytest.mark.parametrize(("value", "line"), [
+    (0, ":0"), (36, ":36"), ((1 << 64) - 1, ":18446744073709551615"),  # unsigned: as is
+    (-36, "+-36.0"), (-(1 << 53), f"+{-float(1 << 53)!r}"),  # negative: exact float
+    (-(1 << 63), f"+{float(-(1 << 63))!r}"),  # beyond 2**53: nearest float64 (documented)
+    (True, ":1"), (2.5, "+2.5"), (-0.5, "+-0.5"),
+    (float("nan"), None), (float("inf"), None), ("x", None), (None, None), ([1], None),
+])
+def test_every_value_is_sent_in_a_form_akumuli_accepts(value: object, line: str | None
+                                                       ) -> None:
+    assert resp_value(value) == line
+    if line is not None:  # and the stand-in (which refuses what Akumuli refuses) takes it
+        parsed = WriteParser().feed(f"+t device=a\r\n:1\r\n{line}\r\n".encode())
+        assert parsed[0].value == float(value)  # type: ignore[arg-type]
+
+
+@pytest.mark.unit
+def test_unknown_device_and_negative_int() -> None:
+    points, skipped = points_for(_reading(b'{"rssi":-36}', device="d 9"))
+    assert [(p.series, p.value) for p in points] == [
+        ("rssi class=unknown device=d_9 location=unknown", "+-36.0")]
     assert skipped == 0
 
 
@@ -72,19 +90,47 @@ def test_format_is_what_akumuli_parses() -> None:
 
 
 @pytest.mark.unit
-def test_plan_orders_each_series_and_skips_at_or_below_mark() -> None:
+def test_plan_orders_each_series_and_keeps_late_points_apart() -> None:
     a, b = "t device=a", "t device=b"
     points = [Point(a, 30, ":3"), Point(b, 5, ":5"), Point(a, 10, ":1"), Point(a, 20, ":2"),
-              Point(b, 4, ":4"), Point(a, 20, ":9")]
+              Point(b, 3, ":4"), Point(a, 20, ":9"), Point(b, 4, ":6")]
     plan = plan_write(points, {b: 4})
-    assert plan.send == [Point(a, 10, ":1"), Point(a, 20, ":2"), Point(a, 30, ":3"),
-                         Point(b, 5, ":5")]
-    assert plan.late == 2  # b@4 is at its mark; the second a@20 repeats a timestamp
+    # a@20 twice: Akumuli stores an equal timestamp again, and both are readings of their own.
+    assert plan.send == [Point(a, 10, ":1"), Point(a, 20, ":2"), Point(a, 20, ":9"),
+                         Point(a, 30, ":3"), Point(b, 4, ":6"), Point(b, 5, ":5")]
+    assert plan.late == [Point(b, 3, ":4")]  # older than b's mark: never sent
+    assert plan.held == 0
     assert plan.new_marks == {a: 30, b: 5}
-    assert plan.first_ts == {a: 10, b: 5}
-    # the same points again (a redelivery) send nothing
-    again = plan_write(points, plan.new_marks)
-    assert again.send == [] and again.late == len(points)
+
+
+@pytest.mark.unit
+def test_plan_sends_only_what_the_server_does_not_hold() -> None:
+    a = "t device=a"
+    points = [Point(a, 10, ":1"), Point(a, 20, ":2"), Point(a, 20, ":9"), Point(a, 30, ":3")]
+    # A send was cut after a@10 and the first a@20: the server holds those two.
+    plan = plan_write(points, {a: 20}, {(a, 10): [1.0], (a, 20): [2.0]})
+    assert plan.send == [Point(a, 20, ":9"), Point(a, 30, ":3")]
+    assert plan.held == 2 and plan.late == []
+    # Everything held: nothing to send, nothing late.
+    done = plan_write(points, {a: 30}, {(a, 10): [1.0], (a, 20): [9.0, 2.0], (a, 30): [3.0]})
+    assert done.send == [] and done.late == [] and done.held == 4
+    # Same series and timestamp but another value: another reading, not held.
+    other = plan_write([Point(a, 40, "+4.5")], {a: 30}, {(a, 40): [4.0]})
+    assert other.send == [Point(a, 40, "+4.5")] and other.held == 0
+
+
+@pytest.mark.unit
+def test_query_answers_in_the_real_server_formats() -> None:
+    text = ("temp device=y class=x,ts=1796035254006683000,21.5\n"
+            "temp class=x device=y,ts=1796035254006683001,-36\n")
+    assert parse_query_answer(text) == [("temp class=x device=y", 1796035254006683000, 21.5),
+                                        ("temp class=x device=y", 1796035254006683001, -36.0)]
+    assert parse_query_answer("-not found\r\n") == []  # no series matched: nothing stored
+    assert parse_query_answer("") == []
+    with pytest.raises(ValueError, match="query parsing error"):
+        parse_query_answer("-query parsing error: bad range\r\n")
+    with pytest.raises(ValueError, match="cannot read row"):
+        parse_query_answer("temp class=x,2025-11-26T10:00:00,1\n")
 
 
 @pytest.mark.unit

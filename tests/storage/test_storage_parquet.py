@@ -13,7 +13,7 @@ from storage_helpers import T0_NS, log_record, make_log
 
 from iotpipe.registry import Registry
 from iotpipe.storage.enrich import enrich_records
-from iotpipe.storage.sinks import ReadableSink, SinkBatch, SinkError, open_sink
+from iotpipe.storage.sinks import ReadableSink, SinkBatch, SinkError, WriteResult, open_sink
 from iotpipe.storage.sinks.parquet import ParquetSink
 
 pytestmark = pytest.mark.unit
@@ -39,7 +39,7 @@ def test_files_partitioned_by_date_and_class_and_rewritten_not_duplicated(
     assert isinstance(sink, ParquetSink)
     log = make_log(40)
     log.append(log_record("dev-1", "late", T0_NS + DAY_NS, b'{"x":1}', node_seq=41))
-    assert sink.write([_batch(1, 41, log)]) == (41, 0)
+    assert sink.write([_batch(1, 41, log)]) == WriteResult(41, 0)
     files = sorted(str(p.relative_to(tmp_path / "lake")) for p in (tmp_path / "lake").rglob("*")
                    if p.is_file())
     assert files == [

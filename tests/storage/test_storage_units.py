@@ -13,7 +13,7 @@ from iotpipe.registry import Registry
 from iotpipe.storage.consumer import FeedConsumer, merge_ranges
 from iotpipe.storage.enrich import StoredReading, enrich_records
 from iotpipe.storage.query import format_ts, parse_time, reading_to_json
-from iotpipe.storage.sinks import SinkBatch, SinkError, open_sink
+from iotpipe.storage.sinks import SinkBatch, SinkError, WriteResult, open_sink
 from iotpipe.storage.sinks.sqlite import SqliteSink
 
 pytestmark = pytest.mark.unit
@@ -163,10 +163,10 @@ def _stored(n: int, first: int = 1) -> list[StoredReading]:
 def test_sqlite_same_batch_twice_is_stored_once(tmp_path: Path) -> None:
     sink = SqliteSink(tmp_path / "db" / "readings.db")
     batch = SinkBatch("middle-0", 1, _stored(100))
-    assert sink.write([batch]) == (100, 0)
-    assert sink.write([batch]) == (0, 100)
+    assert sink.write([batch]) == WriteResult(100, 0)
+    assert sink.write([batch]) == WriteResult(0, 100)
     # A redelivery with other boundaries: only the new part is stored.
-    assert sink.write([SinkBatch("middle-0", 51, _stored(100, first=51))]) == (50, 50)
+    assert sink.write([SinkBatch("middle-0", 51, _stored(100, first=51))]) == WriteResult(50, 50)
     assert sink.count(None, None, None) == 150
     sink.close()
 

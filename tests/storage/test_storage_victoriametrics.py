@@ -16,8 +16,8 @@ from storage_helpers import T0_NS, log_record
 
 from iotpipe.registry import Registry
 from iotpipe.storage.enrich import StoredReading, enrich_records
-from iotpipe.storage.sinks import SinkBatch, SinkError, open_sink
-from iotpipe.storage.sinks.victoriametrics import VictoriaMetricsSink, line_for
+from iotpipe.storage.sinks import SinkBatch, SinkError, WriteResult, open_sink
+from iotpipe.storage.sinks.victoriametrics import VictoriaMetricsSink, data_fields, line_for
 
 REGISTRY = Registry.from_yaml(
     "devices: {therm-1: {class: thermostat, location: 'lab 2', labels: {floor: 3, class: x}}}")
@@ -41,6 +41,15 @@ def test_line_protocol_tags_fields_and_escaping() -> None:
     line = line_for(_reading(b'{"a,b=c":1}', device="odd,dev=1 x"), "m")
     assert line == ("m,device_id=odd\\,dev\\=1\\ x,class=unknown,location=unknown "
                     f"a\\,b\\=c=1i {T0_NS}")
+
+
+@pytest.mark.unit
+def test_values_victoriametrics_cannot_take_are_sent_as_floats_or_counted() -> None:
+    big = (1 << 64) - 1
+    line = line_for(_reading(b'{"big":%d,"n":-36,"s":"x","z":null,"l":[1]}' % big), "m")
+    assert line is not None and f" big={float(big)!r},n=-36i {T0_NS}" in line
+    assert list(data_fields({"s": "x", "z": None, "l": [1], "f": 1.5})) == [
+        ("s", None), ("z", None), ("l", None), ("f", "1.5")]
 
 
 @pytest.mark.unit
@@ -69,7 +78,7 @@ def victoria(procs: ProcessGroup, tmp_path: Path) -> Iterator[int]:
     port = free_port()
     procs.start([binary, f"-httpListenAddr=127.0.0.1:{port}",
                  f"-storageDataPath={tmp_path / 'vm'}", "-retentionPeriod=100y",
-                 "-dedup.minScrapeInterval=1ms", "-loggerLevel=ERROR"], name="victoria")
+                 "-loggerLevel=ERROR"], name="victoria")  # no -dedup flag: the sink's job
     deadline = time.monotonic() + 20
     while True:
         try:
@@ -94,21 +103,51 @@ def export(port: int, selector: str) -> list[dict[str, object]]:
 
 
 @pytest.mark.integration
-def test_real_victoriametrics_stores_each_sample_once_under_redelivery(victoria: int) -> None:
+def test_real_victoriametrics_recovery_writes_only_missing_samples(victoria: int) -> None:
     records = [log_record("therm-1", f"m{i}", T0_NS + i * 1_000_000_000,
                           b'{"t":%d.5,"label":"x"}' % i) for i in range(10)]
+    # Two readings 0.4 ms apart: one millisecond in VictoriaMetrics, yet two samples.
+    records.append(log_record("therm-1", "m-twin", T0_NS + 9 * 1_000_000_000 + 400_000,
+                              b'{"t":99.5}'))
     readings, _ = enrich_records(1, records, REGISTRY)
     sink = open_sink(f"victoriametrics://127.0.0.1:{victoria}")
-    assert sink.write([SinkBatch("middle-0", 1, readings)]) == (10, 0)
-    assert sink.write([SinkBatch("middle-0", 1, readings[:5])]) == (5, 0)  # redelivery
+    # A write cut short: only the first 6 readings reached the server.
+    assert sink.write([SinkBatch("store", 1, readings[:6])]) == WriteResult(6, 0)
+    # The range comes again after a crash: only what the server lacks is sent.
+    assert sink.write([SinkBatch("store", 1, readings)], recovering=True) == WriteResult(5, 6)
+    # And once more (a second crash): nothing is sent at all.
+    assert sink.write([SinkBatch("store", 1, readings)], recovering=True) == WriteResult(0, 11)
     sink.close()
     series = export(victoria, '{__name__="iotpipe_t"}')
     assert len(series) == 1
     assert series[0]["metric"] == {"__name__": "iotpipe_t", "device_id": "therm-1",
                                    "class": "thermostat", "location": "lab 2", "floor": "3"}
-    assert series[0]["values"] == [i + 0.5 for i in range(10)]
-    assert series[0]["timestamps"] == [(T0_NS + i * 1_000_000_000) // 1_000_000
-                                       for i in range(10)]
+    assert sorted(series[0]["values"]) == sorted([i + 0.5 for i in range(10)] + [99.5])
+    ms = [(T0_NS + i * 1_000_000_000) // 1_000_000 for i in range(10)]
+    assert sorted(series[0]["timestamps"]) == sorted([*ms, ms[9]])  # type: ignore[type-var]
+
+
+@pytest.mark.integration
+def test_real_victoriametrics_takes_huge_integers_and_counts_skipped_values(
+        victoria: int) -> None:
+    from prometheus_client import REGISTRY
+
+    def skipped() -> float:
+        return REGISTRY.get_sample_value("iotpipe_storage_victoriametrics_skipped_values_total",
+                                         {"sink": "victoriametrics"}) or 0.0
+
+    before = skipped()
+    sink = open_sink(f"victoriametrics://127.0.0.1:{victoria}")
+    reading = _reading(b'{"big":18446744073709551615,"ok":1,"s":"text"}')
+    assert sink.write([SinkBatch("store", 1, [reading])]) == WriteResult(1, 0)
+    sink.close()
+    assert skipped() == before + 1  # the string
+    # VictoriaMetrics would have skipped the whole line for an int64 overflow (still 204).
+    values = {s["metric"]["__name__"]: s["values"]  # type: ignore[index]
+              for s in export(victoria, '{__name__=~"iotpipe_(big|ok)"}')}
+    assert values["iotpipe_ok"] == [1]
+    # Stored as a decimal of about 15 significant digits (18446744073709548000 here).
+    assert values["iotpipe_big"] == [pytest.approx(18446744073709551615, rel=1e-14)]
 
 
 @pytest.mark.integration
@@ -125,6 +164,9 @@ def test_storage_process_writes_sqlite_and_victoriametrics(
             sinks=[f"sqlite://{tmp_path}/store/readings.db",
                    f"victoriametrics://127.0.0.1:{victoria}"])
         wait_for(lambda: feed.acked_count() == 300, 20, "every record acknowledged")
+        # VictoriaMetrics tails the store of record: it catches up after the acks.
+        wait_for(lambda: sum(len(s["values"]) for s in export(  # type: ignore[misc, arg-type]
+            victoria, '{__name__="iotpipe_i"}')) == 300, 20, "VictoriaMetrics caught up")
         proc.terminate()
         assert proc.wait(timeout=10) == 0
     finally:

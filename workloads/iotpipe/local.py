@@ -52,7 +52,7 @@ from pydantic import Field
 
 from iotpipe import lifecycle
 from iotpipe.auth import CLIENT_AUDIENCE, SECRET_FILE_ENV, issue_token, load_secret
-from iotpipe.settings import LogLevel, TierSettings, parse_settings, tier_config
+from iotpipe.settings import CommaList, LogLevel, TierSettings, parse_settings, tier_config
 from iotpipe.simulate import fleet_registry_yaml
 
 __all__ = [
@@ -104,6 +104,11 @@ class UpSettings(TierSettings):
                                      description="seconds the simulated fleet sends")
     log_level: LogLevel = Field("info", description="log level of every tier: debug, info, "
                                                     "warning, error or critical")
+    sinks: CommaList = Field(
+        default_factory=list,
+        description="storage sinks besides the embedded store DATA_DIR/store/readings.db, "
+                    "comma separated (victoriametrics://127.0.0.1:8428, parquet:///dir, "
+                    "akumuli://127.0.0.1:8282); a sqlite:// URL here replaces the store")
     drain_timeout: float = Field(15.0, gt=0, description="seconds ingest gets to forward its "
                                                          "queue on stop (the rest stays queued "
                                                          "for the next start)")
@@ -113,6 +118,13 @@ class UpSettings(TierSettings):
                                                         "before SIGKILL")
     max_backoff: float = Field(10.0, gt=0, description="longest wait before restarting a "
                                                        "tier that keeps dying")
+
+
+def _storage_sinks(settings: UpSettings, data_dir: Path) -> list[str]:
+    # The embedded store stays the store of record unless a sqlite:// URL replaces it.
+    if any(url.lower().startswith("sqlite://") for url in settings.sinks):
+        return list(settings.sinks)
+    return [f"sqlite://{(data_dir / 'store' / 'readings.db').resolve()}", *settings.sinks]
 
 
 @dataclass(frozen=True)
@@ -184,7 +196,7 @@ def build_children(settings: UpSettings, ports: Ports, data_dir: Path, registry_
             "storage", *common, "--metrics-port", str(ports.storage_metrics),
             "--feed-endpoints", f"tcp://{loop_host}:{ports.middle_feed}",
             "--group", "storage", "--consumer-id", "local-storage",
-            "--sinks", f"sqlite://{(data_dir / 'store' / 'readings.db').resolve()}",
+            "--sinks", ",".join(_storage_sinks(settings, data_dir)),
             "--registry-file", str(registry_file), "--data-dir", str(data_dir / "store"),
             "--read-api")),
         ChildSpec("relay", _iotpipe(

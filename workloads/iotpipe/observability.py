@@ -127,7 +127,8 @@ class ObservabilityServer:
         self,
         host: str,
         port: int,
-        ready: Callable[[], bool] = lambda: True,
+        # bool, or (bool, detail): the detail lines follow "ready"/"not ready" in the body.
+        ready: Callable[[], bool | tuple[bool, str]] = lambda: True,
         registry: CollectorRegistry = REGISTRY,
         routes: Mapping[str, WSGIApp] | None = None,
     ) -> None:
@@ -159,13 +160,16 @@ class ObservabilityServer:
             start_response("200 OK", [("Content-Type", "text/plain")])
             return [b"ok\n"]
         if path == "/readyz":
+            detail = ""
             try:
-                ok = bool(self._ready())
+                answer = self._ready()
+                ok, detail = answer if isinstance(answer, tuple) else (bool(answer), "")
             except Exception:  # a failing probe means "not ready", never a crash
                 ok = False
             status = "200 OK" if ok else "503 Service Unavailable"
             start_response(status, [("Content-Type", "text/plain")])
-            return [b"ready\n" if ok else b"not ready\n"]
+            body = "ready\n" if ok else "not ready\n"
+            return [(body + (detail.rstrip("\n") + "\n" if detail else "")).encode()]
         if path == "/metrics":
             return self._metrics_app(environ, start_response)
         route = self._routes.get(path)

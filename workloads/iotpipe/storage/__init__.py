@@ -2,7 +2,8 @@
 
 Modules: ``consumer`` (sans-I/O feed client state: credit window, heartbeats, acks),
 ``enrich`` (log records -> denormalised ``StoredReading`` rows), ``sinks`` (the ``Sink``
-protocol and the sqlite / victoriametrics / parquet implementations), ``server`` (the I/O
+protocol and the sqlite / victoriametrics / parquet / akumuli implementations), ``tail``
+(sinks copying the store of record on their own cursors), ``server`` (the I/O
 shell, ``iotpipe storage``), ``query`` (``iotpipe query``) and ``bench``
 (``iotpipe bench storage``).
 
@@ -12,16 +13,20 @@ Operating notes
   one dropped as a duplicate, so ids must be unique per device.
 - Unknown devices (not in the registry) are stored with class and location ``unknown``
   and empty labels, never dropped.
-- Acknowledgement: a delivery is acknowledged to its middle only after every configured
-  sink's ``write`` returned, so SIGKILL at any instant loses nothing acknowledged; what was
-  written but not acknowledged comes again and is ignored as a duplicate.
-- VictoriaMetrics must run with ``-dedup.minScrapeInterval=1ms`` for redelivered samples
-  to collapse (see ``sinks.victoriametrics``); SQLite is the store of record.
+- Acknowledgement: a delivery is acknowledged to its middle once the store of record (the
+  embedded SQLite sink) has committed it, so SIGKILL at any instant loses nothing
+  acknowledged; what was written but not acknowledged comes again and is ignored as a
+  duplicate. Every other sink tails the store of record on its own durable cursor
+  (``tail``), so one sink's trouble stalls neither the feed nor the other sinks; each sink
+  holds every reading once after kills (see ``sinks`` and docs/storage-sinks.md). Values a
+  sink refuses for good (Akumuli's late writes) are kept in the store's ``late_points``.
 - Metrics (``iotpipe_storage_*``): ``records_written_total{sink}``,
   ``duplicates_total{sink}``, ``write_seconds{sink}`` (histogram),
   ``write_errors_total{sink}``, ``rejected_records_total``, ``deliveries_total{endpoint}``,
   ``records_received_total{endpoint}``, ``malformed_messages_total{endpoint}``,
   ``in_flight_records{endpoint}``, ``feed_lag_seconds{endpoint}`` (age of the newest
-  stored reading since ingest received it), ``last_acked_seq{endpoint}``. The record lag
-  per group is the middle's ``iotpipe_middle_feed_lag_records{group}``.
+  stored reading since ingest received it), ``last_acked_seq{endpoint}``; per tailing
+  sink ``sink_lag_rows``, ``sink_lag_seconds``, ``sink_up``, ``sink_cursor``,
+  ``sink_recoveries_total`` and ``late_points_total`` (``{sink}``). The record lag per
+  group is the middle's ``iotpipe_middle_feed_lag_records{group}``.
 """

@@ -4,7 +4,8 @@ Times (``--since``, ``--until``) are RFC 3339 (``2026-11-26T10:00:00.5Z``; up to
 fractions; a time without an offset is taken as UTC) or epoch seconds (``1764151200.5``).
 The range is ``since <= ts < until`` on the device's own timestamp. Output is one JSON
 object per line with ``--json``, else an aligned table; ``--count`` prints the number of
-matching readings instead.
+matching readings instead. ``--late`` lists the values a sink refused for good (Akumuli's
+late writes), kept in the store of record's ``late_points`` table, with the sink and reason.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pydantic import Field
 from iotpipe.settings import TierSettings, parse_settings, tier_config
 from iotpipe.storage.enrich import StoredReading
 from iotpipe.storage.sinks import ReadableSink, SinkError, open_sink
+from iotpipe.storage.sinks.sqlite import SqliteSink
 
 __all__ = ["QuerySettings", "format_ts", "main", "parse_time", "reading_to_json"]
 
@@ -50,6 +52,8 @@ class QuerySettings(TierSettings):
     json_lines: bool = Field(False,
                              description="print JSON lines instead of a table")
     count: bool = Field(False, description="print only the number of matching readings")
+    late: bool = Field(False, description="list the values sinks refused as late (kept in "
+                                          "the store of record), filtered like readings")
 
     def url(self) -> str:
         return self.sink if self.sink is not None else f"sqlite://{self.db}"
@@ -114,6 +118,30 @@ def _print_table(readings: list[StoredReading]) -> None:
               + "  " + row[-1])
 
 
+def _print_late(sink: object, settings: QuerySettings, since_ns: int | None,
+                until_ns: int | None) -> int:
+    if not isinstance(sink, SqliteSink):
+        print("iotpipe query: error: --late reads the store of record (give --db or a "
+              "sqlite:// --sink)", file=sys.stderr)
+        return 2
+    points = [p for p in sink.late_points()
+              if (settings.device is None or p.device_id == settings.device)
+              and (since_ns is None or p.ts_ns >= since_ns)
+              and (until_ns is None or p.ts_ns < until_ns)]
+    if settings.limit is not None:
+        points = points[:settings.limit]
+    if settings.count:
+        print(len(points))
+    elif settings.json_lines:
+        for point in points:
+            print(orjson.dumps({**point._asdict(), "ts": format_ts(point.ts_ns)}).decode())
+    else:
+        for point in points:
+            print(f"{format_ts(point.ts_ns)}  {point.device_id}  {point.msg_id}  "
+                  f"{point.field}={point.value}  {point.sink}: {point.reason}")
+    return 0
+
+
 def main(argv: Sequence[str]) -> int:
     settings = parse_settings(QuerySettings, argv)
     if settings.db is not None and settings.sink is not None:
@@ -134,6 +162,8 @@ def main(argv: Sequence[str]) -> int:
         print(f"iotpipe query: error: {exc}", file=sys.stderr)
         return 2
     try:
+        if settings.late:
+            return _print_late(sink, settings, since_ns, until_ns)
         if not isinstance(sink, ReadableSink):
             print(f"iotpipe query: error: sink {settings.url()!r} cannot be read back "
                   f"(readable: sqlite://, parquet://)", file=sys.stderr)

@@ -1,18 +1,25 @@
 """``iotpipe storage``: the I/O shell around the feed consumer, enrichment and sinks.
 
-One thread owns everything: a DEALER socket per middle feed endpoint, the registry watcher
-and the sinks. The loop restates credit (heartbeat), polls every socket, drains what has
-arrived (up to ``max_batch_records``), enriches it, writes it to every sink (one write per
-sink for all deliveries that arrived together: group commit) and only then acknowledges
-each delivery to the middle it came from. So an acknowledged record is durable in every
-sink, and a record that was written but not acknowledged (SIGKILL between the two) is
-redelivered and ignored as a duplicate.
+One thread owns the feed: a DEALER socket per middle feed endpoint, the registry watcher and
+the store of record (the embedded SQLite sink). The loop restates credit (heartbeat), polls
+every socket, drains what has arrived (up to ``max_batch_records``), enriches it, writes it
+to the store of record (one transaction for all deliveries that arrived together: group
+commit) and only then acknowledges each delivery to the middle it came from. So an
+acknowledged record is durable in the store of record, and a record that was written but
+not acknowledged (SIGKILL between the two) is redelivered and ignored as a duplicate.
 
-A sink write that fails is retried with backoff (the other sinks are not rewritten); the
-tier is not ready meanwhile. SIGTERM or SIGINT lets the batch in hand finish and be
-acknowledged, sends the last acks with credit 0, and exits 0. If the sinks are failing at
-that moment, the unacknowledged batch is given up (the middle redelivers it) and the exit
-status is 1.
+Every other sink tails the store of record on a thread of its own with its own durable
+cursor (``iotpipe.storage.tail``): a sink that is down, refusing or slow holds up neither
+the feed nor the other sinks, and catches up when it recovers. Its lag and state are
+metrics (``iotpipe_storage_sink_*``) and lines of the ``/readyz`` body.
+
+A store-of-record write that fails is retried with backoff; the tier is not ready
+meanwhile (a failing tailing sink does not make it unready: it is reported in the
+``/readyz`` detail and ``iotpipe_storage_sink_up``). SIGTERM or SIGINT lets the batch in
+hand finish and be acknowledged, sends the last acks with credit 0, stops the sink threads
+(a range a sink was writing is rewritten at the next start) and exits 0. If the store is
+failing at that moment, the unacknowledged batch is given up (the middle redelivers it) and
+the exit status is 1.
 
 ``--feed-endpoints-file`` (key ``feed`` of the operator's endpoints ConfigMap) is re-read
 every ``--endpoints-reload-seconds`` between batches: a link (socket + feed consumer) is
@@ -57,7 +64,9 @@ from iotpipe.settings import CommaList, ServerSettings, parse_settings, tier_con
 from iotpipe.storage.consumer import FeedConsumer
 from iotpipe.storage.enrich import enrich_records
 from iotpipe.storage.readapi import HISTORY_PATH, HistoryApp
-from iotpipe.storage.sinks import Sink, SinkBatch, SinkError, open_sink
+from iotpipe.storage.sinks import Sink, SinkBatch, SinkError, open_sink, sink_scheme
+from iotpipe.storage.sinks.sqlite import SqliteSink
+from iotpipe.storage.tail import SinkWorker, TailMetrics, cursor_key
 
 __all__ = ["StorageMetrics", "StorageService", "StorageSettings", "main"]
 
@@ -65,6 +74,7 @@ log = logging.getLogger("iotpipe.storage")
 
 _MAX_POLL_S = 0.25  # how long a stop request waits at most
 _LINGER_MS = 2000  # time given to the last acks to leave at shutdown
+_PRUNE_INTERVAL_S = 10.0
 
 
 class StorageSettings(ServerSettings):
@@ -90,9 +100,17 @@ class StorageSettings(ServerSettings):
                              description="this consumer's id in the group (default: hostname)")
     sinks: CommaList = Field(
         default_factory=list,
-        description="sink URLs, comma separated (sqlite:///path/readings.db, "
-                    "victoriametrics://host:8428, parquet:///dir, akumuli://host:8282); "
-                    "default: sqlite://<data-dir>/readings.db")
+        description="sink URLs, comma separated (victoriametrics://host:8428, parquet:///dir, "
+                    "akumuli://host:8282, sqlite:///path/x.db); the store of record "
+                    "sqlite://<data-dir>/readings.db is always used: the first sqlite:// URL "
+                    "given replaces it")
+    store_retention: float = Field(
+        0.0, ge=0,
+        description="seconds to keep readings in the store of record once every sink holds "
+                    "them (the store becomes a spool for the other sinks, and a reading "
+                    "redelivered after that is stored again); 0 keeps them for good")
+    sink_batch_rows: int = Field(2000, ge=1,
+                                 description="rows a tailing sink writes in one go at most")
     registry_file: str = Field("/etc/iotpipe/registry/registry.yaml",
                                description="device registry YAML, reloaded when it changes; "
                                            "a missing file means every device is 'unknown'")
@@ -112,7 +130,11 @@ class StorageSettings(ServerSettings):
                                               "metrics port, for the relay's live page")
 
     def sink_urls(self) -> list[str]:
-        return self.sinks or [f"sqlite://{Path(self.data_dir).resolve()}/readings.db"]
+        """The store of record first (the first sqlite:// URL, or the default), then the rest."""
+        for i, url in enumerate(self.sinks):
+            if sink_scheme(url) == "sqlite":
+                return [url, *self.sinks[:i], *self.sinks[i + 1:]]
+        return [f"sqlite://{Path(self.data_dir).resolve()}/readings.db", *self.sinks]
 
 
 class StorageMetrics:
@@ -148,6 +170,11 @@ class StorageMetrics:
         self.last_acked = Gauge("iotpipe_storage_last_acked_seq",
                                 "Highest middle log seq acknowledged", ["endpoint"],
                                 registry=registry)
+        self.tail = TailMetrics(registry, self.written, self.duplicates, self.write_errors,
+                                self.write_seconds)
+        self.pruned = Counter("iotpipe_storage_store_pruned_total",
+                              "Readings removed from the store of record after "
+                              "--store-retention", registry=registry)
 
 
 @dataclass
@@ -172,8 +199,18 @@ class StorageService:
         feed_endpoints = list(settings.feed_endpoints if endpoints is None else endpoints)
         if not feed_endpoints:
             raise ValueError("no feed endpoints configured (--feed-endpoints tcp://host:5557)")
+        if not sinks or not isinstance(sinks[0], SqliteSink):
+            raise ValueError("--sinks: the first sink must be the store of record (sqlite://)")
+        keys = [cursor_key(sink.url) for sink in sinks]
+        twice = sorted({key for key in keys if keys.count(key) > 1})
+        if twice:  # two writers on one cursor would each skip what the other wrote
+            raise ValueError(f"--sinks: sink(s) listed twice: {', '.join(twice)}")
         self.settings = settings
+        self.store: SqliteSink = sinks[0]
         self.sinks = list(sinks)
+        self.workers = [SinkWorker(sink, self.store.path, metrics.tail,
+                                   batch_rows=settings.sink_batch_rows) for sink in sinks[1:]]
+        self._next_prune = 0.0
         self.registry = registry
         self.metrics = metrics
         self.endpoints_file = endpoints_file
@@ -232,6 +269,13 @@ class StorageService:
     def ready(self) -> bool:
         return self.sinks_healthy and not self._stop.is_set()
 
+    def readiness(self) -> tuple[bool, str]:
+        """Ready (the store of record takes writes) and one line per sink for ``/readyz``."""
+        lines = [f"sink {self.store.url}: store of record, "
+                 f"{'ok' if self.sinks_healthy else 'failing'}"]
+        lines += [worker.state.describe() for worker in self.workers]
+        return self.ready, "\n".join(lines)
+
     def stop(self) -> None:
         self._stop.set()
 
@@ -247,10 +291,15 @@ class StorageService:
             poller.register(link.sock, zmq.POLLIN)
         start = 0
         exit_code = 0
+        for worker in self.workers:
+            worker.start()
         reload_s = self.settings.endpoints_reload_seconds
         next_check = time.monotonic() + reload_s
         while not self._stop.is_set():
             now = time.monotonic()
+            if self.settings.store_retention and now >= self._next_prune:
+                self._next_prune = now + min(_PRUNE_INTERVAL_S, self.settings.store_retention)
+                self._prune()
             if self.endpoints_file is not None and now >= next_check:
                 next_check = now + reload_s
                 changed = self.endpoints_file.check()
@@ -283,7 +332,22 @@ class StorageService:
                 break
         for link in self._links:
             self._send(link, link.consumer.final_request())
+        for worker in self.workers:
+            worker.stop()
         return exit_code
+
+    def _prune(self) -> None:
+        """Drop readings every sink holds that are older than ``store_retention``."""
+        cutoff_ns = time.time_ns() - int(self.settings.store_retention * 1e9)
+        upto = min((worker.state.done for worker in self.workers), default=None)
+        try:
+            removed = self.store.prune(upto, cutoff_ns)
+        except SinkError as exc:
+            log.warning("pruning the store of record failed",
+                        extra={"fields": {"error": str(exc)}})
+            return
+        if removed:
+            self.metrics.pruned.inc(removed)
 
     def _drain(self, link: _Link, out: list[tuple[_Link, wire.Records]], budget: int) -> int:
         taken = 0
@@ -309,7 +373,9 @@ class StorageService:
         return taken
 
     def _process(self, deliveries: list[tuple[_Link, wire.Records]]) -> bool:
-        """Enrich, write to every sink, then ack. False if given up (stop while failing)."""
+        """Enrich, write to the store of record, wake the tailing sinks, then ack.
+
+        False if given up (stop while the store is failing)."""
         registry = self.registry.current
         batches: list[SinkBatch] = []
         newest_received_ns: dict[str, int] = {}
@@ -327,14 +393,15 @@ class StorageService:
                 if newest > newest_received_ns.get(link.endpoint, 0):
                     newest_received_ns[link.endpoint] = newest
         if batches:
-            for sink in self.sinks:
-                if not self._write_until_done(sink, batches):
-                    for link, delivery in deliveries:
-                        link.consumer.abandon(delivery)
-                    log.error("stopping while a sink is failing: the batch in hand is not "
-                              "acknowledged and will be redelivered",
-                              extra={"fields": {"sink": sink.url}})
-                    return False
+            if not self._write_until_done(self.store, batches):
+                for link, delivery in deliveries:
+                    link.consumer.abandon(delivery)
+                log.error("stopping while the store of record is failing: the batch in hand "
+                          "is not acknowledged and will be redelivered",
+                          extra={"fields": {"sink": self.store.url}})
+                return False
+            for worker in self.workers:
+                worker.wake.set()
         now_ns = time.time_ns()
         for link, delivery in deliveries:
             link.consumer.stored(delivery)
@@ -373,6 +440,8 @@ class StorageService:
             return True
 
     def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
         for link in self._links:
             link.sock.close()
         self._ctx.term()
@@ -430,7 +499,7 @@ def main(argv: Sequence[str]) -> int:
     except ValueError as exc:
         for sink in sinks:
             sink.close()
-        print(f"iotpipe storage: error: --feed-endpoints: {exc}", file=sys.stderr)
+        print(f"iotpipe storage: error: {exc}", file=sys.stderr)  # names the setting
         return 2
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -442,7 +511,7 @@ def main(argv: Sequence[str]) -> int:
         service.stop()  # stopped while starting: run() returns at once
     try:
         observability = ObservabilityServer(settings.host, settings.metrics_port,
-                                            ready=lambda: service.ready,
+                                            ready=service.readiness,
                                             routes=_read_routes(settings)).start()
     except PortInUse as exc:
         service.close()

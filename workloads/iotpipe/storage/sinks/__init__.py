@@ -1,9 +1,15 @@
 """Storage sinks, chosen by URL; several can be active at once.
 
-Every sink implements ``Sink``: ``write(batches)`` returns only once the rows are durable
-in that sink (the storage tier acknowledges the feed after every sink returned), and must be
-idempotent, because the feed is at-least-once and a redelivered batch must store nothing
-twice. Sinks that can read rows back also implement ``ReadableSink`` (``iotpipe query``).
+Every sink implements ``Sink``: ``write(batches, recovering=...)`` returns only once the rows
+are durable in that sink. The store of record (the first ``sqlite://`` sink) is written on
+the feed path and must be idempotent (``INSERT OR IGNORE``): the feed is at-least-once.
+Every other sink tails the store of record on its own durable cursor (``iotpipe.storage.tail``)
+and sees each range of rows once, except a range whose write may have been cut short (a
+failed write, or a crash between the "pending" record and the cursor commit): that range is
+written again with ``recovering=True``, and the sink must then store only what it lacks
+(read back, or overwrite the same files). Points a sink refuses for good (Akumuli's late
+writes) come back in ``WriteResult.late`` and are kept in the store's ``late_points`` table.
+Sinks that can read rows back also implement ``ReadableSink`` (``iotpipe query``).
 
 URL schemes:
   ``sqlite:///abs/path/readings.db`` (``sqlite://rel/path.db`` is relative): embedded default;
@@ -21,6 +27,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 from iotpipe.storage.enrich import StoredReading
 
 __all__ = [
+    "LatePoint",
     "ReadableSink",
     "Sink",
     "SinkBatch",
@@ -36,24 +43,40 @@ class SinkError(Exception):
 
 
 class SinkBatch(NamedTuple):
-    """The readings of one feed delivery: log seqs ``first ..`` of middle ``middle``."""
+    """Readings written together. For the store of record: one feed delivery (log seqs
+    ``first ..`` of middle ``middle``); for a tailing sink: one range of store rows (rowids
+    ``first ..`` of the store whose identity is ``middle``), the same on every rewrite."""
 
     middle: str
     first: int
     readings: Sequence[StoredReading]
 
 
+class LatePoint(NamedTuple):
+    """One value a sink refused for good (e.g. older than its series' newest point)."""
+
+    reading: StoredReading
+    field: str  # the data field (flattened name) that was refused
+    value: str  # the value as text (e.g. ``-36.0``), as the sink would have stored it
+    reason: str  # why, in words a user can act on
+
+
 class WriteResult(NamedTuple):
     written: int  # readings (or points) newly written
-    duplicates: int  # readings the sink already held (0 where a sink cannot tell)
+    duplicates: int  # readings (or points) the sink already held (0 where it cannot tell)
+    late: Sequence[LatePoint] = ()  # refused for good; kept in the store's late_points
 
 
 class Sink(Protocol):
     url: str
     kind: str  # the URL scheme, used as the metrics label
 
-    def write(self, batches: Sequence[SinkBatch]) -> WriteResult:
-        """Store all readings durably (idempotently), or raise ``SinkError``."""
+    def write(self, batches: Sequence[SinkBatch], *, recovering: bool = False) -> WriteResult:
+        """Store all readings durably, or raise ``SinkError``.
+
+        ``recovering``: part of these readings may be stored already (an earlier write of
+        the same range failed or was cut by a crash); store only what is missing.
+        """
         ...
 
     def close(self) -> None: ...

@@ -1,75 +1,65 @@
 """Akumuli sink: RESP-style writes on TCP (default port 8282), one point per numeric field.
 
 URL: ``akumuli://host[:8282]``. Options, all optional (the operator's CRD passes none):
-``?query_port=8181`` (the HTTP API, used only to re-read what the server holds after an
-error), ``?marks=/path/file.db`` (the high-water-mark file, see below) and
-``?confirm_ms=50`` (how long to listen for an error after each send).
+``?query_port=8181`` (the HTTP API, used to read back what the server holds),
+``?marks=/path/file.db`` (the high-water-mark file, see below) and ``?confirm_ms=50`` (how
+long to listen for an error after each send).
 
 Points. Each numeric value of a reading's data object becomes one point: metric = the field
 name (nested objects flattened with ``_``, sanitised to ``[A-Za-z0-9_./-]``), tags
 ``device=<id> class=<class> location=<location>`` plus the registry labels (a label named like
 one of those three is dropped; tag values have Akumuli's forbidden characters - space, ``:``,
 ``=``, ``|`` - and ``,`` replaced by ``_``; empty values are left out), timestamp = the
-reading's ``ts_ns``. Booleans are ``:0``/``:1``, integers ``:<int>``, floats ``+<float>``.
-Strings, nulls, lists and non-finite floats are skipped and counted
-(``iotpipe_storage_akumuli_skipped_values_total``). Timestamps are always sent as
-``:<nanoseconds>``: Akumuli stores a timestamp string it cannot parse as epoch 0, silently.
+reading's ``ts_ns``, always sent as ``:<nanoseconds>`` (Akumuli stores a timestamp string it
+cannot parse as epoch 0, silently).
 
-Ordering and high-water marks. Akumuli refuses a point older than its series' last point
-(``-DB late write``) and stores an equal timestamp again. So every write is sorted per
-series by timestamp, and the sink keeps a per-series high-water mark (the last timestamp it
-wrote). Points at or below the mark - redelivered by the feed, or late - are not sent: a
-redelivered batch stores nothing twice. Two points of one series with the same timestamp in
-one write keep the first. Skipped points are counted
-(``iotpipe_storage_akumuli_late_points_total``, and as ``duplicates`` in the write result:
-the sink cannot tell a late point from a redelivered one) and logged at most once a minute.
-The marks live in a small SQLite file (WAL, ``synchronous=FULL``), by default
-``<storage data dir>/akumuli-<host>-<port>.marks.db`` (the data dir comes from
-``IOTPIPE_STORAGE_DATA_DIR``, which the operator sets; else ``/var/lib/iotpipe/store``), and
-are updated in the same ``write`` after the send succeeded, so a restarted storage tier does
-not resend what it wrote. Before each send the sink also commits a "pending" record (the
-series about to be sent, their first timestamp and their mark before); the marks commit
-clears it. A storage tier killed between the two finds it at start, and its first write
-re-reads those series from the server (see Errors) before sending anything, so the
-redelivery that follows stores nothing twice. Cost: two small SQLite commits per write.
+Values. Akumuli's RESP integers are unsigned (``:-36`` is refused with ``-PARSER can't parse
+integer``) and every value is stored as a float64. So booleans are ``:0``/``:1``, integers
+in ``[0, 2**64)`` ``:<int>``, and negative integers (and larger ones) ``+<float>``: exact for
+``|v| <= 2**53``, rounded to the nearest float64 beyond that (as Akumuli would store them
+anyway). Floats are ``+<repr>``. Strings, nulls, lists and non-finite floats are skipped and
+counted (``iotpipe_storage_akumuli_skipped_values_total``).
 
-"Durable" for Akumuli. Akumuli acknowledges nothing: the sink counts a write as done when
-the server took the bytes and answered no error within ``confirm_ms`` (and did not close the
-connection). That is the strongest promise its protocol gives; SQLite remains the store of
-record, and this sink feeds dashboards.
+Order and late points. Akumuli refuses a point older than its series' newest point
+(``-DB late write``) and stores an equal timestamp again. The sink sorts each write per
+series by timestamp and keeps a per-series high-water mark (the newest timestamp it knows
+the server holds), in a small SQLite file (WAL, ``synchronous=FULL``), by default
+``<storage data dir>/akumuli-<host>-<port>.marks.db``. A point older than its mark is never
+sent (it would close the connection): it is returned as a late point, which the storage tier
+keeps in the store of record's ``late_points`` table (``iotpipe query --late``) and counts in
+``iotpipe_storage_late_points_total`` - apart from redeliveries. A point with the mark's own
+timestamp is sent (Akumuli stores it; it is another reading).
 
-Errors. After each send the sink listens ``confirm_ms`` for a ``-...`` line or a close.
+Exactly once. The sink tails the store of record (``iotpipe.storage.tail``), which hands it
+every row once; only a range whose write may have been cut short comes again, with
+``recovering=True``. Akumuli acknowledges nothing, and after an error line (``-PARSER ...``,
+``-DB late write``) it closes the connection and drops the rest of that send; the points
+before the failing one are stored. So whenever the sink cannot be sure what a send stored
+(a recovering write, an error line, a close, a socket error), it reads back from the query
+API (one ``select`` per metric, CSV with raw timestamps: rows ``series,ts=<ns>,value``;
+``-not found`` means nothing is stored) the points of the write's series between its oldest
+and newest timestamp (after a ``-DB late write``: from the oldest on, without end), moves
+the marks up to the newest point the server holds, and sends only points the server does
+not hold (matched by series, timestamp and value). After an error line it
+does that at once, up to 3 rounds per write, then fails the write (the storage tier retries
+the range with backoff). If the query API cannot be reached the write fails: the sink never
+sends blind.
 
-- Any error line, a close or a socket timeout: the connection is dropped, and since points
-  before the failing line were stored and the rest lost, the sink asks the server (HTTP
-  ``/api/query``, one select per metric) which points of this write it holds, and moves the
-  marks to that. The write then raises ``SinkError``: the storage tier retries with backoff
-  (0.1 s doubling to 5 s; that is also the reconnect backoff: one connection attempt per
-  write) and does not acknowledge the feed; the retry sends only what is missing.
-- ``-DB late write`` means the server holds newer points for some series than the marks say
-  (marks file lost, another writer, or a crash between a send and its marks commit). It
-  must not wedge the feed: the sink re-reads the marks from the server as above and
-  retries the write at once (up to 3 rounds); the points now at or below a mark are
-  skipped and counted as late, the rest are written, and ``write`` returns normally. If
-  the query API cannot be reached the write raises and is retried like any error.
-- An error that arrives after the confirm window is seen before the next send (the idle
-  connection has a ``-...`` line waiting). The previous write had returned, so the feed
-  acknowledged it; the sink keeps that write's points in memory, re-reads its series from
-  the server as above, and sends what the server lacks together with the next write. (If
-  the storage process dies before that next write, those points are missing in Akumuli;
-  SQLite still has them.)
-- If re-reading fails (query API unreachable), the series stay "unsettled" (in memory and
-  in the pending record): every later write first retries the re-read and sends nothing
-  until it succeeds, because sending on stale marks could store points twice.
-- Like the VictoriaMetrics sink, nothing is checked at startup: an unreachable host makes
-  writes fail (the tier is not ready and logs the URL) until it answers.
+"Durable" for Akumuli. The sink counts a send as done when the server took the bytes and
+answered no error within ``confirm_ms`` (and did not close the connection); that is the
+strongest promise its protocol gives. An error that arrives after the window, or a connection
+the server closed since (a crash or restart may have lost bytes it had taken), is found
+before the next write: that write then reads back the previous send's series and resends
+its missing points too (if the storage process dies first, or no further write comes, they
+stay missing in Akumuli; the store of record holds them).
 
-Known limits. The re-read assumes this sink is the only writer of its series and that the
-query API (``query_port``, default 8181) is reachable from the storage tier. Write counts
-after an error are approximate (points the server took before the error are counted as
-skipped by the retry). Marks are per storage process: several storage replicas writing the
-same series (one consumer group spreads a device over replicas) can refuse each other's
-older points as late; those points are skipped and counted, never retried forever.
+Known limits. The read-back assumes this sink is the only writer of its series. A point
+counts as held when the server has its series, nanosecond timestamp and value (within a
+relative 1e-9): two readings of one series with the same timestamp and value, one in an
+interrupted range and one in an earlier range, are taken for one by the read-back. Several
+storage replicas writing the same series (one consumer group spreads a device over
+replicas) each keep their own marks; a point one of them finds older than the server's
+newest is kept as late.
 """
 
 from __future__ import annotations
@@ -91,10 +81,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import orjson
-from prometheus_client import Counter
+import prometheus_client
 
 from iotpipe.storage.enrich import StoredReading
-from iotpipe.storage.sinks import SinkBatch, SinkError, WriteResult
+from iotpipe.storage.sinks import LatePoint, SinkBatch, SinkError, WriteResult
 
 __all__ = [
     "DEFAULT_PORT",
@@ -105,8 +95,11 @@ __all__ = [
     "Point",
     "format_points",
     "iso_timestamp",
+    "parse_query_answer",
     "plan_write",
+    "point_number",
     "points_for",
+    "resp_value",
     "series_name",
 ]
 
@@ -118,21 +111,17 @@ DEFAULT_CONFIRM_S = 0.05
 _CONNECT_TIMEOUT_S = 5.0
 _IO_TIMEOUT_S = 10.0
 _LATE_LOG_INTERVAL_S = 60.0
-_LATE_WRITE_ROUNDS = 3
-_MAX_TS_NS = (1 << 63) - 1
-_INT64 = range(-(1 << 63), 1 << 63)
+_ERROR_ROUNDS = 3
+_UINT64_END = 1 << 64
+_YEAR_NS = 366 * 86400 * 1_000_000_000
 
-LATE_POINTS = Counter(
-    "iotpipe_storage_akumuli_late_points_total",
-    "Points at or below their series' high-water mark (late or redelivered), not sent",
-    ["sink"])
-SKIPPED_VALUES = Counter(
+SKIPPED_VALUES = prometheus_client.Counter(
     "iotpipe_storage_akumuli_skipped_values_total",
     "Data values that are not numbers or booleans (strings, nulls, lists), not sent",
     ["sink"])
-RECONCILES = Counter(
+RECONCILES = prometheus_client.Counter(
     "iotpipe_storage_akumuli_reconciles_total",
-    "Times the marks were re-read from the server after an error", ["sink"])
+    "Times the sink read back what the server holds (recovery or after an error)", ["sink"])
 
 _BAD_NAME = re.compile(r"[^A-Za-z0-9_./-]")
 # Akumuli forbids space, ':', '=' and '|' in names and values; ',' would break CSV answers.
@@ -143,6 +132,8 @@ class Point(NamedTuple):
     series: str  # canonical series name: metric, then tags sorted by name
     ts_ns: int
     value: str  # the RESP value line without CRLF: ``+21.5`` or ``:1``
+    field: str = ""  # the data field it came from
+    reading: StoredReading | None = None
 
 
 def sanitise_name(text: str) -> str:
@@ -167,22 +158,32 @@ def reading_tags(reading: StoredReading) -> dict[str, str]:
     return tags
 
 
+def resp_value(value: object) -> str | None:
+    """The RESP value line (without CRLF) Akumuli accepts for ``value``; None: not numeric."""
+    if isinstance(value, bool):
+        return ":1" if value else ":0"
+    if isinstance(value, int):
+        if 0 <= value < _UINT64_END:
+            return f":{value}"  # RESP integers are unsigned
+        try:
+            return f"+{float(value)!r}"  # negative: a float, exact up to 2**53
+        except OverflowError:
+            return None
+    if isinstance(value, float):
+        return f"+{value!r}" if math.isfinite(value) else None
+    return None
+
+
 def _values(data: object, prefix: str = "") -> Iterator[tuple[str, str | None]]:
     """``(field name, RESP value or None when not numeric)`` for every leaf of ``data``."""
     if not isinstance(data, dict):
         return
     for key, value in data.items():
         name = f"{prefix}{key}"
-        if isinstance(value, bool):
-            yield name, ":1" if value else ":0"
-        elif isinstance(value, int):
-            yield name, f":{value}" if value in _INT64 else f"+{float(value)!r}"
-        elif isinstance(value, float):
-            yield name, f"+{value!r}" if math.isfinite(value) else None
-        elif isinstance(value, dict):
+        if isinstance(value, dict):
             yield from _values(value, f"{name}_")
         else:
-            yield name, None
+            yield name, resp_value(value)
 
 
 def points_for(reading: StoredReading) -> tuple[list[Point], int]:
@@ -198,7 +199,8 @@ def points_for(reading: StoredReading) -> tuple[list[Point], int]:
         if value is None:
             skipped += 1
             continue
-        points.append(Point(series_name(sanitise_name(field_name), tags), reading.ts_ns, value))
+        points.append(Point(series_name(sanitise_name(field_name), tags), reading.ts_ns, value,
+                            field_name, reading))
     return points, skipped
 
 
@@ -207,32 +209,85 @@ def format_points(points: Sequence[Point]) -> bytes:
 
 
 class Plan(NamedTuple):
-    send: list[Point]  # sorted by series, then timestamp
-    late: int  # points at or below their series' mark (or repeating a timestamp), not sent
+    send: list[Point]  # sorted by series, then timestamp (stable)
+    late: list[Point]  # older than their series' mark: never sent
+    held: int  # points the server already holds (read back), not sent again
     new_marks: dict[str, int]  # series -> newest timestamp sent
-    first_ts: dict[str, int]  # series -> oldest timestamp sent
 
 
-def plan_write(points: Sequence[Point], marks: Mapping[str, int]) -> Plan:
-    """What to send: each series in timestamp order, nothing at or below its mark."""
+Held = dict[tuple[str, int], list[float]]  # (series, ts) -> values the server holds there
+
+# Two values count as one point in a read-back when this close (Akumuli prints doubles in
+# CSV; a rounded print must still match, two readings this close at one series and
+# nanosecond are taken for one - only ever in a recovery).
+_VALUE_REL_TOL = 1e-9
+
+
+def _take_held(values: list[float] | None, value: float) -> bool:
+    """Remove ``value`` from ``values`` if the server holds it there; True if it did."""
+    if not values:
+        return False
+    for i, held in enumerate(values):
+        if math.isclose(held, value, rel_tol=_VALUE_REL_TOL, abs_tol=1e-300):
+            del values[i]
+            return True
+    return False
+
+
+def point_number(point: Point) -> float:
+    return float(point.value[1:])
+
+
+def plan_write(points: Sequence[Point], marks: Mapping[str, int],
+               held: Held | None = None) -> Plan:
+    """What to send: each series in timestamp order; nothing older than its mark (late);
+    nothing the server already holds (``held``: values per (series, ts), read back)."""
+    remaining = {key: list(values) for key, values in (held or {}).items()}
     send: list[Point] = []
-    late = 0
+    late: list[Point] = []
+    already = 0
     new_marks: dict[str, int] = {}
-    first_ts: dict[str, int] = {}
     for point in sorted(points, key=lambda p: (p.series, p.ts_ns)):
-        last = new_marks.get(point.series)
-        if last is None:
-            mark = marks.get(point.series)
-            if mark is not None and point.ts_ns <= mark:
-                late += 1
-                continue
-            first_ts[point.series] = point.ts_ns
-        elif point.ts_ns <= last:  # a second point with the same timestamp: keep the first
-            late += 1
+        if _take_held(remaining.get((point.series, point.ts_ns)), point_number(point)):
+            already += 1
+            continue
+        mark = new_marks.get(point.series, marks.get(point.series))
+        if mark is not None and point.ts_ns < mark:
+            late.append(point)
             continue
         new_marks[point.series] = point.ts_ns
         send.append(point)
-    return Plan(send, late, new_marks, first_ts)
+    return Plan(send, late, already, new_marks)
+
+
+def parse_query_answer(text: str) -> list[tuple[str, int, float]]:
+    """``(canonical series, timestamp ns, value)`` of a CSV answer with raw timestamps.
+
+    Akumuli prints ``metric tag=v ...,ts=<ns>,<value>`` per line; ``-not found`` (no series
+    matched) is an empty answer; any other ``-...`` line is an error (``ValueError``).
+    """
+    stripped = text.strip()
+    if stripped.startswith("-"):
+        if stripped[1:].strip().lower() == "not found":
+            return []
+        raise ValueError(f"server answered {stripped[:200]}")
+    rows: list[tuple[str, int, float]] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split(",")
+        if len(parts) < 3:
+            raise ValueError(f"cannot read row {line[:120]!r}")
+        ts_text = parts[1].strip()
+        if ts_text.startswith("ts="):
+            ts_text = ts_text[3:]
+        try:
+            metric, *tags = parts[0].split()
+            rows.append((" ".join([metric, *sorted(tags)]), int(ts_text),
+                         float(parts[2].strip())))
+        except ValueError:
+            raise ValueError(f"cannot read row {line[:120]!r}") from None
+    return rows
 
 
 def iso_timestamp(ts_ns: int) -> str:
@@ -254,9 +309,6 @@ class MarksStore:
             self._db.execute("PRAGMA busy_timeout=10000")
             self._db.execute("CREATE TABLE IF NOT EXISTS marks "
                              "(series TEXT PRIMARY KEY, ts_ns INTEGER NOT NULL)")
-            # The series of a send in progress: present after a crash mid-send.
-            self._db.execute("CREATE TABLE IF NOT EXISTS pending (series TEXT PRIMARY KEY, "
-                             "first_ts INTEGER NOT NULL, mark_before INTEGER)")
         except (OSError, sqlite3.Error) as exc:
             raise SinkError(f"sink {url}: cannot open marks file {str(path)!r}: {exc} "
                             f"(set ?marks=/writable/path.db or the storage data dir)") from None
@@ -266,19 +318,16 @@ class MarksStore:
         rows = self._db.execute("SELECT series, ts_ns FROM marks")
         return {series: int(ts) for series, ts in rows}
 
-    def load_pending(self) -> dict[str, tuple[int, int | None]]:
-        rows = self._db.execute("SELECT series, first_ts, mark_before FROM pending")
-        return {series: (int(first), None if before is None else int(before))
-                for series, first, before in rows}
-
-    def _transaction(self, statements: Sequence[tuple[str, Sequence[Sequence[object]]]]
-                     ) -> None:
+    def save(self, marks: Mapping[str, int], forget: Sequence[str] = ()) -> None:
+        """Set ``marks`` and delete the marks of ``forget``, in one commit."""
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
-                for sql, rows in statements:
-                    db.executemany(sql, rows)
+                db.executemany(
+                    "INSERT INTO marks (series, ts_ns) VALUES (?, ?) ON CONFLICT (series) "
+                    "DO UPDATE SET ts_ns = excluded.ts_ns", list(marks.items()))
+                db.executemany("DELETE FROM marks WHERE series = ?", [(s,) for s in forget])
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -287,29 +336,12 @@ class MarksStore:
         except sqlite3.Error as exc:
             raise SinkError(f"sink {self.url}: cannot save marks: {exc}") from None
 
-    def begin_send(self, sent: Mapping[str, tuple[int, int | None]]) -> None:
-        """Record the series about to be sent (first timestamp, mark before), durably."""
-        self._transaction([
-            ("DELETE FROM pending", [()]),
-            ("INSERT INTO pending (series, first_ts, mark_before) VALUES (?, ?, ?)",
-             [(series, first, before) for series, (first, before) in sent.items()]),
-        ])
-
-    def save(self, marks: Mapping[str, int], forget: Sequence[str] = ()) -> None:
-        """Set ``marks``, delete the marks of ``forget`` and end the pending send, at once."""
-        self._transaction([
-            ("INSERT INTO marks (series, ts_ns) VALUES (?, ?) "
-             "ON CONFLICT (series) DO UPDATE SET ts_ns = excluded.ts_ns", list(marks.items())),
-            ("DELETE FROM marks WHERE series = ?", [(s,) for s in forget]),
-            ("DELETE FROM pending", [()]),
-        ])
-
     def close(self) -> None:
         self._db.close()
 
 
 class _ServerError(Exception):
-    """The write failed; ``server_message`` is Akumuli's ``-...`` line if it sent one."""
+    """The send failed; ``server_message`` is Akumuli's ``-...`` line if it sent one."""
 
     def __init__(self, message: str, server_message: str | None = None) -> None:
         super().__init__(message)
@@ -317,16 +349,16 @@ class _ServerError(Exception):
 
 
 def _read_error_line(sock: socket.socket, first: bytes) -> str:
-    """The ``-...`` line that starts with ``first`` (read on, briefly, up to CRLF)."""
+    """The ``-...`` line that starts with ``first`` (read on, briefly, up to its end)."""
     data = first
     sock.settimeout(1.0)
     with contextlib.suppress(OSError):
-        while b"\r\n" not in data and len(data) < 4096:
+        while b"\n" not in data and len(data) < 4096:
             more = sock.recv(4096)
             if not more:
                 break
             data += more
-    return data.partition(b"\r\n")[0][1:].decode("utf-8", errors="replace")
+    return data.partition(b"\n")[0].rstrip(b"\r")[1:].decode("utf-8", errors="replace")
 
 
 def _default_state_dir() -> str:
@@ -351,14 +383,12 @@ class AkumuliSink:
                           / f"akumuli-{sanitise_name(host)}-{port}.marks.db")
         self._store = MarksStore(Path(marks_path), self.url)
         self._marks = self._store.load()
-        # A send that a crash interrupted: its series are re-read before the next write.
-        self._unsettled = self._store.load_pending()
         self._sock: socket.socket | None = None
-        # series -> (first timestamp sent, mark before): the last write, re-read from the
-        # server if its error arrives after the confirm window.
-        self._last_sent: dict[str, tuple[int, int | None]] = {}
+        # The points of the last send and its series' marks before it: checked again if
+        # its error arrives after the confirm window.
         self._last_points: list[Point] = []
-        self._resend: list[Point] = []  # points of an earlier write the server lost
+        self._last_marks_before: dict[str, int | None] = {}
+        self._resend: list[Point] = []  # points of an earlier send the server may have lost
         self._late_unlogged = 0
         self._late_logged_at = 0.0
 
@@ -415,7 +445,8 @@ class AkumuliSink:
             self._sock = None
 
     def _check_idle(self) -> str | None:
-        """An error line the server sent since the last write (None: none), or reconnect."""
+        """Why the last send may not be stored (an error line the server sent since, or the
+        connection closed or broken), or None when the connection is quietly open."""
         if self._sock is None:
             return None
         sock = self._sock
@@ -424,18 +455,19 @@ class AkumuliSink:
             data = sock.recv(4096)
         except (BlockingIOError, InterruptedError):
             return None
-        except OSError:
+        except OSError as exc:
             self._drop_connection()
-            return None
+            return f"connection broken: {exc}"
         if data.startswith(b"-"):
             message = _read_error_line(sock, data)
             self._drop_connection()
             return message
-        self._drop_connection()  # closed (server restart, idle timeout) or garbage
-        return None
+        # Closed (a crash or restart may have lost what it had not written) or garbage.
+        self._drop_connection()
+        return "connection closed by the server" if not data else f"unexpected {data[:40]!r}"
 
     def _send(self, payload: bytes) -> None:
-        """Send and listen ``confirm_s`` for an error; ``_ServerError`` if the write failed."""
+        """Send and listen ``confirm_s`` for an error; ``_ServerError`` if the send failed."""
         sock = self._connection()
         try:
             sock.settimeout(_IO_TIMEOUT_S)
@@ -459,8 +491,8 @@ class AkumuliSink:
 
     # --- reading back what the server holds -----------------------------------------------
 
-    def _query(self, body: dict[str, object]) -> list[tuple[str, int]]:
-        """``(canonical series, timestamp)`` rows of one select query."""
+    def _query(self, body: dict[str, object]) -> list[tuple[str, int, float]]:
+        """``(canonical series, timestamp, value)`` rows of one select query."""
         conn = http.client.HTTPConnection(self.host, self.query_port, timeout=_IO_TIMEOUT_S)
         try:
             conn.request("POST", "/api/query", body=orjson.dumps(body),
@@ -472,75 +504,87 @@ class AkumuliSink:
                             ) from None
         finally:
             conn.close()
-        if response.status != 200 or text.startswith("-"):
+        if response.status != 200:
             raise SinkError(f"sink {self.url}: query API answered {response.status}: "
                             f"{text[:200].strip()}")
-        rows: list[tuple[str, int]] = []
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            series, _, rest = line.partition(",")
-            ts_text = rest.partition(",")[0].strip()
-            try:
-                metric, *tags = series.split()
-                rows.append((" ".join([metric, *sorted(tags)]), int(ts_text)))
-            except ValueError:
-                raise SinkError(f"sink {self.url}: query API: cannot read row {line[:120]!r}"
-                                ) from None
-        return rows
+        try:
+            return parse_query_answer(text)
+        except ValueError as exc:
+            raise SinkError(f"sink {self.url}: query API: {exc}") from None
 
-    def _reconcile(self, sent: Mapping[str, tuple[int, int | None]]) -> None:
-        """Set the marks of ``sent`` series to the newest point the server holds from the
-        first timestamp sent on (or back to the mark before the send if it holds none)."""
+    def held_points(self, points: Sequence[Point], *, newer: bool = False) -> Held:
+        """Values the server holds per (series, ts) for ``points``' series between their
+        oldest and newest timestamp; with ``newer``, everything from the oldest on (after a
+        late-write refusal: the newer points move the marks)."""
         RECONCILES.labels(self.kind).inc()
-        by_metric: dict[str, list[str]] = defaultdict(list)
-        for series in sent:
-            by_metric[series.partition(" ")[0]].append(series)
-        found: dict[str, int] = {}
+        by_metric: dict[str, set[str]] = defaultdict(set)
+        since: dict[str, int] = {}
+        for point in points:
+            metric = point.series.partition(" ")[0]
+            by_metric[metric].add(point.series)
+            since[metric] = min(since.get(metric, point.ts_ns), point.ts_ns)
+        newest = max(p.ts_ns for p in points)
+        until = max(newest, time.time_ns()) + _YEAR_NS if newer else newest + 1
+        held: Held = defaultdict(list)
         for metric, names in by_metric.items():
             devices = sorted({tag[len("device="):] for name in names
                               for tag in name.split(" ")[1:] if tag.startswith("device=")})
-            since = min(sent[name][0] for name in names)
             query: dict[str, object] = {
                 "select": metric,
-                "range": {"from": iso_timestamp(since), "to": iso_timestamp(_MAX_TS_NS)},
+                "range": {"from": iso_timestamp(since[metric]), "to": iso_timestamp(until)},
                 "output": {"format": "csv", "timestamp": "raw"},
             }
             if devices:
                 query["where"] = {"device": devices}
-            wanted = set(names)
-            for series, ts in self._query(query):
-                if series in wanted and ts >= sent[series][0] and ts > found.get(series, -1):
-                    found[series] = ts
-        corrected: dict[str, int] = {}
-        never_written: list[str] = []
-        for series, (_, mark_before) in sent.items():
-            mark = found.get(series, mark_before)
-            if mark is None:
-                never_written.append(series)
-            else:
-                corrected[series] = mark
-        self._store.save(corrected, forget=never_written)
-        self._marks.update(corrected)
-        for series in never_written:
-            self._marks.pop(series, None)
+            for series, ts, value in self._query(query):
+                if series in names:
+                    held[(series, ts)].append(value)
+        return dict(held)
+
+    def _raise_marks(self, held: Held) -> None:
+        newest: dict[str, int] = {}
+        for series, ts in held:
+            if ts > newest.get(series, -(1 << 63)):
+                newest[series] = ts
+        raised = {s: ts for s, ts in newest.items() if ts > self._marks.get(s, -(1 << 63))}
+        if raised:
+            self._store.save(raised)
+            self._marks.update(raised)
 
     # --- the write ------------------------------------------------------------------------
 
     def _count_late(self, late: int) -> None:
         if not late:
             return
-        LATE_POINTS.labels(self.kind).inc(late)
         self._late_unlogged += late
         now = time.monotonic()
         if now - self._late_logged_at >= _LATE_LOG_INTERVAL_S:
-            log.warning("points at or below their series' last written timestamp were not "
-                        "sent (late or redelivered)",
+            log.warning("points older than their series' newest point in Akumuli were not "
+                        "sent; they are kept in the store of record's late_points",
                         extra={"fields": {"sink": self.url, "points": self._late_unlogged}})
             self._late_unlogged = 0
             self._late_logged_at = now
 
-    def write(self, batches: Sequence[SinkBatch]) -> WriteResult:
+    def _suspect_last_send(self, why: str) -> None:
+        """The last send was taken as done but may not be stored (an error or a close came
+        after its confirm window): keep its points to be read back and resent with the
+        next sends until one succeeds, and put its marks back to before it (the read-back
+        raises them to what the server really holds)."""
+        if not self._last_points:
+            return
+        log.warning("Akumuli may have lost the last confirmed send; reading back its series "
+                    "and resending what is missing",
+                    extra={"fields": {"sink": self.url, "error": why}})
+        self._resend = self._last_points + self._resend
+        self._last_points = []
+        restored = {s: m for s, m in self._last_marks_before.items() if m is not None}
+        forget = [s for s, m in self._last_marks_before.items() if m is None]
+        self._store.save(restored, forget)
+        self._marks.update(restored)
+        for series in forget:
+            self._marks.pop(series, None)
+
+    def write(self, batches: Sequence[SinkBatch], *, recovering: bool = False) -> WriteResult:
         points: list[Point] = []
         skipped_values = 0
         for batch in batches:
@@ -552,58 +596,58 @@ class AkumuliSink:
             SKIPPED_VALUES.labels(self.kind).inc(skipped_values)
 
         stale_error = self._check_idle()
-        if stale_error is not None and self._last_sent:
-            # The last write returned (and the feed was acknowledged) but part of it was lost:
-            # put the marks right and send its missing points again with this write (kept
-            # until a write succeeds, so a failing retry does not forget them).
-            log.error("Akumuli reported an error after the last write was confirmed; "
-                      "re-reading that write's series and resending what is missing",
-                      extra={"fields": {"sink": self.url, "error": stale_error}})
-            self._unsettled = {**self._last_sent, **self._unsettled}
-            self._resend = self._last_points
-        self._last_sent = {}
-        self._last_points = []
-        if self._unsettled:
-            log.warning("re-reading from the server the series of a send that did not "
-                        "finish", extra={"fields": {"sink": self.url,
-                                                    "series": len(self._unsettled)}})
-            self._reconcile(self._unsettled)  # raises if the query API is down: retried
-            self._unsettled = {}
-        points = self._resend + points
+        if stale_error is not None:
+            self._suspect_last_send(stale_error)
 
-        late_total = 0
-        for round_number in range(1, _LATE_WRITE_ROUNDS + 1):
-            plan = plan_write(points, self._marks)
-            # Late points of earlier rounds are counted again here: count this round only.
-            late_total = plan.late
+        already = 0
+        late: list[Point] = []
+        late_write = False  # the server holds newer points than the marks say
+        for round_number in range(1, _ERROR_ROUNDS + 1):
+            if self._resend:
+                recovering = True
+            all_points = self._resend + points
+            if not all_points:
+                return WriteResult(0, 0)
+            held: Held = {}
+            if recovering:
+                # Raises if the query API is down: the write fails and is retried later.
+                held = self.held_points(all_points, newer=late_write)
+                self._raise_marks(held)
+            plan = plan_write(all_points, self._marks, held)
+            already, late = plan.held, plan.late
             if not plan.send:
+                self._last_points = []
+                self._resend = []
                 break
-            sent = {series: (first, self._marks.get(series))
-                    for series, first in plan.first_ts.items()}
-            self._store.begin_send(sent)
             try:
                 self._send(format_points(plan.send))
             except _ServerError as exc:
-                late_write = exc.server_message is not None and "late write" in exc.server_message
-                try:
-                    self._reconcile(sent)
-                except SinkError as reconcile_error:
-                    self._unsettled = sent  # re-read before the retry sends anything
-                    raise SinkError(f"{exc}; re-reading marks failed: {reconcile_error}"
-                                    ) from None
-                if late_write and round_number < _LATE_WRITE_ROUNDS:
+                # Some prefix of the send was stored and the rest lost: read back, resend.
+                # The previous send on this connection is suspect too: the server may have
+                # gone down after it took those bytes.
+                self._suspect_last_send(str(exc))
+                recovering = True
+                late_write = late_write or "late write" in (exc.server_message or "")
+                if exc.server_message is not None and round_number < _ERROR_ROUNDS:
+                    log.warning("Akumuli refused a send; reading back what it stored",
+                                extra={"fields": {"sink": self.url,
+                                                  "error": exc.server_message}})
                     continue
                 raise SinkError(str(exc)) from None
+            self._last_marks_before = {s: self._marks.get(s) for s in plan.new_marks}
             self._store.save(plan.new_marks)
             self._marks.update(plan.new_marks)
-            self._last_sent = sent
             self._last_points = plan.send
             self._resend = []
-            self._count_late(late_total)
-            return WriteResult(len(plan.send), late_total)
-        self._resend = []
-        self._count_late(late_total)
-        return WriteResult(0, late_total)
+            break
+        else:  # pragma: no cover - the loop always breaks or raises
+            raise AssertionError("unreachable")
+        self._count_late(len(late))
+        reason = "older than its series' newest point in Akumuli (late write refused)"
+        # The value as a number (the RESP type marker dropped), as a user would query it.
+        late_points = [LatePoint(p.reading, p.field, p.value[1:], reason)
+                       for p in late if p.reading is not None]
+        return WriteResult(len(plan.send), already, tuple(late_points))
 
     def close(self) -> None:
         self._drop_connection()

@@ -3,16 +3,20 @@
 URL: ``parquet:///abs/dir`` (``parquet://rel/dir`` is relative). Layout (Hive style, so
 pyarrow, DuckDB, Spark and Trino read it as one table with ``date`` and ``class`` columns)::
 
-    <dir>/date=2025-11-26/class=thermostat/<middle>-<first seq, 20 digits>.parquet
+    <dir>/date=2025-11-26/class=thermostat/<store id>-<first rowid, 20 digits>.parquet
 
 Each delivered batch is split by (UTC date of the reading's timestamp, device class) and
 each part is written to its own file: first as ``.tmp-<name>`` (readers skip dot files),
 fsynced, renamed into place, and the directory fsynced, so a file is either whole or absent.
-The file name is deterministic in (middle id, first log seq of the delivery), so a
-redelivered batch overwrites the same files instead of adding copies. A redelivery with
-other boundaries than the first delivery (after a middle restart) can still leave a reading
-in two files; ``query`` (and any reader that cares) drops such repeats by
-``(device_id, msg_id)``. Small files are not compacted here.
+The sink tails the store of record (``iotpipe.storage.tail``): each batch is one range of
+store rows, and the file name is deterministic in that range's first rowid and the store's
+identity (``<store id>-<first rowid, 20 digits>.parquet``; a recreated store has another
+id, so it never overwrites what an earlier one wrote). A range whose write was cut short (a crash
+between the cursor's pending record and its commit, or a failed write) is rewritten with the
+same rows, so it replaces the same files instead of adding copies: no reading is in two
+files. (Files written by older versions, named by middle id and log seq, could repeat a
+reading; ``query`` still drops repeats by ``(device_id, msg_id)``.) Small files are not
+compacted here.
 """
 
 from __future__ import annotations
@@ -112,7 +116,8 @@ class ParquetSink:
         os.replace(tmp, final)
         fsync_dir(directory)
 
-    def write(self, batches: Sequence[SinkBatch]) -> WriteResult:
+    def write(self, batches: Sequence[SinkBatch], *, recovering: bool = False) -> WriteResult:
+        # A rewrite of the same range replaces the same files: ``recovering`` needs nothing.
         written = 0
         try:
             for batch in batches:

@@ -8,18 +8,20 @@ reading a no-op, which is what makes the feed's at-least-once delivery exactly-o
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 
 from iotpipe.storage.enrich import StoredReading
 from iotpipe.storage.sinks import SinkBatch, SinkError, WriteResult
 
-__all__ = ["SCHEMA_VERSION", "SqliteSink"]
+__all__ = ["SCHEMA_VERSION", "LateRow", "SqliteSink"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: sink_cursors and late_points
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (
@@ -36,7 +38,45 @@ CREATE TABLE IF NOT EXISTS readings (
     UNIQUE (device_id, msg_id)
 );
 CREATE INDEX IF NOT EXISTS readings_device_ts ON readings (device_id, ts_ns);
+-- Each tailing sink's durable position in this table (see iotpipe.storage.tail): rows with
+-- rowid <= done are in that sink; pending_to is a range being written (recovered at start).
+CREATE TABLE IF NOT EXISTS sink_cursors (
+    sink       TEXT    PRIMARY KEY,
+    done       INTEGER NOT NULL,
+    pending_to INTEGER
+);
+-- The store's identity (key 'store_id'): names its rows' ranges in other sinks (Parquet
+-- files), so a recreated store never overwrites what an earlier one wrote there.
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+-- Values a sink refused for good (Akumuli's late writes): kept, and counted apart from
+-- redeliveries. One row per (sink, reading, field).
+CREATE TABLE IF NOT EXISTS late_points (
+    sink       TEXT    NOT NULL,
+    device_id  TEXT    NOT NULL,
+    msg_id     TEXT    NOT NULL,
+    ts_ns      INTEGER NOT NULL,
+    field      TEXT    NOT NULL,
+    value      TEXT    NOT NULL,
+    reason     TEXT    NOT NULL,
+    noted_ns   INTEGER NOT NULL,
+    UNIQUE (sink, device_id, msg_id, field)
+);
 """
+
+class LateRow(NamedTuple):
+    """One row of ``late_points``: a value ``sink`` refused for good, and why."""
+
+    sink: str
+    device_id: str
+    msg_id: str
+    ts_ns: int
+    field: str
+    value: str
+    reason: str
+
 
 _INSERT = (
     "INSERT OR IGNORE INTO readings (device_id, msg_id, ts_ns, received_ns, node, node_seq,"
@@ -89,6 +129,8 @@ class SqliteSink:
                 # (64 MiB, default 2 MiB) measured about 1.7x more rows/s at 512 per commit.
                 self._db.execute("PRAGMA cache_size=-65536")
                 self._db.executescript(_SCHEMA)
+                self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES "
+                                 "('store_id', ?)", (secrets.token_hex(6),))
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             self._db.execute("PRAGMA busy_timeout=10000")
         except sqlite3.Error as exc:
@@ -101,7 +143,8 @@ class SqliteSink:
             raise SinkError(f"sink URL {url!r}: no database path (expected sqlite:///path/x.db)")
         return cls(path, read_only=read_only, url=url)
 
-    def write(self, batches: Sequence[SinkBatch]) -> WriteResult:
+    def write(self, batches: Sequence[SinkBatch], *, recovering: bool = False) -> WriteResult:
+        # INSERT OR IGNORE makes every write a safe rewrite: ``recovering`` changes nothing.
         labels_json: dict[int, str] = {}  # labels dicts are shared per registry entry
 
         def rows() -> Iterator[tuple[object, ...]]:
@@ -153,6 +196,31 @@ class SqliteSink:
                        .fetchone()[0])
         except sqlite3.Error as exc:
             raise SinkError(f"sink {self.url}: query failed: {exc}") from None
+
+    def prune(self, upto_rowid: int | None, received_before_ns: int) -> int:
+        """Delete readings with rowid <= ``upto_rowid`` (None: any) received before the
+        cutoff; the newest row stays, so rowids are never reused (tailing cursors rely on
+        that). Returns how many were deleted."""
+        sql = ("DELETE FROM readings WHERE received_ns < ? "
+               "AND rowid < (SELECT max(rowid) FROM readings)")
+        params: list[object] = [received_before_ns]
+        if upto_rowid is not None:
+            sql += " AND rowid <= ?"
+            params.append(upto_rowid)
+        try:
+            return int(self._db.execute(sql, params).rowcount)
+        except sqlite3.Error as exc:
+            raise SinkError(f"sink {self.url}: prune failed: {exc}") from None
+
+    def late_points(self, sink: str | None = None) -> list[LateRow]:
+        """The values sinks refused for good (``late_points``), oldest reading first."""
+        sql = ("SELECT sink, device_id, msg_id, ts_ns, field, value, reason FROM late_points"
+               + (" WHERE sink = ?" if sink is not None else "") + " ORDER BY ts_ns, rowid")
+        try:
+            rows = self._db.execute(sql, [] if sink is None else [sink]).fetchall()
+        except sqlite3.Error as exc:
+            raise SinkError(f"sink {self.url}: query failed: {exc}") from None
+        return [LateRow(*row) for row in rows]
 
     def close(self) -> None:
         self._db.close()

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("iotpipe.simulate:main", "device fleet simulator and load generator"),
     "query": ("iotpipe.storage.query:main", "read stored readings by device and time range"),
     "token": ("iotpipe.auth:token_main", "issue a device or client-app token"),
+    "keys": ("iotpipe.curve:keys_main", "create or rotate the pipeline's CurveZMQ keys"),
     "drain": ("iotpipe.ingest.drain:main", "forward a retained ingest queue until it is empty"),
     "bench": ("iotpipe.bench:main", "benchmarks (queue, ingest, ...)"),
 }

@@ -34,7 +34,7 @@ The ZAP handler is pyzmq's ``zmq.auth.thread.ThreadAuthenticator`` with a creden
 callback; a refused key is counted per domain and logged once (not per connection attempt:
 a refused ZeroMQ client reconnects every 100 ms). A client with no CURVE at all never reaches
 ZAP (the handshake fails on the mechanism); ``HandshakeWatch`` counts and logs those from the
-server sockets' monitor events, once per socket and kind, then at most once a minute.
+server sockets' monitor events, once per socket, then at most once a minute.
 """
 
 from __future__ import annotations
@@ -396,8 +396,8 @@ class HandshakeWatch:
             self._monitors[sock.get_monitor_socket(_FAILED)] = name
         self._servers = dict(sockets)
         self.failed: Counter[tuple[str, str]] = Counter()
-        self._logged_at: dict[tuple[str, str], float] = {}
-        self._since_log: Counter[tuple[str, str]] = Counter()
+        self._logged_at: dict[str, float] = {}
+        self._since_log: Counter[str] = Counter()
 
     def sockets(self) -> list[zmq.Socket[bytes]]:
         return list(self._monitors)
@@ -416,20 +416,21 @@ class HandshakeWatch:
             kind = _kind(int(event["event"]), int(event["value"]))
             if kind == "auth":
                 continue  # the gatekeeper logged it, with the key
-            self._note(name, kind)
+            self._note(name, kind, int(event["value"]))
 
-    def _note(self, name: str, kind: str) -> None:
-        key = (name, kind)
-        self.failed[key] += 1
-        self._since_log[key] += 1
+    def _note(self, name: str, kind: str, code: int) -> None:
+        # Counted per kind; logged per socket (one client that retries can fail in several
+        # ways: the mechanism, then a broken pipe on its next attempt).
+        self.failed[(name, kind)] += 1
+        self._since_log[name] += 1
         now = time.monotonic()
-        last = self._logged_at.get(key)
+        last = self._logged_at.get(name)
         if last is None or now - last >= self.SUMMARY_S:
             log.warning("ZeroMQ handshake refused" + (" (repeated)" if last else ""), extra={
-                "fields": {"socket": name, "reason": kind,
-                           "since_last_log": self._since_log[key]}})
-            self._logged_at[key] = now
-            self._since_log[key] = 0
+                "fields": {"socket": name, "reason": kind, "code": hex(code),
+                           "since_last_log": self._since_log[name]}})
+            self._logged_at[name] = now
+            self._since_log[name] = 0
 
     def close(self) -> None:
         for sock in self._servers.values():
@@ -442,6 +443,8 @@ class HandshakeWatch:
 def _kind(event: int, value: int) -> str:
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return "auth"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+        return "broken"  # value is an errno: the peer went away mid-handshake
     if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
         return "no_curve"  # the client does not speak CURVE
     if value == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:

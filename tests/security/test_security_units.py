@@ -170,6 +170,10 @@ def test_keys_cli(tmp_path: Path) -> None:
     shown = run("show", "--dir", str(tmp_path))
     assert shown.returncode == 0
     assert curve.load_keys(tmp_path, "ingest").own.public.decode() in shown.stdout
+    assert run("next", "--dir", str(tmp_path), "--roles", "ingest").returncode == 0
+    assert curve.secret_file(tmp_path, "ingest", "next").exists()
+    assert not curve.secret_file(tmp_path, "middle", "next").exists()
+    assert run("next", "--dir", str(tmp_path), "--roles", "bogus").returncode == 2
     assert run("next", "--dir", str(tmp_path)).returncode == 0
     assert curve.secret_file(tmp_path, "middle", "next").exists()
     assert "promoted: middle" in run("promote", "--dir", str(tmp_path)).stdout

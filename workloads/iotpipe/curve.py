@@ -457,10 +457,11 @@ def _kind(event: int, value: int) -> str:
 
 def keys_main(argv: Sequence[str]) -> int:
     """``iotpipe keys generate|next|promote|retire|show --dir DIR``."""
-    from iotpipe.settings import TierSettings, parse_settings, tier_config
+    from iotpipe.settings import CommaList, TierSettings, parse_settings, tier_config
 
     actions = ("generate", "next", "promote", "retire", "show")
-    usage = ("usage: iotpipe keys {generate|next|promote|retire|show} --dir DIR [--force]\n"
+    usage = ("usage: iotpipe keys {generate|next|promote|retire|show} --dir DIR [--force] "
+             "[--roles ingest,relay,...]\n"
              "  generate  a current key pair for every role that has none (all: --force)\n"
              "  next      rotation step 1: a next key pair per role (both admitted)\n"
              "  promote   rotation step 2: swap current and next (old one still admitted)\n"
@@ -481,18 +482,27 @@ def keys_main(argv: Sequence[str]) -> int:
         model_config = tier_config(f"iotpipe keys {action}", "IOTPIPE_KEYS_")
         dir: Path = Field(description="the CURVE keys directory")
         force: bool = Field(False, description="generate: replace existing current keys")
+        roles: CommaList = Field(list(ROLES), description="next/promote/retire: the roles to "
+                                                          "rotate, comma separated")
 
     settings = parse_settings(KeysSettings, rest)
+    unknown = sorted(set(settings.roles) - set(ROLES))
+    if unknown:
+        print(f"iotpipe keys: error: --roles: unknown role(s) {', '.join(unknown)}; "
+              f"roles are {', '.join(ROLES)}", file=sys.stderr)
+        return 2
+    roles = [r for r in ROLES if r in settings.roles]
+    none = "nothing (no next keys)"
     try:
         if action == "generate":
             done = generate_keys(settings.dir, force=settings.force)
             print(f"generated: {', '.join(done) or 'nothing (keys exist; --force replaces)'}")
         elif action == "next":
-            print(f"next keys written: {', '.join(add_next(settings.dir))}")
+            print(f"next keys written: {', '.join(add_next(settings.dir, roles))}")
         elif action == "promote":
-            print(f"promoted: {', '.join(promote(settings.dir)) or 'nothing (no next keys)'}")
+            print(f"promoted: {', '.join(promote(settings.dir, roles)) or none}")
         elif action == "retire":
-            print(f"retired: {', '.join(retire(settings.dir)) or 'nothing (no next keys)'}")
+            print(f"retired: {', '.join(retire(settings.dir, roles)) or none}")
         else:
             keys = load_keys(settings.dir, SERVER_ROLE)
             print(f"middle public key: {keys.own.public.decode()}")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,14 +143,3 @@ class DenyListFile:
             "clients": len(fresh.clients), "token_ids": len(fresh.token_ids)}})
         return fresh
 
-
-def revoked(entries: Iterable[tuple[str, str | None, str | None]], deny: DenyList, kind: str
-            ) -> list[tuple[str, str]]:
-    """Of ``(key, subject, token_id)`` for open connections, those now refused:
-    ``(key, reason)``."""
-    out = []
-    for key, subject, token_id in entries:
-        reason = deny.refusal(kind, subject, token_id)
-        if reason is not None:
-            out.append((key, reason))
-    return out

@@ -305,7 +305,6 @@ class RelayServer:
                                    getattr(connection, "iotpipe_token_id", None))
             if reason is None:
                 continue
-            self.rejected.labels("revoked").inc()
             task = loop.create_task(connection.close(CLOSE_REVOKED, f"revoked: {reason}"))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)

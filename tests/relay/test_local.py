@@ -60,6 +60,15 @@ def test_children_point_at_each_other(tmp_path: Path) -> None:
     no_auth = build_children(UpSettings(insecure_no_auth=True), ports, tmp_path,
                              tmp_path / "r.yaml", None)
     assert all("--insecure-no-auth" in s.argv for s in no_auth if s.name in ("ingest", "relay"))
+    # Without keys the ZeroMQ links are plain; with them every tier uses the same directory.
+    assert not any("--curve-keys-dir" in s.argv for s in specs)
+    curved = build_children(settings, ports, tmp_path, tmp_path / "registry.yaml",
+                            tmp_path / "auth.secret", tmp_path / "curve")
+    for spec in curved:
+        tier = spec.name != "simulate"
+        assert ("--curve-keys-dir" in spec.argv) is tier, spec.argv
+        if tier:
+            assert spec.argv[spec.argv.index("--curve-keys-dir") + 1] == str(tmp_path / "curve")
 
 
 _TIER_SETTINGS = {

@@ -50,7 +50,7 @@ from typing import IO, Annotated
 
 from pydantic import Field
 
-from iotpipe import lifecycle
+from iotpipe import curve, lifecycle
 from iotpipe.auth import CLIENT_AUDIENCE, SECRET_FILE_ENV, issue_token, load_secret
 from iotpipe.settings import CommaList, LogLevel, TierSettings, parse_settings, tier_config
 from iotpipe.simulate import fleet_registry_yaml
@@ -109,6 +109,9 @@ class UpSettings(TierSettings):
         description="storage sinks besides the embedded store DATA_DIR/store/readings.db, "
                     "comma separated (victoriametrics://127.0.0.1:8428, parquet:///dir, "
                     "akumuli://127.0.0.1:8282); a sqlite:// URL here replaces the store")
+    curve: bool = Field(True, description="authenticate and encrypt the tiers' ZeroMQ traffic "
+                                          "with CurveZMQ keys made under DATA_DIR/curve "
+                                          "(docs/security.md)")
     drain_timeout: float = Field(15.0, gt=0, description="seconds ingest gets to forward its "
                                                          "queue on stop (the rest stays queued "
                                                          "for the next start)")
@@ -177,11 +180,14 @@ def _iotpipe(*args: str) -> list[str]:
 
 
 def build_children(settings: UpSettings, ports: Ports, data_dir: Path, registry_file: Path,
-                   secret_file: Path | None) -> list[ChildSpec]:
-    """The processes of a local pipeline, in start order (stop order is the reverse)."""
+                   secret_file: Path | None, curve_dir: Path | None = None) -> list[ChildSpec]:
+    """The processes of a local pipeline, in start order (stop order is the reverse).
+    ``curve_dir``: the CurveZMQ keys every tier's ZeroMQ sockets use (None: plain TCP)."""
     host = settings.host
     loop_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     common = ["--host", host, "--log-level", settings.log_level]
+    if curve_dir is not None:
+        common += ["--curve-keys-dir", str(curve_dir)]
     env = {"IOTPIPE_AUTH_SECRET_FILE": str(secret_file)} if secret_file is not None else {}
     no_auth = ["--insecure-no-auth"] if secret_file is None else []
     node = "local-ingest"
@@ -563,7 +569,8 @@ def main(argv: Sequence[str]) -> int:
     else:
         registry_file = data_dir / "registry.yaml"
         _write_registry(registry_file, settings.simulate)
-    specs = build_children(settings, ports, data_dir, registry_file, secret_file)
+    curve_dir = curve.ensure_keys(data_dir) if settings.curve else None
+    specs = build_children(settings, ports, data_dir, registry_file, secret_file, curve_dir)
     supervisor = Supervisor(specs, data_dir / "logs",
                             RestartPolicy(max_s=settings.max_backoff), settings.stop_timeout)
     stop_requested: list[int] = []

@@ -33,6 +33,7 @@ PLURALS: dict[str, str] = {
     "ScaledObject": "scaledobjects",
     "ServiceMonitor": "servicemonitors",
     "IoTPipeline": "iotpipelines",
+    "NetworkPolicy": "networkpolicies",
 }
 
 # Fields the API server refuses to change on update; left out of patches (the builders

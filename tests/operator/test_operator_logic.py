@@ -254,7 +254,7 @@ def test_reconcile_reports_api_failures_instead_of_raising() -> None:
     kube = _FlakyKube()
     status, _ = handlers.reconcile(kube, pipeline,  # type: ignore[arg-type]
                                    logging.getLogger("test"))
-    assert "StatefulSet/demo-ingest" in kube.applied and len(kube.applied) == 18
+    assert "StatefulSet/demo-ingest" in kube.applied and len(kube.applied) == 20
     degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
     assert degraded["status"] == "True" and degraded["reason"] == "ReadFailed"
     assert "etcd is having a bad day" in degraded["message"]

@@ -45,10 +45,10 @@ import jinja2
 import yaml
 
 from iotpipe_operator import crd
+from iotpipe_operator.names import QUEUE_CLAIM, Names
 from iotpipe_operator.quantity import format_mebibytes, quantity_bytes
 
 TIERS = ("ingest", "middle", "relay", "storage")
-QUEUE_CLAIM = "queue"
 INGEST_DATA_DIR = "/var/lib/iotpipe/queue"
 MIDDLE_DATA_DIR = "/var/lib/iotpipe/log"
 STORAGE_DATA_DIR = "/var/lib/iotpipe/store"
@@ -68,10 +68,12 @@ PMEM_STORAGE_CLASS = "pmem-csi-sc-ext4"  # documented preset: PMEM-CSI, ext4 wit
 
 @dataclass(frozen=True)
 class ClusterCapabilities:
-    """Optional APIs the cluster serves (found by discovery; render assumes what it is told)."""
+    """Optional APIs the cluster serves (found by discovery; render assumes what it is told).
+    None: unknown (discovery failed and nothing was known before): the builders then neither
+    create nor remove that kind's objects, and ingest keeps its live replicas."""
 
-    keda: bool = False
-    service_monitor: bool = False
+    keda: bool | None = False
+    service_monitor: bool | None = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class Problem:
 
     reason: str
     message: str
+    retry: bool = False  # an API failure: retried with backoff, not a spec problem
 
 
 @dataclass
@@ -94,6 +97,9 @@ class BuildResult:
     children: list[dict[str, Any]] = field(default_factory=list)
     absent: list[ObjectRef] = field(default_factory=list)  # must not exist (mode switches)
     problems: list[Problem] = field(default_factory=list)
+    # The ingest replicas the spec asks for; None: the autoscaler's (or unknown) so the
+    # live value stays. The operator steps down to it, one drained ordinal at a time.
+    ingest_replicas: int | None = None
 
     def find(self, kind: str, name: str) -> dict[str, Any]:
         for child in self.children:
@@ -140,20 +146,20 @@ def selector_for(name: str, tier: str) -> dict[str, str]:
 
 
 def workload_name(name: str, tier: str) -> str:
-    return f"{name}-{tier}"
+    return Names(name).workload(tier)
 
 
 def ingest_pod_name(name: str, ordinal: int) -> str:
-    return f"{name}-ingest-{ordinal}"
+    return Names(name).pod("ingest", ordinal)
 
 
 def ingest_pvc_name(name: str, ordinal: int) -> str:
     """The PVC the StatefulSet controller creates from the volumeClaimTemplate."""
-    return f"{QUEUE_CLAIM}-{name}-ingest-{ordinal}"
+    return Names(name).pvc("ingest", ordinal)
 
 
 def drain_job_name(name: str, ordinal: int) -> str:
-    return f"{name}-ingest-drain-{ordinal}"
+    return Names(name).drain_job(ordinal)
 
 
 def middle_endpoints(name: str, replicas: int, port: int, namespace: str = "default"
@@ -163,7 +169,7 @@ def middle_endpoints(name: str, replicas: int, port: int, namespace: str = "defa
 
 
 def endpoints_configmap_name(name: str) -> str:
-    return f"{name}-endpoints"
+    return Names(name).endpoints()
 
 
 def endpoints_data(name: str, namespace: str, middle_replicas: int) -> dict[str, str]:
@@ -264,7 +270,7 @@ def _tier_context(name: str, tier: str, spec: Mapping[str, Any], config: dict[st
         "labels": labels,
         "scrape_labels": {**labels, SCRAPE_LABEL: "true"},
         "selector": selector_for(name, tier),
-        "config_name": f"{name}-{tier}-config",
+        "config_name": Names(name).config(tier),
         "config": config,
         "config_hash": config_hash(config, env, resources, extra_volumes, spec["image"],
                                    spec["imagePullPolicy"]),
@@ -344,13 +350,20 @@ def build(pipeline: Mapping[str, Any],
         # CPU utilisation targets are relative to requests: without them an HPA cannot act.
         ingest_resources = {"requests": {"cpu": f"{500 * processes}m", "memory": "256Mi"}}
     scaled = autoscaler_active(spec, caps)
-    if mode == "keda" and not caps.keda:
+    if mode == "keda" and caps.keda is False:
         result.problems.append(Problem(
             "KedaNotInstalled",
             "autoscaling.mode is keda but the keda.sh/v1alpha1 ScaledObject API is not "
             "served; install KEDA. Ingest runs at autoscaling.minReplicas meanwhile."))
-    ingest_replicas = None if scaled else (
+    if mode == "keda" and caps.keda is None:
+        result.problems.append(Problem(
+            "DiscoveryFailed", "could not tell whether KEDA's ScaledObject API is served; "
+                               "ingest keeps its live replicas until discovery answers",
+            retry=True))
+    keda_unknown = mode == "keda" and caps.keda is None
+    ingest_replicas = None if (scaled or keda_unknown) else (
         autoscaling["minReplicas"] if mode == "keda" else ingest["replicas"])
+    result.ingest_replicas = ingest_replicas
     t_ingest = _tier_context(
         name, "ingest", spec, ingest_config, replicas=ingest_replicas, args=["ingest"],
         ports=[{"name": "ws", "port": INGEST_PORT}], volume=_volume(ingest, INGEST_DATA_DIR),

@@ -772,3 +772,51 @@ async def test_delete_with_retain_says_how_to_resume(cluster: Cluster) -> None:
     assert "Recreate IoTPipeline demo in iot" in event["message"]
     assert names(cluster.k, PVCS) == {"queue-demo-ingest-0", "queue-demo-ingest-1"}
     assert _sts_replicas(cluster) == 2, "Retain does not drain"
+
+
+async def test_middle_scale_up_reaches_tiers_through_the_configmap_only(
+        cluster: Cluster) -> None:
+    await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
+    async with operator(interval=30):
+        await eventually(lambda: obj(cluster.k, CONFIGMAPS, "demo-endpoints"), what="endpoints")
+        await eventually(lambda: obj(cluster.k, DEPLOYMENTS, "demo-relay"), what="relay")
+        templates = {name: (obj(cluster.k, kind, name) or {})["spec"]["template"]
+                     for kind, name in [(STATEFULSETS, "demo-ingest"),
+                                        (STATEFULSETS, "demo-storage"),
+                                        (DEPLOYMENTS, "demo-relay")]}
+        await cluster.patch_pipeline("demo", {"middle": {"replicas": 3}})
+        await eventually(lambda: _sts_replicas(cluster, "demo-middle") == 3, what="middle 3")
+        await eventually(lambda: "demo-middle-2.demo-middle.iot.svc:5557" in (
+            obj(cluster.k, CONFIGMAPS, "demo-endpoints") or {}).get("data", {}).get("feed", ""),
+            what="the new middle pod in the endpoints ConfigMap")
+        await eventually(lambda: cluster.status("demo").get("observedGeneration") == 2,
+                         what="generation 2 applied")
+    for kind, name in [(STATEFULSETS, "demo-ingest"), (STATEFULSETS, "demo-storage"),
+                       (DEPLOYMENTS, "demo-relay")]:
+        assert (obj(cluster.k, kind, name) or {})["spec"]["template"] == templates[name], \
+            f"{name} must not roll"
+
+
+async def test_drain_deletion_survives_an_operator_restart(cluster: Cluster) -> None:
+    await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
+    await _controller_pods_and_pvcs(cluster, [0, 1], [0, 1])
+    await _tier_pods(cluster, "middle", [0, 1])
+    await _tier_pods(cluster, "storage", [0])
+    cluster.k.metrics.update({"demo-middle-0": MIDDLE_METRICS.format(lag=0),
+                              "demo-middle-1": MIDDLE_METRICS.format(lag=0),
+                              "demo-storage-0": STORAGE_METRICS.format(in_flight=0)})
+    async with operator(interval=0.3):
+        await eventually(lambda: _sts_replicas(cluster) == 2, what="running")
+        await cluster.send("DELETE",
+                           f"/apis/iotpipe.dev/v1alpha1/namespaces/{NS}/iotpipelines/demo")
+        await eventually(lambda: _sts_replicas(cluster) == 1, what="first step")
+    # The operator is gone mid-drain; the pod of ordinal 1 exits meanwhile.
+    await cluster.send("DELETE", f"/api/v1/namespaces/{NS}/pods/demo-ingest-1")
+    assert obj(cluster.k, PIPELINES, "demo") is not None, "the finalizer holds"
+    async with operator(interval=0.3):  # a new instance resumes the deletion
+        await _finish_drain(cluster, 1)
+        await eventually(lambda: _sts_replicas(cluster) == 0, what="second step")
+        await cluster.send("DELETE", f"/api/v1/namespaces/{NS}/pods/demo-ingest-0")
+        await _finish_drain(cluster, 0)
+        await eventually(lambda: obj(cluster.k, PIPELINES, "demo") is None,
+                         what="released after the drain completed")

@@ -45,6 +45,7 @@ import jinja2
 import yaml
 
 from iotpipe_operator import crd
+from iotpipe_operator import spec as typed_spec
 from iotpipe_operator.names import QUEUE_CLAIM, Names
 from iotpipe_operator.quantity import format_mebibytes, quantity_bytes
 
@@ -317,6 +318,9 @@ def build(pipeline: Mapping[str, Any],
     if not name:
         raise ValueError("IoTPipeline has no metadata.name")
     namespace = meta.get("namespace") or "default"
+    # The typed model refuses a malformed spec with the field's name (a ValueError) before
+    # anything is built, e.g. one that reached the operator without the CRD's schema.
+    typed_spec.parse(pipeline.get("spec"))
     spec = crd.defaulted_spec(pipeline.get("spec"))
     result = BuildResult()
 

@@ -779,11 +779,13 @@ async def test_middle_scale_up_reaches_tiers_through_the_configmap_only(
     await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
     async with operator(interval=30):
         await eventually(lambda: obj(cluster.k, CONFIGMAPS, "demo-endpoints"), what="endpoints")
-        await eventually(lambda: obj(cluster.k, DEPLOYMENTS, "demo-relay"), what="relay")
-        templates = {name: (obj(cluster.k, kind, name) or {})["spec"]["template"]
-                     for kind, name in [(STATEFULSETS, "demo-ingest"),
-                                        (STATEFULSETS, "demo-storage"),
-                                        (DEPLOYMENTS, "demo-relay")]}
+        templates = {}
+        for kind, name in [(STATEFULSETS, "demo-ingest"), (STATEFULSETS, "demo-storage"),
+                           (DEPLOYMENTS, "demo-relay")]:
+            # wait for each workload read next (they are created one after another)
+            templates[name] = (await eventually(
+                lambda kind=kind, name=name: obj(cluster.k, kind, name), what=name)
+            )["spec"]["template"]
         await cluster.patch_pipeline("demo", {"middle": {"replicas": 3}})
         await eventually(lambda: _sts_replicas(cluster, "demo-middle") == 3, what="middle 3")
         await eventually(lambda: "demo-middle-2.demo-middle.iot.svc:5557" in (

@@ -285,15 +285,17 @@ def reconcile(kube: Kube, body: Mapping[str, Any], logger: logging.Logger,
         if result is not None:
             problems += result.problems
             if not spec["paused"] and not deleting:  # deletion: the delete handler drives
+                stepped = True
                 try:
                     scaling = _step_ingest_replicas(kube, body, result)
                 except KubeError as exc:
                     problems.append(Problem("ReadFailed", str(exc), retry=True))
+                    stepped = False  # never guess replicas: leave the StatefulSet alone
                     result.children = [c for c in result.children if not (
                         c["kind"] == "StatefulSet"
                         and c["metadata"]["name"] == workload_name(name, "ingest"))]
                 # A step-down still in progress counts as applied: what remains is waiting.
-                applied = _apply_children(kube, body, result, problems, logger)
+                applied = _apply_children(kube, body, result, problems, logger) and stepped
                 try:
                     _expand_volumes(kube, body, spec, problems)
                     drains = _drive_drains(kube, body, problems, logger)

@@ -43,20 +43,22 @@ devices, so the queue must reach the middle tier even when its pod goes away for
 4. **Middle and storage** are not drained by the operator: their PVCs are retained on
    scale-down and reattached on scale-up (the middle log keeps unconsumed records until
    every consumer group acknowledged them).
-5. **Deletion of the IoTPipeline**: children go by owner references (garbage collection);
-   drain Jobs too. The queue PVCs are *not* owned by the pipeline (the StatefulSet
-   creates them, and ``whenDeleted: Retain`` keeps them): recreating a pipeline with the
-   same name reattaches them, or run ``iotpipe drain`` against them by hand; delete them
-   with ``kubectl delete pvc -l iotpipe.dev/pipeline=NAME`` when no longer wanted.
+5. **Deletion of the IoTPipeline** follows ``spec.deletionPolicy``
+   (:mod:`iotpipe_operator.deletion`): with Drain, ingest steps down to zero through this
+   same machinery before anything is garbage-collected. The queue PVCs are *not* owned by
+   the pipeline (the StatefulSet creates them, and ``whenDeleted: Retain`` keeps them), so
+   with Retain recreating a pipeline with the same name reattaches them.
+6. **Stepping** (:func:`next_replicas`): every scale-down removes one ordinal at a time
+   from the live replicas, waiting for the previous one's pod and queue to be gone.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from iotpipe_operator.builders import QUEUE_CLAIM, drain_job_name
+from iotpipe_operator.builders import drain_job_name
+from iotpipe_operator.names import Names
 
 
 @dataclass(frozen=True)
@@ -79,13 +81,27 @@ class DrainPlan:
 
 
 def pvc_ordinal(pipeline_name: str, pvc_name: str) -> int | None:
-    match = re.fullmatch(rf"{QUEUE_CLAIM}-{re.escape(pipeline_name)}-ingest-(\d+)", pvc_name)
-    return int(match.group(1)) if match else None
+    return Names(pipeline_name).pvc_ordinal("ingest", pvc_name)
 
 
 def job_ordinal(pipeline_name: str, job_name: str) -> int | None:
-    match = re.fullmatch(rf"{re.escape(pipeline_name)}-ingest-drain-(\d+)", job_name)
-    return int(match.group(1)) if match else None
+    return Names(pipeline_name).drain_job_ordinal(job_name)
+
+
+def next_replicas(target: int | None, live: int | None, pod_ordinals: set[int],
+                  pvc_ordinals: set[int], step: int = 1) -> int | None:
+    """The ingest replicas to apply now. Scale-down by any route (a lower
+    ``ingest.replicas``, autoscaling switched off, KEDA found missing, deletion) starts from
+    the live StatefulSet and removes ``step`` ordinal(s) at a time, only once every ordinal
+    above the live count has finished: its pod is gone and its queue PVC drained (deleted).
+    Never parallel mass drains; scale-up is immediate. ``target`` None keeps ``live``."""
+    if target is None:
+        return live
+    if live is None or target >= live:
+        return target
+    if any(o >= live for o in pod_ordinals | pvc_ordinals):
+        return live  # the previous step is still draining
+    return max(target, live - step)
 
 
 def job_state(job: dict[str, Any]) -> str:

@@ -23,17 +23,6 @@ _MODELS = {
     "drain": ("iotpipe.ingest.drain", "DrainSettings"),
 }
 
-# Contract 1 of issue 8 (the endpoints files) is implemented in the tiers on the wt-tiers
-# branch; until that merge these settings are accepted by name. Drop an entry once the
-# tier's model has the field (tests/operator/test_operator_contract.py lists them).
-PENDING: dict[str, frozenset[str]] = {
-    "ingest": frozenset({"middle_endpoints_file"}),
-    "relay": frozenset({"middle_pub_endpoints_file"}),
-    "storage": frozenset({"feed_endpoints_file"}),
-    "drain": frozenset({"middle_endpoints_file"}),
-}
-
-
 @cache
 def settings_model(tier: str) -> type[BaseSettings]:
     module, name = _MODELS[tier]
@@ -46,7 +35,7 @@ def has_setting(tier: str, field: str) -> bool:
 
 
 def _check(tier: str, field: str) -> None:
-    if not has_setting(tier, field) and field not in PENDING.get(tier, frozenset()):
+    if not has_setting(tier, field):
         model = settings_model(tier)
         raise KeyError(f"{model.__name__} ({tier}) has no setting {field!r}")
 

@@ -25,7 +25,7 @@ def _known(tier: str, key: str) -> bool:
     if not key.startswith(prefix):
         return False
     field = key[len(prefix):].lower()
-    return contract.has_setting(tier, field) or (tier, field) in CONTRACT_1
+    return contract.has_setting(tier, field)
 
 
 @pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.name)
@@ -44,7 +44,7 @@ def test_drain_job_flags_are_drain_settings() -> None:
                                                   .read_text()), 3)
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
     flags = [a[2:].replace("-", "_") for a in args if a.startswith("--")]
-    assert flags and all(contract.has_setting("drain", f) or ("drain", f) in CONTRACT_1
+    assert flags and all(contract.has_setting("drain", f)
                          for f in flags), flags
 
 
@@ -68,6 +68,6 @@ def test_an_unknown_setting_is_refused_by_name() -> None:
     assert contract.flag("drain", "node_id") == "--node-id"
 
 
-def test_only_contract_1_settings_are_pending() -> None:
-    pending = {(tier, f) for tier, fields in contract.PENDING.items() for f in fields}
-    assert pending <= CONTRACT_1
+def test_contract_1_settings_exist_in_the_tiers() -> None:
+    for tier, field in CONTRACT_1:
+        assert contract.has_setting(tier, field), (tier, field)

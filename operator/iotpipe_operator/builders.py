@@ -45,15 +45,18 @@ import jinja2
 import yaml
 
 from iotpipe_operator import crd
+from iotpipe_operator.names import QUEUE_CLAIM, Names
 from iotpipe_operator.quantity import format_mebibytes, quantity_bytes
 
 TIERS = ("ingest", "middle", "relay", "storage")
-QUEUE_CLAIM = "queue"
 INGEST_DATA_DIR = "/var/lib/iotpipe/queue"
 MIDDLE_DATA_DIR = "/var/lib/iotpipe/log"
 STORAGE_DATA_DIR = "/var/lib/iotpipe/store"
 REGISTRY_DIR = "/etc/iotpipe/registry"
 AUTH_DIR = "/etc/iotpipe/auth"
+ENDPOINTS_DIR = "/etc/iotpipe/endpoints"
+ROUTER_PORT, PUB_PORT, FEED_PORT = 5555, 5556, 5557
+INGEST_PORT, RELAY_PORT, METRICS_PORT = 8080, 8081, 9100
 CONFIG_HASH_ANNOTATION = "iotpipe.dev/config-hash"
 PIPELINE_LABEL = "iotpipe.dev/pipeline"
 TIER_LABEL = "iotpipe.dev/tier"
@@ -65,10 +68,12 @@ PMEM_STORAGE_CLASS = "pmem-csi-sc-ext4"  # documented preset: PMEM-CSI, ext4 wit
 
 @dataclass(frozen=True)
 class ClusterCapabilities:
-    """Optional APIs the cluster serves (found by discovery; render assumes what it is told)."""
+    """Optional APIs the cluster serves (found by discovery; render assumes what it is told).
+    None: unknown (discovery failed and nothing was known before): the builders then neither
+    create nor remove that kind's objects, and ingest keeps its live replicas."""
 
-    keda: bool = False
-    service_monitor: bool = False
+    keda: bool | None = False
+    service_monitor: bool | None = False
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,7 @@ class Problem:
 
     reason: str
     message: str
+    retry: bool = False  # an API failure: retried with backoff, not a spec problem
 
 
 @dataclass
@@ -91,6 +97,9 @@ class BuildResult:
     children: list[dict[str, Any]] = field(default_factory=list)
     absent: list[ObjectRef] = field(default_factory=list)  # must not exist (mode switches)
     problems: list[Problem] = field(default_factory=list)
+    # The ingest replicas the spec asks for; None: the autoscaler's (or unknown) so the
+    # live value stays. The operator steps down to it, one drained ordinal at a time.
+    ingest_replicas: int | None = None
 
     def find(self, kind: str, name: str) -> dict[str, Any]:
         for child in self.children:
@@ -137,24 +146,44 @@ def selector_for(name: str, tier: str) -> dict[str, str]:
 
 
 def workload_name(name: str, tier: str) -> str:
-    return f"{name}-{tier}"
+    return Names(name).workload(tier)
 
 
 def ingest_pod_name(name: str, ordinal: int) -> str:
-    return f"{name}-ingest-{ordinal}"
+    return Names(name).pod("ingest", ordinal)
 
 
 def ingest_pvc_name(name: str, ordinal: int) -> str:
     """The PVC the StatefulSet controller creates from the volumeClaimTemplate."""
-    return f"{QUEUE_CLAIM}-{name}-ingest-{ordinal}"
+    return Names(name).pvc("ingest", ordinal)
 
 
 def drain_job_name(name: str, ordinal: int) -> str:
-    return f"{name}-ingest-drain-{ordinal}"
+    return Names(name).drain_job(ordinal)
 
 
-def middle_endpoints(name: str, replicas: int, port: int) -> list[str]:
-    return [f"tcp://{name}-middle-{i}.{name}-middle:{port}" for i in range(replicas)]
+def middle_endpoints(name: str, replicas: int, port: int, namespace: str = "default"
+                     ) -> list[str]:
+    return [f"tcp://{name}-middle-{i}.{name}-middle.{namespace}.svc:{port}"
+            for i in range(replicas)]
+
+
+def endpoints_configmap_name(name: str) -> str:
+    return Names(name).endpoints()
+
+
+def endpoints_data(name: str, namespace: str, middle_replicas: int) -> dict[str, str]:
+    """The endpoints ConfigMap's data (contract 1): one endpoint per line per socket kind.
+    Mounted whole (not subPath) so a change reaches running pods without a restart."""
+    return {key: "".join(f"{e}\n" for e in middle_endpoints(name, middle_replicas, port,
+                                                            namespace))
+            for key, port in (("router", ROUTER_PORT), ("pub", PUB_PORT), ("feed", FEED_PORT))}
+
+
+def _endpoints_mount(name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    volume = {"name": "endpoints", "configMap": {"name": endpoints_configmap_name(name)}}
+    mount = {"name": "endpoints", "mountPath": ENDPOINTS_DIR, "readOnly": True}
+    return [volume], [mount]
 
 
 def config_hash(*parts: Any) -> str:
@@ -241,7 +270,7 @@ def _tier_context(name: str, tier: str, spec: Mapping[str, Any], config: dict[st
         "labels": labels,
         "scrape_labels": {**labels, SCRAPE_LABEL: "true"},
         "selector": selector_for(name, tier),
-        "config_name": f"{name}-{tier}-config",
+        "config_name": Names(name).config(tier),
         "config": config,
         "config_hash": config_hash(config, env, resources, extra_volumes, spec["image"],
                                    spec["imagePullPolicy"]),
@@ -296,21 +325,20 @@ def build(pipeline: Mapping[str, Any],
     mode = autoscaling["mode"]
     registry_volumes, registry_mounts, registry_env = _registry_mount(spec)
     auth_volumes, auth_mounts, auth_env = _auth_mount(spec)
-    router_endpoints = middle_endpoints(name, middle["replicas"], 5555)
-    pub_endpoints = middle_endpoints(name, middle["replicas"], 5556)
-    feed_endpoints = middle_endpoints(name, middle["replicas"], 5557)
-    common = {"HOST": "0.0.0.0", "METRICS_PORT": 9100, "LOG_LEVEL": "info"}
+    endpoint_volumes, endpoint_mounts = _endpoints_mount(name)
+    # Binding stays 0.0.0.0 (the tiers' default) so an env var can still set --host.
+    common = {"METRICS_PORT": METRICS_PORT, "LOG_LEVEL": "info"}
 
     # --- ingest -------------------------------------------------------------------------
     processes = ingest["processes"]
     drain = ingest["drain"]
     ingest_config = _prefixed("ingest", {
         **common,
-        "PORT": 8080,
+        "PORT": INGEST_PORT,
         "DATA_DIR": INGEST_DATA_DIR,
         "QUEUE_BYTES": ingest_queue_bytes(spec),
         "PROCESSES": processes,
-        "MIDDLE_ENDPOINTS": ",".join(router_endpoints),
+        "MIDDLE_ENDPOINTS_FILE": f"{ENDPOINTS_DIR}/router",
         "INSECURE_NO_AUTH": ingest["auth"]["insecureNoAuth"],
         "RATE_LIMIT": ingest.get("rateLimit"),
         "MAX_FRAME_BYTES": ingest.get("maxFrameBytes"),
@@ -322,62 +350,79 @@ def build(pipeline: Mapping[str, Any],
         # CPU utilisation targets are relative to requests: without them an HPA cannot act.
         ingest_resources = {"requests": {"cpu": f"{500 * processes}m", "memory": "256Mi"}}
     scaled = autoscaler_active(spec, caps)
-    if mode == "keda" and not caps.keda:
+    if mode == "keda" and caps.keda is False:
         result.problems.append(Problem(
             "KedaNotInstalled",
             "autoscaling.mode is keda but the keda.sh/v1alpha1 ScaledObject API is not "
             "served; install KEDA. Ingest runs at autoscaling.minReplicas meanwhile."))
-    ingest_replicas = None if scaled else (
+    if mode == "keda" and caps.keda is None:
+        result.problems.append(Problem(
+            "DiscoveryFailed", "could not tell whether KEDA's ScaledObject API is served; "
+                               "ingest keeps its live replicas until discovery answers",
+            retry=True))
+    keda_unknown = mode == "keda" and caps.keda is None
+    ingest_replicas = None if (scaled or keda_unknown) else (
         autoscaling["minReplicas"] if mode == "keda" else ingest["replicas"])
+    result.ingest_replicas = ingest_replicas
     t_ingest = _tier_context(
         name, "ingest", spec, ingest_config, replicas=ingest_replicas, args=["ingest"],
-        ports=[{"name": "ws", "port": 8080}], volume=_volume(ingest, INGEST_DATA_DIR),
-        extra_volumes=auth_volumes, extra_mounts=auth_mounts,
-        headless_name=f"{name}-ingest-headless", service=ingest["service"],
+        ports=[{"name": "ws", "port": INGEST_PORT}], volume=_volume(ingest, INGEST_DATA_DIR),
+        extra_volumes=auth_volumes + endpoint_volumes,
+        extra_mounts=auth_mounts + endpoint_mounts, headless_name=f"{name}-ingest-headless",
+        service=ingest["service"],
         # preStop delay + the drain itself + a margin for the forwarder's last round trip
         grace_seconds=drain["preStopSeconds"] + drain["graceSeconds"] + 15,
         pre_stop_seconds=drain["preStopSeconds"], resources=ingest_resources)
 
     # --- middle -------------------------------------------------------------------------
     middle_config = _prefixed("middle", {
-        **common, "ROUTER_PORT": 5555, "PUB_PORT": 5556, "FEED_PORT": 5557,
+        **common, "ROUTER_PORT": ROUTER_PORT, "PUB_PORT": PUB_PORT,
+        "FEED_PORT": FEED_PORT,
         "DATA_DIR": MIDDLE_DATA_DIR, "LOG_BYTES": quantity_bytes(middle["queue"]["size"]),
         "CONSUMER_GROUPS": storage["group"],
     })
     t_middle = _tier_context(
         name, "middle", spec, middle_config, replicas=middle["replicas"], args=["middle"],
-        ports=[{"name": "router", "port": 5555}, {"name": "pub", "port": 5556},
-               {"name": "feed", "port": 5557}],
+        ports=[{"name": "router", "port": ROUTER_PORT}, {"name": "pub", "port": PUB_PORT},
+               {"name": "feed", "port": FEED_PORT}],
         volume=_volume(middle, MIDDLE_DATA_DIR), extra_volumes=[], extra_mounts=[],
         # Ingest pods must resolve every middle pod before it is ready (ZeroMQ reconnects).
         headless_name=f"{name}-middle", publish_not_ready=True, grace_seconds=60)
 
     # --- relay --------------------------------------------------------------------------
     relay_config = _prefixed("relay", {
-        **common, "PORT": 8081, "MIDDLE_PUB_ENDPOINTS": ",".join(pub_endpoints),
+        **common, "PORT": RELAY_PORT, "MIDDLE_PUB_ENDPOINTS_FILE": f"{ENDPOINTS_DIR}/pub",
         "CLIENT_QUEUE": relay["clientQueue"], **registry_env, **auth_env,
         # clients authenticate with the same secret as devices, or not at all
         "INSECURE_NO_AUTH": ingest["auth"]["insecureNoAuth"],
     })
     t_relay = _tier_context(
         name, "relay", spec, relay_config, replicas=relay["replicas"], args=["relay"],
-        ports=[{"name": "ws", "port": 8081}], volume=None,
-        extra_volumes=auth_volumes + registry_volumes, extra_mounts=auth_mounts + registry_mounts,
+        ports=[{"name": "ws", "port": RELAY_PORT}], volume=None,
+        extra_volumes=auth_volumes + registry_volumes + endpoint_volumes,
+        extra_mounts=auth_mounts + registry_mounts + endpoint_mounts,
         headless_name=f"{name}-relay-headless", service=relay["service"], grace_seconds=30)
 
     # --- storage ------------------------------------------------------------------------
     storage_config = _prefixed("storage", {
-        **common, "FEED_ENDPOINTS": ",".join(feed_endpoints), "GROUP": storage["group"],
+        **common, "FEED_ENDPOINTS_FILE": f"{ENDPOINTS_DIR}/feed", "GROUP": storage["group"],
         "SINKS": ",".join(storage["sinks"]), "DATA_DIR": STORAGE_DATA_DIR, **registry_env,
     })
     t_storage = _tier_context(
         name, "storage", spec, storage_config, replicas=storage["replicas"], args=["storage"],
-        ports=[], volume=_volume(storage, STORAGE_DATA_DIR), extra_volumes=registry_volumes,
-        extra_mounts=registry_mounts, headless_name=f"{name}-storage", grace_seconds=60)
+        ports=[], volume=_volume(storage, STORAGE_DATA_DIR),
+        extra_volumes=registry_volumes + endpoint_volumes,
+        extra_mounts=registry_mounts + endpoint_mounts, headless_name=f"{name}-storage",
+        grace_seconds=60)
 
     base = {"namespace": namespace, "image": spec["image"],
             "pull_policy": spec["imagePullPolicy"],
             "pull_secrets": [{"name": s} for s in spec.get("imagePullSecrets") or []]}
+    result.children += render_template(
+        "configmap.yaml.j2", t={"config_name": endpoints_configmap_name(name),
+                                "labels": labels_for(name, "endpoints"),
+                                "config": endpoints_data(name, namespace, middle["replicas"])},
+        **base)
     for t in (t_ingest, t_middle, t_relay, t_storage):
         result.children += render_template("configmap.yaml.j2", t=t, **base)
         template = "deployment.yaml.j2" if t is t_relay else "statefulset.yaml.j2"
@@ -402,6 +447,13 @@ def build(pipeline: Mapping[str, Any],
     elif caps.keda:
         result.absent.append(keda_ref)
 
+    # --- network policy -----------------------------------------------------------------
+    policy_ref = ObjectRef("networking.k8s.io/v1", "NetworkPolicy", name)
+    if spec["networkPolicy"]["enabled"]:
+        result.children.append(build_network_policy(name, namespace, spec["networkPolicy"]))
+    else:
+        result.absent.append(policy_ref)
+
     # --- metrics ------------------------------------------------------------------------
     monitor_ref = ObjectRef("monitoring.coreos.com/v1", "ServiceMonitor", name)
     if spec["metrics"]["serviceMonitor"] and caps.service_monitor:
@@ -414,16 +466,47 @@ def build(pipeline: Mapping[str, Any],
     return result
 
 
+def build_network_policy(name: str, namespace: str, policy: Mapping[str, Any]
+                         ) -> dict[str, Any]:
+    """One NetworkPolicy for the pipeline's pods: each ZeroMQ port admits only the tier of
+    this pipeline that uses it (ingest and drain Jobs -> router, relay -> pub, storage ->
+    feed), so nothing else in the cluster can inject records that bypass device tokens; the
+    WebSocket and metrics ports admit the configured peers (unset: anyone)."""
+    def tier_peer(tier: str) -> dict[str, Any]:
+        return {"podSelector": {"matchLabels": selector_for(name, tier)}}
+
+    def open_rule(ports: list[int], peers: list[Any] | None) -> dict[str, Any]:
+        rule: dict[str, Any] = {"ports": [{"protocol": "TCP", "port": p} for p in ports]}
+        if peers:  # no "from": every source (an empty list would admit nothing)
+            rule["from"] = list(peers)
+        return rule
+
+    ingress = [
+        {"ports": [{"protocol": "TCP", "port": ROUTER_PORT}],
+         "from": [tier_peer("ingest"), tier_peer("ingest-drain")]},
+        {"ports": [{"protocol": "TCP", "port": PUB_PORT}], "from": [tier_peer("relay")]},
+        {"ports": [{"protocol": "TCP", "port": FEED_PORT}], "from": [tier_peer("storage")]},
+        open_rule([INGEST_PORT, RELAY_PORT], policy.get("webSocketFrom")),
+        open_rule([METRICS_PORT], policy.get("metricsFrom")),
+    ]
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": namespace,
+                     "labels": labels_for(name, "network")},
+        "spec": {"podSelector": {"matchLabels": {PIPELINE_LABEL: name}},
+                 "policyTypes": ["Ingress"], "ingress": ingress},
+    }
+
+
 def build_drain_job(pipeline: Mapping[str, Any], ordinal: int) -> dict[str, Any]:
     """The Job that forwards the retained queue of ingest pod ``ordinal`` to the middle tier."""
     meta = pipeline["metadata"]
     name = meta["name"]
     spec = crd.defaulted_spec(pipeline.get("spec"))
-    endpoints = middle_endpoints(name, spec["middle"]["replicas"], 5555)
     labels = {**labels_for(name, "ingest-drain"), ORDINAL_LABEL: str(ordinal)}
     args = ["drain", "--data-dir", INGEST_DATA_DIR,
             "--node-id", ingest_pod_name(name, ordinal),
-            "--middle-endpoints", ",".join(endpoints),
+            "--middle-endpoints-file", f"{ENDPOINTS_DIR}/router",
             "--timeout", str(spec["ingest"]["drain"]["graceSeconds"]),
             # open the queues with the capacity the pod had (per process)
             "--queue-bytes", str(ingest_queue_bytes(spec))]
@@ -433,5 +516,6 @@ def build_drain_job(pipeline: Mapping[str, Any], ordinal: int) -> dict[str, Any]
         backoff_limit=spec["ingest"]["drain"]["jobBackoffLimit"], image=spec["image"],
         pull_policy=spec["imagePullPolicy"],
         pull_secrets=[{"name": s} for s in spec.get("imagePullSecrets") or []],
-        args=args, data_dir=INGEST_DATA_DIR, claim_name=ingest_pvc_name(name, ordinal))
+        args=args, data_dir=INGEST_DATA_DIR, claim_name=ingest_pvc_name(name, ordinal),
+        endpoints_dir=ENDPOINTS_DIR, endpoints_configmap=endpoints_configmap_name(name))
     return job

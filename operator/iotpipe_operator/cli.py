@@ -40,6 +40,11 @@ class RunSettings(BaseSettings):
         description="kopf liveness probe endpoint (empty: none).")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Log level.")
+    metrics_access: Literal["proxy", "direct"] = Field(
+        default="proxy",
+        description="How deletionPolicy Drain reads the tiers' queue depths: through the API "
+                    "server's pod proxy (RBAC pods/proxy get), or directly from the pod IPs "
+                    "(the operator must reach the pods' metrics port).")
     scanning: bool = Field(
         default=True,
         description="Let kopf watch CRDs and namespaces for changes at run time (needs "

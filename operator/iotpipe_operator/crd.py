@@ -30,6 +30,8 @@ PLURAL = "iotpipelines"
 KIND = "IoTPipeline"
 API_VERSION = f"{GROUP}/{VERSION}"
 
+DELETION_POLICIES = ("Drain", "Retain", "Delete")
+
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
 
 # Sink URL shapes: scheme -> (regex, human description), as iotpipe.storage.sinks parses them
@@ -100,9 +102,9 @@ def _volume(default_size: str, what: str) -> dict[str, Any]:
     }
 
 
-def _tier_common(replicas: int, description: str) -> dict[str, Any]:
+def _tier_common(replicas: int, description: str, minimum: int = 0) -> dict[str, Any]:
     return {
-        "replicas": _int(replicas, 0, 1000, f"Number of {description} pods."),
+        "replicas": _int(replicas, minimum, 1000, f"Number of {description} pods."),
         "resources": _open_object("Container resources (requests/limits), as on a Pod."),
         "env": {
             "type": "array", "maxItems": 64,
@@ -226,7 +228,9 @@ def _spec_schema() -> dict[str, Any]:
         "type": "object", "default": {},
         "description": "The ZeroMQ fan-in tier (StatefulSet, sharded: ingest nodes fail "
                        "over across all middle pods).",
-        "properties": {**_tier_common(2, "middle"), "queue": _volume("4Gi", "middle log")},
+        # At least one: ingest, relay and storage exit when they have no middle endpoint.
+        "properties": {**_tier_common(2, "middle", minimum=1),
+                       "queue": _volume("4Gi", "middle log")},
         # A removed middle pod's log may still hold records that storage has not consumed;
         # nothing drains it (ingest has drain Jobs, the middle has none), so refuse it.
         "x-kubernetes-validations": [{
@@ -283,6 +287,33 @@ def _spec_schema() -> dict[str, Any]:
                                  "items": {"type": "string", "maxLength": 253}},
             "paused": {"type": "boolean", "default": False,
                        "description": "Reconcile nothing; only report status."},
+            "deletionPolicy": {
+                "type": "string", "enum": list(DELETION_POLICIES), "default": "Drain",
+                "description": "What deleting the IoTPipeline does. Drain: ingest goes to "
+                               "zero through the normal drain, then the operator waits until "
+                               "every middle log and the storage feed are empty before the "
+                               "children go. Retain: children go, queue PVCs stay (recreate "
+                               "the pipeline with the same name to resume). Delete: children "
+                               "go at once (queued data on retained PVCs is not forwarded)."},
+            "networkPolicy": {
+                "type": "object", "default": {},
+                "description": "A NetworkPolicy admitting to each ZeroMQ port only this "
+                               "pipeline's own tiers, and to the WebSocket and metrics "
+                               "ports the peers listed here (unset: from anywhere).",
+                "properties": {
+                    "enabled": {"type": "boolean", "default": True},
+                    "webSocketFrom": {
+                        "type": "array", "maxItems": 32,
+                        "description": "NetworkPolicyPeers allowed to the ingest and relay "
+                                       "WebSocket ports; unset: from anywhere.",
+                        "items": _open_object("A NetworkPolicyPeer.")},
+                    "metricsFrom": {
+                        "type": "array", "maxItems": 32,
+                        "description": "NetworkPolicyPeers allowed to the metrics port "
+                                       "(Prometheus, the operator); unset: from anywhere.",
+                        "items": _open_object("A NetworkPolicyPeer.")},
+                },
+            },
             "metrics": {
                 "type": "object", "default": {},
                 "properties": {

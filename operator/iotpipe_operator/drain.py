@@ -52,11 +52,11 @@ devices, so the queue must reach the middle tier even when its pod goes away for
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from iotpipe_operator.builders import QUEUE_CLAIM, drain_job_name
+from iotpipe_operator.builders import drain_job_name
+from iotpipe_operator.names import Names
 
 
 @dataclass(frozen=True)
@@ -79,13 +79,27 @@ class DrainPlan:
 
 
 def pvc_ordinal(pipeline_name: str, pvc_name: str) -> int | None:
-    match = re.fullmatch(rf"{QUEUE_CLAIM}-{re.escape(pipeline_name)}-ingest-(\d+)", pvc_name)
-    return int(match.group(1)) if match else None
+    return Names(pipeline_name).pvc_ordinal("ingest", pvc_name)
 
 
 def job_ordinal(pipeline_name: str, job_name: str) -> int | None:
-    match = re.fullmatch(rf"{re.escape(pipeline_name)}-ingest-drain-(\d+)", job_name)
-    return int(match.group(1)) if match else None
+    return Names(pipeline_name).drain_job_ordinal(job_name)
+
+
+def next_replicas(target: int | None, live: int | None, pod_ordinals: set[int],
+                  pvc_ordinals: set[int], step: int = 1) -> int | None:
+    """The ingest replicas to apply now. Scale-down by any route (a lower
+    ``ingest.replicas``, autoscaling switched off, KEDA found missing, deletion) starts from
+    the live StatefulSet and removes ``step`` ordinal(s) at a time, only once every ordinal
+    above the live count has finished: its pod is gone and its queue PVC drained (deleted).
+    Never parallel mass drains; scale-up is immediate. ``target`` None keeps ``live``."""
+    if target is None:
+        return live
+    if live is None or target >= live:
+        return target
+    if any(o >= live for o in pod_ordinals | pvc_ordinals):
+        return live  # the previous step is still draining
+    return max(target, live - step)
 
 
 def job_state(job: dict[str, Any]) -> str:

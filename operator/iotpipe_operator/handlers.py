@@ -3,8 +3,16 @@
 All decisions live in pure modules (``builders``, ``drain``, ``status``); this module only
 does I/O. One function, :func:`reconcile`, serves every trigger: create, update, resume
 (operator restart) and a timer that repairs drift, refreshes status and drives scale-down
-drains. It is safe to run again at any time: creates that exist become merge patches,
-deletes of missing objects are no-ops, drain Jobs have deterministic names.
+drains. It is safe to run again at any time: children are server-side applied (objects with
+a child's name that the pipeline does not own are refused, never adopted), deletes of
+missing objects are no-ops, drain Jobs have deterministic names. Each pass works on one
+snapshot of the body (kopf's body is live and may change under the handler), and
+``observedGeneration`` claims the snapshot's generation only when every child was applied.
+API failures are retried inside the call with backoff, and then by kopf (a temporary error
+with a growing delay) instead of waiting for the next timer tick.
+
+Deletion follows ``spec.deletionPolicy`` (see :mod:`iotpipe_operator.deletion`): the delete
+handler holds the operator's finalizer until the policy is satisfied.
 
 ``spec.paused: true``: the status is still reported, nothing is created, patched or deleted.
 
@@ -16,6 +24,7 @@ and a change handler may fire together.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -24,10 +33,11 @@ from typing import TYPE_CHECKING, Any
 import kopf
 
 from iotpipe.observability import setup_logging
-from iotpipe_operator import builders, crd, drain
+from iotpipe_operator import builders, crd, deletion, drain
 from iotpipe_operator import status as status_mod
 from iotpipe_operator.builders import ClusterCapabilities, Problem, selector_for, workload_name
-from iotpipe_operator.kube import Kube, KubeError
+from iotpipe_operator.kube import ForeignObjectError, Kube, KubeError
+from iotpipe_operator.names import Names
 from iotpipe_operator.quantity import quantity_bytes
 
 if TYPE_CHECKING:
@@ -45,31 +55,108 @@ def _lock_for(uid: str) -> threading.Lock:
         return _locks.setdefault(uid, threading.Lock())
 
 
-def capabilities(kube: Kube) -> ClusterCapabilities:
-    return ClusterCapabilities(
-        keda=kube.served("keda.sh/v1alpha1", "ScaledObject"),
-        service_monitor=kube.served("monitoring.coreos.com/v1", "ServiceMonitor"))
+OPTIONAL_APIS = {"keda": ("keda.sh/v1alpha1", "ScaledObject"),
+                 "service_monitor": ("monitoring.coreos.com/v1", "ServiceMonitor")}
+
+
+def capabilities(kube: Kube, known: dict[str, bool] | None = None) -> ClusterCapabilities:
+    """Discovery of the optional APIs. A failed discovery keeps the last known answer in
+    ``known`` (a 503 is "unknown", never "absent"); unknown with nothing known is None."""
+    known = {} if known is None else known
+    for key, (api_version, kind) in OPTIONAL_APIS.items():
+        served = kube.served(api_version, kind)
+        if served is not None:
+            known[key] = served
+    return ClusterCapabilities(keda=known.get("keda"),
+                               service_monitor=known.get("service_monitor"))
+
+
+def _owned(child: dict[str, Any], body: Mapping[str, Any]) -> dict[str, Any]:
+    kopf.adopt(child, owner=dict(body))  # type: ignore[arg-type]
+    return child
 
 
 def _apply_children(kube: Kube, body: Mapping[str, Any], result: builders.BuildResult,
-                    problems: list[Problem], logger: logging.Logger) -> None:
+                    problems: list[Problem], logger: logging.Logger) -> bool:
+    """Apply every child and remove the unwanted; True when everything was applied."""
     namespace = body["metadata"]["namespace"]
+    uid = body["metadata"].get("uid")
+    complete = True
+    foreign: list[str] = []
     for child in result.children:
-        kopf.adopt(child, owner=dict(body))  # type: ignore[arg-type]
+        _owned(child, body)
         try:
-            outcome = kube.apply(child)
+            outcome = kube.apply(child, owner_uid=uid)
+        except ForeignObjectError as exc:
+            foreign.append(exc.message)
+            complete = False
+            continue
         except KubeError as exc:
             problems.append(Problem("ApplyFailed", f"{child['kind']}/"
-                                    f"{child['metadata']['name']}: {exc}"))
+                                    f"{child['metadata']['name']}: {exc}", retry=True))
+            complete = False
             continue
         if outcome.action == "created":
             logger.info("created %s/%s", child["kind"], child["metadata"]["name"])
+    if foreign:
+        problems.append(Problem("ForeignObject", "; ".join(foreign)))
     for ref in result.absent:
         try:
-            if kube.delete(ref.api_version, ref.kind, namespace, ref.name):
+            live = kube.get(ref.api_version, ref.kind, namespace, ref.name)
+            if live is not None and uid is not None and not _is_owned(live, uid):
+                continue  # never delete what the pipeline does not own
+            if live is not None and kube.delete(ref.api_version, ref.kind, namespace,
+                                                ref.name):
                 logger.info("deleted %s/%s (no longer wanted)", ref.kind, ref.name)
         except KubeError as exc:
-            problems.append(Problem("DeleteFailed", f"{ref.kind}/{ref.name}: {exc}"))
+            problems.append(Problem("DeleteFailed", f"{ref.kind}/{ref.name}: {exc}",
+                                    retry=True))
+            complete = False
+    return complete
+
+
+def _is_owned(obj: Mapping[str, Any], uid: str) -> bool:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(ref.get("uid") == uid for ref in refs)
+
+
+def _ordinals(names: set[str] | list[str], parse: Callable[[str], int | None]) -> set[int]:
+    return {o for n in names if (o := parse(n)) is not None}
+
+
+def _step_ingest_replicas(kube: Kube, body: Mapping[str, Any], result: builders.BuildResult
+                          ) -> str | None:
+    """Set the ingest StatefulSet's replicas to the next step towards the spec (see
+    :func:`drain.next_replicas`). A failed read never lowers replicas: the StatefulSet is
+    then not applied at all in this pass. Returns a progress message while stepping down."""
+    name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+    names = Names(name)
+    sts = result.find("StatefulSet", names.workload("ingest"))
+    live_sts = kube.get("apps/v1", "StatefulSet", namespace, names.workload("ingest"))
+    live = None if live_sts is None else int((live_sts.get("spec") or {}).get("replicas", 1))
+    pods: set[int] = set()
+    pvcs: set[int] = set()
+    if live is not None and result.ingest_replicas is not None \
+            and result.ingest_replicas < live:
+        pods = _ordinals([p["metadata"]["name"] for p in
+                          kube.list("v1", "Pod", namespace, selector_for(name, "ingest"))],
+                         lambda n: names.pod_ordinal("ingest", n))
+        pvcs = _ordinals([p["metadata"]["name"] for p in
+                          kube.list("v1", "PersistentVolumeClaim", namespace,
+                                    selector_for(name, "ingest"))],
+                         lambda n: names.pvc_ordinal("ingest", n))
+    replicas = drain.next_replicas(result.ingest_replicas, live, pods, pvcs)
+    if replicas is None:
+        sts["spec"].pop("replicas", None)  # new and autoscaled: the autoscaler decides
+    else:
+        # Autoscaled: the live value is re-applied, so SSA never drops the field (which
+        # would reset it to 1).
+        sts["spec"]["replicas"] = replicas
+    if result.ingest_replicas is not None and live is not None \
+            and result.ingest_replicas < live:
+        return (f"ingest stepping down from {live} to {result.ingest_replicas}, one drained "
+                f"ordinal at a time (now {replicas})")
+    return None
 
 
 def _expand_volumes(kube: Kube, body: Mapping[str, Any], spec: Mapping[str, Any],
@@ -154,40 +241,60 @@ def _drive_drains(kube: Kube, body: Mapping[str, Any], problems: list[Problem],
     return plan.summary()
 
 
-def reconcile(kube: Kube, body: Mapping[str, Any], logger: logging.Logger
+def reconcile(kube: Kube, body: Mapping[str, Any], logger: logging.Logger,
+              known: dict[str, bool] | None = None
               ) -> tuple[dict[str, Any], list[status_mod.Transition]]:
     """One full pass for one pipeline; returns the new status and condition transitions."""
+    body = copy.deepcopy(dict(body))  # one snapshot per pass: kopf's body is live
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     spec = crd.defaulted_spec(body.get("spec"))
     problems: list[Problem] = []
     drains: dict[str, list[int]] = {}
+    scaling: str | None = None
+    applied = spec["paused"]  # paused: nothing to apply, the generation is observed
+    deleting = bool(meta.get("deletionTimestamp"))
     with _lock_for(meta.get("uid") or f"{namespace}/{name}"):
         try:
-            caps = capabilities(kube)
+            caps = capabilities(kube, known)
             result = builders.build(body, caps)
-        except (KubeError, ValueError) as exc:
+        except KubeError as exc:
+            problems.append(Problem("BuildFailed", str(exc), retry=True))
+            result = None
+        except ValueError as exc:
             problems.append(Problem("BuildFailed", str(exc)))
             result = None
         if result is not None:
             problems += result.problems
-            if not spec["paused"]:
-                _apply_children(kube, body, result, problems, logger)
+            if not spec["paused"] and not deleting:  # deletion: the delete handler drives
+                try:
+                    scaling = _step_ingest_replicas(kube, body, result)
+                except KubeError as exc:
+                    problems.append(Problem("ReadFailed", str(exc), retry=True))
+                    result.children = [c for c in result.children if not (
+                        c["kind"] == "StatefulSet"
+                        and c["metadata"]["name"] == workload_name(name, "ingest"))]
+                # A step-down still in progress counts as applied: what remains is waiting.
+                applied = _apply_children(kube, body, result, problems, logger)
                 try:
                     _expand_volumes(kube, body, spec, problems)
                     drains = _drive_drains(kube, body, problems, logger)
-                except KubeError as exc:  # a failed read: report, retry on the next pass
-                    problems.append(Problem("ReadFailed", str(exc)))
+                except KubeError as exc:  # a failed read: report, retry
+                    problems.append(Problem("ReadFailed", str(exc), retry=True))
         workloads: dict[str, dict[str, Any] | None] = {}
         for tier, (api_version, kind) in WORKLOAD_KINDS.items():
             try:
                 workloads[tier] = kube.get(api_version, kind, namespace,
                                            workload_name(name, tier))
             except KubeError as exc:
-                problems.append(Problem("StatusReadFailed", f"{kind}/{name}-{tier}: {exc}"))
+                problems.append(Problem("StatusReadFailed", f"{kind}/{name}-{tier}: {exc}",
+                                        retry=True))
                 workloads[tier] = None
-    return status_mod.compute(name, meta.get("generation"), spec["paused"], workloads,
-                              problems, drains, body.get("status"))
+    previous = body.get("status") or {}
+    # Claim a generation only once it is applied in full.
+    generation = meta.get("generation") if applied else previous.get("observedGeneration")
+    return status_mod.compute(name, generation, spec["paused"], workloads,
+                              problems, drains, previous, scaling=scaling)
 
 
 def _report(body: Mapping[str, Any], patch: kopf.Patch, new_status: dict[str, Any],
@@ -213,14 +320,96 @@ def _report(body: Mapping[str, Any], patch: kopf.Patch, new_status: dict[str, An
                    message=f"{change.condition}={change.status}: {change.message}")
 
 
+def _delete_pass(kube: Kube, body: Mapping[str, Any], logger: logging.Logger,
+                 direct_metrics: bool) -> deletion.Step:
+    """One pass of a Drain deletion: observe, decide, act (see :mod:`deletion`)."""
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    names = Names(name)
+    spec = crd.defaulted_spec(body.get("spec"))
+    with _lock_for(meta.get("uid") or f"{namespace}/{name}"):
+        live_sts = kube.get("apps/v1", "StatefulSet", namespace, names.workload("ingest"))
+        obs = deletion.Observation(
+            ingest_replicas=None if live_sts is None
+            else int((live_sts.get("spec") or {}).get("replicas", 1)))
+        obs.ingest_pods = _ordinals(
+            [p["metadata"]["name"] for p in
+             kube.list("v1", "Pod", namespace, selector_for(name, "ingest"))],
+            lambda n: names.pod_ordinal("ingest", n))
+        obs.ingest_pvcs = _ordinals(
+            [p["metadata"]["name"] for p in
+             kube.list("v1", "PersistentVolumeClaim", namespace, selector_for(name, "ingest"))],
+            lambda n: names.pvc_ordinal("ingest", n))
+        obs.drain_jobs = _ordinals(
+            [j["metadata"]["name"] for j in
+             kube.list("batch/v1", "Job", namespace, selector_for(name, "ingest-drain"))],
+            names.drain_job_ordinal)
+        autoscalers = [("autoscaling/v2", "HorizontalPodAutoscaler"),
+                       ("keda.sh/v1alpha1", "ScaledObject")]
+        for api_version, kind in autoscalers:
+            if kind == "ScaledObject" and not kube.served(api_version, kind):
+                continue
+            if kube.get(api_version, kind, namespace, names.workload("ingest")) is not None:
+                obs.autoscalers.append(f"{kind}/{names.workload('ingest')}")
+        if not (obs.ingest_replicas or obs.ingest_pods or obs.ingest_pvcs or obs.drain_jobs):
+            group = spec["storage"]["group"]
+            obs.middle = {p["metadata"]["name"]: _read_depth(
+                kube, namespace, p, direct_metrics,
+                lambda text: deletion.middle_backlog(text, group), logger)
+                for p in kube.list("v1", "Pod", namespace, selector_for(name, "middle"))}
+            obs.storage = {p["metadata"]["name"]: _read_depth(
+                kube, namespace, p, direct_metrics, deletion.storage_in_flight, logger)
+                for p in kube.list("v1", "Pod", namespace, selector_for(name, "storage"))}
+        step = deletion.decide(obs)
+        if step.delete_autoscalers:
+            for api_version, kind in autoscalers:
+                if f"{kind}/{names.workload('ingest')}" in obs.autoscalers:
+                    kube.delete(api_version, kind, namespace, names.workload("ingest"))
+        if step.ingest_replicas is not None and step.ingest_replicas != obs.ingest_replicas:
+            kube.patch("apps/v1", "StatefulSet", namespace, names.workload("ingest"),
+                       {"spec": {"replicas": step.ingest_replicas}})
+            logger.info("deletion: ingest replicas %s -> %s", obs.ingest_replicas,
+                        step.ingest_replicas)
+        problems: list[Problem] = []
+        _drive_drains(kube, body, problems, logger)
+        for problem in problems:
+            logger.warning("deletion: %s: %s", problem.reason, problem.message)
+    return step
+
+
+def _read_depth(kube: Kube, namespace: str, pod: dict[str, Any], direct: bool,
+                parse: Callable[[str], float | None], logger: logging.Logger) -> float | None:
+    try:
+        return parse(kube.pod_metrics(namespace, pod, builders.METRICS_PORT, direct=direct))
+    except KubeError as exc:
+        logger.info("deletion: metrics of %s unreadable: %s", pod["metadata"]["name"], exc)
+        return None
+
+
+def _set_condition(body: Mapping[str, Any], patch: kopf.Patch, kind: str, status: str,
+                   reason: str, message: str) -> None:
+    previous = list((body.get("status") or {}).get("conditions") or [])
+    old = next((c for c in previous if c.get("type") == kind), None)
+    since = (old or {}).get("lastTransitionTime") if old and old.get("status") == status \
+        else status_mod._now()
+    condition = {"type": kind, "status": status, "reason": reason, "message": message,
+                 "lastTransitionTime": since,
+                 "observedGeneration": body["metadata"].get("generation")}
+    patch.status["conditions"] = [c for c in previous if c.get("type") != kind] + [condition]
+
+
 def make_registry(reconcile_interval: float = 60.0,
                   kube_factory: Callable[[], Kube] = Kube.from_environment,
-                  scanning: bool = True) -> kopf.OperatorRegistry:
+                  scanning: bool = True, direct_metrics: bool = False
+                  ) -> kopf.OperatorRegistry:
     """A fresh registry with every handler (tests make one per operator instance)."""
     registry = kopf.OperatorRegistry()
     clients: dict[str, Kube] = {}
     announced: dict[tuple[str, str], str] = {}
+    known: dict[str, bool] = {}  # last known optional APIs (survives failed discovery)
     clients_guard = threading.Lock()
+    # Retries of API failures and deletion polls: soon, never slower than the timer.
+    poll = min(5.0, reconcile_interval)
 
     def kube() -> Kube:
         with clients_guard:
@@ -250,31 +439,69 @@ def make_registry(reconcile_interval: float = 60.0,
         if not scanning:
             settings.scanning.disabled = True
 
-    def handle(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger) -> None:
-        new_status, transitions = reconcile(kube(), body, logger)
+    def handle(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,
+               retry: int = 0) -> None:
+        new_status, transitions = reconcile(kube(), body, logger, known)
         _report(body, patch, new_status, transitions, announced)
+        failed = [c for c in new_status["conditions"]
+                  if c["type"] == "Degraded" and c["status"] == "True"]
+        if failed and _retryable(failed[0]["reason"]):
+            # The status is patched all the same; kopf calls again after the delay.
+            raise kopf.TemporaryError(failed[0]["message"],
+                                      delay=min(poll * 2**min(retry, 4), 60.0))
 
     @kopf.on.resume(*resource, id="resume", registry=registry)
     def on_resume(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,
-                  **_: Any) -> None:
-        handle(body, patch, logger)
+                  retry: int, **_: Any) -> None:
+        handle(body, patch, logger, retry)
 
     @kopf.on.create(*resource, id="create", registry=registry)
     def on_create(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,
-                  **_: Any) -> None:
-        handle(body, patch, logger)
+                  retry: int, **_: Any) -> None:
+        handle(body, patch, logger, retry)
 
     @kopf.on.update(*resource, id="update", registry=registry)
     def on_update(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,
-                  **_: Any) -> None:
-        handle(body, patch, logger)
+                  retry: int, **_: Any) -> None:
+        handle(body, patch, logger, retry)
 
     @kopf.timer(*resource, id="reconcile", interval=reconcile_interval,
                 # startup is covered by the resume handler; the timer repairs drift later
-                initial_delay=reconcile_interval, registry=registry)
+                initial_delay=reconcile_interval, backoff=poll, registry=registry)
     def on_timer(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,
                  **_: Any) -> None:
         handle(body, patch, logger)
+
+    @kopf.on.delete(*resource, id="delete", registry=registry)
+    def on_delete(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,
+                  **_: Any) -> None:
+        snapshot = copy.deepcopy(dict(body))
+        meta = snapshot["metadata"]
+        policy = crd.defaulted_spec(snapshot.get("spec"))["deletionPolicy"]
+        uid = meta.get("uid") or meta["name"]
+        if policy == "Retain":
+            message = (f"children removed; queue, log and store PVCs kept (kubectl get pvc -l "
+                       f"{builders.PIPELINE_LABEL}={meta['name']}). Recreate IoTPipeline "
+                       f"{meta['name']} in {meta['namespace']} to reattach them and forward "
+                       f"what they hold, or delete them when no longer wanted.")
+            kopf.event(snapshot, type="Normal", reason="Retained", message=message)
+            return
+        if policy == "Delete":
+            return
+        try:
+            step = _delete_pass(kube(), snapshot, logger, direct_metrics)
+        except KubeError as exc:
+            step = deletion.Step(False, "DeletionReadFailed", str(exc))
+        patch.status["phase"] = "Deleting"
+        _set_condition(snapshot, patch, "Deleting", "False" if step.done else "True",
+                       step.reason, step.message)
+        key = (uid, "Deleting")
+        with _locks_guard:
+            before, announced[key] = announced.get(key), step.reason
+        if before != step.reason:
+            kopf.event(snapshot, type="Normal", reason=step.reason, message=step.message)
+        if not step.done:
+            raise kopf.TemporaryError(step.message, delay=poll)
 
     @kopf.on.cleanup(registry=registry)
     def close(**_: Any) -> None:
@@ -286,10 +513,19 @@ def make_registry(reconcile_interval: float = 60.0,
     return registry
 
 
+RETRYABLE = ("ApplyFailed", "DeleteFailed", "ReadFailed", "StatusReadFailed",
+             "DrainActionFailed", "BuildFailed", "DiscoveryFailed")
+
+
+def _retryable(reason: str) -> bool:
+    return reason in RETRYABLE
+
+
 def run(settings: RunSettings) -> int:
     """``iotpipe-operator run``: the kopf operator until SIGTERM."""
     setup_logging("operator", settings.log_level)  # JSON lines on stderr, like every tier
-    registry = make_registry(settings.reconcile_interval, scanning=settings.scanning)
+    registry = make_registry(settings.reconcile_interval, scanning=settings.scanning,
+                             direct_metrics=settings.metrics_access == "direct")
     # An explicit peering name makes peering mandatory in kopf: pass it only when peering.
     kopf.run(registry=registry, standalone=settings.standalone,
              peering_name=None if settings.standalone else settings.peering_name,

@@ -1,16 +1,23 @@
 """A thin, generic Kubernetes API client on top of the official ``kubernetes`` package.
 
-Objects are plain dicts (what the builders produce). Creation is POST, and an existing
-object (409) is updated with a JSON merge patch: that works against every API server and
-against KMock, which answers 404 to a PATCH of a missing object (so server-side apply
-cannot stand in for create there). Everything here is blocking; the kopf handlers run it
-in kopf's thread pool (sync handlers).
+Objects are plain dicts (what the builders produce). :meth:`Kube.apply` is server-side
+apply with the field manager ``iotpipe-operator``, so a field the spec no longer says
+disappears from the live object. It reads the object first: a missing one is created (POST,
+same field manager: KMock answers 404 to a PATCH of a missing object, so create-then-apply is
+how SSA works there and everywhere), an existing one not owned by the pipeline is refused
+(:class:`ForeignObjectError`, never adopted), and a 409 conflict re-reads and re-applies.
+Transient API errors (unreachable, 429, 5xx) are retried a few times with exponential
+backoff inside one call. Everything here is blocking; the kopf handlers run it in kopf's
+thread pool (sync handlers).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import time
+import urllib.request
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -33,20 +40,20 @@ PLURALS: dict[str, str] = {
     "ScaledObject": "scaledobjects",
     "ServiceMonitor": "servicemonitors",
     "IoTPipeline": "iotpipelines",
+    "NetworkPolicy": "networkpolicies",
 }
 
-# Fields the API server refuses to change on update; left out of patches (the builders
-# always produce the same values for them, except a grown volumeClaimTemplate, whose PVCs
-# the operator expands directly).
+FIELD_MANAGER = "iotpipe-operator"
+TRANSIENT_STATUSES = (0, 429, 500, 502, 503, 504)
+
+# Fields the API server refuses to change on update; applied with their live values (the
+# builders produce the same values for them, except a grown volumeClaimTemplate, whose PVCs
+# the operator expands directly). Leaving them out would make SSA remove them.
 IMMUTABLE_SPEC_FIELDS: dict[str, tuple[str, ...]] = {
     "StatefulSet": ("volumeClaimTemplates", "serviceName", "selector", "podManagementPolicy"),
     "Deployment": ("selector",),
     "Job": ("selector", "template"),
 }
-
-
-# Kinds whose merge patch is computed against the live object (see patch_body).
-NEEDS_LIVE_STATE = ("ConfigMap", "Service")
 
 
 class KubeError(Exception):
@@ -59,10 +66,39 @@ class KubeError(Exception):
         self.message = message
 
 
+class ForeignObjectError(KubeError):
+    """An object with a child's name exists but is not owned by this pipeline: refused."""
+
+    def __init__(self, kind: str, name: str, owners: list[str]) -> None:
+        owned_by = f"owned by {', '.join(owners)}" if owners else "not owned by any object"
+        super().__init__(409, "NotOwned", f"{kind}/{name} exists and is {owned_by}; the "
+                                          "operator does not adopt it (delete or rename it)")
+        self.kind = kind
+        self.name = name
+
+
 @dataclass(frozen=True)
 class ApplyOutcome:
-    action: str  # "created" or "patched"
+    action: str  # "created" or "applied"
     obj: dict[str, Any]
+
+
+def owned_by(obj: dict[str, Any], owner_uid: str) -> bool:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(ref.get("uid") == owner_uid for ref in refs)
+
+
+def apply_body(obj: dict[str, Any], live: dict[str, Any] | None) -> dict[str, Any]:
+    """The apply configuration: ``obj`` without status, immutable fields set to their live
+    values (SSA would otherwise try to change or remove them)."""
+    body = copy.deepcopy({key: value for key, value in obj.items() if key != "status"})
+    immutable = IMMUTABLE_SPEC_FIELDS.get(obj["kind"], ())
+    live_spec = (live or {}).get("spec") or {}
+    if immutable and "spec" in body:
+        for key in immutable:
+            if key in live_spec:
+                body["spec"][key] = copy.deepcopy(live_spec[key])
+    return body
 
 
 def resource_path(api_version: str, kind: str, namespace: str | None,
@@ -111,7 +147,20 @@ class Kube:
 
     def request(self, method: str, path: str, body: Any = None,
                 query: dict[str, str] | None = None,
-                content_type: str = "application/json") -> dict[str, Any]:
+                content_type: str = "application/json", attempts: int = 4) -> dict[str, Any]:
+        """One API call; transient failures are retried with exponential backoff
+        (0.2 s, 0.4 s, 0.8 s) before the error is raised."""
+        for attempt in range(attempts):
+            try:
+                return self._request_once(method, path, body, query, content_type)
+            except KubeError as exc:
+                if exc.status not in TRANSIENT_STATUSES or attempt == attempts - 1:
+                    raise
+                time.sleep(0.2 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _request_once(self, method: str, path: str, body: Any,
+                      query: dict[str, str] | None, content_type: str) -> dict[str, Any]:
         url_path = path + (f"?{urlencode(query)}" if query else "")
         headers = {"Accept": "application/json", "Content-Type": content_type}
         serialized = self.api.param_serialize(
@@ -154,21 +203,55 @@ class Kube:
         return [item for item in payload.get("items", [])
                 if _matches((item.get("metadata") or {}).get("labels") or {}, selector)]
 
-    def served(self, api_version: str, kind: str) -> bool:
-        """Whether the API server serves this kind (e.g. KEDA's CRD is installed)."""
+    def served(self, api_version: str, kind: str) -> bool | None:
+        """Whether the API server serves this kind (e.g. KEDA's CRD is installed); None
+        when discovery failed (a 503 from an aggregated API is "unknown", not "absent")."""
         try:
-            payload = self.request("GET", f"/apis/{api_version}")
+            payload = self.request("GET", f"/apis/{api_version}", attempts=2)
         except KubeError as exc:
-            if exc.status in (404, 503):
+            if exc.status == 404:
                 return False
-            raise
+            return None
         return any(r.get("name") == PLURALS[kind] for r in payload.get("resources", []))
+
+    def pod_metrics(self, namespace: str, pod: dict[str, Any], port: int,
+                    direct: bool = False) -> str:
+        """A pod's Prometheus text: through the API server's pod proxy (needs
+        ``pods/proxy`` get), or directly from the pod IP (needs the network path)."""
+        name = pod["metadata"]["name"]
+        if direct:
+            ip = (pod.get("status") or {}).get("podIP")
+            if not ip:
+                raise KubeError(0, "NoPodIP", f"pod {name} has no IP yet")
+            host = f"[{ip}]" if ":" in ip else ip
+            try:
+                with urllib.request.urlopen(f"http://{host}:{port}/metrics",
+                                            timeout=self.timeout) as response:
+                    return str(response.read().decode(errors="replace"))
+            except OSError as exc:
+                raise KubeError(0, "Unreachable", f"{name}: {exc}") from exc
+        path = f"/api/v1/namespaces/{quote(namespace)}/pods/{quote(name)}:{port}/proxy/metrics"
+        serialized = self.api.param_serialize(
+            method="GET", resource_path=path, header_params={"Accept": "text/plain"},
+            auth_settings=["BearerToken"])
+        try:
+            response = self.api.call_api(*serialized, _request_timeout=self.timeout)
+            response.read()
+        except ApiException as exc:
+            raise KubeError(exc.status or 0, str(exc.reason), str(exc.body)) from exc
+        except OSError as exc:
+            raise KubeError(0, "Unreachable", str(exc)) from exc
+        text = response.data.decode(errors="replace") if response.data else ""
+        if not 200 <= response.status < 300:
+            raise KubeError(response.status, "ProxyFailed", f"{name}: {text[:200]}")
+        return text
 
     # --- writes ----------------------------------------------------------------------
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]
         return self.request("POST", resource_path(obj["apiVersion"], obj["kind"],
-                                                  meta.get("namespace")), body=obj)
+                                                  meta.get("namespace")), body=obj,
+                            query={"fieldManager": FIELD_MANAGER})
 
     def patch(self, api_version: str, kind: str, namespace: str, name: str,
               body: dict[str, Any], subresource: str | None = None) -> dict[str, Any]:
@@ -176,21 +259,40 @@ class Kube:
                             resource_path(api_version, kind, namespace, name, subresource),
                             body=body, content_type="application/merge-patch+json")
 
-    def apply(self, obj: dict[str, Any]) -> ApplyOutcome:
-        """Create ``obj``, or merge-patch it to the desired state if it exists."""
-        try:
-            return ApplyOutcome("created", self.create(obj))
-        except KubeError as exc:
-            if exc.status != 409:
-                raise
+    def server_side_apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]
-        live = None
-        if obj["kind"] in NEEDS_LIVE_STATE:
-            live = self.get(obj["apiVersion"], obj["kind"], meta.get("namespace", ""),
-                            meta["name"])
-        body = patch_body(obj, live)
-        return ApplyOutcome("patched", self.patch(obj["apiVersion"], obj["kind"],
-                                                  meta.get("namespace", ""), meta["name"], body))
+        return self.request(
+            "PATCH", resource_path(obj["apiVersion"], obj["kind"], meta.get("namespace", ""),
+                                   meta["name"]),
+            body=obj, query={"fieldManager": FIELD_MANAGER, "force": "true"},
+            content_type="application/apply-patch+yaml")  # JSON is YAML
+
+    def apply(self, obj: dict[str, Any], owner_uid: str | None = None,
+              attempts: int = 3) -> ApplyOutcome:
+        """Create ``obj`` or server-side apply it; refuse an existing object that is not
+        owned by ``owner_uid`` (when given). A conflict (409) or an object deleted in
+        between re-reads and re-applies."""
+        meta = obj["metadata"]
+        namespace = meta.get("namespace", "")
+        last: KubeError | None = None
+        for _ in range(attempts):
+            live = self.get(obj["apiVersion"], obj["kind"], namespace, meta["name"])
+            try:
+                if live is None:
+                    return ApplyOutcome("created", self.create(obj))
+                if owner_uid is not None and not owned_by(live, owner_uid):
+                    owners = [f"{r.get('kind')}/{r.get('name')}" for r in
+                              (live.get("metadata") or {}).get("ownerReferences") or []]
+                    raise ForeignObjectError(obj["kind"], meta["name"], owners)
+                return ApplyOutcome("applied", self.server_side_apply(apply_body(obj, live)))
+            except ForeignObjectError:
+                raise
+            except KubeError as exc:
+                if exc.status not in (404, 409):
+                    raise
+                last = exc  # created or deleted by someone else meanwhile: read again
+        assert last is not None
+        raise last
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str,
                propagation: str = "Background") -> bool:
@@ -203,30 +305,3 @@ class Kube:
                 return False
             raise
         return True
-
-
-def patch_body(obj: dict[str, Any], live: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The merge patch that brings ``live`` to ``obj``, without immutable fields.
-
-    A merge patch merges maps and replaces lists, so two kinds need the live object:
-    a ConfigMap's keys that are no longer wanted must be nulled (a removed setting must
-    not linger), and a Service's ports list must keep the allocated nodePorts (or every
-    patch would allocate new ones).
-    """
-    body = {key: value for key, value in obj.items() if key != "status"}
-    immutable = IMMUTABLE_SPEC_FIELDS.get(obj["kind"], ())
-    if immutable and "spec" in body:
-        body["spec"] = {k: v for k, v in body["spec"].items() if k not in immutable}
-    if live is not None and obj["kind"] == "ConfigMap":
-        stale = set(live.get("data") or {}) - set(obj.get("data") or {})
-        body["data"] = {**(obj.get("data") or {}), **dict.fromkeys(sorted(stale))}
-    if live is not None and obj["kind"] == "Service" and "ports" in obj.get("spec", {}):
-        allocated = {p.get("name"): p["nodePort"]
-                     for p in (live.get("spec") or {}).get("ports") or [] if p.get("nodePort")}
-        keeps_node_ports = obj["spec"].get("type") in ("NodePort", "LoadBalancer")
-        body["spec"] = {**body["spec"], "ports": [
-            {**port, "nodePort": allocated[port.get("name")]}
-            if keeps_node_ports and port.get("name") in allocated and "nodePort" not in port
-            else port
-            for port in obj["spec"]["ports"]]}
-    return body

@@ -21,10 +21,15 @@ OPERATOR_RULES: list[dict[str, list[str]]] = [
      "verbs": ["get", "list", "watch", "patch", "update"]},
     {"apiGroups": ["iotpipe.dev"], "resources": ["iotpipelines/status"],
      "verbs": ["get", "patch", "update"]},
+    # children carry blockOwnerDeletion: clusters that enforce OwnerReferencesPermission-
+    # Enforcement require update on the owner's finalizers subresource
+    {"apiGroups": ["iotpipe.dev"], "resources": ["iotpipelines/finalizers"],
+     "verbs": ["update"]},
     # children created and patched from the builders
     {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": _WRITE},
     {"apiGroups": ["apps"], "resources": ["statefulsets", "deployments"], "verbs": _WRITE},
     {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": _WRITE},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": _WRITE},
     {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"], "verbs": _WRITE},
     {"apiGroups": ["keda.sh"], "resources": ["scaledobjects"], "verbs": _WRITE},
     {"apiGroups": ["monitoring.coreos.com"], "resources": ["servicemonitors"],
@@ -36,6 +41,8 @@ OPERATOR_RULES: list[dict[str, list[str]]] = [
      "verbs": ["get", "list", "watch", "patch", "delete"]},
     # status: which ingest pods still exist
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    # deletionPolicy Drain: queue depths read from the tiers' metrics through the pod proxy
+    {"apiGroups": [""], "resources": ["pods/proxy"], "verbs": ["get"]},
     # Kubernetes events on condition transitions (kopf posts core/v1 events)
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
 ]

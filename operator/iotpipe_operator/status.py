@@ -59,8 +59,8 @@ def _condition(previous: list[dict[str, Any]], kind: str, status: str, reason: s
 
 def compute(name: str, generation: int | None, paused: bool,
             workloads: Mapping[str, Mapping[str, Any] | None], problems: list[Problem],
-            drains: Mapping[str, list[int]], previous: Mapping[str, Any] | None
-            ) -> tuple[dict[str, Any], list[Transition]]:
+            drains: Mapping[str, list[int]], previous: Mapping[str, Any] | None,
+            scaling: str | None = None) -> tuple[dict[str, Any], list[Transition]]:
     """The new status and the condition transitions since ``previous``."""
     tiers = {tier: tier_status(workloads.get(tier)) for tier in TIERS}
     missing = [t for t, s in tiers.items() if not s["exists"]]
@@ -79,6 +79,8 @@ def compute(name: str, generation: int | None, paused: bool,
         progressing = ("True", "RollingOut",
                        ", ".join(f"{t} {tiers[t]['readyReplicas']}/{tiers[t]['desired']} ready"
                                  for t in unready))
+    elif scaling:
+        progressing = ("True", "ScalingDown", scaling)
     elif draining:
         progressing = ("True", "Draining", f"draining ingest queues {drains}")
     else:
@@ -106,7 +108,7 @@ def compute(name: str, generation: int | None, paused: bool,
         phase = "Degraded"
     elif missing and len(missing) == len(TIERS):
         phase = "Pending"
-    elif ready_ok and not draining:
+    elif ready_ok and not draining and not scaling:
         phase = "Running"
     else:
         phase = "Progressing"

@@ -28,7 +28,7 @@ CHART = REPO / "charts" / "iotpipe-operator"
 RELEASE = "iotpipe"
 NAMESPACE = "iotpipe-system"
 # The chart's floor (Chart.yaml kubeVersion) and the newest schema kubernetes-validate has.
-KUBE_VERSIONS = ["1.25.0", kubernetes_validate.utils.latest_version()]
+KUBE_VERSIONS = ["1.29.0", kubernetes_validate.utils.latest_version()]
 
 # Value sets: the defaults plus the non-default shapes an operator of a cluster would use.
 VALUE_SETS: dict[str, dict[str, Any]] = {
@@ -125,7 +125,7 @@ def test_helm_lint_reports_no_warnings_or_errors() -> None:
 
 
 def test_helm_lint_against_the_oldest_supported_kubernetes() -> None:
-    report = helm.lint(CHART, strict=True, kube_version="v1.25.0")
+    report = helm.lint(CHART, strict=True, kube_version="v1.29.0")
     assert not report["errors"] and not [m for m in report["messages"] if m["severity"] >= 2]
 
 
@@ -460,3 +460,15 @@ def test_dashboard_plots_the_pipeline_with_metrics_the_tiers_export() -> None:
     panel_using("iotpipe_storage_records_written_total", "storage write rate", "rate(")
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids)), "duplicate panel ids"
+
+
+def test_chart_kube_version_covers_the_crd_cel_features() -> None:
+    """An API server accepts quantity() in CRD validation rules only from 1.29: the chart's
+    floor must not promise an older cluster."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    floor = re.match(r">=\s*(\d+)\.(\d+)", chart["kubeVersion"])
+    assert floor is not None, chart["kubeVersion"]
+    rules = json.dumps(yaml.safe_load((CHART / "crds" / "iotpipelines.yaml").read_text()))
+    if "quantity(" in rules:
+        assert (int(floor.group(1)), int(floor.group(2))) >= (1, 29)
+    assert KUBE_VERSIONS[0] == f"{floor.group(1)}.{floor.group(2)}.0"

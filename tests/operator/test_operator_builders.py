@@ -71,13 +71,87 @@ def test_minimal_builds_all_tiers() -> None:
     middle = result.find("StatefulSet", "demo-middle")
     assert middle["spec"]["serviceName"] == "demo-middle"
     config = result.find("ConfigMap", "demo-ingest-config")["data"]
-    assert config["IOTPIPE_INGEST_MIDDLE_ENDPOINTS"] == (
-        "tcp://demo-middle-0.demo-middle:5555,tcp://demo-middle-1.demo-middle:5555")
+    # contract 1: the endpoint list lives in a mounted ConfigMap, not in the pod template
+    assert "IOTPIPE_INGEST_MIDDLE_ENDPOINTS" not in config
+    assert config["IOTPIPE_INGEST_MIDDLE_ENDPOINTS_FILE"] == "/etc/iotpipe/endpoints/router"
     assert config["IOTPIPE_INGEST_QUEUE_BYTES"] == str(2**30)
     assert config["IOTPIPE_AUTH_SECRET_FILE"] == "/etc/iotpipe/auth/secret"
     assert _container(ingest)["envFrom"] == [{"configMapRef": {"name": "demo-ingest-config"}}]
     storage = result.find("ConfigMap", "demo-storage-config")["data"]
-    assert storage["IOTPIPE_STORAGE_FEED_ENDPOINTS"].endswith("demo-middle-1.demo-middle:5557")
+    assert storage["IOTPIPE_STORAGE_FEED_ENDPOINTS_FILE"] == "/etc/iotpipe/endpoints/feed"
+    relay = result.find("ConfigMap", "demo-relay-config")["data"]
+    assert relay["IOTPIPE_RELAY_MIDDLE_PUB_ENDPOINTS_FILE"] == "/etc/iotpipe/endpoints/pub"
+    endpoints = result.find("ConfigMap", "demo-endpoints")["data"]
+    assert endpoints == {
+        "router": "tcp://demo-middle-0.demo-middle.default.svc:5555\n"
+                  "tcp://demo-middle-1.demo-middle.default.svc:5555\n",
+        "pub": "tcp://demo-middle-0.demo-middle.default.svc:5556\n"
+               "tcp://demo-middle-1.demo-middle.default.svc:5556\n",
+        "feed": "tcp://demo-middle-0.demo-middle.default.svc:5557\n"
+                "tcp://demo-middle-1.demo-middle.default.svc:5557\n"}
+    for kind, workload in [("StatefulSet", "demo-ingest"), ("Deployment", "demo-relay"),
+                           ("StatefulSet", "demo-storage")]:
+        pod = result.find(kind, workload)["spec"]["template"]["spec"]
+        # the whole ConfigMap (no subPath), so an update reaches the running pod
+        assert {"name": "endpoints", "configMap": {"name": "demo-endpoints"}} in pod["volumes"]
+        assert {"name": "endpoints", "mountPath": "/etc/iotpipe/endpoints",
+                "readOnly": True} in pod["containers"][0]["volumeMounts"]
+        # contract 4: bind address left to the tiers' default (an env var can still set it)
+        assert not any(k.endswith("_HOST") for k in
+                       result.find("ConfigMap", f"{workload}-config")["data"])
+
+
+def test_middle_scale_up_changes_only_the_endpoints_configmap() -> None:
+    """Contract 1: no tier rolls when the middle tier grows; only the ConfigMap changes."""
+    before = builders.build(_sample("minimal.yaml"))
+    bigger = _sample("minimal.yaml")
+    bigger["spec"].setdefault("middle", {})["replicas"] = 3
+    after = builders.build(bigger)
+    for kind, name in [("StatefulSet", "demo-ingest"), ("Deployment", "demo-relay"),
+                       ("StatefulSet", "demo-storage")]:
+        assert before.find(kind, name)["spec"]["template"] == \
+            after.find(kind, name)["spec"]["template"], name
+    assert after.find("ConfigMap", "demo-endpoints")["data"]["router"].count("\n") == 3
+    assert before.find("ConfigMap", "demo-endpoints") != after.find("ConfigMap",
+                                                                     "demo-endpoints")
+
+
+def test_one_metrics_port_probed_with_startup_probes() -> None:
+    result = builders.build(_sample("autoscaled-hpa.yaml"), ALL_CAPS)
+    for kind, name in [("StatefulSet", "fleet-ingest"), ("StatefulSet", "fleet-middle"),
+                       ("Deployment", "fleet-relay"), ("StatefulSet", "fleet-storage")]:
+        container = _container(result.find(kind, name))
+        assert [p["containerPort"] for p in container["ports"]
+                if p["name"] == "metrics"] == [9100]
+        for probe, path in [("startupProbe", "/healthz"), ("readinessProbe", "/readyz"),
+                            ("livenessProbe", "/healthz")]:
+            assert container[probe]["httpGet"] == {"path": path, "port": "metrics"}, probe
+
+
+def test_network_policy_admits_zeromq_only_from_own_tiers() -> None:
+    pipeline = _sample("minimal.yaml")
+    result = builders.build(pipeline)
+    policy = result.find("NetworkPolicy", "demo")
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"iotpipe.dev/pipeline": "demo"}}
+    by_port = {rule["ports"][0]["port"]: rule for rule in policy["spec"]["ingress"]}
+    tiers = {port: [peer["podSelector"]["matchLabels"]["iotpipe.dev/tier"]
+                    for peer in by_port[port]["from"]] for port in (5555, 5556, 5557)}
+    assert tiers == {5555: ["ingest", "ingest-drain"], 5556: ["relay"], 5557: ["storage"]}
+    for port in (5555, 5556, 5557):
+        for peer in by_port[port]["from"]:
+            assert peer["podSelector"]["matchLabels"]["iotpipe.dev/pipeline"] == "demo"
+            assert "namespaceSelector" not in peer  # this namespace only
+    assert "from" not in by_port[8080], "unset webSocketFrom admits anyone"
+    # the spec narrows the WebSocket ports
+    peers = [{"namespaceSelector": {"matchLabels": {"team": "edge"}}}]
+    pipeline["spec"]["networkPolicy"] = {"webSocketFrom": peers}
+    narrowed = builders.build(pipeline).find("NetworkPolicy", "demo")
+    ws_rule = next(r for r in narrowed["spec"]["ingress"] if r["ports"][0]["port"] == 8080)
+    assert ws_rule["from"] == peers and [p["port"] for p in ws_rule["ports"]] == [8080, 8081]
+    pipeline["spec"]["networkPolicy"] = {"enabled": False}
+    off = builders.build(pipeline)
+    assert "NetworkPolicy" not in {c["kind"] for c in off.children}
+    assert builders.ObjectRef("networking.k8s.io/v1", "NetworkPolicy", "demo") in off.absent
     assert result.find("ConfigMap", "demo-middle-config")["data"][
         "IOTPIPE_MIDDLE_LOG_BYTES"] == str(4 * 2**30)
 
@@ -216,8 +290,9 @@ def test_drain_job_mounts_the_retained_queue() -> None:
     args = pod["containers"][0]["args"]
     assert args[:5] == ["drain", "--data-dir", "/var/lib/iotpipe/queue",
                         "--node-id", "demo-ingest-4"]
-    assert args[args.index("--middle-endpoints") + 1] == (
-        "tcp://demo-middle-0.demo-middle:5555,tcp://demo-middle-1.demo-middle:5555")
+    assert "--middle-endpoints" not in args
+    assert args[args.index("--middle-endpoints-file") + 1] == "/etc/iotpipe/endpoints/router"
+    assert {"name": "endpoints", "configMap": {"name": "demo-endpoints"}} in pod["volumes"]
     assert pod["restartPolicy"] == "Never"
     assert args[args.index("--queue-bytes") + 1] == str(2**30)
 

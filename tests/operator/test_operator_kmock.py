@@ -25,26 +25,12 @@ import kopf
 import kubernetes
 import pytest
 import yaml
+from kmock_emulator import Emulator
 
 from iotpipe_operator import handlers
 
-
-class NamingEmulator(kmock.KubernetesEmulator):
-    """KMock plus ``metadata.generateName`` (kopf names its Events that way)."""
-
-    _serial = itertools.count(1)
-
-    async def _handle(self, request: Any) -> Any:
-        data = request.data
-        if request.action == kmock.action.CREATE and isinstance(data, dict):
-            meta = data.setdefault("metadata", {})
-            if not meta.get("name") and meta.get("generateName"):
-                meta["name"] = f"{meta['generateName']}{next(self._serial)}"
-        return await super()._handle(request)
-
-
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60),
-              pytest.mark.kmock(cls=NamingEmulator)]
+              pytest.mark.kmock(cls=Emulator)]
 
 REPO = Path(__file__).resolve().parents[2]
 NS = "iot"
@@ -468,6 +454,9 @@ async def test_timer_repairs_drift(cluster: Cluster) -> None:
     await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
     async with operator(interval=0.3):
         await eventually(lambda: obj(cluster.k, CONFIGMAPS, "demo-ingest-config"))
+        # wait for exactly what is acted on next: the middle StatefulSet must exist before
+        # it is patched (it is created after the ingest ConfigMap)
+        await eventually(lambda: obj(cluster.k, STATEFULSETS, "demo-middle"), what="middle")
         await cluster.send("DELETE", f"/api/v1/namespaces/{NS}/configmaps/demo-ingest-config")
         await cluster.patch(STATEFULSETS, "demo-middle", {"spec": {"replicas": 9}})
         await eventually(lambda: obj(cluster.k, CONFIGMAPS, "demo-ingest-config"),
@@ -476,8 +465,11 @@ async def test_timer_repairs_drift(cluster: Cluster) -> None:
                          .get("spec", {}).get("replicas") == 2, what="drifted field restored")
 
 
-async def test_deletion_leaves_children_to_garbage_collection(cluster: Cluster) -> None:
-    await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
+async def test_deletion_policy_delete_leaves_children_to_garbage_collection(
+        cluster: Cluster) -> None:
+    pipeline = seeded(_sample("minimal.yaml"))
+    pipeline["spec"]["deletionPolicy"] = "Delete"
+    await cluster.create_pipeline(pipeline)
     async with operator(interval=30):
         await eventually(lambda: cluster.status("demo").get("phase"))
         finalizers = (obj(cluster.k, PIPELINES, "demo") or {})["metadata"].get("finalizers")

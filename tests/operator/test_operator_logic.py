@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import subprocess
 import sys
@@ -15,7 +16,15 @@ import yaml
 from iotpipe_operator import builders, drain, handlers, rbac
 from iotpipe_operator import status as status_mod
 from iotpipe_operator.builders import ClusterCapabilities, Problem
-from iotpipe_operator.kube import PLURALS, ApplyOutcome, KubeError, patch_body, resource_path
+from iotpipe_operator.kube import (
+    PLURALS,
+    ApplyOutcome,
+    ForeignObjectError,
+    Kube,
+    KubeError,
+    apply_body,
+    resource_path,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -185,24 +194,94 @@ def test_resource_paths_and_patch_bodies() -> None:
         resource_path("v1", "Secret", "iot")
     sts = builders.build(yaml.safe_load((REPO / "samples" / "minimal.yaml").read_text())
                          ).find("StatefulSet", "demo-ingest")
-    body = patch_body(sts)
-    assert "volumeClaimTemplates" not in body["spec"] and "selector" not in body["spec"]
+    live = copy.deepcopy(sts)
+    live["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] = "1Mi"
+    body = apply_body(sts, live)
+    # immutable fields keep their live values (SSA must neither change nor drop them)
+    assert body["spec"]["volumeClaimTemplates"] == live["spec"]["volumeClaimTemplates"]
     assert body["spec"]["template"] == sts["spec"]["template"]
+    assert "status" not in apply_body({**sts, "status": {"replicas": 1}}, None)
 
 
-def test_patch_prunes_stale_configmap_keys_and_keeps_node_ports() -> None:
-    desired_cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"},
-                  "data": {"A": "1"}}
-    live_cm = {"data": {"A": "0", "GONE": "x"}}
-    assert patch_body(desired_cm, live_cm)["data"] == {"A": "1", "GONE": None}
-    desired_svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"},
-                   "spec": {"type": "LoadBalancer",
-                            "ports": [{"name": "ws", "port": 443, "targetPort": "ws"}]}}
-    live_svc = {"spec": {"ports": [{"name": "ws", "port": 8080, "nodePort": 31234}]}}
-    assert patch_body(desired_svc, live_svc)["spec"]["ports"] == [
-        {"name": "ws", "port": 443, "targetPort": "ws", "nodePort": 31234}]
-    desired_svc["spec"]["type"] = "ClusterIP"  # switching away from node ports drops them
-    assert "nodePort" not in patch_body(desired_svc, live_svc)["spec"]["ports"][0]
+class _RecordingKube(Kube):
+    """Kube whose transport is a script: (method, path) -> response or KubeError."""
+
+    def __init__(self, script: list[Any]) -> None:
+        self.script = list(script)
+        self.calls: list[tuple[str, str, dict[str, str], str]] = []
+
+    def _request_once(self, method: str, path: str, body: Any,
+                      query: dict[str, str] | None, content_type: str) -> dict[str, Any]:
+        self.calls.append((method, path, dict(query or {}), content_type))
+        outcome = self.script.pop(0)
+        if isinstance(outcome, KubeError):
+            raise outcome
+        return dict(outcome)
+
+
+_CM = {"apiVersion": "v1", "kind": "ConfigMap",
+       "metadata": {"name": "c", "namespace": "iot",
+                    "ownerReferences": [{"kind": "IoTPipeline", "name": "p", "uid": "u1"}]},
+       "data": {"A": "1"}}
+
+
+def test_apply_creates_missing_then_server_side_applies() -> None:
+    kube = _RecordingKube([KubeError(404, "NotFound", ""), {"created": True}])
+    assert kube.apply(_CM, owner_uid="u1").action == "created"
+    assert [c[0] for c in kube.calls] == ["GET", "POST"]
+    assert kube.calls[1][2] == {"fieldManager": "iotpipe-operator"}
+
+    kube = _RecordingKube([_CM, {"applied": True}])
+    assert kube.apply(_CM, owner_uid="u1").action == "applied"
+    method, path, query, content_type = kube.calls[1]
+    assert (method, path) == ("PATCH", "/api/v1/namespaces/iot/configmaps/c")
+    assert query == {"fieldManager": "iotpipe-operator", "force": "true"}
+    assert content_type == "application/apply-patch+yaml"
+
+
+def test_apply_refuses_an_object_the_pipeline_does_not_own() -> None:
+    foreign = {**_CM, "metadata": {"name": "c", "namespace": "iot", "ownerReferences": [
+        {"kind": "Deployment", "name": "someone", "uid": "other"}]}}
+    kube = _RecordingKube([foreign])
+    with pytest.raises(ForeignObjectError, match="ConfigMap/c exists and is owned by "
+                                                 "Deployment/someone"):
+        kube.apply(_CM, owner_uid="u1")
+    assert [c[0] for c in kube.calls] == ["GET"], "nothing written to a foreign object"
+    kube = _RecordingKube([{**_CM, "metadata": {"name": "c"}}])
+    with pytest.raises(ForeignObjectError, match="not owned by any object"):
+        kube.apply(_CM, owner_uid="u1")
+
+
+def test_apply_conflict_rereads_and_reapplies() -> None:
+    kube = _RecordingKube([_CM, KubeError(409, "Conflict", "modified"), _CM, {"ok": 1}])
+    assert kube.apply(_CM, owner_uid="u1").action == "applied"
+    assert [c[0] for c in kube.calls] == ["GET", "PATCH", "GET", "PATCH"]
+    # a create race (409 on POST) reads again and applies
+    kube = _RecordingKube([KubeError(404, "NotFound", ""), KubeError(409, "AlreadyExists", ""),
+                           _CM, {"ok": 1}])
+    assert kube.apply(_CM, owner_uid="u1").action == "applied"
+
+
+def test_transient_errors_are_retried_with_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    sleeps: list[float] = []
+    monkeypatch.setattr("iotpipe_operator.kube.time.sleep", sleeps.append)
+    kube = _RecordingKube([KubeError(503, "ServiceUnavailable", ""), KubeError(0, "Unreachable",
+                                                                               ""), _CM])
+    assert kube.get("v1", "ConfigMap", "iot", "c") == _CM
+    assert sleeps == [0.2, 0.4]
+    kube = _RecordingKube([KubeError(422, "Invalid", "bad")])
+    with pytest.raises(KubeError, match="422"):
+        kube.get("v1", "ConfigMap", "iot", "c")  # not transient: raised at once
+
+
+def test_discovery_failure_is_unknown_not_absent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("iotpipe_operator.kube.time.sleep", lambda _: None)
+    assert _RecordingKube([KubeError(503, "ServiceUnavailable", "")] * 2).served(
+        "keda.sh/v1alpha1", "ScaledObject") is None
+    assert _RecordingKube([KubeError(404, "NotFound", "")]).served(
+        "keda.sh/v1alpha1", "ScaledObject") is False
+    assert _RecordingKube([{"resources": [{"name": "scaledobjects"}]}]).served(
+        "keda.sh/v1alpha1", "ScaledObject") is True
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["render", "--help"],
@@ -233,7 +312,7 @@ class _FlakyKube:
     def served(self, api_version: str, kind: str) -> bool:
         return False
 
-    def apply(self, obj: dict[str, Any]) -> ApplyOutcome:
+    def apply(self, obj: dict[str, Any], owner_uid: str | None = None) -> ApplyOutcome:
         assert obj["metadata"]["ownerReferences"][0]["uid"] == "u1"
         self.applied.append(f"{obj['kind']}/{obj['metadata']['name']}")
         return ApplyOutcome("created", obj)
@@ -254,7 +333,7 @@ def test_reconcile_reports_api_failures_instead_of_raising() -> None:
     kube = _FlakyKube()
     status, _ = handlers.reconcile(kube, pipeline,  # type: ignore[arg-type]
                                    logging.getLogger("test"))
-    assert "StatefulSet/demo-ingest" in kube.applied and len(kube.applied) == 18
+    assert "StatefulSet/demo-ingest" in kube.applied and len(kube.applied) == 20
     degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
     assert degraded["status"] == "True" and degraded["reason"] == "ReadFailed"
     assert "etcd is having a bad day" in degraded["message"]

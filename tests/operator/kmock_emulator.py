@@ -1,0 +1,89 @@
+"""KMock's KubernetesEmulator plus what the operator tests need from an API server:
+
+- ``metadata.generateName`` (kopf names its Events that way);
+- server-side apply for one field manager: KMock treats every PATCH as a merge patch, so a
+  field left out of an apply configuration would stay. Here an apply
+  (``application/apply-patch+yaml``) removes what the same object's previous apply (or its
+  create with a ``fieldManager``) set and this one no longer does, which is what SSA does
+  for fields a single manager owns. Lists are atomic, as in a merge patch;
+- the pod proxy for metrics (``/api/v1/namespaces/NS/pods/POD:PORT/proxy/metrics``),
+  answered from :attr:`metrics` (pod name -> Prometheus text; missing: 503).
+
+KMock still answers 404 to a PATCH of a missing object (the operator creates first).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Any
+
+import aiohttp.web
+import kmock
+
+APPLY = "application/apply-patch+yaml"
+_PROXY = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/:]+):(\d+)/proxy/metrics$")
+
+
+def removed_fields(previous: Any, current: Any) -> dict[str, Any]:
+    """A merge patch that deletes what ``previous`` set and ``current`` does not."""
+    out: dict[str, Any] = {}
+    if not isinstance(previous, dict) or not isinstance(current, dict):
+        return out
+    for key, value in previous.items():
+        if key not in current:
+            out[key] = None
+        elif isinstance(value, dict) and isinstance(current[key], dict):
+            nested = removed_fields(value, current[key])
+            if nested:
+                out[key] = nested
+    return out
+
+
+def overlay(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    result = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = overlay(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+class Emulator(kmock.KubernetesEmulator):
+    _serial = itertools.count(1)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.applied: dict[str, dict[str, Any]] = {}  # object path -> last applied config
+        self.metrics: dict[str, str] = {}  # pod name -> Prometheus text
+        self.unavailable: set[str] = set()  # paths answering 503 (a failing aggregated API)
+
+    async def _handle(self, request: Any) -> Any:
+        path = request.url.path
+        if path in self.unavailable:
+            return aiohttp.web.json_response(
+                {"kind": "Status", "status": "Failure", "reason": "ServiceUnavailable",
+                 "message": "the server is currently unable to handle the request",
+                 "code": 503}, status=503)
+        proxied = _PROXY.match(path)
+        if proxied and request.method == kmock.method.GET:
+            text = self.metrics.get(proxied.group(2))
+            if text is None:
+                return aiohttp.web.Response(status=503, text="pod not serving metrics")
+            return aiohttp.web.Response(text=text, content_type="text/plain")
+        data = request.data
+        if request.action == kmock.action.CREATE and isinstance(data, dict):
+            meta = data.setdefault("metadata", {})
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = f"{meta['generateName']}{next(self._serial)}"
+            if request.params.get("fieldManager"):
+                self.applied[f"{path}/{meta['name']}"] = data
+        elif request.action == kmock.action.DELETE:
+            self.applied.pop(path, None)
+        elif (request.method == kmock.method.PATCH and isinstance(data, dict)
+              and request.headers.get("Content-Type", "").startswith(APPLY)):
+            patch = overlay(removed_fields(self.applied.get(path, {}), data), data)
+            self.applied[path] = data
+            object.__setattr__(request, "data", patch)
+        return await super()._handle(request)

@@ -272,13 +272,15 @@ async def test_failover_to_the_next_middle_resends_everything_unacked(
         ingest: Factory, middles: Factory, tmp_path: Path) -> None:
     from iotpipe.protocol import preferred_endpoint
 
-    a, b = middles(mode="silent"), middles()
+    pair = [middles(), middles()]
     # Fix the queue's incarnation up front, so the test knows which middle is preferred.
     queue_dir = tmp_path / "q0" / "p0"
     queue_dir.mkdir(parents=True)
     (queue_dir / INCARNATION_FILE).write_text("0123456789abcdef\n")
     node = "test-node-p0~0123456789abcdef"
-    pair = [a, b] if preferred_endpoint(node, 2) == 0 else [b, a]
+    preferred = preferred_endpoint(node, [m.endpoint for m in pair])
+    a, b = pair[preferred], pair[1 - preferred]
+    a.mode = "silent"  # before any traffic: the preferred middle never answers
     server = await ingest(pair, forward_ack_timeout=0.5)
     assert server.node == node
     async with device_connect(server, "dev-f") as ws:

@@ -4,6 +4,9 @@ Each tier serves ``/metrics`` (Prometheus text format), ``/healthz`` (the proces
 and ``/readyz`` (the tier can do its job now: queue open, upstreams reachable, not
 draining) on its metrics port. The server runs in a daemon thread so that a busy event
 loop never makes a scrape or a probe time out.
+
+A pod that runs several processes serves one endpoint for all of them: its parent scrapes
+each process's private endpoint and ``merge_scrapes`` sums them into pod totals.
 """
 
 from __future__ import annotations
@@ -13,20 +16,63 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import orjson
 from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.parser import text_string_to_metric_families
 
 __all__ = [
     "ObservabilityServer",
     "QueueDepthCollector",
+    "merge_scrapes",
     "setup_logging",
 ]
+
+# Families summed across a pod's processes; anything else (the client library's process_*
+# and python_* families: start time, memory, GC) is kept per process with a label.
+SUMMED_PREFIX = "iotpipe_"
+PROCESS_LABEL = "process"
+
+
+def merge_scrapes(scrapes: Mapping[str, str]) -> list[Metric]:
+    """Merge the Prometheus text scrapes of a pod's processes (``{process: text}``).
+
+    ``iotpipe_*`` samples with the same name and labels are added up: connection gauges,
+    counters, histogram buckets and queue depths become pod totals (``_created`` samples,
+    timestamps, take the earliest). Other families get a ``process`` label instead.
+    Pure: no I/O, so it is tested on strings.
+    """
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for process, text in scrapes.items():
+        for family in text_string_to_metric_families(text):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation,
+                                                        family.type, family.unit)
+                values[family.name] = {}
+            sums = values[family.name]
+            summed = family.name.startswith(SUMMED_PREFIX)
+            for sample in family.samples:
+                labels = dict(sample.labels)
+                if not summed:
+                    labels[PROCESS_LABEL] = process
+                key = (sample.name, tuple(sorted(labels.items())))
+                if key not in sums:
+                    sums[key] = sample.value
+                elif sample.name.endswith("_created"):
+                    sums[key] = min(sums[key], sample.value)
+                else:
+                    sums[key] += sample.value
+    for name, merged in families.items():
+        for (sample_name, labels), value in values[name].items():
+            merged.add_sample(sample_name, dict(labels), value)
+    return list(families.values())
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -6,12 +6,23 @@ with node id ``<node_id>-p<i>~<incarnation>`` (the same identity the pod used, r
 the queue directory, so the middle tier deduplicates anything that pod already delivered)
 and exits 0 once every queue is empty, 1 if ``timeout`` ran out first (nothing is lost:
 the queues stay on disk), 2 on bad input.
+
+``--middle-endpoints-file`` (the operator's mounted endpoints ConfigMap, key ``router``) is
+re-read every ``--endpoints-reload-seconds`` while draining, so a drain Job follows a
+middle tier that scales meanwhile.
+
+``QueueDrainer`` is the same forwarding for one queue directory, used by an ingest pod
+that finds queues of processes it no longer runs (``--processes`` was lowered): it
+forwards under the queue's own identity and removes the directory only once it is empty.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import secrets
+import shutil
 import socket
 import sys
 import time
@@ -20,16 +31,22 @@ from pathlib import Path
 
 from pydantic import Field
 
+from iotpipe.durable import fsync_dir
+from iotpipe.endpoints import EndpointsError, EndpointsFile, resolve_endpoints
 from iotpipe.ingest.forwarder import CONSUMER, Forwarder
 from iotpipe.ingest.identity import queue_node_id
 from iotpipe.observability import setup_logging
 from iotpipe.queue import PersistentQueue, QueueError
 from iotpipe.settings import CommaList, TierSettings, parse_settings, tier_config
 
-__all__ = ["DrainSettings", "drain_queues", "main"]
+__all__ = ["DrainSettings", "QueueDrainer", "drain_queues", "main", "process_dirs",
+           "remove_queue_dir"]
 
 log = logging.getLogger("iotpipe.drain")
 _PROCESS_DIR = re.compile(r"p(\d+)")
+# A drained queue directory is renamed to this first (atomic), then deleted: a crash
+# mid-delete leaves a name that is never opened as a queue again, only cleaned up.
+REMOVED_SUFFIX = ".removed-"
 
 
 class DrainSettings(TierSettings):
@@ -42,6 +59,11 @@ class DrainSettings(TierSettings):
                          description="node identity of the ingest pod that wrote the queue")
     middle_endpoints: CommaList = Field(default_factory=list,
                                         description="middle ROUTER endpoints, comma separated")
+    middle_endpoints_file: str = Field(
+        "", description="file listing the middle ROUTER endpoints, one per line, re-read "
+                        "while draining (wins over --middle-endpoints when usable)")
+    endpoints_reload_seconds: float = Field(2.0, gt=0,
+                                            description="seconds between endpoints file checks")
     timeout: float = Field(600.0, gt=0, description="seconds to wait for the queues to empty")
     log_level: str = Field("info", description="log level")
     queue_bytes: int = Field(1 << 30, gt=0, description="capacity to open the queues with")
@@ -58,46 +80,112 @@ def process_dirs(data_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def remove_queue_dir(path: Path) -> None:
+    """Delete a drained (closed) queue directory: rename first, so no crash leaves a
+    half-deleted directory that would be opened as a queue."""
+    doomed = path.with_name(f"{path.name}{REMOVED_SUFFIX}{secrets.token_hex(4)}")
+    os.rename(path, doomed)
+    fsync_dir(path.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_leftovers(data_dir: Path) -> None:
+    """Finish deletions a crash interrupted (directories renamed by ``remove_queue_dir``)."""
+    if data_dir.is_dir():
+        for entry in data_dir.iterdir():
+            if REMOVED_SUFFIX in entry.name and entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+class QueueDrainer:
+    """Forwards one retained queue directory ``p<index>`` under its own node identity."""
+
+    def __init__(self, path: Path, index: int, node_id: str, endpoints: Sequence[str],
+                 queue_bytes: int = 1 << 30) -> None:
+        self.path = path
+        self.name = path.name
+        self.queue = PersistentQueue.open(path, capacity_bytes=queue_bytes,
+                                          consumers=(CONSUMER,))
+        try:
+            self.node = queue_node_id(path, f"{node_id}-p{index}")
+            self.forwarder = Forwarder(self.queue, self.node, endpoints)
+        except BaseException:
+            self.queue.close()
+            raise
+        log.info("draining queue", extra={"fields": {
+            "path": str(path), "node": self.node, "records": self.queue.depth().records}})
+        self.forwarder.start()
+
+    def depth(self) -> tuple[int, int, int]:
+        depth = self.queue.depth()
+        return (depth.records, depth.bytes, self.queue.capacity_bytes)
+
+    def is_empty(self) -> bool:
+        return self.forwarder.is_empty()
+
+    def close(self, remove_if_empty: bool = False) -> bool:
+        """Stop forwarding and close; with ``remove_if_empty``, delete the directory when
+        everything in it was acknowledged by a middle. True if it was removed."""
+        self.forwarder.stop()
+        empty = self.forwarder.is_empty()
+        self.queue.close()
+        if remove_if_empty and empty:
+            remove_queue_dir(self.path)
+            log.info("drained queue removed", extra={"fields": {
+                "path": str(self.path), "node": self.node}})
+            return True
+        return False
+
+
 def drain_queues(data_dir: Path, node_id: str, endpoints: Sequence[str], timeout: float,
-                 queue_bytes: int = 1 << 30) -> bool:
-    """Forward every queue under ``data_dir``; True when all are empty within ``timeout``."""
+                 queue_bytes: int = 1 << 30, endpoints_file: EndpointsFile | None = None,
+                 reload_seconds: float = 2.0) -> bool:
+    """Forward every queue under ``data_dir``; True when all are empty within ``timeout``.
+
+    With ``endpoints_file``, the list is re-read every ``reload_seconds`` meanwhile.
+    """
     deadline = time.monotonic() + timeout
-    queues: list[PersistentQueue] = []
-    forwarders: list[Forwarder] = []
+    drainers: list[QueueDrainer] = []
     try:
         for index, path in process_dirs(data_dir):
-            queue = PersistentQueue.open(path, capacity_bytes=queue_bytes, consumers=(CONSUMER,))
-            queues.append(queue)
-            node = queue_node_id(path, f"{node_id}-p{index}")
-            depth = queue.depth()
-            log.info("draining queue", extra={"fields": {
-                "path": str(path), "node": node, "records": depth.records}})
-            forwarders.append(Forwarder(queue, node, endpoints).start())
-        return all(f.wait_empty(max(0.0, deadline - time.monotonic())) for f in forwarders)
+            drainers.append(QueueDrainer(path, index, node_id, endpoints, queue_bytes))
+        next_check = time.monotonic() + reload_seconds
+        while not all(d.is_empty() for d in drainers):
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            if any(d.forwarder.error is not None for d in drainers):
+                return False
+            if endpoints_file is not None and now >= next_check:
+                next_check = now + reload_seconds
+                changed = endpoints_file.check()
+                if changed is not None:
+                    for drainer in drainers:
+                        drainer.forwarder.set_endpoints(changed)
+            time.sleep(0.02)
+        return True
     finally:
-        for forwarder in forwarders:
-            forwarder.stop()
-        for queue in queues:
-            queue.close()
+        for drainer in drainers:
+            drainer.close()
 
 
 def main(argv: Sequence[str]) -> int:
     settings = parse_settings(DrainSettings, argv)
     setup_logging("drain", settings.log_level)
-    if not settings.middle_endpoints:
-        print("iotpipe drain: error: --middle-endpoints is required", file=sys.stderr)
-        return 2
-    bad = [e for e in settings.middle_endpoints if not e.startswith(("tcp://", "ipc://"))]
-    if bad:
-        print(f"iotpipe drain: error: --middle-endpoints: {bad[0]!r} is not a ZeroMQ endpoint "
-              "(expected tcp://HOST:PORT)", file=sys.stderr)
+    try:
+        endpoints, watched = resolve_endpoints(
+            "--middle-endpoints", settings.middle_endpoints,
+            "--middle-endpoints-file", settings.middle_endpoints_file)
+    except EndpointsError as exc:
+        print(f"iotpipe drain: error: {exc}", file=sys.stderr)
         return 2
     if not settings.data_dir.is_dir():
         print(f"iotpipe drain: error: {settings.data_dir} is not a directory", file=sys.stderr)
         return 2
     try:
-        empty = drain_queues(settings.data_dir, settings.node_id, settings.middle_endpoints,
-                             settings.timeout, settings.queue_bytes)
+        empty = drain_queues(settings.data_dir, settings.node_id, endpoints,
+                             settings.timeout, settings.queue_bytes, watched,
+                             settings.endpoints_reload_seconds)
     except QueueError as exc:
         print(f"iotpipe drain: error: {exc}", file=sys.stderr)
         return 2

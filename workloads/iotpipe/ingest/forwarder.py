@@ -6,6 +6,12 @@ reads durable records from the queue, sends windowed batches, and acks the queue
 ``forwarder`` consumer) only after the middle acked, so a crash at any point resends
 rather than loses. A thread, not an asyncio task: the queue's read/ack block on disk and
 the device-facing event loop must not.
+
+``set_endpoints`` (any thread) hands the thread a new endpoint list (a reloaded endpoints
+file): the thread connects a socket to each added endpoint, lets the core renumber and
+move the node if needed (resending what is unacked, in order), and only then closes the
+sockets of removed endpoints. Nothing acked by a middle is resent needlessly and nothing
+unacked is forgotten: the queue cursor moves only on acks, whatever the sockets do.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import zmq
 
@@ -51,8 +58,10 @@ class Forwarder:
         self.linger = linger
         self.cursor_interval = cursor_interval
         queue.register_consumer(CONSUMER)
-        self.core = ForwarderCore(node, len(self.endpoints), next_seq=self._start_seq(),
+        self.core = ForwarderCore(node, self.endpoints, next_seq=self._start_seq(),
                                   window=window, ack_timeout=ack_timeout)
+        self._pending_endpoints: list[str] | None = None
+        self._pending_lock = threading.Lock()
         self._own_context = context is None
         self._context = context or zmq.Context()
         self._stop = threading.Event()
@@ -71,6 +80,14 @@ class Forwarder:
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._thread.join(timeout)
+
+    def set_endpoints(self, endpoints: Sequence[str]) -> None:
+        """Switch to a new endpoint list (applied by the forwarder thread within ~50 ms)."""
+        new = list(dict.fromkeys(endpoints))
+        if not new:
+            raise ValueError("no middle endpoints given")
+        with self._pending_lock:
+            self._pending_endpoints = new
 
     @property
     def error(self) -> BaseException | None:
@@ -92,15 +109,18 @@ class Forwarder:
 
     # -- the thread ------------------------------------------------------------------
 
+    def _connect(self, endpoint: str) -> zmq.Socket[bytes]:
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.connect(endpoint)
+        return sock
+
     def _run(self) -> None:
         sockets: list[zmq.Socket[bytes]] = []
         try:
             for endpoint in self.endpoints:
-                sock = self._context.socket(zmq.DEALER)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-                sock.connect(endpoint)
-                sockets.append(sock)
+                sockets.append(self._connect(endpoint))
             self._loop(sockets)
         except BaseException as exc:  # surfaced through .error and /readyz
             self._error = exc
@@ -111,10 +131,35 @@ class Forwarder:
             if self._own_context:
                 self._context.term()
 
+    def _take_pending(self) -> list[str] | None:
+        with self._pending_lock:
+            new, self._pending_endpoints = self._pending_endpoints, None
+        return None if new == self.endpoints else new
+
+    def _apply_endpoints(self, new: list[str], sockets: list[zmq.Socket[bytes]],
+                         poller: zmq.Poller, index_of: dict[Any, int]) -> None:
+        """Renumber ``sockets`` (in place) to ``new``: connect added, close removed."""
+        by_name = dict(zip(self.endpoints, sockets, strict=True))
+        renumbered = [by_name.pop(name, None) or self._connect(name) for name in new]
+        for i, sock in enumerate(renumbered):
+            if sock not in index_of:
+                poller.register(sock, zmq.POLLIN)
+            index_of[sock] = i
+        for send in self.core.set_endpoints(new, time.monotonic()):
+            _send(renumbered[send.endpoint], send.frames)
+        for sock in by_name.values():  # removed: nothing in flight refers to them now
+            poller.unregister(sock)
+            del index_of[sock]
+            sock.close(0)
+        log.info("middle endpoints changed", extra={"fields": {
+            "node": self.node, "endpoints": new, "endpoint": new[self.core.endpoint]}})
+        sockets[:] = renumbered
+        self.endpoints = new
+
     def _loop(self, sockets: list[zmq.Socket[bytes]]) -> None:
         core, queue = self.core, self.queue
         poller = zmq.Poller()
-        index_of = {}
+        index_of: dict[Any, int] = {}
         for i, sock in enumerate(sockets):
             poller.register(sock, zmq.POLLIN)
             index_of[sock] = i
@@ -123,6 +168,9 @@ class Forwarder:
         last_cursor_write = 0.0
         waiting_since: float | None = None   # when unsent records were first seen
         while not self._stop.is_set():
+            new_endpoints = self._take_pending()
+            if new_endpoints is not None:
+                self._apply_endpoints(new_endpoints, sockets, poller, index_of)
             now = time.monotonic()
             # Fill the window from the durable head of the queue. While batches are in
             # flight, a small batch waits up to `linger` for more records (fewer, fuller

@@ -11,11 +11,28 @@ the connection stops being read (backpressure), and after ``busy_wait`` seconds 
 waiting frames are answered ``busy``.
 
 Processes: with ``--processes N`` a parent starts N children on one port (SO_REUSEPORT).
-Child ``i`` uses queue dir ``<data_dir>/p<i>``, node id ``<node_id>-p<i>~<incarnation>``
-(see identity.py) and metrics
-port ``metrics_port + i``. With N = 1 the single process is ``p0`` itself (same layout,
-so ``iotpipe drain`` always finds ``p<i>`` directories). The parent forwards SIGTERM and
-SIGINT and restarts a child that dies unexpectedly.
+Child ``i`` uses queue dir ``<data_dir>/p<i>`` and node id ``<node_id>-p<i>~<incarnation>``
+(see identity.py). With N = 1 the single process is ``p0`` itself (same layout, so
+``iotpipe drain`` always finds ``p<i>`` directories). The parent forwards SIGTERM and
+SIGINT and restarts a child that dies unexpectedly. Children die with the parent (Linux
+``PR_SET_PDEATHSIG``), so a SIGKILLed parent leaves no process holding the port or a queue.
+
+One health and metrics endpoint per pod: with N > 1 the parent serves ``/metrics``,
+``/healthz`` and ``/readyz`` on ``metrics_port``; each child serves its own on a private
+loopback port that it reports to the parent through a pipe. The parent's ``/metrics``
+sums the children's ``iotpipe_*`` samples (connections, counters, queue depth: pod
+totals; see ``observability.merge_scrapes``) and its ``/readyz`` fails while any child is
+dead, restarting, or not ready itself.
+
+Middle endpoints: ``--middle-endpoints-file`` is re-read every
+``--endpoints-reload-seconds``; a changed list goes to the running forwarders (added
+middles connected, removed ones disconnected, unacked batches resent in order), no
+restart.
+
+Lowered ``--processes``: process 0 forwards every queue ``p<i>`` with ``i >= N`` that it
+finds under ``data_dir`` to the middle tier under that queue's own node identity (the
+middle deduplicates what the old process already sent), reports them in
+``iotpipe_ingest_retired_queues``, and deletes each directory once it is empty.
 
 SIGTERM drains: /readyz turns 503, the listener closes, devices are closed with 1001 at
 ``drain_close_rate`` per second, the forwarder empties the queue to the middle tier, and
@@ -26,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import http
 import logging
 import os
@@ -35,22 +53,36 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+import urllib.request
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import Field
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from iotpipe.auth import DEVICE_AUDIENCE, AuthError, bearer_token, load_secret, verify_token
+from iotpipe.endpoints import (
+    EndpointsCollector,
+    EndpointsError,
+    EndpointsFile,
+    resolve_endpoints,
+)
+from iotpipe.ingest.drain import QueueDrainer, process_dirs, remove_leftovers
 from iotpipe.ingest.forwarder import CONSUMER, Forwarder
 from iotpipe.ingest.identity import queue_node_id
 from iotpipe.ingest.metrics import IngestCollector, IngestCounters
-from iotpipe.observability import ObservabilityServer, QueueDepthCollector, setup_logging
+from iotpipe.observability import (
+    ObservabilityServer,
+    QueueDepthCollector,
+    merge_scrapes,
+    setup_logging,
+)
 from iotpipe.protocol import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL,
@@ -69,6 +101,8 @@ __all__ = ["IngestServer", "IngestSettings", "main"]
 log = logging.getLogger("iotpipe.ingest")
 PATH = "/v1/ingest"
 PROCESS_INDEX_ENV = "IOTPIPE_INGEST_PROCESS_INDEX"
+PARENT_PID_ENV = "IOTPIPE_INGEST_PARENT_PID"
+REPORT_FD_ENV = "IOTPIPE_INGEST_REPORT_FD"
 
 
 class IngestSettings(TierSettings):
@@ -80,7 +114,7 @@ class IngestSettings(TierSettings):
     host: str = Field("0.0.0.0", description="bind address")
     port: int = Field(8080, ge=0, le=65535, description="WebSocket port (path /v1/ingest)")
     metrics_port: int = Field(9100, ge=0, le=65535,
-                              description="metrics/health port (process i uses port + i)")
+                              description="metrics/health port of the pod (all processes)")
     log_level: str = Field("info", description="log level")
     data_dir: Path = Field(Path("/var/lib/iotpipe/queue"),
                            description="queue directory (process i uses <data_dir>/p<i>)")
@@ -90,6 +124,12 @@ class IngestSettings(TierSettings):
                          description="node identity (process i is <node_id>-p<i>)")
     middle_endpoints: CommaList = Field(default_factory=list,
                                         description="middle ROUTER endpoints, comma separated")
+    middle_endpoints_file: str = Field(
+        "", description="file listing the middle ROUTER endpoints, one per line (key 'router' "
+                        "of the endpoints ConfigMap), re-read while running; wins over "
+                        "--middle-endpoints when usable")
+    endpoints_reload_seconds: float = Field(2.0, gt=0,
+                                            description="seconds between endpoints file checks")
     insecure_no_auth: bool = Field(False, description="no tokens; device from ?device= or the "
                                    "message's 'device' field (local demos only)")
     rate_limit: float = Field(1000.0, ge=0, description="messages/s per device (0 = unlimited)")
@@ -111,6 +151,8 @@ class IngestSettings(TierSettings):
     forward_window: int = Field(8, ge=1, description="batches in flight to the middle tier")
     forward_ack_timeout: float = Field(5.0, gt=0, description="seconds before failover/resend")
     process_index: int = Field(-1, ge=-1, description="internal: index of this child process")
+    parent_pid: int = Field(0, ge=0, description="internal: pid of the parent process")
+    report_fd: int = Field(-1, ge=-1, description="internal: pipe to report the metrics port on")
 
 
 class _DeviceBuckets:
@@ -197,9 +239,14 @@ class _Committer:
 class IngestServer:
     """One ingest process: WebSocket server + queue + forwarder thread."""
 
-    def __init__(self, settings: IngestSettings, index: int) -> None:
+    def __init__(self, settings: IngestSettings, index: int,
+                 endpoints: Sequence[str] | None = None) -> None:
         self.settings = settings
         self.index = index
+        self.endpoints = list(endpoints if endpoints is not None else settings.middle_endpoints)
+        # Queues p<i> (i >= processes) left by processes this pod no longer runs.
+        self.retired: dict[str, QueueDrainer] = {}
+        self.retired_removed = 0
         # Completed with the queue's incarnation once the queue is open (see identity.py).
         self.node = f"{settings.node_id}-p{index}"
         self.queue_dir = settings.data_dir / f"p{index}"
@@ -221,7 +268,39 @@ class IngestServer:
     def ready(self) -> bool:
         fwd = self.forwarder
         return (not self.draining and self.ws_server is not None and fwd is not None
-                and fwd.error is None)
+                and fwd.error is None
+                and all(d.forwarder.error is None for d in list(self.retired.values())))
+
+    # -- endpoints and retired queues ------------------------------------------------
+
+    def set_endpoints(self, endpoints: Sequence[str]) -> None:
+        """A new middle endpoint list for every forwarder of this process."""
+        self.endpoints = list(endpoints)
+        if self.forwarder is not None:
+            self.forwarder.set_endpoints(endpoints)
+        for drainer in list(self.retired.values()):
+            drainer.forwarder.set_endpoints(endpoints)
+
+    def start_retired(self) -> None:
+        """Forward the queues of processes this pod no longer runs (only process 0 does)."""
+        s = self.settings
+        remove_leftovers(s.data_dir)
+        for index, path in process_dirs(s.data_dir):
+            if index < s.processes or path.name in self.retired:
+                continue
+            self.retired[path.name] = QueueDrainer(path, index, s.node_id, self.endpoints,
+                                                   s.queue_bytes)
+
+    def reap_retired(self) -> int:
+        """Close and delete the retired queues that are empty now; how many were removed."""
+        removed = 0
+        for name, drainer in list(self.retired.items()):
+            if drainer.is_empty():
+                del self.retired[name]
+                if drainer.close(remove_if_empty=True):
+                    removed += 1
+        self.retired_removed += removed
+        return removed
 
     # -- handshake -------------------------------------------------------------------
 
@@ -370,7 +449,7 @@ class IngestServer:
         self.aqueue = AsyncQueue(self.queue)
         self.committer = _Committer(self.aqueue, s.busy_wait)
         self.forwarder = Forwarder(
-            self.queue, self.node, s.middle_endpoints, batch_records=s.forward_batch,
+            self.queue, self.node, self.endpoints, batch_records=s.forward_batch,
             window=s.forward_window, ack_timeout=s.forward_ack_timeout,
         ).start()
         self.ws_server = await serve(
@@ -416,11 +495,22 @@ class IngestServer:
         forwarder = self.forwarder
         empty = await asyncio.to_thread(forwarder.wait_empty,
                                         max(0.0, deadline - time.monotonic()))
+        # Retired queues too: whatever is left of them stays on disk for the next start
+        # (or a drain Job), intact.
+        while self.retired and time.monotonic() < deadline:
+            await asyncio.to_thread(self.reap_retired)
+            if self.retired:
+                await asyncio.sleep(0.05)
+        empty = empty and not self.retired
         depth = self.queue.depth() if self.queue else None
-        log.info("drain finished", extra={"fields": {"empty": empty, "depth": depth}})
+        log.info("drain finished", extra={"fields": {
+            "empty": empty, "depth": depth, "retired_left": sorted(self.retired)}})
         return empty
 
     async def aclose(self) -> None:
+        for name, drainer in list(self.retired.items()):
+            del self.retired[name]
+            await asyncio.to_thread(drainer.close, True)
         if self.ws_server is not None:
             self.ws_server.close()
             with contextlib.suppress(asyncio.TimeoutError):
@@ -441,26 +531,70 @@ def _queue_source(server: IngestServer) -> tuple[int, int, int]:
     return (depth.records, depth.bytes, q.capacity_bytes)
 
 
-async def run_process(settings: IngestSettings, index: int) -> int:
+class _RetiredCollector:
+    """The retired queues (``p<i>`` of processes this pod no longer runs) being drained."""
+
+    def __init__(self, server: IngestServer) -> None:
+        self._server = server
+
+    def collect(self) -> Iterator[Metric]:
+        drainers = list(self._server.retired.values())
+        yield GaugeMetricFamily("iotpipe_ingest_retired_queues",
+                                "Queues of processes no longer run, being drained",
+                                value=len(drainers))
+        records = GaugeMetricFamily("iotpipe_ingest_retired_queue_records",
+                                    "Records left in the retired queues being drained")
+        records.add_metric([], sum(d.depth()[0] for d in drainers))
+        yield records
+        yield CounterMetricFamily("iotpipe_ingest_retired_queues_removed",
+                                  "Retired queues drained and deleted",
+                                  value=self._server.retired_removed)
+
+
+async def run_process(settings: IngestSettings, index: int,
+                      endpoints: Sequence[str] | None = None,
+                      watched: EndpointsFile | None = None) -> int:
     """Run one ingest process until SIGTERM/SIGINT; returns the exit code."""
-    server = IngestServer(settings, index)
+    server = IngestServer(settings, index, endpoints)
     REGISTRY.register(QueueDepthCollector("ingest", {"ingest": lambda: _queue_source(server)}))
     REGISTRY.register(IngestCollector(
         server.counters, lambda: [server.forwarder.core] if server.forwarder else []))
-    obs = ObservabilityServer(settings.host, settings.metrics_port + index if
-                              settings.metrics_port else 0, ready=server.ready).start()
+    REGISTRY.register(_RetiredCollector(server))
+    if watched is not None:
+        REGISTRY.register(EndpointsCollector({"router": watched}))
+    child = settings.process_index >= 0
+    # A child of a multi-process pod serves on a private loopback port; the parent serves
+    # the pod's port and aggregates (the child tells it the port through a pipe).
+    obs = ObservabilityServer("127.0.0.1" if child else settings.host,
+                              0 if child else settings.metrics_port, ready=server.ready).start()
+    if child and settings.report_fd >= 0:
+        with contextlib.suppress(OSError):
+            os.write(settings.report_fd, f"{obs.port}\n".encode())
+            os.close(settings.report_fd)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
+        if index == 0:
+            await asyncio.to_thread(server.start_retired)
         log.info("ingest listening", extra={"fields": {
             "node": server.node, "port": server.port, "metrics_port": obs.port,
-            "queue": str(server.queue_dir), "middle": settings.middle_endpoints}})
+            "queue": str(server.queue_dir), "middle": server.endpoints,
+            "retired_queues": sorted(server.retired)}})
+        next_check = time.monotonic() + settings.endpoints_reload_seconds
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
+                await asyncio.wait_for(stop.wait(),
+                                       min(0.5, settings.endpoints_reload_seconds))
+            if watched is not None and time.monotonic() >= next_check:
+                next_check = time.monotonic() + settings.endpoints_reload_seconds
+                changed = watched.check()
+                if changed is not None:
+                    server.set_endpoints(changed)
+            if server.retired:
+                await asyncio.to_thread(server.reap_retired)
             if server.forwarder is not None and server.forwarder.error is not None:
                 # Nothing would leave the queue any more: exit so the supervisor (or
                 # Kubernetes) restarts us; the queue is durable, nothing acked is lost.
@@ -490,58 +624,191 @@ def _install_uvloop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def _run_parent(settings: IngestSettings, argv: Sequence[str]) -> int:
-    """Start N children on one port; forward signals; restart children that die."""
-    children: dict[int, subprocess.Popen[bytes]] = {}
-    stopping = False
+PR_SET_PDEATHSIG = 1
 
-    def spawn(i: int) -> subprocess.Popen[bytes]:
-        env = {**os.environ, PROCESS_INDEX_ENV: str(i)}
-        return subprocess.Popen([sys.executable, "-m", "iotpipe.cli", "ingest", *argv], env=env)
+
+def die_with_parent(parent_pid: int) -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies.
+
+    Set by the child itself at startup; the parent may have died before that (the flag
+    only covers deaths after it is set), so the parent pid is checked afterwards: a child
+    re-parented already exits at once. SIGKILL rather than SIGTERM: the pod's parent is
+    gone abnormally, a new one must find the port and the queues free, and nothing acked
+    depends on a graceful exit (the queues are durable).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed", extra={"fields": {
+            "errno": ctypes.get_errno()}})
+    if os.getppid() != parent_pid:
+        log.error("parent process already gone; exiting", extra={"fields": {
+            "parent_pid": parent_pid}})
+        os._exit(1)
+
+
+class _Child:
+    """One child process as the parent sees it: the process and its private metrics port."""
+
+    def __init__(self, index: int, argv: Sequence[str]) -> None:
+        self.index = index
+        read_fd, write_fd = os.pipe()
+        env = {**os.environ, PROCESS_INDEX_ENV: str(index), PARENT_PID_ENV: str(os.getpid()),
+               REPORT_FD_ENV: str(write_fd)}
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "iotpipe.cli", "ingest", *argv], env=env,
+                pass_fds=(write_fd,))
+        finally:
+            os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        self._read_fd: int | None = read_fd
+        self._buffer = b""
+        self.metrics_port: int | None = None
+
+    def poll_port(self) -> int | None:
+        """Read the child's report pipe (non-blocking): its metrics port once known."""
+        if self._read_fd is not None:
+            try:
+                chunk = os.read(self._read_fd, 64)
+            except BlockingIOError:
+                chunk = None
+            if chunk is not None:
+                self._buffer += chunk
+                if b"\n" in self._buffer or not chunk:  # a line, or EOF (the child died)
+                    line = self._buffer.split(b"\n", 1)[0].strip()
+                    self.metrics_port = int(line) if line.isdigit() else None
+                    self.close()
+        return self.metrics_port
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        if self._read_fd is not None:
+            os.close(self._read_fd)
+            self._read_fd = None
+
+
+def _http_get(port: int, path: str, timeout: float) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}",
+                                    timeout=timeout) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), ""
+    except OSError:
+        return 0, ""
+
+
+class PodView:
+    """The pod's one health and metrics endpoint, served by the parent process.
+
+    Scrapes each child's private endpoint at request time (so a scrape is as fresh as a
+    single process's); read from the observability thread while the main thread replaces
+    children, hence the copies of ``children``.
+    """
+
+    def __init__(self, processes: int, timeout: float = 2.0) -> None:
+        self.processes = processes
+        self.timeout = timeout
+        self.children: dict[int, _Child] = {}
+        self.restarts = 0
+
+    def _ports(self) -> dict[int, int | None]:
+        return {i: (c.metrics_port if c.alive() else None)
+                for i, c in list(self.children.items())}
+
+    def ready(self) -> bool:
+        ports = self._ports()
+        if len(ports) < self.processes or any(p is None for p in ports.values()):
+            return False  # a child is dead, restarting, or not serving yet
+        return all(_http_get(port, "/readyz", self.timeout)[0] == 200
+                   for port in ports.values() if port is not None)
+
+    def collect(self) -> Iterator[Metric]:
+        scrapes: dict[str, str] = {}
+        for index, port in sorted(self._ports().items()):
+            if port is not None:
+                status, text = _http_get(port, "/metrics", self.timeout)
+                if status == 200:
+                    scrapes[str(index)] = text
+        yield from merge_scrapes(scrapes)
+        yield GaugeMetricFamily("iotpipe_ingest_processes", "Ingest processes configured",
+                                value=self.processes)
+        yield GaugeMetricFamily("iotpipe_ingest_processes_scraped",
+                                "Ingest processes whose metrics this scrape includes",
+                                value=len(scrapes))
+        yield CounterMetricFamily("iotpipe_ingest_process_restarts",
+                                  "Child processes restarted after dying", value=self.restarts)
+
+
+def _run_parent(settings: IngestSettings, argv: Sequence[str]) -> int:
+    """Start N children on one port; serve the pod's endpoint; forward signals; restart
+    children that die."""
+    view = PodView(settings.processes)
+    stopping = False
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
-        for child in children.values():
-            if child.poll() is None:
-                child.send_signal(signum)
+        for child in list(view.children.values()):
+            if child.alive():
+                child.proc.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    for i in range(settings.processes):
-        children[i] = spawn(i)
-    codes: dict[int, int] = {}
-    while len(codes) < len(children):
-        time.sleep(0.2)
-        for i, child in list(children.items()):
-            if i in codes:
-                continue
-            rc = child.poll()
-            if rc is None:
-                continue
-            if stopping:
-                codes[i] = rc
-            else:
-                log.error("ingest child died; restarting", extra={"fields": {"index": i,
-                                                                              "rc": rc}})
-                time.sleep(0.5)
-                children[i] = spawn(i)
-    return max(codes.values(), default=0)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(view)
+    obs = ObservabilityServer(settings.host, settings.metrics_port, ready=view.ready,
+                              registry=registry).start()
+    log.info("ingest pod endpoint", extra={"fields": {
+        "metrics_port": obs.port, "processes": settings.processes}})
+    try:
+        for i in range(settings.processes):
+            view.children[i] = _Child(i, argv)
+        codes: dict[int, int] = {}
+        while len(codes) < len(view.children):
+            time.sleep(0.1)
+            for i, child in list(view.children.items()):
+                child.poll_port()
+                if i in codes:
+                    continue
+                rc = child.proc.poll()
+                if rc is None:
+                    continue
+                child.close()
+                if stopping:
+                    codes[i] = rc
+                else:
+                    log.error("ingest child died; restarting", extra={"fields": {
+                        "index": i, "rc": rc}})
+                    time.sleep(0.5)
+                    view.restarts += 1
+                    view.children[i] = _Child(i, argv)
+        return max(codes.values(), default=0)
+    finally:
+        obs.stop()
+        for child in view.children.values():
+            child.close()
 
 
 def main(argv: Sequence[str]) -> int:
     settings = parse_settings(IngestSettings, argv)
     setup_logging("ingest", settings.log_level)
+    index = settings.process_index  # set by the parent through IOTPIPE_INGEST_PROCESS_INDEX
+    if index >= 0 and settings.parent_pid:
+        die_with_parent(settings.parent_pid)
     # websockets logs every connection open/close at INFO: far too much at C10K.
     logging.getLogger("websockets").setLevel(logging.WARNING)
-    if not settings.middle_endpoints:
-        print("iotpipe ingest: error: --middle-endpoints is required", file=sys.stderr)
+    try:
+        endpoints, watched = resolve_endpoints(
+            "--middle-endpoints", settings.middle_endpoints,
+            "--middle-endpoints-file", settings.middle_endpoints_file)
+    except EndpointsError as exc:
+        print(f"iotpipe ingest: error: {exc}", file=sys.stderr)
         return 2
-    for endpoint in settings.middle_endpoints:
-        if not endpoint.startswith(("tcp://", "ipc://")):
-            print(f"iotpipe ingest: error: --middle-endpoints: {endpoint!r} is not a ZeroMQ "
-                  "endpoint (expected tcp://HOST:PORT)", file=sys.stderr)
-            return 2
     if not settings.insecure_no_auth:
         try:
             load_secret()
@@ -549,10 +816,8 @@ def main(argv: Sequence[str]) -> int:
             print(f"iotpipe ingest: error: {exc} (or pass --insecure-no-auth for local demos)",
                   file=sys.stderr)
             return 2
-    index = settings.process_index  # set by the parent through IOTPIPE_INGEST_PROCESS_INDEX
     if index < 0 and settings.processes > 1:
         return _run_parent(settings, argv)
     _install_uvloop()
     _raise_nofile()
-    return asyncio.run(run_process(settings, max(index, 0)))
-
+    return asyncio.run(run_process(settings, max(index, 0), endpoints, watched))

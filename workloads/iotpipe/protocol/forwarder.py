@@ -8,7 +8,12 @@ to whatever ``on_reply`` returns.
 Rules (the middle deduplicates by a per-node high-water mark, which is only safe if it
 sees a node's seqs in order):
 
-- The node sticks to one endpoint, ``hash(node) % n`` (a stable hash, not Python's).
+- The node sticks to one endpoint, chosen by rendezvous hashing of (node, endpoint) over
+  the endpoint names (a stable hash, not Python's): when the set of endpoints changes,
+  only the nodes whose endpoint went away or who now score highest on a new one move.
+- ``set_endpoints`` takes a new endpoint list (a reloaded endpoints file). A node that
+  moves resends ALL unacked batches from the lowest, in order, to its new endpoint, like a
+  failover; the middle tier deduplicates per node, storage per (device, message id).
 - Up to ``window`` batches are in flight. A reply ``ack {"last": L}`` acknowledges the
   in-flight batch ending at ``L``; the queue is acked only over the contiguous acked prefix.
 - If the oldest unacked batch waits longer than ``ack_timeout`` (no ack, no busy), the
@@ -20,7 +25,7 @@ sees a node's seqs in order):
 
 from __future__ import annotations
 
-import zlib
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -29,9 +34,16 @@ from iotpipe.wire import KIND_ACK, KIND_BUSY, WireError, decode_ack, decode_busy
 __all__ = ["ForwarderCore", "ForwarderStats", "InFlight", "Send", "preferred_endpoint"]
 
 
-def preferred_endpoint(node: str, n_endpoints: int) -> int:
-    """The endpoint a node sticks to: crc32(node) % n, the same in every process and run."""
-    return zlib.crc32(node.encode()) % n_endpoints
+def _score(node: str, endpoint: str) -> bytes:
+    return hashlib.blake2b(f"{node}\0{endpoint}".encode(), digest_size=8).digest()
+
+
+def preferred_endpoint(node: str, endpoints: Sequence[str]) -> int:
+    """The index of the endpoint a node sticks to (rendezvous hashing: the highest score of
+    (node, endpoint) wins), the same in every process and run and independent of order."""
+    if not endpoints:
+        raise ValueError("at least one middle endpoint is needed")
+    return max(range(len(endpoints)), key=lambda i: (_score(node, endpoints[i]), endpoints[i]))
 
 
 @dataclass
@@ -59,6 +71,7 @@ class ForwarderStats:
     batches_resent: int = 0
     records_acked: int = 0
     failovers: int = 0
+    moves: int = 0  # endpoint changes caused by a new endpoint list
     busy_replies: int = 0
     bad_replies: int = 0
     stale_replies: int = 0
@@ -69,19 +82,21 @@ class ForwarderCore:
     def __init__(
         self,
         node: str,
-        n_endpoints: int,
+        endpoints: Sequence[str],
         *,
         next_seq: int,
         window: int = 8,
         ack_timeout: float = 5.0,
     ) -> None:
-        if n_endpoints < 1:
+        if not endpoints:
             raise ValueError("at least one middle endpoint is needed")
+        if len(set(endpoints)) != len(endpoints):
+            raise ValueError("duplicate middle endpoints")
         if window < 1:
             raise ValueError("window must be >= 1")
         self.node = node
-        self.n_endpoints = n_endpoints
-        self.endpoint = preferred_endpoint(node, n_endpoints)
+        self.endpoints = list(endpoints)
+        self.endpoint = preferred_endpoint(node, self.endpoints)
         self.window = window
         self.ack_timeout = ack_timeout
         self.next_seq = next_seq           # next queue seq to read and send
@@ -89,7 +104,41 @@ class ForwarderCore:
         self.inflight: list[InFlight] = []
         self.paused_until = 0.0
         self._resend_from: int | None = None  # after busy: resend from here when unpaused
-        self.stats = ForwarderStats(per_endpoint_sent=[0] * n_endpoints)
+        self.stats = ForwarderStats(per_endpoint_sent=[0] * len(self.endpoints))
+
+    @property
+    def n_endpoints(self) -> int:
+        return len(self.endpoints)
+
+    def set_endpoints(self, endpoints: Sequence[str], now: float) -> list[Send]:
+        """Take a new endpoint list; returns the resends if this node moved to another one.
+
+        Indices change with the list: in-flight batches are renumbered (``-1`` for a batch
+        whose endpoint is gone; it is resent, since the node then moves). The caller must
+        renumber its sockets the same way (index ``i`` is ``endpoints[i]``).
+        """
+        new = list(endpoints)
+        if not new:
+            raise ValueError("at least one middle endpoint is needed")
+        if len(set(new)) != len(new):
+            raise ValueError("duplicate middle endpoints")
+        position = {name: i for i, name in enumerate(new)}
+        remap = [position.get(name, -1) for name in self.endpoints]
+        current = remap[self.endpoint]
+        sent = dict(zip(self.endpoints, self.stats.per_endpoint_sent, strict=True))
+        self.stats.per_endpoint_sent = [sent.get(name, 0) for name in new]
+        for batch in self.inflight:
+            batch.endpoint = remap[batch.endpoint] if batch.endpoint >= 0 else -1
+        self.endpoints = new
+        self.endpoint = preferred_endpoint(self.node, new)
+        if self.endpoint == current:
+            return []
+        # Moved (the old endpoint is gone, or a new one scores higher): like a failover,
+        # every unacked batch goes to the new endpoint in order, so it sees seqs in order.
+        self.stats.moves += 1
+        self._resend_from = None
+        self.paused_until = 0.0
+        return self._resend(self._next_unacked_first(), now)
 
     # -- capacity --------------------------------------------------------------------
 
@@ -178,7 +227,7 @@ class ForwarderCore:
         if self.inflight and not self.inflight[0].acked \
                 and now - self._oldest_unacked_sent_at() >= self.ack_timeout:
             self.stats.failovers += 1
-            self.endpoint = (self.endpoint + 1) % self.n_endpoints
+            self.endpoint = (self.endpoint + 1) % len(self.endpoints)
             self._resend_from = None
             self.paused_until = 0.0
             return self._resend(self._next_unacked_first(), now)

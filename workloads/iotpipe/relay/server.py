@@ -4,6 +4,10 @@ One asyncio loop owns everything: a ZeroMQ SUB socket connected to every middle 
 endpoint, the WebSocket server on ``/v1/live``, one sender task per client and a watchdog
 that closes clients which stopped reading. Per-event work is the sans-I/O ``Fanout``; this
 module only moves frames between sockets and the core.
+
+``--middle-pub-endpoints-file`` (key ``pub`` of the operator's endpoints ConfigMap) is
+re-read every ``--endpoints-reload-seconds``: the SUB socket connects to added middles and
+disconnects from removed ones while clients stay connected.
 """
 
 from __future__ import annotations
@@ -28,6 +32,13 @@ from websockets.http11 import Request, Response
 from zmq.utils.monitor import parse_monitor_message
 
 from iotpipe.auth import CLIENT_AUDIENCE, AuthError, bearer_token, load_secret, verify_token
+from iotpipe.endpoints import (
+    EndpointsCollector,
+    EndpointsError,
+    EndpointsFile,
+    diff_endpoints,
+    resolve_endpoints,
+)
 from iotpipe.observability import ObservabilityServer, setup_logging
 from iotpipe.registry import RegistryWatcher
 from iotpipe.relay.protocol import CLOSE_SLOW_CONSUMER, UNKNOWN, ClientSession, Fanout
@@ -60,6 +71,12 @@ class RelaySettings(TierSettings):
     middle_pub_endpoints: CommaList = Field(
         default_factory=list,
         description="middle PUB endpoints, comma separated (tcp://host:5556,...)")
+    middle_pub_endpoints_file: str = Field(
+        "", description="file listing the middle PUB endpoints, one per line (key 'pub' of "
+                        "the endpoints ConfigMap), re-read while running; wins over "
+                        "--middle-pub-endpoints when usable")
+    endpoints_reload_seconds: float = Field(2.0, gt=0,
+                                            description="seconds between endpoints file checks")
     registry_file: str = Field(
         "/etc/iotpipe/registry/registry.yaml",
         description="device registry YAML (for class/location subscriptions); "
@@ -161,10 +178,14 @@ class _RelayCollector:
 class RelayServer:
     """The running relay: SUB loop, WebSocket server, per-client senders, stall watchdog."""
 
-    def __init__(self, settings: RelaySettings, secret: bytes | None) -> None:
+    def __init__(self, settings: RelaySettings, secret: bytes | None,
+                 endpoints: list[str] | None = None,
+                 endpoints_file: EndpointsFile | None = None) -> None:
         if secret is None and not settings.insecure_no_auth:
             raise ValueError("a secret is required unless insecure_no_auth is set")
         self.settings = settings
+        self.endpoints = list(settings.middle_pub_endpoints if endpoints is None else endpoints)
+        self.endpoints_file = endpoints_file
         self.secret = secret
         self.registry = RegistryWatcher(settings.registry_file)
         self.fanout = Fanout(self._lookup)
@@ -198,7 +219,7 @@ class RelayServer:
         """Serving, and subscribed to at least one middle (when any is configured)."""
         if not self._ready:
             return False
-        return not self.settings.middle_pub_endpoints or any(self.upstreams.values())
+        return not self.endpoints or any(self.upstreams.values())
 
     # -- handshake ------------------------------------------------------------------------
 
@@ -380,6 +401,32 @@ class RelayServer:
                          extra={"fields": {"endpoint": endpoint}})
             self.upstreams[endpoint] = connected
 
+    def set_endpoints(self, endpoints: list[str]) -> None:
+        """Connect the SUB socket to added middles, disconnect it from removed ones."""
+        sub = self._sub
+        diff = diff_endpoints(self.endpoints, endpoints)
+        if sub is not None:
+            for endpoint in diff.added:
+                sub.connect(endpoint)
+            for endpoint in diff.removed:
+                with contextlib.suppress(zmq.ZMQError):  # never connected: nothing to undo
+                    sub.disconnect(endpoint)
+        for endpoint in diff.removed:
+            self.upstreams.pop(endpoint, None)
+        self.endpoints = list(endpoints)
+        log.info("middle PUB endpoints changed", extra={"fields": {
+            "added": list(diff.added), "removed": list(diff.removed)}})
+
+    async def _reload_endpoints(self) -> None:
+        watched = self.endpoints_file
+        if watched is None:
+            return
+        while True:
+            await asyncio.sleep(self.settings.endpoints_reload_seconds)
+            changed = watched.check()
+            if changed is not None:
+                self.set_endpoints(changed)
+
     # -- lifecycle -------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -393,7 +440,7 @@ class RelayServer:
         # the relay is ready only while at least one middle is reachable.
         monitor = sub.get_monitor_socket(_HANDSHAKE | _DISCONNECTED)
         self._monitor = monitor
-        for endpoint in settings.middle_pub_endpoints:
+        for endpoint in self.endpoints:
             sub.connect(endpoint)
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -417,10 +464,12 @@ class RelayServer:
             loop.add_reader(monitor.getsockopt(zmq.FD), self._drain_monitor)
             loop.call_soon(self._drain_monitor)
             tasks.append(asyncio.create_task(self._watchdog()))
+            if self.endpoints_file is not None:
+                tasks.append(asyncio.create_task(self._reload_endpoints()))
             self._ready = True
             log.info("relay serving", extra={"fields": {
                 "port": self.port, "path": LIVE_PATH,
-                "middle_pub_endpoints": settings.middle_pub_endpoints,
+                "middle_pub_endpoints": self.endpoints,
                 "auth": self.secret is not None}})
             stopper = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -441,7 +490,7 @@ class RelayServer:
                 loop = asyncio.get_running_loop()
                 loop.remove_reader(sub.getsockopt(zmq.FD))
                 loop.remove_reader(monitor.getsockopt(zmq.FD))
-                self._sub = None
+            self._sub = None
             self._monitor = None
             sub.disable_monitor()
             monitor.close(linger=0)
@@ -461,10 +510,20 @@ def main(argv: Sequence[str]) -> int:
         except RuntimeError as exc:
             print(f"iotpipe relay: error: {exc}", file=sys.stderr)
             return 2
-    if not settings.middle_pub_endpoints:
+    try:
+        # Not required: a relay without middles serves clients (who get nothing yet).
+        endpoints, watched = resolve_endpoints(
+            "--middle-pub-endpoints", settings.middle_pub_endpoints,
+            "--middle-pub-endpoints-file", settings.middle_pub_endpoints_file, required=False)
+    except EndpointsError as exc:
+        print(f"iotpipe relay: error: {exc}", file=sys.stderr)
+        return 2
+    if not endpoints:
         log.warning("no middle PUB endpoints configured: clients will receive nothing")
-    relay = RelayServer(settings, secret)
+    relay = RelayServer(settings, secret, endpoints, watched)
     REGISTRY.register(_RelayCollector(relay))
+    if watched is not None:
+        REGISTRY.register(EndpointsCollector({"pub": watched}))
     REGISTRY.register(relay.rejected)
     observability = ObservabilityServer(settings.host, settings.metrics_port,
                                         ready=lambda: relay.ready).start()

@@ -14,6 +14,13 @@ acknowledged, sends the last acks with credit 0, and exits 0. If the sinks are f
 that moment, the unacknowledged batch is given up (the middle redelivers it) and the exit
 status is 1.
 
+``--feed-endpoints-file`` (key ``feed`` of the operator's endpoints ConfigMap) is re-read
+every ``--endpoints-reload-seconds`` between batches: a link (socket + feed consumer) is
+opened to each added middle; a removed middle's link sends its pending acks with credit 0
+(nothing more is delivered to it) and closes. No batch is in hand at that point, so
+nothing stored goes unacknowledged and nothing unacknowledged is forgotten: the middle
+redelivers whatever it delivered and did not get acked.
+
 Records that cannot be decoded are counted (``iotpipe_storage_rejected_records_total``),
 logged once per delivery and acknowledged, so one bad record cannot stall the feed.
 """
@@ -37,6 +44,13 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from pydantic import Field
 
 from iotpipe import wire
+from iotpipe.endpoints import (
+    EndpointsCollector,
+    EndpointsError,
+    EndpointsFile,
+    diff_endpoints,
+    resolve_endpoints,
+)
 from iotpipe.observability import ObservabilityServer, setup_logging
 from iotpipe.registry import RegistryWatcher
 from iotpipe.settings import CommaList, TierSettings, parse_settings, tier_config
@@ -65,6 +79,12 @@ class StorageSettings(TierSettings):
         default_factory=list,
         description="middle feed endpoints, comma separated (tcp://host:5557,...); "
                     "the feed of every one is consumed")
+    feed_endpoints_file: str = Field(
+        "", description="file listing the middle feed endpoints, one per line (key 'feed' of "
+                        "the endpoints ConfigMap), re-read while running; wins over "
+                        "--feed-endpoints when usable")
+    endpoints_reload_seconds: float = Field(2.0, gt=0,
+                                            description="seconds between endpoints file checks")
     group: str = Field("storage", min_length=1, description="consumer group name")
     consumer_id: str = Field(default_factory=socket.gethostname, min_length=1,
                              description="this consumer's id in the group (default: hostname)")
@@ -142,32 +162,67 @@ class StorageService:
         sinks: Sequence[Sink],
         registry: RegistryWatcher,
         metrics: StorageMetrics,
+        endpoints: Sequence[str] | None = None,
+        endpoints_file: EndpointsFile | None = None,
     ) -> None:
-        if not settings.feed_endpoints:
+        feed_endpoints = list(settings.feed_endpoints if endpoints is None else endpoints)
+        if not feed_endpoints:
             raise ValueError("no feed endpoints configured (--feed-endpoints tcp://host:5557)")
         self.settings = settings
         self.sinks = list(sinks)
         self.registry = registry
         self.metrics = metrics
+        self.endpoints_file = endpoints_file
         self.sinks_healthy = True
         self._stop = threading.Event()
         self._ctx = zmq.Context()
         self._links: list[_Link] = []
-        for endpoint in settings.feed_endpoints:
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, _LINGER_MS)
-            # Requests queued while a middle is away are stale heartbeats; keep few.
-            sock.setsockopt(zmq.SNDHWM, 64)
-            sock.setsockopt(zmq.RCVHWM, 256)
+        for endpoint in feed_endpoints:
             try:
-                sock.connect(endpoint)
-            except zmq.ZMQError as exc:
-                sock.close(0)
+                self._links.append(self._open_link(endpoint))
+            except ValueError:
                 self.close()
-                raise ValueError(f"feed endpoint {endpoint!r}: {exc}") from None
-            consumer = FeedConsumer(settings.group, settings.consumer_id,
-                                    window=settings.window, heartbeat_s=settings.heartbeat)
-            self._links.append(_Link(endpoint, sock, consumer))
+                raise
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [link.endpoint for link in self._links]
+
+    def _open_link(self, endpoint: str) -> _Link:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, _LINGER_MS)
+        # Requests queued while a middle is away are stale heartbeats; keep few.
+        sock.setsockopt(zmq.SNDHWM, 64)
+        sock.setsockopt(zmq.RCVHWM, 256)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise ValueError(f"feed endpoint {endpoint!r}: {exc}") from None
+        consumer = FeedConsumer(self.settings.group, self.settings.consumer_id,
+                                window=self.settings.window, heartbeat_s=self.settings.heartbeat)
+        return _Link(endpoint, sock, consumer)
+
+    def set_endpoints(self, endpoints: Sequence[str], poller: zmq.Poller) -> None:
+        """Open links to added middles; close removed ones after their last acks (credit
+        0). Called between batches, so no delivery is in hand."""
+        diff = diff_endpoints(self.endpoints, endpoints)
+        for link in [link for link in self._links if link.endpoint in diff.removed]:
+            self._send(link, link.consumer.final_request())
+            poller.unregister(link.sock)
+            link.sock.close()  # LINGER lets the last acks leave
+            self._links.remove(link)
+            self.metrics.in_flight.labels(link.endpoint).set(0)
+        for endpoint in diff.added:
+            try:
+                link = self._open_link(endpoint)
+            except ValueError as exc:  # validated already; a bad one is skipped, not fatal
+                log.error("feed endpoint not usable", extra={"fields": {"error": str(exc)}})
+                continue
+            poller.register(link.sock, zmq.POLLIN)
+            self._links.append(link)
+        log.info("feed endpoints changed", extra={"fields": {
+            "added": list(diff.added), "removed": list(diff.removed)}})
 
     @property
     def ready(self) -> bool:
@@ -186,11 +241,18 @@ class StorageService:
         poller = zmq.Poller()
         for link in self._links:
             poller.register(link.sock, zmq.POLLIN)
-        by_socket = {link.sock: link for link in self._links}
         start = 0
         exit_code = 0
+        reload_s = self.settings.endpoints_reload_seconds
+        next_check = time.monotonic() + reload_s
         while not self._stop.is_set():
             now = time.monotonic()
+            if self.endpoints_file is not None and now >= next_check:
+                next_check = now + reload_s
+                changed = self.endpoints_file.check()
+                if changed is not None:
+                    self.set_endpoints(changed, poller)
+                    start = 0
             for link in self._links:
                 if link.consumer.request_due(now):
                     self._send(link, link.consumer.make_request(now))
@@ -207,7 +269,7 @@ class StorageService:
             for link in order:
                 if link.sock not in events:
                     continue
-                total += self._drain(by_socket[link.sock], deliveries,
+                total += self._drain(link, deliveries,
                                      self.settings.max_batch_records - total)
             if deliveries and not self._process(deliveries):
                 exit_code = 1
@@ -325,7 +387,7 @@ def main(argv: Sequence[str]) -> int:
     """``iotpipe storage``: run until SIGTERM/SIGINT, finish the batch in hand, exit 0."""
     settings = parse_settings(StorageSettings, argv)
     setup_logging("storage", settings.log_level)
-    if not settings.feed_endpoints:
+    if not settings.feed_endpoints and not settings.feed_endpoints_file:
         print("iotpipe storage: error: --feed-endpoints: no feed endpoint configured "
               "(e.g. tcp://127.0.0.1:5557)", file=sys.stderr)
         return 2
@@ -336,7 +398,19 @@ def main(argv: Sequence[str]) -> int:
         return 2
     registry = RegistryWatcher(settings.registry_file, interval_s=settings.registry_interval)
     try:
-        service = StorageService(settings, sinks, registry, StorageMetrics())
+        endpoints, watched = resolve_endpoints(
+            "--feed-endpoints", settings.feed_endpoints,
+            "--feed-endpoints-file", settings.feed_endpoints_file)
+    except EndpointsError as exc:
+        for sink in sinks:
+            sink.close()
+        print(f"iotpipe storage: error: {exc}", file=sys.stderr)
+        return 2
+    if watched is not None:
+        REGISTRY.register(EndpointsCollector({"feed": watched}))
+    try:
+        service = StorageService(settings, sinks, registry, StorageMetrics(), endpoints,
+                                 watched)
     except ValueError as exc:
         for sink in sinks:
             sink.close()
@@ -351,7 +425,7 @@ def main(argv: Sequence[str]) -> int:
     observability = ObservabilityServer(settings.host, settings.metrics_port,
                                         ready=lambda: service.ready).start()
     log.info("storage started", extra={"fields": {
-        "feed_endpoints": settings.feed_endpoints, "group": settings.group,
+        "feed_endpoints": service.endpoints, "group": settings.group,
         "consumer_id": settings.consumer_id, "sinks": [s.url for s in sinks],
         "registry_file": settings.registry_file}})
     try:

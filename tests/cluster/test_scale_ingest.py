@@ -36,6 +36,9 @@ async def test_scale_ingest_four_to_one(cluster: LocalCluster) -> None:
                            "devices carry on through the one pod left")
         await running.finish()
     assert (cluster.api.get(STS, f"{NAME}-ingest") or {})["spec"]["replicas"] == 1
+    # one drained ordinal at a time, from the replicas that existed
+    assert cluster.replicas_seen[f"{NAME}-ingest"] == [4, 3, 2, 1]
+    assert cluster.max_terminating[f"{NAME}-ingest"] == 1
     stored = await assert_every_ack_stored_once(cluster, fleet)
     assert stored >= 500
     assert fleet.errors == {}, fleet.errors

@@ -1,9 +1,18 @@
-"""The API server: KMock's emulator plus what a real API server adds on every write.
+"""The API server: KMock's emulator plus what a real API server adds.
 
 KMock 0.8 stores objects and streams watch events but assigns no ``uid``,
-``resourceVersion``, ``generation`` or ``creationTimestamp`` and has no ``generateName``;
-the controllers and the garbage collector here need all of them (owner references name
-their owner by uid), so :class:`ClusterEmulator` fills them in as an API server would.
+``resourceVersion``, ``generation`` or ``creationTimestamp``, has no ``generateName``,
+treats every PATCH as a merge patch and has no pod proxy. The controllers and the garbage
+collector here need the metadata (owner references name their owner by uid), and the
+operator needs the rest, so :class:`ClusterEmulator` adds:
+
+- the metadata, as an API server assigns it (``generation`` moves with ``spec`` only);
+- server-side apply for one field manager (``application/apply-patch+yaml``): what the
+  manager's previous apply (or create with ``fieldManager``) set and this one does not is
+  removed; lists are atomic (the approach of ``tests/operator/kmock_emulator.py``);
+- the pod proxy ``/api/v1/namespaces/NS/pods/POD:PORT/proxy/PATH``, forwarded for real to
+  the pod's address (``pod_address`` is set by the cluster);
+- :attr:`unavailable`: API paths that answer 503 (a failing aggregated API server).
 """
 
 from __future__ import annotations
@@ -11,17 +20,22 @@ from __future__ import annotations
 import datetime
 import itertools
 import json
+import re
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import aiohttp.web
 import kmock
 import yaml
 
 PIPELINES = "iotpipe.dev/v1alpha1/iotpipelines"
 RW_VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
+APPLY = "application/apply-patch+yaml"
+_PROXY = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/:]+):(\d+)/proxy(/.*)?$")
 
 
 def _now() -> str:
@@ -43,15 +57,84 @@ def _differs(current: Any, patch: Any) -> bool:
     return bool(current != patch)
 
 
+def removed_fields(previous: Any, current: Any) -> dict[str, Any]:
+    """A merge patch that deletes what ``previous`` set and ``current`` does not."""
+    out: dict[str, Any] = {}
+    if not isinstance(previous, dict) or not isinstance(current, dict):
+        return out
+    for key, value in previous.items():
+        if key not in current:
+            out[key] = None
+        elif isinstance(value, dict) and isinstance(current[key], dict):
+            nested = removed_fields(value, current[key])
+            if nested:
+                out[key] = nested
+    return out
+
+
+def overlay(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    result = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = overlay(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+def _status(code: int, reason: str, message: str) -> aiohttp.web.Response:
+    return aiohttp.web.json_response({"kind": "Status", "status": "Failure", "code": code,
+                                      "reason": reason, "message": message}, status=code)
+
+
 class ClusterEmulator(kmock.KubernetesEmulator):
-    """KMock with uid, resourceVersion, generation, creationTimestamp and generateName."""
+    """KMock with API-server metadata, server-side apply, the pod proxy and 503s."""
 
     _serial = itertools.count(1)
     _versions = itertools.count(1000)
 
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.applied: dict[str, dict[str, Any]] = {}  # object path -> last applied config
+        self.unavailable: set[str] = set()  # API paths answering 503
+        self.pod_address: Callable[[str], str | None] = lambda pod: None
+
+    async def _proxy(self, pod: str, port: str, path: str) -> aiohttp.web.Response:
+        address = self.pod_address(pod)
+        if not address:
+            return _status(503, "ServiceUnavailable", f"pod {pod} has no address")
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as http, \
+                    http.get(f"http://{address}:{port}{path}") as response:
+                body = await response.read()
+                return aiohttp.web.Response(status=response.status, body=body,
+                                            content_type="text/plain")
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return _status(503, "ServiceUnavailable", f"error trying to reach {pod}: {exc}")
+
     async def _handle(self, request: Any) -> Any:
+        path = request.url.path
+        if path in self.unavailable:
+            return _status(503, "ServiceUnavailable",
+                           "the server is currently unable to handle the request")
+        proxied = _PROXY.match(path)
+        if proxied:
+            return await self._proxy(proxied.group(2), proxied.group(3),
+                                     proxied.group(4) or "/")
         data = request.data
         if request.resource is not None and isinstance(data, dict):
+            if request.action == kmock.action.CREATE:
+                name = (data.get("metadata") or {}).get("name")
+                if request.params.get("fieldManager") and name:
+                    self.applied[f"{path}/{name}"] = json.loads(json.dumps(data))
+            elif request.action == kmock.action.DELETE:
+                self.applied.pop(path, None)
+            elif (request.method == kmock.method.PATCH
+                  and request.headers.get("Content-Type", "").startswith(APPLY)):
+                patch = overlay(removed_fields(self.applied.get(path, {}), data), data)
+                self.applied[path] = json.loads(json.dumps(data))
+                object.__setattr__(request, "data", patch)
+                data = patch
             if request.action == kmock.action.CREATE:
                 meta = data.setdefault("metadata", {})
                 if not meta.get("name") and meta.get("generateName"):

@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +45,7 @@ PASS_SECONDS = 0.2
 STS, DEPLOY, JOBS = "apps/v1/statefulsets", "apps/v1/deployments", "batch/v1/jobs"
 PODS, PVCS, SERVICES = "v1/pods", "v1/persistentvolumeclaims", "v1/services"
 REVISION = "controller-revision-hash"
+PVC_PROTECTION = "kubernetes.io/pvc-protection"
 
 
 def _revision(template: dict[str, Any]) -> str:
@@ -91,6 +93,11 @@ class LocalCluster:
         self.operator_log = root / "operator.log"
         self.errors: list[str] = []
         self.passes = 0
+        # what tests assert on: each StatefulSet's spec.replicas as it changed, and the
+        # most pods of one workload that were terminating at the same time
+        self.replicas_seen: dict[str, list[int]] = {}
+        self.max_terminating: dict[str, int] = {}
+        emulator.pod_address = self._running_address
 
     async def __aenter__(self) -> LocalCluster:
         await self.kubelet.start()
@@ -175,6 +182,32 @@ class LocalCluster:
         self._update_dns(pods)
         await self.kubelet.sync(pods, self.addresses.pod)
         await self._services(pods)
+        await self._release_claims(pods)
+
+    def _running_address(self, pod: str) -> str | None:
+        container = self.kubelet.containers.get(pod)
+        return container.ip if container is not None and self.kubelet.running(pod) else None
+
+    async def _release_claims(self, pods: list[dict[str, Any]]) -> None:
+        """pvc-protection: a deleted claim goes once no pod uses it; then its volume is
+        reclaimed (the directory removed), as a dynamically provisioned volume with the
+        default ``Delete`` reclaim policy would be."""
+        in_use = {v["persistentVolumeClaim"]["claimName"] for p in pods
+                  for v in p["spec"].get("volumes") or [] if "persistentVolumeClaim" in v}
+        in_use |= {v.source["persistentVolumeClaim"]["claimName"]
+                   for container in list(self.kubelet.containers.values())
+                   for v in container.volumes if "persistentVolumeClaim" in v.source}
+        claims = {c["metadata"]["name"]: c for c in self.api.items(PVCS)}
+        for name, claim in claims.items():
+            if _terminating(claim) and name not in in_use:
+                finalizers = [f for f in claim["metadata"].get("finalizers") or []
+                              if f != PVC_PROTECTION]
+                await self.api.patch(PVCS, name, {"metadata": {"finalizers": finalizers}})
+        volumes = self.root / "pvcs"
+        if volumes.exists():
+            for path in volumes.iterdir():
+                if path.name not in claims and path.name not in in_use:
+                    shutil.rmtree(path, ignore_errors=True)
 
     async def _collect_garbage(self) -> None:
         live = list(self.api.all_live())
@@ -218,6 +251,9 @@ class LocalCluster:
         spec = sts["spec"]
         name = sts["metadata"]["name"]
         replicas = int(spec.get("replicas", 1))
+        seen = self.replicas_seen.setdefault(name, [])
+        if not seen or seen[-1] != replicas:
+            seen.append(replicas)
         revision = _revision(spec["template"])
         ordered = spec.get("podManagementPolicy", "OrderedReady") == "OrderedReady"
         retention = spec.get("persistentVolumeClaimRetentionPolicy") or {}
@@ -275,6 +311,8 @@ class LocalCluster:
                 await self.api.delete(PODS, stale[-1]["metadata"]["name"])
 
         live = [p for p in pods.values() if not _terminating(p)]
+        terminating = len(pods) - len(live)
+        self.max_terminating[name] = max(self.max_terminating.get(name, 0), terminating)
         await self._workload_status(STS, sts, live, revision, {
             "currentRevision": revision, "updateRevision": revision,
             "currentReplicas": sum(1 for p in live
@@ -289,7 +327,8 @@ class LocalCluster:
             if self.api.get(PVCS, pvc_name) is not None:
                 continue
             meta: dict[str, Any] = {"name": pvc_name, "namespace": self.ns,
-                                    "labels": dict(claim["metadata"].get("labels") or {})}
+                                    "labels": dict(claim["metadata"].get("labels") or {}),
+                                    "finalizers": [PVC_PROTECTION]}
             if retention.get("whenDeleted") == "Delete":
                 meta["ownerReferences"] = [_owner_ref(sts, "StatefulSet", "apps/v1")]
             await self.api.create(PVCS, {

@@ -111,3 +111,14 @@ async def assert_every_ack_stored_once(cluster: LocalCluster, fleet: Fleet,
     phantom = set(keys) - fleet.sent_pairs()
     assert not phantom, f"stored messages nobody sent: {sorted(phantom)[:5]}"
     return len(acked)
+
+
+async def start_pipeline(cluster: LocalCluster, manifest: dict[str, Any]) -> None:
+    """Create the pipeline, run the operator, wait for every tier's pods to be ready."""
+    await cluster.create_pipeline(manifest)
+    cluster.start_operator()
+    spec = manifest["spec"]
+    wanted = {tier: spec[tier]["replicas"] for tier in ("ingest", "middle", "storage")}
+    await cluster.wait(lambda: all(len(cluster.ready_pods(f"{NAME}-{tier}-")) == n
+                                   for tier, n in wanted.items())
+                       and cluster.ready_pods(f"{NAME}-relay-"), 60, f"ready pods {wanted}")

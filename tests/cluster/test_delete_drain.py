@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from support.cluster import ClusterEmulator, LocalCluster
+from support.cluster.api import PIPELINES
 
 from cluster.conftest import (
     NAME,
@@ -11,8 +13,6 @@ from cluster.conftest import (
     pipeline_manifest,
     start_pipeline,
 )
-from support.cluster import ClusterEmulator, LocalCluster
-from support.cluster.api import PIPELINES
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150),
               pytest.mark.kmock(cls=ClusterEmulator)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 
 import pytest
+from support.cluster import ClusterEmulator, LocalCluster
 
 from cluster.conftest import (
     NAME,
@@ -13,7 +14,6 @@ from cluster.conftest import (
     pipeline_manifest,
     start_pipeline,
 )
-from support.cluster import ClusterEmulator, LocalCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150),
               pytest.mark.kmock(cls=ClusterEmulator)]

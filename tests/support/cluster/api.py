@@ -97,6 +97,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self.applied: dict[str, dict[str, Any]] = {}  # object path -> last applied config
         self.unavailable: set[str] = set()  # API paths answering 503
+        self.unavailable_hits = 0  # requests answered 503 so far
         self.pod_address: Callable[[str], str | None] = lambda pod: None
 
     async def _proxy(self, pod: str, port: str, path: str) -> aiohttp.web.Response:
@@ -115,6 +116,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     async def _handle(self, request: Any) -> Any:
         path = request.url.path
         if path in self.unavailable:
+            self.unavailable_hits += 1
             return _status(503, "ServiceUnavailable",
                            "the server is currently unable to handle the request")
         proxied = _PROXY.match(path)
@@ -216,6 +218,9 @@ class Api:
 
     def get(self, resource: str, name: str) -> dict[str, Any] | None:
         return next((o for o in self.items(resource) if o["metadata"]["name"] == name), None)
+
+    def served(self, resource: str) -> bool:
+        return resource in self.k.resources
 
     def names(self, resource: str) -> set[str]:
         return {o["metadata"]["name"] for o in self.items(resource)}

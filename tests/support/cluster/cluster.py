@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 PASS_SECONDS = 0.2
 STS, DEPLOY, JOBS = "apps/v1/statefulsets", "apps/v1/deployments", "batch/v1/jobs"
 PODS, PVCS, SERVICES = "v1/pods", "v1/persistentvolumeclaims", "v1/services"
+HPAS = "autoscaling/v2/horizontalpodautoscalers"
+SCALEDOBJECTS = "keda.sh/v1alpha1/scaledobjects"
 REVISION = "controller-revision-hash"
 PVC_PROTECTION = "kubernetes.io/pvc-protection"
 
@@ -172,6 +174,7 @@ class LocalCluster:
 
     async def reconcile(self) -> None:
         await self._collect_garbage()
+        await self._autoscalers()
         for sts in list(self.api.items(STS)):
             await self._statefulset(sts)
         for deploy in list(self.api.items(DEPLOY)):
@@ -216,6 +219,28 @@ class LocalCluster:
             refs = obj["metadata"].get("ownerReferences") or []
             if refs and not _terminating(obj) and not any(r.get("uid") in uids for r in refs):
                 await self.api.delete(resource, obj["metadata"]["name"])
+
+    async def _autoscalers(self) -> None:
+        """The part of an HPA (or KEDA's) that needs no metrics: the target's replicas are
+        kept within [min, max]. What the metrics would decide, a test does by scaling the
+        StatefulSet itself."""
+        scalers = [(s["spec"], s["spec"].get("minReplicas", 1), s["spec"]["maxReplicas"])
+                   for s in self.api.items(HPAS)]
+        if self.api.served(SCALEDOBJECTS):
+            scalers += [(s["spec"], s["spec"].get("minReplicaCount", 0),
+                         s["spec"].get("maxReplicaCount", 100))
+                        for s in self.api.items(SCALEDOBJECTS)]
+        for spec, low, high in scalers:
+            target = spec["scaleTargetRef"]
+            if target.get("kind") != "StatefulSet":
+                continue
+            sts = self.api.get(STS, target["name"])
+            if sts is None or _terminating(sts):
+                continue
+            replicas = int(sts["spec"].get("replicas", 1))
+            wanted = min(max(replicas, int(low)), int(high))
+            if wanted != replicas:
+                await self.api.patch(STS, target["name"], {"spec": {"replicas": wanted}})
 
     # -- workloads ----------------------------------------------------------------------------
 
@@ -494,6 +519,10 @@ class LocalCluster:
                 self._proxies[key] = proxy
 
     # -- conveniences for tests ---------------------------------------------------------------
+
+    def install_keda(self) -> None:
+        """Serve KEDA's ScaledObject API (its CRD installed)."""
+        register_resources(self.k, keda=True)
 
     def url(self, service: str, port: int, path: str = "", scheme: str = "ws") -> str:
         return f"{scheme}://{self.service_ips[service]}:{port}{path}"

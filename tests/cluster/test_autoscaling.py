@@ -51,7 +51,7 @@ async def test_hpa_to_none_from_six_steps_down_through_the_drain(
         await running.finish()
     seen = cluster.replicas_seen[INGEST]
     assert seen[seen.index(6):] == [6, 5, 4, 3, 2], seen
-    assert cluster.max_terminating[INGEST] == 1
+    assert cluster.max_removing[INGEST] == 1
     await assert_every_ack_stored_once(cluster, fleet)
     assert fleet.errors == {}, fleet.errors
 

@@ -42,7 +42,7 @@ async def test_delete_with_drain_stores_every_ack_before_children_go(
         # Nothing is left to connect to: leaving the block stops the devices; messages
         # they still hold were never acknowledged, so nothing is owed for them.
     assert cluster.replicas_seen[ingest] == [2, 1, 0]
-    assert cluster.max_terminating[ingest] == 1
+    assert cluster.max_removing[ingest] == 1
     assert "DrainingIngest" in reasons, reasons
     # Released only once every queue was drained (drained PVCs are deleted) ...
     assert not {n for n in cluster.api.names(PVCS) if n.startswith(f"queue-{ingest}-")}

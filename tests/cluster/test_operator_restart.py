@@ -47,6 +47,6 @@ async def test_operator_killed_mid_drain_resumes_it(cluster: LocalCluster) -> No
                            "devices carry on through the pod left")
         await running.finish()
     assert cluster.replicas_seen[ingest] == [3, 2, 1]
-    assert cluster.max_terminating[ingest] == 1
+    assert cluster.max_removing[ingest] == 1
     await assert_every_ack_stored_once(cluster, fleet)
     assert fleet.errors == {}, fleet.errors

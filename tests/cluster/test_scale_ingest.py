@@ -38,7 +38,7 @@ async def test_scale_ingest_four_to_one(cluster: LocalCluster) -> None:
     assert (cluster.api.get(STS, f"{NAME}-ingest") or {})["spec"]["replicas"] == 1
     # one drained ordinal at a time, from the replicas that existed
     assert cluster.replicas_seen[f"{NAME}-ingest"] == [4, 3, 2, 1]
-    assert cluster.max_terminating[f"{NAME}-ingest"] == 1
+    assert cluster.max_removing[f"{NAME}-ingest"] == 1
     stored = await assert_every_ack_stored_once(cluster, fleet)
     assert stored >= 500
     assert fleet.errors == {}, fleet.errors

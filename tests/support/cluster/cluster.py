@@ -95,10 +95,13 @@ class LocalCluster:
         self.operator_log = root / "operator.log"
         self.errors: list[str] = []
         self.passes = 0
-        # what tests assert on: each StatefulSet's spec.replicas as it changed, and the
-        # most pods of one workload that were terminating at the same time
+        # what tests assert on: each StatefulSet's spec.replicas as it changed, the most
+        # pods of one StatefulSet terminating at the same time, and the most of those
+        # that were being removed (ordinal >= replicas) rather than rolled
         self.replicas_seen: dict[str, list[int]] = {}
         self.max_terminating: dict[str, int] = {}
+        self.max_removing: dict[str, int] = {}
+        self.pods_created: list[str] = []  # pod names in the order they were created
         emulator.pod_address = self._running_address
 
     async def __aenter__(self) -> LocalCluster:
@@ -269,6 +272,7 @@ class LocalCluster:
                          "ownerReferences": [_owner_ref(owner, kind, api_version)],
                          "finalizers": [FINALIZER]},
             "spec": spec, "status": {"phase": "Pending"}})
+        self.pods_created.append(name)
 
     async def _statefulset(self, sts: dict[str, Any]) -> None:
         if _terminating(sts):
@@ -338,6 +342,8 @@ class LocalCluster:
         live = [p for p in pods.values() if not _terminating(p)]
         terminating = len(pods) - len(live)
         self.max_terminating[name] = max(self.max_terminating.get(name, 0), terminating)
+        removing = sum(1 for n, p in pods.items() if _terminating(p) and ordinal(n) >= replicas)
+        self.max_removing[name] = max(self.max_removing.get(name, 0), removing)
         await self._workload_status(STS, sts, live, revision, {
             "currentRevision": revision, "updateRevision": revision,
             "currentReplicas": sum(1 for p in live

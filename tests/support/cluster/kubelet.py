@@ -70,6 +70,7 @@ class Container:
     log: Path | None = None
     argv: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    mounts: dict[str, Path] = field(default_factory=dict)  # container path -> directory
 
 
 def _expand(text: str, env: dict[str, str]) -> str:
@@ -77,6 +78,15 @@ def _expand(text: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
                   lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
                   text)
+
+
+def map_paths(text: str, mounts: dict[str, Path]) -> str:
+    """Container paths (mount points) in ``text`` replaced by the pod's directories (a
+    whole path component only: ``/app`` maps ``/app/x``, not ``/apple``)."""
+    for container_path in sorted(mounts, key=len, reverse=True):
+        text = re.sub(re.escape(container_path) + r"(?=/|$|[^\w.-])",
+                      lambda _m, p=str(mounts[container_path]): p, text)
+    return text
 
 
 def _secret_data(secret: dict[str, Any]) -> dict[str, bytes]:
@@ -181,7 +191,8 @@ class Kubelet:
         return out
 
     def _environment(self, pod: dict[str, Any], container: dict[str, Any], ip: str,
-                     volumes: list[Volume]) -> tuple[list[str], dict[str, str]]:
+                     volumes: list[Volume]
+                     ) -> tuple[list[str], dict[str, str], dict[str, Path]]:
         name = pod["metadata"]["name"]
         env: dict[str, str] = {}
         for source in container.get("envFrom") or []:
@@ -225,18 +236,13 @@ class Kubelet:
         tmp = mounts.pop("/tmp", self.pod_dir(name) / "tmp")
         tmp.mkdir(parents=True, exist_ok=True)
 
-        def mapped(text: str) -> str:
-            for container_path in sorted(mounts, key=len, reverse=True):
-                text = text.replace(container_path, str(mounts[container_path]))
-            return text
-
-        env = {k: mapped(v) for k, v in env.items()}
-        command = [mapped(_expand(a, env)) for a in
+        env = {k: map_paths(v, mounts) for k, v in env.items()}
+        command = [map_paths(_expand(a, env), mounts) for a in
                    [*(container.get("command") or []), *(container.get("args") or [])]]
         base = {"PATH": f"{self.bin_dir}:/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
                 "HOME": str(self.pod_dir(name)), "TMPDIR": str(tmp), "HOSTNAME": name,
                 "PYTHONUNBUFFERED": "1"}
-        return command, {**base, **env}
+        return command, {**base, **env}, mounts
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -266,7 +272,7 @@ class Kubelet:
         name = pod["metadata"]["name"]
         spec = pod["spec"]["containers"][0]
         volumes = self._volumes(pod)
-        command, env = self._environment(pod, spec, container.ip, volumes)
+        command, env, container.mounts = self._environment(pod, spec, container.ip, volumes)
         hosts = self.hosts_file(name)
         hosts.parent.mkdir(parents=True, exist_ok=True)
         Path(f"{hosts}.d").mkdir(exist_ok=True)  # the process's working directory
@@ -405,7 +411,8 @@ class Kubelet:
                             .get("preStop") or {}).get("exec")
                 if pre_stop:
                     hook = await asyncio.create_subprocess_exec(
-                        *pre_stop["command"], env=container.env, start_new_session=True)
+                        *[map_paths(a, container.mounts) for a in pre_stop["command"]],
+                        env=container.env, start_new_session=True)
                     try:
                         await asyncio.wait_for(hook.wait(), timeout=grace)
                     except TimeoutError:

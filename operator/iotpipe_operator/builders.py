@@ -44,7 +44,8 @@ from typing import Any
 import jinja2
 import yaml
 
-from iotpipe_operator import crd
+from iotpipe_operator import contract, crd
+from iotpipe_operator import spec as typed_spec
 from iotpipe_operator.names import QUEUE_CLAIM, Names
 from iotpipe_operator.quantity import format_mebibytes, quantity_bytes
 
@@ -55,8 +56,9 @@ STORAGE_DATA_DIR = "/var/lib/iotpipe/store"
 REGISTRY_DIR = "/etc/iotpipe/registry"
 AUTH_DIR = "/etc/iotpipe/auth"
 ENDPOINTS_DIR = "/etc/iotpipe/endpoints"
-ROUTER_PORT, PUB_PORT, FEED_PORT = 5555, 5556, 5557
-INGEST_PORT, RELAY_PORT, METRICS_PORT = 8080, 8081, 9100
+ROUTER_PORT, PUB_PORT, FEED_PORT = contract.ROUTER_PORT, contract.PUB_PORT, contract.FEED_PORT
+INGEST_PORT, RELAY_PORT = contract.INGEST_PORT, contract.RELAY_PORT
+METRICS_PORT = contract.METRICS_PORT
 CONFIG_HASH_ANNOTATION = "iotpipe.dev/config-hash"
 PIPELINE_LABEL = "iotpipe.dev/pipeline"
 TIER_LABEL = "iotpipe.dev/tier"
@@ -242,14 +244,13 @@ def _auth_mount(spec: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dic
 
 
 def _prefixed(tier: str, settings: Mapping[str, Any]) -> dict[str, str]:
-    """Tier settings as IOTPIPE_<TIER>_<FIELD> env vars (the workload contract)."""
-    prefix = f"IOTPIPE_{tier.upper()}_"
+    """Tier settings as the tier's env vars, named by its settings model (the contract)."""
     out: dict[str, str] = {}
     for key, value in settings.items():
         if value is None:
             continue
         text = ("true" if value else "false") if isinstance(value, bool) else str(value)
-        out[key if key.startswith("IOTPIPE_") else prefix + key] = text
+        out[key if key.startswith("IOTPIPE_") else contract.env(tier, key.lower())] = text
     return out
 
 
@@ -317,6 +318,9 @@ def build(pipeline: Mapping[str, Any],
     if not name:
         raise ValueError("IoTPipeline has no metadata.name")
     namespace = meta.get("namespace") or "default"
+    # The typed model refuses a malformed spec with the field's name (a ValueError) before
+    # anything is built, e.g. one that reached the operator without the CRD's schema.
+    typed_spec.parse(pipeline.get("spec"))
     spec = crd.defaulted_spec(pipeline.get("spec"))
     result = BuildResult()
 
@@ -504,12 +508,15 @@ def build_drain_job(pipeline: Mapping[str, Any], ordinal: int) -> dict[str, Any]
     name = meta["name"]
     spec = crd.defaulted_spec(pipeline.get("spec"))
     labels = {**labels_for(name, "ingest-drain"), ORDINAL_LABEL: str(ordinal)}
-    args = ["drain", "--data-dir", INGEST_DATA_DIR,
-            "--node-id", ingest_pod_name(name, ordinal),
-            "--middle-endpoints-file", f"{ENDPOINTS_DIR}/router",
-            "--timeout", str(spec["ingest"]["drain"]["graceSeconds"]),
+    def flag(field: str) -> str:
+        return contract.flag("drain", field)
+
+    args = ["drain", flag("data_dir"), INGEST_DATA_DIR,
+            flag("node_id"), ingest_pod_name(name, ordinal),
+            flag("middle_endpoints_file"), f"{ENDPOINTS_DIR}/router",
+            flag("timeout"), str(spec["ingest"]["drain"]["graceSeconds"]),
             # open the queues with the capacity the pod had (per process)
-            "--queue-bytes", str(ingest_queue_bytes(spec))]
+            flag("queue_bytes"), str(ingest_queue_bytes(spec))]
     (job,) = render_template(
         "drain-job.yaml.j2", namespace=meta.get("namespace") or "default",
         job_name=drain_job_name(name, ordinal), labels=labels,

@@ -2,6 +2,7 @@
 
     iotpipe-operator run [--namespaces a,b] [--reconcile-interval 60] [--standalone]
     iotpipe-operator render -f pipeline.yaml [--keda] [--service-monitor]
+    iotpipe-operator validate -f pipeline.yaml [--old previous.yaml]
     iotpipe-operator crd            # print the CustomResourceDefinition (crds/iotpipelines.yaml)
 """
 
@@ -67,6 +68,19 @@ class RenderSettings(BaseSettings):
         default_factory=list, description="Also render drain Jobs for these ingest ordinals.")
 
 
+class ValidateSettings(BaseSettings):
+    """Check an IoTPipeline as the API server would (schema, unknown fields, CEL rules,
+    transition rules against --old) and warn about what will crash-loop. Exit 0 when valid,
+    1 when invalid, 2 on unreadable input."""
+
+    model_config = tier_config("iotpipe-operator validate", "IOTPIPE_VALIDATE_")
+
+    file: str = Field(validation_alias=AliasChoices("f", "file"),
+                      description="IoTPipeline manifest (YAML); '-' reads stdin.")
+    old: str = Field(default="", description="The stored object this one would update "
+                                             "(enables the transition rules).")
+
+
 class _Empty(BaseModel):
     pass
 
@@ -75,40 +89,58 @@ def _usage() -> str:
     return (__doc__ or "").strip()
 
 
-def load_pipeline(path: str) -> dict[str, Any]:
+def read_pipeline(path: str) -> dict[str, Any]:
+    """The one IoTPipeline document of a file (not validated)."""
     text = sys.stdin.read() if path == "-" else Path(path).read_text()
-    docs = [doc for doc in yaml.safe_load_all(text) if doc]
+    try:
+        docs = [doc for doc in yaml.safe_load_all(text) if doc]
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not YAML: {exc}") from exc
     pipelines = [doc for doc in docs if isinstance(doc, dict) and doc.get("kind") == crd.KIND]
     if len(pipelines) != 1:
         raise ValueError(f"{path}: expected exactly one {crd.KIND} document, "
                          f"found {len(pipelines)}")
-    pipeline = pipelines[0]
-    if pipeline.get("apiVersion") != crd.API_VERSION:
-        raise ValueError(f"{path}: apiVersion must be {crd.API_VERSION}, "
-                         f"not {pipeline.get('apiVersion')!r}")
-    problems = schema_errors(pipeline)
-    if problems:
-        raise ValueError(f"{path}: " + "; ".join(problems))
-    return pipeline
+    return pipelines[0]
 
 
-def schema_errors(pipeline: dict[str, Any]) -> list[str]:
-    """Structural-schema errors of the spec (CEL rules are the API server's job), when
-    jsonschema is installed; each names the field."""
+def load_pipeline(path: str) -> tuple[dict[str, Any], list[str]]:
+    """Read and validate (what validate refuses, render refuses); returns the pipeline and
+    the warnings."""
+    from iotpipe_operator import validation
+
+    pipeline = read_pipeline(path)
+    report = validation.validate(pipeline)
+    if report.errors:
+        raise ValueError(f"{path}: " + "; ".join(report.errors))
+    return pipeline, report.warnings
+
+
+def validate_main(argv: list[str]) -> int:
+    from iotpipe_operator import validation
+
+    settings = parse_settings(ValidateSettings, argv)
     try:
-        import jsonschema
-    except ImportError:  # optional: the operator image does not need it
-        return []
-    schema = crd.spec_schema()
-    spec = crd.apply_defaults(schema, pipeline.get("spec") or {})
-    return [f"spec.{'.'.join(str(p) for p in error.absolute_path)}: {error.message}"
-            for error in jsonschema.Draft202012Validator(schema).iter_errors(spec)]
+        pipeline = read_pipeline(settings.file)
+        old = read_pipeline(settings.old) if settings.old else None
+    except (OSError, ValueError) as exc:
+        print(f"iotpipe-operator validate: error: {exc}", file=sys.stderr)
+        return 2
+    report = validation.validate(pipeline, old)
+    for warning in report.warnings:
+        print(f"{settings.file}: warning: {warning}", file=sys.stderr)
+    for error in report.errors:
+        print(f"{settings.file}: error: {error}", file=sys.stderr)
+    if report.errors:
+        return 1
+    print(f"{settings.file}: valid {crd.KIND} {pipeline['metadata']['name']}"
+          + (f" (update of {settings.old})" if settings.old else ""))
+    return 0
 
 
 def render_main(argv: list[str]) -> int:
     settings = parse_settings(RenderSettings, argv)
     try:
-        pipeline = load_pipeline(settings.file)
+        pipeline, warnings = load_pipeline(settings.file)
         if settings.namespace:
             pipeline.setdefault("metadata", {})["namespace"] = settings.namespace
         caps = builders.ClusterCapabilities(keda=settings.keda,
@@ -120,6 +152,8 @@ def render_main(argv: list[str]) -> int:
     except (OSError, ValueError) as exc:
         print(f"iotpipe-operator render: error: {exc}", file=sys.stderr)
         return 2
+    for warning in warnings:
+        print(f"iotpipe-operator render: warning: {warning}", file=sys.stderr)
     for problem in result.problems:
         print(f"iotpipe-operator render: warning: {problem.reason}: {problem.message}",
               file=sys.stderr)
@@ -154,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage())
         return 0
     command, rest = args[0], args[1:]
-    commands = {"run": run_main, "render": render_main, "crd": crd_main}
+    commands = {"run": run_main, "render": render_main, "validate": validate_main,
+                "crd": crd_main}
     if command not in commands:
         print(f"iotpipe-operator: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2

@@ -43,11 +43,13 @@ devices, so the queue must reach the middle tier even when its pod goes away for
 4. **Middle and storage** are not drained by the operator: their PVCs are retained on
    scale-down and reattached on scale-up (the middle log keeps unconsumed records until
    every consumer group acknowledged them).
-5. **Deletion of the IoTPipeline**: children go by owner references (garbage collection);
-   drain Jobs too. The queue PVCs are *not* owned by the pipeline (the StatefulSet
-   creates them, and ``whenDeleted: Retain`` keeps them): recreating a pipeline with the
-   same name reattaches them, or run ``iotpipe drain`` against them by hand; delete them
-   with ``kubectl delete pvc -l iotpipe.dev/pipeline=NAME`` when no longer wanted.
+5. **Deletion of the IoTPipeline** follows ``spec.deletionPolicy``
+   (:mod:`iotpipe_operator.deletion`): with Drain, ingest steps down to zero through this
+   same machinery before anything is garbage-collected. The queue PVCs are *not* owned by
+   the pipeline (the StatefulSet creates them, and ``whenDeleted: Retain`` keeps them), so
+   with Retain recreating a pipeline with the same name reattaches them.
+6. **Stepping** (:func:`next_replicas`): every scale-down removes one ordinal at a time
+   from the live replicas, waiting for the previous one's pod and queue to be gone.
 """
 
 from __future__ import annotations

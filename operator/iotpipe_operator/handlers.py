@@ -36,7 +36,7 @@ from iotpipe.observability import setup_logging
 from iotpipe_operator import builders, crd, deletion, drain
 from iotpipe_operator import status as status_mod
 from iotpipe_operator.builders import ClusterCapabilities, Problem, selector_for, workload_name
-from iotpipe_operator.kube import ForeignObjectError, Kube, KubeError
+from iotpipe_operator.kube import FIELD_MANAGER, ForeignObjectError, Kube, KubeError
 from iotpipe_operator.names import Names
 from iotpipe_operator.quantity import quantity_bytes
 
@@ -124,6 +124,15 @@ def _ordinals(names: set[str] | list[str], parse: Callable[[str], int | None]) -
     return {o for n in names if (o := parse(n)) is not None}
 
 
+def manages_replicas(obj: Mapping[str, Any]) -> bool:
+    """Whether this operator's apply owns ``spec.replicas`` (managedFields)."""
+    for entry in (obj.get("metadata") or {}).get("managedFields") or []:
+        if entry.get("manager") == FIELD_MANAGER and entry.get("operation") == "Apply" \
+                and "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {}):
+            return True
+    return False
+
+
 def _step_ingest_replicas(kube: Kube, body: Mapping[str, Any], result: builders.BuildResult
                           ) -> str | None:
     """Set the ingest StatefulSet's replicas to the next step towards the spec (see
@@ -146,11 +155,15 @@ def _step_ingest_replicas(kube: Kube, body: Mapping[str, Any], result: builders.
                                     selector_for(name, "ingest"))],
                          lambda n: names.pvc_ordinal("ingest", n))
     replicas = drain.next_replicas(result.ingest_replicas, live, pods, pvcs)
-    if replicas is None:
+    if result.ingest_replicas is None and not (live_sts and manages_replicas(live_sts)):
+        # Autoscaled (or unknown) and the autoscaler owns the field: leave it out.
+        sts["spec"].pop("replicas", None)
+    elif replicas is None:
         sts["spec"].pop("replicas", None)  # new and autoscaled: the autoscaler decides
     else:
-        # Autoscaled: the live value is re-applied, so SSA never drops the field (which
-        # would reset it to 1).
+        # While this operator still owns replicas (just switched to an autoscaler that has
+        # not written it yet) the live value is re-applied: dropping an owned field would
+        # make SSA remove it, and the StatefulSet would default to 1 replica.
         sts["spec"]["replicas"] = replicas
     if result.ingest_replicas is not None and live is not None \
             and result.ingest_replicas < live:
@@ -484,7 +497,11 @@ def make_registry(reconcile_interval: float = 60.0,
                        f"{builders.PIPELINE_LABEL}={meta['name']}). Recreate IoTPipeline "
                        f"{meta['name']} in {meta['namespace']} to reattach them and forward "
                        f"what they hold, or delete them when no longer wanted.")
-            kopf.event(snapshot, type="Normal", reason="Retained", message=message)
+            with _locks_guard:  # kopf may call again before the finalizer is gone
+                first = (uid, "Retained") not in announced
+                announced[(uid, "Retained")] = "True"
+            if first:
+                kopf.event(snapshot, type="Normal", reason="Retained", message=message)
             return
         if policy == "Delete":
             return

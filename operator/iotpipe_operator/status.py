@@ -75,12 +75,12 @@ def compute(name: str, generation: int | None, paused: bool,
         degraded = ("False", "AsExpected", "no problems")
     if missing:
         progressing = ("True", "Creating", f"creating {', '.join(missing)}")
+    elif scaling:  # before unready: a step-down leaves pods unready on purpose
+        progressing = ("True", "ScalingDown", scaling)
     elif unready:
         progressing = ("True", "RollingOut",
                        ", ".join(f"{t} {tiers[t]['readyReplicas']}/{tiers[t]['desired']} ready"
                                  for t in unready))
-    elif scaling:
-        progressing = ("True", "ScalingDown", scaling)
     elif draining:
         progressing = ("True", "Draining", f"draining ingest queues {drains}")
     else:

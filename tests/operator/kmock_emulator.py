@@ -5,7 +5,9 @@
   field left out of an apply configuration would stay. Here an apply
   (``application/apply-patch+yaml``) removes what the same object's previous apply (or its
   create with a ``fieldManager``) set and this one no longer does, which is what SSA does
-  for fields a single manager owns. Lists are atomic, as in a merge patch;
+  for fields a single manager owns. Lists are atomic, as in a merge patch. Another writer's
+  merge patch takes the fields it sets away from the applier (an HPA writing replicas), and
+  ``metadata.managedFields`` shows the applier's fields;
 - the pod proxy for metrics (``/api/v1/namespaces/NS/pods/POD:PORT/proxy/metrics``),
   answered from :attr:`metrics` (pod name -> Prometheus text; missing: 503).
 
@@ -15,6 +17,7 @@ KMock still answers 404 to a PATCH of a missing object (the operator creates fir
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from typing import Any
 
@@ -38,6 +41,21 @@ def removed_fields(previous: Any, current: Any) -> dict[str, Any]:
             if nested:
                 out[key] = nested
     return out
+
+
+def fields_v1(config: dict[str, Any]) -> dict[str, Any]:
+    """managedFields' fieldsV1 for an applied configuration (lists as leaves)."""
+    return {f"f:{key}": fields_v1(value) if isinstance(value, dict) else {}
+            for key, value in config.items()}
+
+
+def disown(applied: dict[str, Any], patch: dict[str, Any]) -> None:
+    """Another writer's update takes the fields it sets away from the applier."""
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(applied.get(key), dict):
+            disown(applied[key], value)
+        else:
+            applied.pop(key, None)
 
 
 def overlay(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -85,5 +103,14 @@ class Emulator(kmock.KubernetesEmulator):
               and request.headers.get("Content-Type", "").startswith(APPLY)):
             patch = overlay(removed_fields(self.applied.get(path, {}), data), data)
             self.applied[path] = data
+            manager = request.params.get("fieldManager", "")
+            patch.setdefault("metadata", {})["managedFields"] = [{
+                "manager": manager, "operation": "Apply", "apiVersion": data.get("apiVersion"),
+                "fieldsType": "FieldsV1", "fieldsV1": fields_v1(data)}]
             object.__setattr__(request, "data", patch)
+        elif request.method == kmock.method.PATCH and isinstance(data, dict) \
+                and path in self.applied:
+            applied = json.loads(json.dumps(self.applied[path]))
+            disown(applied, data)
+            self.applied[path] = applied
         return await super()._handle(request)

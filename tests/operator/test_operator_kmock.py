@@ -559,3 +559,264 @@ async def test_service_monitor_follows_its_crd_and_the_spec(cluster: Cluster) ->
         await cluster.patch_pipeline("demo", {"metrics": {"serviceMonitor": False}})
         await eventually(lambda: obj(cluster.k, monitors, "demo") is None,
                          what="ServiceMonitor removed when switched off")
+
+
+# --- day-2 operations (issue 8) -----------------------------------------------------------
+
+def _sts_replicas(cluster: Cluster, name: str = "demo-ingest") -> int | None:
+    return ((obj(cluster.k, STATEFULSETS, name) or {}).get("spec") or {}).get("replicas")
+
+
+async def _tier_pods(cluster: Cluster, tier: str, ordinals: list[int]) -> None:
+    labels = {"iotpipe.dev/pipeline": "demo", "iotpipe.dev/tier": tier}
+    for ordinal in ordinals:
+        await cluster.put(PODS, {"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": f"demo-{tier}-{ordinal}", "labels": labels}})
+
+
+async def _finish_drain(cluster: Cluster, ordinal: int) -> None:
+    """Play the Job controller: the drain Job of ``ordinal`` succeeds."""
+    await eventually(lambda: obj(cluster.k, JOBS, f"demo-ingest-drain-{ordinal}"),
+                     what=f"drain Job {ordinal}")
+    await cluster.patch(JOBS, f"demo-ingest-drain-{ordinal}", {"status": {
+        "succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}})
+    await eventually(lambda: obj(cluster.k, PVCS, f"queue-demo-ingest-{ordinal}") is None,
+                     what=f"queue {ordinal} drained and deleted")
+
+
+async def test_scale_down_steps_one_drained_ordinal_at_a_time(cluster: Cluster) -> None:
+    pipeline = seeded(_sample("minimal.yaml"))
+    pipeline["spec"]["ingest"]["replicas"] = 4
+    await cluster.create_pipeline(pipeline)
+    await _controller_pods_and_pvcs(cluster, [0, 1, 2, 3], [0, 1, 2, 3])
+    async with operator(interval=0.3):
+        await eventually(lambda: _sts_replicas(cluster) == 4, what="4 replicas")
+        await cluster.patch_pipeline("demo", {"ingest": {"replicas": 1}})
+        await eventually(lambda: _sts_replicas(cluster) == 3, what="first step: 3")
+        await eventually(lambda: (cluster.condition("demo", "Progressing") or {})
+                         .get("reason") == "ScalingDown", what="ScalingDown condition")
+        await asyncio.sleep(1.0)  # several passes: the removed ordinal has not drained yet
+        assert _sts_replicas(cluster) == 3, "never a second step before the first drained"
+        # the StatefulSet controller removes pod 3; its queue is drained by a Job
+        await cluster.send("DELETE", f"/api/v1/namespaces/{NS}/pods/demo-ingest-3")
+        await _finish_drain(cluster, 3)
+        await eventually(lambda: _sts_replicas(cluster) == 2, what="second step: 2")
+        await cluster.send("DELETE", f"/api/v1/namespaces/{NS}/pods/demo-ingest-2")
+        await _finish_drain(cluster, 2)
+        await eventually(lambda: _sts_replicas(cluster) == 1, what="third step: 1")
+    assert names(cluster.k, PVCS) == {"queue-demo-ingest-0", "queue-demo-ingest-1"}
+
+
+async def test_autoscaling_off_steps_down_from_the_live_replicas(cluster: Cluster) -> None:
+    pipeline = seeded(_sample("minimal.yaml"))
+    pipeline["spec"]["ingest"]["autoscaling"] = {"mode": "hpa", "minReplicas": 2,
+                                                 "maxReplicas": 8}
+    await cluster.create_pipeline(pipeline)
+    await _controller_pods_and_pvcs(cluster, list(range(6)), list(range(6)))
+    async with operator(interval=0.3):
+        await eventually(lambda: obj(cluster.k, HPAS, "demo-ingest"), what="HPA")
+        await cluster.patch(STATEFULSETS, "demo-ingest", {"spec": {"replicas": 6}})  # the HPA
+        await asyncio.sleep(0.8)
+        assert _sts_replicas(cluster) == 6, "the operator leaves the autoscaler's replicas"
+        await cluster.patch_pipeline("demo", {"ingest": {"replicas": 2,
+                                                         "autoscaling": {"mode": "none"}}})
+        await eventually(lambda: obj(cluster.k, HPAS, "demo-ingest") is None, what="no HPA")
+        await eventually(lambda: _sts_replicas(cluster) == 5, what="one step from 6")
+        await asyncio.sleep(1.0)
+        assert _sts_replicas(cluster) == 5, "not 2 at once: every removed pod drains in turn"
+
+
+async def test_switching_to_an_autoscaler_keeps_the_live_replicas(cluster: Cluster) -> None:
+    """SSA: replicas owned by the operator must not be dropped (the StatefulSet would
+    default to 1) until the autoscaler writes it."""
+    pipeline = seeded(_sample("minimal.yaml"))
+    pipeline["spec"]["ingest"]["replicas"] = 3
+    await cluster.create_pipeline(pipeline)
+    async with operator(interval=0.3):
+        await eventually(lambda: _sts_replicas(cluster) == 3, what="3 replicas")
+        await cluster.patch_pipeline("demo", {"ingest": {"autoscaling": {
+            "mode": "hpa", "minReplicas": 2, "maxReplicas": 9}}})
+        await eventually(lambda: obj(cluster.k, HPAS, "demo-ingest"), what="HPA")
+        await asyncio.sleep(1.0)
+        assert _sts_replicas(cluster) == 3
+        await cluster.patch(STATEFULSETS, "demo-ingest", {"spec": {"replicas": 5}})  # the HPA
+        await asyncio.sleep(1.0)
+        assert _sts_replicas(cluster) == 5, "the autoscaler's value is left alone"
+
+
+async def test_keda_discovery_503_never_reduces_replicas(cluster: Cluster) -> None:
+    install_keda(cluster)
+    pipeline = seeded(_sample("autoscaled-keda.yaml"))
+    await cluster.create_pipeline(pipeline)
+    async with operator(interval=0.3):
+        await eventually(lambda: obj(cluster.k, SCALEDOBJECTS, "keda-fleet-ingest"),
+                         what="ScaledObject")
+        await cluster.patch(STATEFULSETS, "keda-fleet-ingest", {"spec": {"replicas": 7}})
+        cluster.k.unavailable.add("/apis/keda.sh/v1alpha1")  # KEDA's API server hiccups
+        await asyncio.sleep(1.5)  # several passes with discovery failing
+        assert _sts_replicas(cluster, "keda-fleet-ingest") == 7
+        assert obj(cluster.k, SCALEDOBJECTS, "keda-fleet-ingest") is not None
+    # A fresh operator that never saw KEDA answer: unknown, still no scale-down.
+    async with operator(interval=0.3):
+        degraded = await eventually(
+            lambda: (c := cluster.condition("keda-fleet", "Degraded")) and
+            c["reason"] == "DiscoveryFailed" and c, what="DiscoveryFailed condition")
+        assert "live replicas" in degraded["message"]
+        await asyncio.sleep(1.0)
+        assert _sts_replicas(cluster, "keda-fleet-ingest") == 7
+        assert obj(cluster.k, SCALEDOBJECTS, "keda-fleet-ingest") is not None
+
+
+async def test_removed_spec_fields_disappear_from_live_objects(cluster: Cluster) -> None:
+    pipeline = seeded(_sample("minimal.yaml"))
+    pipeline["spec"]["imagePullSecrets"] = ["registry-creds"]
+    pipeline["spec"]["ingest"]["service"] = {"annotations": {"lb.example/internal": "true"}}
+    await cluster.create_pipeline(pipeline)
+    async with operator(interval=30):
+        sts = await eventually(lambda: obj(cluster.k, STATEFULSETS, "demo-ingest"))
+        assert sts["spec"]["template"]["spec"]["imagePullSecrets"] == [
+            {"name": "registry-creds"}]
+        await eventually(lambda: (obj(cluster.k, SERVICES, "demo-ingest") or {})
+                         .get("metadata", {}).get("annotations"), what="annotations")
+        await cluster.patch_pipeline("demo", {"imagePullSecrets": None,
+                                              "ingest": {"service": {"annotations": None}}})
+        await eventually(lambda: "imagePullSecrets" not in (
+            obj(cluster.k, STATEFULSETS, "demo-ingest") or {})["spec"]["template"]["spec"],
+            what="imagePullSecrets gone from the live StatefulSet")
+        await eventually(lambda: "annotations" not in (
+            obj(cluster.k, SERVICES, "demo-ingest") or {})["metadata"],
+            what="annotations gone from the live Service")
+
+
+async def test_a_foreign_object_with_a_child_name_is_refused(cluster: Cluster) -> None:
+    await cluster.put(SERVICES, {"apiVersion": "v1", "kind": "Service", "metadata": {
+        "name": "demo-ingest", "labels": {"team": "someone-else"}},
+        "spec": {"ports": [{"port": 80}]}})
+    await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
+    async with operator(interval=0.3):
+        degraded = await eventually(
+            lambda: (c := cluster.condition("demo", "Degraded")) and
+            c["reason"] == "ForeignObject" and c, what="ForeignObject condition")
+        assert "Service/demo-ingest" in degraded["message"]
+        await eventually(lambda: obj(cluster.k, STATEFULSETS, "demo-ingest"),
+                         what="the other children are still built")
+        await asyncio.sleep(0.6)
+    foreign = obj(cluster.k, SERVICES, "demo-ingest")
+    assert foreign is not None and "ownerReferences" not in foreign["metadata"], "not adopted"
+    assert foreign["spec"]["ports"] == [{"port": 80}], "not overwritten"
+    assert cluster.status("demo").get("observedGeneration") is None, \
+        "a generation not fully applied is not claimed"
+
+
+MIDDLE_METRICS = """# TYPE iotpipe_middle_feed_lag_records gauge
+iotpipe_middle_feed_lag_records{{group="storage"}} {lag}
+# TYPE iotpipe_middle_log_tail_seq gauge
+iotpipe_middle_log_tail_seq 1200
+"""
+STORAGE_METRICS = """# TYPE iotpipe_storage_in_flight_records gauge
+iotpipe_storage_in_flight_records{{endpoint="tcp://demo-middle-0"}} {in_flight}
+"""
+
+
+async def test_delete_with_drain_waits_for_every_queue(cluster: Cluster) -> None:
+    await cluster.create_pipeline(seeded(_sample("minimal.yaml")))  # Drain by default
+    await _controller_pods_and_pvcs(cluster, [0, 1], [0, 1])
+    await _tier_pods(cluster, "middle", [0, 1])
+    await _tier_pods(cluster, "storage", [0])
+    cluster.k.metrics.update({"demo-middle-0": MIDDLE_METRICS.format(lag=0),
+                              "demo-middle-1": MIDDLE_METRICS.format(lag=40),
+                              "demo-storage-0": STORAGE_METRICS.format(in_flight=3)})
+
+    def deleting() -> str | None:
+        condition = cluster.condition("demo", "Deleting")
+        return condition["reason"] if condition else None
+
+    async with operator(interval=0.3):
+        await eventually(lambda: _sts_replicas(cluster) == 2, what="running")
+        await cluster.send("DELETE",
+                           f"/apis/iotpipe.dev/v1alpha1/namespaces/{NS}/iotpipelines/demo")
+        await eventually(lambda: _sts_replicas(cluster) == 1, what="ingest steps to 1")
+        await eventually(lambda: deleting() == "DrainingIngest", what="Deleting condition")
+        await asyncio.sleep(0.8)
+        assert _sts_replicas(cluster) == 1, "no second step while ordinal 1 still drains"
+        await cluster.send("DELETE", f"/api/v1/namespaces/{NS}/pods/demo-ingest-1")
+        await _finish_drain(cluster, 1)
+        await eventually(lambda: _sts_replicas(cluster) == 0, what="ingest steps to 0")
+        await cluster.send("DELETE", f"/api/v1/namespaces/{NS}/pods/demo-ingest-0")
+        await _finish_drain(cluster, 0)
+        await eventually(lambda: deleting() == "WaitingForStorage", what="waiting for storage")
+        message = cluster.condition("demo", "Deleting")["message"]
+        assert "40 record(s)" in message and "3 in flight" in message
+        cluster.k.metrics["demo-middle-1"] = MIDDLE_METRICS.format(lag=0)
+        del cluster.k.metrics["demo-storage-0"]  # unreadable is never "empty"
+        await eventually(lambda: deleting() == "WaitingForMetrics", what="unreadable storage")
+        assert obj(cluster.k, PIPELINES, "demo") is not None, "the finalizer still holds"
+        cluster.k.metrics["demo-storage-0"] = STORAGE_METRICS.format(in_flight=0)
+        await eventually(lambda: obj(cluster.k, PIPELINES, "demo") is None,
+                         what="finalizer released once everything is empty")
+    for reason in ("DrainingIngest", "WaitingForStorage", "Drained"):
+        assert cluster.events(reason), f"an event for {reason}"
+
+
+async def test_delete_with_retain_says_how_to_resume(cluster: Cluster) -> None:
+    pipeline = seeded(_sample("minimal.yaml"))
+    pipeline["spec"]["deletionPolicy"] = "Retain"
+    await cluster.create_pipeline(pipeline)
+    await _controller_pods_and_pvcs(cluster, [0, 1], [0, 1])
+    async with operator(interval=0.3):
+        await eventually(lambda: _sts_replicas(cluster) == 2, what="running")
+        await cluster.send("DELETE",
+                           f"/apis/iotpipe.dev/v1alpha1/namespaces/{NS}/iotpipelines/demo")
+        await eventually(lambda: obj(cluster.k, PIPELINES, "demo") is None, what="released")
+        (event,) = await eventually(lambda: cluster.events("Retained"), what="Retained event")
+    assert "Recreate IoTPipeline demo in iot" in event["message"]
+    assert names(cluster.k, PVCS) == {"queue-demo-ingest-0", "queue-demo-ingest-1"}
+    assert _sts_replicas(cluster) == 2, "Retain does not drain"
+
+
+async def test_middle_scale_up_reaches_tiers_through_the_configmap_only(
+        cluster: Cluster) -> None:
+    await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
+    async with operator(interval=30):
+        await eventually(lambda: obj(cluster.k, CONFIGMAPS, "demo-endpoints"), what="endpoints")
+        await eventually(lambda: obj(cluster.k, DEPLOYMENTS, "demo-relay"), what="relay")
+        templates = {name: (obj(cluster.k, kind, name) or {})["spec"]["template"]
+                     for kind, name in [(STATEFULSETS, "demo-ingest"),
+                                        (STATEFULSETS, "demo-storage"),
+                                        (DEPLOYMENTS, "demo-relay")]}
+        await cluster.patch_pipeline("demo", {"middle": {"replicas": 3}})
+        await eventually(lambda: _sts_replicas(cluster, "demo-middle") == 3, what="middle 3")
+        await eventually(lambda: "demo-middle-2.demo-middle.iot.svc:5557" in (
+            obj(cluster.k, CONFIGMAPS, "demo-endpoints") or {}).get("data", {}).get("feed", ""),
+            what="the new middle pod in the endpoints ConfigMap")
+        await eventually(lambda: cluster.status("demo").get("observedGeneration") == 2,
+                         what="generation 2 applied")
+    for kind, name in [(STATEFULSETS, "demo-ingest"), (STATEFULSETS, "demo-storage"),
+                       (DEPLOYMENTS, "demo-relay")]:
+        assert (obj(cluster.k, kind, name) or {})["spec"]["template"] == templates[name], \
+            f"{name} must not roll"
+
+
+async def test_drain_deletion_survives_an_operator_restart(cluster: Cluster) -> None:
+    await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
+    await _controller_pods_and_pvcs(cluster, [0, 1], [0, 1])
+    await _tier_pods(cluster, "middle", [0, 1])
+    await _tier_pods(cluster, "storage", [0])
+    cluster.k.metrics.update({"demo-middle-0": MIDDLE_METRICS.format(lag=0),
+                              "demo-middle-1": MIDDLE_METRICS.format(lag=0),
+                              "demo-storage-0": STORAGE_METRICS.format(in_flight=0)})
+    async with operator(interval=0.3):
+        await eventually(lambda: _sts_replicas(cluster) == 2, what="running")
+        await cluster.send("DELETE",
+                           f"/apis/iotpipe.dev/v1alpha1/namespaces/{NS}/iotpipelines/demo")
+        await eventually(lambda: _sts_replicas(cluster) == 1, what="first step")
+    # The operator is gone mid-drain; the pod of ordinal 1 exits meanwhile.
+    await cluster.send("DELETE", f"/api/v1/namespaces/{NS}/pods/demo-ingest-1")
+    assert obj(cluster.k, PIPELINES, "demo") is not None, "the finalizer holds"
+    async with operator(interval=0.3):  # a new instance resumes the deletion
+        await _finish_drain(cluster, 1)
+        await eventually(lambda: _sts_replicas(cluster) == 0, what="second step")
+        await cluster.send("DELETE", f"/api/v1/namespaces/{NS}/pods/demo-ingest-0")
+        await _finish_drain(cluster, 0)
+        await eventually(lambda: obj(cluster.k, PIPELINES, "demo") is None,
+                         what="released after the drain completed")

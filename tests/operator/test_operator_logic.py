@@ -285,6 +285,7 @@ def test_discovery_failure_is_unknown_not_absent(monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["render", "--help"],
+                                  ["validate", "--help"],
                                   ["crd", "--help"]])
 def test_cli_help(argv: list[str]) -> None:
     out = subprocess.run([sys.executable, "-m", "iotpipe_operator.cli", *argv],

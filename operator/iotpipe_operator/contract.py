@@ -1,0 +1,77 @@
+"""The deployment contract between the operator and the tiers, taken from the tiers' own
+settings models (pydantic-settings) instead of retyped: environment keys
+(``<env_prefix><FIELD>``), command-line flags (``--field-name``) and default ports.
+
+A builder that names a setting a tier does not have fails here, at build time and in the
+unit tests, not in a crash-looping pod.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+from typing import Any
+
+from pydantic_settings import BaseSettings
+
+# tier -> (module, settings class)
+_MODELS = {
+    "ingest": ("iotpipe.ingest.server", "IngestSettings"),
+    "middle": ("iotpipe.middle.server", "MiddleSettings"),
+    "relay": ("iotpipe.relay.server", "RelaySettings"),
+    "storage": ("iotpipe.storage.server", "StorageSettings"),
+    "drain": ("iotpipe.ingest.drain", "DrainSettings"),
+}
+
+# Contract 1 of issue 8 (the endpoints files) is implemented in the tiers on the wt-tiers
+# branch; until that merge these settings are accepted by name. Drop an entry once the
+# tier's model has the field (tests/operator/test_operator_contract.py lists them).
+PENDING: dict[str, frozenset[str]] = {
+    "ingest": frozenset({"middle_endpoints_file"}),
+    "relay": frozenset({"middle_pub_endpoints_file"}),
+    "storage": frozenset({"feed_endpoints_file"}),
+    "drain": frozenset({"middle_endpoints_file"}),
+}
+
+
+@cache
+def settings_model(tier: str) -> type[BaseSettings]:
+    module, name = _MODELS[tier]
+    model: type[BaseSettings] = getattr(importlib.import_module(module), name)
+    return model
+
+
+def has_setting(tier: str, field: str) -> bool:
+    return field in settings_model(tier).model_fields
+
+
+def _check(tier: str, field: str) -> None:
+    if not has_setting(tier, field) and field not in PENDING.get(tier, frozenset()):
+        model = settings_model(tier)
+        raise KeyError(f"{model.__name__} ({tier}) has no setting {field!r}")
+
+
+def env(tier: str, field: str) -> str:
+    """The environment variable of a tier setting, e.g. IOTPIPE_INGEST_QUEUE_BYTES."""
+    _check(tier, field)
+    prefix = str(settings_model(tier).model_config.get("env_prefix", ""))
+    return prefix + field.upper()
+
+
+def flag(tier: str, field: str) -> str:
+    """The command-line flag of a tier setting, e.g. --queue-bytes."""
+    _check(tier, field)
+    return "--" + field.replace("_", "-")
+
+
+def default(tier: str, field: str) -> Any:
+    _check(tier, field)
+    return settings_model(tier).model_fields[field].default
+
+
+INGEST_PORT: int = default("ingest", "port")
+RELAY_PORT: int = default("relay", "port")
+ROUTER_PORT: int = default("middle", "router_port")
+PUB_PORT: int = default("middle", "pub_port")
+FEED_PORT: int = default("middle", "feed_port")
+METRICS_PORT: int = default("ingest", "metrics_port")  # every pod serves it on this port

@@ -140,7 +140,8 @@ class Forwarder:
                          poller: zmq.Poller, index_of: dict[Any, int]) -> None:
         """Renumber ``sockets`` (in place) to ``new``: connect added, close removed."""
         by_name = dict(zip(self.endpoints, sockets, strict=True))
-        renumbered = [by_name.pop(name, None) or self._connect(name) for name in new]
+        renumbered = [by_name.pop(name) if name in by_name else self._connect(name)
+                      for name in new]
         for i, sock in enumerate(renumbered):
             if sock not in index_of:
                 poller.register(sock, zmq.POLLIN)

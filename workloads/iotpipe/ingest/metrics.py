@@ -55,7 +55,8 @@ class IngestCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         c = self._counters
         gauge = GaugeMetricFamily("iotpipe_ingest_connections",
-                                  "Current device connections in this process")
+                                  "Current device connections (of the pod, when a "
+                                  "parent serves several processes)")
         gauge.add_metric([], c.connections)
         yield gauge
         for name, value, text in (

@@ -55,6 +55,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -93,7 +94,7 @@ from iotpipe.protocol import (
     encode_busy_frame,
     encode_error_frame,
 )
-from iotpipe.queue import AsyncQueue, PersistentQueue, QueueFull
+from iotpipe.queue import AsyncQueue, PersistentQueue, QueueError, QueueFull
 from iotpipe.settings import CommaList, TierSettings, parse_settings, tier_config
 
 __all__ = ["IngestServer", "IngestSettings", "main"]
@@ -103,6 +104,8 @@ PATH = "/v1/ingest"
 PROCESS_INDEX_ENV = "IOTPIPE_INGEST_PROCESS_INDEX"
 PARENT_PID_ENV = "IOTPIPE_INGEST_PARENT_PID"
 REPORT_FD_ENV = "IOTPIPE_INGEST_REPORT_FD"
+# How often process 0 looks again for retired queues it could not open (still locked).
+RETIRED_SCAN_SECONDS = 10.0
 
 
 class IngestSettings(TierSettings):
@@ -247,6 +250,7 @@ class IngestServer:
         # Queues p<i> (i >= processes) left by processes this pod no longer runs.
         self.retired: dict[str, QueueDrainer] = {}
         self.retired_removed = 0
+        self._retired_problems: set[str] = set()
         # Completed with the queue's incarnation once the queue is open (see identity.py).
         self.node = f"{settings.node_id}-p{index}"
         self.queue_dir = settings.data_dir / f"p{index}"
@@ -288,8 +292,16 @@ class IngestServer:
         for index, path in process_dirs(s.data_dir):
             if index < s.processes or path.name in self.retired:
                 continue
-            self.retired[path.name] = QueueDrainer(path, index, s.node_id, self.endpoints,
-                                                   s.queue_bytes)
+            try:
+                self.retired[path.name] = QueueDrainer(path, index, s.node_id, self.endpoints,
+                                                       s.queue_bytes)
+            except QueueError as exc:  # e.g. still locked: tried again later, never lost
+                if path.name not in self._retired_problems:
+                    log.error("retired queue cannot be opened yet", extra={"fields": {
+                        "path": str(path), "error": str(exc)}})
+                self._retired_problems.add(path.name)
+            else:
+                self._retired_problems.discard(path.name)
 
     def reap_retired(self) -> int:
         """Close and delete the retired queues that are empty now; how many were removed."""
@@ -531,6 +543,11 @@ def _queue_source(server: IngestServer) -> tuple[int, int, int]:
     return (depth.records, depth.bytes, q.capacity_bytes)
 
 
+def _retired_source(server: IngestServer) -> tuple[int, int, int]:
+    depths = [d.depth() for d in list(server.retired.values())]
+    return (sum(d[0] for d in depths), sum(d[1] for d in depths), sum(d[2] for d in depths))
+
+
 class _RetiredCollector:
     """The retired queues (``p<i>`` of processes this pod no longer runs) being drained."""
 
@@ -556,7 +573,10 @@ async def run_process(settings: IngestSettings, index: int,
                       watched: EndpointsFile | None = None) -> int:
     """Run one ingest process until SIGTERM/SIGINT; returns the exit code."""
     server = IngestServer(settings, index, endpoints)
-    REGISTRY.register(QueueDepthCollector("ingest", {"ingest": lambda: _queue_source(server)}))
+    # "retired": queues of processes this pod no longer runs, until drained and deleted
+    # (so the depth covers everything on the pod's volume).
+    REGISTRY.register(QueueDepthCollector("ingest", {
+        "ingest": lambda: _queue_source(server), "retired": lambda: _retired_source(server)}))
     REGISTRY.register(IngestCollector(
         server.counters, lambda: [server.forwarder.core] if server.forwarder else []))
     REGISTRY.register(_RetiredCollector(server))
@@ -584,6 +604,7 @@ async def run_process(settings: IngestSettings, index: int,
             "queue": str(server.queue_dir), "middle": server.endpoints,
             "retired_queues": sorted(server.retired)}})
         next_check = time.monotonic() + settings.endpoints_reload_seconds
+        next_retired_scan = time.monotonic() + RETIRED_SCAN_SECONDS
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(),
@@ -595,6 +616,9 @@ async def run_process(settings: IngestSettings, index: int,
                     server.set_endpoints(changed)
             if server.retired:
                 await asyncio.to_thread(server.reap_retired)
+            if index == 0 and time.monotonic() >= next_retired_scan:
+                next_retired_scan = time.monotonic() + RETIRED_SCAN_SECONDS
+                await asyncio.to_thread(server.start_retired)
             if server.forwarder is not None and server.forwarder.error is not None:
                 # Nothing would leave the queue any more: exit so the supervisor (or
                 # Kubernetes) restarts us; the queue is durable, nothing acked is lost.
@@ -691,10 +715,13 @@ class _Child:
             self._read_fd = None
 
 
+# Straight to the child: an HTTP(S)_PROXY in the pod's environment must not apply.
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _http_get(port: int, path: str, timeout: float) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}",
-                                    timeout=timeout) as response:
+        with _LOCAL.open(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
             return int(response.status), response.read().decode()
     except urllib.error.HTTPError as exc:
         return int(exc.code), ""
@@ -705,35 +732,47 @@ def _http_get(port: int, path: str, timeout: float) -> tuple[int, str]:
 class PodView:
     """The pod's one health and metrics endpoint, served by the parent process.
 
-    Scrapes each child's private endpoint at request time (so a scrape is as fresh as a
-    single process's); read from the observability thread while the main thread replaces
-    children, hence the copies of ``children``.
+    Asks every child's private endpoint at request time, all children at once (so a scrape
+    is as fresh as a single process's, and one hung child costs one timeout, not N). Read
+    from the observability thread while the main thread replaces children, hence the
+    copies of ``children``.
     """
 
-    def __init__(self, processes: int, timeout: float = 2.0) -> None:
+    def __init__(self, processes: int, probe_timeout: float = 0.8,
+                 scrape_timeout: float = 3.0) -> None:
         self.processes = processes
-        self.timeout = timeout
+        # Below Kubernetes' default probe timeout (1 s): a hung child makes the pod's
+        # answer "not ready", not a probe timeout.
+        self.probe_timeout = probe_timeout
+        self.scrape_timeout = scrape_timeout
         self.children: dict[int, _Child] = {}
         self.restarts = 0
+        self._pool = ThreadPoolExecutor(max_workers=max(2, 2 * processes),
+                                        thread_name_prefix="pod-view")
 
     def _ports(self) -> dict[int, int | None]:
         return {i: (c.metrics_port if c.alive() else None)
                 for i, c in list(self.children.items())}
 
+    def _ask(self, ports: dict[int, int], path: str, timeout: float
+             ) -> dict[int, tuple[int, str]]:
+        futures = {i: self._pool.submit(_http_get, port, path, timeout)
+                   for i, port in ports.items()}
+        return {i: future.result() for i, future in futures.items()}
+
     def ready(self) -> bool:
         ports = self._ports()
         if len(ports) < self.processes or any(p is None for p in ports.values()):
             return False  # a child is dead, restarting, or not serving yet
-        return all(_http_get(port, "/readyz", self.timeout)[0] == 200
-                   for port in ports.values() if port is not None)
+        answers = self._ask({i: p for i, p in ports.items() if p is not None}, "/readyz",
+                            self.probe_timeout)
+        return all(status == 200 for status, _ in answers.values())
 
     def collect(self) -> Iterator[Metric]:
-        scrapes: dict[str, str] = {}
-        for index, port in sorted(self._ports().items()):
-            if port is not None:
-                status, text = _http_get(port, "/metrics", self.timeout)
-                if status == 200:
-                    scrapes[str(index)] = text
+        ports = {i: p for i, p in self._ports().items() if p is not None}
+        answers = self._ask(ports, "/metrics", self.scrape_timeout)
+        scrapes = {str(i): text for i, (status, text) in sorted(answers.items())
+                   if status == 200}
         yield from merge_scrapes(scrapes)
         yield GaugeMetricFamily("iotpipe_ingest_processes", "Ingest processes configured",
                                 value=self.processes)
@@ -742,6 +781,9 @@ class PodView:
                                 value=len(scrapes))
         yield CounterMetricFamily("iotpipe_ingest_process_restarts",
                                   "Child processes restarted after dying", value=self.restarts)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _run_parent(settings: IngestSettings, argv: Sequence[str]) -> int:
@@ -790,6 +832,7 @@ def _run_parent(settings: IngestSettings, argv: Sequence[str]) -> int:
         return max(codes.values(), default=0)
     finally:
         obs.stop()
+        view.close()
         for child in view.children.values():
             child.close()
 

@@ -132,7 +132,10 @@ class ForwarderCore:
         self.endpoints = new
         self.endpoint = preferred_endpoint(self.node, new)
         if self.endpoint == current:
-            return []
+            # Unacked batches all live on the current endpoint (a failover moves them all),
+            # so none should be stranded; if one is, resend from it, in order.
+            stranded = [b.first for b in self.inflight if not b.acked and b.endpoint < 0]
+            return self._resend(min(stranded), now) if stranded else []
         # Moved (the old endpoint is gone, or a new one scores higher): like a failover,
         # every unacked batch goes to the new endpoint in order, so it sees seqs in order.
         self.stats.moves += 1

@@ -253,6 +253,9 @@ class StorageService:
                 if changed is not None:
                     self.set_endpoints(changed, poller)
                     start = 0
+            if not self._links:  # every new endpoint failed to open: wait for the next list
+                self._stop.wait(_MAX_POLL_S)
+                continue
             for link in self._links:
                 if link.consumer.request_due(now):
                     self._send(link, link.consumer.make_request(now))

@@ -31,8 +31,9 @@ else:
     signal.signal(signal.SIGTERM, lambda *_: (print("TERM", flush=True), sys.exit(0)))
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        if self.path == "/ready":
-            ok = os.path.exists(os.environ["DATA"] + "/not-ready") is False
+        if self.path in ("/ready", "/alive"):
+            flag = {"/ready": "/not-ready", "/alive": "/dead"}[self.path]
+            ok = os.path.exists(os.environ["DATA"] + flag) is False
             self.send_response(200 if ok else 503); self.end_headers(); return
         def resolve(name):
             try:
@@ -194,6 +195,29 @@ async def test_deletion_runs_prestop_then_sigterm_then_sigkill(cluster: LocalClu
     assert "TERM ignored" in cluster.pod_log("web-0")
     # whenDeleted: Retain keeps the claim (and its directory)
     assert "data-web-0" in cluster.api.names("v1/persistentvolumeclaims")
+
+
+async def test_a_failing_liveness_probe_restarts_the_container(cluster: LocalCluster) -> None:
+    await _seed(cluster)
+    await cluster.api.create("apps/v1/statefulsets", _statefulset(
+        1, terminationGracePeriodSeconds=1, container={"livenessProbe": {
+            "httpGet": {"path": "/alive", "port": "http"},
+            "periodSeconds": 1, "failureThreshold": 2}}))
+    await cluster.wait(lambda: cluster.ready_pods("web-") == ["web-0"], 30, "web-0 ready")
+    first = _info(_ip(cluster, "web-0"))["pid"]
+    (cluster.pvc_dir("data-web-0") / "dead").write_text("")
+
+    def restarts() -> int:
+        pod = cluster.api.get("v1/pods", "web-0") or {}
+        statuses = (pod.get("status") or {}).get("containerStatuses") or [{}]
+        return int(statuses[0].get("restartCount", 0))
+
+    await cluster.wait(lambda: restarts() == 1, 20, "one restart")
+    (cluster.pvc_dir("data-web-0") / "dead").unlink()
+    await cluster.wait(lambda: cluster.ready_pods("web-") == ["web-0"], 20, "ready again")
+    assert _info(_ip(cluster, "web-0"))["pid"] != first
+    assert "liveness probe failed" in cluster.pod_log("web-0")
+    assert cluster.pods_created == ["web-0"], "the same pod, its container restarted"
 
 
 async def test_garbage_collection_respects_finalizers(cluster: LocalCluster) -> None:

@@ -12,8 +12,10 @@ What a pod gets, as on a node:
   ConfigMap and Secret files rewritten when the object changes. Container paths in args
   and environment are mapped to these directories (``/tmp`` through ``TMPDIR``);
 - readiness (and startup) probes by HTTP GET to the pod address, reflected in the pod's
-  status; a container that exits is restarted (``restartPolicy: Always``) or ends the pod
-  (``Never`` / ``OnFailure`` for Jobs);
+  status (readiness runs at least every ``PROBE_PERIOD_CAP`` seconds, to keep tests short);
+  liveness and startup failures restart the container on the probes' real schedule; a
+  container that exits is restarted (``restartPolicy: Always``, with a compressed
+  back-off) or ends the pod (``Never`` / ``OnFailure`` for Jobs);
 - deletion: preStop, SIGTERM to the process group, SIGKILL after
   ``terminationGracePeriodSeconds``.
 """
@@ -66,6 +68,9 @@ class Container:
     probe_failures: int = 0
     next_start: float = 0.0
     last_probe: float = 0.0
+    last_liveness: float = 0.0
+    liveness_failures: int = 0
+    spawned_at: float = 0.0
     volumes: list[Volume] = field(default_factory=list)
     log: Path | None = None
     argv: list[str] = field(default_factory=list)
@@ -289,7 +294,8 @@ class Kubelet:
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         container.exit_code = None
         container.ready = container.started = False
-        container.probe_failures = 0
+        container.probe_failures = container.liveness_failures = 0
+        container.spawned_at = container.last_liveness = time.monotonic()
 
     def running(self, pod: str) -> bool:
         container = self.containers.get(pod)
@@ -365,6 +371,7 @@ class Kubelet:
         readiness = spec.get("readinessProbe")
         startup = spec.get("startupProbe")
         probe = startup if (startup and not container.started) else readiness
+        await self._liveness(pod, container, startup)
         if probe is None:
             container.started = container.ready = True
             return
@@ -384,6 +391,52 @@ class Kubelet:
             container.probe_failures += 1
             if container.probe_failures >= int(probe.get("failureThreshold", 3)):
                 container.ready = False
+
+    async def _liveness(self, pod: dict[str, Any], container: Container,
+                        startup: dict[str, Any] | None) -> None:
+        """Liveness and startup failures restart the container, on the probes' real
+        schedule (periods are not compressed here: a restart is never hurried)."""
+        spec = pod["spec"]["containers"][0]
+        now = time.monotonic()
+        if startup and not container.started:
+            budget = (float(startup.get("initialDelaySeconds", 0))
+                      + float(startup.get("periodSeconds", 10))
+                      * int(startup.get("failureThreshold", 3)))
+            if now - container.spawned_at > budget:
+                self._restart(pod, container, "startup probe failed")
+            return
+        probe = spec.get("livenessProbe")
+        if probe is None or now - container.spawned_at < float(
+                probe.get("initialDelaySeconds", 0)):
+            return
+        if now - container.last_liveness < float(probe.get("periodSeconds", 10)):
+            return
+        container.last_liveness = now
+        if await self._http_get(spec, container.ip, probe):
+            container.liveness_failures = 0
+            return
+        container.liveness_failures += 1
+        if container.liveness_failures >= int(probe.get("failureThreshold", 3)):
+            self._restart(pod, container, "liveness probe failed")
+
+    def _restart(self, pod: dict[str, Any], container: Container, why: str) -> None:
+        """SIGTERM now, SIGKILL after the grace period; the exit then restarts it."""
+        proc = container.proc
+        if proc is None or proc.poll() is not None:
+            return
+        if container.log is not None:
+            with open(container.log, "ab") as log:
+                log.write(f"--- kubelet: {why}, restarting\n".encode())
+        container.liveness_failures = 0
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        grace = float(pod["spec"].get("terminationGracePeriodSeconds", 30))
+
+        def kill() -> None:
+            if container.proc is proc and proc.poll() is None:
+                self._kill(container)
+
+        asyncio.get_running_loop().call_later(grace, kill)
 
     async def _http_get(self, spec: dict[str, Any], ip: str, probe: dict[str, Any]) -> bool:
         get = probe.get("httpGet")

@@ -42,6 +42,11 @@ SHELL = ('h="$1" && mount --bind "$h" /etc/hosts && hostname "$2" && shift 2 '
          '&& cd "$h.d" && exec "$@"')
 
 
+# Without root, a user namespace grants the bind mount and the hostname (checked by hand as
+# nobody: `setpriv --reuid=65534 unshare --user --map-root-user --mount --uts ...`).
+USERNS = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+
+
 class PodNotReady(Exception):
     """A pod cannot start yet (a referenced ConfigMap, Secret or PVC is missing)."""
 
@@ -289,7 +294,7 @@ class Kubelet:
             log.write(f"--- start {time.strftime('%H:%M:%S')} {command}\n".encode())
             log.flush()
             container.proc = subprocess.Popen(
-                ["unshare", "--mount", "--uts", "--propagation", "private", "--",
+                ["unshare", *USERNS, "--mount", "--uts", "--propagation", "private", "--",
                  "sh", "-c", SHELL, "pod-init", str(hosts), name, *command],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         container.exit_code = None

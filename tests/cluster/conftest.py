@@ -110,6 +110,9 @@ async def assert_every_ack_stored_once(cluster: LocalCluster, fleet: Fleet,
     assert not duplicates, f"stored more than once: {duplicates[:5]}"
     phantom = set(keys) - fleet.sent_pairs()
     assert not phantom, f"stored messages nobody sent: {sorted(phantom)[:5]}"
+    # shown with -s / -rP: what the scenario moved
+    print(f"reconciled: {len(acked)} acked, {sum(keys.values())} stored rows, "
+          f"{fleet.reconnects} reconnects, {fleet.busy} busy replies")
     return len(acked)
 
 

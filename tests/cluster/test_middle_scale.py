@@ -33,6 +33,7 @@ async def test_middle_two_to_three_restarts_nothing(cluster: LocalCluster) -> No
     await start_pipeline(cluster, manifest)
     before = _others(cluster)
     assert len(before) == 4, before  # 2 ingest, 1 relay, 1 storage
+    created = len(cluster.pods_created)
     async with devices(cluster) as running:
         fleet = running.fleet
         await cluster.wait(lambda: fleet.total_acked() >= 300, 30, "acks before the change")
@@ -53,6 +54,7 @@ async def test_middle_two_to_three_restarts_nothing(cluster: LocalCluster) -> No
         await cluster.wait(lambda: fleet.total_acked() >= after + 300, 30, "devices carry on")
         await running.finish()
     assert _others(cluster) == before, "no ingest, relay or storage pod restarted"
+    assert cluster.pods_created[created:] == [f"{NAME}-middle-2"], "only the new middle pod"
     assert cluster.max_terminating.get(f"{NAME}-ingest", 0) == 0
     await assert_every_ack_stored_once(cluster, fleet)
     assert fleet.errors == {}, fleet.errors

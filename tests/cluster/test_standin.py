@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import signal
 import urllib.request
 from pathlib import Path
@@ -263,3 +264,23 @@ async def test_jobs_report_succeeded_and_failed(cluster: LocalCluster) -> None:
     assert finished("ok") == "Complete" and status("ok")["succeeded"] == 1
     assert finished("bad") == "Failed" and status("bad")["failed"] == 2  # 1 + backoffLimit
     assert cluster.pod_names("bad-") == ["bad-0", "bad-1"]
+
+
+async def test_teardown_kills_every_process_group_even_when_a_test_fails(
+        kmock: ClusterEmulator, tmp_path: Path) -> None:
+    local = LocalCluster(kmock, tmp_path / "teardown")
+    groups: list[int] = []
+    with pytest.raises(RuntimeError, match="a failing test"):
+        async with local:
+            await _seed(local)
+            await local.api.create("apps/v1/statefulsets", _statefulset(
+                2, container={"env": [{"name": "IGNORE_TERM", "value": "1"}]}))
+            await local.wait(lambda: len(local.ready_pods("web-")) == 2, 30, "2 pods ready")
+            operator = local.start_operator()
+            groups = [c.proc.pid for c in local.kubelet.containers.values()
+                      if c.proc is not None] + [operator.pid]
+            raise RuntimeError("a failing test")
+    assert len(groups) == 3
+    for group in groups:
+        with pytest.raises(ProcessLookupError):
+            os.killpg(group, 0)

@@ -260,11 +260,15 @@ class Kubelet:
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
 
     async def stop(self) -> None:
-        for task in self._terminations.values():
+        tasks = list(self._terminations.values())
+        for task in tasks:
             task.cancel()
-        for container in self.containers.values():
+        for container in list(self.containers.values()):
             self._kill(container)
-        for container in self.containers.values():
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, timeout=15)
+        for container in list(self.containers.values()):
             if container.proc is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     await asyncio.to_thread(container.proc.wait, 10)

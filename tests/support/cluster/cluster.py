@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -525,6 +526,12 @@ class LocalCluster:
                 self._proxies[key] = proxy
 
     # -- conveniences for tests ---------------------------------------------------------------
+
+    def signal_pod(self, pod: str, sig: int) -> None:
+        """Send ``sig`` to a pod's process group, as a crash or a frozen node would."""
+        container = self.kubelet.containers[pod]
+        assert container.proc is not None and container.proc.poll() is None, pod
+        os.killpg(container.proc.pid, sig)
 
     def install_keda(self) -> None:
         """Serve KEDA's ScaledObject API (its CRD installed)."""

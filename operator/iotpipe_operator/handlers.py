@@ -142,6 +142,9 @@ def _step_ingest_replicas(kube: Kube, body: Mapping[str, Any], result: builders.
     names = Names(name)
     sts = result.find("StatefulSet", names.workload("ingest"))
     live_sts = kube.get("apps/v1", "StatefulSet", namespace, names.workload("ingest"))
+    uid = body["metadata"].get("uid")
+    if live_sts is not None and uid is not None and not _is_owned(live_sts, uid):
+        live_sts = None  # foreign: refused by apply, its replicas mean nothing here
     live = None if live_sts is None else int((live_sts.get("spec") or {}).get("replicas", 1))
     pods: set[int] = set()
     pvcs: set[int] = set()
@@ -192,11 +195,11 @@ def _expand_volumes(kube: Kube, body: Mapping[str, Any], spec: Mapping[str, Any]
                                             f"{pvc['metadata']['name']}: {exc}"))
 
 
-def _ingest_replicas_and_pods(kube: Kube, name: str, namespace: str
+def _ingest_replicas_and_pods(kube: Kube, name: str, namespace: str, uid: str | None
                               ) -> tuple[int | None, set[str]]:
     sts = kube.get("apps/v1", "StatefulSet", namespace, workload_name(name, "ingest"))
-    if sts is None:
-        return None, set()
+    if sts is None or (uid is not None and not _is_owned(sts, uid)):
+        return None, set()  # none, or a foreign one: never drain against it
     replicas = int((sts.get("spec") or {}).get("replicas", 1))
     pods = {p["metadata"]["name"]
             for p in kube.list("v1", "Pod", namespace, selector_for(name, "ingest"))}
@@ -207,7 +210,8 @@ def _drive_drains(kube: Kube, body: Mapping[str, Any], problems: list[Problem],
                   logger: logging.Logger) -> dict[str, list[int]]:
     """Create drain Jobs for retained queues of removed ordinals; delete drained PVCs."""
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
-    replicas, pods = _ingest_replicas_and_pods(kube, name, namespace)
+    uid = body["metadata"].get("uid")
+    replicas, pods = _ingest_replicas_and_pods(kube, name, namespace, uid)
     if replicas is None:
         return {}  # no StatefulSet (being created or deleted): never drain blindly
     pvcs = [p["metadata"]["name"] for p in
@@ -230,7 +234,8 @@ def _drive_drains(kube: Kube, body: Mapping[str, Any], problems: list[Problem],
                                        f"retained queue: started Job {action.name}")
             elif action.action == "delete_pvc":
                 # Re-check against fresh state: a scale-up may have brought the pod back.
-                fresh_replicas, fresh_pods = _ingest_replicas_and_pods(kube, name, namespace)
+                fresh_replicas, fresh_pods = _ingest_replicas_and_pods(kube, name, namespace,
+                                                                       uid)
                 pod = builders.ingest_pod_name(name, action.ordinal)
                 if fresh_replicas is None or action.ordinal < fresh_replicas or pod in fresh_pods:
                     logger.info("ordinal %d is back in service; keeping %s",
@@ -280,15 +285,17 @@ def reconcile(kube: Kube, body: Mapping[str, Any], logger: logging.Logger,
         if result is not None:
             problems += result.problems
             if not spec["paused"] and not deleting:  # deletion: the delete handler drives
+                stepped = True
                 try:
                     scaling = _step_ingest_replicas(kube, body, result)
                 except KubeError as exc:
                     problems.append(Problem("ReadFailed", str(exc), retry=True))
+                    stepped = False  # never guess replicas: leave the StatefulSet alone
                     result.children = [c for c in result.children if not (
                         c["kind"] == "StatefulSet"
                         and c["metadata"]["name"] == workload_name(name, "ingest"))]
                 # A step-down still in progress counts as applied: what remains is waiting.
-                applied = _apply_children(kube, body, result, problems, logger)
+                applied = _apply_children(kube, body, result, problems, logger) and stepped
                 try:
                     _expand_volumes(kube, body, spec, problems)
                     drains = _drive_drains(kube, body, problems, logger)
@@ -341,7 +348,10 @@ def _delete_pass(kube: Kube, body: Mapping[str, Any], logger: logging.Logger,
     names = Names(name)
     spec = crd.defaulted_spec(body.get("spec"))
     with _lock_for(meta.get("uid") or f"{namespace}/{name}"):
+        uid = meta.get("uid") or ""
         live_sts = kube.get("apps/v1", "StatefulSet", namespace, names.workload("ingest"))
+        if live_sts is not None and not _is_owned(live_sts, uid):
+            live_sts = None  # a foreign object with the child's name is never touched
         obs = deletion.Observation(
             ingest_replicas=None if live_sts is None
             else int((live_sts.get("spec") or {}).get("replicas", 1)))
@@ -362,7 +372,8 @@ def _delete_pass(kube: Kube, body: Mapping[str, Any], logger: logging.Logger,
         for api_version, kind in autoscalers:
             if kind == "ScaledObject" and not kube.served(api_version, kind):
                 continue
-            if kube.get(api_version, kind, namespace, names.workload("ingest")) is not None:
+            autoscaler = kube.get(api_version, kind, namespace, names.workload("ingest"))
+            if autoscaler is not None and _is_owned(autoscaler, uid):
                 obs.autoscalers.append(f"{kind}/{names.workload('ingest')}")
         if not (obs.ingest_replicas or obs.ingest_pods or obs.ingest_pvcs or obs.drain_jobs):
             group = spec["storage"]["group"]

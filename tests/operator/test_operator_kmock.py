@@ -779,11 +779,13 @@ async def test_middle_scale_up_reaches_tiers_through_the_configmap_only(
     await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
     async with operator(interval=30):
         await eventually(lambda: obj(cluster.k, CONFIGMAPS, "demo-endpoints"), what="endpoints")
-        await eventually(lambda: obj(cluster.k, DEPLOYMENTS, "demo-relay"), what="relay")
-        templates = {name: (obj(cluster.k, kind, name) or {})["spec"]["template"]
-                     for kind, name in [(STATEFULSETS, "demo-ingest"),
-                                        (STATEFULSETS, "demo-storage"),
-                                        (DEPLOYMENTS, "demo-relay")]}
+        templates = {}
+        for kind, name in [(STATEFULSETS, "demo-ingest"), (STATEFULSETS, "demo-storage"),
+                           (DEPLOYMENTS, "demo-relay")]:
+            # wait for each workload read next (they are created one after another)
+            templates[name] = (await eventually(
+                lambda kind=kind, name=name: obj(cluster.k, kind, name), what=name)
+            )["spec"]["template"]
         await cluster.patch_pipeline("demo", {"middle": {"replicas": 3}})
         await eventually(lambda: _sts_replicas(cluster, "demo-middle") == 3, what="middle 3")
         await eventually(lambda: "demo-middle-2.demo-middle.iot.svc:5557" in (
@@ -820,3 +822,21 @@ async def test_drain_deletion_survives_an_operator_restart(cluster: Cluster) -> 
         await _finish_drain(cluster, 0)
         await eventually(lambda: obj(cluster.k, PIPELINES, "demo") is None,
                          what="released after the drain completed")
+
+
+async def test_a_foreign_statefulset_is_never_scaled_or_drained(cluster: Cluster) -> None:
+    await cluster.put(STATEFULSETS, {"apiVersion": "apps/v1", "kind": "StatefulSet",
+                                     "metadata": {"name": "demo-ingest"},
+                                     "spec": {"replicas": 5, "serviceName": "other"}})
+    await _controller_pods_and_pvcs(cluster, [], [0, 1, 7])  # labelled queues, no pods
+    await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
+    async with operator(interval=0.3):
+        degraded = await eventually(
+            lambda: (c := cluster.condition("demo", "Degraded")) and
+            c["reason"] == "ForeignObject" and c, what="ForeignObject condition")
+        assert "StatefulSet/demo-ingest" in degraded["message"]
+        await asyncio.sleep(1.0)  # several passes
+    sts = obj(cluster.k, STATEFULSETS, "demo-ingest")
+    assert sts is not None and sts["spec"]["replicas"] == 5
+    assert "ownerReferences" not in sts["metadata"]
+    assert names(cluster.k, JOBS) == set(), "no drain against a foreign StatefulSet"

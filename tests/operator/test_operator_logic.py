@@ -339,3 +339,26 @@ def test_reconcile_reports_api_failures_instead_of_raising() -> None:
     assert degraded["status"] == "True" and degraded["reason"] == "ReadFailed"
     assert "etcd is having a bad day" in degraded["message"]
     assert status["phase"] == "Degraded" and status["observedGeneration"] == 4
+
+
+class _LiveIngestKube(_FlakyKube):
+    """The ingest StatefulSet is live at 5 replicas; every list call fails."""
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str
+            ) -> dict[str, Any] | None:
+        if kind == "StatefulSet" and name == "demo-ingest":
+            return {"metadata": {"name": name, "ownerReferences": [{"uid": "u1"}]},
+                    "spec": {"replicas": 5}}
+        return None
+
+
+def test_a_failed_read_never_lowers_replicas_nor_claims_the_generation() -> None:
+    pipeline = yaml.safe_load((REPO / "samples" / "minimal.yaml").read_text())  # replicas 2
+    pipeline["metadata"].update(namespace="iot", uid="u1", generation=4)
+    pipeline["status"] = {"observedGeneration": 3}
+    kube = _LiveIngestKube()
+    status, _ = handlers.reconcile(kube, pipeline,  # type: ignore[arg-type]
+                                   logging.getLogger("test"))
+    assert "StatefulSet/demo-ingest" not in kube.applied, "not applied without its pods/PVCs"
+    assert "StatefulSet/demo-middle" in kube.applied
+    assert status["observedGeneration"] == 3, "generation 4 was not applied in full"

@@ -13,8 +13,10 @@ One asyncio task makes a pass every ``PASS_SECONDS`` over the objects in the emu
 - Deployments: pods owned by the Deployment (no ReplicaSet objects), surge-one rolling
   updates; Jobs: one pod at a time until one succeeds or ``backoffLimit`` is exceeded,
   with ``succeeded`` / ``failed`` and a Complete or Failed condition;
+- HPAs and KEDA ScaledObjects: only what needs no metrics (replicas held in [min, max]);
 - the kubelet (``kubelet.py``) for every pod; pods carry a finalizer of the kubelet, so a
   deleted pod stays ``Terminating`` until its processes are gone, as on a node;
+- pvc-protection: a deleted claim goes once no pod uses it, and its directory with it;
 - DNS and kube-proxy (``network.py``): hosts files for pod and Service names, and a
   proxy per ClusterIP Service port that spreads connections over ready endpoints.
 """
@@ -188,7 +190,7 @@ class LocalCluster:
         pods = list(self.api.items(PODS))
         self._update_dns(pods)
         await self.kubelet.sync(pods, self.addresses.pod)
-        await self._services(pods)
+        await self._services()
         await self._release_claims(pods)
 
     def _running_address(self, pod: str) -> str | None:
@@ -506,8 +508,9 @@ class LocalCluster:
                 out.append((self._pod_ip(pod), int(target)))
         return out
 
-    async def _services(self, pods: list[dict[str, Any]]) -> None:
-        del pods
+    async def _services(self) -> None:
+        """A proxy per port of every ClusterIP Service (started once, kept until teardown;
+        it looks its endpoints up on every connection)."""
         for svc in list(self.api.items(SERVICES)):
             spec = svc.get("spec") or {}
             if spec.get("clusterIP") == "None" or not spec.get("selector"):

@@ -323,6 +323,52 @@ def test_workload_image_runs_the_pipeline_read_only(docker: Docker, workload_ima
     assert state["ExitCode"] == 0, docker.run("logs", name, check=False).stderr[-3000:]
 
 
+def _catches_sigterm(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next((line.split()[1] for line in status.splitlines()
+                 if line.startswith("SigCgt:")), "0")
+    return bool(int(mask, 16) & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.parametrize("tier", ["ingest", "middle", "relay", "storage"])
+def test_workload_tier_stopped_while_starting_exits_0(
+        docker: Docker, workload_image: str, tier: str, request: pytest.FixtureRequest) -> None:
+    """Each tier is PID 1 in its container, where a signal with no handler is dropped: a
+    `docker stop` during start-up used to wait out the whole grace period (exit 137).
+    Stopped as soon as its handler exists (about 0.1 s after start, long before the tier
+    is serving), it exits 0 without a SIGKILL."""
+    base = _free_port_block(4)
+    name = f"iotpipe-early-{tier}-{base}"
+    request.addfinalizer(lambda: docker.run("rm", "-f", name, check=False))
+    args = {
+        "ingest": ["--port", str(base), "--insecure-no-auth",
+                   "--middle-endpoints", f"tcp://127.0.0.1:{base + 1}"],
+        "middle": ["--router-port", str(base), "--pub-port", str(base + 1),
+                   "--feed-port", str(base + 2)],
+        "relay": ["--port", str(base), "--insecure-no-auth",
+                  "--middle-pub-endpoints", f"tcp://127.0.0.1:{base + 1}"],
+        "storage": ["--feed-endpoints", f"tcp://127.0.0.1:{base + 1}",
+                    "--sinks", "sqlite:///tmp/readings.db", "--data-dir", "/tmp/store"],
+    }[tier]
+    docker.run("create", "--name", name, "--network", "host", "--read-only",
+               "--tmpfs", "/tmp", "--tmpfs", "/var/lib/iotpipe:uid=10001,gid=10001",
+               workload_image, tier, "--host", "127.0.0.1", "--metrics-port", str(base + 3),
+               *args)
+    docker.run("start", name)
+    pid = int(docker.run("inspect", "-f", "{{.State.Pid}}", name).stdout.strip())
+    deadline = time.monotonic() + 30
+    while not _catches_sigterm(pid):  # the exact precondition, not a guessed delay
+        assert time.monotonic() < deadline, docker.run("logs", name, check=False).stderr
+        time.sleep(0.005)
+    docker.run("stop", "-t", "30", name, timeout=60)
+    state = json.loads(docker.run("inspect", name).stdout)[0]["State"]
+    assert state["ExitCode"] == 0, (state, docker.run("logs", name, check=False).stderr[-3000:])
+    assert not state["OOMKilled"]
+
+
 # ---------------------------------------------------------------- operator image
 
 

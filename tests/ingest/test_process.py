@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,27 @@ def start_ingest(procs: ProcessGroup, data_dir: Path, middle: FakeMiddle, name: 
     except TimeoutError:
         raise AssertionError(procs.log(name)) from None
     return proc, port, metrics_port
+
+
+def metric(metrics_port: int, name: str) -> float:
+    """The sum of the samples of ``name`` on an ingest's /metrics (0 when unreachable)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                    timeout=2) as response:
+            text = response.read().decode()
+    except OSError:
+        return 0.0
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and line[len(name)] in " {")
+
+
+async def until(predicate: Callable[[], bool], what: str, within_s: float = 30.0,
+                interval: float = 0.05) -> None:
+    """Poll ``predicate`` (bounded) and fail naming ``what`` if it never holds."""
+    deadline = time.monotonic() + within_s
+    while not await asyncio.to_thread(predicate):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(interval)
 
 
 def simulate(port: int, **kwargs: object) -> SimulateSettings:
@@ -90,10 +113,16 @@ async def test_sigterm_drain_under_load_loses_nothing(procs: ProcessGroup,
             "--forward-batch", "50", "--drain-timeout", "60", "--drain-close-rate", "50")
         sim = asyncio.create_task(run_simulation(simulate(port, connections=20, duration=4,
                                                           batch=5)))
-        await asyncio.sleep(1.5)
+        # Under load, with every device connected (what the drain must close) and enough
+        # acked for the checks below: not after a guessed delay.
+        await until(lambda: metric(metrics_port, "iotpipe_ingest_connections") == 20
+                    and metric(metrics_port, "iotpipe_ingest_messages_accepted_total") > 600,
+                    "20 devices connected and 600 messages acked")
         proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.2)
-        assert http_status(f"http://127.0.0.1:{metrics_port}/readyz") == 503
+        readyz = f"http://127.0.0.1:{metrics_port}/readyz"
+        await until(lambda: http_status(readyz) != 200, "/readyz to leave 200", interval=0.01)
+        assert http_status(readyz) in (503, 0)  # 503 while draining (0: already exited)
+        assert "draining" in procs.log("ingest")
         report = await sim
         rc = await asyncio.to_thread(proc.wait, 60)
         assert rc == 0, procs.log("ingest")
@@ -110,10 +139,11 @@ async def test_kill9_after_acks_then_restart_delivers_everything(procs: ProcessG
     silent = FakeMiddle(mode="silent")
     acking = FakeMiddle()
     try:
-        proc, port, _ = start_ingest(procs, tmp_path / "q", silent, "ingest1")
+        proc, port, metrics_port = start_ingest(procs, tmp_path / "q", silent, "ingest1")
         sim = asyncio.create_task(run_simulation(simulate(port, connections=10, duration=5,
                                                           batch=3)))
-        await asyncio.sleep(1.5)
+        await until(lambda: metric(metrics_port, "iotpipe_ingest_messages_accepted_total")
+                    > 150, "150 messages acked")
         os.kill(proc.pid, signal.SIGKILL)  # mid-load, acks flowing
         report = await sim
         assert report.acked > 100
@@ -234,7 +264,10 @@ async def test_simulator_reconnects_through_an_ingest_restart(procs: ProcessGrou
         sim = asyncio.create_task(run_simulation(simulate(
             port, connections=10, messages=300, rate=100, batch=5, reconnect=True,
             duration=20)))
-        await asyncio.sleep(1.0)
+        # Every device connected and sending (each must reconnect after the kill).
+        await until(lambda: metric(metrics_port, "iotpipe_ingest_connections") == 10
+                    and metric(metrics_port, "iotpipe_ingest_messages_accepted_total") > 0,
+                    "10 devices connected and sending")
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
         await asyncio.sleep(0.5)

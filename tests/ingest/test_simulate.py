@@ -150,6 +150,10 @@ async def test_simulator_reports_refused_connections(
         url=f"ws://127.0.0.1:{ingest.port}/v1/ingest",
         secret="wrong-secret-wrong-secret-wrong-secret", connections=3, messages=1))
     assert report.connect_failures == {"http_401": 3}
+    # The server's reason is shown, not only the status.
+    [(refusal, count)] = report.refusals.items()
+    assert count == 3 and refusal.startswith("HTTP 401 bad_signature"), refusal
+    assert report.to_dict()["refusals"] == {refusal: 3}
     assert not report.ok
 
 

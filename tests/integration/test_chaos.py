@@ -75,7 +75,9 @@ async def test_kill_every_tier_while_a_fleet_sends(procs: ProcessGroup, tmp_path
           f"reconnects {fleet.reconnects}, busy {fleet.busy}")
     assert fleet.errors == Counter(), fleet.errors
     assert_stored_exactly_once(pipeline, fleet)
-    await asyncio.sleep(1.0)
+    # The live client reconnects (with backoff) after the last relay restart: wait for
+    # that connection, which the checks below count, rather than for a guessed second.
+    await eventually(lambda: len(live.connections) >= ROUNDS + 1, within_s=30)
     stop_live.set()
     await asyncio.wait_for(live_task, timeout=10)
     # Live: the client reconnected after the relay died; within each connection readings of

@@ -62,9 +62,12 @@ async def test_fleet_to_storage_and_live_clients(procs: ProcessGroup, tmp_path: 
     stuck = await asyncio.to_thread(never_reading_client, pipeline, "dev-")
     try:
         await asyncio.wait_for(asyncio.gather(*(c.subscribed.wait() for c in clients)), 10)
-        # PUB/SUB joins asynchronously: the relay is subscribed once its SUB connected,
-        # which the middle's readiness does not tell; a short settle keeps the check strict.
-        await asyncio.sleep(1.0)
+        # PUB/SUB joins asynchronously: the relay is subscribed once its SUB finished the
+        # handshake with the middle (the subscription travels in it), which the middle's
+        # readiness does not tell. Wait for exactly that, as the relay reports it.
+        assert await eventually(lambda: (metric_value(
+            pipeline.metrics("relay"), "iotpipe_relay_upstreams_connected") or 0) >= 1,
+            within_s=30), procs.log("relay")[-2000:]
         await asyncio.wait_for(fleet.run(asyncio.Event()), timeout=90)
         assert fleet.errors == Counter(), fleet.errors
         assert fleet.total_acked() == 40 * 50
@@ -88,7 +91,11 @@ async def test_fleet_to_storage_and_live_clients(procs: ProcessGroup, tmp_path: 
             return metric_value(pipeline.metrics("relay"), "iotpipe_relay_slow_closes_total") or 0
 
         assert await eventually(lambda: slow_closes() >= 1, within_s=20), procs.log("relay")[-2000:]
-        await asyncio.sleep(0.5)  # the last live events are behind the storage acks
+        # The last live events may still be on their way (storage acks do not wait for
+        # them): wait until every healthy client has what it should, then stop them.
+        await eventually(lambda: len(everything.readings()) >= 40 * 50
+                         and len(one_device.readings()) >= 50
+                         and len(boilers.readings()) >= 50, within_s=30)
     finally:
         stop_live.set()
         await asyncio.gather(*live_tasks)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import orjson
@@ -67,7 +68,7 @@ async def test_up_runs_restarts_and_stops_everything(procs: ProcessGroup,
         assert f"ws://127.0.0.1:{base + 1}/v1/live" in banner
         secret = (data / "auth.secret").read_text().strip()
         assert len(secret) == 64 and (data / "auth.secret").stat().st_mode & 0o077 == 0
-        # Live readings of the simulated fleet, enriched class from the sample registry.
+        # Live readings of the simulated fleet, by a class of the generated registry.
         token = issue_token(secret.encode(), "up-test", CLIENT_AUDIENCE, 600)
         readings: list[dict[str, object]] = []
         deadline = time.monotonic() + 30
@@ -76,20 +77,21 @@ async def test_up_runs_restarts_and_stops_everything(procs: ProcessGroup,
                 async with connect(f"ws://127.0.0.1:{base + 1}/v1/live",
                                    additional_headers={"Authorization": f"Bearer {token}"},
                                    open_timeout=5) as ws:
-                    await ws.send('{"op":"subscribe","classes":["simulated"]}')
+                    await ws.send('{"op":"subscribe","classes":["thermometer"]}')
                     while len(readings) < 20:
                         frame = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
                         if frame["event"] == "reading":
                             readings.append(frame)
             if not readings:
                 await asyncio.sleep(0.5)
-        assert len(readings) >= 20 and all(str(r["device"]).startswith("sim-")
-                                           for r in readings)
+        # Devices 0 and 3 of the 5 are thermometers (kinds cycle thermometer, meter, pump).
+        assert len(readings) >= 20 and {r["device"] for r in readings} <= {"sim-0", "sim-3"}
+        assert all(isinstance(r["data"], dict) and "temp_c" in r["data"] for r in readings)
         # Stored in the embedded database under the data directory, enriched.
         db = data / "store" / "readings.db"
         assert await eventually(lambda: db.exists() and stored_count(db) >= 20, within_s=30)
         first = orjson.loads(query(db, "--device", "sim-0", "--json", "--limit", "1"))
-        assert first["class"] == "simulated" and first["location"] == "local"
+        assert first["class"] == "thermometer" and first["location"] == "plant-a/hall-1"
         # A tier that dies is restarted by the supervisor.
         pids = child_pids(procs.log("up"))
         assert set(pids) == {"middle", "storage", "relay", "ingest", "simulate"}
@@ -131,3 +133,120 @@ async def test_children_stop_when_the_supervisor_is_killed(procs: ProcessGroup,
             for pid in group:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
+
+
+def metric(port: int, name: str) -> float:
+    """The value of one sample on a tier's /metrics (0 when absent)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(name)]
+    return sum(values)
+
+
+def stored_ids(db: Path, device: str) -> set[int]:
+    rows = [orjson.loads(line) for line in query(db, "--device", device, "--json").splitlines()]
+    return {int(row["msg_id"]) for row in rows}
+
+
+async def wait_up(procs: ProcessGroup, name: str) -> None:
+    assert await eventually(lambda: "iotpipe is up" in procs.log(name), within_s=60), \
+        procs.log(name)
+
+
+async def test_second_run_stores_new_readings_and_a_second_up_is_refused(
+        procs: ProcessGroup, tmp_path: Path) -> None:
+    """Issue 10, items 1, 2 and 6: ids are never reused across runs; a second `iotpipe up`
+    on the same ports exits 1 naming the port and touches nothing of the first; `iotpipe
+    watch` (subscribe-all) prints the live fleet."""
+    base = free_port_block(9)
+    data = tmp_path / "data"
+    args = ("up", "--data-dir", str(data), "--base-port", str(base), "--simulate", "3",
+            "--simulate-rate", "20", "--stop-timeout", "20")
+    db = data / "store" / "readings.db"
+    first = procs.iotpipe(*args, name="up-1")
+    try:
+        await wait_up(procs, "up-1")
+        assert await eventually(lambda: db.exists() and stored_count(db) >= 30, within_s=60)
+
+        # A second instance on the same ports: refused before it starts or writes anything.
+        logs = {p.name: p.read_bytes() for p in (data / "logs").iterdir()}
+        registry = (data / "registry.yaml").read_bytes()
+        started = time.monotonic()
+        second = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "iotpipe.cli", *args],
+            capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1, second.stderr
+        assert f"port {base} (ingest) on 127.0.0.1 is in use" in second.stderr, second.stderr
+        assert time.monotonic() - started < 30  # refused up front, never "up"
+        assert "iotpipe is up" not in second.stdout and "started" not in second.stderr
+        assert first.poll() is None
+        assert (data / "registry.yaml").read_bytes() == registry
+        for name, before in logs.items():
+            after = (data / "logs" / name).read_bytes()
+            assert after.startswith(before), name  # only the first instance appends
+            assert b"Address already in use" not in after, name
+
+        # iotpipe watch subscribes to everything: every simulated device shows up.
+        token_env = {**os.environ, "IOTPIPE_AUTH_SECRET_FILE": str(data / "auth.secret")}
+        watched = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "iotpipe.cli", "watch", "--json",
+                             "--url", f"ws://127.0.0.1:{base + 1}/v1/live", "--count", "30"],
+            capture_output=True, text=True, timeout=60, env=token_env)
+        assert watched.returncode == 0, watched.stderr
+        frames = [orjson.loads(line) for line in watched.stdout.splitlines()]
+        assert frames[0]["event"] == "subscribed" and frames[0]["all"] is True
+        readings = [f for f in frames if f["event"] == "reading"]
+        assert len(readings) == 30
+        assert {r["device"] for r in readings} == {"sim-0", "sim-1", "sim-2"}
+        assert any("energy_kwh" in r["data"] for r in readings)  # sim-1 is a meter
+
+        first.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(first.wait, 60) == 0, procs.log("up-1")
+        assert "status -15" not in procs.log("up-1")
+        before = {device: stored_ids(db, device) for device in ("sim-0", "sim-1", "sim-2")}
+        count_before = stored_count(db)
+
+        # The next run stores new readings from its first message on: none is taken for a
+        # duplicate of the first run's (that was a minute of nothing stored).
+        procs.iotpipe(*args, name="up-2")
+        await wait_up(procs, "up-2")
+        assert await eventually(lambda: stored_count(db) >= count_before + 30, within_s=60)
+        for device, old in before.items():
+            new = stored_ids(db, device) - old
+            # Ids restarting at 1 would have been dropped as duplicates until they passed
+            # the first run's, so storage would resume exactly at max(old) + 1. This run's
+            # ids start at its own start time in microseconds: far above.
+            assert new and min(new) > max(old) + 1_000_000, (device, min(new), max(old))
+        assert metric(base + 7, "iotpipe_storage_records_written_total") >= 30
+    finally:
+        for name in ("up-1", "up-2"):
+            for group in child_pids(procs.log(name)).values():
+                for pid in group:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(pid, signal.SIGKILL)
+
+
+async def test_bad_values_exit_2_and_start_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    result = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "iotpipe.cli", "up", "--data-dir", str(data),
+                         "--log-level", "loud"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--log-level" in result.stderr and "'loud'" in result.stderr
+    assert "iotpipe is up" not in result.stdout
+    assert not data.exists()
+
+
+async def test_up_never_says_up_when_a_tier_is_not_ready(tmp_path: Path) -> None:
+    # No tier can answer /readyz within 10 ms of being spawned: up must give up, say which
+    # tiers were not ready, stop everything it started and exit 1 without the banner.
+    base = free_port_block(9)
+    result = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "iotpipe.cli", "up", "--data-dir",
+                         str(tmp_path / "data"), "--base-port", str(base),
+                         "--ready-timeout", "0.01"], capture_output=True, text=True, timeout=90)
+    assert result.returncode == 1, result.stderr
+    assert "iotpipe is up" not in result.stdout
+    assert "not ready after 0.01s" in result.stderr
+    assert re.findall(r"stopped (\w+)", result.stderr) == ["ingest", "relay", "storage", "middle"]

@@ -89,6 +89,17 @@ class Middle:
         assert match, "queue depth not exported"
         return float(match.group(1))
 
+    def wait_metrics(self, text: str, timeout: float = 20.0) -> str:
+        """Poll /metrics (bounded) until it contains ``text``: the middle processed what
+        the test sent (an ack is fire-and-forget, nothing else says it arrived)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            metrics = self.metrics()
+            if text in metrics:
+                return metrics
+            assert time.monotonic() < deadline, f"{text!r} never appeared:\n{metrics}"
+            time.sleep(0.05)
+
     def dealer(self, port: int) -> zmq.Socket:  # type: ignore[type-arg]
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -251,9 +262,7 @@ def test_sigterm_flushes_cursor_so_only_unacked_is_redelivered(middle_factory) -
     feed = Feed(middle)
     feed.collect(50)
     feed.request(acks=[(1, 20)])
-    time.sleep(0.5)
-    text = middle.metrics()
-    assert 'iotpipe_middle_feed_lag_records{group="storage"} 30.0' in text
+    text = middle.wait_metrics('iotpipe_middle_feed_lag_records{group="storage"} 30.0')
     assert 'iotpipe_middle_feed_consumers{group="storage"} 1.0' in text
     assert middle.terminate() == 0
     assert "middle stopped" in middle.procs.log("middle-1")
@@ -430,7 +439,8 @@ def test_group_dropped_from_settings_stops_holding_the_log(middle_factory) -> No
     feed = Feed(middle)
     feed.collect(5)
     feed.request(acks=[(1, 5)])
-    time.sleep(0.5)
+    # Storage's ack has arrived (it must be in the cursors written at the SIGTERM below).
+    middle.wait_metrics('iotpipe_middle_feed_lag_records{group="storage"} 0.0')
     assert middle.depth() == 5  # "lake" has not acknowledged anything
     assert middle.terminate() == 0
     middle.extra = ["--consumer-groups", "storage"]
@@ -486,8 +496,11 @@ def test_failing_checkpoint_holds_log_space_instead_of_forgetting_marks(middle_f
     feed = Feed(middle)
     feed.collect(5)
     feed.request(acks=[(1, 5)])
-    time.sleep(0.6)
-    assert middle.metric("iotpipe_middle_checkpoint_failures_total") >= 1
+    middle.wait_metrics('iotpipe_middle_feed_lag_records{group="storage"} 0.0')
+    deadline = time.monotonic() + 20
+    while middle.metric("iotpipe_middle_checkpoint_failures_total") < 1:
+        assert time.monotonic() < deadline, "the failing checkpoint was never counted"
+        time.sleep(0.05)
     assert middle.depth() == 5  # acked by storage, but not released without a checkpoint
     assert 'iotpipe_middle_feed_lag_records{group="storage"} 0.0' in middle.metrics()
     (data_dir / "marks.ckpt.tmp").rmdir()

@@ -79,10 +79,10 @@ def test_session_subscribe_unsubscribe_replies_with_full_filter() -> None:
     session = ClientSession("c1")
     reply = orjson.loads(session.receive(b'{"op":"subscribe","devices":["a","b"],"classes":["k"]}'))
     assert reply == {"event": "subscribed", "devices": ["a", "b"], "prefixes": [],
-                     "classes": ["k"], "locations": []}
+                     "classes": ["k"], "locations": [], "all": False}
     reply = orjson.loads(session.receive(b'{"op":"unsubscribe","devices":["a"]}'))
     assert reply == {"event": "unsubscribed", "devices": ["b"], "prefixes": [],
-                     "classes": ["k"], "locations": []}
+                     "classes": ["k"], "locations": [], "all": False}
     error = orjson.loads(session.receive(b'{"op":"subscribe"'))
     assert error["event"] == "error" and error["reason"] == "bad_json"
 
@@ -142,6 +142,36 @@ def test_one_event_matching_several_filters_is_sent_once() -> None:
     fanout.add(session)
     fanout.on_event(live("b1", 1), 0.0)
     assert len(session.take(0.0)) == 1
+
+
+def test_subscribe_all_follows_every_device_and_is_undone_explicitly() -> None:
+    fanout = Fanout(lambda d: ("k", "l"))
+    everything = ClientSession("all")
+    fanout.add(everything)
+    reply = orjson.loads(everything.receive(b'{"op":"subscribe","all":true}'))
+    assert reply == {"event": "subscribed", "devices": [], "prefixes": [], "classes": [],
+                     "locations": [], "all": True}
+    for seq, device in enumerate(["sim-0", "therm-1", "x"], start=1):
+        fanout.on_event(live(device, seq), 0.0)
+    assert [f["device"] for f in decoded(everything.take(0.0))] == ["sim-0", "therm-1", "x"]
+    # Unsubscribing from everything keeps the other entries (and vice versa).
+    everything.receive(b'{"op":"subscribe","devices":["x"]}')
+    reply = orjson.loads(everything.receive(b'{"op":"unsubscribe","all":true}'))
+    assert reply["all"] is False and reply["devices"] == ["x"]
+    fanout.on_event(live("sim-0", 4), 0.0)
+    fanout.on_event(live("x", 5), 0.0)
+    assert [f["device"] for f in decoded(everything.take(0.0))] == ["x"]
+
+
+@pytest.mark.parametrize(("frame", "detail"), [
+    (b'{"op":"subscribe","prefixes":[""]}', "non-empty"),
+    (b'{"op":"subscribe","all":"yes"}', "'all' must be true or false"),
+    (b'{"op":"subscribe","all":false}', '"all": true'),
+])
+def test_subscribe_all_must_be_asked_for_explicitly(frame: bytes, detail: str) -> None:
+    error = orjson.loads(ClientSession("c").receive(frame))
+    assert error["event"] == "error" and error["reason"] == "bad_field"
+    assert detail in error["detail"]
 
 
 def test_unsubscribed_client_gets_nothing_more() -> None:
@@ -321,6 +351,7 @@ _filters = st.fixed_dictionaries({}, optional={
     "prefixes": st.lists(_names, min_size=1, max_size=3),
     "classes": st.lists(st.sampled_from(["k1", "k2", "unknown"]), min_size=1, max_size=2),
     "locations": st.lists(st.sampled_from(["l1", "l2", "unknown"]), min_size=1, max_size=2),
+    "all": st.booleans(),
 })
 _steps = st.one_of(
     st.tuples(st.just("leave"), st.integers(0, 2)),

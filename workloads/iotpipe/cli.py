@@ -14,16 +14,21 @@ from collections.abc import Sequence
 # name -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("iotpipe.local:main", "run the whole pipeline on this machine (embedded storage)"),
-    "ingest": ("iotpipe.ingest.server:main", "device WebSocket server + forwarder"),
-    "middle": ("iotpipe.middle.server:main", "fan-in log, live PUB and durable storage feed"),
-    "relay": ("iotpipe.relay.server:main", "live events to client apps over WebSocket"),
-    "storage": ("iotpipe.storage.server:main", "durable feed consumer, enrichment and sinks"),
-    "simulate": ("iotpipe.simulate:main", "device fleet simulator and load generator"),
+    "watch": ("iotpipe.watch:main", "print live readings from the relay (like mosquitto_sub)"),
     "query": ("iotpipe.storage.query:main", "read stored readings by device and time range"),
     "token": ("iotpipe.auth:token_main", "issue a device or client-app token"),
+    "simulate": ("iotpipe.simulate:main", "device fleet simulator and load generator"),
+    "ingest": ("iotpipe.ingest.server:main", "tier: device WebSocket server + forwarder"),
+    "middle": ("iotpipe.middle.server:main", "tier: fan-in log, live PUB and durable feed"),
+    "relay": ("iotpipe.relay.server:main", "tier: live events to client apps over WebSocket"),
+    "storage": ("iotpipe.storage.server:main", "tier: durable feed consumer, enrichment, sinks"),
     "drain": ("iotpipe.ingest.drain:main", "forward a retained ingest queue until it is empty"),
     "bench": ("iotpipe.bench:main", "benchmarks (queue, ingest, ...)"),
 }
+
+# Long-running commands that stop cleanly on SIGTERM: they get the early handler (see
+# iotpipe.lifecycle) before their module is even imported.
+SERVICES = frozenset({"up", "ingest", "middle", "relay", "storage"})
 
 
 def _usage() -> str:
@@ -35,7 +40,15 @@ def _usage() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help", "help"):
+    if args and args[0] in SERVICES:
+        from iotpipe import lifecycle
+
+        lifecycle.catch_early()
+    if not args:
+        # As argparse does for a missing command: usage on stderr, status 2.
+        print(f"{_usage()}\n\niotpipe: error: a COMMAND is required", file=sys.stderr)
+        return 2
+    if args[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
     if args[0] == "--version":

@@ -8,10 +8,18 @@ that dies, with exponential backoff (reset once a tier has stayed up for a while
 SIGINT/SIGTERM to its children in a safe order (simulator, ingest - which drains its queue
 to the middle tier -, relay, storage, middle last) and waits for them.
 
+Before starting anything it checks that every port it will use is free and that no other
+``iotpipe up`` holds the data directory, and exits 1 naming the port (or the holder)
+otherwise: a second instance must not write into the first one's logs or queues. It prints
+"iotpipe is up" only once every tier's ``/readyz`` answered 200; a tier that is not ready
+within ``--ready-timeout`` stops everything with status 1.
+
 Layout of ``--data-dir`` (default ``./data``)::
 
     auth.secret        generated signing secret (0600), reused on the next start
-    registry.yaml      device registry (a sample is written when missing)
+    registry.yaml      device registry (written when missing; while it still carries the
+                       generated marker it is rewritten to list the simulated fleet)
+    up.lock            held (flock) by the running ``iotpipe up``
     ingest/            ingest queue        middle/   middle log
     store/readings.db  embedded storage    logs/     one log file per tier
 
@@ -23,9 +31,13 @@ Ports: the contract defaults (ingest 8080, relay 8081, middle 5555/5556/5557, me
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,7 +50,9 @@ from typing import IO, Annotated
 
 from pydantic import Field
 
-from iotpipe.settings import TierSettings, parse_settings, tier_config
+from iotpipe import lifecycle
+from iotpipe.settings import LogLevel, TierSettings, parse_settings, tier_config
+from iotpipe.simulate import fleet_registry_yaml
 
 __all__ = [
     "ChildSpec",
@@ -53,13 +67,7 @@ __all__ = [
 # A TCP port number; the per-tier port settings are optional ones.
 Port = Annotated[int, Field(ge=1, le=65535)]
 
-SAMPLE_REGISTRY = """\
-# Device registry used by storage (enrichment) and the relay (class/location subscriptions).
-# Exact ids under `devices`, id prefixes under `prefixes`; the longest prefix wins.
-devices: {}
-prefixes:
-  sim-: {class: simulated, location: local, labels: {source: iotpipe-simulate}}
-"""
+SIM_PREFIX = "sim-"
 
 
 class UpSettings(TierSettings):
@@ -69,7 +77,7 @@ class UpSettings(TierSettings):
 
     data_dir: str = Field("./data", description="where queues, the store, logs and the "
                                                 "generated secret live")
-    host: str = Field("127.0.0.1", description="bind address of every tier (loopback by default)")
+    host: str = Field("127.0.0.1", description="bind address of every tier")
     base_port: int | None = Field(None, ge=1, le=65535 - 8,
                                   description="put every port at BASE..BASE+8 (ingest, relay, "
                                               "middle router/pub/feed, metrics of ingest, "
@@ -93,7 +101,8 @@ class UpSettings(TierSettings):
                                                         "device")
     simulate_duration: float = Field(365 * 86400.0, gt=0,
                                      description="seconds the simulated fleet sends")
-    log_level: str = Field("info", description="log level of every tier")
+    log_level: LogLevel = Field("info", description="log level of every tier: debug, info, "
+                                                    "warning, error or critical")
     drain_timeout: float = Field(15.0, gt=0, description="seconds ingest gets to forward its "
                                                          "queue on stop (the rest stays queued "
                                                          "for the next start)")
@@ -192,7 +201,8 @@ def build_children(settings: UpSettings, ports: Ports, data_dir: Path, registry_
         children.append(ChildSpec("simulate", _iotpipe(
             "simulate", "--url", f"ws://{loop_host}:{ports.ingest}/v1/ingest",
             "--connections", str(settings.simulate), "--rate", str(settings.simulate_rate),
-            "--duration", str(settings.simulate_duration), "--device-prefix", "sim-",
+            "--duration", str(settings.simulate_duration), "--device-prefix", SIM_PREFIX,
+            "--payload", "fleet",
             "--reconnect", *(["--insecure"] if secret_file is None else [])),
             env, restart=False))
     return children
@@ -352,16 +362,108 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 status = proc.wait(timeout=10)
-            _say(f"stopped {child.spec.name} (status {status})")
+            word = describe_exit(status)
+            _say(f"{word} {child.spec.name}" if word == "stopped"
+                 else f"stopped {child.spec.name} ({word})")
             if status not in (0, -signal.SIGTERM):
                 worst = 1
         return worst
 
 
+def busy_ports(host: str, ports: Ports) -> list[tuple[str, int]]:
+    """The (name, port) pairs of ``ports`` that cannot be bound on ``host`` right now.
+
+    Binds the way the tiers do (SO_REUSEADDR, so a port in TIME_WAIT counts as free).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    busy: list[tuple[str, int]] = []
+    for name in _PORT_FIELDS:
+        port = getattr(ports, name)
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                busy.append((name.replace("_", " "), port))
+    return busy
+
+
+def _lock_data_dir(data_dir: Path) -> int | None:
+    """Hold ``data_dir/up.lock`` for the life of this process; None if another holds it."""
+    fd = os.open(data_dir / "up.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _lock_holder(data_dir: Path) -> str:
+    with contextlib.suppress(OSError):
+        pid = (data_dir / "up.lock").read_text().strip()
+        if pid:
+            return f" (pid {pid})"
+    return ""
+
+
+def _write_registry(path: Path, simulated: int) -> None:
+    """Write the generated registry when missing or still generated (marker line kept)."""
+    if path.exists():
+        text = path.read_text()
+        if not text.startswith(GENERATED_MARKER) and text != _OLD_SAMPLE_REGISTRY:
+            return  # the user's own registry: never touched
+    text = fleet_registry_yaml(SIM_PREFIX, simulated)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{GENERATED_MARKER}\n{text}")
+    os.replace(tmp, path)  # the tiers reload it: never let them see half a file
+
+
+# What earlier versions wrote (every simulated device "simulated"/"local"): replaced too.
+_OLD_SAMPLE_REGISTRY = """\
+# Device registry used by storage (enrichment) and the relay (class/location subscriptions).
+# Exact ids under `devices`, id prefixes under `prefixes`; the longest prefix wins.
+devices: {}
+prefixes:
+  sim-: {class: simulated, location: local, labels: {source: iotpipe-simulate}}
+"""
+
+GENERATED_MARKER = ("# Generated by `iotpipe up` for its simulated fleet; delete this line to "
+                    "keep your edits.")
+
+
+def _iotpipe_command() -> str:
+    """How to run ``iotpipe`` from a shell: on PATH, else the script beside this Python."""
+    if shutil.which("iotpipe") == str(Path(sys.executable).parent / "iotpipe"):
+        return "iotpipe"
+    beside = Path(sys.executable).parent / "iotpipe"
+    if beside.exists():
+        return os.path.relpath(beside) if not os.path.relpath(beside).startswith("..") \
+            else str(beside)
+    return f"{sys.executable} -m iotpipe.cli"
+
+
+def describe_exit(status: int) -> str:
+    """A stop status in words: a child that stopped because it was asked to is not an error."""
+    if status in (0, -signal.SIGTERM):
+        return "stopped"
+    if status < 0:
+        return f"killed by {signal.Signals(-status).name}"
+    return f"exited with status {status}"
+
+
 def _banner(settings: UpSettings, ports: Ports, data_dir: Path, secret_file: Path | None,
             registry_file: Path) -> str:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
+    cmd = _iotpipe_command()
     env = "" if secret_file is None else f"IOTPIPE_AUTH_SECRET_FILE={secret_file} "
+    db = data_dir / "store" / "readings.db"
+    db_arg = "" if db == (Path.cwd() / "data" / "store" / "readings.db") else f" --db {db}"
+    watch_auth = " --insecure" if secret_file is None else ""
     lines = [
         "iotpipe is up",
         f"  devices     ws://{host}:{ports.ingest}/v1/ingest",
@@ -376,24 +478,46 @@ def _banner(settings: UpSettings, ports: Ports, data_dir: Path, secret_file: Pat
         lines.append("  auth        OFF (--insecure-no-auth): devices pass ?device=ID")
     else:
         lines += [
-            f"  device token: {env}iotpipe token DEVICE_ID",
-            f"  client token: {env}iotpipe token APP_ID --client",
+            f"  device token: {env}{cmd} token DEVICE_ID",
+            f"  client token: {env}{cmd} token APP_ID --client",
         ]
-    lines.append(f"  stored data: iotpipe query --db {data_dir / 'store' / 'readings.db'} "
-                 "--device DEVICE_ID")
+    relay_arg = "" if ports.relay == 8081 and host == "127.0.0.1" else \
+        f" --url ws://{host}:{ports.relay}/v1/live"
+    lines.append(f"  live:        {env}{cmd} watch{relay_arg}{watch_auth}")
+    lines.append(f"  stored data: {cmd} query{db_arg} --device DEVICE_ID")
     lines.append("  Ctrl-C stops everything (ingest drains its queue first)")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str]) -> int:
     """``iotpipe up``: run until SIGINT/SIGTERM, then stop every tier and exit."""
+    lifecycle.catch_early()
     settings = parse_settings(UpSettings, argv)
     try:
         ports = plan_ports(settings)
     except ValueError as exc:
         print(f"iotpipe up: error: {exc}", file=sys.stderr)
         return 2
+    # Nothing is started, created or written before these checks: a second instance must
+    # leave the first one's logs, queues and registry alone.
+    try:
+        busy = busy_ports(settings.host, ports)
+    except OSError as exc:
+        print(f"iotpipe up: error: --host {settings.host}: {exc.strerror}", file=sys.stderr)
+        return 2
+    if busy:
+        (name, port), others = busy[0], busy[1:]
+        also = f"; also in use: {', '.join(str(p) for _, p in others)}" if others else ""
+        print(f"iotpipe up: error: port {port} ({name}) on {settings.host} is in use "
+              f"(another iotpipe up?){also}", file=sys.stderr)
+        return 1
     data_dir = Path(settings.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock_fd = _lock_data_dir(data_dir)
+    if lock_fd is None:
+        print(f"iotpipe up: error: {data_dir} is in use by another iotpipe up"
+              f"{_lock_holder(data_dir)}", file=sys.stderr)
+        return 1
     for sub in ("ingest", "middle", "store", "logs"):
         (data_dir / sub).mkdir(parents=True, exist_ok=True)
     secret_file: Path | None = None
@@ -404,8 +528,7 @@ def main(argv: Sequence[str]) -> int:
         registry_file = Path(settings.registry_file).resolve()
     else:
         registry_file = data_dir / "registry.yaml"
-        if not registry_file.exists():
-            registry_file.write_text(SAMPLE_REGISTRY)
+        _write_registry(registry_file, settings.simulate)
     specs = build_children(settings, ports, data_dir, registry_file, secret_file)
     supervisor = Supervisor(specs, data_dir / "logs",
                             RestartPolicy(max_s=settings.max_backoff), settings.stop_timeout)
@@ -416,6 +539,9 @@ def main(argv: Sequence[str]) -> int:
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
+    early = lifecycle.requested()
+    if early is not None:
+        return 0  # stopped before anything was started
     loop_host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
     readyz = {
         "middle": f"http://{loop_host}:{ports.middle_metrics}/readyz",
@@ -423,6 +549,7 @@ def main(argv: Sequence[str]) -> int:
         "relay": f"http://{loop_host}:{ports.relay_metrics}/readyz",
         "ingest": f"http://{loop_host}:{ports.ingest_metrics}/readyz",
     }
+    status = 0
     try:
         supervisor.start_all()
         # The banner means "usable now": wait (bounded) for every tier's /readyz first.
@@ -434,9 +561,14 @@ def main(argv: Sequence[str]) -> int:
             if waiting:
                 time.sleep(0.2)
         if waiting and not stop_requested:
-            _say(f"not ready after {settings.ready_timeout:g}s: {', '.join(waiting)} "
-                 f"(see {data_dir / 'logs'})")
-        print(_banner(settings, ports, data_dir, secret_file, registry_file), flush=True)
+            logs = data_dir / "logs"
+            tails = "".join(f"\n  {name}:{_log_tail(logs / f'{name}.log')}" for name in waiting)
+            _say(f"error: not ready after {settings.ready_timeout:g}s: {', '.join(waiting)} "
+                 f"(see {logs}){tails}")
+            status = 1
+            return status
+        if not stop_requested:
+            print(_banner(settings, ports, data_dir, secret_file, registry_file), flush=True)
         while not stop_requested:
             supervisor.poll()
             time.sleep(0.2)
@@ -444,5 +576,6 @@ def main(argv: Sequence[str]) -> int:
         # Children run in their own sessions, so a terminal Ctrl-C reaches only us; we stop
         # them in order so ingest can drain into a still-running middle tier.
         _say("stopping")
-        status = supervisor.stop_all()
-    return status
+        stopped = supervisor.stop_all()
+        os.close(lock_fd)
+    return status or stopped

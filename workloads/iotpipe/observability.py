@@ -1,9 +1,22 @@
 """Metrics, health and structured logs, shared by every tier.
 
 Each tier serves ``/metrics`` (Prometheus text format), ``/healthz`` (the process is alive)
-and ``/readyz`` (the tier can do its job now: queue open, upstreams reachable, not
-draining) on its metrics port. The server runs in a daemon thread so that a busy event
+and ``/readyz`` on its metrics port. The server runs in a daemon thread so that a busy event
 loop never makes a scrape or a probe time out.
+
+``/readyz`` answers 200 when the tier can take the work a Service would send it *now*, and
+that is decided per tier by what the tier itself needs, not by whether every upstream is up:
+
+- ingest: its queue is open, its WebSocket port listens, its forwarder has not failed and it
+  is not draining. A middle tier that is down does **not** make ingest unready: devices keep
+  being acknowledged into the durable queue, which is forwarded once the middle is back
+  (taking every ingest pod out of its Service during a middle restart would refuse devices
+  for nothing). Forwarding lag shows in ``iotpipe_queue_depth_records``.
+- middle: its log is open and its three sockets are bound.
+- storage: every sink is healthy and it is not stopping. A middle that is down means no
+  deliveries, not a broken storage pod (its feed lag shows on the middle's metrics).
+- relay: its WebSocket port listens and at least one middle PUB endpoint is connected (a
+  relay with no upstream would accept clients and send them nothing).
 
 A pod that runs several processes serves one endpoint for all of them: its parent scrapes
 each process's private endpoint and ``merge_scrapes`` sums them into pod totals.
@@ -11,6 +24,7 @@ each process's private endpoint and ``merge_scrapes`` sums them into pod totals.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import sys
@@ -28,6 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 __all__ = [
     "ObservabilityServer",
+    "PortInUse",
     "QueueDepthCollector",
     "merge_scrapes",
     "setup_logging",
@@ -91,6 +106,16 @@ def _server_class(host: str) -> type[ThreadingWSGIServer]:
     return _ThreadingWSGIServerV6
 
 
+class PortInUse(OSError):
+    """A port this process must bind is taken (another instance, or another tier)."""
+
+    def __init__(self, what: str, host: str, port: int) -> None:
+        super().__init__(errno.EADDRINUSE, f"{what} port {port} on {host} is in use")
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 class ObservabilityServer:
     """Serves /metrics, /healthz and /readyz from a background thread."""
 
@@ -103,9 +128,15 @@ class ObservabilityServer:
     ) -> None:
         self._ready = ready
         self._metrics_app = make_wsgi_app(registry)
-        self._server = make_server(
-            host, port, self._app, server_class=_server_class(host), handler_class=_QuietHandler
-        )
+        try:
+            self._server = make_server(
+                host, port, self._app, server_class=_server_class(host),
+                handler_class=_QuietHandler,
+            )
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse("metrics", host, port) from None
+            raise
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="observability", daemon=True

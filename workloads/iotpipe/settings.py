@@ -4,18 +4,41 @@ Every tier declares a ``pydantic_settings.BaseSettings`` subclass. ``parse_setti
 ``argv`` plus the environment into that model, with ``--help`` generated from the field
 descriptions. Flags win over environment variables, which win over defaults. A bad value
 exits with status 2 and a one-line message that names the option.
+
+``--help`` is written for people: every option names its environment variable, metavars
+say what to type (``N``, ``SECONDS``, ``PATH``, ``A,B,...``) rather than Python type names,
+booleans are one flag each (``--insecure-no-auth``, never ``--no-insecure-no-auth``), and
+options marked :data:`Internal` are accepted but not listed.
 """
 
 from __future__ import annotations
 
 import sys
+from argparse import HelpFormatter
 from collections.abc import Sequence
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BeforeValidator, ValidationError
-from pydantic_settings import BaseSettings, CliApp, NoDecode, SettingsConfigDict, SettingsError
+from pydantic import BeforeValidator, Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    CLI_SUPPRESS,
+    BaseSettings,
+    CliApp,
+    CliSettingsSource,
+    NoDecode,
+    SettingsConfigDict,
+    SettingsError,
+)
 
-__all__ = ["CommaList", "TierSettings", "parse_settings", "tier_config"]
+__all__ = [
+    "CommaList",
+    "Internal",
+    "LogLevel",
+    "ServerSettings",
+    "TierSettings",
+    "parse_settings",
+    "tier_config",
+]
 
 
 def _split_commas(value: Any) -> Any:
@@ -24,42 +47,120 @@ def _split_commas(value: Any) -> Any:
     return value
 
 
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
 # A list that environment variables and flags give as "a,b,c" (and flags also as repeats).
 CommaList = Annotated[list[str], NoDecode, BeforeValidator(_split_commas)]
 
+# A log level, case-insensitive; anything else is refused at start (exit 2), not at the
+# first log call in a restart loop.
+LogLevel = Annotated[Literal["debug", "info", "warning", "error", "critical"],
+                     BeforeValidator(_lower)]
 
-def tier_config(prog: str, env_prefix: str) -> SettingsConfigDict:
-    """The model_config every tier uses: kebab-case flags, IOTPIPE_<TIER>_ env vars."""
+# Marks an option that is accepted (flag and env var) but left out of --help: plumbing
+# between processes of one tier, not something a user sets.
+Internal = CLI_SUPPRESS
+
+
+def tier_config(prog: str, env_prefix: str,
+                shortcuts: dict[str, str] | None = None) -> SettingsConfigDict:
+    """The model_config every tier uses: kebab-case flags, IOTPIPE_<TIER>_ env vars.
+
+    ``shortcuts`` gives a field a second flag (``{"json_output": "json"}``: ``--json``). Use
+    it rather than an alias: an alias also renames the environment variable, unprefixed.
+    """
     return SettingsConfigDict(
+        # pydantic-settings matches shortcut targets against the kebab-case flag names.
+        cli_shortcuts={k.replace("_", "-"): v for k, v in (shortcuts or {}).items()},
         env_prefix=env_prefix,
         cli_prog_name=prog,
         cli_kebab_case=True,
-        cli_implicit_flags=True,
+        # One flag per boolean, named after what it turns on (or off, for a default True).
+        cli_implicit_flags="toggle",
         cli_exit_on_error=True,
         cli_use_class_docs_for_groups=False,
+        cli_hide_none_type=True,
+        cli_avoid_json=True,
+        cli_show_env_vars=True,
         extra="ignore",
     )
 
 
 class TierSettings(BaseSettings):
-    """Base for tier settings; subclasses set ``model_config = tier_config(...)``."""
+    """Base for every command's settings; subclasses set ``model_config = tier_config(...)``."""
+
+
+class ServerSettings(TierSettings):
+    """The options every long-running tier shares (same flag and env var names per tier).
+
+    Each tier overrides ``metrics_port`` with its own default (ingest 9100, middle 9101,
+    storage 9102, relay 9103, as ``iotpipe up`` lays them out), so tiers run by hand on one
+    host do not collide.
+    """
+
+    host: str = Field("0.0.0.0", description="bind address")
+    metrics_port: int = Field(9100, ge=0, le=65535,
+                              description="port of /metrics, /healthz and /readyz")
+    log_level: LogLevel = Field("info", description="debug, info, warning, error or critical")
+
+
+# Metavars by type: what to type, not what Python calls it.
+# ("bool" stays: pydantic-settings turns fields with that metavar into flags.)
+_METAVARS = {"int": "N", "float": "NUM", "str": "TEXT", "Path": "PATH",
+             "list[str]": "A,B,...", "dict[str,str]": "JSON"}
+
+
+class _HelpSource(CliSettingsSource[Any]):
+    """pydantic-settings' CLI source with help text that reads well."""
+
+    def _metavar_format(self, obj: Any) -> str:
+        if callable(obj) and not isinstance(obj, type) and getattr(obj, "__name__", "") \
+                == "gethostname":
+            return "the host name"
+        text = super()._metavar_format(obj)
+        return _METAVARS.get(text, text)
+
+    def _help_format(self, field_name: str, field_info: FieldInfo, model_default: Any,
+                     is_model_suppressed: bool, env_var_names: tuple[str, ...] = ()) -> str:
+        text = super()._help_format(field_name, field_info, model_default, is_model_suppressed,
+                                    env_var_names)
+        # A default of None means "not set": the description says what happens then. A
+        # flag is off unless given; the few that are on by default are --no-... flags.
+        text = text.replace("(default factory: ", "(default: ").replace(" (default: None)", "")
+        text = text.replace("(default: list)", "(default: none)")  # default_factory=list
+        if field_info.annotation is bool:
+            text = text.replace(" (default: False)", "").replace("(default: True)",
+                                                                  "(on by default)")
+        return text
 
 
 S = TypeVar("S", bound=BaseSettings)
+
+
+def _prog(model: type[BaseSettings]) -> str:
+    return str(model.model_config.get("cli_prog_name") or model.__name__)
 
 
 def parse_settings(model: type[S], argv: Sequence[str] | None = None) -> S:
     """Build ``model`` from argv and the environment; exit 2 with a clear message on error."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        return CliApp.run(model, cli_args=args)
+        # HelpFormatter re-flows the class docstring, whose continuation lines are indented.
+        source: CliSettingsSource[Any] = _HelpSource(model, formatter_class=HelpFormatter)
+        return CliApp.run(model, cli_args=args, cli_settings_source=source)
     except ValidationError as exc:
-        prog = model.model_config.get("cli_prog_name") or model.__name__
+        env_prefix = str(model.model_config.get("env_prefix") or "")
         for err in exc.errors():
-            name = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-")
-            print(f"{prog}: error: {name}: {err['msg']}", file=sys.stderr)
+            parts = [str(p) for p in err["loc"]]
+            name = "--" + "-".join(parts).replace("_", "-")
+            env = (env_prefix + "_".join(parts)).upper()
+            value = err.get("input")
+            shown = f" (got {value!r})" if isinstance(value, (str, int, float)) else ""
+            print(f"{_prog(model)}: error: {name} / {env}: {err['msg']}{shown}", file=sys.stderr)
         raise SystemExit(2) from None
     except SettingsError as exc:
-        prog = model.model_config.get("cli_prog_name") or model.__name__
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{_prog(model)}: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+

@@ -1,7 +1,7 @@
 """``iotpipe simulate``: a device fleet simulator and load generator for ``iotpipe ingest``.
 
 Each simulated device holds one WebSocket connection, sends frames of ``--batch`` messages
-with integer ids 1, 2, 3, ... at ``--rate`` messages/s (0 = as fast as acks come back, with
+with consecutive integer ids at ``--rate`` messages/s (0 = as fast as acks come back, with
 at most ``--inflight`` unacked frames), and checks every reply:
 
 - every id it sent is acked exactly once (``duplicate_acks`` and ``unacked`` must be 0),
@@ -14,6 +14,20 @@ backoff and sends its unacked ids again; duplicates this creates downstream are 
 storage, which keys on (device_id, msg_id). Tokens are minted here from ``--secret`` (or
 ``IOTPIPE_AUTH_SECRET``); ``--insecure`` uses ``?device=``. Connections to a loopback target
 are spread over source addresses 127.0.0.2, 127.0.0.3, ... (about 28k ports each).
+
+Message ids are never reused across runs, because storage keeps one reading per (device,
+message id) and would drop a second run's readings as duplicates of the first's: each run
+starts its ids at ``--first-id``, by default the run's start time in microseconds since the
+epoch. A run sends far fewer than one message per microsecond per device, so the next run
+starts above every id this one used (as long as the clock does not step back).
+
+``--payload fleet`` makes the devices look like a fleet: device ``<prefix><i>`` is a
+thermometer, an electricity meter or a pump (by ``i % 3``) sending plausible, drifting
+values; :func:`fleet_registry_yaml` writes the matching device registry (classes and
+locations), as ``iotpipe up`` does. ``--payload synthetic`` (the default, for load tests)
+sends padded messages of about ``--size`` bytes.
+
+A refused handshake is reported with the server's reason (``HTTP 401 bad_signature: ...``).
 
 The report (``--json``: one JSON object on stdout) gives acks/s and ack latency
 percentiles. Exit status: 0 if every sent message was acked exactly once and no message was
@@ -35,7 +49,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import orjson
@@ -56,7 +70,7 @@ PORTS_PER_SOURCE = 20000  # below the ~28k ephemeral ports, leaving room for the
 class SimulateSettings(TierSettings):
     """Simulate a fleet of devices against an ingest server and check every ack."""
 
-    model_config = tier_config("iotpipe simulate", "IOTPIPE_SIMULATE_")
+    model_config = tier_config("iotpipe simulate", "IOTPIPE_SIMULATE_", {"json_output": "json"})
 
     url: str = Field("ws://127.0.0.1:8080/v1/ingest", description="ingest WebSocket URL")
     connections: int = Field(100, ge=1, description="simulated devices (one connection each)")
@@ -72,23 +86,32 @@ class SimulateSettings(TierSettings):
     ack_timeout: float = Field(30.0, gt=0, description="seconds to wait for the last acks")
     device_prefix: str = Field("sim-", description="device ids are <prefix><index>")
     first_device: int = Field(0, ge=0, description="index of the first device")
+    first_id: int | None = Field(None, ge=1, le=2**62,
+                                 description="first message id of every device (default: "
+                                             "the start time in microseconds, so a later "
+                                             "run never reuses an id)")
+    payload: Literal["synthetic", "fleet"] = Field(
+        "synthetic", description="synthetic: padded messages of --size bytes; fleet: "
+                                 "thermometers, meters and pumps with drifting values")
     secret: str = Field("", description="token secret (default: IOTPIPE_AUTH_SECRET or the "
                                          "file named by IOTPIPE_AUTH_SECRET_FILE)")
     insecure: bool = Field(False, description="no token; send ?device=<id> (insecure ingest)")
     reconnect: bool = Field(False, description="reconnect and resend unacked ids on close")
     spread_sources: bool = Field(True, description="use 127.0.0.2.. as source addresses")
     acked_file: Path | None = Field(None, description="write acked 'device_id<TAB>msg_id' lines")
-    json_output: bool = Field(False, alias="json", description="print one JSON report")
+    json_output: bool = Field(False, description="print one JSON report (also --json)")
 
 
 class AckedIds:
     """The set of acked ids of one device in O(gaps) memory: ids are acked mostly in order,
-    so everything up to ``floor`` is acked and only ids above it are kept in a set."""
+    so everything from ``first`` up to ``floor`` is acked and only ids above it are kept in a
+    set."""
 
-    __slots__ = ("_above", "floor")
+    __slots__ = ("_above", "first", "floor")
 
-    def __init__(self) -> None:
-        self.floor = 0
+    def __init__(self, first: int = 1) -> None:
+        self.first = first
+        self.floor = first - 1
         self._above: set[int] = set()
 
     def add(self, msg_id: int) -> None:
@@ -100,13 +123,14 @@ class AckedIds:
             self._above.discard(self.floor)
 
     def __contains__(self, msg_id: object) -> bool:
-        return isinstance(msg_id, int) and (0 < msg_id <= self.floor or msg_id in self._above)
+        return isinstance(msg_id, int) and (self.first <= msg_id <= self.floor
+                                            or msg_id in self._above)
 
     def __len__(self) -> int:
-        return self.floor + len(self._above)
+        return self.floor - self.first + 1 + len(self._above)
 
     def __iter__(self) -> Iterator[int]:
-        yield from range(1, self.floor + 1)
+        yield from range(self.first, self.floor + 1)
         yield from sorted(self._above)
 
 
@@ -116,6 +140,7 @@ class SimulationReport:
     connected: int = 0
     never_connected: int = 0
     connect_failures: Counter[str] = field(default_factory=Counter)
+    refusals: Counter[str] = field(default_factory=Counter)  # "HTTP 401 reason: detail"
     sent: int = 0
     acked: int = 0
     resent: int = 0
@@ -174,6 +199,7 @@ class SimulationReport:
             "connected": self.connected,
             "never_connected": self.never_connected,
             "connect_failures": dict(self.connect_failures),
+            "refusals": dict(self.refusals),
             "sent": self.sent,
             "acked": self.acked,
             "resent": self.resent,
@@ -234,6 +260,91 @@ def message_data(size: int, seq: int) -> dict[str, Any]:
     return data
 
 
+FLEET_KINDS = ("thermometer", "meter", "pump")
+FLEET_LOCATIONS = ("plant-a/hall-1", "plant-a/hall-2", "plant-a/boiler-room",
+                   "plant-b/roof", "plant-b/basement", "office/floor-1")
+_FLEET_MODELS = {"thermometer": "TH-20", "meter": "EM-340", "pump": "PX-75"}
+
+
+def fleet_kind(index: int) -> str:
+    """The kind of simulated device ``index`` in a ``--payload fleet`` run."""
+    return FLEET_KINDS[index % len(FLEET_KINDS)]
+
+
+def fleet_location(index: int) -> str:
+    return FLEET_LOCATIONS[(index // len(FLEET_KINDS)) % len(FLEET_LOCATIONS)]
+
+
+def fleet_registry_yaml(prefix: str, count: int) -> str:
+    """A device registry (YAML) for devices ``<prefix>0 .. <prefix>{count-1}`` of a fleet run:
+    class and location per device, and a fallback for other ids under the prefix."""
+    lines = [
+        "# Device registry used by storage (enrichment) and the relay (class/location",
+        "# subscriptions). Exact ids under `devices`, id prefixes under `prefixes`; the",
+        "# longest prefix wins.",
+        "devices:" if count else "devices: {}",
+    ]
+    for i in range(count):
+        kind = fleet_kind(i)
+        lines.append(f"  {prefix}{i}: {{class: {kind}, location: {fleet_location(i)}, "
+                     f"labels: {{model: {_FLEET_MODELS[kind]}, source: iotpipe-simulate}}}}")
+    lines += ["prefixes:",
+              f"  {prefix}: {{class: simulated, location: local, "
+              "labels: {source: iotpipe-simulate}}"]
+    return "\n".join(lines) + "\n"
+
+
+class FleetSensor:
+    """Plausible, drifting readings of one simulated device (a bounded random walk).
+
+    Thermometers follow a slow daily swing around their own set point; meters count energy
+    up from a random start at a drifting load; pumps switch on and off now and then and
+    report flow and pressure while running.
+    """
+
+    def __init__(self, index: int, seed: int | None = None) -> None:
+        self.kind = fleet_kind(index)
+        self._rng = random.Random(index if seed is None else seed)
+        rng = self._rng
+        self._last = time.time()
+        self.setpoint = rng.uniform(18.0, 23.0)
+        self.offset = 0.0
+        self.humidity = rng.uniform(35.0, 55.0)
+        self.energy_kwh = rng.uniform(1_000.0, 50_000.0)
+        self.power_w = rng.uniform(800.0, 4_000.0)
+        self.running = rng.random() < 0.7
+        self.flow_lpm = rng.uniform(90.0, 150.0)
+        self.pressure_bar = rng.uniform(2.5, 4.0)
+
+    def _walk(self, value: float, step: float, low: float, high: float) -> float:
+        return min(high, max(low, value + self._rng.gauss(0.0, step)))
+
+    def reading(self, now: float | None = None) -> dict[str, Any]:
+        now = time.time() if now is None else now
+        elapsed = max(0.0, now - self._last)
+        self._last = now
+        rng = self._rng
+        if self.kind == "thermometer":
+            self.offset = self._walk(self.offset, 0.05, -3.0, 3.0)
+            daily = 1.5 * math.sin(2 * math.pi * ((now / 86400.0) % 1.0))
+            self.humidity = self._walk(self.humidity, 0.2, 20.0, 80.0)
+            return {"temp_c": round(self.setpoint + daily + self.offset, 2),
+                    "humidity_pct": round(self.humidity, 1)}
+        if self.kind == "meter":
+            self.power_w = self._walk(self.power_w, 25.0, 200.0, 9_000.0)
+            self.energy_kwh += self.power_w * elapsed / 3_600_000.0
+            return {"energy_kwh": round(self.energy_kwh, 4), "power_w": round(self.power_w, 1),
+                    "voltage_v": round(rng.gauss(230.0, 1.5), 1)}
+        if rng.random() < 0.02:  # a pump changes state now and then
+            self.running = not self.running
+        if self.running:
+            self.flow_lpm = self._walk(self.flow_lpm, 2.0, 60.0, 180.0)
+            self.pressure_bar = self._walk(self.pressure_bar, 0.03, 1.5, 5.0)
+        return {"running": self.running,
+                "flow_lpm": round(self.flow_lpm, 1) if self.running else 0.0,
+                "pressure_bar": round(self.pressure_bar if self.running else 0.2, 2)}
+
+
 class _Device:
     """One simulated device: its connection, unacked ids and resend queue."""
 
@@ -241,9 +352,11 @@ class _Device:
         self.sim = sim
         self.device_id = f"{sim.settings.device_prefix}{index}"
         self.source = sim.sources[index % len(sim.sources)]
-        self.next_id = 1
+        self.first_id = sim.first_id
+        self.next_id = sim.first_id
+        self.sensor = FleetSensor(index) if sim.settings.payload == "fleet" else None
         self.pending: dict[int, float] = {}    # id -> when last sent
-        self.acked = AckedIds()
+        self.acked = AckedIds(sim.first_id)
         self.refused: set[int] = set()
         self.retry: list[int] = []             # ids to send again (busy / rate_limited)
         self.retry_at = 0.0
@@ -296,7 +409,10 @@ class _Device:
                             raise result
                     return
             except InvalidStatus as exc:
-                self.sim.report.connect_failures[f"http_{exc.response.status_code}"] += 1
+                status = exc.response.status_code
+                self.sim.report.connect_failures[f"http_{status}"] += 1
+                reason = exc.response.body.decode(errors="replace").strip()[:200]
+                self.sim.report.refusals[f"HTTP {status} {reason}".strip()] += 1
                 if not settings.reconnect:
                     return
             except ConnectionClosed as exc:
@@ -322,7 +438,7 @@ class _Device:
         while True:
             now = time.monotonic()
             fresh_allowed = not sim.stop_sending.is_set() and (
-                settings.messages == 0 or self.next_id <= settings.messages)
+                settings.messages == 0 or self.next_id - self.first_id < settings.messages)
             if not fresh_allowed and not self.retry:
                 if not self.pending or now > sim.give_up_at:
                     return
@@ -342,7 +458,7 @@ class _Device:
                     continue
                 next_at = max(next_at + interval, now - 1.0) if interval else now
                 count = settings.batch if settings.messages == 0 else \
-                    min(settings.batch, settings.messages - self.next_id + 1)
+                    min(settings.batch, settings.messages - (self.next_id - self.first_id))
                 ids = list(range(self.next_id, self.next_id + count))
                 self.next_id += count
                 sim.report.sent += count
@@ -355,7 +471,9 @@ class _Device:
             for msg_id in ids:
                 self.pending[msg_id] = sent_at
                 self.frame_of[msg_id] = self.frame_no
-            messages = [{"id": i, "data": sim.data(i)} for i in ids]
+            sensor = self.sensor
+            messages = [{"id": i, "data": sensor.reading() if sensor else sim.data(i)}
+                        for i in ids]
             frame = orjson.dumps(messages if settings.batch > 1 else messages[0])
             if len(self.frame_left) >= settings.inflight:
                 self.window_open.clear()
@@ -434,6 +552,8 @@ class _Simulation:
         self._devices_connected = 0
         self.give_up_at = math.inf
         self._template = message_data(settings.size, 0)
+        self.first_id = settings.first_id if settings.first_id is not None \
+            else time.time_ns() // 1000
 
     def data(self, msg_id: int) -> dict[str, Any]:
         return {**self._template, "v": msg_id * 0.5}
@@ -529,6 +649,9 @@ def main(argv: Sequence[str]) -> int:
     except ValueError as exc:
         print(f"iotpipe simulate: error: {exc}", file=sys.stderr)
         return 2
+    for refusal, count in report.refusals.most_common():
+        print(f"iotpipe simulate: ingest refused {count} connection(s): {refusal}",
+              file=sys.stderr)
     if settings.acked_file is not None:
         report.write_acked(settings.acked_file)
     result = report.to_dict()

@@ -45,7 +45,8 @@ BENCH_SECRET = "iotpipe-bench-secret-not-for-production-use"
 class IngestBenchSettings(TierSettings):
     """Measure ingest acks/s against a bare WebSocket server under the same load."""
 
-    model_config = tier_config("iotpipe bench ingest", "IOTPIPE_BENCH_INGEST_")
+    model_config = tier_config("iotpipe bench ingest", "IOTPIPE_BENCH_INGEST_",
+                               {"json_output": "json"})
 
     connections: int = Field(1000, ge=1, description="simulated devices")
     duration: float = Field(10.0, gt=0, description="seconds of load per server")
@@ -53,7 +54,7 @@ class IngestBenchSettings(TierSettings):
     inflight: int = Field(2, ge=1, description="unacked frames per device")
     size: int = Field(64, ge=16, description="approximate JSON bytes per message")
     processes: int = Field(1, ge=1, description="ingest processes (SO_REUSEPORT)")
-    json_output: bool = Field(False, alias="json", description="print one JSON object")
+    json_output: bool = Field(False, description="print one JSON object")
 
 
 class _AckingMiddle:

@@ -43,9 +43,10 @@ PLAIN_FILE_BYTES = 64 << 20  # the size of a default queue segment
 class QueueBenchSettings(BaseSettings):
     """Persistent-queue append throughput vs pwrite+fdatasync."""
 
-    model_config = tier_config("iotpipe bench queue", "IOTPIPE_BENCH_QUEUE_")
+    model_config = tier_config("iotpipe bench queue", "IOTPIPE_BENCH_QUEUE_",
+                               {"json_output": "json"})
 
-    json_output: bool = Field(False, alias="json",
+    json_output: bool = Field(False,
                               description="print one JSON object instead of a table")
     batches: CommaList = Field(["1", "16", "64", "256"], description="batch sizes to measure")
     modes: CommaList = Field(["fdatasync", "pmem"],

@@ -37,7 +37,7 @@ from iotpipe.ingest.forwarder import CONSUMER, Forwarder
 from iotpipe.ingest.identity import queue_node_id
 from iotpipe.observability import setup_logging
 from iotpipe.queue import PersistentQueue, QueueError
-from iotpipe.settings import CommaList, TierSettings, parse_settings, tier_config
+from iotpipe.settings import CommaList, LogLevel, TierSettings, parse_settings, tier_config
 
 __all__ = ["DrainSettings", "QueueDrainer", "drain_queues", "main", "process_dirs",
            "remove_queue_dir"]
@@ -65,7 +65,7 @@ class DrainSettings(TierSettings):
     endpoints_reload_seconds: float = Field(2.0, gt=0,
                                             description="seconds between endpoints file checks")
     timeout: float = Field(600.0, gt=0, description="seconds to wait for the queues to empty")
-    log_level: str = Field("info", description="log level")
+    log_level: LogLevel = Field("info", description="debug, info, warning, error or critical")
     queue_bytes: int = Field(1 << 30, gt=0, description="capacity to open the queues with")
 
 

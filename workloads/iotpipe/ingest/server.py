@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import http
 import logging
 import os
@@ -67,6 +68,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from iotpipe import lifecycle
 from iotpipe.auth import DEVICE_AUDIENCE, AuthError, bearer_token, load_secret, verify_token
 from iotpipe.endpoints import (
     EndpointsCollector,
@@ -80,6 +82,7 @@ from iotpipe.ingest.identity import queue_node_id
 from iotpipe.ingest.metrics import IngestCollector, IngestCounters
 from iotpipe.observability import (
     ObservabilityServer,
+    PortInUse,
     QueueDepthCollector,
     merge_scrapes,
     setup_logging,
@@ -95,7 +98,7 @@ from iotpipe.protocol import (
     encode_error_frame,
 )
 from iotpipe.queue import AsyncQueue, PersistentQueue, QueueError, QueueFull
-from iotpipe.settings import CommaList, TierSettings, parse_settings, tier_config
+from iotpipe.settings import CommaList, Internal, ServerSettings, parse_settings, tier_config
 
 __all__ = ["IngestServer", "IngestSettings", "main"]
 
@@ -108,23 +111,22 @@ REPORT_FD_ENV = "IOTPIPE_INGEST_REPORT_FD"
 RETIRED_SCAN_SECONDS = 10.0
 
 
-class IngestSettings(TierSettings):
+class IngestSettings(ServerSettings):
     """Device WebSocket server: authenticates devices, stores each message durably, acks it,
     and forwards the queue to the middle tier."""
 
     model_config = tier_config("iotpipe ingest", "IOTPIPE_INGEST_")
 
-    host: str = Field("0.0.0.0", description="bind address")
     port: int = Field(8080, ge=0, le=65535, description="WebSocket port (path /v1/ingest)")
     metrics_port: int = Field(9100, ge=0, le=65535,
-                              description="metrics/health port of the pod (all processes)")
-    log_level: str = Field("info", description="log level")
+                              description="port of /metrics, /healthz and /readyz of the pod "
+                                          "(covers every process)")
     data_dir: Path = Field(Path("/var/lib/iotpipe/queue"),
                            description="queue directory (process i uses <data_dir>/p<i>)")
     queue_bytes: int = Field(1 << 30, gt=0, description="queue capacity per process in bytes")
     processes: int = Field(1, ge=1, le=256, description="processes on one port (SO_REUSEPORT)")
     node_id: str = Field(default_factory=socket.gethostname,
-                         description="node identity (process i is <node_id>-p<i>)")
+                         description="node identity (process i is NODE_ID-pI)")
     middle_endpoints: CommaList = Field(default_factory=list,
                                         description="middle ROUTER endpoints, comma separated")
     middle_endpoints_file: str = Field(
@@ -153,9 +155,10 @@ class IngestSettings(TierSettings):
     forward_batch: int = Field(512, ge=1, description="records per batch to the middle tier")
     forward_window: int = Field(8, ge=1, description="batches in flight to the middle tier")
     forward_ack_timeout: float = Field(5.0, gt=0, description="seconds before failover/resend")
-    process_index: int = Field(-1, ge=-1, description="internal: index of this child process")
-    parent_pid: int = Field(0, ge=0, description="internal: pid of the parent process")
-    report_fd: int = Field(-1, ge=-1, description="internal: pipe to report the metrics port on")
+    # Set by the parent of --processes N for each child; not user options.
+    process_index: int = Field(-1, ge=-1, description=Internal)
+    parent_pid: int = Field(0, ge=0, description=Internal)
+    report_fd: int = Field(-1, ge=-1, description=Internal)
 
 
 class _DeviceBuckets:
@@ -585,8 +588,13 @@ async def run_process(settings: IngestSettings, index: int,
     child = settings.process_index >= 0
     # A child of a multi-process pod serves on a private loopback port; the parent serves
     # the pod's port and aggregates (the child tells it the port through a pipe).
-    obs = ObservabilityServer("127.0.0.1" if child else settings.host,
-                              0 if child else settings.metrics_port, ready=server.ready).start()
+    try:
+        obs = ObservabilityServer("127.0.0.1" if child else settings.host,
+                                  0 if child else settings.metrics_port,
+                                  ready=server.ready).start()
+    except PortInUse as exc:
+        print(f"iotpipe ingest: error: {exc}", file=sys.stderr)
+        return 1
     if child and settings.report_fd >= 0:
         with contextlib.suppress(OSError):
             os.write(settings.report_fd, f"{obs.port}\n".encode())
@@ -595,8 +603,17 @@ async def run_process(settings: IngestSettings, index: int,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if lifecycle.requested():
+        return 0  # stopped while starting: nothing was opened yet
     try:
-        await server.start()
+        try:
+            await server.start()
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            print(f"iotpipe ingest: error: port {settings.port} on {settings.host} is in use",
+                  file=sys.stderr)
+            return 1
         if index == 0:
             await asyncio.to_thread(server.start_retired)
         log.info("ingest listening", extra={"fields": {
@@ -801,10 +818,16 @@ def _run_parent(settings: IngestSettings, argv: Sequence[str]) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    if lifecycle.requested():
+        return 0  # stopped while starting: no child was started
     registry = CollectorRegistry(auto_describe=False)
     registry.register(view)
-    obs = ObservabilityServer(settings.host, settings.metrics_port, ready=view.ready,
-                              registry=registry).start()
+    try:
+        obs = ObservabilityServer(settings.host, settings.metrics_port, ready=view.ready,
+                                  registry=registry).start()
+    except PortInUse as exc:
+        print(f"iotpipe ingest: error: {exc}", file=sys.stderr)
+        return 1
     log.info("ingest pod endpoint", extra={"fields": {
         "metrics_port": obs.port, "processes": settings.processes}})
     try:
@@ -838,6 +861,7 @@ def _run_parent(settings: IngestSettings, argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
+    lifecycle.catch_early()  # a stop while the queue opens counts (see iotpipe.lifecycle)
     settings = parse_settings(IngestSettings, argv)
     setup_logging("ingest", settings.log_level)
     index = settings.process_index  # set by the parent through IOTPIPE_INGEST_PROCESS_INDEX

@@ -45,6 +45,7 @@ logged at most once a second, never answered with data and never fatal.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import signal
 import socket
@@ -62,7 +63,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import Field
 
-from iotpipe import wire
+from iotpipe import lifecycle, wire
 from iotpipe.durable import write_atomic
 from iotpipe.middle.core import (
     CheckpointError,
@@ -77,9 +78,14 @@ from iotpipe.middle.core import (
     encode_checkpoint,
     reading_topic,
 )
-from iotpipe.observability import ObservabilityServer, QueueDepthCollector, setup_logging
+from iotpipe.observability import (
+    ObservabilityServer,
+    PortInUse,
+    QueueDepthCollector,
+    setup_logging,
+)
 from iotpipe.queue import PersistentQueue, QueueFull
-from iotpipe.settings import CommaList, TierSettings, parse_settings, tier_config
+from iotpipe.settings import CommaList, ServerSettings, parse_settings, tier_config
 
 __all__ = ["MiddleServer", "MiddleSettings", "main", "read_checkpoint", "write_checkpoint"]
 
@@ -94,15 +100,14 @@ QUEUE_DIR = "queue"
 STATS_INTERVAL_S = 60.0
 
 
-class MiddleSettings(TierSettings):
+class MiddleSettings(ServerSettings):
     """Fan-in log (ROUTER), live fan-out (PUB) and the durable storage feed (ROUTER)."""
 
     model_config = tier_config("iotpipe middle", "IOTPIPE_MIDDLE_")
 
     host: str = Field("0.0.0.0", description="bind address of every socket and the metrics port")
-    metrics_port: int = Field(9100, ge=0, le=65535,
+    metrics_port: int = Field(9101, ge=0, le=65535,
                               description="port of /metrics, /healthz and /readyz")
-    log_level: str = Field("info", description="debug, info, warning or error")
     router_port: int = Field(5555, ge=1, le=65535,
                              description="ROUTER port receiving batches from ingest nodes")
     pub_port: int = Field(5556, ge=1, le=65535, description="PUB port of live events (relay)")
@@ -616,20 +621,29 @@ class MiddleServer:
 
 def main(argv: Sequence[str]) -> int:
     """``iotpipe middle``: run until SIGTERM/SIGINT, then flush and exit 0."""
+    lifecycle.catch_early()  # a stop during the (up to seconds long) log recovery counts
     settings = parse_settings(MiddleSettings, argv)
     setup_logging("middle", settings.log_level)
     registry = CollectorRegistry()
     holder: dict[str, MiddleServer] = {}
-    observability = ObservabilityServer(
-        settings.host, settings.metrics_port,
-        ready=lambda: "server" in holder and holder["server"].ready, registry=registry,
-    ).start()
+    try:
+        observability = ObservabilityServer(
+            settings.host, settings.metrics_port,
+            ready=lambda: "server" in holder and holder["server"].ready, registry=registry,
+        ).start()
+    except PortInUse as exc:
+        print(f"iotpipe middle: error: {exc}", file=sys.stderr)
+        return 1
     try:
         try:
             server = MiddleServer(settings)
         except (ValueError, zmq.ZMQError, OSError) as exc:
             log.error("middle failed to start", extra={"fields": {"error": str(exc)}})
-            print(f"iotpipe middle: error: {exc}", file=sys.stderr)
+            detail = str(exc)
+            if getattr(exc, "errno", None) == errno.EADDRINUSE:
+                detail = (f"one of the ports {settings.router_port}, {settings.pub_port}, "
+                          f"{settings.feed_port} on {settings.host} is in use ({exc})")
+            print(f"iotpipe middle: error: {detail}", file=sys.stderr)
             return 1
         holder["server"] = server
         registry.register(_MiddleCollector(server))
@@ -640,6 +654,8 @@ def main(argv: Sequence[str]) -> int:
 
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
+        if lifecycle.requested():
+            server.stop()  # stopped while starting: run() returns at once
         log.info("middle ready", extra={"fields": {
             "middle_id": server.middle_id, "router_port": settings.router_port,
             "pub_port": settings.pub_port, "feed_port": settings.feed_port,

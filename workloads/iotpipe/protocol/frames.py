@@ -1,7 +1,7 @@
 """Device frames: validate what a device sends, encode what the server answers.
 
 Pure functions and plain classes (no sockets, no clock reads: the caller passes the time).
-The exact format is specified for firmware authors in the README's "Device protocol" section.
+The exact format is specified for firmware authors in docs/protocols.md, "Device protocol".
 
 Device -> server: a JSON object ``{"id", "ts"?, "data", "device"?}`` or a JSON array of them.
 Server -> device: ``{"type": "ack", "ids": [...]}``, ``{"type": "error", "reason", "ids",
@@ -30,7 +30,7 @@ __all__ = [
     "parse_ts",
 ]
 
-# Reasons a single message (or a whole frame) is refused (README, "Device protocol").
+# Reasons a single message (or a whole frame) is refused (docs/protocols.md, "Device protocol").
 BAD_JSON = "bad_json"
 NOT_AN_OBJECT = "not_an_object"
 EMPTY_BATCH = "empty_batch"

@@ -51,12 +51,13 @@ _WARM_DEVICE = "warm-0"
 class RelayBenchSettings(TierSettings):
     """Live events/s through iotpipe relay vs a bare SUB -> broadcast server, same run."""
 
-    model_config = tier_config("iotpipe bench relay", "IOTPIPE_BENCH_RELAY_")
+    model_config = tier_config("iotpipe bench relay", "IOTPIPE_BENCH_RELAY_",
+                               {"json_output": "json"})
 
     events: int = Field(50_000, ge=1, description="live events published per server")
     clients: int = Field(4, ge=1, description="WebSocket clients, each receiving every event")
     data_bytes: int = Field(64, ge=2, description="approximate size of each reading's data JSON")
-    json_output: bool = Field(False, alias="json", description="print one JSON object")
+    json_output: bool = Field(False, description="print one JSON object")
 
 
 def bare_relay(port: int, pub_endpoint: str) -> None:

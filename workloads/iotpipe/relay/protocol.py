@@ -2,7 +2,7 @@
 
 Nothing here touches a socket or a clock: the I/O shell (``server.py``) feeds decoded live
 events and client text frames in, passes the current time where it matters, and sends the
-frames this module hands back. The README's "Client-app protocol" section is the
+frames this module hands back. docs/protocols.md, "Client-app protocol", is the
 client-facing description of the same rules; keep the two in step.
 
 Fan-out rules
@@ -51,13 +51,19 @@ __all__ = [
     "parse_client_frame",
 ]
 
-# Application close code for a client that stopped reading (see the README, "Client-app protocol").
+# Close code for a client that stopped reading (docs/protocols.md, "Client-app protocol").
 CLOSE_SLOW_CONSUMER = 4008
 
 # Class/location given to devices the registry does not know (same rule as storage).
 UNKNOWN = "unknown"
 
 FILTER_FIELDS = ("devices", "prefixes", "classes", "locations")
+
+# {"op": "subscribe", "all": true} follows every device. It is kept as the empty prefix,
+# which every id starts with, so routing and matching need no special case; the empty
+# string itself stays refused in "prefixes" (an explicit "all" is the one way to ask).
+ALL_FIELD = "all"
+ALL_PREFIX = ""
 
 # Filter sets by field name ("devices", "prefixes", "classes", "locations").
 Filters = dict[str, set[str]]
@@ -108,11 +114,14 @@ def parse_client_frame(text: str | bytes, max_items: int = 1000,
     op = obj.get("op")
     if op not in ("subscribe", "unsubscribe"):
         raise ProtocolError("unknown_op", f"'op' must be 'subscribe' or 'unsubscribe', got {op!r}")
-    unknown = sorted(set(obj) - {"op", *FILTER_FIELDS})
+    unknown = sorted(set(obj) - {"op", ALL_FIELD, *FILTER_FIELDS})
     if unknown:
         raise ProtocolError("bad_field", f"unknown field(s) {', '.join(unknown)}")
+    every = obj.get(ALL_FIELD, False)
+    if every is not False and every is not True:
+        raise ProtocolError("bad_field", f"'{ALL_FIELD}' must be true or false")
     values: dict[str, frozenset[str]] = {}
-    total = 0
+    total = 1 if every else 0
     for name in FILTER_FIELDS:
         raw = obj.get(name, [])
         if not isinstance(raw, list):
@@ -125,8 +134,11 @@ def parse_client_frame(text: str | bytes, max_items: int = 1000,
                                     f"{max_item_len} characters")
         values[name] = frozenset(raw)
         total += len(values[name])
+    if every:
+        values["prefixes"] = values["prefixes"] | {ALL_PREFIX}
     if total == 0:
-        raise ProtocolError("bad_field", f"{op} needs at least one of {', '.join(FILTER_FIELDS)}")
+        raise ProtocolError("bad_field", f"{op} needs at least one of {', '.join(FILTER_FIELDS)}"
+                                         f" or \"{ALL_FIELD}\": true")
     if total > max_items:
         raise ProtocolError("too_many_filters", f"{total} entries in one frame, limit {max_items}")
     return ClientRequest(op, **values)
@@ -176,8 +188,12 @@ class Subscription:
         """A copy of the filter sets, by field name."""
         return {name: set(getattr(self, name)) for name in FILTER_FIELDS}
 
-    def describe(self) -> dict[str, list[str]]:
-        return {name: sorted(getattr(self, name)) for name in FILTER_FIELDS}
+    def describe(self) -> dict[str, list[str] | bool]:
+        described: dict[str, list[str] | bool] = {
+            name: sorted(getattr(self, name)) for name in FILTER_FIELDS}
+        described["prefixes"] = sorted(self.prefixes - {ALL_PREFIX})
+        described[ALL_FIELD] = ALL_PREFIX in self.prefixes
+        return described
 
 
 # -- event frames ------------------------------------------------------------------------
@@ -282,7 +298,7 @@ class ClientSession:
             request = parse_client_frame(text, max_items=self.max_filters)
         except ProtocolError as exc:
             return error_frame(exc.reason, exc.detail)
-        before = self.subscription.describe()
+        before = self.subscription.filters()
         self.subscription.apply(request)
         if self.subscription.size() > self.max_filters:
             # Roll back: a client may not grow its filter without bound.
@@ -290,8 +306,7 @@ class ClientSession:
             return error_frame("too_many_filters",
                                f"subscription would exceed {self.max_filters} entries", request.op)
         if self.on_change is not None:
-            self.on_change(self, {k: set(v) for k, v in before.items()},
-                           self.subscription.filters())
+            self.on_change(self, before, self.subscription.filters())
         return orjson.dumps({"event": "subscribed" if request.op == "subscribe"
                              else "unsubscribed", **self.subscription.describe()})
 

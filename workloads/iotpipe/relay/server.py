@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import signal
@@ -31,6 +32,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from zmq.utils.monitor import parse_monitor_message
 
+from iotpipe import lifecycle
 from iotpipe.auth import CLIENT_AUDIENCE, AuthError, bearer_token, load_secret, verify_token
 from iotpipe.endpoints import (
     EndpointsCollector,
@@ -39,10 +41,10 @@ from iotpipe.endpoints import (
     diff_endpoints,
     resolve_endpoints,
 )
-from iotpipe.observability import ObservabilityServer, setup_logging
+from iotpipe.observability import ObservabilityServer, PortInUse, setup_logging
 from iotpipe.registry import RegistryWatcher
 from iotpipe.relay.protocol import CLOSE_SLOW_CONSUMER, UNKNOWN, ClientSession, Fanout
-from iotpipe.settings import CommaList, TierSettings, parse_settings, tier_config
+from iotpipe.settings import CommaList, ServerSettings, parse_settings, tier_config
 from iotpipe.wire import WireError, decode_live
 
 __all__ = ["LIVE_PATH", "RelayServer", "RelaySettings", "main"]
@@ -58,16 +60,15 @@ _HANDSHAKE = int(zmq.EVENT_HANDSHAKE_SUCCEEDED)
 _DISCONNECTED = int(zmq.EVENT_DISCONNECTED)
 
 
-class RelaySettings(TierSettings):
+class RelaySettings(ServerSettings):
     """Serve live device readings to client apps over WebSocket (path /v1/live)."""
 
     model_config = tier_config("iotpipe relay", "IOTPIPE_RELAY_")
 
     host: str = Field("0.0.0.0", description="bind address for the WebSocket and metrics ports")
     port: int = Field(8081, ge=0, le=65535, description="WebSocket port (path /v1/live)")
-    metrics_port: int = Field(9100, ge=0, le=65535,
+    metrics_port: int = Field(9103, ge=0, le=65535,
                               description="port of /metrics, /healthz and /readyz")
-    log_level: str = Field("info", description="debug, info, warning or error")
     middle_pub_endpoints: CommaList = Field(
         default_factory=list,
         description="middle PUB endpoints, comma separated (tcp://host:5556,...)")
@@ -501,6 +502,7 @@ class RelayServer:
 
 def main(argv: Sequence[str]) -> int:
     """``iotpipe relay``: run until SIGTERM/SIGINT, then close clients with 1001 and exit 0."""
+    lifecycle.catch_early()
     settings = parse_settings(RelaySettings, argv)
     setup_logging("relay", settings.log_level)
     secret: bytes | None = None
@@ -525,14 +527,20 @@ def main(argv: Sequence[str]) -> int:
     if watched is not None:
         REGISTRY.register(EndpointsCollector({"pub": watched}))
     REGISTRY.register(relay.rejected)
-    observability = ObservabilityServer(settings.host, settings.metrics_port,
-                                        ready=lambda: relay.ready).start()
+    try:
+        observability = ObservabilityServer(settings.host, settings.metrics_port,
+                                            ready=lambda: relay.ready).start()
+    except PortInUse as exc:
+        print(f"iotpipe relay: error: {exc}", file=sys.stderr)
+        return 1
 
     async def _run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        if lifecycle.requested():
+            return  # stopped while starting: nothing was served yet
         await relay.run(stop)
 
     try:
@@ -544,6 +552,9 @@ def main(argv: Sequence[str]) -> int:
             uvloop.run(_run())
     except OSError as exc:
         log.error("relay failed", extra={"fields": {"error": str(exc)}})
+        if exc.errno == errno.EADDRINUSE:
+            print(f"iotpipe relay: error: port {settings.port} on {settings.host} is in use",
+                  file=sys.stderr)
         return 1
     finally:
         observability.stop()

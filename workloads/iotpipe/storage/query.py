@@ -29,12 +29,17 @@ _RFC3339 = re.compile(
     r"(?P<tz>Z|[+-]\d\d:?\d\d)?$", re.IGNORECASE)
 
 
+# Where `iotpipe up` (and so `make up`) keeps its store, relative to the working directory.
+DEFAULT_DB = "./data/store/readings.db"
+
+
 class QuerySettings(TierSettings):
     """Read stored readings by device and time range."""
 
-    model_config = tier_config("iotpipe query", "IOTPIPE_QUERY_")
+    model_config = tier_config("iotpipe query", "IOTPIPE_QUERY_", {"json_lines": "json"})
 
-    db: str | None = Field(None, description="path of the embedded SQLite store (readings.db)")
+    db: str | None = Field(None, description="path of the embedded SQLite store (default: "
+                                             f"{DEFAULT_DB}, where `iotpipe up` keeps it)")
     sink: str | None = Field(None, description="sink URL to read from instead of --db "
                                                "(e.g. sqlite:///var/lib/iotpipe/store/readings.db)")
     device: str | None = Field(None, description="device id (default: every device)")
@@ -42,7 +47,7 @@ class QuerySettings(TierSettings):
     until: str | None = Field(None, description="before this time (RFC 3339 or epoch seconds)")
     limit: int | None = Field(None, ge=1, description="print at most this many readings")
     # Named json_lines because "json" shadows a pydantic method; the flag is still --json.
-    json_lines: bool = Field(False, alias="json",
+    json_lines: bool = Field(False,
                              description="print JSON lines instead of a table")
     count: bool = Field(False, description="print only the number of matching readings")
 
@@ -111,10 +116,12 @@ def _print_table(readings: list[StoredReading]) -> None:
 
 def main(argv: Sequence[str]) -> int:
     settings = parse_settings(QuerySettings, argv)
-    if (settings.db is None) == (settings.sink is None):
-        print("iotpipe query: error: give exactly one of --db PATH or --sink URL",
+    if settings.db is not None and settings.sink is not None:
+        print("iotpipe query: error: give one of --db PATH or --sink URL, not both",
               file=sys.stderr)
         return 2
+    if settings.db is None and settings.sink is None:
+        settings.db = DEFAULT_DB
     try:
         since_ns = None if settings.since is None else parse_time(settings.since)
         until_ns = None if settings.until is None else parse_time(settings.until)

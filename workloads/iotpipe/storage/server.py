@@ -43,7 +43,7 @@ import zmq
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import Field
 
-from iotpipe import wire
+from iotpipe import lifecycle, wire
 from iotpipe.endpoints import (
     EndpointsCollector,
     EndpointsError,
@@ -51,9 +51,9 @@ from iotpipe.endpoints import (
     diff_endpoints,
     resolve_endpoints,
 )
-from iotpipe.observability import ObservabilityServer, setup_logging
+from iotpipe.observability import ObservabilityServer, PortInUse, setup_logging
 from iotpipe.registry import RegistryWatcher
-from iotpipe.settings import CommaList, TierSettings, parse_settings, tier_config
+from iotpipe.settings import CommaList, ServerSettings, parse_settings, tier_config
 from iotpipe.storage.consumer import FeedConsumer
 from iotpipe.storage.enrich import enrich_records
 from iotpipe.storage.sinks import Sink, SinkBatch, SinkError, open_sink
@@ -66,15 +66,14 @@ _MAX_POLL_S = 0.25  # how long a stop request waits at most
 _LINGER_MS = 2000  # time given to the last acks to leave at shutdown
 
 
-class StorageSettings(TierSettings):
+class StorageSettings(ServerSettings):
     """Consume the middle tier's durable feed, enrich readings and write them to sinks."""
 
     model_config = tier_config("iotpipe storage", "IOTPIPE_STORAGE_")
 
     host: str = Field("0.0.0.0", description="bind address of the metrics port")
-    metrics_port: int = Field(9100, ge=0, le=65535,
+    metrics_port: int = Field(9102, ge=0, le=65535,
                               description="port of /metrics, /healthz and /readyz")
-    log_level: str = Field("info", description="debug, info, warning or error")
     feed_endpoints: CommaList = Field(
         default_factory=list,
         description="middle feed endpoints, comma separated (tcp://host:5557,...); "
@@ -388,6 +387,7 @@ def open_sinks(urls: Sequence[str], state_dir: Path | None = None) -> list[Sink]
 
 def main(argv: Sequence[str]) -> int:
     """``iotpipe storage``: run until SIGTERM/SIGINT, finish the batch in hand, exit 0."""
+    lifecycle.catch_early()  # a stop while the sinks open counts
     settings = parse_settings(StorageSettings, argv)
     setup_logging("storage", settings.log_level)
     if not settings.feed_endpoints and not settings.feed_endpoints_file:
@@ -425,8 +425,17 @@ def main(argv: Sequence[str]) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    observability = ObservabilityServer(settings.host, settings.metrics_port,
-                                        ready=lambda: service.ready).start()
+    if lifecycle.requested():
+        service.stop()  # stopped while starting: run() returns at once
+    try:
+        observability = ObservabilityServer(settings.host, settings.metrics_port,
+                                            ready=lambda: service.ready).start()
+    except PortInUse as exc:
+        service.close()
+        for sink in sinks:
+            sink.close()
+        print(f"iotpipe storage: error: {exc}", file=sys.stderr)
+        return 1
     log.info("storage started", extra={"fields": {
         "feed_endpoints": service.endpoints, "group": settings.group,
         "consumer_id": settings.consumer_id, "sinks": [s.url for s in sinks],

@@ -1,0 +1,38 @@
+"""Stop requests that arrive while a tier is still starting.
+
+A tier spends its first second importing, opening its queue and binding ports before it
+installs the handler that stops it cleanly. Python's default for SIGTERM kills the process
+(status -15), and as PID 1 in a container, where no default action applies, the signal is
+simply lost and ``docker stop`` waits out its whole grace period. So ``iotpipe`` installs
+:func:`catch_early` before it even imports a tier: a SIGTERM or SIGINT that arrives during
+start-up is remembered, and each tier, right after installing its real handler, asks
+:func:`requested` and stops at once (status 0) if one came.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+__all__ = ["STOP_SIGNALS", "catch_early", "requested"]
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_received: list[int] = []
+
+
+def _remember(signum: int, _frame: FrameType | None) -> None:
+    _received.append(signum)
+
+
+def catch_early() -> None:
+    """Remember SIGTERM/SIGINT until the tier installs its own handlers (idempotent)."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set handlers (a tier run inside a test's thread)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _remember)
+
+
+def requested() -> int | None:
+    """The first stop signal received while starting, if any."""
+    return _received[0] if _received else None

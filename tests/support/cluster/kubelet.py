@@ -355,8 +355,6 @@ class Kubelet:
                     8.0, 0.5 * 2 ** min(container.restarts - 1, 4))
         if proc is None or (container.exit_code is not None and container.next_start
                             and time.monotonic() >= container.next_start):
-            if proc is not None and policy == "Never":
-                return
             try:
                 self._spawn(pod, container)
             except PodNotReady:

@@ -2,9 +2,9 @@
 
 Objects are plain dicts (what the builders produce). :meth:`Kube.apply` is server-side
 apply with the field manager ``iotpipe-operator``, so a field the spec no longer says
-disappears from the live object. It reads the object first: a missing one is created (POST,
-same field manager: KMock answers 404 to a PATCH of a missing object, so create-then-apply is
-how SSA works there and everywhere), an existing one not owned by the pipeline is refused
+disappears from the live object. It reads the object first: a missing one is created by an
+apply too (KMock answers 404 to a PATCH of a missing object: then a POST with the same field
+manager), an existing one not owned by the pipeline is refused
 (:class:`ForeignObjectError`, never adopted), and a 409 conflict re-reads and re-applies.
 Transient API errors (unreachable, 429, 5xx) are retried a few times with exponential
 backoff inside one call. Everything here is blocking; the kopf handlers run it in kopf's
@@ -267,6 +267,18 @@ class Kube:
             body=obj, query={"fieldManager": FIELD_MANAGER, "force": "true"},
             content_type="application/apply-patch+yaml")  # JSON is YAML
 
+    def _create_by_apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create through server-side apply, so every field is owned by the Apply entry of
+        the field manager (a POST would record an Update entry that keeps owning the fields,
+        and removing them from the spec later would then not remove them). A server that
+        answers 404 to an apply of a missing object (KMock) gets a POST instead."""
+        try:
+            return self.server_side_apply(apply_body(obj, None))
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+        return self.create(obj)
+
     def apply(self, obj: dict[str, Any], owner_uid: str | None = None,
               attempts: int = 3) -> ApplyOutcome:
         """Create ``obj`` or server-side apply it; refuse an existing object that is not
@@ -279,7 +291,7 @@ class Kube:
             live = self.get(obj["apiVersion"], obj["kind"], namespace, meta["name"])
             try:
                 if live is None:
-                    return ApplyOutcome("created", self.create(obj))
+                    return ApplyOutcome("created", self._create_by_apply(obj))
                 if owner_uid is not None and not owned_by(live, owner_uid):
                     owners = [f"{r.get('kind')}/{r.get('name')}" for r in
                               (live.get("metadata") or {}).get("ownerReferences") or []]

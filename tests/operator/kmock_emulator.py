@@ -96,7 +96,13 @@ class Emulator(kmock.KubernetesEmulator):
             if not meta.get("name") and meta.get("generateName"):
                 meta["name"] = f"{meta['generateName']}{next(self._serial)}"
             if request.params.get("fieldManager"):
-                self.applied[f"{path}/{meta['name']}"] = data
+                # The operator POSTs only after its create-by-apply got KMock's 404: on a
+                # real server the apply would have created it, so record it as applied.
+                self.applied[f"{path}/{meta['name']}"] = json.loads(json.dumps(data))
+                meta["managedFields"] = [{
+                    "manager": request.params["fieldManager"], "operation": "Apply",
+                    "apiVersion": data.get("apiVersion"), "fieldsType": "FieldsV1",
+                    "fieldsV1": fields_v1(data)}]
         elif request.action == kmock.action.DELETE:
             self.applied.pop(path, None)
         elif (request.method == kmock.method.PATCH and isinstance(data, dict)
@@ -113,4 +119,11 @@ class Emulator(kmock.KubernetesEmulator):
             applied = json.loads(json.dumps(self.applied[path]))
             disown(applied, data)
             self.applied[path] = applied
+            if data.get("spec"):  # the applier's managedFields no longer list those fields
+                data = {**data, "metadata": {**(data.get("metadata") or {}),
+                                             "managedFields": [{
+                    "manager": "iotpipe-operator", "operation": "Apply",
+                    "apiVersion": applied.get("apiVersion"), "fieldsType": "FieldsV1",
+                    "fieldsV1": fields_v1(applied)}]}}
+                object.__setattr__(request, "data", data)
         return await super()._handle(request)

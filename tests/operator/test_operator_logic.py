@@ -226,10 +226,18 @@ _CM = {"apiVersion": "v1", "kind": "ConfigMap",
 
 
 def test_apply_creates_missing_then_server_side_applies() -> None:
+    # a missing object is created by an apply (all fields owned by the Apply entry) ...
     kube = _RecordingKube([KubeError(404, "NotFound", ""), {"created": True}])
     assert kube.apply(_CM, owner_uid="u1").action == "created"
-    assert [c[0] for c in kube.calls] == ["GET", "POST"]
-    assert kube.calls[1][2] == {"fieldManager": "iotpipe-operator"}
+    assert [c[0] for c in kube.calls] == ["GET", "PATCH"]
+    assert kube.calls[1][2:] == ({"fieldManager": "iotpipe-operator", "force": "true"},
+                                 "application/apply-patch+yaml")
+    # ... or, where an apply of a missing object is a 404 (KMock), by a POST
+    kube = _RecordingKube([KubeError(404, "NotFound", ""), KubeError(404, "NotFound", ""),
+                           {"created": True}])
+    assert kube.apply(_CM, owner_uid="u1").action == "created"
+    assert [c[0] for c in kube.calls] == ["GET", "PATCH", "POST"]
+    assert kube.calls[2][2] == {"fieldManager": "iotpipe-operator"}
 
     kube = _RecordingKube([_CM, {"applied": True}])
     assert kube.apply(_CM, owner_uid="u1").action == "applied"
@@ -257,8 +265,8 @@ def test_apply_conflict_rereads_and_reapplies() -> None:
     assert kube.apply(_CM, owner_uid="u1").action == "applied"
     assert [c[0] for c in kube.calls] == ["GET", "PATCH", "GET", "PATCH"]
     # a create race (409 on POST) reads again and applies
-    kube = _RecordingKube([KubeError(404, "NotFound", ""), KubeError(409, "AlreadyExists", ""),
-                           _CM, {"ok": 1}])
+    kube = _RecordingKube([KubeError(404, "NotFound", ""), KubeError(404, "NotFound", ""),
+                           KubeError(409, "AlreadyExists", ""), _CM, {"ok": 1}])
     assert kube.apply(_CM, owner_uid="u1").action == "applied"
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support.cluster.api import _differs, overlay, removed_fields
+from support.cluster.api import _differs, overlay, removed_fields, taken_over
 from support.cluster.kubelet import _expand, map_paths
 from support.cluster.network import Addresses, hosts_text, write_in_place
 
@@ -26,6 +26,15 @@ def test_apply_removes_what_the_manager_no_longer_sets() -> None:
     current = {"metadata": {"annotations": {"b": "2"}}, "spec": {"x": 1}}
     patch = overlay(removed_fields(previous, current), current)
     assert patch == {"metadata": {"annotations": {"a": None, "b": "2"}}, "spec": {"x": 1}}
+
+
+def test_a_field_another_writer_set_survives_the_next_apply() -> None:
+    applied = {"spec": {"replicas": 2, "template": {"x": 1}}}
+    # the autoscaler scales: replicas is now its field
+    applied = taken_over(applied, {"spec": {"replicas": 5}})
+    assert applied == {"spec": {"template": {"x": 1}}}
+    current = {"spec": {"template": {"x": 1}}}  # the next apply leaves replicas out
+    assert removed_fields(applied, current) == {}
 
 
 def test_container_paths_map_to_whole_components() -> None:

@@ -9,7 +9,9 @@ operator needs the rest, so :class:`ClusterEmulator` adds:
 - the metadata, as an API server assigns it (``generation`` moves with ``spec`` only);
 - server-side apply for one field manager (``application/apply-patch+yaml``): what the
   manager's previous apply (or create with ``fieldManager``) set and this one does not is
-  removed; lists are atomic (the approach of ``tests/operator/kmock_emulator.py``);
+  removed, unless another writer's merge patch has set it since (it then owns the field,
+  as the HPA owns ``replicas`` once it scales); lists are atomic (the approach of
+  ``tests/operator/kmock_emulator.py``);
 - the pod proxy ``/api/v1/namespaces/NS/pods/POD:PORT/proxy/PATH``, forwarded for real to
   the pod's address (``pod_address`` is set by the cluster);
 - :attr:`unavailable`: API paths that answer 503 (a failing aggregated API server).
@@ -69,6 +71,18 @@ def removed_fields(previous: Any, current: Any) -> dict[str, Any]:
             nested = removed_fields(value, current[key])
             if nested:
                 out[key] = nested
+    return out
+
+
+def taken_over(applied: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """``applied`` without the fields another writer's merge patch just set: that writer
+    now owns (or co-owns) them, so a later apply that leaves them out keeps them."""
+    out: dict[str, Any] = {}
+    for key, value in applied.items():
+        if key not in patch:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(patch[key], dict):
+            out[key] = taken_over(value, patch[key])
     return out
 
 
@@ -137,6 +151,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 self.applied[path] = json.loads(json.dumps(data))
                 object.__setattr__(request, "data", patch)
                 data = patch
+            elif request.method == kmock.method.PATCH and path in self.applied:
+                self.applied[path] = taken_over(self.applied[path], data)
             if request.action == kmock.action.CREATE:
                 meta = data.setdefault("metadata", {})
                 if not meta.get("name") and meta.get("generateName"):

@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import kubernetes
+import urllib3
 from kubernetes.client import ApiClient, Configuration
 from kubernetes.client.exceptions import ApiException
 
@@ -129,7 +130,7 @@ class Kube:
         self.timeout = timeout
 
     @classmethod
-    def from_environment(cls) -> Kube:
+    def from_environment(cls, timeout: float = 30.0) -> Kube:
         """In-cluster service account if present, else $KUBECONFIG / ~/.kube/config."""
         configuration = Configuration()
         try:
@@ -138,7 +139,7 @@ class Kube:
             # Read $KUBECONFIG now: the kubernetes package reads it once at import time.
             kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"),
                                                client_configuration=configuration)
-        return cls(ApiClient(configuration))
+        return cls(ApiClient(configuration), timeout=timeout)
 
     def close(self) -> None:
         # Drop keep-alive connections too, so the server side sees them end now.
@@ -171,7 +172,7 @@ class Kube:
             response.read()
         except ApiException as exc:  # raised by the REST layer for transport-level failures
             raise KubeError(exc.status or 0, str(exc.reason), str(exc.body)) from exc
-        except OSError as exc:
+        except (OSError, urllib3.exceptions.HTTPError) as exc:  # reset, timeout, refused
             raise KubeError(0, "Unreachable", str(exc)) from exc
         text = response.data.decode(errors="replace") if response.data else ""
         try:
@@ -239,7 +240,7 @@ class Kube:
             response.read()
         except ApiException as exc:
             raise KubeError(exc.status or 0, str(exc.reason), str(exc.body)) from exc
-        except OSError as exc:
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
             raise KubeError(0, "Unreachable", str(exc)) from exc
         text = response.data.decode(errors="replace") if response.data else ""
         if not 200 <= response.status < 300:

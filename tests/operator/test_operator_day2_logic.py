@@ -122,3 +122,26 @@ def test_direct_metrics_read_from_the_pod_ip(metrics_server: int) -> None:
     assert deletion.middle_backlog(text, "storage") == 12
     with pytest.raises(KubeError, match="has no IP yet"):
         kube.pod_metrics("ns", {"metadata": {"name": "p"}}, metrics_server, direct=True)
+
+
+def test_an_unreachable_api_server_is_a_kube_error_after_retries(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from kubernetes.client import ApiClient, Configuration
+
+    with socket.socket() as sock:  # a loopback port with nothing listening
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sleeps: list[float] = []
+    monkeypatch.setattr("iotpipe_operator.kube.time.sleep", sleeps.append)
+    configuration = Configuration(host=f"http://127.0.0.1:{port}")
+    configuration.retries = 0  # urllib3's own retries off: ours are under test
+    kube = Kube(ApiClient(configuration), timeout=2.0)
+    try:
+        with pytest.raises(KubeError) as caught:
+            kube.get("v1", "ConfigMap", "ns", "x")
+    finally:
+        kube.close()
+    assert caught.value.status == 0 and caught.value.reason == "Unreachable"
+    assert sleeps == [0.2, 0.4, 0.8], "retried with backoff before giving up"

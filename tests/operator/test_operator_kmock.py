@@ -28,6 +28,7 @@ import yaml
 from kmock_emulator import Emulator
 
 from iotpipe_operator import handlers
+from iotpipe_operator.kube import Kube
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60),
               pytest.mark.kmock(cls=Emulator)]
@@ -206,7 +207,11 @@ async def operator(interval: float) -> AsyncIterator[None]:
     settings.execution.executor = executor
     stop = asyncio.Event()
     task = asyncio.create_task(kopf.operator(
-        registry=handlers.make_registry(reconcile_interval=interval), settings=settings,
+        # Short API timeouts: a request KMock drops while the operator stops must not
+        # outlast the shutdown allowance below.
+        registry=handlers.make_registry(
+            reconcile_interval=interval,
+            kube_factory=lambda: Kube.from_environment(timeout=5.0)), settings=settings,
         standalone=True, namespaces=[NS], stop_flag=stop))
     try:
         yield

@@ -1,0 +1,52 @@
+"""Deleting a pipeline (deletionPolicy Drain, the default) while devices send."""
+
+from __future__ import annotations
+
+import pytest
+from support.cluster import ClusterEmulator, LocalCluster
+from support.cluster.api import PIPELINES
+
+from cluster.conftest import (
+    NAME,
+    assert_every_ack_stored_once,
+    devices,
+    pipeline_manifest,
+    start_pipeline,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(150),
+              pytest.mark.kmock(cls=ClusterEmulator)]
+
+PVCS = "v1/persistentvolumeclaims"
+STS = "apps/v1/statefulsets"
+
+
+async def test_delete_with_drain_stores_every_ack_before_children_go(
+        cluster: LocalCluster) -> None:
+    await start_pipeline(cluster, pipeline_manifest(replicas=2))
+    ingest = f"{NAME}-ingest"
+    reasons: list[str] = []
+
+    def gone() -> bool:
+        condition = cluster.condition(NAME, "Deleting")
+        if condition and (not reasons or reasons[-1] != condition["reason"]):
+            reasons.append(condition["reason"])
+        return cluster.api.get(PIPELINES, NAME) is None
+
+    async with devices(cluster) as running:
+        fleet = running.fleet
+        await cluster.wait(lambda: fleet.total_acked() >= 300, 30, "acks before the deletion")
+        await cluster.api.delete(PIPELINES, NAME)
+        # The finalizer holds the pipeline (and so every child) while ingest drains away.
+        await cluster.wait(gone, 90, "the pipeline released after the drain")
+        # Nothing is left to connect to: leaving the block stops the devices; messages
+        # they still hold were never acknowledged, so nothing is owed for them.
+    assert cluster.replicas_seen[ingest] == [2, 1, 0]
+    assert cluster.max_removing[ingest] == 1
+    assert "DrainingIngest" in reasons, reasons
+    # Released only once every queue was drained (drained PVCs are deleted) ...
+    assert not {n for n in cluster.api.names(PVCS) if n.startswith(f"queue-{ingest}-")}
+    # ... and then the garbage collector takes the children.
+    await cluster.wait(lambda: not cluster.api.names(STS) and not cluster.pod_names(NAME),
+                       60, "children garbage-collected")
+    await assert_every_ack_stored_once(cluster, fleet, within=5)

@@ -82,3 +82,28 @@ async def test_keda_discovery_503_never_scales_down(kmock: ClusterEmulator,
     assert cluster.max_terminating.get(INGEST, 0) == 0, "no ingest pod was removed"
     await assert_every_ack_stored_once(cluster, fleet)
     assert fleet.errors == {}, fleet.errors
+
+
+async def test_none_to_hpa_hands_replicas_over_without_a_scale_down(
+        cluster: LocalCluster) -> None:
+    # The operator's apply owned spec.replicas; an apply that simply dropped it would let
+    # server-side apply remove the field and the StatefulSet fall back to 1 replica (three
+    # parallel drains) before the HPA first wrote it.
+    await start_pipeline(cluster, pipeline_manifest(replicas=4))
+    async with devices(cluster) as running:
+        fleet = running.fleet
+        await cluster.wait(lambda: fleet.total_acked() >= 300, 30, "acks")
+        await cluster.patch_pipeline(NAME, {"ingest": {"autoscaling": {
+            "mode": "hpa", "minReplicas": 2, "maxReplicas": 6}}})
+        await cluster.wait(lambda: cluster.api.get(HPAS, INGEST), 30, "the HPA")
+        passes = cluster.passes
+        await cluster.wait(lambda: cluster.passes >= passes + 25, 30, "controller passes")
+        # The HPA then scales within its bounds, and the operator leaves its value alone.
+        await _autoscaler_scales_to(cluster, 5)
+        after = fleet.total_acked()
+        await cluster.wait(lambda: fleet.total_acked() >= after + 200, 30, "devices carry on")
+        await running.finish()
+    assert min(cluster.replicas_seen[INGEST]) == 4, cluster.replicas_seen[INGEST]
+    sts = cluster.api.get(STS, INGEST)
+    assert sts is not None and sts["spec"]["replicas"] == 5
+    await assert_every_ack_stored_once(cluster, fleet)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support.cluster.api import _differs, overlay, removed_fields, taken_over
+from support.apiserver import differs, overlay, removed_fields, taken_over
 from support.cluster.kubelet import _expand, map_paths
 from support.cluster.network import Addresses, hosts_text, write_in_place
 
@@ -15,10 +15,10 @@ pytestmark = pytest.mark.unit
 
 def test_generation_moves_only_when_a_patch_changes_the_spec() -> None:
     spec = {"replicas": 2, "template": {"a": 1}}
-    assert not _differs(spec, {"replicas": 2})
-    assert not _differs(spec, {"gone": None})
-    assert _differs(spec, {"template": {"a": 2}})
-    assert _differs(spec, {"replicas": None})
+    assert not differs(spec, {"replicas": 2})
+    assert not differs(spec, {"gone": None})
+    assert differs(spec, {"template": {"a": 2}})
+    assert differs(spec, {"replicas": None})
 
 
 def test_apply_removes_what_the_manager_no_longer_sets() -> None:

@@ -1,9 +1,10 @@
 """The operator running against KMock's KubernetesEmulator (kopf 1.45 + KMock 0.8).
 
 KMock stores objects and streams watch events, but runs no controllers, garbage
-collection, schemas or CEL, and assigns no uid/resourceVersion/generation: the tests seed
-those themselves and play the controllers' part (StatefulSet status, pods, PVCs, Job
-status) where a scenario needs it.
+collection, schemas or CEL; :class:`support.apiserver.ApiServerEmulator` adds the metadata,
+server-side apply and the pod proxy. The tests seed the pipeline themselves and play the
+controllers' part (StatefulSet status, pods, PVCs, Job status) where a scenario needs it;
+``tests/cluster`` runs the same operator against controllers and real tier processes.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ import kopf
 import kubernetes
 import pytest
 import yaml
-from kmock_emulator import Emulator
+from support.apiserver import ApiServerEmulator
 
 from iotpipe_operator import handlers
 from iotpipe_operator.kube import Kube
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60),
-              pytest.mark.kmock(cls=Emulator)]
+              pytest.mark.kmock(cls=ApiServerEmulator)]
 
 REPO = Path(__file__).resolve().parents[2]
 NS = "iot"

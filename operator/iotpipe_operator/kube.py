@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-import time
+import threading
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
@@ -128,6 +128,9 @@ class Kube:
     def __init__(self, api_client: ApiClient, timeout: float = 30.0) -> None:
         self.api = api_client
         self.timeout = timeout
+        # Set by close(): handler threads still retrying give up at once, so a stopping
+        # operator never waits out their timeouts and backoffs.
+        self._closed = threading.Event()
 
     @classmethod
     def from_environment(cls, timeout: float = 30.0) -> Kube:
@@ -142,6 +145,7 @@ class Kube:
         return cls(ApiClient(configuration), timeout=timeout)
 
     def close(self) -> None:
+        self._closed.set()
         # Drop keep-alive connections too, so the server side sees them end now.
         self.api.rest_client.pool_manager.clear()
         self.api.close()
@@ -152,13 +156,18 @@ class Kube:
         """One API call; transient failures are retried with exponential backoff
         (0.2 s, 0.4 s, 0.8 s) before the error is raised."""
         for attempt in range(attempts):
+            if self._closed.is_set():
+                raise KubeError(0, "Closed", f"{method} {path}: the operator is stopping")
             try:
                 return self._request_once(method, path, body, query, content_type)
             except KubeError as exc:
                 if exc.status not in TRANSIENT_STATUSES or attempt == attempts - 1:
                     raise
-                time.sleep(0.2 * 2**attempt)
+                self._backoff(0.2 * 2**attempt)
         raise AssertionError("unreachable")
+
+    def _backoff(self, seconds: float) -> None:
+        self._closed.wait(seconds)  # close() cuts it short
 
     def _request_once(self, method: str, path: str, body: Any,
                       query: dict[str, str] | None, content_type: str) -> dict[str, Any]:

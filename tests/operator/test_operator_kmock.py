@@ -207,17 +207,23 @@ async def operator(interval: float) -> AsyncIterator[None]:
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=4)
     settings.execution.executor = executor
     stop = asyncio.Event()
-    task = asyncio.create_task(kopf.operator(
+    clients: list[Kube] = []
+
+    def kube_factory() -> Kube:
         # Short API timeouts: a request KMock drops while the operator stops must not
         # outlast the shutdown allowance below.
-        registry=handlers.make_registry(
-            reconcile_interval=interval,
-            kube_factory=lambda: Kube.from_environment(timeout=5.0)), settings=settings,
-        standalone=True, namespaces=[NS], stop_flag=stop))
+        clients.append(Kube.from_environment(timeout=5.0))
+        return clients[-1]
+
+    task = asyncio.create_task(kopf.operator(
+        registry=handlers.make_registry(reconcile_interval=interval, kube_factory=kube_factory),
+        settings=settings, standalone=True, namespaces=[NS], stop_flag=stop))
     try:
         yield
     finally:
         stop.set()
+        for client in clients:  # handler threads mid-retry give up now (kopf cancels the
+            client.close()      # KMock server tasks that would have answered them)
         # kopf then waits up to 5 s for every task spawned meanwhile, including KMock's
         # never-ending server side of watch streams: cancel once kopf's own parts are done.
         await asyncio.wait({task}, timeout=2)

@@ -6,9 +6,12 @@ import copy
 import logging
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import kubernetes
 import kubernetes_validate
 import pytest
 import yaml
@@ -207,6 +210,7 @@ class _RecordingKube(Kube):
     """Kube whose transport is a script: (method, path) -> response or KubeError."""
 
     def __init__(self, script: list[Any]) -> None:
+        super().__init__(kubernetes.client.ApiClient(kubernetes.client.Configuration()))
         self.script = list(script)
         self.calls: list[tuple[str, str, dict[str, str], str]] = []
 
@@ -272,7 +276,7 @@ def test_apply_conflict_rereads_and_reapplies() -> None:
 
 def test_transient_errors_are_retried_with_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     sleeps: list[float] = []
-    monkeypatch.setattr("iotpipe_operator.kube.time.sleep", sleeps.append)
+    monkeypatch.setattr(Kube, "_backoff", lambda _self, seconds: sleeps.append(seconds))
     kube = _RecordingKube([KubeError(503, "ServiceUnavailable", ""), KubeError(0, "Unreachable",
                                                                                ""), _CM])
     assert kube.get("v1", "ConfigMap", "iot", "c") == _CM
@@ -282,8 +286,22 @@ def test_transient_errors_are_retried_with_backoff(monkeypatch: pytest.MonkeyPat
         kube.get("v1", "ConfigMap", "iot", "c")  # not transient: raised at once
 
 
+def test_a_closed_client_stops_retrying_at_once() -> None:
+    # A stopping operator closes its client: a handler thread mid-backoff gives up at once
+    # instead of waiting out timeouts against a server that no longer answers.
+    kube = _RecordingKube([KubeError(0, "Unreachable", "")] * 4)
+    closer = threading.Timer(0.05, kube.close)
+    closer.start()
+    started = time.monotonic()
+    with pytest.raises(KubeError, match="Closed"):
+        kube.get("v1", "ConfigMap", "iot", "c")
+    closer.join()
+    assert time.monotonic() - started < 1.0  # the three backoffs alone take 1.4 s
+    assert len(kube.calls) == 1
+
+
 def test_discovery_failure_is_unknown_not_absent(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("iotpipe_operator.kube.time.sleep", lambda _: None)
+    monkeypatch.setattr(Kube, "_backoff", lambda _self, _seconds: None)
     assert _RecordingKube([KubeError(503, "ServiceUnavailable", "")] * 2).served(
         "keda.sh/v1alpha1", "ScaledObject") is None
     assert _RecordingKube([KubeError(404, "NotFound", "")]).served(

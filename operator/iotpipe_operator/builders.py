@@ -21,6 +21,12 @@ What is built, for a pipeline named ``NAME``:
 - storage: ConfigMap, StatefulSet ``NAME-storage`` (data PVC per pod), headless Service
   ``NAME-storage``, PDB.
 - a ServiceMonitor ``NAME`` when ``metrics.serviceMonitor`` is on and its CRD exists.
+- created once, never applied (:attr:`BuildResult.create_only`, :attr:`BuildResult.curve_secret`):
+  the deny list ConfigMap ``NAME-deny-list`` (mounted in ingest and relay) and, with
+  ``security.curve.enabled``, the CurveZMQ Secret ``NAME-curve`` (mounted in every tier and
+  drain Job; its random keys come from the handler). Optional ``ingest.tls`` /
+  ``relay.tls`` Secrets are mounted for ``wss://``. Storage serves its read API and the
+  relay's live page is pointed at it and at every tier's metrics.
 
 Volume sizing: ``queue.size`` is the pod's total queue capacity; with ``ingest.processes``
 = N each process gets ``size // N`` bytes (``queue_bytes``). The PVC requests ``size``

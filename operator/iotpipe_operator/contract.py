@@ -1,62 +1,25 @@
-"""The deployment contract between the operator and the tiers, taken from the tiers' own
-settings models (pydantic-settings) instead of retyped: environment keys
-(``<env_prefix><FIELD>``), command-line flags (``--field-name``) and default ports.
-
-A builder that names a setting a tier does not have fails here, at build time and in the
-unit tests, not in a crash-looping pod.
+"""The deployment contract between the operator and the tiers: a re-export of
+:mod:`iotpipe.contract` (shared with ``iotpipe up``), plus the default ports the builders
+use, read from the tiers' settings models.
 """
 
 from __future__ import annotations
 
-import importlib
-from functools import cache
-from typing import Any
+from iotpipe.contract import default, env, flag, has_setting, settings_model
 
-from pydantic_settings import BaseSettings
-
-# tier -> (module, settings class)
-_MODELS = {
-    "ingest": ("iotpipe.ingest.server", "IngestSettings"),
-    "middle": ("iotpipe.middle.server", "MiddleSettings"),
-    "relay": ("iotpipe.relay.server", "RelaySettings"),
-    "storage": ("iotpipe.storage.server", "StorageSettings"),
-    "drain": ("iotpipe.ingest.drain", "DrainSettings"),
-}
-
-@cache
-def settings_model(tier: str) -> type[BaseSettings]:
-    module, name = _MODELS[tier]
-    model: type[BaseSettings] = getattr(importlib.import_module(module), name)
-    return model
-
-
-def has_setting(tier: str, field: str) -> bool:
-    return field in settings_model(tier).model_fields
-
-
-def _check(tier: str, field: str) -> None:
-    if not has_setting(tier, field):
-        model = settings_model(tier)
-        raise KeyError(f"{model.__name__} ({tier}) has no setting {field!r}")
-
-
-def env(tier: str, field: str) -> str:
-    """The environment variable of a tier setting, e.g. IOTPIPE_INGEST_QUEUE_BYTES."""
-    _check(tier, field)
-    prefix = str(settings_model(tier).model_config.get("env_prefix", ""))
-    return prefix + field.upper()
-
-
-def flag(tier: str, field: str) -> str:
-    """The command-line flag of a tier setting, e.g. --queue-bytes."""
-    _check(tier, field)
-    return "--" + field.replace("_", "-")
-
-
-def default(tier: str, field: str) -> Any:
-    _check(tier, field)
-    return settings_model(tier).model_fields[field].default
-
+__all__ = [
+           "FEED_PORT",
+           "INGEST_PORT",
+           "METRICS_PORT",
+           "PUB_PORT",
+           "RELAY_PORT",
+           "ROUTER_PORT",
+           "default",
+           "env",
+           "flag",
+           "has_setting",
+           "settings_model",
+]
 
 INGEST_PORT: int = default("ingest", "port")
 RELAY_PORT: int = default("relay", "port")

@@ -131,6 +131,23 @@ def _service(default_port: int) -> dict[str, Any]:
     }
 
 
+def _tls(tier: str, path: str) -> dict[str, Any]:
+    return {
+        "type": "object", "default": {},
+        "description": f"TLS on the {tier} WebSocket ({path}): wss:// served by the tier "
+                       "itself, for deployments without a TLS-terminating ingress.",
+        "properties": {
+            "secretName": {
+                "type": "string", "maxLength": 253,
+                "description": "A kubernetes.io/tls Secret (tls.crt, tls.key), e.g. made by "
+                               "cert-manager. Mounted as a volume: a renewed certificate "
+                               "reaches new connections without a restart. Unset: plain "
+                               "ws://.",
+            },
+        },
+    }
+
+
 def _spec_schema() -> dict[str, Any]:
     sink_rules: list[dict[str, Any]] = [{
         "rule": "self.matches('^(" + "|".join(SINK_SCHEMES) + "):')",
@@ -171,6 +188,7 @@ def _spec_schema() -> dict[str, Any]:
                           "description": "Messages per second per device (0: no limit; "
                                          "unset: the ingest default)."},
             "maxFrameBytes": _int(None, 128, 64 * 1024 * 1024, "Largest WebSocket frame."),
+            "tls": _tls("ingest", "devices"),
             "autoscaling": {
                 "type": "object", "default": {},
                 "description": "Autoscaling of ingest: an HPA or a KEDA ScaledObject, never "
@@ -247,6 +265,7 @@ def _spec_schema() -> dict[str, Any]:
             **_tier_common(1, "relay"),
             "clientQueue": _int(1000, 1, 1_000_000, "Per-client bounded send queue length."),
             "service": _service(8081),
+            "tls": _tls("relay", "client apps and the live page"),
         },
     }
     storage = {
@@ -312,6 +331,26 @@ def _spec_schema() -> dict[str, Any]:
                         "description": "NetworkPolicyPeers allowed to the metrics port "
                                        "(Prometheus, the operator); unset: from anywhere.",
                         "items": _open_object("A NetworkPolicyPeer.")},
+                },
+            },
+            "security": {
+                "type": "object", "default": {},
+                "description": "Security between the tiers (docs/security.md).",
+                "properties": {
+                    "curve": {
+                        "type": "object", "default": {},
+                        "description": "CurveZMQ on every ZeroMQ link: the operator creates "
+                                       "the Secret <name>-curve with a key pair per role "
+                                       "once, never overwrites it, and mounts it in every "
+                                       "tier and drain Job. Rotate with iotpipe keys "
+                                       "(docs/security.md).",
+                        "properties": {
+                            "enabled": {"type": "boolean", "default": True,
+                                        "description": "false: plain ZeroMQ (only where "
+                                                       "the network is private to the "
+                                                       "pipeline)."},
+                        },
+                    },
                 },
             },
             "metrics": {

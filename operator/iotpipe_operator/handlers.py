@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import copy
 import logging
+import tempfile
 import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import kopf
 
+from iotpipe import curve
 from iotpipe.observability import setup_logging
 from iotpipe_operator import builders, crd, deletion, drain
 from iotpipe_operator import status as status_mod
@@ -111,6 +114,40 @@ def _apply_children(kube: Kube, body: Mapping[str, Any], result: builders.BuildR
         except KubeError as exc:
             problems.append(Problem("DeleteFailed", f"{ref.kind}/{ref.name}: {exc}",
                                     retry=True))
+            complete = False
+    return complete
+
+
+def curve_key_files() -> dict[str, bytes]:
+    """A fresh key pair per CurveZMQ role, as ``iotpipe keys generate`` writes them (random:
+    made here, in the handler, never in the pure builders)."""
+    with tempfile.TemporaryDirectory(prefix="iotpipe-curve-") as tmp:
+        curve.generate_keys(tmp)
+        return {path.name: path.read_bytes() for path in sorted(Path(tmp).iterdir())
+                if path.is_file()}
+
+
+def _create_once(kube: Kube, body: Mapping[str, Any], result: builders.BuildResult,
+                 problems: list[Problem], logger: logging.Logger) -> bool:
+    """Create the objects the pipeline only ever creates: the deny list ConfigMap (users
+    edit it) and the CurveZMQ Secret (its keys must outlive every reconcile; rotation is
+    the user's, with ``iotpipe keys``). An existing one is never touched: not patched, not
+    adopted, not even read. True when each exists now."""
+    meta = body["metadata"]
+    wanted = list(result.create_only)
+    if result.curve_secret is not None:
+        # New random keys each pass: cheap, and discarded unless the Secret is missing.
+        wanted.append(builders.curve_secret(meta["name"], meta["namespace"],
+                                            curve_key_files()))
+    complete = True
+    for obj in wanted:
+        _owned(obj, body)
+        try:
+            if kube.create_if_absent(obj):
+                logger.info("created %s/%s", obj["kind"], obj["metadata"]["name"])
+        except KubeError as exc:
+            problems.append(Problem("CreateFailed", f"{obj['kind']}/"
+                                    f"{obj['metadata']['name']}: {exc}", retry=True))
             complete = False
     return complete
 
@@ -294,8 +331,11 @@ def reconcile(kube: Kube, body: Mapping[str, Any], logger: logging.Logger,
                     result.children = [c for c in result.children if not (
                         c["kind"] == "StatefulSet"
                         and c["metadata"]["name"] == workload_name(name, "ingest"))]
+                # Before the workloads: their pods mount these.
+                created = _create_once(kube, body, result, problems, logger)
                 # A step-down still in progress counts as applied: what remains is waiting.
-                applied = _apply_children(kube, body, result, problems, logger) and stepped
+                applied = _apply_children(kube, body, result, problems, logger) and stepped \
+                    and created
                 try:
                     _expand_volumes(kube, body, spec, problems)
                     drains = _drive_drains(kube, body, problems, logger)
@@ -541,7 +581,7 @@ def make_registry(reconcile_interval: float = 60.0,
     return registry
 
 
-RETRYABLE = ("ApplyFailed", "DeleteFailed", "ReadFailed", "StatusReadFailed",
+RETRYABLE = ("ApplyFailed", "CreateFailed", "DeleteFailed", "ReadFailed", "StatusReadFailed",
              "DrainActionFailed", "BuildFailed", "DiscoveryFailed")
 
 

@@ -30,6 +30,7 @@ from kubernetes.client.exceptions import ApiException
 # kind -> plural for every kind the operator touches.
 PLURALS: dict[str, str] = {
     "ConfigMap": "configmaps",
+    "Secret": "secrets",
     "Service": "services",
     "PersistentVolumeClaim": "persistentvolumeclaims",
     "Pod": "pods",
@@ -262,6 +263,17 @@ class Kube:
         return self.request("POST", resource_path(obj["apiVersion"], obj["kind"],
                                                   meta.get("namespace")), body=obj,
                             query={"fieldManager": FIELD_MANAGER})
+
+    def create_if_absent(self, obj: dict[str, Any]) -> bool:
+        """Create ``obj`` unless an object of that name exists (then it is left exactly as
+        it is: never read, patched or adopted). True when this call created it."""
+        try:
+            self.create(obj)
+        except KubeError as exc:
+            if exc.status == 409:  # AlreadyExists
+                return False
+            raise
+        return True
 
     def patch(self, api_version: str, kind: str, namespace: str, name: str,
               body: dict[str, Any], subresource: str | None = None) -> dict[str, Any]:

@@ -25,6 +25,14 @@ class Names:
     def endpoints(self) -> str:
         return f"{self.pipeline}-endpoints"
 
+    def curve_secret(self) -> str:
+        """The CurveZMQ keys (created once by the operator, never overwritten)."""
+        return f"{self.pipeline}-curve"
+
+    def deny_list(self) -> str:
+        """The deny list ConfigMap (created empty once; users edit it)."""
+        return f"{self.pipeline}-deny-list"
+
     def pod(self, tier: str, ordinal: int) -> str:
         return f"{self.workload(tier)}-{ordinal}"
 

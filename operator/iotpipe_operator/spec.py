@@ -60,6 +60,10 @@ class Auth(_Model):
     insecure_no_auth: bool = False
 
 
+class Tls(_Model):
+    secret_name: str | None = Field(None, max_length=253)
+
+
 class ScaleDown(_Model):
     stabilization_window_seconds: int = Field(300, ge=0, le=3600)
     pods_per_period: int = Field(1, ge=1, le=100)
@@ -100,6 +104,7 @@ class Ingest(_Tier):
     max_frame_bytes: int | None = Field(None, ge=128, le=64 * 1024 * 1024)
     autoscaling: Autoscaling = Autoscaling()
     drain: Drain = Drain()
+    tls: Tls = Tls()
 
 
 class Middle(_Tier):
@@ -110,6 +115,7 @@ class Middle(_Tier):
 class Relay(_Tier):
     client_queue: int = Field(1000, ge=1, le=1_000_000)
     service: RelayService = RelayService()
+    tls: Tls = Tls()
 
 
 class Registry(_Model):
@@ -136,6 +142,14 @@ class NetworkPolicy(_Model):
     metrics_from: list[dict[str, Any]] | None = Field(None, max_length=32)
 
 
+class Curve(_Model):
+    enabled: bool = True
+
+
+class Security(_Model):
+    curve: Curve = Curve()
+
+
 class PipelineSpec(_Model):
     image: str = Field("ghcr.io/iotpipe/iotpipe:0.1.0", max_length=512)
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
@@ -143,6 +157,7 @@ class PipelineSpec(_Model):
     paused: bool = False
     deletion_policy: Literal["Drain", "Retain", "Delete"] = "Drain"
     network_policy: NetworkPolicy = NetworkPolicy()
+    security: Security = Security()
     metrics: Metrics = Metrics()
     ingest: Ingest = Ingest()
     middle: Middle = Middle()

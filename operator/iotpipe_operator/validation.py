@@ -166,6 +166,11 @@ def crash_loop_warnings(obj: dict[str, Any]) -> list[str]:
     if ingest["auth"]["insecureNoAuth"]:
         out.append("spec.ingest.auth.insecureNoAuth: devices and clients connect without "
                    "tokens")
+    if not spec["security"]["curve"]["enabled"]:
+        out.append("spec.security.curve.enabled: the ZeroMQ links are plain; any pod that "
+                   "reaches the middle's ports can inject or read readings"
+                   + ("" if spec["networkPolicy"]["enabled"]
+                      else " (and networkPolicy is off: any pod in the cluster)"))
     return out
 
 

@@ -81,10 +81,13 @@ def test_ingest_reads_the_auth_secret_the_test_creates(children: list[dict[str, 
     secret_name = e2e.pipeline_manifest()["spec"]["ingest"]["auth"]["secretName"]
     ingest = find(children, "StatefulSet", f"{e2e.PIPELINE}-ingest")
     volumes = ingest["spec"]["template"]["spec"]["volumes"]
-    secrets = [v["secret"] for v in volumes if "secret" in v]
-    assert [s["secretName"] for s in secrets] == [secret_name]
+    secrets = {v["name"]: v["secret"] for v in volumes if "secret" in v}
+    assert secrets["auth"]["secretName"] == secret_name
     # The test creates the Secret with key "secret" (--from-literal=secret=...).
-    assert secrets[0]["items"][0]["key"] == "secret"
+    assert secrets["auth"]["items"][0]["key"] == "secret"
+    # Any other Secret is the CurveZMQ keys the operator creates itself.
+    assert {s["secretName"] for name, s in secrets.items() if name != "auth"} <= \
+        {f"{e2e.PIPELINE}-curve"}
     config = find(children, "ConfigMap", f"{e2e.PIPELINE}-ingest-config")
     assert "IOTPIPE_AUTH_SECRET_FILE" in config["data"]
 

@@ -39,9 +39,13 @@ def test_every_builtin_child_validates_strictly(path: Path) -> None:
     pipeline = yaml.safe_load(path.read_text())
     result = builders.build(pipeline, ALL_CAPS)
     children = [*result.children, builders.build_drain_job(pipeline, 3)]
+    # the create-only objects too (the Secret with stand-in files: its keys are random)
+    children += [*result.create_only, builders.curve_secret(
+        pipeline["metadata"]["name"], pipeline["metadata"].get("namespace", "default"),
+        {"middle.key": b"public", "middle.key_secret": b"secret"})]
     builtin = [c for c in children if c["apiVersion"] not in
                ("keda.sh/v1alpha1", "monitoring.coreos.com/v1")]
-    assert len(builtin) >= 18
+    assert len(builtin) >= 20
     for child in builtin:
         kubernetes_validate.validate(child, K8S_VERSION, strict=True)
     namespace = pipeline["metadata"].get("namespace", "default")
@@ -285,8 +289,8 @@ def test_drain_job_mounts_the_retained_queue() -> None:
     job = builders.build_drain_job(_sample("minimal.yaml"), 4)
     assert job["metadata"]["name"] == "demo-ingest-drain-4"
     pod = job["spec"]["template"]["spec"]
-    assert pod["volumes"][-1] == {"name": "queue",
-                                  "persistentVolumeClaim": {"claimName": "queue-demo-ingest-4"}}
+    assert {"name": "queue", "persistentVolumeClaim": {"claimName": "queue-demo-ingest-4"}} \
+        in pod["volumes"]
     args = pod["containers"][0]["args"]
     assert args[:5] == ["drain", "--data-dir", "/var/lib/iotpipe/queue",
                         "--node-id", "demo-ingest-4"]
@@ -331,3 +335,158 @@ def test_render_cli_names_the_bad_field(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "spec.ingest.replicas: 'three' is not of type 'integer'" in out.stderr
+
+
+# --- security (#14) and the live page (#13) -----------------------------------------------
+
+def _config(result: BuildResult, tier: str) -> dict[str, str]:
+    data: dict[str, str] = result.find("ConfigMap", f"demo-{tier}-config")["data"]
+    return data
+
+
+def _pod(result: BuildResult, tier: str) -> dict[str, Any]:
+    kind = "Deployment" if tier == "relay" else "StatefulSet"
+    pod: dict[str, Any] = result.find(kind, f"demo-{tier}")["spec"]["template"]["spec"]
+    return pod
+
+
+def _volume(pod: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return next((v for v in pod["volumes"] if v["name"] == name), None)
+
+
+def _mount(pod: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return next((m for m in pod["containers"][0]["volumeMounts"] if m["name"] == name), None)
+
+
+def test_curve_secret_is_mounted_in_every_tier_and_the_drain_job() -> None:
+    pipeline = _sample("minimal.yaml")
+    result = builders.build(pipeline)
+    assert result.curve_secret == "demo-curve"
+    for tier in builders.TIERS:
+        env = f"IOTPIPE_{tier.upper()}_CURVE_KEYS_DIR"
+        assert _config(result, tier)[env] == "/etc/iotpipe/curve", tier
+        pod = _pod(result, tier)
+        volume = _volume(pod, "curve")
+        assert volume is not None and volume["secret"]["secretName"] == "demo-curve", tier
+        # a whole-directory mount (no subPath): rotation steps reach running pods
+        assert _mount(pod, "curve") == {"name": "curve", "mountPath": "/etc/iotpipe/curve",
+                                        "readOnly": True}
+        items = {i["key"] for i in volume["secret"].get("items", [])}
+        if tier == "middle":
+            assert not items  # every role's public keys, current and next
+        else:  # its own key pair and the middle's public key, no other role's secret
+            assert items == {f"{tier}.key_secret", "middle.key"}, tier
+    job = builders.build_drain_job(pipeline, 2)
+    pod = job["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--curve-keys-dir") + 1] == "/etc/iotpipe/curve"
+    assert {i["key"] for i in _volume(pod, "curve")["secret"]["items"]} == \
+        {"ingest.key_secret", "middle.key"}  # drain speaks as the ingest role
+    assert _mount(pod, "curve") is not None
+
+
+def test_curve_disabled_mounts_no_keys_and_wants_no_secret() -> None:
+    pipeline = _sample("minimal.yaml")
+    pipeline["spec"]["security"] = {"curve": {"enabled": False}}
+    result = builders.build(pipeline)
+    assert result.curve_secret is None
+    for tier in builders.TIERS:
+        assert not any(k.endswith("_CURVE_KEYS_DIR") for k in _config(result, tier))
+        assert _volume(_pod(result, tier), "curve") is None
+    assert "--curve-keys-dir" not in \
+        builders.build_drain_job(pipeline, 0)["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_curve_secret_carries_the_key_files() -> None:
+    secret = builders.curve_secret("demo", "iot", {"ingest.key": b"pub", "ingest.key_secret":
+                                                   b"sec\n"})
+    assert secret["metadata"] == {"name": "demo-curve", "namespace": "iot",
+                                  "labels": builders.labels_for("demo", "curve")}
+    assert secret["data"] == {"ingest.key": "cHVi", "ingest.key_secret": "c2VjCg=="}
+
+
+@pytest.mark.parametrize("tier", ["ingest", "relay"])
+def test_tls_secret_is_mounted_and_probes_stay_on_metrics(tier: str) -> None:
+    pipeline = _sample("minimal.yaml")
+    plain = builders.build(pipeline)
+    assert not any("_TLS_" in k for k in _config(plain, tier))
+    pipeline["spec"].setdefault(tier, {})["tls"] = {"secretName": f"{tier}-cert"}
+    result = builders.build(pipeline)
+    config = _config(result, tier)
+    prefix = f"IOTPIPE_{tier.upper()}_"
+    assert config[prefix + "TLS_CERT"] == "/etc/iotpipe/tls/tls.crt"
+    assert config[prefix + "TLS_KEY"] == "/etc/iotpipe/tls/tls.key"
+    pod = _pod(result, tier)
+    volume = _volume(pod, "tls")
+    assert volume is not None and volume["secret"]["secretName"] == f"{tier}-cert"
+    assert "subPath" not in _mount(pod, "tls")  # a renewed certificate replaces the files
+    container = pod["containers"][0]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] == "metrics"
+    # only that tier: the other one stays plain
+    other = "relay" if tier == "ingest" else "ingest"
+    assert _volume(_pod(result, other), "tls") is None
+    # a new certificate Secret name rolls the pods
+    annotation = builders.CONFIG_HASH_ANNOTATION
+    kind = "Deployment" if tier == "relay" else "StatefulSet"
+    assert (plain.find(kind, f"demo-{tier}")["spec"]["template"]["metadata"]["annotations"]
+            [annotation] != result.find(kind, f"demo-{tier}")["spec"]["template"]["metadata"]
+            ["annotations"][annotation])
+
+
+def test_deny_list_is_mounted_in_ingest_and_relay_and_created_empty() -> None:
+    result = builders.build(_sample("minimal.yaml"))
+    for tier in ("ingest", "relay"):
+        assert _config(result, tier)[f"IOTPIPE_{tier.upper()}_DENY_LIST_FILE"] == \
+            "/etc/iotpipe/deny/deny.yaml"
+        volume = _volume(_pod(result, tier), "deny-list")
+        assert volume is not None and volume["configMap"]["name"] == "demo-deny-list"
+        assert "subPath" not in _mount(_pod(result, tier), "deny-list")
+    for tier in ("middle", "storage"):
+        assert _volume(_pod(result, tier), "deny-list") is None
+    # created, never applied: not among the applied children
+    assert ("ConfigMap", "demo-deny-list") not in _names(result)
+    (deny,) = result.create_only
+    assert deny["metadata"]["name"] == "demo-deny-list"
+    assert yaml.safe_load(deny["data"]["deny.yaml"]) == {"devices": [], "clients": [],
+                                                         "token_ids": []}
+
+
+def test_live_page_reads_every_storage_pod_and_each_tier_health() -> None:
+    from iotpipe.relay.web import parse_health_targets
+
+    pipeline = _sample("minimal.yaml")
+    pipeline["metadata"]["namespace"] = "iot"
+    pipeline["spec"]["storage"] = {"replicas": 3}
+    result = builders.build(pipeline)
+    assert _config(result, "storage")["IOTPIPE_STORAGE_READ_API"] == "true"
+    relay = _config(result, "relay")
+    assert relay["IOTPIPE_RELAY_HISTORY_URLS"].split(",") == [
+        f"http://demo-storage-{i}.demo-storage.iot.svc:9100" for i in range(3)]
+    targets = parse_health_targets(relay["IOTPIPE_RELAY_HEALTH_URLS"].split(","))
+    assert targets == {"ingest": "http://demo-ingest-headless.iot.svc:9100/metrics",
+                       "middle": "http://demo-middle.iot.svc:9100/metrics",
+                       "storage": "http://demo-storage.iot.svc:9100/metrics"}
+    # each named Service exists and serves the metrics port
+    for url in targets.values():
+        service = result.find("Service", url.split("//")[1].split(".")[0])
+        assert {"name": "metrics", "port": 9100, "targetPort": "metrics",
+                "protocol": "TCP"} in service["spec"]["ports"]
+    pipeline["spec"]["storage"] = {"replicas": 0}
+    assert "IOTPIPE_RELAY_HISTORY_URLS" not in _config(builders.build(pipeline), "relay")
+
+
+def test_network_policy_admits_the_relay_to_metrics_ports() -> None:
+    pipeline = _sample("minimal.yaml")
+    open_policy = builders.build(pipeline).find("NetworkPolicy", "demo")
+    metrics_rule = next(r for r in open_policy["spec"]["ingress"]
+                        if r["ports"] == [{"protocol": "TCP", "port": 9100}])
+    assert "from" not in metrics_rule  # unset: from anywhere, the relay included
+    prometheus = {"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}
+    pipeline["spec"]["networkPolicy"] = {"metricsFrom": [prometheus]}
+    policy = builders.build(pipeline).find("NetworkPolicy", "demo")
+    metrics_rule = next(r for r in policy["spec"]["ingress"]
+                        if r["ports"] == [{"protocol": "TCP", "port": 9100}])
+    assert metrics_rule["from"] == [
+        prometheus, {"podSelector": {"matchLabels": {"iotpipe.dev/pipeline": "demo",
+                                                     "iotpipe.dev/tier": "relay"}}}]

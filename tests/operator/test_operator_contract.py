@@ -54,7 +54,12 @@ def test_service_ports_are_the_tiers_default_ports() -> None:
     assert middle == {"router": contract.default("middle", "router_port"),
                       "pub": contract.default("middle", "pub_port"),
                       "feed": contract.default("middle", "feed_port"),
-                      "metrics": contract.default("middle", "metrics_port")}
+                      # every pod serves metrics on one port, set in each tier's config
+                      # (the tiers' own defaults differ so that `iotpipe up` can run them
+                      # side by side)
+                      "metrics": contract.METRICS_PORT}
+    config = result.find("ConfigMap", "demo-middle-config")["data"]
+    assert config[contract.env("middle", "metrics_port")] == str(contract.METRICS_PORT)
     ingest = result.find("Service", "demo-ingest-headless")["spec"]["ports"]
     assert ingest[0]["port"] == contract.default("ingest", "port")
     relay = result.find("Service", "demo-relay-headless")["spec"]["ports"]

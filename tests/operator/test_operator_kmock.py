@@ -862,3 +862,97 @@ async def test_a_foreign_statefulset_is_never_scaled_or_drained(cluster: Cluster
     assert sts is not None and sts["spec"]["replicas"] == 5
     assert "ownerReferences" not in sts["metadata"]
     assert names(cluster.k, JOBS) == set(), "no drain against a foreign StatefulSet"
+
+
+SECRETS = "v1/secrets"
+
+
+async def _reconciled_again(cluster: Cluster) -> None:
+    """Wait for one more full reconcile pass: delete an applied child and wait until a
+    pass has recreated it (the create-once objects are handled earlier in that pass)."""
+    await cluster.send("DELETE", f"/api/v1/namespaces/{NS}/configmaps/demo-ingest-config")
+    await eventually(lambda: obj(cluster.k, CONFIGMAPS, "demo-ingest-config"),
+                     what="a later reconcile pass")
+
+
+async def test_curve_secret_is_generated_once_and_never_overwritten(
+        cluster: Cluster, tmp_path: Path) -> None:
+    import base64
+
+    from iotpipe import curve
+
+    await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
+    async with operator(interval=0.3):
+        secret = await eventually(lambda: obj(cluster.k, SECRETS, "demo-curve"),
+                                  what="curve Secret")
+        (owner,) = secret["metadata"]["ownerReferences"]
+        assert owner["kind"] == "IoTPipeline" and owner["uid"] == "uid-1"
+        files = {k: base64.b64decode(v) for k, v in secret["data"].items()}
+        assert set(files) == {f"{r}.{ext}" for r in curve.ROLES for ext in ("key", "key_secret")}
+        # real keys every tier can load, the way the mounted volume presents them
+        for name, content in files.items():
+            (tmp_path / name).write_bytes(content)
+        for role in curve.ROLES:
+            assert curve.load_keys(tmp_path, role).role == role
+        first = dict(secret["data"])
+        await _reconciled_again(cluster)
+        assert obj(cluster.k, SECRETS, "demo-curve")["data"] == first, "regenerated"
+        # a user's rotation step (iotpipe keys next, applied to the Secret) is kept
+        rotated = {**first, "ingest.next.key": first["ingest.key"]}
+        await cluster.patch(SECRETS, "demo-curve", {"data": {"ingest.next.key":
+                                                              first["ingest.key"]}})
+        await cluster.patch_pipeline("demo", {"relay": {"replicas": 2}})
+        await eventually(lambda: (obj(cluster.k, DEPLOYMENTS, "demo-relay") or {})
+                         .get("spec", {}).get("replicas") == 2, what="the spec change applied")
+        await _reconciled_again(cluster)
+        assert obj(cluster.k, SECRETS, "demo-curve")["data"] == rotated
+    sts = obj(cluster.k, STATEFULSETS, "demo-middle")
+    volumes = sts["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "curve", "secret": {"secretName": "demo-curve", "defaultMode": 0o440}} \
+        in volumes
+
+
+async def test_a_deleted_curve_secret_is_created_again_and_disabled_curve_makes_none(
+        cluster: Cluster) -> None:
+    await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
+    async with operator(interval=0.3):
+        first = await eventually(lambda: obj(cluster.k, SECRETS, "demo-curve"),
+                                 what="curve Secret")
+        await cluster.send("DELETE", f"/api/v1/namespaces/{NS}/secrets/demo-curve")
+        again = await eventually(lambda: obj(cluster.k, SECRETS, "demo-curve"),
+                                 what="curve Secret recreated")
+        assert again["data"] != first["data"]  # fresh keys: the old ones are gone
+    other = seeded(_sample("minimal.yaml"), uid="uid-2")
+    other["metadata"]["name"] = "plain"
+    other["spec"]["security"] = {"curve": {"enabled": False}}
+    await cluster.create_pipeline(other)
+    async with operator(interval=30):
+        await eventually(lambda: cluster.status("plain").get("phase"), what="status")
+        await eventually(lambda: obj(cluster.k, CONFIGMAPS, "plain-deny-list"), what="deny")
+    assert obj(cluster.k, SECRETS, "plain-curve") is None
+    config = obj(cluster.k, CONFIGMAPS, "plain-middle-config")
+    assert "IOTPIPE_MIDDLE_CURVE_KEYS_DIR" not in config["data"]
+
+
+async def test_deny_list_is_created_once_and_user_edits_survive(cluster: Cluster) -> None:
+    await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
+    async with operator(interval=0.3):
+        deny = await eventually(lambda: obj(cluster.k, CONFIGMAPS, "demo-deny-list"),
+                                what="deny list")
+        assert yaml.safe_load(deny["data"]["deny.yaml"]) == {
+            "devices": [], "clients": [], "token_ids": []}
+        (owner,) = deny["metadata"]["ownerReferences"]
+        assert owner["uid"] == "uid-1"
+        edited = "devices: [dev-17]\nclients: []\ntoken_ids: [398c69de]\n"
+        await cluster.patch(CONFIGMAPS, "demo-deny-list", {"data": {"deny.yaml": edited}})
+        await cluster.patch_pipeline("demo", {"relay": {"clientQueue": 50}})
+        await eventually(lambda: (obj(cluster.k, CONFIGMAPS, "demo-relay-config") or {})
+                         .get("data", {}).get("IOTPIPE_RELAY_CLIENT_QUEUE") == "50",
+                         what="the spec change applied")
+        await _reconciled_again(cluster)
+        assert obj(cluster.k, CONFIGMAPS, "demo-deny-list")["data"] == {"deny.yaml": edited}
+        # deleted: made again (pods mount it), empty
+        await cluster.send("DELETE", f"/api/v1/namespaces/{NS}/configmaps/demo-deny-list")
+        again = await eventually(lambda: obj(cluster.k, CONFIGMAPS, "demo-deny-list"),
+                                 what="deny list recreated")
+        assert yaml.safe_load(again["data"]["deny.yaml"])["devices"] == []

@@ -194,7 +194,7 @@ def test_resource_paths_and_patch_bodies() -> None:
     assert resource_path("iotpipe.dev/v1alpha1", "IoTPipeline", "iot", "p", "status") == (
         "/apis/iotpipe.dev/v1alpha1/namespaces/iot/iotpipelines/p/status")
     with pytest.raises(ValueError, match="does not manage kind"):
-        resource_path("v1", "Secret", "iot")
+        resource_path("v1", "Pod2", "iot")
     sts = builders.build(yaml.safe_load((REPO / "samples" / "minimal.yaml").read_text())
                          ).find("StatefulSet", "demo-ingest")
     live = copy.deepcopy(sts)
@@ -335,6 +335,7 @@ class _FlakyKube:
 
     def __init__(self) -> None:
         self.applied: list[str] = []
+        self.created: list[str] = []
 
     def served(self, api_version: str, kind: str) -> bool:
         return False
@@ -346,6 +347,11 @@ class _FlakyKube:
 
     def delete(self, *args: Any) -> bool:
         return False
+
+    def create_if_absent(self, obj: dict[str, Any]) -> bool:
+        assert obj["metadata"]["ownerReferences"][0]["uid"] == "u1"
+        self.created.append(f"{obj['kind']}/{obj['metadata']['name']}")
+        return True
 
     def get(self, *args: Any) -> dict[str, Any] | None:
         return None
@@ -361,6 +367,7 @@ def test_reconcile_reports_api_failures_instead_of_raising() -> None:
     status, _ = handlers.reconcile(kube, pipeline,  # type: ignore[arg-type]
                                    logging.getLogger("test"))
     assert "StatefulSet/demo-ingest" in kube.applied and len(kube.applied) == 20
+    assert kube.created == ["ConfigMap/demo-deny-list", "Secret/demo-curve"]
     degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
     assert degraded["status"] == "True" and degraded["reason"] == "ReadFailed"
     assert "etcd is having a bad day" in degraded["message"]

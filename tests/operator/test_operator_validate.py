@@ -79,6 +79,12 @@ def test_crash_loop_warnings() -> None:
         "auth": {"secretName": "s"}, "processes": 4, "maxFrameBytes": 64 * 2**20,
         "queue": {"size": "128Mi"}}))
     assert any(w.startswith("spec.ingest.maxFrameBytes") for w in frame.warnings)
+    plain = validation.validate(_pipeline(security={"curve": {"enabled": False}},
+                                          networkPolicy={"enabled": False}))
+    assert plain.ok
+    assert plain.warnings == ["spec.security.curve.enabled: the ZeroMQ links are plain; any "
+                              "pod that reaches the middle's ports can inject or read "
+                              "readings (and networkPolicy is off: any pod in the cluster)"]
 
 
 def test_unknown_fields_and_identity_are_reported() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -170,3 +171,16 @@ def test_up_wires_the_live_page_and_prints_its_url_with_a_client_token(tmp_path:
     secret = secret_file.read_bytes().strip()
     assert verify_token(secret, url.removeprefix(prefix), CLIENT_AUDIENCE) == "live-page"
     assert live_page_url("127.0.0.1", 8081, None) == "http://127.0.0.1:8081/"
+
+
+def test_up_takes_the_contract_without_the_operator_package() -> None:
+    """`iotpipe up` names its flags through iotpipe.contract, which must not need the
+    operator extra (kopf, kubernetes) installed."""
+    code = ("import sys, iotpipe.local, iotpipe.contract\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('iotpipe_operator', 'kopf', 'kubernetes'))\n"
+            "assert not bad, bad\n"
+            "assert iotpipe.contract.flag('relay', 'history_urls') == '--history-urls'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr

@@ -50,7 +50,7 @@ from typing import IO, Annotated
 
 from pydantic import Field
 
-from iotpipe import curve, lifecycle
+from iotpipe import contract, curve, lifecycle
 from iotpipe.auth import CLIENT_AUDIENCE, SECRET_FILE_ENV, issue_token, load_secret
 from iotpipe.settings import CommaList, LogLevel, TierSettings, parse_settings, tier_config
 from iotpipe.simulate import fleet_registry_yaml
@@ -182,45 +182,59 @@ def _iotpipe(*args: str) -> list[str]:
 def build_children(settings: UpSettings, ports: Ports, data_dir: Path, registry_file: Path,
                    secret_file: Path | None, curve_dir: Path | None = None) -> list[ChildSpec]:
     """The processes of a local pipeline, in start order (stop order is the reverse).
-    ``curve_dir``: the CurveZMQ keys every tier's ZeroMQ sockets use (None: plain TCP)."""
+    ``curve_dir``: the CurveZMQ keys every tier's ZeroMQ sockets use (None: plain TCP).
+
+    Every tier flag is named by the deployment contract (:mod:`iotpipe.contract`, the one
+    the Kubernetes operator uses too), so a renamed setting fails here, not in a tier."""
     host = settings.host
     loop_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    common = ["--host", host, "--log-level", settings.log_level]
-    if curve_dir is not None:
-        common += ["--curve-keys-dir", str(curve_dir)]
     env = {"IOTPIPE_AUTH_SECRET_FILE": str(secret_file)} if secret_file is not None else {}
-    no_auth = ["--insecure-no-auth"] if secret_file is None else []
+
+    def args(tier: str, values: dict[str, object]) -> list[str]:
+        """Flags of ``tier`` from its setting names; True: a bare flag, False/None: left
+        out (the tier's default)."""
+        out: list[str] = []
+        common: dict[str, object] = {"host": host, "log_level": settings.log_level,
+                                     "curve_keys_dir": curve_dir}
+        for name, value in {**common, **values}.items():
+            if value is None or value is False:
+                continue
+            out.append(contract.flag(tier, name))
+            if value is not True:
+                out.append(str(value))
+        return out
+
+    no_auth = secret_file is None
     node = "local-ingest"
     children = [
-        ChildSpec("middle", _iotpipe(
-            "middle", *common, "--metrics-port", str(ports.middle_metrics),
-            "--router-port", str(ports.middle_router), "--pub-port", str(ports.middle_pub),
-            "--feed-port", str(ports.middle_feed), "--data-dir", str(data_dir / "middle"),
-            "--log-bytes", str(settings.log_bytes), "--middle-id", "local-middle",
-            "--consumer-groups", "storage")),
-        ChildSpec("storage", _iotpipe(
-            "storage", *common, "--metrics-port", str(ports.storage_metrics),
-            "--feed-endpoints", f"tcp://{loop_host}:{ports.middle_feed}",
-            "--group", "storage", "--consumer-id", "local-storage",
-            "--sinks", ",".join(_storage_sinks(settings, data_dir)),
-            "--registry-file", str(registry_file), "--data-dir", str(data_dir / "store"),
-            "--read-api")),
-        ChildSpec("relay", _iotpipe(
-            "relay", *common, "--port", str(ports.relay), "--metrics-port",
-            str(ports.relay_metrics),
-            "--middle-pub-endpoints", f"tcp://{loop_host}:{ports.middle_pub}",
-            "--registry-file", str(registry_file), *no_auth,
+        ChildSpec("middle", _iotpipe("middle", *args("middle", {
+            "metrics_port": ports.middle_metrics, "router_port": ports.middle_router,
+            "pub_port": ports.middle_pub, "feed_port": ports.middle_feed,
+            "data_dir": data_dir / "middle", "log_bytes": settings.log_bytes,
+            "middle_id": "local-middle", "consumer_groups": "storage"}))),
+        ChildSpec("storage", _iotpipe("storage", *args("storage", {
+            "metrics_port": ports.storage_metrics,
+            "feed_endpoints": f"tcp://{loop_host}:{ports.middle_feed}",
+            "group": "storage", "consumer_id": "local-storage",
+            "sinks": ",".join(_storage_sinks(settings, data_dir)),
+            "registry_file": registry_file, "data_dir": data_dir / "store",
+            "read_api": True}))),
+        ChildSpec("relay", _iotpipe("relay", *args("relay", {
+            "port": ports.relay, "metrics_port": ports.relay_metrics,
+            "middle_pub_endpoints": f"tcp://{loop_host}:{ports.middle_pub}",
+            "registry_file": registry_file, "insecure_no_auth": no_auth,
             # The live page's device history and pipeline health.
-            "--history-urls", f"http://{loop_host}:{ports.storage_metrics}",
-            "--health-urls", f"ingest=http://{loop_host}:{ports.ingest_metrics}/metrics,"
-            f"middle=http://{loop_host}:{ports.middle_metrics}/metrics,"
-            f"storage=http://{loop_host}:{ports.storage_metrics}/metrics"), env),
-        ChildSpec("ingest", _iotpipe(
-            "ingest", *common, "--port", str(ports.ingest), "--metrics-port",
-            str(ports.ingest_metrics), "--data-dir", str(data_dir / "ingest"),
-            "--queue-bytes", str(settings.queue_bytes), "--node-id", node,
-            "--drain-timeout", str(settings.drain_timeout),
-            "--middle-endpoints", f"tcp://{loop_host}:{ports.middle_router}", *no_auth), env),
+            "history_urls": f"http://{loop_host}:{ports.storage_metrics}",
+            "health_urls": f"ingest=http://{loop_host}:{ports.ingest_metrics}/metrics,"
+                           f"middle=http://{loop_host}:{ports.middle_metrics}/metrics,"
+                           f"storage=http://{loop_host}:{ports.storage_metrics}/metrics"})),
+                  env),
+        ChildSpec("ingest", _iotpipe("ingest", *args("ingest", {
+            "port": ports.ingest, "metrics_port": ports.ingest_metrics,
+            "data_dir": data_dir / "ingest", "queue_bytes": settings.queue_bytes,
+            "node_id": node, "drain_timeout": settings.drain_timeout,
+            "middle_endpoints": f"tcp://{loop_host}:{ports.middle_router}",
+            "insecure_no_auth": no_auth})), env),
     ]
     if settings.simulate:
         children.append(ChildSpec("simulate", _iotpipe(
@@ -228,7 +242,7 @@ def build_children(settings: UpSettings, ports: Ports, data_dir: Path, registry_
             "--connections", str(settings.simulate), "--rate", str(settings.simulate_rate),
             "--duration", str(settings.simulate_duration), "--device-prefix", SIM_PREFIX,
             "--payload", "fleet",
-            "--reconnect", *(["--insecure"] if secret_file is None else [])),
+            "--reconnect", *(["--insecure"] if no_auth else [])),
             env, restart=False))
     return children
 

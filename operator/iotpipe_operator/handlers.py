@@ -533,8 +533,18 @@ def make_registry(reconcile_interval: float = 60.0,
                 # startup is covered by the resume handler; the timer repairs drift later
                 initial_delay=reconcile_interval, backoff=poll, registry=registry)
     def on_timer(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,
-                 **_: Any) -> None:
-        handle(body, patch, logger)
+                 stopped: kopf.DaemonStopped, **_: Any) -> None:
+        # kopf retries a timer that failed temporarily within the same tick, and keeps
+        # doing so while the operator stops: a pass while stopping ends quietly instead,
+        # or a lasting failure (KEDA's API down) would hold the shutdown forever.
+        if stopped:
+            return
+        try:
+            handle(body, patch, logger)
+        except kopf.TemporaryError:
+            if stopped:
+                return
+            raise
 
     @kopf.on.delete(*resource, id="delete", registry=registry)
     def on_delete(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,

@@ -134,7 +134,7 @@ def test_an_unreachable_api_server_is_a_kube_error_after_retries(
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     sleeps: list[float] = []
-    monkeypatch.setattr("iotpipe_operator.kube.time.sleep", sleeps.append)
+    monkeypatch.setattr(Kube, "_backoff", lambda _self, seconds: sleeps.append(seconds))
     configuration = Configuration(host=f"http://127.0.0.1:{port}")
     configuration.retries = 0  # urllib3's own retries off: ours are under test
     kube = Kube(ApiClient(configuration), timeout=2.0)

@@ -31,7 +31,7 @@ from support.apiserver import ApiServerEmulator
 from iotpipe_operator import handlers
 from iotpipe_operator.kube import Kube
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(60),
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120),
               pytest.mark.kmock(cls=ApiServerEmulator)]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,7 +79,7 @@ def names(emulator: Any, resource: str) -> set[str]:
             and ns == NS and not stored.deleted}
 
 
-async def eventually(check: Callable[[], Any], within: float = 15.0, what: str = "",
+async def eventually(check: Callable[[], Any], within: float = 30.0, what: str = "",
                      log: Callable[[], str] | None = None) -> Any:
     """Poll ``check`` until it returns something truthy (bounded)."""
     deadline = asyncio.get_running_loop().time() + within

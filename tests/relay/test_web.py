@@ -13,7 +13,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import orjson
 import pytest
-from conftest import free_port
+from support.ports import free_port
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 

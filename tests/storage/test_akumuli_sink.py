@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from akumuli_standin import AkumuliStandin
-from conftest import free_port
 from prometheus_client import REGISTRY
-from storage_helpers import T0_NS, log_record
+from support.akumuli_standin import AkumuliStandin
+from support.ports import free_port
+from support.storage import T0_NS, log_record
 
 from iotpipe.registry import Registry
 from iotpipe.storage.enrich import StoredReading, enrich_records

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from akumuli_standin import WriteParser
-from storage_helpers import T0_NS, log_record
+from support.akumuli_standin import WriteParser
+from support.storage import T0_NS, log_record
 
 from iotpipe.registry import Registry
 from iotpipe.storage.enrich import StoredReading, enrich_records

@@ -10,9 +10,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 from prometheus_client import CollectorRegistry
-from storage_helpers import FakeFeed, make_log
+from support.ports import free_port
+from support.storage import FakeFeed, make_log
+from support.waiting import wait_for
 
 from iotpipe.registry import RegistryWatcher
 from iotpipe.storage.server import StorageMetrics, StorageService, StorageSettings
@@ -69,15 +70,6 @@ def count_rows(path: Path) -> int:
         return reader.count(None, None, None)
     finally:
         reader.close()
-
-
-def wait_for(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import orjson
 import pyarrow.dataset as ds
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from storage_helpers import make_log
+from support.storage import make_log
+from support.waiting import wait_for
 
 from iotpipe.registry import Registry
 from iotpipe.settings import parse_settings
@@ -40,15 +41,6 @@ def _fill(store: SqliteSink, n: int, first: int = 1) -> None:
     log = make_log(first + n - 1)[first - 1:]
     readings, _ = enrich_records(first, log, Registry.from_yaml("{}"))
     store.write([SinkBatch("middle-0", first, readings)])
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class RecordingSink:

@@ -6,7 +6,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from storage_helpers import T0_NS, log_record, make_log
+from support.storage import T0_NS, log_record, make_log
 
 from iotpipe import wire
 from iotpipe.registry import Registry

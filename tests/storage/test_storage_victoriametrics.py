@@ -11,8 +11,10 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import ProcessGroup, free_port
-from storage_helpers import T0_NS, log_record
+from support.ports import free_port
+from support.processes import ProcessGroup
+from support.storage import T0_NS, FakeFeed, db_rows, log_record, make_log, start_storage
+from support.waiting import wait_for
 
 from iotpipe.registry import Registry
 from iotpipe.storage.enrich import StoredReading, enrich_records
@@ -154,8 +156,6 @@ def test_real_victoriametrics_takes_huge_integers_and_counts_skipped_values(
 def test_storage_process_writes_sqlite_and_victoriametrics(
     victoria: int, procs: ProcessGroup, tmp_path: Path
 ) -> None:
-    from storage_helpers import FakeFeed, make_log
-    from test_storage_process import db_rows, start_storage, wait_for
 
     feed = FakeFeed(f"tcp://127.0.0.1:{free_port()}", make_log(300, prefix="a-dev-")).start()
     try:

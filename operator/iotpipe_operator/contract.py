@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings
 _MODELS = {
     "ingest": ("iotpipe.ingest.server", "IngestSettings"),
     "middle": ("iotpipe.middle.server", "MiddleSettings"),
-    "relay": ("iotpipe.relay.server", "RelaySettings"),
+    "relay": ("iotpipe.relay.settings", "RelaySettings"),
     "storage": ("iotpipe.storage.server", "StorageSettings"),
     "drain": ("iotpipe.ingest.drain", "DrainSettings"),
 }

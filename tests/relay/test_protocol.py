@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iotpipe.relay.protocol import (
+from iotpipe.relay.core import (
     ClientSession,
     Fanout,
     ProtocolError,

@@ -19,7 +19,7 @@ from websockets.http11 import Request, Response
 
 from iotpipe.auth import CLIENT_AUDIENCE, DEVICE_AUDIENCE, AuthError, issue_token
 from iotpipe.registry import DeviceInfo, Registry
-from iotpipe.relay.server import RelaySettings
+from iotpipe.relay.settings import RelaySettings
 from iotpipe.relay.web import (
     MAX_LOOKUP_IDS,
     WebFront,

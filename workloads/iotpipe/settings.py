@@ -32,6 +32,8 @@ from pydantic_settings import (
 
 __all__ = [
     "CommaList",
+    "CurveSettings",
+    "EdgeSecuritySettings",
     "Internal",
     "LogLevel",
     "ServerSettings",
@@ -104,6 +106,34 @@ class ServerSettings(TierSettings):
     metrics_port: int = Field(9100, ge=0, le=65535,
                               description="port of /metrics, /healthz and /readyz")
     log_level: LogLevel = Field("info", description="debug, info, warning, error or critical")
+
+
+class CurveSettings(BaseSettings):
+    """Mixin: the CurveZMQ keys of a tier's ZeroMQ links (same flag in every tier using it)."""
+
+    curve_keys_dir: str = Field(
+        "", description="CurveZMQ keys directory (docs/security.md): this tier's ZeroMQ links "
+                        "to the middle tier are then encrypted, in this tier's role; "
+                        "empty = no CURVE")
+
+
+class EdgeSecuritySettings(CurveSettings):
+    """Mixin: TLS and the deny list of a tier that devices or client apps connect to."""
+
+    tls_cert: str = Field("", description="PEM certificate chain for wss:// (e.g. tls.crt of a "
+                                           "cert-manager Secret); empty = plain ws://")
+    tls_key: str = Field("", description="PEM private key of --tls-cert (e.g. tls.key)")
+    tls_reload_seconds: float = Field(10.0, gt=0,
+                                      description="seconds between checks of the certificate "
+                                                  "files (a changed pair is used for new "
+                                                  "connections)")
+    deny_list_file: str = Field("", description="YAML deny list (devices or clients, "
+                                                "token_ids), reloaded while running; "
+                                                "docs/security.md")
+    deny_list_reload_seconds: float = Field(5.0, gt=0,
+                                            description="seconds between deny list checks "
+                                                        "(revoked connections close within "
+                                                        "this)")
 
 
 # Metavars by type: what to type, not what Python calls it.

@@ -19,7 +19,7 @@ _MODELS = {
     "ingest": ("iotpipe.ingest.server", "IngestSettings"),
     "middle": ("iotpipe.middle.server", "MiddleSettings"),
     "relay": ("iotpipe.relay.settings", "RelaySettings"),
-    "storage": ("iotpipe.storage.server", "StorageSettings"),
+    "storage": ("iotpipe.storage.settings", "StorageSettings"),
     "drain": ("iotpipe.ingest.drain", "DrainSettings"),
 }
 

@@ -73,7 +73,7 @@ def test_children_point_at_each_other(tmp_path: Path) -> None:
 
 _TIER_SETTINGS = {
     "middle": ("iotpipe.middle.server", "MiddleSettings"),
-    "storage": ("iotpipe.storage.server", "StorageSettings"),
+    "storage": ("iotpipe.storage.settings", "StorageSettings"),
     "relay": ("iotpipe.relay.settings", "RelaySettings"),
     "ingest": ("iotpipe.ingest.server", "IngestSettings"),
     "simulate": ("iotpipe.simulate", "SimulateSettings"),

@@ -19,7 +19,7 @@ from iotpipe.registry import Registry
 from iotpipe.settings import parse_settings
 from iotpipe.storage.enrich import enrich_records
 from iotpipe.storage.query import main as query_main
-from iotpipe.storage.server import StorageSettings
+from iotpipe.storage.settings import StorageSettings
 from iotpipe.storage.sinks import LatePoint, SinkBatch, SinkError, WriteResult
 from iotpipe.storage.sinks.parquet import ParquetSink
 from iotpipe.storage.sinks.sqlite import SqliteSink
@@ -241,7 +241,8 @@ def test_iotpipe_up_sinks_keep_the_embedded_store_first(tmp_path: Path) -> None:
 def test_cursor_key_ignores_tuning_options_and_duplicates_are_refused(
         store: SqliteSink, tmp_path: Path) -> None:
     from iotpipe.registry import RegistryWatcher
-    from iotpipe.storage.server import StorageMetrics, StorageService
+    from iotpipe.storage.metrics import StorageMetrics
+    from iotpipe.storage.server import StorageServer
     from iotpipe.storage.tail import cursor_key
 
     assert cursor_key("akumuli://h:8282?query_port=1&confirm_ms=5&marks=/m.db") == \
@@ -259,6 +260,6 @@ def test_cursor_key_ignores_tuning_options_and_duplicates_are_refused(
     settings = StorageSettings(feed_endpoints=["tcp://127.0.0.1:1"], consumer_id="svc")
     twice = [store, RecordingSink(), RecordingSink()]
     with pytest.raises(ValueError, match="listed twice: rec://x"):
-        StorageService(settings, twice,  # type: ignore[arg-type]
+        StorageServer(settings, twice,  # type: ignore[arg-type]
                        RegistryWatcher(str(tmp_path / "none.yaml")),
                        StorageMetrics(CollectorRegistry()))

@@ -27,7 +27,7 @@ from iotpipe.watch import WatchSettings, format_reading, subscribe_frame
 TIERS = {
     "ingest": ("iotpipe.ingest.server", "IngestSettings", "IOTPIPE_INGEST_"),
     "middle": ("iotpipe.middle.server", "MiddleSettings", "IOTPIPE_MIDDLE_"),
-    "storage": ("iotpipe.storage.server", "StorageSettings", "IOTPIPE_STORAGE_"),
+    "storage": ("iotpipe.storage.settings", "StorageSettings", "IOTPIPE_STORAGE_"),
     "relay": ("iotpipe.relay.settings", "RelaySettings", "IOTPIPE_RELAY_"),
     "up": ("iotpipe.local", "UpSettings", "IOTPIPE_UP_"),
     "simulate": ("iotpipe.simulate", "SimulateSettings", "IOTPIPE_SIMULATE_"),

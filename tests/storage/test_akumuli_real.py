@@ -20,7 +20,8 @@ from support.storage import T0_NS, log_record, start_real_akumulid
 from iotpipe.registry import Registry
 from iotpipe.storage.enrich import StoredReading, enrich_records
 from iotpipe.storage.sinks import SinkBatch
-from iotpipe.storage.sinks.akumuli import AkumuliSink, Point
+from iotpipe.storage.sinks.akumuli import AkumuliSink
+from iotpipe.storage.sinks.akumuli.points import Point
 
 pytestmark = pytest.mark.integration
 

@@ -274,10 +274,10 @@ def test_crash_mid_write_then_recovery_stores_each_point_once(
     if crash_at == "after_send":
         monkeypatch.setattr(first._store, "save", crash)
     else:
-        monkeypatch.setattr(first, "_send", crash)
+        monkeypatch.setattr(first.client, "send", crash)
     with pytest.raises(_Crash):
         first.write(batch)
-    first._drop_connection()
+    first.client.drop_connection()
     first._store._db.close()
     monkeypatch.undo()
 
@@ -309,7 +309,7 @@ def test_recovery_never_sends_blind_when_the_query_api_is_down(
         with pytest.raises(SinkError, match="query API"):  # still down: nothing is sent
             sink.write(batch, recovering=True)
         assert standin.connections == 1
-        sink.query_port = standin.query_port  # the query API is back
+        sink.client.query_port = standin.query_port  # the query API is back
         assert sink.write(batch, recovering=True) == WriteResult(2, 2)
     finally:
         sink.close()

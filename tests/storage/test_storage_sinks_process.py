@@ -35,7 +35,7 @@ from support.processes import ProcessGroup
 from support.storage import T0_NS, FakeFeed, log_record, start_real_akumulid
 from support.waiting import wait_for
 
-from iotpipe.storage.sinks.akumuli import iso_timestamp, parse_query_answer
+from iotpipe.storage.sinks.akumuli.client import iso_timestamp, parse_query_answer
 from iotpipe.storage.tail import cursor_key
 
 pytestmark = pytest.mark.integration

@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from iotpipe.relay.server import RelayServer
+from iotpipe.relay.core import Fanout
 
-__all__ = ["RelayCollector"]
+__all__ = ["RelayCollector", "RelayState"]
+
+
+class RelayState(Protocol):
+    """What the collector reads of the running relay (``RelayServer``) at scrape time."""
+
+    fanout: Fanout
+    upstreams: dict[str, bool]
+    frames_sent: int
+    slow_closes: int
+    bad_frames: int
+    rejected: Counter[str]
 
 
 class RelayCollector(Collector):
     """Relay counters read from the core at scrape time (no per-message metric calls)."""
 
-    def __init__(self, relay: RelayServer) -> None:
+    def __init__(self, relay: RelayState) -> None:
         self._relay = relay
 
     def collect(self) -> Iterator[Metric]:

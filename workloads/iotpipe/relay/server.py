@@ -70,8 +70,8 @@ class _BatchingConnection(ServerConnection):
     """A server connection that writes every frame queued at once in one transport write.
 
     The relay's sender hands a client up to 64 frames at a time; websockets would write
-    each frame separately (one ``send`` syscall each, the largest cost in the relay's
-    profile). Joining them changes nothing on the wire.
+    each frame separately, one ``send`` syscall each (docs/design.md, "Notes"). Joining
+    them changes nothing on the wire.
     """
 
     def send_data(self) -> None:

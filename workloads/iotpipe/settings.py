@@ -34,10 +34,12 @@ __all__ = [
     "CommaList",
     "CurveSettings",
     "EdgeSecuritySettings",
+    "EndpointsReloadSettings",
     "Internal",
     "LogLevel",
     "ServerSettings",
     "TierSettings",
+    "metrics_port_field",
     "parse_settings",
     "tier_config",
 ]
@@ -94,6 +96,11 @@ class TierSettings(BaseSettings):
     """Base for every command's settings; subclasses set ``model_config = tier_config(...)``."""
 
 
+def metrics_port_field(default: int) -> Any:
+    """The ``metrics_port`` field with a tier's own default port (declared once here)."""
+    return Field(default, ge=0, le=65535, description="port of /metrics, /healthz and /readyz")
+
+
 class ServerSettings(TierSettings):
     """The options every long-running tier shares (same flag and env var names per tier).
 
@@ -103,8 +110,7 @@ class ServerSettings(TierSettings):
     """
 
     host: str = Field("0.0.0.0", description="bind address")
-    metrics_port: int = Field(9100, ge=0, le=65535,
-                              description="port of /metrics, /healthz and /readyz")
+    metrics_port: int = metrics_port_field(9100)
     log_level: LogLevel = Field("info", description="debug, info, warning, error or critical")
 
 
@@ -115,6 +121,13 @@ class CurveSettings(BaseSettings):
         "", description="CurveZMQ keys directory (docs/security.md): this tier's ZeroMQ links "
                         "to the middle tier are then encrypted, in this tier's role; "
                         "empty = no CURVE")
+
+
+class EndpointsReloadSettings(BaseSettings):
+    """Mixin: how often a tier re-reads its endpoints file (the operator's ConfigMap)."""
+
+    endpoints_reload_seconds: float = Field(2.0, gt=0,
+                                            description="seconds between endpoints file checks")
 
 
 class EdgeSecuritySettings(CurveSettings):

@@ -5,20 +5,25 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from iotpipe.relay.web import parse_health_targets
-from iotpipe.settings import CommaList, EdgeSecuritySettings, ServerSettings, tier_config
+from iotpipe.settings import (
+    CommaList,
+    EdgeSecuritySettings,
+    EndpointsReloadSettings,
+    ServerSettings,
+    metrics_port_field,
+    tier_config,
+)
 
 __all__ = ["RelaySettings"]
 
 
-class RelaySettings(EdgeSecuritySettings, ServerSettings):
+class RelaySettings(EdgeSecuritySettings, EndpointsReloadSettings, ServerSettings):
     """Serve live device readings to client apps over WebSocket (path /v1/live)."""
 
     model_config = tier_config("iotpipe relay", "IOTPIPE_RELAY_")
 
-    host: str = Field("0.0.0.0", description="bind address for the WebSocket and metrics ports")
     port: int = Field(8081, ge=0, le=65535, description="WebSocket port (path /v1/live)")
-    metrics_port: int = Field(9103, ge=0, le=65535,
-                              description="port of /metrics, /healthz and /readyz")
+    metrics_port: int = metrics_port_field(9103)
     middle_pub_endpoints: CommaList = Field(
         default_factory=list,
         description="middle PUB endpoints, comma separated (tcp://host:5556,...)")
@@ -26,8 +31,6 @@ class RelaySettings(EdgeSecuritySettings, ServerSettings):
         "", description="file listing the middle PUB endpoints, one per line (key 'pub' of "
                         "the endpoints ConfigMap), re-read while running; wins over "
                         "--middle-pub-endpoints when usable")
-    endpoints_reload_seconds: float = Field(2.0, gt=0,
-                                            description="seconds between endpoints file checks")
     registry_file: str = Field(
         "/etc/iotpipe/registry/registry.yaml",
         description="device registry YAML (for class/location subscriptions); "

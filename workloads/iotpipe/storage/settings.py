@@ -7,20 +7,25 @@ from pathlib import Path
 
 from pydantic import Field
 
-from iotpipe.settings import CommaList, CurveSettings, ServerSettings, tier_config
+from iotpipe.settings import (
+    CommaList,
+    CurveSettings,
+    EndpointsReloadSettings,
+    ServerSettings,
+    metrics_port_field,
+    tier_config,
+)
 from iotpipe.storage.sinks import sink_scheme
 
 __all__ = ["StorageSettings"]
 
 
-class StorageSettings(CurveSettings, ServerSettings):
+class StorageSettings(CurveSettings, EndpointsReloadSettings, ServerSettings):
     """Consume the middle tier's durable feed, enrich readings and write them to sinks."""
 
     model_config = tier_config("iotpipe storage", "IOTPIPE_STORAGE_")
 
-    host: str = Field("0.0.0.0", description="bind address of the metrics port")
-    metrics_port: int = Field(9102, ge=0, le=65535,
-                              description="port of /metrics, /healthz and /readyz")
+    metrics_port: int = metrics_port_field(9102)
     feed_endpoints: CommaList = Field(
         default_factory=list,
         description="middle feed endpoints, comma separated (tcp://host:5557,...); "
@@ -29,8 +34,6 @@ class StorageSettings(CurveSettings, ServerSettings):
         "", description="file listing the middle feed endpoints, one per line (key 'feed' of "
                         "the endpoints ConfigMap), re-read while running; wins over "
                         "--feed-endpoints when usable")
-    endpoints_reload_seconds: float = Field(2.0, gt=0,
-                                            description="seconds between endpoints file checks")
     group: str = Field("storage", min_length=1, description="consumer group name")
     consumer_id: str = Field(default_factory=socket.gethostname, min_length=1,
                              description="this consumer's id in the group (default: hostname)")

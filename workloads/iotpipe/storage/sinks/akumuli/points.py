@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import orjson
 
 from iotpipe.storage.enrich import StoredReading
+from iotpipe.storage.sinks import leaf_values, take_matching
 
 __all__ = [
     "Held",
@@ -99,18 +100,6 @@ def resp_value(value: object) -> str | None:
     return None
 
 
-def _values(data: object, prefix: str = "") -> Iterator[tuple[str, str | None]]:
-    """``(field name, RESP value or None when not numeric)`` for every leaf of ``data``."""
-    if not isinstance(data, dict):
-        return
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            yield from _values(value, f"{name}_")
-        else:
-            yield name, resp_value(value)
-
-
 def points_for(reading: StoredReading) -> tuple[list[Point], int]:
     """The points of one reading, and how many values were skipped as not numeric."""
     try:
@@ -120,7 +109,7 @@ def points_for(reading: StoredReading) -> tuple[list[Point], int]:
     points: list[Point] = []
     skipped = 0
     tags = reading_tags(reading)
-    for field_name, value in _values(data):
+    for field_name, value in leaf_values(data, resp_value):
         if value is None:
             skipped += 1
             continue
@@ -142,23 +131,6 @@ class Plan(NamedTuple):
 
 Held = dict[tuple[str, int], list[float]]  # (series, ts) -> values the server holds there
 
-# Two values count as one point in a read-back when this close (Akumuli prints doubles in
-# CSV; a rounded print must still match, two readings this close at one series and
-# nanosecond are taken for one - only ever in a recovery).
-_VALUE_REL_TOL = 1e-9
-
-
-def _take_held(values: list[float] | None, value: float) -> bool:
-    """Remove ``value`` from ``values`` if the server holds it there; True if it did."""
-    if not values:
-        return False
-    for i, held in enumerate(values):
-        if math.isclose(held, value, rel_tol=_VALUE_REL_TOL, abs_tol=1e-300):
-            del values[i]
-            return True
-    return False
-
-
 def point_number(point: Point) -> float:
     return float(point.value[1:])
 
@@ -173,7 +145,7 @@ def plan_write(points: Sequence[Point], marks: Mapping[str, int],
     already = 0
     new_marks: dict[str, int] = {}
     for point in sorted(points, key=lambda p: (p.series, p.ts_ns)):
-        if _take_held(remaining.get((point.series, point.ts_ns)), point_number(point)):
+        if take_matching(remaining.get((point.series, point.ts_ns)), point_number(point)):
             already += 1
             continue
         mark = new_marks.get(point.series, marks.get(point.series))

@@ -32,7 +32,7 @@ from websockets.http11 import Request, Response
 from zmq.utils.monitor import parse_monitor_message
 
 from iotpipe import lifecycle
-from iotpipe.auth import CLIENT_AUDIENCE, AuthError, bearer_token, load_secret, verify_identity
+from iotpipe.auth import load_secret
 from iotpipe.curve import load_keys, secure_client
 from iotpipe.denylist import CLOSE_REVOKED, DenyList, DenyListFile
 from iotpipe.endpoints import (
@@ -44,7 +44,15 @@ from iotpipe.endpoints import (
 )
 from iotpipe.observability import ObservabilityServer, PortInUse, setup_logging
 from iotpipe.registry import RegistryWatcher
-from iotpipe.relay.core import CLOSE_SLOW_CONSUMER, UNKNOWN, ClientSession, Fanout
+from iotpipe.relay.core import (
+    CLOSE_SLOW_CONSUMER,
+    LIVE_PATH,
+    UNKNOWN,
+    ClientSession,
+    Fanout,
+    Refused,
+    admit,
+)
 from iotpipe.relay.metrics import RelayCollector
 from iotpipe.relay.settings import RelaySettings
 from iotpipe.relay.web import WebFront, parse_health_targets
@@ -57,7 +65,6 @@ __all__ = ["LIVE_PATH", "RelayServer", "RelaySettings", "main"]
 
 log = logging.getLogger("iotpipe.relay")
 
-LIVE_PATH = "/v1/live"
 # Upstream messages handled per reader callback before client senders get a turn.
 _SUB_BURST = 512
 # A plain int: pyzmq's enum flags cost microseconds per operation on the hot path.
@@ -175,34 +182,14 @@ class RelayServer:
     def _process_request(self, connection: ServerConnection, request: Request
                          ) -> Response | None:
         url = urlsplit(request.path)
-        if url.path != LIVE_PATH:
-            return self._reject(connection, HTTPStatus.NOT_FOUND, "not_found",
-                                f"the live endpoint is {LIVE_PATH}")
-        if len(self.fanout.sessions) >= self.settings.max_clients:
-            return self._reject(connection, HTTPStatus.SERVICE_UNAVAILABLE, "too_many_clients",
-                                f"this relay serves at most {self.settings.max_clients} clients")
-        query = parse_qs(url.query)
-        token_id: str | None = None
-        if self.secret is None:
-            subject = (query.get("client") or ["anonymous"])[0][:128]
-        else:
-            try:
-                header = request.headers.get("Authorization")
-                # Browsers cannot set headers on a WebSocket: accept ?token= as well.
-                token = bearer_token(header) if header else (query.get("token") or [""])[0]
-                if not token:
-                    raise AuthError("missing", "no Authorization header or token parameter")
-                identity = verify_identity(self.secret, token, CLIENT_AUDIENCE)
-            except AuthError as exc:
-                return self._reject(connection, HTTPStatus.UNAUTHORIZED, exc.reason,
-                                    exc.detail or exc.reason)
-            subject, token_id = identity.subject, identity.token_id
-        refusal = self.deny.refusal("client", subject, token_id)
-        if refusal is not None:
-            return self._reject(connection, HTTPStatus.FORBIDDEN, "revoked",
-                                f"this {refusal} is on the deny list")
-        connection.iotpipe_subject = subject  # type: ignore[attr-defined]
-        connection.iotpipe_token_id = token_id  # type: ignore[attr-defined]
+        verdict = admit(url.path, parse_qs(url.query), request.headers.get("Authorization"),
+                        self.secret, self.deny, len(self.fanout.sessions),
+                        self.settings.max_clients)
+        if isinstance(verdict, Refused):
+            return self._reject(connection, HTTPStatus(verdict.status), verdict.reason,
+                                verdict.detail)
+        connection.iotpipe_subject = verdict.subject  # type: ignore[attr-defined]
+        connection.iotpipe_token_id = verdict.token_id  # type: ignore[attr-defined]
         return None
 
     # -- reloads (TLS certificate, deny list) ------------------------------------------------

@@ -17,7 +17,7 @@ import zmq
 from support.ports import free_port
 from support.processes import ProcessGroup
 from support.relay import Relay, wait_http
-from support.waiting import wait_for
+from support.waiting import eventually, wait_for
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -199,16 +199,13 @@ async def test_client_that_never_reads_is_dropped_and_others_get_everything(
                    if line.startswith("iotpipe_relay_dropped_total")]
         assert dropped and float(dropped[0].split()[-1]) > 0, dropped
         # After the stall timeout (2 s) the stuck client is disconnected.
-        deadline = time.monotonic() + 15
-        clients = None
-        while time.monotonic() < deadline:
-            metrics = wait_http(relay.metrics + "/metrics")
-            clients = next(line for line in metrics.splitlines()
-                           if line.startswith("iotpipe_relay_clients "))
-            if clients.endswith(" 1.0"):
-                break
-            await asyncio.sleep(0.2)
-        assert clients is not None and clients.endswith(" 1.0"), clients
+        def clients() -> str:
+            return next(line for line in wait_http(relay.metrics + "/metrics").splitlines()
+                        if line.startswith("iotpipe_relay_clients "))
+
+        await eventually(lambda: clients().endswith(" 1.0"), 15, "one client left",
+                         interval=0.2, details=clients)
+        metrics = wait_http(relay.metrics + "/metrics")
         assert "closing slow client" in relay.procs.log("relay")
         assert "iotpipe_relay_slow_closes_total 1.0" in metrics
         sent = next(line for line in metrics.splitlines()

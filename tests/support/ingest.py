@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -82,11 +83,10 @@ class FakeMiddle:
         return {(r.device_id, r.msg_id) for r in map(decode_reading, readings)}
 
     def wait_for(self, predicate: Callable[[FakeMiddle], bool], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate(self):
-                return True
-            time.sleep(0.02)
+        """Whether ``predicate`` held within ``timeout`` (for the caller to assert on)."""
+        with contextlib.suppress(AssertionError):
+            return waiting.wait_for(lambda: predicate(self), timeout, "the fake middle",
+                                    interval=0.02)
         return predicate(self)
 
     def close(self) -> None:

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -20,7 +19,7 @@ from iotpipe.auth import CLIENT_AUDIENCE, DEVICE_AUDIENCE, issue_token
 from support.devices import Fleet
 from support.ports import free_port
 from support.processes import ProcessGroup
-from support.waiting import exited, wait_ready
+from support.waiting import exited, wait_for, wait_ready
 
 SECRET = "integration-secret-0123456789abcdef0123456789"
 
@@ -172,14 +171,17 @@ class Pipeline:
         return [orjson.loads(line) for line in self.query("--json").splitlines() if line]
 
     def wait_stored(self, expected: int, timeout: float = 60.0) -> int:
-        deadline = time.monotonic() + timeout
-        count = -1
-        while time.monotonic() < deadline:
-            count = self.stored_count()
-            if count >= expected:
-                return count
-            time.sleep(0.5)
-        return count
+        """The stored count once it reaches ``expected``, or the last count seen (for the
+        caller's assertion to report) when it does not within ``timeout``."""
+        counts = [-1]
+
+        def reached() -> bool:
+            counts.append(self.stored_count())
+            return counts[-1] >= expected
+
+        with contextlib.suppress(AssertionError):
+            wait_for(reached, timeout, f"{expected} stored rows", interval=0.5)
+        return counts[-1]
 
 
 def assert_stored_exactly_once(pipeline: Pipeline, fleet: Fleet) -> list[dict[str, object]]:

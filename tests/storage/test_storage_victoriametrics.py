@@ -132,18 +132,18 @@ def test_real_victoriametrics_recovery_writes_only_missing_samples(victoria: int
 @pytest.mark.integration
 def test_real_victoriametrics_takes_huge_integers_and_counts_skipped_values(
         victoria: int) -> None:
-    from prometheus_client import REGISTRY
+    from prometheus_client import CollectorRegistry
 
-    def skipped() -> float:
-        return REGISTRY.get_sample_value("iotpipe_storage_victoriametrics_skipped_values_total",
-                                         {"sink": "victoriametrics"}) or 0.0
+    from iotpipe.storage.metrics import StorageMetrics
 
-    before = skipped()
+    registry = CollectorRegistry()
     sink = open_sink(f"victoriametrics://127.0.0.1:{victoria}")
+    StorageMetrics(registry).watch_sinks([sink])
     reading = _reading(b'{"big":18446744073709551615,"ok":1,"s":"text"}')
     assert sink.write([SinkBatch("store", 1, [reading])]) == WriteResult(1, 0)
     sink.close()
-    assert skipped() == before + 1  # the string
+    assert registry.get_sample_value("iotpipe_storage_victoriametrics_skipped_values_total",
+                                     {"sink": "victoriametrics"}) == 1  # the string
     # VictoriaMetrics would have skipped the whole line for an int64 overflow (still 204).
     values = {s["metric"]["__name__"]: s["values"]  # type: ignore[index]
               for s in export(victoria, '{__name__=~"iotpipe_(big|ok)"}')}

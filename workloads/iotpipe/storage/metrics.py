@@ -1,22 +1,30 @@
 """Prometheus metrics of the storage tier: the feed, the store of record and the tailing sinks.
 
 Objects of one ``StorageMetrics`` instance, registered in the registry it is given (tests
-give each server a registry of its own); nothing is registered at import.
+give each server a registry of its own); nothing is registered at import. Sinks count what
+only they know (values skipped, read-backs) in plain ``counters`` that ``SinkCollector``
+reads at scrape time as ``iotpipe_storage_<kind>_<name>_total{sink}``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Protocol
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from iotpipe.storage.tail import TailMetrics
 
-__all__ = ["StorageMetrics"]
+__all__ = ["CountingSink", "SinkCollector", "StorageMetrics"]
 
 
 class StorageMetrics:
     """The storage tier's Prometheus metrics, registered in ``registry`` (one set per server)."""
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
         self.written = Counter("iotpipe_storage_records_written_total",
                                "Readings newly stored, per sink", ["sink"], registry=registry)
         self.duplicates = Counter("iotpipe_storage_duplicates_total",
@@ -53,3 +61,34 @@ class StorageMetrics:
         self.pruned = Counter("iotpipe_storage_store_pruned_total",
                               "Readings removed from the store of record after "
                               "--store-retention", registry=registry)
+
+    def watch_sinks(self, sinks: Sequence[object]) -> None:
+        """Expose the ``counters`` of the sinks that keep some."""
+        counting = [sink for sink in sinks if isinstance(getattr(sink, "counters", None), dict)]
+        if counting:
+            self.registry.register(SinkCollector(counting))  # type: ignore[arg-type]
+
+
+class CountingSink(Protocol):
+    kind: str
+    counter_help: Mapping[str, str]
+    counters: dict[str, int]
+
+
+class SinkCollector(Collector):
+    """The sinks' own counters, read when scraped (no Prometheus objects in the sinks)."""
+
+    def __init__(self, sinks: Sequence[CountingSink]) -> None:
+        self._sinks = list(sinks)
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, CounterMetricFamily] = {}
+        for sink in self._sinks:
+            for name, value in sink.counters.items():
+                metric = f"iotpipe_storage_{sink.kind}_{name}"
+                if metric not in families:
+                    families[metric] = CounterMetricFamily(metric, sink.counter_help[name],
+                                                           labels=["sink"])
+                families[metric].add_metric([sink.kind], value)
+        yield from families.values()
+

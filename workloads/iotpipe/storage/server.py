@@ -113,6 +113,7 @@ class StorageServer:
         self._next_prune = 0.0
         self.registry = registry
         self.metrics = metrics
+        metrics.watch_sinks(self.sinks)
         self.endpoints_file = endpoints_file
         self.sinks_healthy = True
         self._stop = threading.Event()

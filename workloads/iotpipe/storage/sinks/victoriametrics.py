@@ -48,7 +48,6 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
 import orjson
-import prometheus_client
 
 from iotpipe.storage.enrich import StoredReading
 from iotpipe.storage.sinks import (
@@ -62,10 +61,6 @@ from iotpipe.storage.sinks import (
 __all__ = ["VictoriaMetricsSink", "data_fields", "line_for", "numeric_fields"]
 
 _RESERVED_TAGS = ("device_id", "class", "location")
-SKIPPED_VALUES = prometheus_client.Counter(
-    "iotpipe_storage_victoriametrics_skipped_values_total",
-    "Data values VictoriaMetrics cannot store (strings, nulls, lists, non-finite), not sent",
-    ["sink"])
 _ESCAPE_TAG = re.compile(r"([,= \\])")
 _ESCAPE_MEASUREMENT = re.compile(r"([, \\])")
 _TIMEOUT_S = 10.0
@@ -161,6 +156,9 @@ def _label_value(text: str) -> str:
 
 class VictoriaMetricsSink:
     kind = "victoriametrics"
+    # Read at scrape time by iotpipe.storage.metrics.SinkCollector.
+    counter_help = {"skipped_values": "Data values VictoriaMetrics cannot store (strings, "
+                                      "nulls, lists, non-finite), not sent"}
 
     def __init__(self, host: str, port: int, measurement: str = "iotpipe",
                  url: str | None = None) -> None:
@@ -170,6 +168,7 @@ class VictoriaMetricsSink:
         self.measurement = _ESCAPE_MEASUREMENT.sub(r"\\\1", measurement)
         self.url = url or f"victoriametrics://{host}:{port}"
         self._conn: http.client.HTTPConnection | None = None
+        self.counters = dict.fromkeys(self.counter_help, 0)
 
     @classmethod
     def from_url(cls, url: str) -> VictoriaMetricsSink:
@@ -265,7 +264,7 @@ class VictoriaMetricsSink:
             if line is not None:
                 lines.append(line)
         if skipped_values:
-            SKIPPED_VALUES.labels(self.kind).inc(skipped_values)
+            self.counters["skipped_values"] += skipped_values
         if not lines:
             return WriteResult(0, already)
         status, body = self._post("/write", ("\n".join(lines) + "\n").encode())

@@ -40,8 +40,6 @@ import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
-import prometheus_client
-
 from iotpipe.storage.sinks import LatePoint, SinkBatch, SinkError, WriteResult
 from iotpipe.storage.sinks.akumuli.client import AkumuliClient, ServerError
 from iotpipe.storage.sinks.akumuli.marks import MarksStore
@@ -64,17 +62,15 @@ DEFAULT_CONFIRM_S = 0.05
 _LATE_LOG_INTERVAL_S = 60.0
 _ERROR_ROUNDS = 3
 
-SKIPPED_VALUES = prometheus_client.Counter(
-    "iotpipe_storage_akumuli_skipped_values_total",
-    "Data values that are not numbers or booleans (strings, nulls, lists), not sent",
-    ["sink"])
-RECONCILES = prometheus_client.Counter(
-    "iotpipe_storage_akumuli_reconciles_total",
-    "Times the sink read back what the server holds (recovery or after an error)", ["sink"])
-
-
 class AkumuliSink:
     kind = "akumuli"
+    # Read at scrape time by iotpipe.storage.metrics.SinkCollector.
+    counter_help = {
+        "skipped_values": "Data values that are not numbers or booleans (strings, nulls, "
+                          "lists), not sent",
+        "reconciles": "Times the sink read back what the server holds (recovery or after an "
+                      "error)",
+    }
 
     def __init__(self, host: str, port: int = DEFAULT_PORT, *,
                  query_port: int = DEFAULT_QUERY_PORT, marks_path: str | Path | None = None,
@@ -96,6 +92,7 @@ class AkumuliSink:
         self._resend: list[Point] = []  # points of an earlier send the server may have lost
         self._late_unlogged = 0
         self._late_logged_at = 0.0
+        self.counters = dict.fromkeys(self.counter_help, 0)
 
     @classmethod
     def from_url(cls, url: str, state_dir: Path | None = None) -> AkumuliSink:
@@ -132,7 +129,7 @@ class AkumuliSink:
 
     def held_points(self, points: Sequence[Point], *, newer: bool = False) -> Held:
         """What the server holds of ``points``' series (see ``AkumuliClient.held_points``)."""
-        RECONCILES.labels(self.kind).inc()
+        self.counters["reconciles"] += 1
         return self.client.held_points(points, newer=newer)
 
     def _raise_marks(self, held: Held) -> None:
@@ -187,7 +184,7 @@ class AkumuliSink:
                 points += reading_points
                 skipped_values += skipped
         if skipped_values:
-            SKIPPED_VALUES.labels(self.kind).inc(skipped_values)
+            self.counters["skipped_values"] += skipped_values
 
         stale_error = self.client.check_idle()
         if stale_error is not None:

@@ -3,7 +3,8 @@
 The fleet is written here (not ``iotpipe simulate``) where a test needs full control over
 resends: a device that loses its connection resends every unacknowledged message with the
 SAME id, as real firmware does, so storage's (device_id, msg_id) identity is exercised.
-The descriptor limit and source addresses come from the simulator's library code.
+Source addresses (and the descriptor limit the scale tests raise) come from the simulator's
+library code, ``iotpipe.simulate``.
 """
 
 from __future__ import annotations

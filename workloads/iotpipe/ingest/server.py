@@ -58,7 +58,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -78,6 +78,7 @@ from iotpipe.endpoints import (
 )
 from iotpipe.ingest.drain import QueueDrainer, process_dirs, remove_leftovers
 from iotpipe.ingest.forwarder import CONSUMER, Forwarder
+from iotpipe.ingest.front import Admitted, PicowsFront, Refusal
 from iotpipe.ingest.identity import queue_node_id
 from iotpipe.ingest.metrics import IngestCollector, IngestCounters
 from iotpipe.observability import (
@@ -146,7 +147,12 @@ class IngestSettings(ServerSettings):
     busy_wait: float = Field(1.0, ge=0, description="seconds to wait for queue space before "
                              "answering busy")
     busy_retry_ms: int = Field(1000, ge=1, description="retry hint sent with busy")
-    compression: bool = Field(False, description="permessage-deflate (costs ~35 KB/connection)")
+    compression: bool = Field(False, description="permessage-deflate (costs ~35 KB/connection; "
+                              "needs the websockets core)")
+    ws_core: Literal["auto", "picows", "websockets"] = Field(
+        "auto", description="WebSocket implementation: picows (about 3x cheaper per message, "
+                            "no permessage-deflate) or websockets; auto = websockets with "
+                            "--compression, else picows")
     open_timeout: float = Field(10.0, gt=0, description="seconds to finish the handshake")
     ping_interval: float = Field(20.0, gt=0, description="seconds between keepalive pings")
     ping_timeout: float = Field(20.0, gt=0, description="seconds to wait for a pong")
@@ -212,6 +218,8 @@ class _Committer:
         self._readings: list[bytes] = []
         self._future: asyncio.Future[None] | None = None
         self._writing = False
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def submit(self, readings: list[bytes]) -> asyncio.Future[None]:
         future = self._future
@@ -227,6 +235,7 @@ class _Committer:
         assert future is not None
         self._readings, self._future = [], None
         self._writing = True
+        self._idle.clear()
         self._loop.create_task(self._write(readings, future))
 
     async def _write(self, readings: list[bytes], future: asyncio.Future[None]) -> None:
@@ -241,6 +250,16 @@ class _Committer:
             self._writing = False
             if self._readings:
                 self._start()
+            else:
+                self._idle.set()
+
+    async def wait_idle(self, within: float) -> bool:
+        """True once no append is in flight or waiting (within ``within`` seconds)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), max(0.01, within))
+        except TimeoutError:
+            return False
+        return True
 
 
 class IngestServer:
@@ -266,7 +285,8 @@ class IngestServer:
         self.aqueue: AsyncQueue | None = None
         self.committer: _Committer | None = None
         self.forwarder: Forwarder | None = None
-        self.ws_server: Server | None = None
+        self.ws_server: Server | None = None   # the websockets core
+        self.front: PicowsFront | None = None  # the picows core
         self._handlers: set[asyncio.Task[Any]] = set()
         self.counters = IngestCounters()
         self._port = 0
@@ -275,7 +295,8 @@ class IngestServer:
 
     def ready(self) -> bool:
         fwd = self.forwarder
-        return (not self.draining and self.ws_server is not None and fwd is not None
+        listening = self.ws_server is not None or self.front is not None
+        return (not self.draining and listening and fwd is not None
                 and fwd.error is None
                 and all(d.forwarder.error is None for d in list(self.retired.values())))
 
@@ -320,26 +341,34 @@ class IngestServer:
 
     # -- handshake -------------------------------------------------------------------
 
-    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        url = urlsplit(request.path)
+    def admit(self, target: str, authorization: str | None) -> Admitted | Refusal:
+        """The handshake decision for both WebSocket cores (docs/protocols.md, 1.)."""
+        url = urlsplit(target)
         if url.path != PATH:
-            return connection.respond(http.HTTPStatus.NOT_FOUND, f"no such path; use {PATH}\n")
+            return Refusal(http.HTTPStatus.NOT_FOUND, f"no such path; use {PATH}\n", {})
         if self.draining:
-            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+            return Refusal(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n", {})
         if self.secret is None:
             device = parse_qs(url.query).get("device", [None])[0]
-            connection.device_id = device or None  # type: ignore[attr-defined]
-            return None
+            return Admitted(device or None, None)
         try:
-            token = bearer_token(request.headers.get("Authorization"))
-            connection.device_id = verify_token(  # type: ignore[attr-defined]
-                self.secret, token, DEVICE_AUDIENCE)
+            token = bearer_token(authorization)
+            device = verify_token(self.secret, token, DEVICE_AUDIENCE)
         except AuthError as exc:
             self.counters.auth_failures[exc.reason] += 1
-            response = connection.respond(http.HTTPStatus.UNAUTHORIZED, f"{exc}\n")
-            response.headers["WWW-Authenticate"] = f'Bearer error="invalid_token", ' \
-                f'error_description="{exc.reason}"'
+            return Refusal(http.HTTPStatus.UNAUTHORIZED, f"{exc}\n", {
+                "WWW-Authenticate": f'Bearer error="invalid_token", '
+                                    f'error_description="{exc.reason}"'})
+        return Admitted(device, None)
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        verdict = self.admit(request.path, request.headers.get("Authorization"))
+        if isinstance(verdict, Refusal):
+            response = connection.respond(verdict.status, verdict.body)
+            response.headers.update(verdict.headers)
             return response
+        connection.device_id = verdict.device_id  # type: ignore[attr-defined]
+        connection.token_id = verdict.token_id  # type: ignore[attr-defined]
         return None
 
     # -- one device ------------------------------------------------------------------
@@ -471,6 +500,10 @@ class IngestServer:
             self.queue, self.node, self.endpoints, batch_records=s.forward_batch,
             window=s.forward_window, ack_timeout=s.forward_ack_timeout,
         ).start()
+        if ws_core(s) == "picows":
+            self.front = PicowsFront(self, self.admit)
+            self._port = await self.front.start(s.host, s.port, reuse_port=s.processes > 1)
+            return
         self.ws_server = await serve(
             self.handle, s.host, s.port,
             process_request=self.process_request,
@@ -489,11 +522,32 @@ class IngestServer:
         """The bound WebSocket port (known once started; kept after the listener closes)."""
         return self._port
 
+    async def _drain_front(self, deadline: float) -> None:
+        """picows core: stop listening, close devices with 1001 at the drain rate (each
+        after the acks it is owed), wait for them and for the appends in flight."""
+        s = self.settings
+        front = self.front
+        assert front is not None and self.committer is not None
+        front.stop_listening()
+        log.info("draining", extra={"fields": {"connections": len(front.connections)}})
+        interval = 1.0 / s.drain_close_rate
+        spread_until = time.monotonic() + s.drain_timeout / 2
+        closing = list(front.connections)
+        for conn in closing:
+            conn.request_close(CLOSE_GOING_AWAY, "going away")
+            if time.monotonic() < spread_until:
+                await asyncio.sleep(interval)
+        await front.wait_closed(closing, deadline - time.monotonic())
+        await self.committer.wait_idle(deadline - time.monotonic())
+
     async def drain(self) -> bool:
         """Stop accepting, close devices at a bounded rate, empty the queue. True if empty."""
         s = self.settings
         deadline = time.monotonic() + s.drain_timeout
         self.draining = True
+        if self.front is not None:
+            await self._drain_front(deadline)
+            return await self._drain_queues(deadline)
         assert self.ws_server is not None and self.forwarder is not None
         self.ws_server.close(close_connections=False)
         log.info("draining", extra={"fields": {"connections": len(self.ws_server.connections)}})
@@ -511,7 +565,11 @@ class IngestServer:
         if self._handlers:  # appends in progress finish (and are acked) before we count
             await asyncio.wait(list(self._handlers),
                                timeout=max(0.1, deadline - time.monotonic()))
+        return await self._drain_queues(deadline)
+
+    async def _drain_queues(self, deadline: float) -> bool:
         forwarder = self.forwarder
+        assert forwarder is not None
         empty = await asyncio.to_thread(forwarder.wait_empty,
                                         max(0.0, deadline - time.monotonic()))
         # Retired queues too: whatever is left of them stays on disk for the next start
@@ -534,12 +592,22 @@ class IngestServer:
             self.ws_server.close()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.ws_server.wait_closed(), 5)
+        if self.front is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.front.aclose(), 6)
         if self.forwarder is not None:
             await asyncio.to_thread(self.forwarder.stop)
         if self.aqueue is not None:
             await self.aqueue.aclose()
         if self.queue is not None:
             self.queue.close()
+
+
+def ws_core(settings: IngestSettings) -> str:
+    """The WebSocket core in use: picows unless compression needs websockets."""
+    if settings.ws_core == "auto":
+        return "websockets" if settings.compression else "picows"
+    return settings.ws_core
 
 
 def _queue_source(server: IngestServer) -> tuple[int, int, int]:
@@ -871,8 +939,14 @@ def main(argv: Sequence[str]) -> int:
     index = settings.process_index  # set by the parent through IOTPIPE_INGEST_PROCESS_INDEX
     if index >= 0 and settings.parent_pid:
         die_with_parent(settings.parent_pid)
-    # websockets logs every connection open/close at INFO: far too much at C10K.
+    # websockets and picows log every connection open/close at INFO: far too much at C10K.
     logging.getLogger("websockets").setLevel(logging.WARNING)
+    logging.getLogger("picows").setLevel(logging.WARNING)
+    if settings.compression and settings.ws_core == "picows":
+        print("iotpipe ingest: error: --compression (permessage-deflate) needs the websockets "
+              "core: use --ws-core websockets or auto (picows has no permessage-deflate)",
+              file=sys.stderr)
+        return 2
     try:
         endpoints, watched = resolve_endpoints(
             "--middle-endpoints", settings.middle_endpoints,

@@ -36,8 +36,9 @@ from typing import Any
 import orjson
 from pydantic import Field
 
-from iotpipe.bench.loadgen import LoadSpec, run
+from iotpipe.bench.loadgen import LoadSpec, raise_nofile, run
 from iotpipe.bench.ports import free_port
+from iotpipe.ingest.front import LISTEN_BACKLOG
 from iotpipe.settings import TierSettings, parse_settings, tier_config
 
 __all__ = ["main", "run_bench"]
@@ -98,8 +99,12 @@ def bare_picows_main(port: int) -> None:
                            orjson.dumps({"type": "ack", "ids": [m["id"] for m in messages]}))
 
     async def serve() -> None:
-        server = await ws_create_server(lambda _request: Listener(), "127.0.0.1", port)
+        # The same listen backlog and read buffer as ingest's front (bench connections).
+        server = await ws_create_server(lambda _request: Listener(), "127.0.0.1", port,
+                                        backlog=LISTEN_BACKLOG, read_buffer_init_size=4096)
         await server.serve_forever()
+
+    raise_nofile(1 << 20)
 
     _run_forever(serve)
 
@@ -207,6 +212,7 @@ class _Server:
         self.env = env
         self.port = free_port()
         self.extra: dict[str, Any] = {}
+        self.ingest_args: list[str] = []  # more options for iotpipe ingest
         self._middle: subprocess.Popen[str] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.proc: subprocess.Popen[Any] | None = None
@@ -237,7 +243,8 @@ class _Server:
              "--port", str(self.port), "--metrics-port", str(metrics_port),
              "--data-dir", self._tmp.name, "--node-id", "bench",
              "--middle-endpoints", endpoint, "--rate-limit", "0",
-             "--processes", str(self.settings.processes), "--log-level", "warning"],
+             "--processes", str(self.settings.processes), "--log-level", "warning",
+             *self.ingest_args],
             env=self.env)
         wait_ready(metrics_port, 60)
 
@@ -266,7 +273,7 @@ def _measure(name: str, settings: IngestBenchSettings, env: dict[str, str], mode
                         connections=settings.connections, mode=mode,
                         inflight=settings.inflight, size=settings.size,
                         duration=settings.duration, warmup=settings.warmup, rate=rate)
-        load = asyncio.run(run(spec, lambda: cpu_seconds(pid)))
+        load = run(spec, lambda: cpu_seconds(pid))
     finally:
         server.stop()
     cpu = load.get("server_cpu_s") or 0.0

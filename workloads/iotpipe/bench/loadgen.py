@@ -38,7 +38,7 @@ from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from iotpipe.auth import DEVICE_AUDIENCE, issue_token
 
-__all__ = ["LoadSpec", "run"]
+__all__ = ["LoadSpec", "drive", "raise_nofile", "run"]
 
 PORTS_PER_SOURCE = 20000  # below the ~28k ephemeral ports of one source address
 TICK_S = 0.005
@@ -58,6 +58,7 @@ class LoadSpec:
     hold: float = 2.0             # idle mode: seconds to hold before the one message each
     connect_concurrency: int = 512
     device_prefix: str = "lg-"
+    stamp: bool = False           # put the send time in "ts" (end-to-end latency downstream)
 
 
 def raise_nofile(wanted: int) -> int:
@@ -77,6 +78,7 @@ class _Stats:
         self.measuring = False
         self.acked = 0
         self.acked_measured = 0
+        self.sent_measured = 0
         self.errors = 0
         self.latencies: list[float] = []
 
@@ -106,6 +108,9 @@ class _Device(WSListener):  # type: ignore[misc]
         msg_id = self.next_id
         self.next_id += 1
         self.sent[msg_id] = scheduled
+        stats = self.gen.stats
+        if stats.measuring:
+            stats.sent_measured += 1
         assert self.transport is not None
         self.transport.send(WSMsgType.TEXT, self.gen.body(msg_id))
 
@@ -136,8 +141,10 @@ class _Device(WSListener):  # type: ignore[misc]
 
 
 class _Generator:
-    def __init__(self, spec: LoadSpec, probe: Callable[[], float] | None = None) -> None:
+    def __init__(self, spec: LoadSpec, probe: Callable[[], float] | None = None,
+                 on_hold: Callable[[], None] | None = None) -> None:
         self.spec = spec
+        self.on_hold = on_hold
         self.probe = probe  # read at the window's edges (the server's CPU seconds)
         self.stats = _Stats()
         self.closed_loop = spec.mode == "closed"
@@ -149,6 +156,9 @@ class _Generator:
         self._suffix = b',"data":{"v":21.5,"p":"' + b"x" * pad + b'"}}'
 
     def body(self, msg_id: int) -> bytes:
+        if self.spec.stamp:  # seconds with microseconds: ingest keeps them exactly
+            return (self._prefix + str(msg_id).encode() + b',"ts":'
+                    + f"{time.time():.6f}".encode() + self._suffix)
         return self._prefix + str(msg_id).encode() + self._suffix
 
     async def connect_all(self) -> tuple[list[_Device], float, int]:
@@ -194,6 +204,8 @@ class _Generator:
         if spec.mode == "idle":
             await asyncio.sleep(spec.hold)
             held = sum(1 for d in devices if not d.closed)
+            if self.on_hold is not None:
+                self.on_hold()
             stats.measuring = True
             start = time.monotonic()
             for device in devices:
@@ -223,7 +235,8 @@ class _Generator:
         self.sending = False
         if self.probe:
             result["server_cpu_s"] = self.probe() - cpu_before
-        result.update(acked=stats.acked_measured, measured_s=round(elapsed, 3),
+        result.update(acked=stats.acked_measured, sent=stats.sent_measured,
+                      measured_s=round(elapsed, 3),
                       acked_per_s=round(stats.acked_measured / elapsed, 1),
                       errors=stats.errors, p50_ms=stats.percentile(0.5),
                       p99_ms=stats.percentile(0.99),
@@ -251,10 +264,12 @@ class _Generator:
                     device.send(tick)
 
 
-async def run(spec: LoadSpec, probe: Callable[[], float] | None = None) -> dict[str, Any]:
+async def drive(spec: LoadSpec, probe: Callable[[], float] | None = None,
+                on_hold: Callable[[], None] | None = None) -> dict[str, Any]:
     """Drive the load; ``probe`` (e.g. a server's CPU seconds) is read at the edges of
-    the measured window and its difference reported as ``server_cpu_s``."""
-    generator = _Generator(spec, probe)
+    the measured window and its difference reported as ``server_cpu_s``; ``on_hold`` is
+    called in idle mode once the connections were held, before the messages go."""
+    generator = _Generator(spec, probe, on_hold)
     try:
         return await generator.run()
     finally:
@@ -262,15 +277,25 @@ async def run(spec: LoadSpec, probe: Callable[[], float] | None = None) -> dict[
         for device in generator.devices:
             if device.transport is not None:
                 device.transport.disconnect()
+        await asyncio.sleep(0.2)  # let the hang-ups leave before the loop closes
+
+
+def run(spec: LoadSpec, probe: Callable[[], float] | None = None,
+        on_hold: Callable[[], None] | None = None) -> dict[str, Any]:
+    """``drive`` on a fresh event loop (uvloop where installed, as the servers use)."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:
+        pass
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(drive(spec, probe, on_hold))
 
 
 def main() -> None:
-    spec = LoadSpec(**json.loads(sys.argv[1]))
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    print(json.dumps(asyncio.run(run(spec))), flush=True)
+    print(json.dumps(run(LoadSpec(**json.loads(sys.argv[1])))), flush=True)
 
 
 if __name__ == "__main__":

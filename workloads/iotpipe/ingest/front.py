@@ -70,6 +70,9 @@ _PICOWS_LOG = logging.LoggerAdapter(logging.getLogger("picows.ingest"), {})
 # Replies a connection may owe before its socket stops being read (docs/protocols.md: a
 # busy device is read at most 16 frames ahead).
 OUTBOX_FRAMES = 16
+# Handshakes queued in the kernel: asyncio's default of 100 drops SYNs when a fleet
+# reconnects at once (after a drain), costing each device a 1 s+ retransmit.
+LISTEN_BACKLOG = 4096
 # Seconds to wait for the device's close frame after ours before dropping the socket.
 CLOSE_TIMEOUT = 5.0
 
@@ -376,7 +379,10 @@ class PicowsFront:
             # picows requires reply timeout <= idle timeout.
             auto_ping_reply_timeout=min(s.ping_timeout, s.ping_interval),
             max_frame_size=s.max_frame_bytes,
+            # Grown on demand; 16 KiB (picows' default) per idle device adds up at 100k.
+            read_buffer_init_size=4096,
             ssl=ssl_context,
+            backlog=LISTEN_BACKLOG,
             reuse_port=reuse_port or None,
         )
         self.port = int(self._listener.sockets[0].getsockname()[1])

@@ -721,12 +721,20 @@ async def run_process(settings: IngestSettings, index: int,
         obs.stop()
 
 
+# Descriptors wanted: one per device connection, 100k per process and headroom.
+NOFILE_WANTED = 1 << 20
+
+
 def _raise_nofile() -> int:
-    """Soft RLIMIT_NOFILE up to the hard limit: one descriptor per device connection."""
+    """RLIMIT_NOFILE up to ``NOFILE_WANTED``: the hard limit too where allowed (root,
+    CAP_SYS_RESOURCE; never above fs.nr_open), else the soft limit up to the hard one."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
+    for limit in (NOFILE_WANTED, hard):
+        if soft >= limit:
+            break
         with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, max(limit, hard)))
+            break
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 

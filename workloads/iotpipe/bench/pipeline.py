@@ -1,0 +1,277 @@
+"""``iotpipe bench pipeline``: devices to a live client and to the store of record through
+all four tiers, at a fixed rate.
+
+``iotpipe up`` runs middle, storage (SQLite store of record), relay and ingest in a
+temporary directory on free ports. The picows load generator sends ``--rate`` messages/s
+in total (open loop, default 5,000) from ``--connections`` devices, each message stamped
+with its send time in ``ts``. Meanwhile, in this process:
+
+- a relay client subscribed to every device measures device-to-client latency
+  (``e2e_p50_ms`` / ``e2e_p99_ms``: arrival time minus ``ts``);
+- a poller reads the rows the store of record gained every ``--poll-ms`` and measures
+  device-to-store latency (``stored_p50_ms`` / ``stored_p99_ms``; resolution: the poll
+  interval).
+
+Only messages sent in the measured window count. ``ack_p99_ms`` is the device's own ack
+latency; ``pipeline_cpu_pct`` the CPU of all four tiers together (percent of one core).
+``middle_limit_ratio`` comes from ``iotpipe bench middle`` in the same run: the middle
+tier's records/s against a bare acking ROUTER on the same batches (``--middle-batch``,
+default 64; the issue's goal is 0.7).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pydantic import Field
+from websockets.sync.client import connect
+
+from iotpipe.auth import CLIENT_AUDIENCE, issue_token
+from iotpipe.bench.ingest import cpu_seconds, stop, wait_ready
+from iotpipe.bench.loadgen import LoadSpec, run
+from iotpipe.settings import TierSettings, parse_settings, tier_config
+
+__all__ = ["main", "run_bench"]
+
+PORTS = 9  # iotpipe up --base-port B uses B..B+8
+
+
+class PipelineBenchSettings(TierSettings):
+    """Device-to-client and device-to-store latency through all four tiers at a fixed rate."""
+
+    model_config = tier_config("iotpipe bench pipeline", "IOTPIPE_BENCH_PIPELINE_",
+                               {"json_output": "json"})
+
+    rate: float = Field(5000.0, gt=0, description="messages/s in total")
+    connections: int = Field(200, ge=1, description="device connections")
+    size: int = Field(128, ge=48, description="approximate JSON bytes per message")
+    duration: float = Field(10.0, gt=0, description="measured seconds")
+    warmup: float = Field(2.0, ge=0, description="seconds of load before measuring")
+    settle: float = Field(10.0, ge=0, description="seconds to wait for the last readings "
+                                                  "to reach the client and the store")
+    poll_ms: float = Field(20.0, gt=0, description="store poll interval (its resolution)")
+    middle_batch: int = Field(64, ge=1, description="batch size for middle_limit_ratio "
+                                                    "(0 ratio run: see --middle-ratio)")
+    middle_ratio: bool = Field(True, description="measure middle_limit_ratio (bench middle)")
+    json_output: bool = Field(False, description="print one JSON object")
+
+
+def _free_base() -> int:
+    """A base port whose nine ports are all free on loopback right now."""
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = int(probe.getsockname()[1])
+        if base + PORTS >= 65536:
+            continue
+        try:
+            held = []
+            for offset in range(PORTS):
+                sock = socket.socket()
+                held.append(sock)
+                sock.bind(("127.0.0.1", base + offset))
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+        return base
+    raise RuntimeError("no run of nine free ports found")
+
+
+def _percentiles(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    ordered = sorted(values)
+    pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)  # noqa: E731
+    return pick(0.5), pick(0.99)
+
+
+class _Window:
+    """The measured window in epoch nanoseconds (set by the load generator's clock)."""
+
+    def __init__(self) -> None:
+        self.start_ns = 0
+        self.end_ns = 1 << 62
+
+    def __contains__(self, ts_ns: int) -> bool:
+        return self.start_ns <= ts_ns <= self.end_ns
+
+
+class _RelayClient(threading.Thread):
+    def __init__(self, url: str, token: str, window: _Window, stop_flag: threading.Event
+                 ) -> None:
+        super().__init__(daemon=True)
+        self.url, self.token, self.window, self.stop_flag = url, token, window, stop_flag
+        self.latencies_ms: list[float] = []
+        self.readings = 0
+        self.gaps = 0
+        self.subscribed = threading.Event()
+        self.error: str | None = None
+
+    def run(self) -> None:
+        try:
+            with connect(self.url, additional_headers={"Authorization": f"Bearer {self.token}"},
+                         max_size=1 << 22) as ws:
+                ws.send(orjson.dumps({"op": "subscribe", "all": True}).decode())
+                while not self.stop_flag.is_set():
+                    try:
+                        frame = ws.recv(timeout=0.5)
+                    except TimeoutError:
+                        continue
+                    now = time.time_ns()
+                    event = orjson.loads(frame)
+                    kind = event.get("event")
+                    if kind == "subscribed":
+                        self.subscribed.set()
+                    elif kind == "reading":
+                        self.readings += 1
+                        if event["ts"] in self.window:
+                            self.latencies_ms.append((now - event["ts"]) / 1e6)
+                    elif kind == "gap":
+                        self.gaps += 1
+        except Exception as exc:  # reported, not raised: the bench says what failed
+            self.error = repr(exc)
+            self.subscribed.set()
+
+
+class _StorePoller(threading.Thread):
+    def __init__(self, db: Path, poll_s: float, window: _Window, stop_flag: threading.Event
+                 ) -> None:
+        super().__init__(daemon=True)
+        self.db, self.poll_s, self.window, self.stop_flag = db, poll_s, window, stop_flag
+        self.latencies_ms: list[float] = []
+        self.rows = 0
+
+    def run(self) -> None:
+        while not self.db.exists() and not self.stop_flag.is_set():
+            time.sleep(self.poll_s)
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5)
+        last = 0
+        try:
+            while not self.stop_flag.is_set():
+                try:
+                    rows = conn.execute("SELECT rowid, ts_ns FROM readings WHERE rowid > ? "
+                                        "ORDER BY rowid", (last,)).fetchall()
+                except sqlite3.OperationalError:  # table not created yet, or busy
+                    rows = []
+                now = time.time_ns()
+                for rowid, ts_ns in rows:
+                    last = max(last, rowid)
+                    self.rows += 1
+                    if ts_ns in self.window:
+                        self.latencies_ms.append((now - ts_ns) / 1e6)
+                time.sleep(self.poll_s)
+        finally:
+            conn.close()
+
+
+def _middle_ratio(batch: int) -> float | None:
+    done = subprocess.run(
+        [sys.executable, "-m", "iotpipe.cli", "bench", "middle", "--json", "--batches",
+         str(batch), "--seconds", "2", "--warmup", "0.5"],
+        capture_output=True, text=True, timeout=180)
+    if done.returncode != 0 or not done.stdout.strip():
+        return None
+    ratio = json.loads(done.stdout)["results"][0].get("ratio")
+    return float(ratio) if ratio is not None else None
+
+
+def run_bench(settings: PipelineBenchSettings) -> dict[str, Any]:
+    base = _free_base()
+    with tempfile.TemporaryDirectory(prefix="iotpipe-bench-pipeline-") as tmp:
+        data = Path(tmp)
+        up = subprocess.Popen(
+            [sys.executable, "-m", "iotpipe.cli", "up", "--data-dir", str(data),
+             "--base-port", str(base), "--log-level", "warning"],
+            stdout=subprocess.DEVNULL)
+        window = _Window()
+        stop_flag = threading.Event()
+        try:
+            for offset in range(5, 9):  # ingest, middle, storage, relay metrics
+                wait_ready(base + offset, 90)
+            secret = (data / "auth.secret").read_text().strip()
+            relay = _RelayClient(f"ws://127.0.0.1:{base + 1}/v1/live",
+                                 issue_token(secret.encode(), "bench", CLIENT_AUDIENCE, 3600),
+                                 window, stop_flag)
+            relay.start()
+            relay.subscribed.wait(30)
+            poller = _StorePoller(data / "store" / "readings.db", settings.poll_ms / 1000,
+                                  window, stop_flag)
+            poller.start()
+            spec = LoadSpec(url=f"ws://127.0.0.1:{base}/v1/ingest", secret=secret,
+                            connections=settings.connections, mode="open", rate=settings.rate,
+                            size=settings.size, duration=settings.duration,
+                            warmup=settings.warmup, stamp=True, device_prefix="pipe-")
+
+            def probe() -> float:  # the window's edges, on the generator's clock
+                if window.start_ns == 0:
+                    window.start_ns = time.time_ns()
+                else:
+                    window.end_ns = time.time_ns()
+                return cpu_seconds(up.pid)  # up and its tiers (threads included)
+
+            load = run(spec, probe)
+            deadline = time.monotonic() + settings.settle
+            sent_in_window = load.get("sent", 0)
+            while time.monotonic() < deadline and (
+                    len(poller.latencies_ms) < sent_in_window
+                    or len(relay.latencies_ms) < sent_in_window):
+                time.sleep(0.1)
+        finally:
+            stop_flag.set()
+            stop(up)
+    e2e = _percentiles(relay.latencies_ms)
+    stored = _percentiles(poller.latencies_ms)
+    measured = load.get("measured_s") or 0
+    cpu = load.get("server_cpu_s") or 0
+    return {
+        "bench": "pipeline",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform(), "load_avg": os.getloadavg()[0]},
+        "load": {"rate": settings.rate, "connections": settings.connections,
+                 "size": settings.size, "duration_s": settings.duration},
+        "acked_per_s": load.get("acked_per_s"),
+        "sent_in_window": load.get("sent", 0),
+        "acked_in_window": load.get("acked", 0),
+        "ack_p99_ms": load.get("p99_ms"),
+        "relay_readings_in_window": len(relay.latencies_ms),
+        "relay_gaps": relay.gaps,
+        "relay_error": relay.error,
+        "stored_in_window": len(poller.latencies_ms),
+        "e2e_p50_ms": e2e[0],
+        "e2e_p99_ms": e2e[1],
+        "stored_p50_ms": stored[0],
+        "stored_p99_ms": stored[1],
+        "pipeline_cpu_pct": round(100 * cpu / measured, 1) if measured else None,
+        "up_exit_code": up.returncode,
+        "middle_limit_ratio": _middle_ratio(settings.middle_batch)
+        if settings.middle_ratio else None,
+    }
+
+
+def main(argv: Sequence[str]) -> int:
+    settings = parse_settings(PipelineBenchSettings, argv)
+    report = run_bench(settings)
+    if settings.json_output:
+        print(json.dumps(report))
+    else:
+        for key, value in report.items():
+            if key not in ("machine", "load", "bench"):
+                print(f"{key}: {value}")
+    ok = (report["relay_error"] is None and report["acked_in_window"] > 0
+          and report["stored_in_window"] > 0 and report["up_exit_code"] == 0)
+    return 0 if ok else 1

@@ -107,16 +107,17 @@ class _Window:
         self.start_ns = 0
         self.end_ns = 1 << 62
 
-    def __contains__(self, ts_ns: int) -> bool:
-        return self.start_ns <= ts_ns <= self.end_ns
+    def latencies_ms(self, samples: list[tuple[int, int]]) -> list[float]:
+        """Of the messages sent inside the window (filtered once the window is over)."""
+        start, end = self.start_ns, self.end_ns
+        return [(seen - ts) / 1e6 for ts, seen in samples if start <= ts <= end]
 
 
 class _RelayClient(threading.Thread):
-    def __init__(self, url: str, token: str, window: _Window, stop_flag: threading.Event
-                 ) -> None:
+    def __init__(self, url: str, token: str, stop_flag: threading.Event) -> None:
         super().__init__(daemon=True)
-        self.url, self.token, self.window, self.stop_flag = url, token, window, stop_flag
-        self.latencies_ms: list[float] = []
+        self.url, self.token, self.stop_flag = url, token, stop_flag
+        self.samples: list[tuple[int, int]] = []  # (ts, arrival) in epoch nanoseconds
         self.readings = 0
         self.gaps = 0
         self.subscribed = threading.Event()
@@ -139,8 +140,7 @@ class _RelayClient(threading.Thread):
                         self.subscribed.set()
                     elif kind == "reading":
                         self.readings += 1
-                        if event["ts"] in self.window:
-                            self.latencies_ms.append((now - event["ts"]) / 1e6)
+                        self.samples.append((event["ts"], now))
                     elif kind == "gap":
                         self.gaps += 1
         except Exception as exc:  # reported, not raised: the bench says what failed
@@ -149,11 +149,10 @@ class _RelayClient(threading.Thread):
 
 
 class _StorePoller(threading.Thread):
-    def __init__(self, db: Path, poll_s: float, window: _Window, stop_flag: threading.Event
-                 ) -> None:
+    def __init__(self, db: Path, poll_s: float, stop_flag: threading.Event) -> None:
         super().__init__(daemon=True)
-        self.db, self.poll_s, self.window, self.stop_flag = db, poll_s, window, stop_flag
-        self.latencies_ms: list[float] = []
+        self.db, self.poll_s, self.stop_flag = db, poll_s, stop_flag
+        self.samples: list[tuple[int, int]] = []  # (ts, seen in the store) in epoch ns
         self.rows = 0
 
     def run(self) -> None:
@@ -172,8 +171,7 @@ class _StorePoller(threading.Thread):
                 for rowid, ts_ns in rows:
                     last = max(last, rowid)
                     self.rows += 1
-                    if ts_ns in self.window:
-                        self.latencies_ms.append((now - ts_ns) / 1e6)
+                    self.samples.append((ts_ns, now))
                 time.sleep(self.poll_s)
         finally:
             conn.close()
@@ -206,11 +204,11 @@ def run_bench(settings: PipelineBenchSettings) -> dict[str, Any]:
             secret = (data / "auth.secret").read_text().strip()
             relay = _RelayClient(f"ws://127.0.0.1:{base + 1}/v1/live",
                                  issue_token(secret.encode(), "bench", CLIENT_AUDIENCE, 3600),
-                                 window, stop_flag)
+                                 stop_flag)
             relay.start()
             relay.subscribed.wait(30)
             poller = _StorePoller(data / "store" / "readings.db", settings.poll_ms / 1000,
-                                  window, stop_flag)
+                                  stop_flag)
             poller.start()
             spec = LoadSpec(url=f"ws://127.0.0.1:{base}/v1/ingest", secret=secret,
                             connections=settings.connections, mode="open", rate=settings.rate,
@@ -228,14 +226,16 @@ def run_bench(settings: PipelineBenchSettings) -> dict[str, Any]:
             deadline = time.monotonic() + settings.settle
             sent_in_window = load.get("sent", 0)
             while time.monotonic() < deadline and (
-                    len(poller.latencies_ms) < sent_in_window
-                    or len(relay.latencies_ms) < sent_in_window):
-                time.sleep(0.1)
+                    len(window.latencies_ms(poller.samples)) < sent_in_window
+                    or len(window.latencies_ms(relay.samples)) < sent_in_window):
+                time.sleep(0.2)
         finally:
             stop_flag.set()
             stop(up)
-    e2e = _percentiles(relay.latencies_ms)
-    stored = _percentiles(poller.latencies_ms)
+    relay_ms = window.latencies_ms(relay.samples)
+    stored_ms = window.latencies_ms(poller.samples)
+    e2e = _percentiles(relay_ms)
+    stored = _percentiles(stored_ms)
     measured = load.get("measured_s") or 0
     cpu = load.get("server_cpu_s") or 0
     return {
@@ -248,10 +248,11 @@ def run_bench(settings: PipelineBenchSettings) -> dict[str, Any]:
         "sent_in_window": load.get("sent", 0),
         "acked_in_window": load.get("acked", 0),
         "ack_p99_ms": load.get("p99_ms"),
-        "relay_readings_in_window": len(relay.latencies_ms),
+        "relay_readings_in_window": len(relay_ms),
         "relay_gaps": relay.gaps,
         "relay_error": relay.error,
-        "stored_in_window": len(poller.latencies_ms),
+        "stored_in_window": len(stored_ms),
+        "window_s": round((window.end_ns - window.start_ns) / 1e9, 3),
         "e2e_p50_ms": e2e[0],
         "e2e_p99_ms": e2e[1],
         "stored_p50_ms": stored[0],

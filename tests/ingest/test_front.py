@@ -59,14 +59,16 @@ class FakeTransport:
 
 
 class FakeCommitter:
-    """Every submit joins the open group; the test completes groups one at a time."""
+    """``AsyncQueue.submit`` as the front uses it: every submit joins the open group; the
+    test completes groups one at a time."""
 
     def __init__(self) -> None:
         self.groups: list[asyncio.Future[None]] = []
         self.submitted: list[list[bytes]] = []
         self._open: asyncio.Future[None] | None = None
 
-    def submit(self, readings: list[bytes]) -> asyncio.Future[None]:
+    def submit(self, readings: list[bytes], timeout: float) -> asyncio.Future[None]:
+        assert timeout == 1.0  # the server's busy_wait
         self.submitted.append(readings)
         if self._open is None:
             self._open = asyncio.get_running_loop().create_future()
@@ -88,7 +90,7 @@ class FakeServer:
         self.limits = FrameLimits()
         self.buckets = _DeviceBuckets(0, 0)
         self.counters = IngestCounters()
-        self.committer = FakeCommitter()
+        self.aqueue = FakeCommitter()
 
 
 def parse_frames(data: bytes) -> list[tuple[int, bytes]]:
@@ -155,8 +157,8 @@ async def test_acks_of_one_group_leave_in_one_write_in_order() -> None:
     text(conn, transport, [{"id": 3, "data": {"k": 3}}, {"id": 4, "data": {"k": 4}}])
     # Nothing leaves before the group is durable: the error waits behind ack 1 (order).
     assert transport.underlying_transport.writes == []
-    assert len(server.committer.groups) == 1
-    server.committer.finish()
+    assert len(server.aqueue.groups) == 1
+    server.aqueue.finish()
     await settle()
     [write] = replies(transport.underlying_transport)
     assert [(r["type"], r["ids"]) for r in write] == [("ack", [1]), ("error", [2]),
@@ -177,12 +179,12 @@ async def test_busy_device_is_not_read_beyond_the_outbox_and_resumes_in_order() 
         text(conn, transport, {"id": i, "data": {"k": i}})
     assert raw.paused
     # Frames received past the outbox wait unjudged (picows had them in its buffer).
-    assert len(server.committer.submitted) == OUTBOX_FRAMES
-    server.committer.finish()
+    assert len(server.aqueue.submitted) == OUTBOX_FRAMES
+    server.aqueue.finish()
     await settle()
     assert not raw.paused
-    assert len(server.committer.submitted) == OUTBOX_FRAMES + 4
-    server.committer.finish()
+    assert len(server.aqueue.submitted) == OUTBOX_FRAMES + 4
+    server.aqueue.finish()
     await settle()
     acked = [i for write in replies(raw) for r in write for i in r["ids"]]
     assert acked == list(range(OUTBOX_FRAMES + 4))
@@ -192,7 +194,7 @@ async def test_busy_device_is_not_read_beyond_the_outbox_and_resumes_in_order() 
 async def test_queue_full_answers_busy_with_the_retry_hint() -> None:
     conn, transport, server = await connect(busy_retry_ms=250)
     text(conn, transport, {"id": "a", "data": {"k": 1}})
-    server.committer.finish(QueueFull("full"))
+    server.aqueue.finish(QueueFull("full"))
     await settle()
     assert replies(transport.underlying_transport) == [
         [{"type": "busy", "ids": ["a"], "retry_after_ms": 250}]]
@@ -204,13 +206,13 @@ async def test_queue_failure_is_never_acked_and_closes_1011() -> None:
     conn, transport, server = await connect()
     text(conn, transport, {"id": "a", "data": {"k": 1}})
     text(conn, transport, {"id": "b", "data": {"k": 1}})
-    server.committer.finish(QueueError("disk gone"))
+    server.aqueue.finish(QueueError("disk gone"))
     await settle()
     [[error]] = replies(transport.underlying_transport)
     assert (error["type"], error["reason"], error["ids"]) == ("error", "internal", ["a"])
     assert [code for code, _ in transport.closes] == [1011]
     text(conn, transport, {"id": "c", "data": {"k": 1}})  # after the close: dropped
-    assert len(server.committer.submitted) == 2
+    assert len(server.aqueue.submitted) == 2
     assert server.counters.accepted == 0
 
 
@@ -220,11 +222,11 @@ async def test_requested_close_waits_for_the_acks_owed() -> None:
     conn.request_close(1001, "going away")
     assert transport.closes == []
     text(conn, transport, {"id": 2, "data": {"k": 1}})  # read while closing: dropped
-    server.committer.finish()
+    server.aqueue.finish()
     await settle()
     assert replies(transport.underlying_transport) == [[{"type": "ack", "ids": [1]}]]
     assert transport.closes == [(1001, b"going away")]
-    assert len(server.committer.submitted) == 1
+    assert len(server.aqueue.submitted) == 1
     assert server.counters.closes["1001"] == 1
 
 
@@ -235,7 +237,7 @@ async def test_flood_close_follows_the_rate_limited_replies() -> None:
     conn.session.flood_limit = 2  # type: ignore[union-attr]
     for i in range(4):
         text(conn, transport, {"id": i, "data": {"k": i}})
-    server.committer.finish()
+    server.aqueue.finish()
     await settle()
     [write] = replies(transport.underlying_transport)
     assert [(r["type"], r["ids"]) for r in write] == [("ack", [0]), ("error", [1]),
@@ -249,7 +251,7 @@ async def test_fragmented_message_is_joined_and_limited_as_a_whole() -> None:
     text(conn, transport, body[:10], fin=False)
     text(conn, transport, body[10:30], fin=False, kind=WSMsgType.CONTINUATION)
     text(conn, transport, body[30:], fin=True, kind=WSMsgType.CONTINUATION)
-    assert len(server.committer.submitted) == 1
+    assert len(server.aqueue.submitted) == 1
     text(conn, transport, b"[" + b" " * 200, fin=False)
     with pytest.raises(WSProtocolError) as too_big:
         text(conn, transport, b" " * 100, fin=False, kind=WSMsgType.CONTINUATION)

@@ -68,14 +68,14 @@ class IngestBenchSettings(TierSettings):
 
 _MIDDLE = """
 import sys, zmq
-from iotpipe.wire import KIND_BATCH, decode_batch, encode_ack
+from iotpipe.wire import BATCH_KINDS, decode_batch, encode_ack
 ctx = zmq.Context(); sock = ctx.socket(zmq.ROUTER); sock.setsockopt(zmq.LINGER, 0)
 sock.bind(sys.argv[1]); records = 0
 print("ready", flush=True)
 try:
     while True:
         frames = sock.recv_multipart()
-        if len(frames) > 2 and frames[1] == KIND_BATCH:
+        if len(frames) > 2 and frames[1] in BATCH_KINDS:
             batch = decode_batch(frames[1:]); records += len(batch.readings)
             sock.send_multipart([frames[0], *encode_ack(batch.node, batch.last)])
 except KeyboardInterrupt:

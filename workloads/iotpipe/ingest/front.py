@@ -120,7 +120,7 @@ class _Pending:
 
     __slots__ = ("durable", "ids", "read_at")
 
-    def __init__(self, durable: asyncio.Future[None], ids: list[str | int],
+    def __init__(self, durable: asyncio.Future[range], ids: list[str | int],
                  read_at: float) -> None:
         self.durable = durable
         self.ids = ids
@@ -144,7 +144,7 @@ class DeviceConnection(WSListener):  # type: ignore[misc]  # picows ships no stu
         self._fragments: list[bytes] | None = None
         self._fragment_bytes = 0
         self._paused = False
-        self._watching: asyncio.Future[None] | None = None
+        self._watching: asyncio.Future[range] | None = None
         self._close: tuple[int, str] | None = None   # a close owed after the replies
         self._close_sent = False
         self._close_timer: asyncio.TimerHandle | None = None
@@ -229,8 +229,8 @@ class DeviceConnection(WSListener):  # type: ignore[misc]  # picows ships no stu
         if outcome.replies:
             replies.extend(outcome.replies)
         if outcome.readings:
-            assert server.committer is not None
-            durable = server.committer.submit(outcome.readings)
+            assert server.aqueue is not None
+            durable = server.aqueue.submit(outcome.readings, server.settings.busy_wait)
             replies.append(_Pending(durable, outcome.ids, read_at))
             if self._watching is not durable:  # one callback per group and connection
                 self._watching = durable
@@ -238,7 +238,7 @@ class DeviceConnection(WSListener):  # type: ignore[misc]  # picows ships no stu
         if outcome.close is not None:
             self._close = outcome.close
 
-    def _on_durable(self, _future: asyncio.Future[None]) -> None:
+    def _on_durable(self, _future: asyncio.Future[range]) -> None:
         self._flush()
 
     # -- replies out --------------------------------------------------------------------

@@ -1,14 +1,14 @@
 """``iotpipe ingest``: the device WebSocket server (a thin I/O shell) plus its forwarder.
 
-Per connection: the handshake is authenticated in ``process_request`` (HTTP 401 naming
-the reason otherwise); each received frame goes through the sans-I/O ``DeviceSession``;
-good messages join the current commit group (``_Committer``: the readings of every frame
-that arrives while an append is in flight become ONE ``AsyncQueue`` append, so one
-fdatasync and one future serve all of them). Replies go out in order through a
-per-connection sender task, and an ack only once its group is durable. The read loop runs
-ahead of the sender by at most ``OUTBOX_FRAMES`` frames: while appends wait for queue space
-the connection stops being read (backpressure), and after ``busy_wait`` seconds the
-waiting frames are answered ``busy``.
+Two WebSocket cores share one handshake decision (``admit``: HTTP 401/404/503 naming the
+reason) and one commit path: picows (``front.py``, the default) and websockets (kept for
+``--compression``; ``--ws-core``). Each received frame goes through the sans-I/O
+``DeviceSession``; good messages join the open commit group (``AsyncQueue.submit``: the
+readings of every frame that arrives while an append is in flight become ONE batch, so one
+fdatasync and one future serve all of them). Replies go out in order per connection, and
+an ack only once its group is durable. A connection is read at most ``OUTBOX_FRAMES``
+frames ahead of its replies: while appends wait for queue space it stops being read
+(backpressure), and after ``busy_wait`` seconds the waiting frames are answered ``busy``.
 
 Processes: with ``--processes N`` a parent starts N children on one port (SO_REUSEPORT).
 Child ``i`` uses queue dir ``<data_dir>/p<i>`` and node id ``<node_id>-p<i>~<incarnation>``
@@ -201,65 +201,8 @@ class _DeviceBuckets:
 # What a connection's sender task gets: a reply frame, (durable-future, ids) for an ack,
 # or None to stop.
 # A frame's durable append, its message ids and when it was read (for the ack latency).
-_Reply = bytes | tuple["asyncio.Future[None]", list[str | int], float] | None
+_Reply = bytes | tuple["asyncio.Future[range]", list[str | int], float] | None
 OUTBOX_FRAMES = 16
-
-
-class _Committer:
-    """Collects the readings of every frame that arrives while a queue append is in
-    flight and appends them as ONE batch: one future per group instead of one per frame.
-    ``submit`` returns the group's future; it fails with ``QueueFull`` (after waiting up to
-    ``busy_wait`` for space) or ``QueueError`` for every frame of the group."""
-
-    def __init__(self, aqueue: AsyncQueue, busy_wait: float) -> None:
-        self._aqueue = aqueue
-        self._busy_wait = busy_wait
-        self._loop = asyncio.get_running_loop()
-        self._readings: list[bytes] = []
-        self._future: asyncio.Future[None] | None = None
-        self._writing = False
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def submit(self, readings: list[bytes]) -> asyncio.Future[None]:
-        future = self._future
-        if future is None:
-            future = self._future = self._loop.create_future()
-        self._readings.extend(readings)
-        if not self._writing:
-            self._start()
-        return future
-
-    def _start(self) -> None:
-        readings, future = self._readings, self._future
-        assert future is not None
-        self._readings, self._future = [], None
-        self._writing = True
-        self._idle.clear()
-        self._loop.create_task(self._write(readings, future))
-
-    async def _write(self, readings: list[bytes], future: asyncio.Future[None]) -> None:
-        try:
-            await self._aqueue.append(readings, timeout=self._busy_wait)
-        except Exception as exc:  # QueueFull / QueueError go to every frame of the group
-            future.set_exception(exc)
-            future.exception()  # retrieved here: a group whose devices left is not an error
-        else:
-            future.set_result(None)
-        finally:
-            self._writing = False
-            if self._readings:
-                self._start()
-            else:
-                self._idle.set()
-
-    async def wait_idle(self, within: float) -> bool:
-        """True once no append is in flight or waiting (within ``within`` seconds)."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), max(0.01, within))
-        except TimeoutError:
-            return False
-        return True
 
 
 class IngestServer:
@@ -283,7 +226,6 @@ class IngestServer:
         self.buckets = _DeviceBuckets(settings.rate_limit, settings.rate_burst)
         self.queue: PersistentQueue | None = None
         self.aqueue: AsyncQueue | None = None
-        self.committer: _Committer | None = None
         self.forwarder: Forwarder | None = None
         self.ws_server: Server | None = None   # the websockets core
         self.front: PicowsFront | None = None  # the picows core
@@ -399,9 +341,10 @@ class IngestServer:
 
     async def _read_loop(self, ws: ServerConnection, session: DeviceSession,
                          outbox: asyncio.Queue[_Reply]) -> None:
-        assert self.committer is not None
+        assert self.aqueue is not None
         loop = asyncio.get_running_loop()
-        committer = self.committer
+        aqueue = self.aqueue
+        busy_wait = self.settings.busy_wait
         counters = self.counters
         while True:
             frame = await ws.recv(decode=False)
@@ -415,7 +358,7 @@ class IngestServer:
                 # The sender acks once the append is durable; this loop reads on until the
                 # outbox is full, which is the backpressure: a device whose frames wait for
                 # queue space is not read beyond OUTBOX_FRAMES frames.
-                pending = (committer.submit(outcome.readings), outcome.ids, read_at)
+                pending = (aqueue.submit(outcome.readings, busy_wait), outcome.ids, read_at)
                 if outbox.full():
                     await outbox.put(pending)
                 else:  # the common case, without a coroutine per frame
@@ -495,7 +438,6 @@ class IngestServer:
                                           consumers=(CONSUMER,))
         self.node = queue_node_id(self.queue_dir, self.node)
         self.aqueue = AsyncQueue(self.queue)
-        self.committer = _Committer(self.aqueue, s.busy_wait)
         self.forwarder = Forwarder(
             self.queue, self.node, self.endpoints, batch_records=s.forward_batch,
             window=s.forward_window, ack_timeout=s.forward_ack_timeout,
@@ -527,7 +469,7 @@ class IngestServer:
         after the acks it is owed), wait for them and for the appends in flight."""
         s = self.settings
         front = self.front
-        assert front is not None and self.committer is not None
+        assert front is not None and self.aqueue is not None
         front.stop_listening()
         log.info("draining", extra={"fields": {"connections": len(front.connections)}})
         interval = 1.0 / s.drain_close_rate
@@ -538,7 +480,7 @@ class IngestServer:
             if time.monotonic() < spread_until:
                 await asyncio.sleep(interval)
         await front.wait_closed(closing, deadline - time.monotonic())
-        await self.committer.wait_idle(deadline - time.monotonic())
+        await self.aqueue.wait_idle(deadline - time.monotonic())
 
     async def drain(self) -> bool:
         """Stop accepting, close devices at a bounded rate, empty the queue. True if empty."""

@@ -27,3 +27,17 @@ def test_bench_middle_json_shape(tmp_path) -> None:  # type: ignore[no-untyped-d
         assert row["ack_p99_ms"] >= row["ack_p50_ms"] > 0
         assert row["records_per_cpu_s"] > 0 and row["bare_records_per_cpu_s"] > 0
     assert not list(tmp_path.iterdir()), "the temporary log was not removed"
+
+
+def test_bench_middle_curve_reports_the_ratio(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = subprocess.run(
+        [sys.executable, "-m", "iotpipe.cli", "bench", "middle", "--json", "--batches", "8",
+         "--seconds", "0.5", "--warmup", "0.2", "--nodes", "2", "--window", "2",
+         "--log-bytes", str(1 << 24), "--dir", str(tmp_path), "--no-baseline", "--curve"],
+        capture_output=True, text=True, timeout=100, check=True,
+    )
+    (row,) = json.loads(out.stdout)["results"]
+    # The CURVE run got acks (its clients were admitted), so the ratio is a real one.
+    assert row["curve_records_per_s"] > 0 and row["curve_records_per_cpu_s"] > 0
+    assert row["curve_ratio"] == round(row["curve_records_per_s"] / row["records_per_s"], 3)
+    assert not list(tmp_path.iterdir()), "the temporary log and keys were not removed"

@@ -8,14 +8,21 @@ shared secret, so no database sits on the connection path.
 The secret comes from ``IOTPIPE_AUTH_SECRET`` (the secret itself) or
 ``IOTPIPE_AUTH_SECRET_FILE`` (a path, e.g. a mounted Kubernetes Secret; surrounding
 whitespace is stripped). ``iotpipe token DEVICE_ID`` prints a token.
+
+Every issued token carries a random token id (``jti``), so one token can be revoked
+through the deny list (``iotpipe.denylist``) without rotating the secret;
+``iotpipe token --json`` prints it next to the token.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import jwt
@@ -29,9 +36,11 @@ __all__ = [
     "CLIENT_AUDIENCE",
     "DEVICE_AUDIENCE",
     "AuthError",
+    "Identity",
     "issue_token",
     "load_secret",
     "token_main",
+    "verify_identity",
     "verify_token",
 ]
 
@@ -42,8 +51,19 @@ SECRET_FILE_ENV = "IOTPIPE_AUTH_SECRET_FILE"
 ALGORITHM = "HS256"
 # Identities are used as ZeroMQ topics and storage keys: keep them short and printable.
 MAX_SUBJECT_LEN = 128
+MAX_TOKEN_ID_LEN = 256
 
-AUTH_REASONS = ("missing", "malformed", "bad_signature", "expired", "wrong_audience")
+AUTH_REASONS = ("missing", "malformed", "bad_signature", "expired", "wrong_audience",
+                "revoked")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a verified token speaks for: ``subject`` (``sub``) and its token id (``jti``,
+    None for tokens issued without one)."""
+
+    subject: str
+    token_id: str | None
 
 
 class AuthError(Exception):
@@ -81,19 +101,34 @@ def load_secret(environ: dict[str, str] | None = None) -> bytes:
     )
 
 
-def issue_token(secret: bytes, subject: str, audience: str, ttl_s: int) -> str:
-    """A signed HS256 token for ``subject`` valid for ``ttl_s`` seconds."""
+def token_claims(subject: str, audience: str, ttl_s: int, token_id: str | None = None
+                 ) -> dict[str, str | int]:
+    """The claims ``issue_token`` signs; a random 128-bit ``jti`` unless one is given."""
     if not subject or len(subject) > MAX_SUBJECT_LEN:
         raise ValueError(f"subject must be 1..{MAX_SUBJECT_LEN} characters")
     if ttl_s <= 0:
         raise ValueError("ttl_s must be > 0")
+    if token_id is not None and not 0 < len(token_id) <= MAX_TOKEN_ID_LEN:
+        raise ValueError(f"token id must be 1..{MAX_TOKEN_ID_LEN} characters")
     now = int(time.time())
-    claims = {"sub": subject, "aud": audience, "iat": now, "exp": now + int(ttl_s)}
-    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+    return {"sub": subject, "aud": audience, "iat": now, "exp": now + int(ttl_s),
+            "jti": token_id or secrets.token_hex(16)}
+
+
+def issue_token(secret: bytes, subject: str, audience: str, ttl_s: int,
+                token_id: str | None = None) -> str:
+    """A signed HS256 token for ``subject`` valid for ``ttl_s`` seconds, with a ``jti``."""
+    return jwt.encode(token_claims(subject, audience, ttl_s, token_id), secret,
+                      algorithm=ALGORITHM)
 
 
 def verify_token(secret: bytes, token: str, audience: str) -> str:
     """The subject of a valid token; ``AuthError`` with the reason otherwise."""
+    return verify_identity(secret, token, audience).subject
+
+
+def verify_identity(secret: bytes, token: str, audience: str) -> Identity:
+    """Subject and token id of a valid token; ``AuthError`` with the reason otherwise."""
     if not token:
         raise AuthError("missing", "no token")
     try:
@@ -116,7 +151,12 @@ def verify_token(secret: bytes, token: str, audience: str) -> str:
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject or len(subject) > MAX_SUBJECT_LEN:
         raise AuthError("malformed", f"'sub' must be a string of 1..{MAX_SUBJECT_LEN} characters")
-    return subject
+    token_id = claims.get("jti")
+    if token_id is not None and (not isinstance(token_id, str)
+                                 or not 0 < len(token_id) <= MAX_TOKEN_ID_LEN):
+        raise AuthError("malformed", f"'jti' must be a string of 1..{MAX_TOKEN_ID_LEN} "
+                                     "characters")
+    return Identity(subject, token_id)
 
 
 def bearer_token(authorization: str | None) -> str:
@@ -139,19 +179,23 @@ class TokenSettings(TierSettings):
         False, description="issue a client-app token (relay) instead of a device token"
     )
     ttl: int = Field(86400, gt=0, description="validity in seconds")
+    json_output: bool = Field(False, alias="json",
+                              description="print a JSON object with the token and its claims "
+                                          "(the jti is what the deny list's token_ids take)")
 
 
 def token_main(argv: Sequence[str]) -> int:
-    """``iotpipe token DEVICE_ID [--client] [--ttl SECONDS]``."""
+    """``iotpipe token DEVICE_ID [--client] [--ttl SECONDS] [--json]``."""
     settings = parse_settings(TokenSettings, argv)
     try:
         secret = load_secret()
-        token = issue_token(
-            secret, settings.subject, CLIENT_AUDIENCE if settings.client else DEVICE_AUDIENCE,
+        claims = token_claims(
+            settings.subject, CLIENT_AUDIENCE if settings.client else DEVICE_AUDIENCE,
             settings.ttl,
         )
     except (RuntimeError, ValueError) as exc:
         print(f"iotpipe token: error: {exc}", file=sys.stderr)
         return 2
-    print(token)
+    token = jwt.encode(claims, secret, algorithm=ALGORITHM)
+    print(json.dumps({"token": token, **claims}) if settings.json_output else token)
     return 0

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "middle": ("iotpipe.middle.server:main", "tier: fan-in log, live PUB and durable feed"),
     "relay": ("iotpipe.relay.server:main", "tier: live events to client apps over WebSocket"),
     "storage": ("iotpipe.storage.server:main", "tier: durable feed consumer, enrichment, sinks"),
+    "keys": ("iotpipe.curve:keys_main", "create or rotate the pipeline's CurveZMQ keys"),
     "drain": ("iotpipe.ingest.drain:main", "forward a retained ingest queue until it is empty"),
     "bench": ("iotpipe.bench:main", "benchmarks (queue, ingest, ...)"),
 }

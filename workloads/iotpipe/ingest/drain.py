@@ -31,6 +31,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from iotpipe.curve import CurveKeyError, CurveKeys, load_keys
 from iotpipe.durable import fsync_dir
 from iotpipe.endpoints import EndpointsError, EndpointsFile, resolve_endpoints
 from iotpipe.ingest.forwarder import CONSUMER, Forwarder
@@ -67,6 +68,9 @@ class DrainSettings(TierSettings):
     timeout: float = Field(600.0, gt=0, description="seconds to wait for the queues to empty")
     log_level: LogLevel = Field("info", description="debug, info, warning, error or critical")
     queue_bytes: int = Field(1 << 30, gt=0, description="capacity to open the queues with")
+    curve_keys_dir: str = Field(
+        "", description="CurveZMQ keys directory (the drain runs as the ingest role); "
+                        "empty = no CURVE")
 
 
 def process_dirs(data_dir: Path) -> list[tuple[int, Path]]:
@@ -101,14 +105,15 @@ class QueueDrainer:
     """Forwards one retained queue directory ``p<index>`` under its own node identity."""
 
     def __init__(self, path: Path, index: int, node_id: str, endpoints: Sequence[str],
-                 queue_bytes: int = 1 << 30) -> None:
+                 queue_bytes: int = 1 << 30, curve_keys: CurveKeys | None = None) -> None:
         self.path = path
         self.name = path.name
         self.queue = PersistentQueue.open(path, capacity_bytes=queue_bytes,
                                           consumers=(CONSUMER,))
         try:
             self.node = queue_node_id(path, f"{node_id}-p{index}")
-            self.forwarder = Forwarder(self.queue, self.node, endpoints)
+            self.forwarder = Forwarder(self.queue, self.node, endpoints,
+                                       curve_keys=curve_keys)
         except BaseException:
             self.queue.close()
             raise
@@ -139,7 +144,7 @@ class QueueDrainer:
 
 def drain_queues(data_dir: Path, node_id: str, endpoints: Sequence[str], timeout: float,
                  queue_bytes: int = 1 << 30, endpoints_file: EndpointsFile | None = None,
-                 reload_seconds: float = 2.0) -> bool:
+                 reload_seconds: float = 2.0, curve_keys: CurveKeys | None = None) -> bool:
     """Forward every queue under ``data_dir``; True when all are empty within ``timeout``.
 
     With ``endpoints_file``, the list is re-read every ``reload_seconds`` meanwhile.
@@ -148,7 +153,8 @@ def drain_queues(data_dir: Path, node_id: str, endpoints: Sequence[str], timeout
     drainers: list[QueueDrainer] = []
     try:
         for index, path in process_dirs(data_dir):
-            drainers.append(QueueDrainer(path, index, node_id, endpoints, queue_bytes))
+            drainers.append(QueueDrainer(path, index, node_id, endpoints, queue_bytes,
+                                         curve_keys))
         next_check = time.monotonic() + reload_seconds
         while not all(d.is_empty() for d in drainers):
             now = time.monotonic()
@@ -183,9 +189,14 @@ def main(argv: Sequence[str]) -> int:
         print(f"iotpipe drain: error: {settings.data_dir} is not a directory", file=sys.stderr)
         return 2
     try:
+        keys = load_keys(settings.curve_keys_dir, "ingest") if settings.curve_keys_dir else None
+    except CurveKeyError as exc:
+        print(f"iotpipe drain: error: --curve-keys-dir: {exc}", file=sys.stderr)
+        return 2
+    try:
         empty = drain_queues(settings.data_dir, settings.node_id, endpoints,
                              settings.timeout, settings.queue_bytes, watched,
-                             settings.endpoints_reload_seconds)
+                             settings.endpoints_reload_seconds, keys)
     except QueueError as exc:
         print(f"iotpipe drain: error: {exc}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ from typing import Any
 
 import zmq
 
+from iotpipe.curve import CurveKeys, secure_client
 from iotpipe.protocol.forwarder import ForwarderCore
 from iotpipe.queue import PersistentQueue
 
@@ -47,6 +48,7 @@ class Forwarder:
         linger: float = 0.002,
         cursor_interval: float = 0.05,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        curve_keys: CurveKeys | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("no middle endpoints given (--middle-endpoints)")
@@ -57,6 +59,7 @@ class Forwarder:
         self.batch_bytes = batch_bytes
         self.linger = linger
         self.cursor_interval = cursor_interval
+        self.curve_keys = curve_keys
         queue.register_consumer(CONSUMER)
         self.core = ForwarderCore(node, self.endpoints, next_seq=self._start_seq(),
                                   window=window, ack_timeout=ack_timeout)
@@ -113,6 +116,8 @@ class Forwarder:
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if self.curve_keys is not None:
+            secure_client(sock, self.curve_keys)
         sock.connect(endpoint)
         return sock
 

@@ -382,6 +382,10 @@ class PicowsFront:
             # Grown on demand; 16 KiB (picows' default) per idle device adds up at 100k.
             read_buffer_init_size=4096,
             ssl=ssl_context,
+            # aiofastnet (picows' faster transport) runs TLS itself and ignores the context's
+            # sni_callback, which the certificate reload relies on (tlsconfig.py): with TLS
+            # the loop's own transport is used.
+            use_aiofastnet=False if ssl_context is not None else None,
             backlog=LISTEN_BACKLOG,
             reuse_port=reuse_port or None,
         )

@@ -69,7 +69,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from iotpipe import lifecycle
-from iotpipe.auth import DEVICE_AUDIENCE, AuthError, bearer_token, load_secret, verify_token
+from iotpipe.auth import DEVICE_AUDIENCE, AuthError, bearer_token, load_secret, verify_identity
+from iotpipe.curve import load_keys
+from iotpipe.denylist import CLOSE_REVOKED, DenyList, DenyListFile
 from iotpipe.endpoints import (
     EndpointsCollector,
     EndpointsError,
@@ -99,7 +101,9 @@ from iotpipe.protocol import (
     encode_error_frame,
 )
 from iotpipe.queue import AsyncQueue, PersistentQueue, QueueError, QueueFull
+from iotpipe.security import check_security_settings
 from iotpipe.settings import CommaList, Internal, ServerSettings, parse_settings, tier_config
+from iotpipe.tlsconfig import ReloadingTLS
 
 __all__ = ["IngestServer", "IngestSettings", "main"]
 
@@ -165,6 +169,23 @@ class IngestSettings(ServerSettings):
     process_index: int = Field(-1, ge=-1, description=Internal)
     parent_pid: int = Field(0, ge=0, description=Internal)
     report_fd: int = Field(-1, ge=-1, description=Internal)
+    curve_keys_dir: str = Field(
+        "", description="CurveZMQ keys directory (docs/security.md): the forwarder then talks "
+                        "to the middle tier encrypted, as the ingest role; empty = no CURVE")
+    tls_cert: str = Field("", description="PEM certificate chain for wss:// (e.g. tls.crt of a "
+                                           "cert-manager Secret); empty = plain ws://")
+    tls_key: str = Field("", description="PEM private key of --tls-cert (e.g. tls.key)")
+    tls_reload_seconds: float = Field(10.0, gt=0,
+                                      description="seconds between checks of the certificate "
+                                                  "files (a changed pair is used for new "
+                                                  "connections)")
+    deny_list_file: str = Field("", description="YAML deny list (devices, "
+                                                "token_ids), reloaded while running; "
+                                                "docs/security.md")
+    deny_list_reload_seconds: float = Field(5.0, gt=0,
+                                            description="seconds between deny list checks "
+                                                        "(revoked connections close within "
+                                                        "this)")
 
 
 class _DeviceBuckets:
@@ -221,6 +242,13 @@ class IngestServer:
         self.node = f"{settings.node_id}-p{index}"
         self.queue_dir = settings.data_dir / f"p{index}"
         self.secret: bytes | None = None if settings.insecure_no_auth else load_secret()
+        self.curve_keys = (load_keys(settings.curve_keys_dir, "ingest")
+                           if settings.curve_keys_dir else None)
+        self.tls = (ReloadingTLS(settings.tls_cert, settings.tls_key)
+                    if settings.tls_cert else None)
+        self.deny_file = DenyListFile(settings.deny_list_file) if settings.deny_list_file else None
+        self.deny = self.deny_file.current if self.deny_file else DenyList()
+        self._revoking: set[asyncio.Task[None]] = set()
         self.limits = FrameLimits(max_batch=settings.max_batch)
         self.draining = False
         self.buckets = _DeviceBuckets(settings.rate_limit, settings.rate_burst)
@@ -261,7 +289,7 @@ class IngestServer:
                 continue
             try:
                 self.retired[path.name] = QueueDrainer(path, index, s.node_id, self.endpoints,
-                                                       s.queue_bytes)
+                                                       s.queue_bytes, self.curve_keys)
             except QueueError as exc:  # e.g. still locked: tried again later, never lost
                 if path.name not in self._retired_problems:
                     log.error("retired queue cannot be opened yet", extra={"fields": {
@@ -290,18 +318,25 @@ class IngestServer:
             return Refusal(http.HTTPStatus.NOT_FOUND, f"no such path; use {PATH}\n", {})
         if self.draining:
             return Refusal(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n", {})
+        token_id: str | None = None
         if self.secret is None:
-            device = parse_qs(url.query).get("device", [None])[0]
-            return Admitted(device or None, None)
-        try:
-            token = bearer_token(authorization)
-            device = verify_token(self.secret, token, DEVICE_AUDIENCE)
-        except AuthError as exc:
-            self.counters.auth_failures[exc.reason] += 1
-            return Refusal(http.HTTPStatus.UNAUTHORIZED, f"{exc}\n", {
-                "WWW-Authenticate": f'Bearer error="invalid_token", '
-                                    f'error_description="{exc.reason}"'})
-        return Admitted(device, None)
+            device = parse_qs(url.query).get("device", [None])[0] or None
+        else:
+            try:
+                token = bearer_token(authorization)
+                identity = verify_identity(self.secret, token, DEVICE_AUDIENCE)
+            except AuthError as exc:
+                self.counters.auth_failures[exc.reason] += 1
+                return Refusal(http.HTTPStatus.UNAUTHORIZED, f"{exc}\n", {
+                    "WWW-Authenticate": f'Bearer error="invalid_token", '
+                                        f'error_description="{exc.reason}"'})
+            device, token_id = identity.subject, identity.token_id
+        refusal = self.deny.refusal("device", device, token_id)
+        if refusal is not None:
+            self.counters.auth_failures["revoked"] += 1
+            return Refusal(http.HTTPStatus.FORBIDDEN,
+                           f"revoked: this {refusal} is on the deny list\n", {})
+        return Admitted(device, token_id)
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         verdict = self.admit(request.path, request.headers.get("Authorization"))
@@ -312,6 +347,46 @@ class IngestServer:
         connection.device_id = verdict.device_id  # type: ignore[attr-defined]
         connection.token_id = verdict.token_id  # type: ignore[attr-defined]
         return None
+
+    # -- reloads (TLS certificate, deny list) ----------------------------------------
+
+    def reload_tls(self) -> None:
+        if self.tls is not None:
+            self.tls.check()
+
+    def reload_deny_list(self) -> int:
+        """Re-read the deny list; close open connections it now refuses (how many)."""
+        if self.deny_file is None:
+            return 0
+        fresh = self.deny_file.check()
+        if fresh is None:
+            return 0
+        self.deny = fresh
+        closed = 0
+        if self.front is not None:
+            for device in list(self.front.connections):
+                reason = fresh.refusal("device", device.device_id, device.token_id)
+                if reason is not None:  # closed after the acks it is owed (counted there)
+                    device.request_close(CLOSE_REVOKED, f"revoked: {reason}")
+                    closed += 1
+        if self.ws_server is None:
+            if closed:
+                log.info("revoked connections closed", extra={"fields": {"connections": closed}})
+            return closed
+        for conn in list(self.ws_server.connections):
+            reason = fresh.refusal("device", getattr(conn, "device_id", None),
+                                   getattr(conn, "token_id", None))
+            if reason is None:
+                continue
+            self.counters.closes[str(CLOSE_REVOKED)] += 1
+            task = asyncio.get_running_loop().create_task(
+                conn.close(CLOSE_REVOKED, f"revoked: {reason}"))
+            self._revoking.add(task)
+            task.add_done_callback(self._revoking.discard)
+            closed += 1
+        if closed:
+            log.info("revoked connections closed", extra={"fields": {"connections": closed}})
+        return closed
 
     # -- one device ------------------------------------------------------------------
 
@@ -441,10 +516,13 @@ class IngestServer:
         self.forwarder = Forwarder(
             self.queue, self.node, self.endpoints, batch_records=s.forward_batch,
             window=s.forward_window, ack_timeout=s.forward_ack_timeout,
+            curve_keys=self.curve_keys,
         ).start()
         if ws_core(s) == "picows":
             self.front = PicowsFront(self, self.admit)
-            self._port = await self.front.start(s.host, s.port, reuse_port=s.processes > 1)
+            self._port = await self.front.start(
+                s.host, s.port, reuse_port=s.processes > 1,
+                ssl_context=self.tls.context if self.tls is not None else None)
             return
         self.ws_server = await serve(
             self.handle, s.host, s.port,
@@ -456,6 +534,7 @@ class IngestServer:
             ping_timeout=s.ping_timeout,
             close_timeout=5,
             reuse_port=s.processes > 1,
+            ssl=self.tls.context if self.tls is not None else None,
         )
         self._port = int(self.ws_server.sockets[0].getsockname()[1])
 
@@ -636,10 +715,19 @@ async def run_process(settings: IngestSettings, index: int,
             "retired_queues": sorted(server.retired)}})
         next_check = time.monotonic() + settings.endpoints_reload_seconds
         next_retired_scan = time.monotonic() + RETIRED_SCAN_SECONDS
+        next_tls = time.monotonic() + settings.tls_reload_seconds
+        next_deny = time.monotonic() + settings.deny_list_reload_seconds
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(),
-                                       min(0.5, settings.endpoints_reload_seconds))
+                                       min(0.5, settings.endpoints_reload_seconds,
+                                           settings.deny_list_reload_seconds))
+            if time.monotonic() >= next_tls:
+                next_tls = time.monotonic() + settings.tls_reload_seconds
+                server.reload_tls()
+            if time.monotonic() >= next_deny:
+                next_deny = time.monotonic() + settings.deny_list_reload_seconds
+                server.reload_deny_list()
             if watched is not None and time.monotonic() >= next_check:
                 next_check = time.monotonic() + settings.endpoints_reload_seconds
                 changed = watched.check()
@@ -911,6 +999,10 @@ def main(argv: Sequence[str]) -> int:
             print(f"iotpipe ingest: error: {exc} (or pass --insecure-no-auth for local demos)",
                   file=sys.stderr)
             return 2
+    problem = check_security_settings(settings, "ingest")
+    if problem:
+        print(f"iotpipe ingest: error: {problem}", file=sys.stderr)
+        return 2
     if index < 0 and settings.processes > 1:
         return _run_parent(settings, argv)
     _install_uvloop()

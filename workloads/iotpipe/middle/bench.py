@@ -8,6 +8,11 @@ acknowledges each batch at once and stores nothing, measured in the same run: ``
 middle / bare. Latency is from send to ack, per batch. ``records_per_cpu_s`` divides by the
 server process's own CPU time, so it shows what one dedicated core would sustain even on a
 shared, busy machine.
+
+``--curve`` runs the middle a second time per batch size with CurveZMQ on every socket
+(fresh keys; the driver's DEALERs and the feed consumer are the ingest and storage roles)
+and reports ``curve_records_per_s``, ``curve_ratio`` (CURVE / plain throughput) and
+``curve_cpu_ratio`` (CURVE / plain records per CPU-second of the middle), same run.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from pathlib import Path
 
 import zmq
 
-from iotpipe import wire
+from iotpipe import curve, wire
 from iotpipe.bench.ports import free_port
 
 __all__ = ["bare_router", "main"]
@@ -63,10 +68,18 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) 
     raise RuntimeError(f"{url} not ready within {timeout}s")
 
 
-def _feed_acker(port: int, stop: threading.Event) -> None:
-    ctx = zmq.Context.instance()
+def _client(ctx: zmq.Context[zmq.Socket[bytes]], keys: curve.CurveKeys | None
+            ) -> zmq.Socket[bytes]:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        curve.secure_client(sock, keys)
+    return sock
+
+
+def _feed_acker(port: int, stop: threading.Event, keys: curve.CurveKeys | None = None) -> None:
+    ctx = zmq.Context.instance()
+    sock = _client(ctx, keys)
     sock.connect(f"tcp://127.0.0.1:{port}")
     sock.send_multipart(wire.encode_feed_request("storage", "bench", 50_000))
     last_request = time.monotonic()
@@ -93,7 +106,8 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _drive(port: int, nodes: int, window: int, batch: int, record_bytes: int,
-           seconds: float, warmup: float, server_pid: int) -> dict[str, float]:
+           seconds: float, warmup: float, server_pid: int,
+           keys: curve.CurveKeys | None = None) -> dict[str, float]:
     """Keep ``window`` batches in flight per node for ``seconds``; measure acks.
 
     The server's CPU time over the measured period gives records per CPU-second: what one
@@ -103,8 +117,7 @@ def _drive(port: int, nodes: int, window: int, batch: int, record_bytes: int,
     pad = b"x" * max(0, record_bytes - 60)
     socks = []
     for _ in range(nodes):
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = _client(ctx, keys)
         sock.connect(f"tcp://127.0.0.1:{port}")
         socks.append(sock)
     poller = zmq.Poller()
@@ -184,23 +197,33 @@ def _drive(port: int, nodes: int, window: int, batch: int, record_bytes: int,
     }
 
 
-def _run_middle(batch: int, args: argparse.Namespace) -> dict[str, float]:
+def _run_middle(batch: int, args: argparse.Namespace, secure: bool = False
+                ) -> dict[str, float]:
     ports = {name: free_port() for name in ("router", "pub", "feed", "metrics")}
     with tempfile.TemporaryDirectory(prefix="iotpipe-bench-middle-", dir=args.dir) as tmp:
+        extra: list[str] = []
+        ingest_keys = storage_keys = None
+        if secure:
+            keys_dir = curve.ensure_keys(tmp)
+            extra = ["--curve-keys-dir", str(keys_dir)]
+            ingest_keys = curve.load_keys(keys_dir, "ingest")
+            storage_keys = curve.load_keys(keys_dir, "storage")
         proc = subprocess.Popen(
             [sys.executable, "-m", "iotpipe.cli", "middle", "--host", "127.0.0.1",
              "--router-port", str(ports["router"]), "--pub-port", str(ports["pub"]),
              "--feed-port", str(ports["feed"]), "--metrics-port", str(ports["metrics"]),
-             "--data-dir", tmp, "--log-bytes", str(args.log_bytes), "--log-level", "warning"],
+             "--data-dir", str(Path(tmp) / "log"), "--log-bytes", str(args.log_bytes),
+             "--log-level", "warning", *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
         )
         stop = threading.Event()
-        acker = threading.Thread(target=_feed_acker, args=(ports["feed"], stop), daemon=True)
+        acker = threading.Thread(target=_feed_acker, args=(ports["feed"], stop, storage_keys),
+                                 daemon=True)
         try:
             _wait_ready(f"http://127.0.0.1:{ports['metrics']}/readyz", proc)
             acker.start()
             return _drive(ports["router"], args.nodes, args.window, batch, args.record_bytes,
-                          args.seconds, args.warmup, proc.pid)
+                          args.seconds, args.warmup, proc.pid, ingest_keys)
         finally:
             stop.set()
             acker.join(timeout=5)
@@ -241,6 +264,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--log-bytes", type=int, default=1 << 30, help="middle log capacity")
     parser.add_argument("--dir", default=None, help="where the temporary log lives")
     parser.add_argument("--no-baseline", action="store_true", help="skip the bare ROUTER")
+    parser.add_argument("--curve", action="store_true",
+                        help="also run the middle with CurveZMQ and report the ratio")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(list(argv))
     try:
@@ -258,6 +283,15 @@ def main(argv: Sequence[str]) -> int:
             row["bare_records_per_cpu_s"] = bare["records_per_cpu_s"]
             row["ratio"] = round(float(row["records_per_s"]) / bare["records_per_s"], 3) \
                 if bare["records_per_s"] else None
+        if args.curve:
+            secure = _run_middle(batch, args, secure=True)
+            row["curve_records_per_s"] = secure["records_per_s"]
+            row["curve_records_per_cpu_s"] = secure["records_per_cpu_s"]
+            row["curve_ack_p99_ms"] = secure["ack_p99_ms"]
+            plain_s, plain_cpu = float(row["records_per_s"]), float(row["records_per_cpu_s"])
+            row["curve_ratio"] = round(secure["records_per_s"] / plain_s, 3) if plain_s else None
+            row["curve_cpu_ratio"] = (round(secure["records_per_cpu_s"] / plain_cpu, 3)
+                                      if plain_cpu else None)
         results.append(row)
         if not args.json:
             print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)

@@ -63,7 +63,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import Field
 
-from iotpipe import lifecycle, wire
+from iotpipe import curve, lifecycle, wire
 from iotpipe.durable import write_atomic
 from iotpipe.middle.core import (
     CheckpointError,
@@ -148,6 +148,12 @@ class MiddleSettings(ServerSettings):
     pub_hwm: int = Field(100_000, ge=1,
                          description="PUB send high-water mark per subscriber (messages); "
                                      "a subscriber further behind misses events")
+    curve_keys_dir: str = Field(
+        "", description="CurveZMQ keys directory (docs/security.md): every socket then admits "
+                        "only the pipeline's own tiers; empty = no CURVE (plain ZeroMQ)")
+    curve_reload_seconds: float = Field(
+        5.0, gt=0, description="seconds between checks of the keys directory for changed "
+                               "admitted client keys (rotation)")
 
 
 # -- checkpoint file ---------------------------------------------------------------------
@@ -262,6 +268,16 @@ class _MiddleCollector:
         yield consumers
         yield GaugeMetricFamily("iotpipe_middle_log_tail_seq", "Highest log seq appended",
                                 value=tail)
+        if s.gatekeeper is not None and s.handshakes is not None:
+            refused = CounterMetricFamily(
+                "iotpipe_middle_refused_handshakes",
+                "ZeroMQ connections refused: reason=key (ZAP: not a key of this pipeline), "
+                "no_curve, wrong_server_key, protocol", labels=["socket", "reason"])
+            for domain, value in s.gatekeeper.refused.items():
+                refused.add_metric([domain, "key"], value)
+            for (domain, reason), value in list(s.handshakes.failed.items()):
+                refused.add_metric([domain, reason], value)
+            yield refused
 
 
 # -- the server --------------------------------------------------------------------------
@@ -311,6 +327,9 @@ class MiddleServer:
                              "log never frees space")
         self.settings = settings
         self.middle_id = settings.middle_id
+        # Read before anything is opened: a bad keys directory is a clear startup error.
+        self.curve_keys = (curve.load_keys(settings.curve_keys_dir, "middle")
+                           if settings.curve_keys_dir else None)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = settings.data_dir / CHECKPOINT_FILE
         self.queue = PersistentQueue.open(
@@ -365,6 +384,13 @@ class MiddleServer:
             "nodes": len(marks.nodes()), "cursors": self.durable_cursor}})
 
         self.ctx = zmq.Context()
+        self.gatekeeper: curve.Gatekeeper | None = None
+        self.handshakes: curve.HandshakeWatch | None = None
+        self._last_key_check = time.monotonic()
+        if self.curve_keys is not None:
+            # The ZAP handler must run before the CURVE sockets bind.
+            self.gatekeeper = curve.Gatekeeper(self.ctx, settings.curve_keys_dir,
+                                               self.curve_keys).start()
         ipv6 = ":" in settings.host
         self.router = self._socket(zmq.ROUTER, ipv6)
         self.router.setsockopt(zmq.RCVHWM, 100_000)
@@ -375,12 +401,19 @@ class MiddleServer:
         # lease goes back to the pool at once.
         self.feed_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.feed_sock.setsockopt(zmq.SNDHWM, 10_000)
+        if self.curve_keys is not None:
+            servers = {"router": self.router, "pub": self.pub, "feed": self.feed_sock}
+            for domain, sock in servers.items():
+                curve.secure_server(sock, self.curve_keys, domain)
+            self.handshakes = curve.HandshakeWatch(servers)
         self.router.bind(_endpoint(settings.host, settings.router_port))
         self.pub.bind(_endpoint(settings.host, settings.pub_port))
         self.feed_sock.bind(_endpoint(settings.host, settings.feed_port))
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         self.poller.register(self.feed_sock, zmq.POLLIN)
+        for monitor in self.handshakes.sockets() if self.handshakes else ():
+            self.poller.register(monitor, zmq.POLLIN)
         self.ready = True
 
     def _socket(self, kind: int, ipv6: bool) -> zmq.Socket[bytes]:
@@ -407,12 +440,23 @@ class MiddleServer:
                 self._receive_feed(now)
             if self.router in events:
                 self._receive_batches()
+            if self.handshakes is not None:
+                self._security(events, now)
             self.feed.expire(now)
             self._deliver(now)
             self._maybe_checkpoint(now)
             self._sync_cursors(now)
             if now - self._last_stats >= STATS_INTERVAL_S:
                 self._log_stats(now)
+
+    def _security(self, events: dict[zmq.Socket[bytes], int], now: float) -> None:
+        assert self.handshakes is not None and self.gatekeeper is not None
+        for monitor in self.handshakes.sockets():
+            if monitor in events:
+                self.handshakes.drain(monitor)
+        if now - self._last_key_check >= self.settings.curve_reload_seconds:
+            self._last_key_check = now
+            self.gatekeeper.reload()
 
     def _log_stats(self, now: float) -> None:
         """One summary line a minute (never a line per message)."""
@@ -613,8 +657,12 @@ class MiddleServer:
             self._maybe_checkpoint(time.monotonic(), force=True)
             self._sync_cursors(time.monotonic(), final=True)
         finally:
+            if self.handshakes is not None:
+                self.handshakes.close()
             for sock in (self.router, self.pub, self.feed_sock):
                 sock.close()
+            if self.gatekeeper is not None:
+                self.gatekeeper.stop()
             self.ctx.term()
             self.queue.close()
 

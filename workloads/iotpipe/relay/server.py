@@ -33,7 +33,9 @@ from websockets.http11 import Request, Response
 from zmq.utils.monitor import parse_monitor_message
 
 from iotpipe import lifecycle
-from iotpipe.auth import CLIENT_AUDIENCE, AuthError, bearer_token, load_secret, verify_token
+from iotpipe.auth import CLIENT_AUDIENCE, AuthError, bearer_token, load_secret, verify_identity
+from iotpipe.curve import load_keys, secure_client
+from iotpipe.denylist import CLOSE_REVOKED, DenyList, DenyListFile
 from iotpipe.endpoints import (
     EndpointsCollector,
     EndpointsError,
@@ -45,7 +47,9 @@ from iotpipe.observability import ObservabilityServer, PortInUse, setup_logging
 from iotpipe.registry import RegistryWatcher
 from iotpipe.relay.protocol import CLOSE_SLOW_CONSUMER, UNKNOWN, ClientSession, Fanout
 from iotpipe.relay.web import WebFront, parse_health_targets
+from iotpipe.security import check_security_settings
 from iotpipe.settings import CommaList, ServerSettings, parse_settings, tier_config
+from iotpipe.tlsconfig import ReloadingTLS
 from iotpipe.wire import WireError, decode_live
 
 __all__ = ["LIVE_PATH", "RelayServer", "RelaySettings", "main"]
@@ -115,6 +119,23 @@ class RelaySettings(ServerSettings):
     def _check_health_urls(cls, value: list[str]) -> list[str]:
         parse_health_targets(value)  # a ValueError names the bad entry
         return value
+    curve_keys_dir: str = Field(
+        "", description="CurveZMQ keys directory (docs/security.md): the SUB socket then "
+                        "subscribes encrypted, as the relay role; empty = no CURVE")
+    tls_cert: str = Field("", description="PEM certificate chain for wss:// (e.g. tls.crt of a "
+                                           "cert-manager Secret); empty = plain ws://")
+    tls_key: str = Field("", description="PEM private key of --tls-cert (e.g. tls.key)")
+    tls_reload_seconds: float = Field(10.0, gt=0,
+                                      description="seconds between checks of the certificate "
+                                                  "files (a changed pair is used for new "
+                                                  "connections)")
+    deny_list_file: str = Field("", description="YAML deny list (clients, "
+                                                "token_ids), reloaded while running; "
+                                                "docs/security.md")
+    deny_list_reload_seconds: float = Field(5.0, gt=0,
+                                            description="seconds between deny list checks "
+                                                        "(revoked connections close within "
+                                                        "this)")
 
 
 class _BatchingConnection(ServerConnection):
@@ -206,6 +227,11 @@ class RelayServer:
         self.endpoints = list(settings.middle_pub_endpoints if endpoints is None else endpoints)
         self.endpoints_file = endpoints_file
         self.secret = secret
+        self.curve_keys = (load_keys(settings.curve_keys_dir, "relay")
+                           if settings.curve_keys_dir else None)
+        self.tls = ReloadingTLS(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
+        self.deny_file = DenyListFile(settings.deny_list_file) if settings.deny_list_file else None
+        self.deny = self.deny_file.current if self.deny_file else DenyList()
         self.registry = RegistryWatcher(settings.registry_file)
         self.fanout = Fanout(self._lookup)
         self.bad_frames = 0
@@ -272,6 +298,7 @@ class RelayServer:
             return self._reject(connection, HTTPStatus.SERVICE_UNAVAILABLE, "too_many_clients",
                                 f"this relay serves at most {self.settings.max_clients} clients")
         query = parse_qs(url.query)
+        token_id: str | None = None
         if self.secret is None:
             subject = (query.get("client") or ["anonymous"])[0][:128]
         else:
@@ -281,12 +308,58 @@ class RelayServer:
                 token = bearer_token(header) if header else (query.get("token") or [""])[0]
                 if not token:
                     raise AuthError("missing", "no Authorization header or token parameter")
-                subject = verify_token(self.secret, token, CLIENT_AUDIENCE)
+                identity = verify_identity(self.secret, token, CLIENT_AUDIENCE)
             except AuthError as exc:
                 return self._reject(connection, HTTPStatus.UNAUTHORIZED, exc.reason,
                                     exc.detail or exc.reason)
+            subject, token_id = identity.subject, identity.token_id
+        refusal = self.deny.refusal("client", subject, token_id)
+        if refusal is not None:
+            return self._reject(connection, HTTPStatus.FORBIDDEN, "revoked",
+                                f"this {refusal} is on the deny list")
         connection.iotpipe_subject = subject  # type: ignore[attr-defined]
+        connection.iotpipe_token_id = token_id  # type: ignore[attr-defined]
         return None
+
+    # -- reloads (TLS certificate, deny list) ------------------------------------------------
+
+    def reload_deny_list(self) -> int:
+        """Re-read the deny list; close the open connections it now refuses (how many)."""
+        if self.deny_file is None:
+            return 0
+        fresh = self.deny_file.check()
+        if fresh is None:
+            return 0
+        self.deny = fresh
+        loop = asyncio.get_running_loop()
+        closed = 0
+        for connection in list(self._connections.values()):
+            reason = fresh.refusal("client", getattr(connection, "iotpipe_subject", None),
+                                   getattr(connection, "iotpipe_token_id", None))
+            if reason is None:
+                continue
+            task = loop.create_task(connection.close(CLOSE_REVOKED, f"revoked: {reason}"))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            closed += 1
+        if closed:
+            log.info("revoked clients closed", extra={"fields": {"connections": closed}})
+        return closed
+
+    async def _reload_security(self) -> None:
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        next_tls = loop.time() + settings.tls_reload_seconds
+        next_deny = loop.time() + settings.deny_list_reload_seconds
+        while True:
+            await asyncio.sleep(max(0.05, min(next_tls, next_deny) - loop.time()))
+            now = loop.time()
+            if self.tls is not None and now >= next_tls:
+                next_tls = now + settings.tls_reload_seconds
+                self.tls.check()
+            if now >= next_deny:
+                next_deny = now + settings.deny_list_reload_seconds
+                self.reload_deny_list()
 
     # -- per-client ------------------------------------------------------------------------
 
@@ -469,6 +542,8 @@ class RelayServer:
         sub.setsockopt(zmq.RCVHWM, settings.sub_hwm)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
+        if self.curve_keys is not None:
+            secure_client(sub, self.curve_keys)
         # Watch the SUB socket's connections (before connecting, to see every event):
         # the relay is ready only while at least one middle is reachable.
         monitor = sub.get_monitor_socket(_HANDSHAKE | _DISCONNECTED)
@@ -486,6 +561,7 @@ class RelayServer:
                 close_timeout=2.0,
                 open_timeout=10.0,
                 create_connection=_BatchingConnection,
+                ssl=self.tls.context if self.tls is not None else None,
             )
             sockets = self._server.sockets
             if sockets:
@@ -499,6 +575,8 @@ class RelayServer:
             tasks.append(asyncio.create_task(self._watchdog()))
             if self.endpoints_file is not None:
                 tasks.append(asyncio.create_task(self._reload_endpoints()))
+            if self.tls is not None or self.deny_file is not None:
+                tasks.append(asyncio.create_task(self._reload_security()))
             self._ready = True
             log.info("relay serving", extra={"fields": {
                 "port": self.port, "path": LIVE_PATH,
@@ -554,6 +632,10 @@ def main(argv: Sequence[str]) -> int:
         return 2
     if not endpoints:
         log.warning("no middle PUB endpoints configured: clients will receive nothing")
+    problem = check_security_settings(settings, "relay")
+    if problem:
+        print(f"iotpipe relay: error: {problem}", file=sys.stderr)
+        return 2
     relay = RelayServer(settings, secret, endpoints, watched)
     REGISTRY.register(_RelayCollector(relay))
     if watched is not None:

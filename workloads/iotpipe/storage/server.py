@@ -44,6 +44,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from pydantic import Field
 
 from iotpipe import lifecycle, wire
+from iotpipe.curve import CurveKeyError, load_keys, secure_client
 from iotpipe.endpoints import (
     EndpointsCollector,
     EndpointsError,
@@ -106,6 +107,9 @@ class StorageSettings(ServerSettings):
                              description="seconds between credit restatements to each middle")
     registry_interval: float = Field(2.0, gt=0,
                                      description="seconds between registry file checks")
+    curve_keys_dir: str = Field(
+        "", description="CurveZMQ keys directory (docs/security.md): feed links are then "
+                        "encrypted, as the storage role; empty = no CURVE")
 
     read_api: bool = Field(False, description="serve GET /v1/history (recent readings of one "
                                               "device, from the store of record) on the "
@@ -179,6 +183,8 @@ class StorageService:
         self.endpoints_file = endpoints_file
         self.sinks_healthy = True
         self._stop = threading.Event()
+        self._curve_keys = (load_keys(settings.curve_keys_dir, "storage")
+                            if settings.curve_keys_dir else None)
         self._ctx = zmq.Context()
         self._links: list[_Link] = []
         for endpoint in feed_endpoints:
@@ -198,6 +204,8 @@ class StorageService:
         # Requests queued while a middle is away are stale heartbeats; keep few.
         sock.setsockopt(zmq.SNDHWM, 64)
         sock.setsockopt(zmq.RCVHWM, 256)
+        if self._curve_keys is not None:
+            secure_client(sock, self._curve_keys)
         try:
             sock.connect(endpoint)
         except zmq.ZMQError as exc:
@@ -407,6 +415,12 @@ def main(argv: Sequence[str]) -> int:
         print("iotpipe storage: error: --feed-endpoints: no feed endpoint configured "
               "(e.g. tcp://127.0.0.1:5557)", file=sys.stderr)
         return 2
+    if settings.curve_keys_dir:
+        try:
+            load_keys(settings.curve_keys_dir, "storage")
+        except CurveKeyError as exc:
+            print(f"iotpipe storage: error: --curve-keys-dir: {exc}", file=sys.stderr)
+            return 2
     try:
         sinks = open_sinks(settings.sink_urls(), state_dir=Path(settings.data_dir))
     except SinkError as exc:

@@ -83,7 +83,7 @@ except KeyboardInterrupt:
 """
 
 
-def bare_picows_main(port: int) -> None:
+def bare_picows_main(port: int, reuse_port: bool = False) -> None:
     """A bare picows front: parse each frame, ack its ids, store nothing."""
     from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_create_server
 
@@ -101,7 +101,8 @@ def bare_picows_main(port: int) -> None:
     async def serve() -> None:
         # The same listen backlog and read buffer as ingest's front (bench connections).
         server = await ws_create_server(lambda _request: Listener(), "127.0.0.1", port,
-                                        backlog=LISTEN_BACKLOG, read_buffer_init_size=4096)
+                                        backlog=LISTEN_BACKLOG, read_buffer_init_size=4096,
+                                        reuse_port=reuse_port or None)
         await server.serve_forever()
 
     raise_nofile(1 << 20)
@@ -216,14 +217,23 @@ class _Server:
         self._middle: subprocess.Popen[str] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.proc: subprocess.Popen[Any] | None = None
+        self.more: list[subprocess.Popen[Any]] = []  # further bare picows processes
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in [self.proc, *self.more] if p is not None]
 
     def start(self) -> None:
         py = sys.executable
         if self.name == "picows":
+            # As many processes on one port (SO_REUSEPORT) as ingest runs (bench connections).
+            count = self.settings.processes
             code = (f"from iotpipe.bench.ingest import bare_picows_main; "
-                    f"bare_picows_main({self.port})")
+                    f"bare_picows_main({self.port}, {count > 1})")
             self.proc = subprocess.Popen([py, "-c", code], env=self.env)
             wait_port(self.port, 30)
+            self.more = [subprocess.Popen([py, "-c", code], env=self.env)
+                         for _ in range(count - 1)]
+            time.sleep(0.5 if self.more else 0)  # the others bind (nothing to poll per process)
             return
         if self.name == "websockets":
             code = (f"from iotpipe.bench.ingest import bare_websockets_main; "
@@ -249,6 +259,8 @@ class _Server:
         wait_ready(metrics_port, 60)
 
     def stop(self) -> None:
+        for extra in self.more:
+            stop(extra)
         if self.proc is not None:
             stop(self.proc)  # ingest: SIGTERM drains everything acked to the middle first
             if self.name == "ingest":

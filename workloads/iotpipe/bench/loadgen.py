@@ -59,6 +59,8 @@ class LoadSpec:
     connect_concurrency: int = 512
     device_prefix: str = "lg-"
     stamp: bool = False           # put the send time in "ts" (end-to-end latency downstream)
+    source_offset: int = 0        # first source address is 127.0.0.(2 + source_offset)
+    handshake: bool = False       # idle mode: print "held N", wait for a line on stdin
 
 
 def raise_nofile(wanted: int) -> int:
@@ -163,7 +165,7 @@ class _Generator:
 
     async def connect_all(self) -> tuple[list[_Device], float, int]:
         spec = self.spec
-        sources = [f"127.0.0.{2 + i}"
+        sources = [f"127.0.0.{2 + spec.source_offset + i}"
                    for i in range(max(1, -(-spec.connections // PORTS_PER_SOURCE)))]
         secret = spec.secret.encode()
         gate = asyncio.Semaphore(spec.connect_concurrency)
@@ -192,7 +194,7 @@ class _Generator:
 
     async def run(self) -> dict[str, Any]:
         spec = self.spec
-        raise_nofile(spec.connections + 1024)
+        raise_nofile(2 * spec.connections + 4096)
         gc.freeze()  # tens of thousands of long-lived objects: keep the GC off them
         devices, connect_s, failed = await self.connect_all()
         result: dict[str, Any] = {"connections": len(devices), "connect_failed": failed,
@@ -206,6 +208,10 @@ class _Generator:
             held = sum(1 for d in devices if not d.closed)
             if self.on_hold is not None:
                 self.on_hold()
+            if spec.handshake:  # a driver process measures now, then says go
+                print(f"held {held}", flush=True)
+                await loop.run_in_executor(None, sys.stdin.readline)
+                held = sum(1 for d in devices if not d.closed)
             stats.measuring = True
             start = time.monotonic()
             for device in devices:

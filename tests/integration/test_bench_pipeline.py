@@ -35,3 +35,8 @@ def test_bench_pipeline_json_shape() -> None:
     assert report["e2e_p50_ms"] <= report["e2e_p99_ms"]
     assert report["stored_p50_ms"] <= report["stored_p99_ms"]
     assert report["up_exit_code"] == 0
+    middle = report["middle_limit"]
+    assert middle["ratio"] == report["middle_limit_ratio"]
+    assert middle["middle_records_per_s"] > 0 and middle["bare_router_records_per_s"] > 0
+    assert middle["ratio"] == pytest.approx(
+        middle["middle_records_per_s"] / middle["bare_router_records_per_s"], rel=0.01)

@@ -154,10 +154,13 @@ def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
     """One line from a client's stdout within ``timeout`` seconds."""
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    line = proc.stdout.readline() if ready else ""
-    if not line:
+    if not ready:
         raise RuntimeError(f"load generator process {proc.pid} said nothing within "
-                           f"{timeout}s (exit status {proc.poll()})")
+                           f"{timeout}s")
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"load generator process {proc.pid} ended without a report "
+                           f"(exit status {proc.wait(10)}; its error is above)")
     return line
 
 

@@ -186,6 +186,9 @@ class _Generator:
                 except Exception:  # counted: a bench reports how many were held
                     failed += 1
                     return
+                if device is None:  # seen under overload: the connection was lost meanwhile
+                    failed += 1
+                    return
                 devices.append(device)
 
         start = time.monotonic()

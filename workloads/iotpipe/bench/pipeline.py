@@ -177,15 +177,20 @@ class _StorePoller(threading.Thread):
             conn.close()
 
 
-def _middle_ratio(batch: int) -> float | None:
+def _middle_limit(batch: int) -> dict[str, Any]:
+    """``iotpipe bench middle`` at one batch size: the middle's records/s, a bare acking
+    ROUTER's on the same batches, and their ratio."""
     done = subprocess.run(
         [sys.executable, "-m", "iotpipe.cli", "bench", "middle", "--json", "--batches",
          str(batch), "--seconds", "2", "--warmup", "0.5"],
         capture_output=True, text=True, timeout=180)
     if done.returncode != 0 or not done.stdout.strip():
-        return None
-    ratio = json.loads(done.stdout)["results"][0].get("ratio")
-    return float(ratio) if ratio is not None else None
+        return {"ratio": None}
+    row = json.loads(done.stdout)["results"][0]
+    return {"ratio": row.get("ratio"), "batch": batch,
+            "middle_records_per_s": row.get("records_per_s"),
+            "bare_router_records_per_s": row.get("bare_records_per_s"),
+            "middle_records_per_cpu_s": row.get("records_per_cpu_s")}
 
 
 def run_bench(settings: PipelineBenchSettings) -> dict[str, Any]:
@@ -238,6 +243,7 @@ def run_bench(settings: PipelineBenchSettings) -> dict[str, Any]:
     stored = _percentiles(stored_ms)
     measured = load.get("measured_s") or 0
     cpu = load.get("server_cpu_s") or 0
+    middle = _middle_limit(settings.middle_batch) if settings.middle_ratio else {"ratio": None}
     return {
         "bench": "pipeline",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
@@ -259,8 +265,8 @@ def run_bench(settings: PipelineBenchSettings) -> dict[str, Any]:
         "stored_p99_ms": stored[1],
         "pipeline_cpu_pct": round(100 * cpu / measured, 1) if measured else None,
         "up_exit_code": up.returncode,
-        "middle_limit_ratio": _middle_ratio(settings.middle_batch)
-        if settings.middle_ratio else None,
+        "middle_limit_ratio": middle["ratio"],
+        "middle_limit": middle,
     }
 
 

@@ -9,27 +9,36 @@ import sys
 
 import pytest
 
-pytestmark = [pytest.mark.bench, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(240)]
 
 
 def test_bench_ingest_json_shape() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "iotpipe.cli", "bench", "ingest", "--json",
-         "--connections", "10", "--duration", "1"],
-        capture_output=True, text=True, timeout=170,
+         "--connections", "10", "--inflight", "2", "--duration", "1", "--warmup", "0.3"],
+        capture_output=True, text=True, timeout=230,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert report["bench"] == "ingest"
-    for name in ("bare", "ingest"):
+    for name in ("picows", "websockets", "ingest"):
         result = report["results"][name]
-        assert result["ok"] is True
-        assert result["acked"] > 0 and result["acks_per_s"] > 0
-        assert set(result["ack_latency_ms"]) == {"p50", "p99"}
-        assert result["server_cpu_s"] >= 0
+        assert result["connections"] == 10
+        assert result["errors"] == 0
+        assert result["acked"] > 0 and result["acked_per_s"] > 0
+        for field in ("server_cpu_pct", "acks_per_cpu_s", "p50_ms", "p99_ms",
+                      "cpu_ratio_vs_picows"):
+            assert result[field] is not None and result[field] > 0, field
+        assert result["p50_ms"] <= result["p99_ms"]
+    assert report["results"]["picows"]["cpu_ratio_vs_picows"] == 1.0
+    assert report["cpu_ratio_vs_picows"] == report["results"]["ingest"]["cpu_ratio_vs_picows"]
     # The SIGTERM drain forwarded every acked message to the fake middle before exiting.
-    assert report["results"]["ingest"]["drain_exit_code"] == 0
-    assert report["results"]["ingest"]["middle_records"] >= report["results"]["ingest"]["acked"]
-    assert report["ratio"] == pytest.approx(
-        report["ingest_acks_per_s"] / report["bare_acks_per_s"], rel=0.01)
-    assert report["load"]["connections"] == 10
+    ingest = report["results"]["ingest"]
+    assert ingest["drain_exit_code"] == 0
+    assert ingest["middle_records"] >= ingest["acked"]
+    # The open-loop run at half of ingest's maximum, every server at the same rate.
+    half = report["half_rate"]
+    assert half["rate"] == pytest.approx(ingest["acked_per_s"] / 2, rel=0.01)
+    assert report["p99_ms_at_half"] == half["ingest"]["p99_ms"] > 0
+    for name in ("picows", "websockets", "ingest"):
+        assert half[name]["acked_per_s"] > 0

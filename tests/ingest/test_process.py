@@ -220,6 +220,15 @@ def test_ingest_refuses_to_start_without_secret_or_middle(tmp_path: Path) -> Non
     bad_number = subprocess.run([*base, "--middle-endpoints", "tcp://x:1", "--port", "http"],
                                 capture_output=True, text=True, timeout=30, env=env)
     assert bad_number.returncode == 2 and "--port" in bad_number.stderr
+    # picows has no permessage-deflate: asking for both is refused, naming the way out.
+    deflate = subprocess.run([*base, "--middle-endpoints", "tcp://127.0.0.1:1",
+                              "--insecure-no-auth", "--compression", "--ws-core", "picows"],
+                             capture_output=True, text=True, timeout=30, env=env)
+    assert deflate.returncode == 2 and "--ws-core websockets" in deflate.stderr
+    bad_core = subprocess.run([*base, "--middle-endpoints", "tcp://127.0.0.1:1",
+                               "--insecure-no-auth", "--ws-core", "uvicorn"],
+                              capture_output=True, text=True, timeout=30, env=env)
+    assert bad_core.returncode == 2 and "--ws-core" in bad_core.stderr
 
 
 async def test_simulator_reconnects_through_an_ingest_restart(procs: ProcessGroup,

@@ -41,9 +41,15 @@ def middles() -> Any:
         middle.close()
 
 
+# Every behaviour of the device protocol is checked on both WebSocket cores.
+@pytest.fixture(params=["picows", "websockets"])
+def ws_core(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
 async def ingest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                 middles: Factory) -> AsyncIterator[Factory]:
+                 middles: Factory, ws_core: str) -> AsyncIterator[Factory]:
     monkeypatch.setenv("IOTPIPE_AUTH_SECRET", SECRET)
     servers: list[IngestServer] = []
 
@@ -53,7 +59,7 @@ async def ingest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         values: dict[str, Any] = {
             "host": "127.0.0.1", "port": 0, "data_dir": tmp_path / f"q{len(servers)}",
             "node_id": "test-node", "middle_endpoints": [m.endpoint for m in middle_list],
-            "forward_ack_timeout": 1.0,
+            "forward_ack_timeout": 1.0, "ws_core": ws_core,
         }
         values.update(overrides)
         server = IngestServer(IngestSettings(**values), 0)
@@ -417,8 +423,11 @@ async def test_queue_failure_is_never_acked_and_closes_1011(ingest: Factory) -> 
 
 
 @pytest.mark.parametrize("enabled", [False, True])
-async def test_compression_is_off_unless_enabled(ingest: Factory, enabled: bool) -> None:
-    server = await ingest(compression=enabled)
+async def test_compression_is_off_unless_enabled(ingest: Factory, enabled: bool,
+                                                 ws_core: str) -> None:
+    # "auto" picks websockets for --compression (picows has no permessage-deflate).
+    server = await ingest(compression=enabled, ws_core="auto" if enabled else ws_core)
+    assert (server.front is None) is (enabled or ws_core == "websockets")
     token = issue_token(SECRET.encode(), "dev-z", DEVICE_AUDIENCE, 60)
     async with connect(url(server), additional_headers={"Authorization": f"Bearer {token}"},
                        compression="deflate") as ws:

@@ -465,3 +465,44 @@ def test_concurrent_appends_reads_acks_and_reclaim_stay_consistent(tmp_path: Pat
     assert errors == []
     for number in range(3):  # each appender's records arrive complete and in its order
         assert seen[number] == list(range(per_thread))
+
+
+async def test_async_queue_submit_joins_the_open_group_as_one_batch(tmp_path: Path) -> None:
+    queue = PersistentQueue.open(tmp_path / "q", capacity_bytes=1 << 20, segment_bytes=65536)
+    async_queue = AsyncQueue(queue)
+    try:
+        first = async_queue.submit([b"a"])       # nothing in flight: written at once
+        second = async_queue.submit([b"b", b"c"])  # joins the next group...
+        third = async_queue.submit([b"d"])       # ...and shares its one future
+        assert second is third and first is not second
+        assert await first == range(1, 2)
+        assert await second == range(2, 5)
+        assert [r.payload for r in queue.read(1, max_records=10)] == [b"a", b"b", b"c", b"d"]
+        assert await async_queue.wait_idle(5)
+    finally:
+        await async_queue.aclose()
+
+
+async def test_async_queue_submit_full_fails_the_whole_group_after_its_wait(
+        tmp_path: Path) -> None:
+    queue = PersistentQueue.open(tmp_path / "q", capacity_bytes=16384, segment_bytes=8192,
+                                 consumers=["c"])
+    async_queue = AsyncQueue(queue)
+    try:
+        record = b"r" * 1000
+        await async_queue.append([record] * 10)
+        started = time.monotonic()
+        in_flight = async_queue.submit([b"small"], timeout=0.2)  # fits; written at once
+        group = async_queue.submit([record] * 4, timeout=0.2)
+        assert group is async_queue.submit([record] * 4, timeout=0.2)  # one batch of 8
+        assert await in_flight == range(11, 12)
+        with pytest.raises(QueueFull):
+            await group
+        assert time.monotonic() - started >= 0.15  # it waited for space first
+        assert queue.next_seq == 12  # all or nothing: none of the group was stored
+        # Space freed while a group waits: it is stored within its wait.
+        waiting = async_queue.submit([record] * 8, timeout=5)
+        asyncio.get_running_loop().call_later(0.1, queue.ack, "c", 11)
+        assert len(await waiting) == 8
+    finally:
+        await async_queue.aclose()

@@ -27,7 +27,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
 from iotpipe.auth import CLIENT_AUDIENCE, DEVICE_AUDIENCE, issue_token, verify_identity
-from iotpipe.wire import KIND_BATCH, decode_batch, decode_reading, encode_ack
+from iotpipe.wire import BATCH_KINDS, decode_batch, decode_reading, encode_ack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -55,7 +55,7 @@ class AckingMiddle:
             if not self.sock.poll(20):
                 continue
             ident, *body = self.sock.recv_multipart()
-            if body and body[0] == KIND_BATCH:
+            if body and body[0] in BATCH_KINDS:
                 batch = decode_batch(body)
                 with self.lock:
                     for raw in batch.readings:

@@ -14,7 +14,7 @@ import zmq
 from iotpipe.ingest.identity import INCARNATION_FILE
 from iotpipe.queue import PersistentQueue
 from iotpipe.simulate import SimulateSettings, SimulationReport
-from iotpipe.wire import KIND_BATCH, decode_batch, decode_reading, encode_ack, encode_busy
+from iotpipe.wire import BATCH_KINDS, decode_batch, decode_reading, encode_ack, encode_busy
 from support import waiting
 
 SECRET = "ingest-test-secret-at-least-32-bytes-long"
@@ -58,7 +58,7 @@ class FakeMiddle:
                 continue
             frames = self._sock.recv_multipart()
             ident, body = frames[0], frames[1:]
-            if not body or body[0] != KIND_BATCH:
+            if not body or body[0] not in BATCH_KINDS:
                 continue
             batch = decode_batch(body)
             if self.delay:

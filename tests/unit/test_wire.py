@@ -34,10 +34,36 @@ def test_batch_round_trip_and_ack() -> None:
     assert busy == wire.Busy("n", 11, 250, "log full")
 
 
+def test_batch_v2_is_three_frames_and_v1_is_still_read() -> None:
+    readings = [b"a", b"\x00" * 300, b""]
+    frames = wire.encode_batch("n", 4, readings)
+    assert frames[0] == wire.KIND_BATCH_V2 and len(frames) == 3
+    assert wire.decode_batch(frames) == wire.Batch("n", 4, readings)
+    old = wire.encode_batch_v1("n", 4, readings)
+    assert old[0] == wire.KIND_BATCH and len(old) == 2 + len(readings)
+    assert wire.decode_batch(old) == wire.Batch("n", 4, readings)
+
+
+def test_batch_v2_malformed_bodies_are_rejected() -> None:
+    header = msgpack.packb({"node": "n", "first": 1, "n": 2})
+    with pytest.raises(wire.WireError, match="array of bin"):
+        wire.decode_batch([wire.KIND_BATCH_V2, header, msgpack.packb(["a", "b"])])
+    with pytest.raises(wire.WireError, match="3 frames"):
+        wire.decode_batch([wire.KIND_BATCH_V2, header, msgpack.packb([b"a"]), b"b"])
+    with pytest.raises(wire.WireError, match="not valid msgpack"):
+        wire.decode_batch([wire.KIND_BATCH_V2, header, b"\xc1"])
+    with pytest.raises(wire.WireError, match="expected kind"):
+        wire.decode_batch([b"iotpipe.batch.v3", header, msgpack.packb([b"a", b"b"])])
+
+
 def test_batch_count_mismatch_is_rejected() -> None:
     frames = wire.encode_batch("n", 1, [b"a", b"b"])
+    header = msgpack.packb({"node": "n", "first": 1, "n": 2})
     with pytest.raises(wire.WireError, match="header says 2 readings, got 1"):
-        wire.decode_batch(frames[:-1])
+        wire.decode_batch([wire.KIND_BATCH_V2, header, msgpack.packb([b"a"])])
+    with pytest.raises(wire.WireError, match="header says 2 readings, got 1"):
+        wire.decode_batch(wire.encode_batch_v1("n", 1, [b"a", b"b"])[:-1])
+    assert wire.decode_batch(frames).readings == [b"a", b"b"]
     with pytest.raises(wire.WireError, match="'node' must be str"):
         wire.decode_batch([wire.KIND_BATCH, msgpack.packb({"node": 1, "first": 1, "n": 1}), b"x"])
 

@@ -16,7 +16,9 @@ unacked is forgotten: the queue cursor moves only on acks, whatever the sockets 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -163,8 +165,26 @@ class Forwarder:
         self.endpoints = new
 
     def _loop(self, sockets: list[zmq.Socket[bytes]]) -> None:
+        # New durable records wake the thread through an eventfd polled with the sockets
+        # (the queue's durable listener writes it once per group commit), so the thread
+        # sleeps until a reply, new records or a deadline instead of polling every 2 ms.
+        wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+        def on_durable(_seq: int) -> None:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(wake, 1)
+
+        self.queue.add_durable_listener(on_durable)
+        try:
+            self._forward(sockets, wake)
+        finally:
+            self.queue.remove_durable_listener(on_durable)
+            os.close(wake)
+
+    def _forward(self, sockets: list[zmq.Socket[bytes]], wake: int) -> None:
         core, queue = self.core, self.queue
         poller = zmq.Poller()
+        poller.register(wake, zmq.POLLIN)
         index_of: dict[Any, int] = {}
         for i, sock in enumerate(sockets):
             poller.register(sock, zmq.POLLIN)
@@ -194,22 +214,28 @@ class Forwarder:
                 waiting_since = None
                 send = core.add(records[0].seq, [r.payload for r in records], now)
                 _send(sockets[send.endpoint], send.frames)
-            # The ledger write is an fdatasync: do it at most every `cursor_interval`,
-            # and at once when everything is acked (drain waits on it). Losing a cursor
-            # update in a crash only means resending batches the middle deduplicates.
-            if cursor < acked_through and (core.idle()
-                                           or now - last_cursor_write >= self.cursor_interval):
+            # The ledger write is an fdatasync: do it at most every `cursor_interval` (a
+            # drain waits on it: at most that much longer). Losing a cursor update in a
+            # crash only means resending batches the middle deduplicates.
+            if cursor < acked_through and now - last_cursor_write >= self.cursor_interval:
                 queue.ack(CONSUMER, acked_through)
                 cursor, last_cursor_write = acked_through, now
-            if core.idle():
-                # Nothing in flight: sleep on the queue, not the sockets.
-                queue.wait(core.next_seq - 1, 0.05)
-                continue
+            # Sleep until a reply, new durable records (the eventfd) or the next deadline:
+            # a resend, the cursor write owed, or the end of a small batch's linger.
+            wait_s = 0.05
             deadline = core.next_deadline()
-            # Short waits while the window has room, so new records go out promptly.
-            cap_ms = 2 if core.can_send(now) else 50
-            wait_ms = cap_ms if deadline is None else max(0, min(cap_ms, (deadline - now) * 1000))
-            for sock, _ in poller.poll(wait_ms):
+            if deadline is not None:
+                wait_s = min(wait_s, deadline - now)
+            if cursor < acked_through:
+                wait_s = min(wait_s, last_cursor_write + self.cursor_interval - now)
+            if waiting_since is not None and core.can_send(now) \
+                    and queue.next_seq > core.next_seq:
+                wait_s = min(wait_s, waiting_since + self.linger - now)
+            for sock, _ in poller.poll(max(0, int(wait_s * 1000 + 0.999))):
+                if sock == wake:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(wake)
+                    continue
                 while True:
                     try:
                         frames = sock.recv_multipart(zmq.NOBLOCK)

@@ -1,14 +1,14 @@
 """``iotpipe ingest``: the device WebSocket server (a thin I/O shell) plus its forwarder.
 
-Per connection: the handshake is authenticated in ``process_request`` (HTTP 401 naming
-the reason otherwise); each received frame goes through the sans-I/O ``DeviceSession``;
-good messages join the current commit group (``_Committer``: the readings of every frame
-that arrives while an append is in flight become ONE ``AsyncQueue`` append, so one
-fdatasync and one future serve all of them). Replies go out in order through a
-per-connection sender task, and an ack only once its group is durable. The read loop runs
-ahead of the sender by at most ``OUTBOX_FRAMES`` frames: while appends wait for queue space
-the connection stops being read (backpressure), and after ``busy_wait`` seconds the
-waiting frames are answered ``busy``.
+Two WebSocket cores share one handshake decision (``admit``: HTTP 401/404/503 naming the
+reason) and one commit path: picows (``front.py``, the default) and websockets (kept for
+``--compression``; ``--ws-core``). Each received frame goes through the sans-I/O
+``DeviceSession``; good messages join the open commit group (``AsyncQueue.submit``: the
+readings of every frame that arrives while an append is in flight become ONE batch, so one
+fdatasync and one future serve all of them). Replies go out in order per connection, and
+an ack only once its group is durable. A connection is read at most ``OUTBOX_FRAMES``
+frames ahead of its replies: while appends wait for queue space it stops being read
+(backpressure), and after ``busy_wait`` seconds the waiting frames are answered ``busy``.
 
 Processes: with ``--processes N`` a parent starts N children on one port (SO_REUSEPORT).
 Child ``i`` uses queue dir ``<data_dir>/p<i>`` and node id ``<node_id>-p<i>~<incarnation>``
@@ -58,7 +58,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -80,6 +80,7 @@ from iotpipe.endpoints import (
 )
 from iotpipe.ingest.drain import QueueDrainer, process_dirs, remove_leftovers
 from iotpipe.ingest.forwarder import CONSUMER, Forwarder
+from iotpipe.ingest.front import Admitted, PicowsFront, Refusal
 from iotpipe.ingest.identity import queue_node_id
 from iotpipe.ingest.metrics import IngestCollector, IngestCounters
 from iotpipe.observability import (
@@ -157,7 +158,12 @@ class IngestSettings(EdgeSecuritySettings, ServerSettings):
     busy_wait: float = Field(1.0, ge=0, description="seconds to wait for queue space before "
                              "answering busy")
     busy_retry_ms: int = Field(1000, ge=1, description="retry hint sent with busy")
-    compression: bool = Field(False, description="permessage-deflate (costs ~35 KB/connection)")
+    compression: bool = Field(False, description="permessage-deflate (costs ~35 KB/connection; "
+                              "needs the websockets core)")
+    ws_core: Literal["auto", "picows", "websockets"] = Field(
+        "auto", description="WebSocket implementation: picows (about 3x cheaper per message, "
+                            "no permessage-deflate) or websockets; auto = websockets with "
+                            "--compression, else picows")
     open_timeout: float = Field(10.0, gt=0, description="seconds to finish the handshake")
     ping_interval: float = Field(20.0, gt=0, description="seconds between keepalive pings")
     ping_timeout: float = Field(20.0, gt=0, description="seconds to wait for a pong")
@@ -206,52 +212,8 @@ class _DeviceBuckets:
 # What a connection's sender task gets: a reply frame, (durable-future, ids) for an ack,
 # or None to stop.
 # A frame's durable append, its message ids and when it was read (for the ack latency).
-_Reply = bytes | tuple["asyncio.Future[None]", list[str | int], float] | None
+_Reply = bytes | tuple["asyncio.Future[range]", list[str | int], float] | None
 OUTBOX_FRAMES = 16
-
-
-class _Committer:
-    """Collects the readings of every frame that arrives while a queue append is in
-    flight and appends them as ONE batch: one future per group instead of one per frame.
-    ``submit`` returns the group's future; it fails with ``QueueFull`` (after waiting up to
-    ``busy_wait`` for space) or ``QueueError`` for every frame of the group."""
-
-    def __init__(self, aqueue: AsyncQueue, busy_wait: float) -> None:
-        self._aqueue = aqueue
-        self._busy_wait = busy_wait
-        self._loop = asyncio.get_running_loop()
-        self._readings: list[bytes] = []
-        self._future: asyncio.Future[None] | None = None
-        self._writing = False
-
-    def submit(self, readings: list[bytes]) -> asyncio.Future[None]:
-        future = self._future
-        if future is None:
-            future = self._future = self._loop.create_future()
-        self._readings.extend(readings)
-        if not self._writing:
-            self._start()
-        return future
-
-    def _start(self) -> None:
-        readings, future = self._readings, self._future
-        assert future is not None
-        self._readings, self._future = [], None
-        self._writing = True
-        self._loop.create_task(self._write(readings, future))
-
-    async def _write(self, readings: list[bytes], future: asyncio.Future[None]) -> None:
-        try:
-            await self._aqueue.append(readings, timeout=self._busy_wait)
-        except Exception as exc:  # QueueFull / QueueError go to every frame of the group
-            future.set_exception(exc)
-            future.exception()  # retrieved here: a group whose devices left is not an error
-        else:
-            future.set_result(None)
-        finally:
-            self._writing = False
-            if self._readings:
-                self._start()
 
 
 class IngestServer:
@@ -282,9 +244,9 @@ class IngestServer:
         self.buckets = _DeviceBuckets(settings.rate_limit, settings.rate_burst)
         self.queue: PersistentQueue | None = None
         self.aqueue: AsyncQueue | None = None
-        self.committer: _Committer | None = None
         self.forwarder: Forwarder | None = None
-        self.ws_server: Server | None = None
+        self.ws_server: Server | None = None   # the websockets core
+        self.front: PicowsFront | None = None  # the picows core
         self._handlers: set[asyncio.Task[Any]] = set()
         self.counters = IngestCounters()
         self._port = 0
@@ -293,7 +255,8 @@ class IngestServer:
 
     def ready(self) -> bool:
         fwd = self.forwarder
-        return (not self.draining and self.ws_server is not None and fwd is not None
+        listening = self.ws_server is not None or self.front is not None
+        return (not self.draining and listening and fwd is not None
                 and fwd.error is None
                 and all(d.forwarder.error is None for d in list(self.retired.values())))
 
@@ -338,33 +301,41 @@ class IngestServer:
 
     # -- handshake -------------------------------------------------------------------
 
-    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        url = urlsplit(request.path)
+    def admit(self, target: str, authorization: str | None) -> Admitted | Refusal:
+        """The handshake decision for both WebSocket cores (docs/protocols.md, 1.)."""
+        url = urlsplit(target)
         if url.path != PATH:
-            return connection.respond(http.HTTPStatus.NOT_FOUND, f"no such path; use {PATH}\n")
+            return Refusal(http.HTTPStatus.NOT_FOUND, f"no such path; use {PATH}\n", {})
         if self.draining:
-            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+            return Refusal(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n", {})
         token_id: str | None = None
         if self.secret is None:
             device = parse_qs(url.query).get("device", [None])[0] or None
         else:
             try:
-                token = bearer_token(request.headers.get("Authorization"))
+                token = bearer_token(authorization)
                 identity = verify_identity(self.secret, token, DEVICE_AUDIENCE)
             except AuthError as exc:
                 self.counters.auth_failures[exc.reason] += 1
-                response = connection.respond(http.HTTPStatus.UNAUTHORIZED, f"{exc}\n")
-                response.headers["WWW-Authenticate"] = f'Bearer error="invalid_token", ' \
-                    f'error_description="{exc.reason}"'
-                return response
+                return Refusal(http.HTTPStatus.UNAUTHORIZED, f"{exc}\n", {
+                    "WWW-Authenticate": f'Bearer error="invalid_token", '
+                                        f'error_description="{exc.reason}"'})
             device, token_id = identity.subject, identity.token_id
         refusal = self.deny.refusal("device", device, token_id)
         if refusal is not None:
             self.counters.auth_failures["revoked"] += 1
-            return connection.respond(http.HTTPStatus.FORBIDDEN,
-                                      f"revoked: this {refusal} is on the deny list\n")
-        connection.device_id = device  # type: ignore[attr-defined]
-        connection.token_id = token_id  # type: ignore[attr-defined]
+            return Refusal(http.HTTPStatus.FORBIDDEN,
+                           f"revoked: this {refusal} is on the deny list\n", {})
+        return Admitted(device, token_id)
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        verdict = self.admit(request.path, request.headers.get("Authorization"))
+        if isinstance(verdict, Refusal):
+            response = connection.respond(verdict.status, verdict.body)
+            response.headers.update(verdict.headers)
+            return response
+        connection.device_id = verdict.device_id  # type: ignore[attr-defined]
+        connection.token_id = verdict.token_id  # type: ignore[attr-defined]
         return None
 
     # -- reloads (TLS certificate, deny list) ----------------------------------------
@@ -381,9 +352,17 @@ class IngestServer:
         if fresh is None:
             return 0
         self.deny = fresh
-        if self.ws_server is None:
-            return 0
         closed = 0
+        if self.front is not None:
+            for device in list(self.front.connections):
+                reason = fresh.refusal("device", device.device_id, device.token_id)
+                if reason is not None:  # closed after the acks it is owed (counted there)
+                    device.request_close(CLOSE_REVOKED, f"revoked: {reason}")
+                    closed += 1
+        if self.ws_server is None:
+            if closed:
+                log.info("revoked connections closed", extra={"fields": {"connections": closed}})
+            return closed
         for conn in list(self.ws_server.connections):
             reason = fresh.refusal("device", getattr(conn, "device_id", None),
                                    getattr(conn, "token_id", None))
@@ -427,9 +406,10 @@ class IngestServer:
 
     async def _read_loop(self, ws: ServerConnection, session: DeviceSession,
                          outbox: asyncio.Queue[_Reply]) -> None:
-        assert self.committer is not None
+        assert self.aqueue is not None
         loop = asyncio.get_running_loop()
-        committer = self.committer
+        aqueue = self.aqueue
+        busy_wait = self.settings.busy_wait
         counters = self.counters
         while True:
             frame = await ws.recv(decode=False)
@@ -443,7 +423,7 @@ class IngestServer:
                 # The sender acks once the append is durable; this loop reads on until the
                 # outbox is full, which is the backpressure: a device whose frames wait for
                 # queue space is not read beyond OUTBOX_FRAMES frames.
-                pending = (committer.submit(outcome.readings), outcome.ids, read_at)
+                pending = (aqueue.submit(outcome.readings, busy_wait), outcome.ids, read_at)
                 if outbox.full():
                     await outbox.put(pending)
                 else:  # the common case, without a coroutine per frame
@@ -523,12 +503,17 @@ class IngestServer:
                                           consumers=(CONSUMER,))
         self.node = queue_node_id(self.queue_dir, self.node)
         self.aqueue = AsyncQueue(self.queue)
-        self.committer = _Committer(self.aqueue, s.busy_wait)
         self.forwarder = Forwarder(
             self.queue, self.node, self.endpoints, batch_records=s.forward_batch,
             window=s.forward_window, ack_timeout=s.forward_ack_timeout,
             curve_keys=self.curve_keys,
         ).start()
+        if ws_core(s) == "picows":
+            self.front = PicowsFront(self, self.admit)
+            self._port = await self.front.start(
+                s.host, s.port, reuse_port=s.processes > 1,
+                ssl_context=self.tls.context if self.tls is not None else None)
+            return
         self.ws_server = await serve(
             self.handle, s.host, s.port,
             process_request=self.process_request,
@@ -548,11 +533,32 @@ class IngestServer:
         """The bound WebSocket port (known once started; kept after the listener closes)."""
         return self._port
 
+    async def _drain_front(self, deadline: float) -> None:
+        """picows core: stop listening, close devices with 1001 at the drain rate (each
+        after the acks it is owed), wait for them and for the appends in flight."""
+        s = self.settings
+        front = self.front
+        assert front is not None and self.aqueue is not None
+        front.stop_listening()
+        log.info("draining", extra={"fields": {"connections": len(front.connections)}})
+        interval = 1.0 / s.drain_close_rate
+        spread_until = time.monotonic() + s.drain_timeout / 2
+        closing = list(front.connections)
+        for conn in closing:
+            conn.request_close(CLOSE_GOING_AWAY, "going away")
+            if time.monotonic() < spread_until:
+                await asyncio.sleep(interval)
+        await front.wait_closed(closing, deadline - time.monotonic())
+        await self.aqueue.wait_idle(deadline - time.monotonic())
+
     async def drain(self) -> bool:
         """Stop accepting, close devices at a bounded rate, empty the queue. True if empty."""
         s = self.settings
         deadline = time.monotonic() + s.drain_timeout
         self.draining = True
+        if self.front is not None:
+            await self._drain_front(deadline)
+            return await self._drain_queues(deadline)
         assert self.ws_server is not None and self.forwarder is not None
         self.ws_server.close(close_connections=False)
         log.info("draining", extra={"fields": {"connections": len(self.ws_server.connections)}})
@@ -570,7 +576,11 @@ class IngestServer:
         if self._handlers:  # appends in progress finish (and are acked) before we count
             await asyncio.wait(list(self._handlers),
                                timeout=max(0.1, deadline - time.monotonic()))
+        return await self._drain_queues(deadline)
+
+    async def _drain_queues(self, deadline: float) -> bool:
         forwarder = self.forwarder
+        assert forwarder is not None
         empty = await asyncio.to_thread(forwarder.wait_empty,
                                         max(0.0, deadline - time.monotonic()))
         # Retired queues too: whatever is left of them stays on disk for the next start
@@ -593,12 +603,22 @@ class IngestServer:
             self.ws_server.close()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.ws_server.wait_closed(), 5)
+        if self.front is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.front.aclose(), 6)
         if self.forwarder is not None:
             await asyncio.to_thread(self.forwarder.stop)
         if self.aqueue is not None:
             await self.aqueue.aclose()
         if self.queue is not None:
             self.queue.close()
+
+
+def ws_core(settings: IngestSettings) -> str:
+    """The WebSocket core in use: picows unless compression needs websockets."""
+    if settings.ws_core == "auto":
+        return "websockets" if settings.compression else "picows"
+    return settings.ws_core
 
 
 def _queue_source(server: IngestServer) -> tuple[int, int, int]:
@@ -721,12 +741,20 @@ async def run_process(settings: IngestSettings, index: int,
         obs.stop()
 
 
+# Descriptors wanted: one per device connection, 100k per process and headroom.
+NOFILE_WANTED = 1 << 20
+
+
 def _raise_nofile() -> int:
-    """Soft RLIMIT_NOFILE up to the hard limit: one descriptor per device connection."""
+    """RLIMIT_NOFILE up to ``NOFILE_WANTED``: the hard limit too where allowed (root,
+    CAP_SYS_RESOURCE; never above fs.nr_open), else the soft limit up to the hard one."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
+    for limit in (NOFILE_WANTED, hard):
+        if soft >= limit:
+            break
         with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, max(limit, hard)))
+            break
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
@@ -939,8 +967,14 @@ def main(argv: Sequence[str]) -> int:
     index = settings.process_index  # set by the parent through IOTPIPE_INGEST_PROCESS_INDEX
     if index >= 0 and settings.parent_pid:
         die_with_parent(settings.parent_pid)
-    # websockets logs every connection open/close at INFO: far too much at C10K.
+    # websockets and picows log every connection open/close at INFO: far too much at C10K.
     logging.getLogger("websockets").setLevel(logging.WARNING)
+    logging.getLogger("picows").setLevel(logging.WARNING)
+    if settings.compression and settings.ws_core == "picows":
+        print("iotpipe ingest: error: --compression (permessage-deflate) needs the websockets "
+              "core: use --ws-core websockets or auto (picows has no permessage-deflate)",
+              file=sys.stderr)
+        return 2
     try:
         endpoints, watched = resolve_endpoints(
             "--middle-endpoints", settings.middle_endpoints,

@@ -1,8 +1,20 @@
-"""``AsyncQueue``: the asyncio front of a ``PersistentQueue`` for servers.
+"""``AsyncQueue``: the asyncio front of a ``PersistentQueue`` for servers, and the ONE
+group-commit layer between a server and its queue.
 
-Appends from many tasks are collected while a write is in flight and handed to ONE writer
-thread as a group: one write + one fdatasync for the whole group, and one
-``call_soon_threadsafe`` to resolve every future of it (no thread handoff per message).
+Appends from many tasks or callbacks are collected while a write is in flight and handed
+to ONE dedicated writer thread as a group: one write + one fdatasync for the whole group
+(``PersistentQueue.append_batches``), and one ``call_soon_threadsafe`` to resolve every
+future of it. The hand-off is a ``SimpleQueue`` put, not an executor submit (no future,
+work item or lock per group on the event loop's side).
+
+Two ways in:
+
+- ``await append(payloads)``: an independent all-or-nothing batch with its own future and
+  its own result (the seq range); several in one group still succeed or fail alone;
+- ``submit(payloads, timeout)``: no coroutine; the payloads join the OPEN group's single
+  batch and share its one future (the batch's seq range once durable). This is what ingest calls for
+  every device frame: a group of hundreds of frames costs one future and one callback per
+  waiting connection, not one per frame.
 """
 
 from __future__ import annotations
@@ -10,9 +22,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from queue import SimpleQueue
+from typing import Any
 
 from .core import PersistentQueue
 from .errors import QueueClosed, QueueFull
@@ -23,7 +37,7 @@ __all__ = ["AsyncQueue"]
 class _Pending:
     __slots__ = ("deadline", "future", "payloads")
 
-    def __init__(self, payloads: Sequence[bytes], future: asyncio.Future[range],
+    def __init__(self, payloads: Sequence[bytes], future: asyncio.Future[Any],
                  deadline: float) -> None:
         self.payloads = payloads
         self.future = future
@@ -37,13 +51,17 @@ class AsyncQueue:
         self._queue = queue
         self._loop = asyncio.get_running_loop()
         self._pending: list[_Pending] = []
+        self._open: _Pending | None = None  # the submit() batch of the group not yet started
         self._writing = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iotpipe-queue")
+        self._groups: SimpleQueue[list[_Pending] | None] = SimpleQueue()
+        self._writer = threading.Thread(target=self._writer_main, name="iotpipe-queue",
+                                        daemon=True)
+        self._writer.start()
         self._waiters: list[tuple[int, asyncio.Future[bool]]] = []
-        queue._add_listener(self._on_durable_threadsafe)
+        queue.add_durable_listener(self._on_durable_threadsafe)
 
     @property
     def queue(self) -> PersistentQueue:
@@ -63,21 +81,44 @@ class AsyncQueue:
             self._start_group()
         return await future
 
+    def submit(self, payloads: list[bytes], timeout: float = 0.0) -> asyncio.Future[range]:
+        """Join the open group's one batch; its future is done once the batch is durable,
+        or fails (``QueueFull`` after waiting up to ``timeout`` seconds from the group's
+        first submit for space, ``QueueError``...) for every submitter of the group."""
+        if self._closed:
+            raise QueueClosed("AsyncQueue is closed")
+        entry = self._open
+        if entry is None:
+            future: asyncio.Future[range] = self._loop.create_future()
+            entry = self._open = _Pending(list(payloads), future,
+                                          time.monotonic() + timeout)
+            self._pending.append(entry)
+        else:
+            entry.payloads.extend(payloads)  # type: ignore[attr-defined]
+        if not self._writing:
+            self._start_group()
+        return entry.future
+
     def _start_group(self) -> None:
         group, self._pending = self._pending, []
+        self._open = None
         self._writing = True
         self._idle.clear()
-        self._writer.submit(self._write_group, group)
+        self._groups.put(group)
 
-    def _write_group(self, group: list[_Pending]) -> None:
-        """Writer thread: one group commit, then one hop back to the loop."""
-        try:
-            results: list[range | Exception] | Exception = self._queue._append_batches(
-                [item.payloads for item in group])
-        except Exception as exc:
-            results = exc
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
-            self._loop.call_soon_threadsafe(self._resolve, group, results)
+    def _writer_main(self) -> None:
+        """The writer thread: one group commit per group, then one hop back to the loop."""
+        while True:
+            group = self._groups.get()
+            if group is None:
+                return
+            try:
+                results: list[range | Exception] | Exception = self._queue.append_batches(
+                    [item.payloads for item in group])
+            except Exception as exc:
+                results = exc
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+                self._loop.call_soon_threadsafe(self._resolve, group, results)
 
     def _resolve(self, group: list[_Pending], results: list[range | Exception] | Exception
                  ) -> None:
@@ -94,6 +135,8 @@ class AsyncQueue:
                 inner.add_done_callback(functools.partial(_chain, item.future))
             elif isinstance(result, Exception):
                 item.future.set_exception(result)
+                # Marked retrieved: a submitter that left (a device gone) is not an error.
+                item.future.exception()
             else:
                 item.future.set_result(result)
         self._writing = False
@@ -101,6 +144,14 @@ class AsyncQueue:
             self._start_group()
         else:
             self._idle.set()
+
+    async def wait_idle(self, within: float) -> bool:
+        """True once no group is being written or waiting (within ``within`` seconds)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), max(0.01, within))
+        except TimeoutError:
+            return False
+        return True
 
     async def wait(self, after_seq: int, timeout: float) -> bool:  # noqa: ASYNC109
         """True once a record with seq > ``after_seq`` is durable; False after ``timeout``."""
@@ -133,20 +184,22 @@ class AsyncQueue:
             return
         self._closed = True
         await self._idle.wait()
-        self._queue._remove_listener(self._on_durable_threadsafe)
+        self._queue.remove_durable_listener(self._on_durable_threadsafe)
         for _, future in self._waiters:
             if not future.done():
                 future.set_exception(QueueClosed("AsyncQueue is closed"))
-        self._writer.shutdown(wait=True)
+        self._groups.put(None)
+        await self._loop.run_in_executor(None, self._writer.join)
         await self._loop.run_in_executor(None, self._queue.close)
 
 
-def _chain(target: asyncio.Future[range], source: asyncio.Future[range]) -> None:
+def _chain(target: asyncio.Future[Any], source: asyncio.Future[range]) -> None:
     if target.done():
         return
     if source.cancelled():
         target.cancel()
     elif source.exception() is not None:
         target.set_exception(source.exception())  # type: ignore[arg-type]
+        target.exception()  # retrieved, as in _resolve
     else:
         target.set_result(source.result())

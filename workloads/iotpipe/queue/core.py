@@ -446,8 +446,9 @@ class PersistentQueue:
             self._commit(last)
         return range(first, last + 1)
 
-    def _append_batches(self, batches: Sequence[Sequence[bytes]]) -> list[range | Exception]:
-        """Append several independent batches with ONE group commit (for AsyncQueue).
+    def append_batches(self, batches: Sequence[Sequence[bytes]]) -> list[range | Exception]:
+        """Append several independent batches with ONE group commit (what a single writer,
+        such as ``AsyncQueue``'s writer thread, calls once per group).
 
         Each batch is all-or-nothing on its own; the result for each is its range or the
         exception it raised (QueueFull at once if it does not fit, TypeError, ValueError...).
@@ -944,14 +945,15 @@ class PersistentQueue:
                 total += max(current.end - start, 0)
             return Depth(records, total)
 
-    # ------------------------------------------------------------------ hooks for AsyncQueue
+    # ------------------------------------------------------------------ durability listeners
 
-    def _add_listener(self, listener: Callable[[int], None]) -> None:
-        """``listener(durable_seq)`` runs (under the queue lock) after every group commit."""
+    def add_durable_listener(self, listener: Callable[[int], None]) -> None:
+        """``listener(durable_seq)`` runs (under the queue lock, in the committing thread)
+        after every group commit: keep it short and never call back into the queue."""
         with self._cond:
             self._listeners.append(listener)
 
-    def _remove_listener(self, listener: Callable[[int], None]) -> None:
+    def remove_durable_listener(self, listener: Callable[[int], None]) -> None:
         with self._cond:
             if listener in self._listeners:
                 self._listeners.remove(listener)

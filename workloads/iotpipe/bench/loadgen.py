@@ -22,11 +22,9 @@ Run as ``python -m iotpipe.bench.loadgen JSON-ARGS``; prints one JSON line.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import json
 import random
-import resource
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +35,7 @@ import orjson
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from iotpipe.auth import DEVICE_AUDIENCE, issue_token
+from iotpipe.simulate import raise_nofile
 
 __all__ = ["LoadSpec", "drive", "raise_nofile", "run"]
 
@@ -61,18 +60,6 @@ class LoadSpec:
     stamp: bool = False           # put the send time in "ts" (end-to-end latency downstream)
     source_offset: int = 0        # first source address is 127.0.0.(2 + source_offset)
     handshake: bool = False       # idle mode: print "held N", wait for a line on stdin
-
-
-def raise_nofile(wanted: int) -> int:
-    """Soft (and, as root, hard) RLIMIT_NOFILE up to ``wanted``; the soft limit after."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= wanted:
-        return soft
-    for new_hard in (max(hard, wanted), hard):
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, new_hard), new_hard))
-            break
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class _Stats:

@@ -491,7 +491,7 @@ def _report_rotation(new_status: dict[str, Any], transitions: list[status_mod.Tr
     record: dict[str, Any] = dict(step.record)
     # The status is merge-patched: a role no longer in the record is removed by a null.
     old_keys = (previous.get("curveRotation") or {}).get("keys") or {}
-    record["keys"] = {**{role: None for role in old_keys}, **step.record["keys"]}
+    record["keys"] = {**{role: None for role in old_keys}, **(step.record.get("keys") or {})}
     new_status["curveRotation"] = record
     if changed:
         transitions.append(status_mod.Transition(rotation.CONDITION, step.status,

@@ -17,10 +17,11 @@ after an operator restart does the same thing again or nothing:
    and that target is recorded in the status: a swap is never repeated or undone). Then
    wait until every middle pod sees its promoted own key on disk
    (``iotpipe_middle_curve_disk_key``), so restarted pods mount the promoted Secret.
-   ``roll``: one pod-template annotation (:data:`ANNOTATION`) on all four workloads at
-   once. The window in which a client and a middle hold different middle keys is the
-   rollout; ingest keeps unacknowledged batches in its durable queue, storage leases are
-   redelivered, relays miss the live events of that window.
+   ``roll``: a pod-template annotation (:data:`ANNOTATION`) on ingest, relay and storage;
+   once ingest rolled out, on the middle. Stopping ingest pods thus drain their queues to
+   middles that still run the old key; new client pods cannot reach the middle until it
+   rolled (ingest keeps what it acknowledged in its durable queue, storage leases are
+   redelivered, relays miss the live events of that window).
 4. wait until every workload rolled out with the annotation and every middle pod runs
    the target key (``iotpipe_middle_curve_own_key``); ``retire`` deletes the next (old)
    keys. The rotation is complete when the Secret's current keys are the target and no next
@@ -44,6 +45,7 @@ ROLES = ("middle", "ingest", "relay", "storage")
 # The middle socket (ZAP domain) admitting each client role: as iotpipe.curve.ADMITTED.
 DOMAIN_OF = {"ingest": "router", "relay": "pub", "storage": "feed"}
 WORKLOAD_TIERS = ("middle", "ingest", "relay", "storage")
+CLIENT_TIERS = ("ingest", "relay", "storage")
 ANNOTATION = "iotpipe.dev/curve-keys"
 CONDITION = "CurveKeysRotating"
 _PUBLIC = re.compile(rb'public-key\s*=\s*"([^"]{40})"')
@@ -219,8 +221,8 @@ def decide(obs: Observation) -> Step:
         return Step("promote", record, "True", "Promoting",
                     f"rotation {active!r}: promoting the next keys{queued}")
     if nxt:
-        tiers = tuple(t for t in WORKLOAD_TIERS if not annotated(obs.workloads.get(t), active))
-        if tiers:
+        clients = tuple(t for t in CLIENT_TIERS if not annotated(obs.workloads.get(t), active))
+        if clients:
             lagging = _middle_lagging(obs, lambda k: k.disk == targets["middle"]
                                       or k.own == targets["middle"])
             if lagging:
@@ -228,8 +230,18 @@ def decide(obs: Observation) -> Step:
                             f"rotation {active!r}: waiting until the promoted Secret reaches "
                             f"every middle pod (not yet: {', '.join(lagging)}){queued}")
             return Step("roll", record, "True", "RollingOut",
-                        f"rotation {active!r}: restarting {', '.join(tiers)} with the new "
-                        f"keys{queued}", tiers=tiers)
+                        f"rotation {active!r}: restarting {', '.join(clients)} with the new "
+                        f"keys{queued}", tiers=clients)
+        if not annotated(obs.workloads.get("middle"), active):
+            # The middle changes its key only once ingest rolled out: a stopping ingest pod
+            # forwards its queue to a middle that still runs the old key.
+            if not rolled_out(obs.workloads.get("ingest"), active):
+                return Step("none", record, "True", "RollingOut",
+                            f"rotation {active!r}: waiting for ingest to roll out before "
+                            f"the middle{queued}")
+            return Step("roll", record, "True", "RollingOut",
+                        f"rotation {active!r}: restarting middle with its new key{queued}",
+                        tiers=("middle",))
         unrolled = [t for t in WORKLOAD_TIERS if not rolled_out(obs.workloads.get(t), active)]
         lagging = _middle_lagging(obs, lambda k: k.own == targets["middle"])
         if unrolled or lagging:

@@ -42,6 +42,7 @@ class World:
         self.workloads = {t: _workload(t, None, True) for t in KINDS}
         self.record: dict[str, Any] = {}
         self.actions: list[str] = []
+        self.rolls: list[tuple[str, ...]] = []
         self.reasons: list[str] = []
 
     def middle_keys(self) -> MiddleKeys:
@@ -70,6 +71,7 @@ class World:
         elif step.action == "retire":
             self.files = _rotated_files(self.files, curve.retire)
         elif step.action == "roll":
+            self.rolls.append(step.tiers)
             for tier in step.tiers:
                 self.workloads[tier] = _workload(tier, step.record["active"], False)
         self.record = step.record
@@ -83,7 +85,8 @@ class World:
             annotation = workload["spec"]["template"]["metadata"]["annotations"].get(
                 rotation.ANNOTATION)
             self.workloads[tier] = _workload(tier, annotation, True)
-        self.running = rotation.public_fingerprints(self.mounted, "current")["middle"]
+            if tier == "middle" and annotation is not None:
+                self.running = rotation.public_fingerprints(self.mounted, "current")["middle"]
 
 
 def _run(world: World, requested: str, passes: int = 40) -> rotation.Step:
@@ -103,7 +106,9 @@ def _run(world: World, requested: str, passes: int = 40) -> rotation.Step:
 def test_a_rotation_runs_every_step_once_in_order(tmp_path: Path) -> None:
     world = World(tmp_path)
     step = _run(world, "r1")
-    assert world.actions == ["add_next", "promote", "roll", "retire"]
+    assert world.actions == ["add_next", "promote", "roll", "roll", "retire"]
+    # the clients first, the middle (a new key for every client) after ingest rolled out
+    assert world.rolls == [("ingest", "relay", "storage"), ("middle",)]
     assert step.record == {"active": None, "completed": "r1", "keys": {}}
     assert step.status == "False"
     current = rotation.public_fingerprints(world.files, "current")
@@ -191,10 +196,14 @@ def test_roll_waits_for_the_promoted_secret_and_retire_for_the_rollout(
     assert (step.action, step.reason) == ("none", "WaitingForPropagation")
     world.propagate()
     step = world.step("r1")
-    assert step.action == "roll" and set(step.tiers) == set(KINDS)
-    for _ in range(2):
+    assert step.action == "roll" and step.tiers == ("ingest", "relay", "storage")
+    for _ in range(2):  # the middle waits for ingest's rollout
         step = world.step("r1")
         assert (step.action, step.reason) == ("none", "RollingOut")
+        assert "waiting for ingest" in step.message
+    world.workloads["ingest"] = _workload("ingest", "r1", True)
+    step = world.step("r1")
+    assert step.action == "roll" and step.tiers == ("middle",)
     # workloads rolled, but one middle still runs the old key (stale mount): no retire
     for tier in KINDS:
         world.workloads[tier] = _workload(tier, "r1", True)
@@ -215,7 +224,7 @@ def test_one_rotation_at_a_time(tmp_path: Path) -> None:
     world.actions.clear()
     done = _run(world, "r2")
     assert done.record["completed"] == "r2"
-    assert world.actions == ["add_next", "promote", "roll", "retire"]
+    assert world.actions == ["add_next", "promote", "roll", "roll", "retire"]
     assert rotation.public_fingerprints(world.files, "current") != first
 
 

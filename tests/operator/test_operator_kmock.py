@@ -254,7 +254,10 @@ async def test_create_builds_owned_children_and_status(cluster: Cluster) -> None
         assert owner["controller"] is True and owner["blockOwnerDeletion"] is True
     status = cluster.status("demo")
     assert status["observedGeneration"] == 1
-    assert {c["type"] for c in status["conditions"]} == {"Ready", "Progressing", "Degraded"}
+    assert {c["type"] for c in status["conditions"]} == {"Ready", "Progressing", "Degraded",
+                                                         "CurveKeysRotating"}
+    rotating = cluster.condition("demo", "CurveKeysRotating")
+    assert (rotating["status"], rotating["reason"]) == ("False", "Idle")
     assert status["ingest"]["desired"] == 2 and status["ingest"]["summary"] == "0/2"
     assert status["phase"] == "Progressing"
     assert cluster.condition("demo", "Ready")["status"] == "False"

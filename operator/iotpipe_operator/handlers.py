@@ -323,8 +323,12 @@ def _rotation_observe(kube: Kube, body: Mapping[str, Any], spec: Mapping[str, An
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     secret = kube.get("v1", "Secret", namespace, Names(name).curve_secret())
-    workloads = {tier: kube.get(api_version, kind, namespace, workload_name(name, tier))
-                 for tier, (api_version, kind) in WORKLOAD_KINDS.items()}
+    uid = meta.get("uid")
+    workloads: dict[str, dict[str, Any] | None] = {}
+    for tier, (api_version, kind) in WORKLOAD_KINDS.items():
+        live = kube.get(api_version, kind, namespace, workload_name(name, tier))
+        # A foreign object with a child's name is no tier of this pipeline: never rolled out.
+        workloads[tier] = live if live is None or uid is None or _is_owned(live, uid) else None
     middle: dict[str, rotation.MiddleKeys | None] = {}
     for pod in kube.list("v1", "Pod", namespace, selector_for(name, "middle")):
         if (pod.get("metadata") or {}).get("deletionTimestamp"):
@@ -352,6 +356,10 @@ def _rotation_act(kube: Kube, body: Mapping[str, Any], step: rotation.Step,
     if step.action == "roll":
         for tier in step.tiers:
             api_version, kind = WORKLOAD_KINDS[tier]
+            live = kube.get(api_version, kind, namespace, workload_name(name, tier))
+            uid = meta.get("uid")
+            if live is None or (uid is not None and not _is_owned(live, uid)):
+                continue  # not there yet, or foreign (reported by the apply): never touched
             # A merge patch, like kubectl rollout restart: the operator's apply does not own
             # the annotation, so later reconciles keep it.
             kube.patch(api_version, kind, namespace, workload_name(name, tier),

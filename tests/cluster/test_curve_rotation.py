@@ -4,6 +4,7 @@ new keys, the old ones are retired, and every acknowledged message is stored exa
 from __future__ import annotations
 
 import base64
+import time
 
 import pytest
 from support.cluster import ClusterEmulator, LocalCluster
@@ -36,10 +37,14 @@ async def test_rotation_under_load_stores_every_ack_once(cluster: LocalCluster) 
     async with devices(cluster) as running:
         fleet = running.fleet
         await cluster.wait(lambda: fleet.total_acked() >= 300, 30, "acks before the rotation")
+        started, acked_before = time.monotonic(), fleet.total_acked()
         await cluster.patch_pipeline(NAME, {"security": {"curve": {"rotation": "r1"}}})
         await cluster.wait(lambda: (cluster.pipeline(NAME).get("status") or {})
                            .get("curveRotation", {}).get("completed") == "r1", 150,
                            "the rotation completes")
+        # shown with -rP: how long the rotation took, and that devices were acked meanwhile
+        print(f"rotation: {time.monotonic() - started:.1f} s, "
+              f"{fleet.total_acked() - acked_before} acks during it")
         current = _keys(cluster, "current")
         assert all(current[r] != original[r] for r in ROLES), (original, current)
         assert _keys(cluster, "next") == {}

@@ -45,7 +45,7 @@ from iotpipe_operator.names import Names
 from iotpipe_operator.quantity import quantity_bytes
 
 if TYPE_CHECKING:
-    from iotpipe_operator.cli import RunSettings
+    from iotpipe_operator.settings import RunSettings
 
 WORKLOAD_KINDS = {"ingest": ("apps/v1", "StatefulSet"), "middle": ("apps/v1", "StatefulSet"),
                   "relay": ("apps/v1", "Deployment"), "storage": ("apps/v1", "StatefulSet")}

@@ -261,8 +261,8 @@ def test_liveness_probe_targets_the_endpoint_the_operator_serves(
 def test_operator_arguments_parse_with_the_operators_own_settings(
         rendered: tuple[str, list[dict[str, Any]]]) -> None:
     """The chart's flags are exactly the ones `iotpipe-operator run` accepts."""
-    cli = pytest.importorskip("iotpipe_operator.cli")
     from iotpipe.settings import parse_settings
+    from iotpipe_operator import cli
 
     name, docs = rendered
     args = operator_args(docs)

@@ -20,7 +20,8 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import ProcessGroup, free_port
+from support.ports import free_port
+from support.processes import ProcessGroup
 
 from iotpipe.registry import Registry
 from iotpipe.simulate import FleetSensor, fleet_registry_yaml

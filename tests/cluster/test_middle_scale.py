@@ -6,16 +6,17 @@ import asyncio
 import contextlib
 
 import pytest
-from integration.support import SECRET, LiveClient, check_live_stream
 from support.cluster import ClusterEmulator, LocalCluster
-
-from cluster.conftest import (
+from support.cluster.scenario import (
     NAME,
     assert_every_ack_stored_once,
     devices,
     pipeline_manifest,
     start_pipeline,
 )
+from support.devices import LiveClient, check_live_stream
+from support.pipeline import SECRET
+
 from iotpipe.auth import CLIENT_AUDIENCE, issue_token
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150),

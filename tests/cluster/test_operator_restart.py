@@ -7,8 +7,7 @@ import signal
 import pytest
 from support.cluster import ClusterEmulator, LocalCluster
 from support.cluster.api import PIPELINES
-
-from cluster.conftest import (
+from support.cluster.scenario import (
     NAME,
     assert_every_ack_stored_once,
     devices,

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 from support.cluster import ClusterEmulator, LocalCluster
-
-from cluster.conftest import (
+from support.cluster.scenario import (
     NAME,
     assert_every_ack_stored_once,
     devices,

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 from support.cluster import ClusterEmulator, LocalCluster
-
-from cluster.conftest import NAME, assert_every_ack_stored_once, devices, pipeline_manifest
+from support.cluster.scenario import NAME, assert_every_ack_stored_once, devices, pipeline_manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150),
               pytest.mark.kmock(cls=ClusterEmulator)]

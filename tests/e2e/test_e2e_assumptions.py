@@ -14,8 +14,10 @@ from typing import Any
 
 import jsonschema
 import pytest
-import test_kind_pipeline as e2e
 import yaml
+from support import kind as e2e
+
+from iotpipe_operator import builders
 
 pytestmark = pytest.mark.unit
 
@@ -24,7 +26,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def children() -> list[dict[str, Any]]:
-    builders = pytest.importorskip("iotpipe_operator.builders")
     return list(builders.build(e2e.pipeline_manifest()).children)
 
 

@@ -49,20 +49,23 @@ from typing import Any
 
 import pytest
 import yaml
+from support.kind import (
+    CHART,
+    NAMESPACE,
+    OPERATOR_IMAGE,
+    OPERATOR_NAMESPACE,
+    PIPELINE,
+    RELEASE,
+    REPO,
+    STORE_DB,
+    TAG,
+    WORKLOAD_IMAGE,
+    operator_name,
+    pipeline_manifest,
+)
+from support.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
-
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "iotpipe-operator"
-SAMPLE = REPO / "samples" / "minimal.yaml"
-TAG = "e2e"
-WORKLOAD_IMAGE = f"ghcr.io/iotpipe/iotpipe:{TAG}"
-OPERATOR_IMAGE = f"ghcr.io/iotpipe/iotpipe-operator:{TAG}"
-OPERATOR_NAMESPACE = "iotpipe-system"
-RELEASE = "iotpipe"
-NAMESPACE = "iot-e2e"
-PIPELINE = "demo"
-STORE_DB = "/var/lib/iotpipe/store/readings.db"
 
 
 def _missing_tool() -> str | None:
@@ -122,21 +125,6 @@ def run(*args: str, timeout: float, env: dict[str, str] | None = None) -> str:
     return result.stdout
 
 
-def wait_until(what: str, check: Callable[[], bool], timeout: float,
-               cluster: Cluster | None = None, interval: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            details = cluster.diagnostics() if cluster else ""
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n"
-                                 f"{details}")
-        time.sleep(interval)
-
-
-def operator_name() -> str:
-    return f"{RELEASE}-iotpipe-operator"
-
-
 @pytest.fixture(scope="module")
 def cluster(request: pytest.FixtureRequest,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
@@ -190,24 +178,16 @@ def operator(cluster: Cluster, images: list[str]) -> str:
                     create_namespace=True, wait="watcher", timeout=300)
     cluster.kubectl("-n", OPERATOR_NAMESPACE, "rollout", "status",
                     f"deployment/{operator_name()}", "--timeout=300s", timeout=320)
-    wait_until("the IoTPipeline CRD to be established", lambda: cluster.kubectl(
+    wait_for(lambda: cluster.kubectl(
         "wait", "--for=condition=Established", "crd/iotpipelines.iotpipe.dev",
-        "--timeout=5s", check=False, timeout=30).returncode == 0, 120, cluster)
+        "--timeout=5s", check=False, timeout=30).returncode == 0, 120,
+        "the IoTPipeline CRD to be established", interval=2.0, details=cluster.diagnostics)
     return operator_name()
 
 
 @pytest.fixture(scope="module")
 def auth_secret() -> str:
     return secrets.token_hex(32)
-
-
-def pipeline_manifest() -> dict[str, Any]:
-    """samples/minimal.yaml, named for the test and pointed at the loaded workload image."""
-    manifest: dict[str, Any] = yaml.safe_load(SAMPLE.read_text())
-    manifest["metadata"].update(name=PIPELINE, namespace=NAMESPACE)
-    manifest["spec"]["image"] = WORKLOAD_IMAGE
-    manifest["spec"]["imagePullPolicy"] = "IfNotPresent"
-    return manifest
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +209,8 @@ def wait_until_ready(cluster: Cluster, timeout: float) -> None:
                                  timeout=30)
         return result.returncode == 0
 
-    wait_until(f"IoTPipeline {PIPELINE} to be Ready", ready, timeout, cluster, interval=1)
+    wait_for(ready, timeout, f"IoTPipeline {PIPELINE} to be Ready", interval=1,
+             details=cluster.diagnostics)
 
 
 # ---------------------------------------------------------------- devices
@@ -363,8 +344,9 @@ def assert_all_stored_once(cluster: Cluster, device: Device, timeout: float = 18
         return device.acked <= set(seen)
 
     try:
-        wait_until(f"{len(device.acked)} acknowledged messages of {device.device_id} in storage",
-                   complete, timeout, interval=3)
+        wait_for(complete, timeout,
+                 f"{len(device.acked)} acknowledged messages of {device.device_id} in storage",
+                 interval=3)
     except AssertionError:
         missing = sorted(device.acked - set(seen))
         raise AssertionError(f"{len(missing)} acknowledged messages lost, e.g. "
@@ -388,7 +370,8 @@ def wait_for_ingest_replicas(cluster: Cluster, replicas: int, timeout: float = 6
                 and status.get("replicas", 0) == replicas
                 and len(ingest_pods(cluster)) == replicas)
 
-    wait_until(f"{replicas} ready ingest pods", settled, timeout, cluster, interval=3)
+    wait_for(settled, timeout, f"{replicas} ready ingest pods", interval=3,
+             details=cluster.diagnostics)
 
 
 # ---------------------------------------------------------------- tests

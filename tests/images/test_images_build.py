@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from support.ports import free_port
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(1500)]
 

@@ -17,16 +17,25 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import ProcessGroup, free_port
 from prometheus_client.parser import text_string_to_metric_families
+from support.ingest import (
+    SECRET,
+    FakeMiddle,
+    acked_pairs,
+    children_of,
+    node_identity,
+    queue_depth,
+    simulate,
+    wait_ready,
+)
+from support.ports import free_port
+from support.processes import ProcessGroup
+from support.waiting import http_status
 from websockets.asyncio.client import ClientConnection, connect
 
 from iotpipe.auth import DEVICE_AUDIENCE, issue_token
 from iotpipe.queue import PersistentQueue
 from iotpipe.simulate import run_simulation
-
-from .helpers import SECRET, FakeMiddle, http_status, wait_ready
-from .test_process import acked_pairs, children_of, node_identity, queue_depth, simulate
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 

@@ -14,24 +14,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ProcessGroup, free_port
+from support.ingest import (
+    SECRET,
+    FakeMiddle,
+    acked_pairs,
+    children_of,
+    node_identity,
+    queue_depth,
+    simulate,
+    wait_ready,
+)
+from support.ports import free_port
+from support.processes import ProcessGroup
+from support.waiting import http_status
 
-from iotpipe.ingest.identity import INCARNATION_FILE
-from iotpipe.queue import PersistentQueue
-from iotpipe.simulate import SimulateSettings, SimulationReport, run_simulation
-
-from .helpers import SECRET, FakeMiddle, http_status, wait_ready
+from iotpipe.simulate import run_simulation
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 ENV = {"IOTPIPE_AUTH_SECRET": SECRET}
-
-
-def node_identity(queue_dir: Path, base: str) -> str:
-    """The identity a queue is forwarded under: ``base~<incarnation in the queue dir>``."""
-    incarnation = (queue_dir / INCARNATION_FILE).read_text().strip()
-    assert len(incarnation) == 16
-    return f"{base}~{incarnation}"
 
 
 def start_ingest(procs: ProcessGroup, data_dir: Path, middle: FakeMiddle, name: str,
@@ -71,36 +72,6 @@ async def until(predicate: Callable[[], bool], what: str, within_s: float = 30.0
     while not await asyncio.to_thread(predicate):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(interval)
-
-
-def simulate(port: int, **kwargs: object) -> SimulateSettings:
-    values: dict[str, object] = {"url": f"ws://127.0.0.1:{port}/v1/ingest",
-                                 "secret": SECRET, "ack_timeout": 10.0}
-    values.update(kwargs)
-    return SimulateSettings(**values)  # type: ignore[arg-type]
-
-
-def acked_pairs(report: SimulationReport) -> set[tuple[str, str]]:
-    return {(d, str(i)) for d, ids in report.acked_ids.items() for i in ids}
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            if ppid == pid:
-                found.append(int(entry))
-    return sorted(found)
-
-
-def queue_depth(path: Path) -> int:
-    with PersistentQueue.open(path, capacity_bytes=1 << 30, consumers=("forwarder",)) as q:
-        return q.depth().records
 
 
 async def test_sigterm_drain_under_load_loses_nothing(procs: ProcessGroup,

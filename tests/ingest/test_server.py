@@ -12,6 +12,7 @@ from typing import Any
 import jwt
 import orjson
 import pytest
+from support.ingest import SECRET, FakeMiddle
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -20,8 +21,6 @@ from iotpipe.ingest.identity import INCARNATION_FILE
 from iotpipe.ingest.server import IngestServer, IngestSettings
 from iotpipe.queue import PersistentQueue
 from iotpipe.wire import decode_reading
-
-from .helpers import SECRET, FakeMiddle
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
+from support.ingest import SECRET, FakeMiddle
 
 from iotpipe.ingest.server import IngestServer, IngestSettings
 from iotpipe.simulate import (
@@ -22,8 +23,6 @@ from iotpipe.simulate import (
     run_simulation,
     source_addresses,
 )
-
-from .helpers import SECRET, FakeMiddle
 
 
 @pytest.mark.unit

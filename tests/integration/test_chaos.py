@@ -11,17 +11,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import ProcessGroup
+from support.devices import Fleet, LiveClient, check_live_stream
+from support.pipeline import Pipeline, assert_stored_exactly_once, metric_value
+from support.processes import ProcessGroup
+from support.waiting import eventually
 
-from integration.support import (
-    Fleet,
-    LiveClient,
-    Pipeline,
-    check_live_stream,
-    eventually,
-    metric_value,
-)
-from integration.test_e2e import assert_stored_exactly_once
 from iotpipe.ingest.forwarder import CONSUMER
 from iotpipe.queue import PersistentQueue
 
@@ -64,8 +58,8 @@ async def test_kill_every_tier_while_a_fleet_sends(procs: ProcessGroup, tmp_path
                 await asyncio.to_thread(pipeline.start, tier)
         # The system recovers: acks keep coming after the last restart.
         after_last = fleet.total_acked()
-        assert await eventually(lambda: fleet.total_acked() >= after_last + 200, within_s=30), \
-            "no progress after the last restart"
+        await eventually(lambda: fleet.total_acked() >= after_last + 200, 30,
+                         "progress after the last restart")
         stop_fleet.set()
         await asyncio.wait_for(fleet_task, timeout=60)
     finally:
@@ -77,7 +71,8 @@ async def test_kill_every_tier_while_a_fleet_sends(procs: ProcessGroup, tmp_path
     assert_stored_exactly_once(pipeline, fleet)
     # The live client reconnects (with backoff) after the last relay restart: wait for
     # that connection, which the checks below count, rather than for a guessed second.
-    await eventually(lambda: len(live.connections) >= ROUNDS + 1, within_s=30)
+    await eventually(lambda: len(live.connections) >= ROUNDS + 1, 30,
+                     "the live client to reconnect after every relay restart")
     stop_live.set()
     await asyncio.wait_for(live_task, timeout=10)
     # Live: the client reconnected after the relay died; within each connection readings of

@@ -11,35 +11,12 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import ProcessGroup
-
-from integration.support import (
-    SECRET,
-    Fleet,
-    LiveClient,
-    Pipeline,
-    check_live_stream,
-    eventually,
-    metric_value,
-)
+from support.devices import Fleet, LiveClient, check_live_stream
+from support.pipeline import SECRET, Pipeline, assert_stored_exactly_once, metric_value
+from support.processes import ProcessGroup
+from support.waiting import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-
-
-def assert_stored_exactly_once(pipeline: Pipeline, fleet: Fleet) -> list[dict[str, object]]:
-    acked = fleet.acked_pairs()
-    expected = len(acked)
-    count = pipeline.wait_stored(expected, timeout=60)
-    rows = pipeline.stored()
-    keys = Counter((str(r["device_id"]), str(r["msg_id"])) for r in rows)
-    duplicates = [k for k, n in keys.items() if n > 1]
-    assert not duplicates, f"stored more than once: {duplicates[:5]}"
-    missing = acked - set(keys)
-    assert not missing, f"{len(missing)} acknowledged messages not stored " \
-                        f"(count {count}), e.g. {sorted(missing)[:5]}"
-    phantom = set(keys) - fleet.sent_pairs()
-    assert not phantom, f"stored messages nobody sent: {sorted(phantom)[:5]}"
-    return rows
 
 
 async def test_fleet_to_storage_and_live_clients(procs: ProcessGroup, tmp_path: Path) -> None:
@@ -65,9 +42,9 @@ async def test_fleet_to_storage_and_live_clients(procs: ProcessGroup, tmp_path: 
         # PUB/SUB joins asynchronously: the relay is subscribed once its SUB finished the
         # handshake with the middle (the subscription travels in it), which the middle's
         # readiness does not tell. Wait for exactly that, as the relay reports it.
-        assert await eventually(lambda: (metric_value(
+        await eventually(lambda: (metric_value(
             pipeline.metrics("relay"), "iotpipe_relay_upstreams_connected") or 0) >= 1,
-            within_s=30), procs.log("relay")[-2000:]
+            30, "the relay's upstream connection", details=lambda: procs.log("relay")[-2000:])
         await asyncio.wait_for(fleet.run(asyncio.Event()), timeout=90)
         assert fleet.errors == Counter(), fleet.errors
         assert fleet.total_acked() == 40 * 50
@@ -90,12 +67,13 @@ async def test_fleet_to_storage_and_live_clients(procs: ProcessGroup, tmp_path: 
         def slow_closes() -> float:
             return metric_value(pipeline.metrics("relay"), "iotpipe_relay_slow_closes_total") or 0
 
-        assert await eventually(lambda: slow_closes() >= 1, within_s=20), procs.log("relay")[-2000:]
+        await eventually(lambda: slow_closes() >= 1, 20, "the stuck client to be closed",
+                         details=lambda: procs.log("relay")[-2000:])
         # The last live events may still be on their way (storage acks do not wait for
         # them): wait until every healthy client has what it should, then stop them.
         await eventually(lambda: len(everything.readings()) >= 40 * 50
                          and len(one_device.readings()) >= 50
-                         and len(boilers.readings()) >= 50, within_s=30)
+                         and len(boilers.readings()) >= 50, 30, "every live reading")
     finally:
         stop_live.set()
         await asyncio.gather(*live_tasks)
@@ -112,8 +90,8 @@ async def test_fleet_to_storage_and_live_clients(procs: ProcessGroup, tmp_path: 
     reading = one_device.readings()[0]
     assert reading["source"] == "mid-0" and reading["data"]["device"] == "dev-007"  # type: ignore[index]
     # No connection outlived its client (the relay notices closes asynchronously).
-    assert await eventually(lambda: metric_value(pipeline.metrics("relay"),
-                                                 "iotpipe_relay_clients") == 0, within_s=10)
+    await eventually(lambda: metric_value(pipeline.metrics("relay"),
+                                          "iotpipe_relay_clients") == 0, 10, "no relay clients")
     assert '"msg":"closing slow client","client":"stuck#' in procs.log("relay")
 
 

@@ -19,10 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ProcessGroup
+from support.pipeline import Pipeline
+from support.processes import ProcessGroup
+from support.waiting import wait_for
 from websockets.sync.client import connect
 
-from integration.support import Pipeline
 from iotpipe.simulate import fleet_registry_yaml
 
 CHROMIUM = "/usr/bin/chromium"
@@ -74,15 +75,6 @@ class Probe:
         return time.monotonic()
 
 
-def wait_until(predicate: object, within_s: float, what: str) -> None:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not within {within_s:g}s: {what}")
-
-
 # The page's strict Content-Security-Policy forbids eval, so the test reads the DOM through
 # selectors and attributes rather than JavaScript snippets.
 def rows(page: object) -> list[str]:
@@ -125,7 +117,7 @@ def test_live_page_shows_the_fleet_filters_charts_and_reconnects(
     now = time.time()
     for i in range(20):
         probe.send({"v": float(i)}, ts=now - 20 + i)
-    wait_until(lambda: int(pipeline.query("--device", PROBE, "--count").strip() or 0) == 20,
+    wait_for(lambda: int(pipeline.query("--device", PROBE, "--count").strip() or 0) == 20,
                30, "the probe's history is stored")
 
     context = chromium.new_context(viewport={"width": 1400, "height": 1100})  # type: ignore[attr-defined]
@@ -139,7 +131,7 @@ def test_live_page_shows_the_fleet_filters_charts_and_reconnects(
     page.wait_for_selector("#conn[data-state=open]", timeout=15_000)
 
     # Devices appear: the whole simulated fleet, with registry classes.
-    wait_until(lambda: number(page, "#shown", "data-matched") >= FLEET, 30,
+    wait_for(lambda: number(page, "#shown", "data-matched") >= FLEET, 30,
                "every simulated device is listed")
     page.wait_for_selector("#f-class option[value=thermometer]", state="attached",
                            timeout=15_000)
@@ -155,38 +147,38 @@ def test_live_page_shows_the_fleet_filters_charts_and_reconnects(
     page.fill("#f-prefix", "sim-1")
     expected = sorted((f"sim-{i}" for i in range(FLEET) if f"sim-{i}".startswith("sim-1")),
                       key=lambda d: int(d[4:]))
-    wait_until(lambda: rows(page) == expected, 10, f"prefix filter shows {expected}")
+    wait_for(lambda: rows(page) == expected, 10, f"prefix filter shows {expected}")
     page.fill("#f-prefix", "")
     page.wait_for_selector("#f-class option[value=probe]", state="attached", timeout=10_000)
     page.select_option("#f-class", "probe")
-    wait_until(lambda: rows(page) == [PROBE, SILENT], 10, "class filter shows the probes")
+    wait_for(lambda: rows(page) == [PROBE, SILENT], 10, "class filter shows the probes")
     # The silent device is known from the registry and shown as stale.
     page.check("#f-stale")
-    wait_until(lambda: rows(page) == [SILENT], 10, "stale filter shows the silent device")
+    wait_for(lambda: rows(page) == [SILENT], 10, "stale filter shows the silent device")
     assert cell_texts(page, 3) == ["never"]
     page.uncheck("#f-stale")
     page.fill("#f-prefix", "probe")
-    wait_until(lambda: rows(page) == [PROBE], 10, "class and prefix filters together")
+    wait_for(lambda: rows(page) == [PROBE], 10, "class and prefix filters together")
     page.fill("#f-prefix", "")
     page.select_option("#f-class", "")
     page.fill("#f-label", "team=qa")
-    wait_until(lambda: rows(page) == [PROBE], 10, "label filter shows only the probe")
+    wait_for(lambda: rows(page) == [PROBE], 10, "label filter shows only the probe")
     page.fill("#f-label", "")
     page.select_option("#f-location", "plant-a/hall-1")
-    wait_until(lambda: 0 < len(rows(page)) < FLEET
+    wait_for(lambda: 0 < len(rows(page)) < FLEET
                and set(cell_texts(page, 2)) == {"plant-a/hall-1"}, 10,
                "location filter shows only plant-a/hall-1")
     page.select_option("#f-location", "")
-    wait_until(lambda: len(rows(page)) == FLEET + 2, 10, "all devices again")
+    wait_for(lambda: len(rows(page)) == FLEET + 2, 10, "all devices again")
 
     # The device chart: the stored history, then live points.
     page.click(f"#devices tr[data-device='{PROBE}']")
-    wait_until(lambda: number(page, "#chart", "data-history") >= 21, 15,
+    wait_for(lambda: number(page, "#chart", "data-history") >= 21, 15,
                "the chart holds the probe's stored history")
     assert page.query_selector("#chart .uplot canvas") is not None
     for i in range(3):
         probe.send({"v": 2000.0 + i})
-    wait_until(lambda: number(page, "#chart", "data-live") >= 3, 10,
+    wait_for(lambda: number(page, "#chart", "data-live") >= 3, 10,
                "the chart adds live points")
 
     # Pipeline health from every tier's metrics.

@@ -9,11 +9,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ProcessGroup, free_port_block
+from support.ports import free_port_block
+from support.processes import ProcessGroup
+from support.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -56,15 +57,6 @@ def _catches_sigterm(pid: int) -> bool:
     return False
 
 
-def _wait_until(predicate: Callable[[], bool], within_s: float) -> bool:
-    deadline = time.monotonic() + within_s
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.002)
-    return True
-
-
 def _metrics_answer(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.2)
@@ -86,8 +78,8 @@ def test_sigterm_while_starting_stops_the_tier_with_status_0(
     time.sleep(delay_s)
     # The exact precondition: the handler is in place (iotpipe installs it before importing
     # the tier). Everything after this instant, including the 0.1 s mark, must be handled.
-    assert _wait_until(lambda: _catches_sigterm(proc.pid) or proc.poll() is not None, 20), \
-        "no SIGTERM handler was installed"
+    wait_for(lambda: _catches_sigterm(proc.pid) or proc.poll() is not None, 20,
+             "a SIGTERM handler to be installed", interval=0.002)
     assert proc.poll() is None, procs.log(tier)
     handler_after = time.monotonic() - started
     early = not _metrics_answer(base + 3)  # the tier is not serving yet

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from integration.support import check_live_stream
+from support.devices import check_live_stream
 
 pytestmark = pytest.mark.unit
 

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import ProcessGroup, free_port_block
+from support.ports import free_port_block
+from support.processes import ProcessGroup
+from support.waiting import eventually
 from websockets.asyncio.client import connect
 
-from integration.support import eventually
 from iotpipe.auth import CLIENT_AUDIENCE, issue_token
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -66,8 +67,8 @@ async def test_up_runs_restarts_and_stops_everything(procs: ProcessGroup,
                        name="up")
     pids: dict[str, list[int]] = {}
     try:
-        assert await eventually(lambda: "iotpipe is up" in procs.log("up"), within_s=30), \
-            procs.log("up")
+        await eventually(lambda: "iotpipe is up" in procs.log("up"), 30, "the up banner",
+                         details=lambda: procs.log("up"))
         banner = procs.log("up")
         assert f"ws://127.0.0.1:{base}/v1/ingest" in banner
         assert f"ws://127.0.0.1:{base + 1}/v1/live" in banner
@@ -94,7 +95,7 @@ async def test_up_runs_restarts_and_stops_everything(procs: ProcessGroup,
         assert all(isinstance(r["data"], dict) and "temp_c" in r["data"] for r in readings)
         # Stored in the embedded database under the data directory, enriched.
         db = data / "store" / "readings.db"
-        assert await eventually(lambda: db.exists() and stored_count(db) >= 20, within_s=30)
+        await eventually(lambda: db.exists() and stored_count(db) >= 20, 30, "20 stored rows")
         first = orjson.loads(query(db, "--device", "sim-0", "--json", "--limit", "1"))
         assert first["class"] == "thermometer" and first["location"] == "plant-a/hall-1"
         # The printed live page URL works: the page, and the stored history through the
@@ -111,8 +112,8 @@ async def test_up_runs_restarts_and_stops_everything(procs: ProcessGroup,
         pids = child_pids(procs.log("up"))
         assert set(pids) == {"middle", "storage", "relay", "ingest", "simulate"}
         os.kill(pids["relay"][0], signal.SIGKILL)
-        assert await eventually(lambda: "restarted relay" in procs.log("up"), within_s=20), \
-            procs.log("up")
+        await eventually(lambda: "restarted relay" in procs.log("up"), 20, "a relay restart",
+                         details=lambda: procs.log("up"))
         # SIGTERM stops every child in order and exits 0.
         up.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(up.wait, 60) == 0, procs.log("up")
@@ -135,14 +136,14 @@ async def test_children_stop_when_the_supervisor_is_killed(procs: ProcessGroup,
     up = procs.iotpipe("up", "--data-dir", str(tmp_path / "data"), "--base-port", str(base),
                        "--insecure-no-auth", "--drain-timeout", "3", name="up")
     try:
-        assert await eventually(lambda: "iotpipe is up" in procs.log("up"), within_s=30)
+        await eventually(lambda: "iotpipe is up" in procs.log("up"), 30, "the up banner")
         assert "auth        OFF" in procs.log("up")
         pids = [pid for group in child_pids(procs.log("up")).values() for pid in group]
         assert len(pids) == 4 and all(alive(pid) for pid in pids)
         up.kill()
         up.wait(timeout=10)
-        assert await eventually(lambda: not any(alive(pid) for pid in pids), within_s=30), \
-            [pid for pid in pids if alive(pid)]
+        await eventually(lambda: not any(alive(pid) for pid in pids), 30, "every child gone",
+                         details=lambda: str([pid for pid in pids if alive(pid)]))
     finally:
         for group in child_pids(procs.log("up")).values():
             for pid in group:
@@ -165,8 +166,8 @@ def stored_ids(db: Path, device: str) -> set[int]:
 
 
 async def wait_up(procs: ProcessGroup, name: str) -> None:
-    assert await eventually(lambda: "iotpipe is up" in procs.log(name), within_s=60), \
-        procs.log(name)
+    await eventually(lambda: "iotpipe is up" in procs.log(name), 60, "the up banner",
+                     details=lambda: procs.log(name))
 
 
 async def test_second_run_stores_new_readings_and_a_second_up_is_refused(
@@ -182,7 +183,7 @@ async def test_second_run_stores_new_readings_and_a_second_up_is_refused(
     first = procs.iotpipe(*args, name="up-1")
     try:
         await wait_up(procs, "up-1")
-        assert await eventually(lambda: db.exists() and stored_count(db) >= 30, within_s=60)
+        await eventually(lambda: db.exists() and stored_count(db) >= 30, 60, "30 stored rows")
 
         # A second instance on the same ports: refused before it starts or writes anything.
         logs = {p.name: p.read_bytes() for p in (data / "logs").iterdir()}
@@ -226,7 +227,8 @@ async def test_second_run_stores_new_readings_and_a_second_up_is_refused(
         # duplicate of the first run's (that was a minute of nothing stored).
         procs.iotpipe(*args, name="up-2")
         await wait_up(procs, "up-2")
-        assert await eventually(lambda: stored_count(db) >= count_before + 30, within_s=60)
+        await eventually(lambda: stored_count(db) >= count_before + 30, 60,
+                         "30 more stored rows")
         for device, old in before.items():
             new = stored_ids(db, device) - old
             # Ids restarting at 1 would have been dropped as duplicates until they passed

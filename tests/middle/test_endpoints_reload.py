@@ -19,7 +19,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import ProcessGroup, free_port
+from support.ports import free_port
+from support.processes import ProcessGroup
 from websockets.asyncio.client import ClientConnection, connect
 
 from iotpipe.ingest.identity import INCARNATION_FILE

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import zmq
-from conftest import ProcessGroup, free_port
+from support.ports import free_port
+from support.processes import ProcessGroup
 
 from iotpipe import wire
 from iotpipe.queue import PersistentQueue

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
-from operator_crd_check import CRD_PATH, REPO, load_crd, root_schema, validate
+from support.crd import CRD_PATH, REPO, load_crd, root_schema, validate
 
 from iotpipe_operator import cli, crd
 

@@ -13,7 +13,7 @@ import contextlib
 import random
 
 import pytest
-from queue_simfs import PowerCut, SimFS
+from support.simfs import PowerCut, SimFS
 
 from iotpipe.queue import PersistentQueue, QueueCorrupted, QueueError, QueueFull
 from iotpipe.queue.core import _Segment

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from queue_simfs import SimFS
+from support.simfs import SimFS
 
 from iotpipe.queue import PersistentQueue, QueueFull
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from queue_simfs import SimFS
+from support.simfs import SimFS
 
 from iotpipe.queue import (
     AsyncQueue,

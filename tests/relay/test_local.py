@@ -5,10 +5,10 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from support.waiting import wait_for
 
 from iotpipe.auth import CLIENT_AUDIENCE, verify_token
 from iotpipe.local import (
@@ -74,8 +74,8 @@ def test_children_point_at_each_other(tmp_path: Path) -> None:
 
 _TIER_SETTINGS = {
     "middle": ("iotpipe.middle.server", "MiddleSettings"),
-    "storage": ("iotpipe.storage.server", "StorageSettings"),
-    "relay": ("iotpipe.relay.server", "RelaySettings"),
+    "storage": ("iotpipe.storage.settings", "StorageSettings"),
+    "relay": ("iotpipe.relay.settings", "RelaySettings"),
     "ingest": ("iotpipe.ingest.server", "IngestSettings"),
     "simulate": ("iotpipe.simulate", "SimulateSettings"),
 }
@@ -131,11 +131,11 @@ def test_supervisor_restarts_a_dead_child_and_stops_all(tmp_path: Path) -> None:
         assert victim.proc is not None
         first_pid = victim.proc.pid
         victim.proc.kill()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (victim.restarts == 0
-                                               or not supervisor.children[2].done):
+        def restarted() -> bool:
             supervisor.poll()
-            time.sleep(0.05)
+            return victim.restarts > 0 and supervisor.children[2].done
+
+        wait_for(restarted, 10, "the killed child restarted and the one-shot child done")
         assert victim.restarts == 1 and victim.proc is not None
         assert victim.proc.pid != first_pid and victim.proc.poll() is None
         assert supervisor.children[2].done and supervisor.children[2].proc is None

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from relay.test_server import Relay, relay  # noqa: F401 - the fixture
+from support.relay import Relay
+from support.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -54,14 +54,9 @@ def page_url(target: Relay) -> str:
 
 
 def wait_until(predicate: object, within_s: float, what: str, tick: object = None) -> None:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        if tick is not None:
-            tick()  # type: ignore[operator]
-        time.sleep(0.1)
-    raise AssertionError(f"not within {within_s:g}s: {what}")
+    """Poll ``predicate``, calling ``tick`` (which returns None) after each miss."""
+    wait_for(lambda: predicate() or (tick() if tick is not None else None),  # type: ignore[operator]
+             within_s, what, interval=0.1)
 
 
 def open_page(browser: object, target: Relay, bypass_csp: bool = False
@@ -95,7 +90,7 @@ def warm_up(target: Relay, page: object, device: str = "therm-0") -> int:
     return seq
 
 
-def test_gap_and_reset_frames_are_shown_to_the_user(relay: Relay, browser: object,  # noqa: F811
+def test_gap_and_reset_frames_are_shown_to_the_user(relay: Relay, browser: object,
                                                    tmp_path: Path) -> None:
     page, problems = open_page(browser, relay)
     seq = warm_up(relay, page)
@@ -117,7 +112,7 @@ def test_gap_and_reset_frames_are_shown_to_the_user(relay: Relay, browser: objec
 # The page must get every reading here: a queue that holds the whole burst, no stall close.
 @pytest.mark.parametrize("relay", [["--client-queue", "100000", "--stall-timeout", "60"]],
                          indirect=True)
-def test_ten_thousand_devices_update_in_batches(relay: Relay, browser: object,  # noqa: F811
+def test_ten_thousand_devices_update_in_batches(relay: Relay, browser: object,
                                                tmp_path: Path) -> None:
     page, problems = open_page(browser, relay, bypass_csp=True)
     seq = warm_up(relay, page)

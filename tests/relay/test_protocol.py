@@ -7,12 +7,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iotpipe.relay.protocol import (
+from iotpipe.auth import CLIENT_AUDIENCE, DEVICE_AUDIENCE, issue_token
+from iotpipe.denylist import DenyList
+from iotpipe.relay.core import (
+    LIVE_PATH,
+    Admitted,
     ClientSession,
     Fanout,
     ProtocolError,
+    Refused,
     SourceTracker,
     SourceVerdict,
+    admit,
     encode_reading_frame,
     parse_client_frame,
 )
@@ -389,3 +395,46 @@ def test_routing_index_agrees_with_the_subscription_rules(steps: list[tuple]) ->
                       if s.subscription.matches(device, lookup(device))
                       or (gap and not s.subscription.is_empty())}
             assert woken == wanted, (device, gap, woken, wanted)
+
+
+ADMIT_SECRET = b"admit-test-secret-0123456789abcdef"
+
+
+def _admit(path: str = LIVE_PATH, query: dict[str, list[str]] | None = None,
+           authorization: str | None = None, secret: bytes | None = ADMIT_SECRET,
+           deny: DenyList | None = None, clients: int = 0) -> object:
+    return admit(path, query or {}, authorization, secret, deny or DenyList(), clients, 10)
+
+
+def test_admit_takes_a_client_token_from_the_header_or_the_query() -> None:
+    token = issue_token(ADMIT_SECRET, "app", CLIENT_AUDIENCE, 60, token_id="t-1")
+    assert _admit(authorization=f"Bearer {token}") == Admitted("app", "t-1")
+    assert _admit(query={"token": [token]}) == Admitted("app", "t-1")
+
+
+@pytest.mark.parametrize(("kwargs", "status", "reason"), [
+    ({"path": "/v1/other"}, 404, "not_found"),
+    ({"clients": 10}, 503, "too_many_clients"),
+    ({}, 401, "missing"),
+    ({"authorization": "Bearer x.y.z"}, 401, None),
+    ({"deny": DenyList(clients=frozenset({"app"}))}, 403, "revoked"),
+    ({"deny": DenyList(token_ids=frozenset({"t-1"}))}, 403, "revoked"),
+])
+def test_admit_refuses_with_a_status_and_a_reason(kwargs: dict[str, object], status: int,
+                                                  reason: str | None) -> None:
+    if "deny" in kwargs:
+        token = issue_token(ADMIT_SECRET, "app", CLIENT_AUDIENCE, 60, token_id="t-1")
+        kwargs = {**kwargs, "authorization": f"Bearer {token}"}
+    verdict = _admit(**kwargs)  # type: ignore[arg-type]
+    assert isinstance(verdict, Refused) and verdict.status == status, verdict
+    assert reason is None or verdict.reason == reason
+    assert verdict.detail
+
+
+def test_admit_refuses_a_device_token_and_without_auth_names_the_client() -> None:
+    device = issue_token(ADMIT_SECRET, "dev-1", DEVICE_AUDIENCE, 60)
+    verdict = _admit(authorization=f"Bearer {device}")
+    assert isinstance(verdict, Refused) and verdict.status == 401
+    assert _admit(secret=None, query={"client": ["page"]}) == Admitted("page", None)
+    assert _admit(secret=None) == Admitted("anonymous", None)
+

@@ -8,85 +8,22 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
 import pytest
 import zmq
-from conftest import ProcessGroup, free_port
+from support.ports import free_port
+from support.processes import ProcessGroup
+from support.relay import Relay, wait_http
+from support.waiting import eventually, wait_for
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from iotpipe.auth import CLIENT_AUDIENCE, DEVICE_AUDIENCE, issue_token
-from iotpipe.wire import encode_live, encode_reading
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
-
-SECRET = b"relay-test-secret-0123456789abcdef"
-
-
-@dataclass
-class Relay:
-    url: str
-    metrics: str
-    pub: zmq.Socket  # type: ignore[type-arg]
-    proc_name: str
-    procs: ProcessGroup
-    registry: Path
-
-    def publish(self, device: str, seq: int, source: str = "m0", data: bytes = b'{"v":1}') -> None:
-        reading = encode_reading(device, f"{device}/{seq}", seq, data, seq + 1)
-        self.pub.send_multipart(encode_live(device, source, seq, reading))
-
-    def token(self, subject: str = "app", audience: str = CLIENT_AUDIENCE) -> str:
-        return issue_token(SECRET, subject, audience, 600)
-
-    def headers(self, subject: str = "app") -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token(subject)}"}
-
-
-def wait_http(url: str, timeout: float = 20.0) -> str:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return response.read().decode()
-        except (urllib.error.URLError, ConnectionError) as exc:
-            last = exc
-            time.sleep(0.1)
-    raise AssertionError(f"{url} did not answer 200 within {timeout}s: {last}")
-
-
-@pytest.fixture
-def relay(procs: ProcessGroup, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Relay]:
-    """A relay process; parametrize indirectly with a list of extra flags."""
-    extra: list[str] = list(getattr(request, "param", []))
-    registry = tmp_path / "registry.yaml"
-    registry.write_text("devices:\n  boiler-1: {class: boiler, location: hall-1}\n"
-                        "prefixes:\n  therm-: {class: thermometer, location: hall-2}\n")
-    context = zmq.Context()
-    pub = context.socket(zmq.PUB)
-    pub.setsockopt(zmq.SNDHWM, 100_000)
-    pub.setsockopt(zmq.LINGER, 0)
-    pub_port = pub.bind_to_random_port("tcp://127.0.0.1")
-    port, metrics_port = free_port(), free_port()
-    procs.iotpipe(
-        "relay", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
-        "--middle-pub-endpoints", f"tcp://127.0.0.1:{pub_port}",
-        "--registry-file", str(registry), "--client-queue", "50", "--stall-timeout", "2",
-        *extra, name="relay", env={"IOTPIPE_AUTH_SECRET": SECRET.decode()},
-    )
-    metrics = f"http://127.0.0.1:{metrics_port}"
-    wait_http(metrics + "/readyz")
-    try:
-        yield Relay(f"ws://127.0.0.1:{port}/v1/live", metrics, pub, "relay", procs, registry)
-    finally:
-        pub.close(0)
-        context.term()
-
 
 async def recv_json(ws: ClientConnection, wait_s: float = 5.0) -> dict[str, object]:
     return orjson.loads(await asyncio.wait_for(ws.recv(), wait_s))
@@ -262,16 +199,13 @@ async def test_client_that_never_reads_is_dropped_and_others_get_everything(
                    if line.startswith("iotpipe_relay_dropped_total")]
         assert dropped and float(dropped[0].split()[-1]) > 0, dropped
         # After the stall timeout (2 s) the stuck client is disconnected.
-        deadline = time.monotonic() + 15
-        clients = None
-        while time.monotonic() < deadline:
-            metrics = wait_http(relay.metrics + "/metrics")
-            clients = next(line for line in metrics.splitlines()
-                           if line.startswith("iotpipe_relay_clients "))
-            if clients.endswith(" 1.0"):
-                break
-            await asyncio.sleep(0.2)
-        assert clients is not None and clients.endswith(" 1.0"), clients
+        def clients() -> str:
+            return next(line for line in wait_http(relay.metrics + "/metrics").splitlines()
+                        if line.startswith("iotpipe_relay_clients "))
+
+        await eventually(lambda: clients().endswith(" 1.0"), 15, "one client left",
+                         interval=0.2, details=clients)
+        metrics = wait_http(relay.metrics + "/metrics")
         assert "closing slow client" in relay.procs.log("relay")
         assert "iotpipe_relay_slow_closes_total 1.0" in metrics
         sent = next(line for line in metrics.splitlines()
@@ -355,10 +289,8 @@ def test_ready_only_while_a_middle_is_connected(procs: ProcessGroup, tmp_path: P
     assert readyz_status(readyz) == 503  # serving, but no middle to relay from
 
     def wait_status(expected: int) -> None:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and readyz_status(readyz) != expected:
-            time.sleep(0.1)
-        assert readyz_status(readyz) == expected
+        wait_for(lambda: readyz_status(readyz) == expected, 15, f"/readyz to answer {expected}",
+                 interval=0.1)
 
     context = zmq.Context()
     pub = context.socket(zmq.PUB)

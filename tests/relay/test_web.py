@@ -13,13 +13,13 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import orjson
 import pytest
-from conftest import free_port
+from support.ports import free_port
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from iotpipe.auth import CLIENT_AUDIENCE, DEVICE_AUDIENCE, AuthError, issue_token
 from iotpipe.registry import DeviceInfo, Registry
-from iotpipe.relay.server import RelaySettings
+from iotpipe.relay.settings import RelaySettings
 from iotpipe.relay.web import (
     MAX_LOOKUP_IDS,
     WebFront,

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 import zmq
-from conftest import ProcessGroup, free_port
+from support.ports import free_port
+from support.processes import ProcessGroup
+from support.waiting import wait_for
 
 from iotpipe import curve, wire
 from iotpipe.simulate import SimulateSettings, run_simulation
@@ -38,14 +40,6 @@ def http_get(url: str) -> tuple[int, str]:
         return 0, ""
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 class Middle:
     def __init__(self, procs: ProcessGroup, data_dir: Path, keys: Path) -> None:
         self.procs, self.data_dir, self.keys = procs, data_dir, keys
@@ -62,7 +56,7 @@ class Middle:
             "--metrics-port", str(self.metrics_port), "--data-dir", str(self.data_dir),
             "--middle-id", "mid-0", "--curve-keys-dir", str(self.keys),
             "--curve-reload-seconds", "0.2", name=self.name)
-        wait_until(lambda: http_get(self.url("/readyz"))[0] == 200, 30,
+        wait_for(lambda: http_get(self.url("/readyz"))[0] == 200, 30,
                    f"middle ready:\n{self.log()}")
 
     @property
@@ -185,7 +179,7 @@ def test_only_the_pipelines_tiers_get_in(procs: ProcessGroup, tmp_path: Path,
                              f'{{reason="{reason}",socket="{sock_name}"}}')
 
     for sock_name in ("router", "pub", "feed"):
-        wait_until(lambda s=sock_name: refused(s, "key") >= 2
+        wait_for(lambda s=sock_name: refused(s, "key") >= 2
                    and refused(s, "no_curve") + refused(s, "broken") >= 1,
                    20, f"refusals on {sock_name}")
     for sock_name, socks in intruders.items():
@@ -274,7 +268,7 @@ async def test_key_rotation_under_load_loses_no_acked_message(procs: ProcessGrou
         nonlocal starts
         starts += 1
         proc = procs.iotpipe(*ingest_args, name=f"ingest-{starts}", env=ENV)
-        wait_until(lambda: http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200,
+        wait_for(lambda: http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200,
                    30, f"ingest ready:\n{procs.log(f'ingest-{starts}')}")
         return proc
 
@@ -289,7 +283,7 @@ async def test_key_rotation_under_load_loses_no_acked_message(procs: ProcessGrou
     async def progress(what: str) -> None:
         """Wait until the middle stores more than it had: the pipeline moves again."""
         before = await asyncio.to_thread(forwarded)
-        await asyncio.to_thread(wait_until, lambda: forwarded() > before + 20, 30, what)
+        await asyncio.to_thread(wait_for, lambda: forwarded() > before + 20, 30, what)
 
     await progress("first records")
     assert curve.add_next(keys_dir) == list(curve.ROLES)        # step 1

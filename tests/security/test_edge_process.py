@@ -14,20 +14,20 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import zmq
-from conftest import ProcessGroup, free_port
+from support import waiting
+from support.certs import make_cert
+from support.ports import free_port
+from support.processes import ProcessGroup
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
 from iotpipe.auth import CLIENT_AUDIENCE, DEVICE_AUDIENCE, issue_token, verify_identity
 from iotpipe.wire import KIND_BATCH, decode_batch, decode_reading, encode_ack
-
-from .certs import make_cert
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -81,22 +81,9 @@ def middle() -> Iterator[AckingMiddle]:
     m.close()
 
 
-def http_status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-    except OSError:
-        return 0
-
-
 def wait_ready(procs: ProcessGroup, name: str, metrics_port: int) -> None:
-    deadline = time.monotonic() + 30
-    while http_status(f"http://127.0.0.1:{metrics_port}/readyz") != 200:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{name} not ready:\n{procs.log(name)}")
-        time.sleep(0.05)
+    waiting.wait_ready(f"http://127.0.0.1:{metrics_port}/readyz", 30, what=f"{name} ready",
+                       details=lambda: procs.log(name))
 
 
 def start_ingest(procs: ProcessGroup, tmp_path: Path, middle: AckingMiddle, *extra: str
@@ -200,18 +187,10 @@ async def test_devices_over_wss_and_a_certificate_swap_while_connected(
     with pytest.raises(ssl.SSLCertVerificationError):
         await open_device(url, "dev-ca1", ssl_ctx=trust(ca1))
     acked = set().union(*(d.acked for d in devices), fresh.acked)
-    assert await asyncio.to_thread(_wait, lambda: middle.has(acked), 20)
+    await asyncio.to_thread(waiting.wait_for, lambda: middle.has(acked), 20,
+                            "the middle to hold every acked message")
     for d in [*devices, fresh]:
         await d.ws.close()
-
-
-def _wait(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 async def closed_with(device: Device, within: float) -> tuple[int | None, str | None]:
@@ -272,7 +251,8 @@ async def test_revoked_devices_refused_and_closed_others_unaffected(
     await back.send_one()
     acked = set().union(*(d.acked for d in (by_device, by_token, good, other_token, fresh,
                                             back)))
-    assert await asyncio.to_thread(_wait, lambda: middle.has(acked), 20)
+    await asyncio.to_thread(waiting.wait_for, lambda: middle.has(acked), 20,
+                            "the middle to hold every acked message")
     for d in (good, other_token, fresh, back):
         await d.ws.close()
     with pytest.raises(ConnectionClosed):

@@ -8,8 +8,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import ProcessGroup
-from integration.support import Fleet, LiveClient, Pipeline, eventually, metric_value
+from support.devices import Fleet, LiveClient
+from support.pipeline import Pipeline, metric_value
+from support.processes import ProcessGroup
+from support.waiting import eventually
 
 from iotpipe import curve
 
@@ -43,7 +45,8 @@ async def test_all_tiers_over_curve(procs: ProcessGroup, tmp_path: Path) -> None
         def heard() -> set[tuple[str, str]]:
             return {(str(f["device"]), str(f["id"])) for f in live.readings()}
 
-        assert await eventually(lambda: acked <= heard(), 20), len(acked - heard())
+        await eventually(lambda: acked <= heard(), 20, "every acked message heard live",
+                         details=lambda: f"{len(acked - heard())} not heard")
         text = pipeline.metrics("middle")
         for sock in ("router", "pub", "feed"):
             refused = metric_value(text, "iotpipe_middle_refused_handshakes_total"

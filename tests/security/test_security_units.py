@@ -16,6 +16,7 @@ from pathlib import Path
 import jwt
 import pytest
 import zmq
+from support.certs import make_cert
 
 from iotpipe import curve
 from iotpipe.auth import (
@@ -27,8 +28,6 @@ from iotpipe.auth import (
 )
 from iotpipe.denylist import DenyList, DenyListError, DenyListFile, parse_deny_list
 from iotpipe.tlsconfig import ReloadingTLS, TLSConfigError
-
-from .certs import make_cert
 
 pytestmark = pytest.mark.unit
 

@@ -13,13 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ProcessGroup, free_port
-from storage_helpers import T0_NS, log_record, start_real_akumulid
+from support.ports import free_port
+from support.processes import ProcessGroup
+from support.storage import T0_NS, log_record, start_real_akumulid
 
 from iotpipe.registry import Registry
 from iotpipe.storage.enrich import StoredReading, enrich_records
 from iotpipe.storage.sinks import SinkBatch
-from iotpipe.storage.sinks.akumuli import AkumuliSink, Point
+from iotpipe.storage.sinks.akumuli import AkumuliSink
+from iotpipe.storage.sinks.akumuli.points import Point
 
 pytestmark = pytest.mark.integration
 

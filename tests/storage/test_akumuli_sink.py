@@ -8,13 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from akumuli_standin import AkumuliStandin
-from conftest import free_port
-from prometheus_client import REGISTRY
-from storage_helpers import T0_NS, log_record
+from prometheus_client import CollectorRegistry
+from support.akumuli_standin import AkumuliStandin
+from support.ports import free_port
+from support.storage import T0_NS, log_record
 
 from iotpipe.registry import Registry
 from iotpipe.storage.enrich import StoredReading, enrich_records
+from iotpipe.storage.metrics import SinkCollector
 from iotpipe.storage.sinks import SinkBatch, SinkError, WriteResult
 from iotpipe.storage.sinks.akumuli import AkumuliSink
 
@@ -63,15 +64,18 @@ def sink(standin: AkumuliStandin, tmp_path: Path) -> Iterator[AkumuliSink]:
         opened.close()
 
 
-def _counter(name: str) -> float:
-    return REGISTRY.get_sample_value(f"iotpipe_storage_akumuli_{name}_total",
+def _counter(sink: AkumuliSink, name: str) -> float:
+    """A sink counter as storage's /metrics shows it."""
+    registry = CollectorRegistry()
+    registry.register(SinkCollector([sink]))
+    return registry.get_sample_value(f"iotpipe_storage_akumuli_{name}_total",
                                      {"sink": "akumuli"}) or 0.0
 
 
 @pytest.mark.integration
 def test_writes_are_stored_one_point_per_numeric_field(
         sink: AkumuliSink, standin: AkumuliStandin) -> None:
-    skipped_before = _counter("skipped_values")
+    skipped_before = _counter(sink, "skipped_values")
     result = sink.write(_batch(("d1", T0_NS, b'{"t":21.5,"on":true,"name":"x"}'),
                                _t("d2", 0, 3.0), _t("d1", 1, 22.0)))
     assert result == WriteResult(4, 0)
@@ -81,7 +85,7 @@ def test_writes_are_stored_one_point_per_numeric_field(
         D2_T: [(T0_NS, 3.0)],
     }
     assert standin.errors_sent == []
-    assert _counter("skipped_values") == skipped_before + 1  # the string
+    assert _counter(sink, "skipped_values") == skipped_before + 1  # the string
 
 
 @pytest.mark.integration
@@ -151,11 +155,11 @@ def test_error_line_mid_send_is_read_back_and_completed_exactly(
         sink: AkumuliSink, standin: AkumuliStandin) -> None:
     batch = _batch(*[_t("d1", i, float(i)) for i in range(5)])
     standin.fail_next("DB internal error", after_points=2)
-    reconciles_before = _counter("reconciles")
+    reconciles_before = _counter(sink, "reconciles")
     # The server stores 2 points, refuses the 3rd, closes and drops the rest of the send:
     # the sink reads back what it holds and sends only the missing points.
     assert sink.write(batch) == WriteResult(3, 2)
-    assert _counter("reconciles") == reconciles_before + 1
+    assert _counter(sink, "reconciles") == reconciles_before + 1
     assert standin.series() == {D1_T: [(T0_NS + i * S, float(i)) for i in range(5)]}
     assert standin.errors_sent == ["DB internal error"]
     assert standin.connections == 2
@@ -274,10 +278,10 @@ def test_crash_mid_write_then_recovery_stores_each_point_once(
     if crash_at == "after_send":
         monkeypatch.setattr(first._store, "save", crash)
     else:
-        monkeypatch.setattr(first, "_send", crash)
+        monkeypatch.setattr(first.client, "send", crash)
     with pytest.raises(_Crash):
         first.write(batch)
-    first._drop_connection()
+    first.client.drop_connection()
     first._store._db.close()
     monkeypatch.undo()
 
@@ -309,7 +313,7 @@ def test_recovery_never_sends_blind_when_the_query_api_is_down(
         with pytest.raises(SinkError, match="query API"):  # still down: nothing is sent
             sink.write(batch, recovering=True)
         assert standin.connections == 1
-        sink.query_port = standin.query_port  # the query API is back
+        sink.client.query_port = standin.query_port  # the query API is back
         assert sink.write(batch, recovering=True) == WriteResult(2, 2)
     finally:
         sink.close()

@@ -9,7 +9,7 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from akumuli_standin import (
+from support.akumuli_standin import (
     AkumuliStandin,
     ParseError,
     StandinPoint,

@@ -8,29 +8,21 @@ import random
 import signal
 import subprocess
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from akumuli_standin import AkumuliStandin
-from conftest import ProcessGroup, free_port
-from storage_helpers import T0_NS, FakeFeed, make_log
+from support.akumuli_standin import AkumuliStandin
+from support.ports import free_port
+from support.processes import ProcessGroup
+from support.storage import T0_NS, FakeFeed, make_log
+from support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
 S = 1_000_000_000
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _ready(port: int) -> bool:
@@ -56,7 +48,7 @@ def _start(procs: ProcessGroup, tmp_path: Path, endpoint: str, akumuli_url: str,
         "--sinks", f"sqlite://{tmp_path}/store/readings.db,{akumuli_url}",
         "--registry-file", str(tmp_path / "none.yaml"), "--heartbeat", "0.2",
         "--data-dir", str(tmp_path / "store"), name=name)  # the marks file goes there
-    _wait_for(lambda: proc.poll() is not None or _ready(metrics_port), 15, "storage ready")
+    wait_for(lambda: proc.poll() is not None or _ready(metrics_port), 15, "storage ready")
     assert proc.poll() is None, procs.log(name)
     return proc
 
@@ -88,15 +80,15 @@ def test_sigkill_and_redelivery_store_every_point_once(
             proc = _start(procs, tmp_path, endpoint, url, f"storage-{round_no}")
             if round_no < 2:
                 target = len(acked) + rng.randint(300, 900)
-                _wait_for(lambda f=feed, t=target: f.acked_count() >= t, 20, "progress")
+                wait_for(lambda f=feed, t=target: f.acked_count() >= t, 20, "progress")
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
                 assert len(acked) < total, "the kill came after the stream ended"
             else:
-                _wait_for(lambda: len(log) == total, 30, "the devices to finish sending")
-                _wait_for(lambda f=feed: f.acked_count() == total, 30, "every record acked")
+                wait_for(lambda: len(log) == total, 30, "the devices to finish sending")
+                wait_for(lambda f=feed: f.acked_count() == total, 30, "every record acked")
                 # Akumuli tails the store of record: it catches up after the acks.
-                _wait_for(lambda: sum(len(p) for p in standin.series().values()) == total, 30,
+                wait_for(lambda: sum(len(p) for p in standin.series().values()) == total, 30,
                           "Akumuli caught up")
                 proc.send_signal(signal.SIGTERM)
                 assert proc.wait(timeout=10) == 0, procs.log(f"storage-{round_no}")

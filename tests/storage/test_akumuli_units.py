@@ -5,21 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from akumuli_standin import WriteParser
-from storage_helpers import T0_NS, log_record
+from support.akumuli_standin import WriteParser
+from support.storage import T0_NS, log_record
 
 from iotpipe.registry import Registry
 from iotpipe.storage.enrich import StoredReading, enrich_records
 from iotpipe.storage.sinks import SinkError, open_sink
-from iotpipe.storage.sinks.akumuli import (
-    DEFAULT_PORT,
-    DEFAULT_QUERY_PORT,
-    AkumuliSink,
-    MarksStore,
+from iotpipe.storage.sinks.akumuli import DEFAULT_PORT, DEFAULT_QUERY_PORT, AkumuliSink
+from iotpipe.storage.sinks.akumuli.client import iso_timestamp, parse_query_answer
+from iotpipe.storage.sinks.akumuli.marks import MarksStore
+from iotpipe.storage.sinks.akumuli.points import (
     Point,
     format_points,
-    iso_timestamp,
-    parse_query_answer,
     plan_write,
     points_for,
     resp_value,
@@ -155,7 +152,8 @@ def test_url_parsing_and_open_sink(tmp_path: Path) -> None:
     marks = tmp_path / "marks.db"
     sink = open_sink(f"akumuli://tsdb.local?marks={marks}&query_port=9999&confirm_ms=20")
     assert isinstance(sink, AkumuliSink)
-    assert (sink.host, sink.port, sink.query_port, sink.confirm_s) == (
+    client = sink.client
+    assert (client.host, client.port, client.query_port, client.confirm_s) == (
         "tsdb.local", DEFAULT_PORT, 9999, 0.02)
     assert sink.kind == "akumuli"
     sink.close()
@@ -163,13 +161,19 @@ def test_url_parsing_and_open_sink(tmp_path: Path) -> None:
 
 
 @pytest.mark.unit
-def test_default_marks_file_is_in_the_storage_data_dir(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("IOTPIPE_STORAGE_DATA_DIR", str(tmp_path / "store"))
-    sink = AkumuliSink.from_url("akumuli://akumuli.tsdb:8282/")  # the operator's URL shape
-    assert sink.query_port == DEFAULT_QUERY_PORT
+def test_default_marks_file_is_in_the_storage_data_dir(tmp_path: Path) -> None:
+    sink = open_sink("akumuli://akumuli.tsdb:8282/",  # the operator's URL shape
+                     state_dir=tmp_path / "store")
+    assert isinstance(sink, AkumuliSink)
+    assert sink.client.query_port == DEFAULT_QUERY_PORT
     sink.close()
     assert (tmp_path / "store" / "akumuli-akumuli.tsdb-8282.marks.db").exists()
+
+
+@pytest.mark.unit
+def test_without_a_marks_file_or_data_dir_the_sink_names_both_ways_to_give_one() -> None:
+    with pytest.raises(SinkError, match=r"no marks file: give \?marks=.*--data-dir"):
+        AkumuliSink.from_url("akumuli://akumuli.tsdb:8282/")
 
 
 @pytest.mark.unit

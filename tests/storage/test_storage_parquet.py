@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pyarrow.dataset as ds
 import pytest
-from storage_helpers import T0_NS, log_record, make_log
+from support.storage import T0_NS, log_record, make_log
 
 from iotpipe.registry import Registry
 from iotpipe.storage.enrich import enrich_records

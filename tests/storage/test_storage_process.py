@@ -5,87 +5,20 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import pytest
-from conftest import ProcessGroup, free_port
-from storage_helpers import T0_NS, FakeFeed, make_log
+from support.ports import free_port
+from support.processes import ProcessGroup
+from support.storage import T0_NS, FakeFeed, db_rows, http_get, make_log, metric, start_storage
+from support.waiting import wait_for
 
 from iotpipe import wire
 
 pytestmark = pytest.mark.integration
-
-REGISTRY_YAML = """
-devices:
-  a-dev-1: {class: boiler, location: hall-2, labels: {line: 3}}
-prefixes:
-  a-: {class: sensor, location: plant-a}
-"""
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def http_get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, ""
-    except OSError:
-        return 0, ""
-
-
-def metric(text: str, name: str, labels: str = "") -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{" if labels or "{" in line.split(" ")[0] else name + " ") \
-                and labels in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def start_storage(procs: ProcessGroup, tmp_path: Path, endpoints: list[str], name: str,
-                  window: int = 500, sinks: list[str] | None = None
-                  ) -> tuple[subprocess.Popen[bytes], int]:
-    registry = tmp_path / "registry.yaml"
-    if not registry.exists():
-        registry.write_text(REGISTRY_YAML)
-    metrics_port = free_port()
-    proc = procs.iotpipe(
-        "storage", "--host", "127.0.0.1", "--metrics-port", str(metrics_port),
-        "--feed-endpoints", ",".join(endpoints), "--consumer-id", "storage-test",
-        "--sinks", ",".join(sinks or [f"sqlite://{tmp_path}/store/readings.db"]),
-        "--registry-file", str(registry), "--window", str(window),
-        "--heartbeat", "0.2", name=name)
-    wait_for(lambda: proc.poll() is not None or http_get(metrics_port, "/readyz")[0] == 200,
-             15, "storage ready")
-    assert proc.poll() is None, procs.log(name)
-    return proc, metrics_port
-
-
-def db_rows(tmp_path: Path) -> list[tuple[object, ...]]:
-    db = sqlite3.connect(tmp_path / "store" / "readings.db")
-    try:
-        return db.execute("SELECT device_id, msg_id, node_seq, data, device_class, location,"
-                          " labels FROM readings").fetchall()
-    finally:
-        db.close()
-
 
 def run_query(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "iotpipe.cli", "query", *args],

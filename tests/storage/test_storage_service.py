@@ -10,12 +10,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 from prometheus_client import CollectorRegistry
-from storage_helpers import FakeFeed, make_log
+from support.ports import free_port
+from support.storage import FakeFeed, make_log
+from support.waiting import wait_for
 
 from iotpipe.registry import RegistryWatcher
-from iotpipe.storage.server import StorageMetrics, StorageService, StorageSettings
+from iotpipe.storage.metrics import StorageMetrics
+from iotpipe.storage.server import StorageServer
+from iotpipe.storage.settings import StorageSettings
 from iotpipe.storage.sinks import SinkBatch, SinkError, WriteResult
 from iotpipe.storage.sinks.sqlite import SqliteSink
 
@@ -71,27 +74,18 @@ def count_rows(path: Path) -> int:
         reader.close()
 
 
-def wait_for(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 @pytest.fixture
 def service_factory(tmp_path: Path) -> Iterator[object]:
-    running: list[tuple[StorageService, threading.Thread, list[int]]] = []
+    running: list[tuple[StorageServer, threading.Thread, list[int]]] = []
 
     def make(feed: FakeFeed, sinks: list[object], registry_file: Path | None = None,
-             **overrides: object) -> tuple[StorageService, list[int], CollectorRegistry]:
+             **overrides: object) -> tuple[StorageServer, list[int], CollectorRegistry]:
         settings = StorageSettings(feed_endpoints=[feed.endpoint], consumer_id="svc",
                                    heartbeat=0.1, window=100,
                                    registry_file=str(registry_file or tmp_path / "none.yaml"),
                                    **overrides)
         metrics_registry = CollectorRegistry()
-        service = StorageService(settings, sinks,  # type: ignore[arg-type]
+        service = StorageServer(settings, sinks,  # type: ignore[arg-type]
                                  RegistryWatcher(settings.registry_file, interval_s=0.05),
                                  StorageMetrics(metrics_registry))
         exit_codes: list[int] = []
@@ -193,7 +187,7 @@ def test_stop_while_the_store_fails_gives_the_batch_up_unacked(
 def test_first_sink_must_be_the_store_of_record(tmp_path: Path) -> None:
     settings = StorageSettings(feed_endpoints=["tcp://127.0.0.1:1"], consumer_id="svc")
     with pytest.raises(ValueError, match="store of record"):
-        StorageService(settings, [FlakySink()],  # type: ignore[list-item]
+        StorageServer(settings, [FlakySink()],  # type: ignore[list-item]
                        RegistryWatcher(str(tmp_path / "none.yaml")),
                        StorageMetrics(CollectorRegistry()))
 

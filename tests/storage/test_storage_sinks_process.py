@@ -23,17 +23,19 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pyarrow.dataset as ds
 import pytest
-from akumuli_standin import AkumuliStandin
-from conftest import ProcessGroup, free_port
-from storage_helpers import T0_NS, FakeFeed, log_record, start_real_akumulid
+from support.akumuli_standin import AkumuliStandin
+from support.ports import free_port
+from support.processes import ProcessGroup
+from support.storage import T0_NS, FakeFeed, log_record, start_real_akumulid
+from support.waiting import wait_for
 
-from iotpipe.storage.sinks.akumuli import iso_timestamp, parse_query_answer
+from iotpipe.storage.sinks.akumuli.client import iso_timestamp, parse_query_answer
 from iotpipe.storage.tail import cursor_key
 
 pytestmark = pytest.mark.integration
@@ -41,15 +43,6 @@ pytestmark = pytest.mark.integration
 DEVICES = 15
 TOTAL = 2400
 MS = 1_000_000
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def fleet_log() -> tuple[list[bytes], dict[tuple[str, str], tuple[int, int, float]]]:

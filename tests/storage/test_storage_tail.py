@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import orjson
 import pyarrow.dataset as ds
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from storage_helpers import make_log
+from support.storage import make_log
+from support.waiting import wait_for
 
 from iotpipe.registry import Registry
 from iotpipe.settings import parse_settings
 from iotpipe.storage.enrich import enrich_records
 from iotpipe.storage.query import main as query_main
-from iotpipe.storage.server import StorageSettings
+from iotpipe.storage.settings import StorageSettings
 from iotpipe.storage.sinks import LatePoint, SinkBatch, SinkError, WriteResult
 from iotpipe.storage.sinks.parquet import ParquetSink
 from iotpipe.storage.sinks.sqlite import SqliteSink
@@ -40,15 +41,6 @@ def _fill(store: SqliteSink, n: int, first: int = 1) -> None:
     log = make_log(first + n - 1)[first - 1:]
     readings, _ = enrich_records(first, log, Registry.from_yaml("{}"))
     store.write([SinkBatch("middle-0", first, readings)])
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class RecordingSink:
@@ -249,7 +241,8 @@ def test_iotpipe_up_sinks_keep_the_embedded_store_first(tmp_path: Path) -> None:
 def test_cursor_key_ignores_tuning_options_and_duplicates_are_refused(
         store: SqliteSink, tmp_path: Path) -> None:
     from iotpipe.registry import RegistryWatcher
-    from iotpipe.storage.server import StorageMetrics, StorageService
+    from iotpipe.storage.metrics import StorageMetrics
+    from iotpipe.storage.server import StorageServer
     from iotpipe.storage.tail import cursor_key
 
     assert cursor_key("akumuli://h:8282?query_port=1&confirm_ms=5&marks=/m.db") == \
@@ -267,6 +260,6 @@ def test_cursor_key_ignores_tuning_options_and_duplicates_are_refused(
     settings = StorageSettings(feed_endpoints=["tcp://127.0.0.1:1"], consumer_id="svc")
     twice = [store, RecordingSink(), RecordingSink()]
     with pytest.raises(ValueError, match="listed twice: rec://x"):
-        StorageService(settings, twice,  # type: ignore[arg-type]
+        StorageServer(settings, twice,  # type: ignore[arg-type]
                        RegistryWatcher(str(tmp_path / "none.yaml")),
                        StorageMetrics(CollectorRegistry()))

@@ -6,11 +6,11 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from storage_helpers import T0_NS, log_record, make_log
+from support.storage import T0_NS, log_record, make_log
 
 from iotpipe import wire
 from iotpipe.registry import Registry
-from iotpipe.storage.consumer import FeedConsumer, merge_ranges
+from iotpipe.storage.core import FeedConsumer, WriteBackoff, listed_twice, merge_ranges
 from iotpipe.storage.enrich import StoredReading, enrich_records
 from iotpipe.storage.query import format_ts, parse_time, reading_to_json
 from iotpipe.storage.sinks import SinkBatch, SinkError, WriteResult, open_sink
@@ -249,7 +249,7 @@ def test_json_output_shape() -> None:
 
 def test_storage_settings_from_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     from iotpipe.settings import parse_settings
-    from iotpipe.storage.server import StorageSettings
+    from iotpipe.storage.settings import StorageSettings
 
     monkeypatch.setenv("IOTPIPE_STORAGE_FEED_ENDPOINTS", "tcp://m0:5557, tcp://m1:5557")
     monkeypatch.setenv("IOTPIPE_STORAGE_DATA_DIR", "/data/store")
@@ -261,3 +261,17 @@ def test_storage_settings_from_env_and_flags(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("IOTPIPE_STORAGE_SINKS", "sqlite:///a.db,parquet:///lake")
     assert parse_settings(StorageSettings, []).sink_urls() == ["sqlite:///a.db",
                                                                 "parquet:///lake"]
+
+
+def test_write_backoff_doubles_up_to_its_cap_and_starts_over_after_a_success() -> None:
+    backoff = WriteBackoff(first=0.1, cap=1.0)
+    assert [backoff.next_delay() for _ in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    backoff.reset()
+    assert backoff.next_delay() == 0.1
+
+
+def test_listed_twice_names_each_repeated_sink_cursor_once() -> None:
+    assert listed_twice(["sqlite:/a", "vm:x", "parquet:/p", "vm:x", "vm:x", "parquet:/p"]) \
+        == ["parquet:/p", "vm:x"]
+    assert listed_twice(["sqlite:/a", "vm:x"]) == []
+

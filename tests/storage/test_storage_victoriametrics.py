@@ -11,8 +11,10 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import ProcessGroup, free_port
-from storage_helpers import T0_NS, log_record
+from support.ports import free_port
+from support.processes import ProcessGroup
+from support.storage import T0_NS, FakeFeed, db_rows, log_record, make_log, start_storage
+from support.waiting import wait_for
 
 from iotpipe.registry import Registry
 from iotpipe.storage.enrich import StoredReading, enrich_records
@@ -130,18 +132,18 @@ def test_real_victoriametrics_recovery_writes_only_missing_samples(victoria: int
 @pytest.mark.integration
 def test_real_victoriametrics_takes_huge_integers_and_counts_skipped_values(
         victoria: int) -> None:
-    from prometheus_client import REGISTRY
+    from prometheus_client import CollectorRegistry
 
-    def skipped() -> float:
-        return REGISTRY.get_sample_value("iotpipe_storage_victoriametrics_skipped_values_total",
-                                         {"sink": "victoriametrics"}) or 0.0
+    from iotpipe.storage.metrics import StorageMetrics
 
-    before = skipped()
+    registry = CollectorRegistry()
     sink = open_sink(f"victoriametrics://127.0.0.1:{victoria}")
+    StorageMetrics(registry).watch_sinks([sink])
     reading = _reading(b'{"big":18446744073709551615,"ok":1,"s":"text"}')
     assert sink.write([SinkBatch("store", 1, [reading])]) == WriteResult(1, 0)
     sink.close()
-    assert skipped() == before + 1  # the string
+    assert registry.get_sample_value("iotpipe_storage_victoriametrics_skipped_values_total",
+                                     {"sink": "victoriametrics"}) == 1  # the string
     # VictoriaMetrics would have skipped the whole line for an int64 overflow (still 204).
     values = {s["metric"]["__name__"]: s["values"]  # type: ignore[index]
               for s in export(victoria, '{__name__=~"iotpipe_(big|ok)"}')}
@@ -154,8 +156,6 @@ def test_real_victoriametrics_takes_huge_integers_and_counts_skipped_values(
 def test_storage_process_writes_sqlite_and_victoriametrics(
     victoria: int, procs: ProcessGroup, tmp_path: Path
 ) -> None:
-    from storage_helpers import FakeFeed, make_log
-    from test_storage_process import db_rows, start_storage, wait_for
 
     feed = FakeFeed(f"tcp://127.0.0.1:{free_port()}", make_log(300, prefix="a-dev-")).start()
     try:

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import zmq
-from conftest import ProcessGroup, free_port
-from test_storage_process import http_get, metric, start_storage, wait_for
+from support.ports import free_port
+from support.processes import ProcessGroup
+from support.storage import http_get, metric, start_storage
+from support.waiting import wait_for
 
 from iotpipe import wire
 

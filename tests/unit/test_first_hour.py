@@ -27,8 +27,8 @@ from iotpipe.watch import WatchSettings, format_reading, subscribe_frame
 TIERS = {
     "ingest": ("iotpipe.ingest.server", "IngestSettings", "IOTPIPE_INGEST_"),
     "middle": ("iotpipe.middle.server", "MiddleSettings", "IOTPIPE_MIDDLE_"),
-    "storage": ("iotpipe.storage.server", "StorageSettings", "IOTPIPE_STORAGE_"),
-    "relay": ("iotpipe.relay.server", "RelaySettings", "IOTPIPE_RELAY_"),
+    "storage": ("iotpipe.storage.settings", "StorageSettings", "IOTPIPE_STORAGE_"),
+    "relay": ("iotpipe.relay.settings", "RelaySettings", "IOTPIPE_RELAY_"),
     "up": ("iotpipe.local", "UpSettings", "IOTPIPE_UP_"),
     "simulate": ("iotpipe.simulate", "SimulateSettings", "IOTPIPE_SIMULATE_"),
     "watch": ("iotpipe.watch", "WatchSettings", "IOTPIPE_WATCH_"),

@@ -23,8 +23,8 @@ from pydantic_settings import BaseSettings
 _MODELS = {
     "ingest": ("iotpipe.ingest.server", "IngestSettings"),
     "middle": ("iotpipe.middle.server", "MiddleSettings"),
-    "relay": ("iotpipe.relay.server", "RelaySettings"),
-    "storage": ("iotpipe.storage.server", "StorageSettings"),
+    "relay": ("iotpipe.relay.settings", "RelaySettings"),
+    "storage": ("iotpipe.storage.settings", "StorageSettings"),
     "drain": ("iotpipe.ingest.drain", "DrainSettings"),
 }
 TIERS = tuple(_MODELS)

@@ -32,10 +32,14 @@ from pydantic_settings import (
 
 __all__ = [
     "CommaList",
+    "CurveSettings",
+    "EdgeSecuritySettings",
+    "EndpointsReloadSettings",
     "Internal",
     "LogLevel",
     "ServerSettings",
     "TierSettings",
+    "metrics_port_field",
     "parse_settings",
     "tier_config",
 ]
@@ -92,6 +96,11 @@ class TierSettings(BaseSettings):
     """Base for every command's settings; subclasses set ``model_config = tier_config(...)``."""
 
 
+def metrics_port_field(default: int) -> Any:
+    """The ``metrics_port`` field with a tier's own default port (declared once here)."""
+    return Field(default, ge=0, le=65535, description="port of /metrics, /healthz and /readyz")
+
+
 class ServerSettings(TierSettings):
     """The options every long-running tier shares (same flag and env var names per tier).
 
@@ -101,9 +110,43 @@ class ServerSettings(TierSettings):
     """
 
     host: str = Field("0.0.0.0", description="bind address")
-    metrics_port: int = Field(9100, ge=0, le=65535,
-                              description="port of /metrics, /healthz and /readyz")
+    metrics_port: int = metrics_port_field(9100)
     log_level: LogLevel = Field("info", description="debug, info, warning, error or critical")
+
+
+class CurveSettings(BaseSettings):
+    """Mixin: the CurveZMQ keys of a tier's ZeroMQ links (same flag in every tier using it)."""
+
+    curve_keys_dir: str = Field(
+        "", description="CurveZMQ keys directory (docs/security.md): this tier's ZeroMQ links "
+                        "to the middle tier are then encrypted, in this tier's role; "
+                        "empty = no CURVE")
+
+
+class EndpointsReloadSettings(BaseSettings):
+    """Mixin: how often a tier re-reads its endpoints file (the operator's ConfigMap)."""
+
+    endpoints_reload_seconds: float = Field(2.0, gt=0,
+                                            description="seconds between endpoints file checks")
+
+
+class EdgeSecuritySettings(CurveSettings):
+    """Mixin: TLS and the deny list of a tier that devices or client apps connect to."""
+
+    tls_cert: str = Field("", description="PEM certificate chain for wss:// (e.g. tls.crt of a "
+                                           "cert-manager Secret); empty = plain ws://")
+    tls_key: str = Field("", description="PEM private key of --tls-cert (e.g. tls.key)")
+    tls_reload_seconds: float = Field(10.0, gt=0,
+                                      description="seconds between checks of the certificate "
+                                                  "files (a changed pair is used for new "
+                                                  "connections)")
+    deny_list_file: str = Field("", description="YAML deny list (devices or clients, "
+                                                "token_ids), reloaded while running; "
+                                                "docs/security.md")
+    deny_list_reload_seconds: float = Field(5.0, gt=0,
+                                            description="seconds between deny list checks "
+                                                        "(revoked connections close within "
+                                                        "this)")
 
 
 # Metavars by type: what to type, not what Python calls it.

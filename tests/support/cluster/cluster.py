@@ -41,6 +41,7 @@ from typing import Any
 from support.cluster import network
 from support.cluster.api import PIPELINES, Api, ApiError, register_resources, write_kubeconfig
 from support.cluster.kubelet import FINALIZER, Kubelet, default_bin_dir
+from support.waiting import eventually
 
 log = logging.getLogger(__name__)
 
@@ -585,16 +586,9 @@ class LocalCluster:
 
     async def wait(self, check: Callable[[], Any], within: float, what: str) -> Any:
         """Poll ``check`` until it is truthy (bounded); fail with every log on timeout."""
-        deadline = time.monotonic() + within
-        while True:
-            value = check()
-            if value:
-                return value
-            if self.operator is not None and self.operator.poll() is not None \
-                    and self.operator.returncode not in (0, -9):
-                raise AssertionError(f"operator exited {self.operator.returncode} while "
-                                     f"waiting for {what}\n{self.logs()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {within}s waiting for {what}\n"
-                                     f"{self.logs()}")
-            await asyncio.sleep(0.2)
+        def operator_failed() -> str | None:
+            code = None if self.operator is None else self.operator.poll()
+            return None if code in (None, 0, -9) else f"operator exited {code}"
+
+        return await eventually(check, within, what, interval=0.2, abort=operator_failed,
+                                details=self.logs)

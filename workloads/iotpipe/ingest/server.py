@@ -101,7 +101,14 @@ from iotpipe.protocol import (
 )
 from iotpipe.queue import AsyncQueue, PersistentQueue, QueueError, QueueFull
 from iotpipe.security import check_security_settings
-from iotpipe.settings import CommaList, Internal, ServerSettings, parse_settings, tier_config
+from iotpipe.settings import (
+    CommaList,
+    EdgeSecuritySettings,
+    Internal,
+    ServerSettings,
+    parse_settings,
+    tier_config,
+)
 from iotpipe.tlsconfig import ReloadingTLS
 
 __all__ = ["IngestServer", "IngestSettings", "main"]
@@ -115,7 +122,7 @@ REPORT_FD_ENV = "IOTPIPE_INGEST_REPORT_FD"
 RETIRED_SCAN_SECONDS = 10.0
 
 
-class IngestSettings(ServerSettings):
+class IngestSettings(EdgeSecuritySettings, ServerSettings):
     """Device WebSocket server: authenticates devices, stores each message durably, acks it,
     and forwards the queue to the middle tier."""
 
@@ -163,23 +170,6 @@ class IngestSettings(ServerSettings):
     process_index: int = Field(-1, ge=-1, description=Internal)
     parent_pid: int = Field(0, ge=0, description=Internal)
     report_fd: int = Field(-1, ge=-1, description=Internal)
-    curve_keys_dir: str = Field(
-        "", description="CurveZMQ keys directory (docs/security.md): the forwarder then talks "
-                        "to the middle tier encrypted, as the ingest role; empty = no CURVE")
-    tls_cert: str = Field("", description="PEM certificate chain for wss:// (e.g. tls.crt of a "
-                                           "cert-manager Secret); empty = plain ws://")
-    tls_key: str = Field("", description="PEM private key of --tls-cert (e.g. tls.key)")
-    tls_reload_seconds: float = Field(10.0, gt=0,
-                                      description="seconds between checks of the certificate "
-                                                  "files (a changed pair is used for new "
-                                                  "connections)")
-    deny_list_file: str = Field("", description="YAML deny list (devices, "
-                                                "token_ids), reloaded while running; "
-                                                "docs/security.md")
-    deny_list_reload_seconds: float = Field(5.0, gt=0,
-                                            description="seconds between deny list checks "
-                                                        "(revoked connections close within "
-                                                        "this)")
 
 
 class _DeviceBuckets:

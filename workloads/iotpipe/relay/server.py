@@ -1,4 +1,4 @@
-"""``iotpipe relay``: the I/O shell around :mod:`iotpipe.relay.protocol`.
+"""``iotpipe relay``: the I/O shell around :mod:`iotpipe.relay.core`.
 
 One asyncio loop owns everything: a ZeroMQ SUB socket connected to every middle PUB
 endpoint, the WebSocket server on ``/v1/live``, one sender task per client and a watchdog
@@ -19,21 +19,20 @@ import itertools
 import logging
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
 import zmq
-from prometheus_client import REGISTRY, Counter, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import Field, field_validator
+from prometheus_client import REGISTRY, generate_latest
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from zmq.utils.monitor import parse_monitor_message
 
 from iotpipe import lifecycle
-from iotpipe.auth import CLIENT_AUDIENCE, AuthError, bearer_token, load_secret, verify_identity
+from iotpipe.auth import load_secret
 from iotpipe.curve import load_keys, secure_client
 from iotpipe.denylist import CLOSE_REVOKED, DenyList, DenyListFile
 from iotpipe.endpoints import (
@@ -45,10 +44,20 @@ from iotpipe.endpoints import (
 )
 from iotpipe.observability import ObservabilityServer, PortInUse, setup_logging
 from iotpipe.registry import RegistryWatcher
-from iotpipe.relay.protocol import CLOSE_SLOW_CONSUMER, UNKNOWN, ClientSession, Fanout
+from iotpipe.relay.core import (
+    CLOSE_SLOW_CONSUMER,
+    LIVE_PATH,
+    UNKNOWN,
+    ClientSession,
+    Fanout,
+    Refused,
+    admit,
+)
+from iotpipe.relay.metrics import RelayCollector
+from iotpipe.relay.settings import RelaySettings
 from iotpipe.relay.web import WebFront, parse_health_targets
 from iotpipe.security import check_security_settings
-from iotpipe.settings import CommaList, ServerSettings, parse_settings, tier_config
+from iotpipe.settings import parse_settings
 from iotpipe.tlsconfig import ReloadingTLS
 from iotpipe.wire import WireError, decode_live
 
@@ -56,7 +65,6 @@ __all__ = ["LIVE_PATH", "RelayServer", "RelaySettings", "main"]
 
 log = logging.getLogger("iotpipe.relay")
 
-LIVE_PATH = "/v1/live"
 # Upstream messages handled per reader callback before client senders get a turn.
 _SUB_BURST = 512
 # A plain int: pyzmq's enum flags cost microseconds per operation on the hot path.
@@ -65,85 +73,12 @@ _HANDSHAKE = int(zmq.EVENT_HANDSHAKE_SUCCEEDED)
 _DISCONNECTED = int(zmq.EVENT_DISCONNECTED)
 
 
-class RelaySettings(ServerSettings):
-    """Serve live device readings to client apps over WebSocket (path /v1/live)."""
-
-    model_config = tier_config("iotpipe relay", "IOTPIPE_RELAY_")
-
-    host: str = Field("0.0.0.0", description="bind address for the WebSocket and metrics ports")
-    port: int = Field(8081, ge=0, le=65535, description="WebSocket port (path /v1/live)")
-    metrics_port: int = Field(9103, ge=0, le=65535,
-                              description="port of /metrics, /healthz and /readyz")
-    middle_pub_endpoints: CommaList = Field(
-        default_factory=list,
-        description="middle PUB endpoints, comma separated (tcp://host:5556,...)")
-    middle_pub_endpoints_file: str = Field(
-        "", description="file listing the middle PUB endpoints, one per line (key 'pub' of "
-                        "the endpoints ConfigMap), re-read while running; wins over "
-                        "--middle-pub-endpoints when usable")
-    endpoints_reload_seconds: float = Field(2.0, gt=0,
-                                            description="seconds between endpoints file checks")
-    registry_file: str = Field(
-        "/etc/iotpipe/registry/registry.yaml",
-        description="device registry YAML (for class/location subscriptions); "
-                    "a missing file means every device is 'unknown'")
-    client_queue: int = Field(1000, ge=1,
-                              description="frames queued per client before events are dropped "
-                                          "for it (the client then gets a gap frame)")
-    stall_timeout: float = Field(15.0, gt=0,
-                                 description="close a client (code 4008) whose queue made no "
-                                             "progress for this many seconds")
-    max_filters: int = Field(1000, ge=1, description="subscription entries allowed per client")
-    max_frame_bytes: int = Field(65536, ge=256,
-                                 description="largest client frame accepted (larger: close 1009)")
-    max_clients: int = Field(10000, ge=1, description="connections above this get HTTP 503")
-    sub_hwm: int = Field(100_000, ge=1,
-                         description="ZeroMQ receive high-water mark of the SUB socket")
-    compression: bool = Field(False, description="offer permessage-deflate (costs memory)")
-    insecure_no_auth: bool = Field(False, description="accept clients without a token "
-                                                      "(local demos only)")
-    # The live fleet page (iotpipe.relay.web): served at / on the WebSocket port.
-    web: bool = Field(True, description="--no-web: do not serve the live fleet page at / "
-                                        "and its /api/ endpoints on the WebSocket port")
-    history_urls: CommaList = Field(
-        default_factory=list,
-        description="storage read APIs for the page's device history, comma separated "
-                    "(http://storage-host:9102; storage runs with --read-api)")
-    health_urls: CommaList = Field(
-        default_factory=list,
-        description="tier metrics for the page's pipeline health, comma separated "
-                    "TIER=URL (ingest=http://host:9100/metrics,...)")
-
-    @field_validator("health_urls")
-    @classmethod
-    def _check_health_urls(cls, value: list[str]) -> list[str]:
-        parse_health_targets(value)  # a ValueError names the bad entry
-        return value
-    curve_keys_dir: str = Field(
-        "", description="CurveZMQ keys directory (docs/security.md): the SUB socket then "
-                        "subscribes encrypted, as the relay role; empty = no CURVE")
-    tls_cert: str = Field("", description="PEM certificate chain for wss:// (e.g. tls.crt of a "
-                                           "cert-manager Secret); empty = plain ws://")
-    tls_key: str = Field("", description="PEM private key of --tls-cert (e.g. tls.key)")
-    tls_reload_seconds: float = Field(10.0, gt=0,
-                                      description="seconds between checks of the certificate "
-                                                  "files (a changed pair is used for new "
-                                                  "connections)")
-    deny_list_file: str = Field("", description="YAML deny list (clients, "
-                                                "token_ids), reloaded while running; "
-                                                "docs/security.md")
-    deny_list_reload_seconds: float = Field(5.0, gt=0,
-                                            description="seconds between deny list checks "
-                                                        "(revoked connections close within "
-                                                        "this)")
-
-
 class _BatchingConnection(ServerConnection):
     """A server connection that writes every frame queued at once in one transport write.
 
     The relay's sender hands a client up to 64 frames at a time; websockets would write
-    each frame separately (one ``send`` syscall each, the largest cost in the relay's
-    profile). Joining them changes nothing on the wire.
+    each frame separately, one ``send`` syscall each (docs/design.md, "Notes"). Joining
+    them changes nothing on the wire.
     """
 
     def send_data(self) -> None:
@@ -173,48 +108,6 @@ async def _send_frames(connection: ServerConnection, frames: list[bytes]) -> Non
             protocol.send_text(frame)
 
 
-class _RelayCollector:
-    """Relay counters read from the core at scrape time (no per-message metric calls)."""
-
-    def __init__(self, relay: RelayServer) -> None:
-        self._relay = relay
-
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        fanout = self._relay.fanout
-        stats = fanout.stats
-        yield GaugeMetricFamily("iotpipe_relay_clients", "Connected client apps",
-                                value=len(fanout.sessions))
-        yield GaugeMetricFamily("iotpipe_relay_upstreams_connected",
-                                "Middle PUB endpoints the relay is subscribed to now",
-                                value=sum(self._relay.upstreams.values()))
-        yield GaugeMetricFamily("iotpipe_relay_client_queue_frames",
-                                "Frames waiting in all client send queues",
-                                value=sum(s.pending for s in fanout.sessions.values()))
-        for name, text, value in (
-            ("iotpipe_relay_events_in", "Live events received from the middle tier",
-             stats.events_in),
-            ("iotpipe_relay_events_out", "Reading frames queued to clients (sum over clients)",
-             stats.frames_queued),
-            ("iotpipe_relay_frames_sent", "Frames written to client connections (all kinds)",
-             self._relay.frames_sent),
-            ("iotpipe_relay_slow_closes", "Clients closed with 4008 for not reading",
-             self._relay.slow_closes),
-            ("iotpipe_relay_dropped", "Reading frames dropped for slow clients",
-             stats.dropped),
-            ("iotpipe_relay_upstream_gaps", "Sequence jumps seen on the PUB/SUB hop",
-             stats.upstream_gaps),
-            ("iotpipe_relay_upstream_missed", "Events missed on the PUB/SUB hop",
-             stats.upstream_missed),
-            ("iotpipe_relay_duplicates", "Upstream events dropped as duplicates",
-             stats.duplicates),
-            ("iotpipe_relay_source_resets", "Sources whose sequence restarted at 1",
-             stats.resets),
-            ("iotpipe_relay_bad_events", "Upstream events that could not be decoded",
-             stats.bad_events + self._relay.bad_frames),
-        ):
-            yield CounterMetricFamily(name, text, value=value)
-
-
 class RelayServer:
     """The running relay: SUB loop, WebSocket server, per-client senders, stall watchdog."""
 
@@ -241,9 +134,7 @@ class RelayServer:
         self._server: Server | None = None
         self._ready = False
         self.port = settings.port
-        self.rejected = Counter("iotpipe_relay_rejected_connections",
-                                "Client connections refused at the handshake", ["reason"],
-                                registry=None)
+        self.rejected: Counter[str] = Counter()  # handshake refusals by reason
         self.slow_closes = 0
         self.frames_sent = 0
         self._closing: set[asyncio.Task[None]] = set()
@@ -276,7 +167,7 @@ class RelayServer:
 
     def _reject(self, connection: ServerConnection, status: HTTPStatus, reason: str,
                 detail: str) -> Response:
-        self.rejected.labels(reason).inc()
+        self.rejected[reason] += 1
         response = connection.respond(status, f"{reason}: {detail}\n")
         return response
 
@@ -291,34 +182,14 @@ class RelayServer:
     def _process_request(self, connection: ServerConnection, request: Request
                          ) -> Response | None:
         url = urlsplit(request.path)
-        if url.path != LIVE_PATH:
-            return self._reject(connection, HTTPStatus.NOT_FOUND, "not_found",
-                                f"the live endpoint is {LIVE_PATH}")
-        if len(self.fanout.sessions) >= self.settings.max_clients:
-            return self._reject(connection, HTTPStatus.SERVICE_UNAVAILABLE, "too_many_clients",
-                                f"this relay serves at most {self.settings.max_clients} clients")
-        query = parse_qs(url.query)
-        token_id: str | None = None
-        if self.secret is None:
-            subject = (query.get("client") or ["anonymous"])[0][:128]
-        else:
-            try:
-                header = request.headers.get("Authorization")
-                # Browsers cannot set headers on a WebSocket: accept ?token= as well.
-                token = bearer_token(header) if header else (query.get("token") or [""])[0]
-                if not token:
-                    raise AuthError("missing", "no Authorization header or token parameter")
-                identity = verify_identity(self.secret, token, CLIENT_AUDIENCE)
-            except AuthError as exc:
-                return self._reject(connection, HTTPStatus.UNAUTHORIZED, exc.reason,
-                                    exc.detail or exc.reason)
-            subject, token_id = identity.subject, identity.token_id
-        refusal = self.deny.refusal("client", subject, token_id)
-        if refusal is not None:
-            return self._reject(connection, HTTPStatus.FORBIDDEN, "revoked",
-                                f"this {refusal} is on the deny list")
-        connection.iotpipe_subject = subject  # type: ignore[attr-defined]
-        connection.iotpipe_token_id = token_id  # type: ignore[attr-defined]
+        verdict = admit(url.path, parse_qs(url.query), request.headers.get("Authorization"),
+                        self.secret, self.deny, len(self.fanout.sessions),
+                        self.settings.max_clients)
+        if isinstance(verdict, Refused):
+            return self._reject(connection, HTTPStatus(verdict.status), verdict.reason,
+                                verdict.detail)
+        connection.iotpipe_subject = verdict.subject  # type: ignore[attr-defined]
+        connection.iotpipe_token_id = verdict.token_id  # type: ignore[attr-defined]
         return None
 
     # -- reloads (TLS certificate, deny list) ------------------------------------------------
@@ -637,10 +508,9 @@ def main(argv: Sequence[str]) -> int:
         print(f"iotpipe relay: error: {problem}", file=sys.stderr)
         return 2
     relay = RelayServer(settings, secret, endpoints, watched)
-    REGISTRY.register(_RelayCollector(relay))
+    REGISTRY.register(RelayCollector(relay))
     if watched is not None:
         REGISTRY.register(EndpointsCollector({"pub": watched}))
-    REGISTRY.register(relay.rejected)
     try:
         observability = ObservabilityServer(settings.host, settings.metrics_port,
                                             ready=lambda: relay.ready).start()

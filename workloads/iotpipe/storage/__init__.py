@@ -1,10 +1,11 @@
 """The storage tier: consumes the middle tier's durable feed, enriches, writes to sinks.
 
-Modules: ``consumer`` (sans-I/O feed client state: credit window, heartbeats, acks),
+Modules: ``core`` (sans-I/O feed client state: credit window, heartbeats, acks),
 ``enrich`` (log records -> denormalised ``StoredReading`` rows), ``sinks`` (the ``Sink``
 protocol and the sqlite / victoriametrics / parquet / akumuli implementations), ``tail``
 (sinks copying the store of record on their own cursors), ``server`` (the I/O
-shell, ``iotpipe storage``), ``query`` (``iotpipe query``) and ``bench``
+shell, ``iotpipe storage``), ``settings`` and ``metrics`` (its settings model and
+Prometheus metrics), ``query`` (``iotpipe query``) and ``bench``
 (``iotpipe bench storage``).
 
 Operating notes

@@ -1,4 +1,4 @@
-"""``iotpipe storage``: the I/O shell around the feed consumer, enrichment and sinks.
+"""``iotpipe storage``: the I/O shell around the feed consumer (``core``), enrichment and sinks.
 
 One thread owns the feed: a DEALER socket per middle feed endpoint, the registry watcher and
 the store of record (the embedded SQLite sink). The loop restates credit (heartbeat), polls
@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import socket
 import sys
 import threading
 import time
@@ -47,8 +46,7 @@ from pathlib import Path
 from types import FrameType
 
 import zmq
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
-from pydantic import Field
+from prometheus_client import REGISTRY
 
 from iotpipe import lifecycle, wire
 from iotpipe.curve import CurveKeyError, load_keys, secure_client
@@ -61,124 +59,23 @@ from iotpipe.endpoints import (
 )
 from iotpipe.observability import ObservabilityServer, PortInUse, WSGIApp, setup_logging
 from iotpipe.registry import RegistryWatcher
-from iotpipe.settings import CommaList, ServerSettings, parse_settings, tier_config
-from iotpipe.storage.consumer import FeedConsumer
+from iotpipe.settings import parse_settings
+from iotpipe.storage.core import FeedConsumer, WriteBackoff, listed_twice
 from iotpipe.storage.enrich import enrich_records
+from iotpipe.storage.metrics import StorageMetrics
 from iotpipe.storage.readapi import HISTORY_PATH, HistoryApp
-from iotpipe.storage.sinks import Sink, SinkBatch, SinkError, open_sink, sink_scheme
+from iotpipe.storage.settings import StorageSettings
+from iotpipe.storage.sinks import Sink, SinkBatch, SinkError, open_sink
 from iotpipe.storage.sinks.sqlite import SqliteSink
-from iotpipe.storage.tail import SinkWorker, TailMetrics, cursor_key
+from iotpipe.storage.tail import SinkWorker, cursor_key
 
-__all__ = ["StorageMetrics", "StorageService", "StorageSettings", "main"]
+__all__ = ["StorageMetrics", "StorageServer", "StorageSettings", "main"]
 
 log = logging.getLogger("iotpipe.storage")
 
 _MAX_POLL_S = 0.25  # how long a stop request waits at most
 _LINGER_MS = 2000  # time given to the last acks to leave at shutdown
 _PRUNE_INTERVAL_S = 10.0
-
-
-class StorageSettings(ServerSettings):
-    """Consume the middle tier's durable feed, enrich readings and write them to sinks."""
-
-    model_config = tier_config("iotpipe storage", "IOTPIPE_STORAGE_")
-
-    host: str = Field("0.0.0.0", description="bind address of the metrics port")
-    metrics_port: int = Field(9102, ge=0, le=65535,
-                              description="port of /metrics, /healthz and /readyz")
-    feed_endpoints: CommaList = Field(
-        default_factory=list,
-        description="middle feed endpoints, comma separated (tcp://host:5557,...); "
-                    "the feed of every one is consumed")
-    feed_endpoints_file: str = Field(
-        "", description="file listing the middle feed endpoints, one per line (key 'feed' of "
-                        "the endpoints ConfigMap), re-read while running; wins over "
-                        "--feed-endpoints when usable")
-    endpoints_reload_seconds: float = Field(2.0, gt=0,
-                                            description="seconds between endpoints file checks")
-    group: str = Field("storage", min_length=1, description="consumer group name")
-    consumer_id: str = Field(default_factory=socket.gethostname, min_length=1,
-                             description="this consumer's id in the group (default: hostname)")
-    sinks: CommaList = Field(
-        default_factory=list,
-        description="sink URLs, comma separated (victoriametrics://host:8428, parquet:///dir, "
-                    "akumuli://host:8282, sqlite:///path/x.db); the store of record "
-                    "sqlite://<data-dir>/readings.db is always used: the first sqlite:// URL "
-                    "given replaces it")
-    store_retention: float = Field(
-        0.0, ge=0,
-        description="seconds to keep readings in the store of record once every sink holds "
-                    "them (the store becomes a spool for the other sinks, and a reading "
-                    "redelivered after that is stored again); 0 keeps them for good")
-    sink_batch_rows: int = Field(2000, ge=1,
-                                 description="rows a tailing sink writes in one go at most")
-    registry_file: str = Field("/etc/iotpipe/registry/registry.yaml",
-                               description="device registry YAML, reloaded when it changes; "
-                                           "a missing file means every device is 'unknown'")
-    data_dir: str = Field("/var/lib/iotpipe/store",
-                          description="directory of the embedded default sink")
-    window: int = Field(2000, ge=1, description="feed credit window: delivered but unacknowledged "
-                                             "records each middle may send ahead")
-    max_batch_records: int = Field(
-        5000, ge=1, description="records written to the sinks in one go at most")
-    heartbeat: float = Field(1.0, gt=0,
-                             description="seconds between credit restatements to each middle")
-    registry_interval: float = Field(2.0, gt=0,
-                                     description="seconds between registry file checks")
-    curve_keys_dir: str = Field(
-        "", description="CurveZMQ keys directory (docs/security.md): feed links are then "
-                        "encrypted, as the storage role; empty = no CURVE")
-
-    read_api: bool = Field(False, description="serve GET /v1/history (recent readings of one "
-                                              "device, from the store of record) on the "
-                                              "metrics port, for the relay's live page")
-
-    def sink_urls(self) -> list[str]:
-        """The store of record first (the first sqlite:// URL, or the default), then the rest."""
-        for i, url in enumerate(self.sinks):
-            if sink_scheme(url) == "sqlite":
-                return [url, *self.sinks[:i], *self.sinks[i + 1:]]
-        return [f"sqlite://{Path(self.data_dir).resolve()}/readings.db", *self.sinks]
-
-
-class StorageMetrics:
-    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self.written = Counter("iotpipe_storage_records_written_total",
-                               "Readings newly stored, per sink", ["sink"], registry=registry)
-        self.duplicates = Counter("iotpipe_storage_duplicates_total",
-                                  "Redelivered readings a sink already held", ["sink"],
-                                  registry=registry)
-        self.write_seconds = Histogram(
-            "iotpipe_storage_write_seconds", "Duration of one durable sink write", ["sink"],
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-            registry=registry)
-        self.write_errors = Counter("iotpipe_storage_write_errors_total",
-                                    "Failed sink writes (retried)", ["sink"], registry=registry)
-        self.rejected = Counter("iotpipe_storage_rejected_records_total",
-                                "Feed records that could not be decoded (acked, not stored)",
-                                registry=registry)
-        self.deliveries = Counter("iotpipe_storage_deliveries_total",
-                                  "Feed deliveries received", ["endpoint"], registry=registry)
-        self.received = Counter("iotpipe_storage_records_received_total",
-                                "Feed records received (redeliveries included)", ["endpoint"],
-                                registry=registry)
-        self.malformed = Counter("iotpipe_storage_malformed_messages_total",
-                                 "Feed messages that did not follow the wire format",
-                                 ["endpoint"], registry=registry)
-        self.in_flight = Gauge("iotpipe_storage_in_flight_records",
-                               "Records delivered and not yet acknowledged", ["endpoint"],
-                               registry=registry)
-        self.lag = Gauge("iotpipe_storage_feed_lag_seconds",
-                         "Age (since ingest received it) of the newest reading stored",
-                         ["endpoint"], registry=registry)
-        self.last_acked = Gauge("iotpipe_storage_last_acked_seq",
-                                "Highest middle log seq acknowledged", ["endpoint"],
-                                registry=registry)
-        self.tail = TailMetrics(registry, self.written, self.duplicates, self.write_errors,
-                                self.write_seconds)
-        self.pruned = Counter("iotpipe_storage_store_pruned_total",
-                              "Readings removed from the store of record after "
-                              "--store-retention", registry=registry)
 
 
 @dataclass
@@ -188,7 +85,7 @@ class _Link:
     consumer: FeedConsumer
 
 
-class StorageService:
+class StorageServer:
     """The storage loop; ``run()`` blocks until ``stop()`` (safe from a signal handler)."""
 
     def __init__(
@@ -205,9 +102,8 @@ class StorageService:
             raise ValueError("no feed endpoints configured (--feed-endpoints tcp://host:5557)")
         if not sinks or not isinstance(sinks[0], SqliteSink):
             raise ValueError("--sinks: the first sink must be the store of record (sqlite://)")
-        keys = [cursor_key(sink.url) for sink in sinks]
-        twice = sorted({key for key in keys if keys.count(key) > 1})
-        if twice:  # two writers on one cursor would each skip what the other wrote
+        twice = listed_twice([cursor_key(sink.url) for sink in sinks])
+        if twice:
             raise ValueError(f"--sinks: sink(s) listed twice: {', '.join(twice)}")
         self.settings = settings
         self.store: SqliteSink = sinks[0]
@@ -217,6 +113,7 @@ class StorageService:
         self._next_prune = 0.0
         self.registry = registry
         self.metrics = metrics
+        metrics.watch_sinks(self.sinks)
         self.endpoints_file = endpoints_file
         self.sinks_healthy = True
         self._stop = threading.Event()
@@ -423,7 +320,7 @@ class StorageService:
         return True
 
     def _write_until_done(self, sink: Sink, batches: list[SinkBatch]) -> bool:
-        backoff_s = 0.1
+        backoff = WriteBackoff()
         while True:
             started = time.perf_counter()
             try:
@@ -431,12 +328,12 @@ class StorageService:
             except SinkError as exc:
                 self.metrics.write_errors.labels(sink.kind).inc()
                 self.sinks_healthy = False
+                delay = backoff.next_delay()
                 log.error("sink write failed; retrying",
                           extra={"fields": {"sink": sink.url, "error": str(exc),
-                                            "retry_s": backoff_s}})
-                if self._stop.wait(backoff_s):
+                                            "retry_s": delay}})
+                if self._stop.wait(delay):
                     return False
-                backoff_s = min(backoff_s * 2, 5.0)
                 continue
             self.metrics.write_seconds.labels(sink.kind).observe(time.perf_counter() - started)
             self.metrics.written.labels(sink.kind).inc(result.written)
@@ -508,7 +405,7 @@ def main(argv: Sequence[str]) -> int:
     if watched is not None:
         REGISTRY.register(EndpointsCollector({"feed": watched}))
     try:
-        service = StorageService(settings, sinks, registry, StorageMetrics(), endpoints,
+        service = StorageServer(settings, sinks, registry, StorageMetrics(), endpoints,
                                  watched)
     except ValueError as exc:
         for sink in sinks:

@@ -20,7 +20,8 @@ URL schemes:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -33,6 +34,7 @@ __all__ = [
     "SinkBatch",
     "SinkError",
     "WriteResult",
+    "leaf_values",
     "open_sink",
     "sink_scheme",
 ]
@@ -95,6 +97,38 @@ class ReadableSink(Protocol):
     def count(self, device_id: str | None, since_ns: int | None, until_ns: int | None) -> int: ...
 
     def close(self) -> None: ...
+
+
+def leaf_values(data: object, encode: Callable[[object], str | None], prefix: str = ""
+                ) -> Iterator[tuple[str, str | None]]:
+    """``(field name, encode(value))`` for every leaf of a reading's data object.
+
+    Nested objects are flattened with ``_`` (``{"a": {"b": 1}}`` is field ``a_b``); ``encode``
+    gives the sink's form of a value, or None when the sink cannot store it.
+    """
+    if not isinstance(data, dict):
+        return
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from leaf_values(value, encode, f"{name}_")
+        else:
+            yield name, encode(value)
+
+
+def take_matching(values: list[float] | None, value: float, rel_tol: float = 1e-9) -> bool:
+    """Remove ``value`` from ``values`` (what a read-back found at one series and time) when
+    the server holds it there; True if it did.
+
+    Servers print float64 values a little rounded, so values this close count as one.
+    """
+    if not values:
+        return False
+    for i, held in enumerate(values):
+        if math.isclose(held, value, rel_tol=rel_tol, abs_tol=1e-300):
+            del values[i]
+            return True
+    return False
 
 
 def sink_scheme(url: str) -> str:

@@ -48,18 +48,19 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
 import orjson
-import prometheus_client
 
 from iotpipe.storage.enrich import StoredReading
-from iotpipe.storage.sinks import SinkBatch, SinkError, WriteResult
+from iotpipe.storage.sinks import (
+    SinkBatch,
+    SinkError,
+    WriteResult,
+    leaf_values,
+    take_matching,
+)
 
 __all__ = ["VictoriaMetricsSink", "data_fields", "line_for", "numeric_fields"]
 
 _RESERVED_TAGS = ("device_id", "class", "location")
-SKIPPED_VALUES = prometheus_client.Counter(
-    "iotpipe_storage_victoriametrics_skipped_values_total",
-    "Data values VictoriaMetrics cannot store (strings, nulls, lists, non-finite), not sent",
-    ["sink"])
 _ESCAPE_TAG = re.compile(r"([,= \\])")
 _ESCAPE_MEASUREMENT = re.compile(r"([, \\])")
 _TIMEOUT_S = 10.0
@@ -89,14 +90,7 @@ def _field_value(value: object) -> str | None:
 
 def data_fields(data: object, prefix: str = "") -> Iterator[tuple[str, str | None]]:
     """``(field name, line-protocol value or None when not storable)`` for every leaf."""
-    if not isinstance(data, dict):
-        return
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            yield from data_fields(value, f"{name}_")
-        else:
-            yield name, _field_value(value)
+    return leaf_values(data, _field_value, prefix)
 
 
 def numeric_fields(data: object, prefix: str = "") -> Iterator[tuple[str, str]]:
@@ -144,19 +138,6 @@ def line_for(reading: StoredReading, measurement: str,
 
 SampleKey = tuple[tuple[tuple[str, str], ...], int]  # (sorted labels with __name__, ts ms)
 Stored = dict[SampleKey, list[float]]  # the values the server holds per series and ms
-_VALUE_REL_TOL = 1e-9  # VictoriaMetrics may print a float64 a little rounded
-
-
-def _take_stored(values: list[float] | None, value: float) -> bool:
-    if not values:
-        return False
-    for i, held in enumerate(values):
-        if math.isclose(held, value, rel_tol=_VALUE_REL_TOL, abs_tol=1e-300):
-            del values[i]
-            return True
-    return False
-
-
 def _number(text: str) -> float:
     """The float of a line-protocol value (``3i``, ``1i`` for true, ``21.5``)."""
     return float(text[:-1] if text.endswith("i") else text)
@@ -175,6 +156,9 @@ def _label_value(text: str) -> str:
 
 class VictoriaMetricsSink:
     kind = "victoriametrics"
+    # Read at scrape time by iotpipe.storage.metrics.SinkCollector.
+    counter_help = {"skipped_values": "Data values VictoriaMetrics cannot store (strings, "
+                                      "nulls, lists, non-finite), not sent"}
 
     def __init__(self, host: str, port: int, measurement: str = "iotpipe",
                  url: str | None = None) -> None:
@@ -184,6 +168,7 @@ class VictoriaMetricsSink:
         self.measurement = _ESCAPE_MEASUREMENT.sub(r"\\\1", measurement)
         self.url = url or f"victoriametrics://{host}:{port}"
         self._conn: http.client.HTTPConnection | None = None
+        self.counters = dict.fromkeys(self.counter_help, 0)
 
     @classmethod
     def from_url(cls, url: str) -> VictoriaMetricsSink:
@@ -270,7 +255,7 @@ class VictoriaMetricsSink:
                 missing = []
                 for name, value in fields:
                     key = sample_key(reading, self.raw_measurement, name)
-                    if _take_stored(found.get(key), _number(value)):
+                    if take_matching(found.get(key), _number(value)):
                         already += 1
                     else:
                         missing.append((name, value))
@@ -279,7 +264,7 @@ class VictoriaMetricsSink:
             if line is not None:
                 lines.append(line)
         if skipped_values:
-            SKIPPED_VALUES.labels(self.kind).inc(skipped_values)
+            self.counters["skipped_values"] += skipped_values
         if not lines:
             return WriteResult(0, already)
         status, body = self._post("/write", ("\n".join(lines) + "\n").encode())

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from iotpipe import wire
 
-__all__ = ["FeedConsumer", "merge_ranges"]
+__all__ = ["FeedConsumer", "WriteBackoff", "listed_twice", "merge_ranges"]
 
 
 def merge_ranges(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -117,3 +117,33 @@ class FeedConsumer:
     def abandon(self, delivery: wire.Records) -> None:
         """Give a delivery up without acking it (shutdown while sinks fail); it is redelivered."""
         self.in_hand = max(0, self.in_hand - len(delivery.records))
+
+
+class WriteBackoff:
+    """Seconds to wait before each retry of a failing store-of-record write.
+
+    Doubles from ``first`` up to ``cap``: a store that is briefly locked is retried at once,
+    one that is down is not hammered. ``reset()`` after a write that succeeded.
+    """
+
+    def __init__(self, first: float = 0.1, cap: float = 5.0) -> None:
+        self._first = first
+        self._cap = cap
+        self._next = first
+
+    def next_delay(self) -> float:
+        delay = self._next
+        self._next = min(self._next * 2, self._cap)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self._first
+
+
+def listed_twice(cursor_keys: Sequence[str]) -> list[str]:
+    """Sink cursor keys that occur more than once, sorted.
+
+    Two writers on one cursor would each skip what the other wrote, so such a sink list is
+    refused at start.
+    """
+    return sorted({key for key in cursor_keys if cursor_keys.count(key) > 1})

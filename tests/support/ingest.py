@@ -1,15 +1,21 @@
-"""Test helpers for ingest: a fake middle ROUTER in a thread, readiness waits."""
+"""Test helpers for ingest: a fake middle ROUTER in a thread, readiness, simulator runs, queues."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import zmq
 
+from iotpipe.ingest.identity import INCARNATION_FILE
+from iotpipe.queue import PersistentQueue
+from iotpipe.simulate import SimulateSettings, SimulationReport
 from iotpipe.wire import KIND_BATCH, decode_batch, decode_reading, encode_ack, encode_busy
+from support import waiting
 
 SECRET = "ingest-test-secret-at-least-32-bytes-long"
 
@@ -77,11 +83,10 @@ class FakeMiddle:
         return {(r.device_id, r.msg_id) for r in map(decode_reading, readings)}
 
     def wait_for(self, predicate: Callable[[FakeMiddle], bool], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate(self):
-                return True
-            time.sleep(0.02)
+        """Whether ``predicate`` held within ``timeout`` (for the caller to assert on)."""
+        with contextlib.suppress(AssertionError):
+            return waiting.wait_for(lambda: predicate(self), timeout, "the fake middle",
+                                    interval=0.02)
         return predicate(self)
 
     def close(self) -> None:
@@ -91,20 +96,47 @@ class FakeMiddle:
         self._context.term()
 
 
-def http_status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-    except OSError:
-        return 0
+def node_identity(queue_dir: Path, base: str) -> str:
+    """The identity a queue is forwarded under: ``base~<incarnation in the queue dir>``."""
+    incarnation = (queue_dir / INCARNATION_FILE).read_text().strip()
+    assert len(incarnation) == 16
+    return f"{base}~{incarnation}"
+
+
+def simulate(port: int, **kwargs: object) -> SimulateSettings:
+    values: dict[str, object] = {"url": f"ws://127.0.0.1:{port}/v1/ingest",
+                                 "secret": SECRET, "ack_timeout": 10.0}
+    values.update(kwargs)
+    return SimulateSettings(**values)  # type: ignore[arg-type]
+
+
+def acked_pairs(report: SimulationReport) -> set[tuple[str, str]]:
+    return {(d, str(i)) for d, ids in report.acked_ids.items() for i in ids}
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            if ppid == pid:
+                found.append(int(entry))
+    return sorted(found)
+
+
+def queue_depth(path: Path) -> int:
+    with PersistentQueue.open(path, capacity_bytes=1 << 30, consumers=("forwarder",)) as q:
+        return q.depth().records
 
 
 def wait_ready(metrics_port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if http_status(f"http://127.0.0.1:{metrics_port}/readyz") == 200:
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"ingest on metrics port {metrics_port} not ready in {timeout}s")
+    """Wait for an ingest's /readyz; TimeoutError (with the reason) when it never answers."""
+    try:
+        waiting.wait_ready(f"http://127.0.0.1:{metrics_port}/readyz", timeout,
+                           what=f"ingest on metrics port {metrics_port}")
+    except AssertionError as exc:
+        raise TimeoutError(str(exc)) from None

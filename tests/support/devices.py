@@ -1,223 +1,24 @@
-"""End-to-end test support: the four tiers as real processes, a device fleet, live clients.
+"""Devices and live clients for end-to-end tests.
 
 The fleet is written here (not ``iotpipe simulate``) where a test needs full control over
 resends: a device that loses its connection resends every unacknowledged message with the
 SAME id, as real firmware does, so storage's (device_id, msg_id) identity is exercised.
+Source addresses (and the descriptor limit the scale tests raise) come from the simulator's
+library code, ``iotpipe.simulate``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import random
-import resource
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import orjson
-from conftest import ProcessGroup, free_port
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from iotpipe.auth import CLIENT_AUDIENCE, DEVICE_AUDIENCE, issue_token
-
-SECRET = "integration-secret-0123456789abcdef0123456789"
-
-REGISTRY_YAML = """\
-devices:
-  dev-000: {class: boiler, location: hall-1, labels: {line: "1"}}
-prefixes:
-  dev-: {class: thermometer, location: hall-2}
-"""
-
-
-async def eventually(predicate: Callable[[], bool], within_s: float,
-                     interval: float = 0.2) -> bool:
-    """Poll ``predicate`` until it holds or ``within_s`` seconds pass; returns its last value."""
-    deadline = time.monotonic() + within_s
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(interval)
-
-
-def raise_nofile(wanted: int = 65536) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-
-
-def http_get(url: str, timeout: float = 2.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return str(response.read().decode())
-
-
-def metric_value(text: str, name: str) -> float | None:
-    """The value of an unlabelled sample, or the sum over labelled ones."""
-    total: float | None = None
-    for line in text.splitlines():
-        if line.startswith(name) and (line[len(name)] in " {"):
-            total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
-    return total
-
-
-@dataclass
-class Pipeline:
-    """The four tiers on loopback ports, each a separate process that tests may kill."""
-
-    procs: ProcessGroup
-    root: Path
-    ingest_args: list[str] = field(default_factory=list)
-    middle_args: list[str] = field(default_factory=list)
-    relay_args: list[str] = field(default_factory=list)
-    storage_args: list[str] = field(default_factory=list)
-    middles: int = 1  # tiers "middle" (id mid-0), "middle1" (mid-1), ...
-
-    def __post_init__(self) -> None:
-        self.middle_names = ["middle"] + [f"middle{i}" for i in range(1, self.middles)]
-        names = ["ingest", "relay", "ingest_m", "storage_m", "relay_m"]
-        for i in range(self.middles):
-            names += [f"router{i}", f"pub{i}", f"feed{i}", f"{self.middle_names[i]}_m"]
-        self.ports = {name: free_port() for name in names}
-        self.registry = self.root / "registry.yaml"
-        self.registry.write_text(REGISTRY_YAML)
-        self.db = self.root / "store" / "readings.db"
-        self.running: dict[str, subprocess.Popen[bytes]] = {}
-        self.env = {"IOTPIPE_AUTH_SECRET": SECRET}
-
-    @property
-    def tiers(self) -> list[str]:
-        return [*self.middle_names, "storage", "relay", "ingest"]
-
-    @property
-    def ingest_url(self) -> str:
-        return f"ws://127.0.0.1:{self.ports['ingest']}/v1/ingest"
-
-    @property
-    def relay_url(self) -> str:
-        return f"ws://127.0.0.1:{self.ports['relay']}/v1/live"
-
-    def metrics_url(self, tier: str) -> str:
-        return f"http://127.0.0.1:{self.ports[tier + '_m']}"
-
-    def _endpoints(self, kind: str) -> str:
-        return ",".join(f"tcp://127.0.0.1:{self.ports[f'{kind}{i}']}"
-                        for i in range(self.middles))
-
-    def argv(self, tier: str) -> list[str]:
-        p = self.ports
-        common = ["--host", "127.0.0.1", "--metrics-port", str(p[tier + "_m"])]
-        if tier in self.middle_names:
-            i = self.middle_names.index(tier)
-            return ["middle", *common, "--router-port", str(p[f"router{i}"]),
-                    "--pub-port", str(p[f"pub{i}"]), "--feed-port", str(p[f"feed{i}"]),
-                    "--data-dir", str(self.root / tier), "--log-bytes", str(256 << 20),
-                    "--segment-bytes", str(8 << 20), "--middle-id", f"mid-{i}",
-                    "--consumer-groups", "storage", "--lease-timeout", "3",
-                    "--consumer-timeout", "3", *self.middle_args]
-        if tier == "storage":
-            return ["storage", *common, "--feed-endpoints", self._endpoints("feed"),
-                    "--group", "storage", "--consumer-id", "store-0",
-                    "--sinks", f"sqlite://{self.db}", "--registry-file", str(self.registry),
-                    "--data-dir", str(self.root / "store"), *self.storage_args]
-        if tier == "relay":
-            return ["relay", *common, "--port", str(p["relay"]),
-                    "--middle-pub-endpoints", self._endpoints("pub"),
-                    "--registry-file", str(self.registry), *self.relay_args]
-        if tier == "ingest":
-            return ["ingest", *common, "--port", str(p["ingest"]),
-                    "--data-dir", str(self.root / "ingest"), "--queue-bytes", str(64 << 20),
-                    "--node-id", "ing-0", "--middle-endpoints", self._endpoints("router"),
-                    "--forward-ack-timeout", "1", "--rate-limit", "0", *self.ingest_args]
-        raise ValueError(tier)
-
-    def start(self, tier: str, wait: bool = True) -> subprocess.Popen[bytes]:
-        proc = self.procs.iotpipe(*self.argv(tier), name=tier, env=self.env)
-        self.running[tier] = proc
-        if wait:
-            self.wait_ready(tier)
-        return proc
-
-    def start_all(self) -> None:
-        for tier in self.tiers:
-            self.start(tier, wait=False)
-        for tier in self.tiers:
-            self.wait_ready(tier)
-
-    def wait_ready(self, tier: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        proc = self.running[tier]
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"{tier} exited with {proc.returncode}:\n"
-                                     f"{self.procs.log(tier)[-3000:]}")
-            with contextlib.suppress(OSError, urllib.error.URLError):
-                http_get(self.metrics_url(tier) + "/readyz", timeout=1)
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"{tier} not ready within {timeout}s:\n{self.procs.log(tier)[-3000:]}")
-
-    def kill(self, tier: str) -> None:
-        proc = self.running[tier]
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-    def terminate(self, tier: str, timeout: float = 60.0) -> int:
-        proc = self.running[tier]
-        proc.send_signal(signal.SIGTERM)
-        return proc.wait(timeout=timeout)
-
-    def metrics(self, tier: str) -> str:
-        return http_get(self.metrics_url(tier) + "/metrics")
-
-    def device_token(self, device: str) -> str:
-        return issue_token(SECRET.encode(), device, DEVICE_AUDIENCE, 3600)
-
-    def client_token(self, app: str = "test-app") -> str:
-        return issue_token(SECRET.encode(), app, CLIENT_AUDIENCE, 3600)
-
-    # -- storage checks -------------------------------------------------------------------
-
-    def query(self, *args: str) -> str:
-        result = subprocess.run(
-            [sys.executable, "-m", "iotpipe.cli", "query", "--db", str(self.db), *args],
-            capture_output=True, timeout=60, check=False)
-        assert result.returncode == 0, result.stderr.decode()
-        return result.stdout.decode()
-
-    def stored_count(self) -> int:
-        if not self.db.exists():
-            return 0
-        return int(self.query("--count").strip() or 0)
-
-    def stored(self) -> list[dict[str, object]]:
-        return [orjson.loads(line) for line in self.query("--json").splitlines() if line]
-
-    def wait_stored(self, expected: int, timeout: float = 60.0) -> int:
-        deadline = time.monotonic() + timeout
-        count = -1
-        while time.monotonic() < deadline:
-            count = self.stored_count()
-            if count >= expected:
-                return count
-            time.sleep(0.5)
-        return count
-
-
-# -- devices ---------------------------------------------------------------------------------
+from iotpipe.simulate import source_addresses
 
 
 @dataclass
@@ -229,7 +30,7 @@ class Fleet:
     batch: int = 5
     interval: float = 0.05
     per_device: int | None = None  # stop after this many messages per device
-    spread_sources: int = 0  # bind to 127.0.0.2.. 127.0.0.(1+N) when > 0
+    spread_sources: bool = False  # bind to 127.0.0.2.. as ``iotpipe simulate`` does
     hold: asyncio.Event | None = None  # wait for it after connecting, before sending
     reply_timeout: float = 10.0
     pad: int = 0  # extra bytes of payload per message
@@ -263,8 +64,9 @@ class Fleet:
         next_n = 0
         failures = 0
         kwargs: dict[str, object] = {}
-        if self.spread_sources:
-            kwargs["local_addr"] = (f"127.0.0.{2 + index % self.spread_sources}", 0)
+        sources = source_addresses(self.url, len(self.tokens), self.spread_sources)
+        if (source := sources[index % len(sources)]) is not None:
+            kwargs["local_addr"] = (source, 0)
         headers = {"Authorization": f"Bearer {self.tokens[device]}"}
         if self.ramp_s:
             await asyncio.sleep(self.ramp_s * index / max(1, len(self.tokens)))

@@ -1,12 +1,14 @@
-"""Helpers shared by the storage tests: building feed records and a fake middle feed."""
+"""Helpers shared by the storage tests: feed records, a fake middle feed, a storage process."""
 
 from __future__ import annotations
 
 import shutil
 import socket
+import sqlite3
 import subprocess
 import threading
-import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,9 @@ import msgpack
 import zmq
 
 from iotpipe import wire
+from support.ports import free_port
+from support.processes import ProcessGroup
+from support.waiting import exited, wait_for, wait_ready
 
 T0_NS = 1_764_151_200_000_000_000  # 2025-11-26T10:00:00Z
 
@@ -175,9 +180,60 @@ def start_real_akumulid(procs: Any, root: Path, tcp_port: int, http_port: int
     subprocess.run([binary, "--create", "--config", str(config)], check=True, timeout=120,
                    capture_output=True)
     procs.start([binary, "--config", str(config)], name="akumulid")
-    deadline = time.monotonic() + 30
-    while not (_port_open(tcp_port) and _port_open(http_port)):
-        if time.monotonic() > deadline:
-            raise AssertionError("akumulid did not start:\n" + procs.log("akumulid"))
-        time.sleep(0.1)
+    wait_for(lambda: _port_open(tcp_port) and _port_open(http_port), 30, "akumulid to listen",
+             interval=0.1, details=lambda: procs.log("akumulid"))
     return True
+
+
+STORAGE_REGISTRY_YAML = """
+devices:
+  a-dev-1: {class: boiler, location: hall-2, labels: {line: 3}}
+prefixes:
+  a-: {class: sensor, location: plant-a}
+"""
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+    except OSError:
+        return 0, ""
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{" if labels or "{" in line.split(" ")[0] else name + " ") \
+                and labels in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def start_storage(procs: ProcessGroup, tmp_path: Path, endpoints: list[str], name: str,
+                  window: int = 500, sinks: list[str] | None = None
+                  ) -> tuple[subprocess.Popen[bytes], int]:
+    registry = tmp_path / "registry.yaml"
+    if not registry.exists():
+        registry.write_text(STORAGE_REGISTRY_YAML)
+    metrics_port = free_port()
+    proc = procs.iotpipe(
+        "storage", "--host", "127.0.0.1", "--metrics-port", str(metrics_port),
+        "--feed-endpoints", ",".join(endpoints), "--consumer-id", "storage-test",
+        "--sinks", ",".join(sinks or [f"sqlite://{tmp_path}/store/readings.db"]),
+        "--registry-file", str(registry), "--window", str(window),
+        "--heartbeat", "0.2", name=name)
+    wait_ready(f"http://127.0.0.1:{metrics_port}/readyz", 15, what="storage ready",
+               abort=exited(proc, name), details=lambda: procs.log(name))
+    return proc, metrics_port
+
+
+def db_rows(tmp_path: Path) -> list[tuple[object, ...]]:
+    db = sqlite3.connect(tmp_path / "store" / "readings.db")
+    try:
+        return db.execute("SELECT device_id, msg_id, node_seq, data, device_class, location,"
+                          " labels FROM readings").fetchall()
+    finally:
+        db.close()

@@ -1,0 +1,47 @@
+"""Child processes that are killed, with their whole process group, at teardown."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+class ProcessGroup:
+    """Starts child processes and guarantees they are killed at teardown, even on failure."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._log_dir = log_dir
+
+    def start(self, args: list[str], name: str, env: dict[str, str] | None = None,
+              **kwargs: object) -> subprocess.Popen[bytes]:
+        log = open(self._log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        full_env = {**os.environ, **(env or {})}
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=full_env,
+            start_new_session=True, **kwargs,  # type: ignore[arg-type]
+        )
+        log.close()
+        self._procs.append(proc)
+        return proc
+
+    def iotpipe(self, *args: str, name: str, env: dict[str, str] | None = None
+                ) -> subprocess.Popen[bytes]:
+        return self.start([sys.executable, "-m", "iotpipe.cli", *args], name=name, env=env)
+
+    def log(self, name: str) -> str:
+        path = self._log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def kill_all(self) -> None:
+        for proc in self._procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        for proc in self._procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)

@@ -1,0 +1,69 @@
+"""Settings of ``iotpipe relay`` (flags and ``IOTPIPE_RELAY_*`` environment variables)."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from iotpipe.relay.web import parse_health_targets
+from iotpipe.settings import (
+    CommaList,
+    EdgeSecuritySettings,
+    EndpointsReloadSettings,
+    ServerSettings,
+    metrics_port_field,
+    tier_config,
+)
+
+__all__ = ["RelaySettings"]
+
+
+class RelaySettings(EdgeSecuritySettings, EndpointsReloadSettings, ServerSettings):
+    """Serve live device readings to client apps over WebSocket (path /v1/live)."""
+
+    model_config = tier_config("iotpipe relay", "IOTPIPE_RELAY_")
+
+    port: int = Field(8081, ge=0, le=65535, description="WebSocket port (path /v1/live)")
+    metrics_port: int = metrics_port_field(9103)
+    middle_pub_endpoints: CommaList = Field(
+        default_factory=list,
+        description="middle PUB endpoints, comma separated (tcp://host:5556,...)")
+    middle_pub_endpoints_file: str = Field(
+        "", description="file listing the middle PUB endpoints, one per line (key 'pub' of "
+                        "the endpoints ConfigMap), re-read while running; wins over "
+                        "--middle-pub-endpoints when usable")
+    registry_file: str = Field(
+        "/etc/iotpipe/registry/registry.yaml",
+        description="device registry YAML (for class/location subscriptions); "
+                    "a missing file means every device is 'unknown'")
+    client_queue: int = Field(1000, ge=1,
+                              description="frames queued per client before events are dropped "
+                                          "for it (the client then gets a gap frame)")
+    stall_timeout: float = Field(15.0, gt=0,
+                                 description="close a client (code 4008) whose queue made no "
+                                             "progress for this many seconds")
+    max_filters: int = Field(1000, ge=1, description="subscription entries allowed per client")
+    max_frame_bytes: int = Field(65536, ge=256,
+                                 description="largest client frame accepted (larger: close 1009)")
+    max_clients: int = Field(10000, ge=1, description="connections above this get HTTP 503")
+    sub_hwm: int = Field(100_000, ge=1,
+                         description="ZeroMQ receive high-water mark of the SUB socket")
+    compression: bool = Field(False, description="offer permessage-deflate (costs memory)")
+    insecure_no_auth: bool = Field(False, description="accept clients without a token "
+                                                      "(local demos only)")
+    # The live fleet page (iotpipe.relay.web): served at / on the WebSocket port.
+    web: bool = Field(True, description="--no-web: do not serve the live fleet page at / "
+                                        "and its /api/ endpoints on the WebSocket port")
+    history_urls: CommaList = Field(
+        default_factory=list,
+        description="storage read APIs for the page's device history, comma separated "
+                    "(http://storage-host:9102; storage runs with --read-api)")
+    health_urls: CommaList = Field(
+        default_factory=list,
+        description="tier metrics for the page's pipeline health, comma separated "
+                    "TIER=URL (ingest=http://host:9100/metrics,...)")
+
+    @field_validator("health_urls")
+    @classmethod
+    def _check_health_urls(cls, value: list[str]) -> list[str]:
+        parse_health_targets(value)  # a ValueError names the bad entry
+        return value

@@ -8,14 +8,14 @@ import time
 
 import pytest
 from support.cluster import ClusterEmulator, LocalCluster
-
-from cluster.conftest import (
+from support.cluster.scenario import (
     NAME,
     assert_every_ack_stored_once,
     devices,
     pipeline_manifest,
     start_pipeline,
 )
+
 from iotpipe_operator.rotation import ROLES, public_fingerprints
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240),

@@ -220,13 +220,13 @@ def test_middle_metrics_name_the_keys_it_admits_and_runs_with(procs: ProcessGrou
                               "feed": {current["storage"]}}
     curve.add_next(keys)
     _, _, nxt = seen()
-    wait_until(lambda: (s := seen()[0]) is not None
+    wait_for(lambda: (s := seen()[0]) is not None
                and s.admitted["router"] == {current["ingest"], nxt["ingest"]}
                and s.admitted["feed"] == {current["storage"], nxt["storage"]}, 30,
                "next keys admitted")
     curve.promote(keys)
     # the promoted own key is on disk; the middle runs with the old one until a restart
-    wait_until(lambda: (s := seen()[0]) is not None and s.disk == nxt["middle"], 30,
+    wait_for(lambda: (s := seen()[0]) is not None and s.disk == nxt["middle"], 30,
                "promoted key seen on disk")
     state = seen()[0]
     assert state is not None and state.own == current["middle"]

@@ -341,14 +341,24 @@ def _spec_schema() -> dict[str, Any]:
                         "type": "object", "default": {},
                         "description": "CurveZMQ on every ZeroMQ link: the operator creates "
                                        "the Secret <name>-curve with a key pair per role "
-                                       "once, never overwrites it, and mounts it in every "
-                                       "tier and drain Job. Rotate with iotpipe keys "
+                                       "once and mounts it in every tier and drain Job; "
+                                       "it rotates the keys when rotation changes "
                                        "(docs/security.md).",
                         "properties": {
                             "enabled": {"type": "boolean", "default": True,
                                         "description": "false: plain ZeroMQ (only where "
                                                        "the network is private to the "
                                                        "pipeline)."},
+                            "rotation": {
+                                "type": "string", "maxLength": 63,
+                                "description": "Any string; when it changes, the operator "
+                                               "rotates every CurveZMQ key pair without "
+                                               "losing an acknowledged message: next keys, "
+                                               "wait until every middle admits them, "
+                                               "promote and roll the tiers, retire the old "
+                                               "keys (status.curveRotation and the "
+                                               "condition CurveKeysRotated; "
+                                               "docs/security.md)."},
                         },
                     },
                 },

@@ -24,6 +24,7 @@ and a change handler may fire together.
 
 from __future__ import annotations
 
+import base64
 import copy
 import logging
 import tempfile
@@ -36,7 +37,7 @@ import kopf
 
 from iotpipe import curve
 from iotpipe.observability import setup_logging
-from iotpipe_operator import builders, crd, deletion, drain
+from iotpipe_operator import builders, crd, deletion, drain, rotation
 from iotpipe_operator import status as status_mod
 from iotpipe_operator.builders import ClusterCapabilities, Problem, selector_for, workload_name
 from iotpipe_operator.kube import FIELD_MANAGER, ForeignObjectError, Kube, KubeError
@@ -296,8 +297,121 @@ def _drive_drains(kube: Kube, body: Mapping[str, Any], problems: list[Problem],
     return plan.summary()
 
 
+# -- CurveZMQ key rotation (decisions in :mod:`rotation`; here only read, act, report) ----
+
+
+def _secret_files(secret: Mapping[str, Any]) -> dict[str, bytes]:
+    return {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
+
+
+def _rotated_files(files: Mapping[str, bytes], change: Callable[[Path], object]
+                   ) -> dict[str, bytes]:
+    """``files`` after ``change`` (an :mod:`iotpipe.curve` step) ran on a private copy: the
+    operator rotates with the same code as ``iotpipe keys``."""
+    with tempfile.TemporaryDirectory(prefix="iotpipe-curve-") as tmp:
+        directory = Path(tmp)
+        for key, value in files.items():
+            (directory / key).write_bytes(value)
+        change(directory)
+        return {path.name: path.read_bytes() for path in directory.iterdir()
+                if path.is_file() and not path.name.startswith(".")}
+
+
+def _rotation_observe(kube: Kube, body: Mapping[str, Any], spec: Mapping[str, Any],
+                      direct_metrics: bool, logger: logging.Logger
+                      ) -> tuple[rotation.Observation, dict[str, Any] | None]:
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    secret = kube.get("v1", "Secret", namespace, Names(name).curve_secret())
+    uid = meta.get("uid")
+    workloads: dict[str, dict[str, Any] | None] = {}
+    for tier, (api_version, kind) in WORKLOAD_KINDS.items():
+        live = kube.get(api_version, kind, namespace, workload_name(name, tier))
+        # A foreign object with a child's name is no tier of this pipeline: never rolled out.
+        workloads[tier] = live if live is None or uid is None or _is_owned(live, uid) else None
+    middle: dict[str, rotation.MiddleKeys | None] = {}
+    for pod in kube.list("v1", "Pod", namespace, selector_for(name, "middle")):
+        if (pod.get("metadata") or {}).get("deletionTimestamp"):
+            continue  # terminating: a restarted one takes its place
+        try:
+            middle[pod["metadata"]["name"]] = rotation.parse_middle(kube.pod_metrics(
+                namespace, pod, builders.METRICS_PORT, direct=direct_metrics))
+        except KubeError as exc:
+            logger.info("rotation: metrics of %s unreadable: %s", pod["metadata"]["name"], exc)
+            middle[pod["metadata"]["name"]] = None
+    middle_sts = workloads.get("middle") or {}
+    return rotation.Observation(
+        requested=spec["security"]["curve"].get("rotation"),
+        record=(body.get("status") or {}).get("curveRotation") or {},
+        secret=None if secret is None else _secret_files(secret),
+        middle=middle,
+        middle_desired=int((middle_sts.get("spec") or {}).get("replicas", 1)),
+        workloads=workloads), secret
+
+
+def _rotation_act(kube: Kube, body: Mapping[str, Any], step: rotation.Step,
+                  secret: Mapping[str, Any] | None, logger: logging.Logger) -> None:
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    if step.action == "roll":
+        for tier in step.tiers:
+            api_version, kind = WORKLOAD_KINDS[tier]
+            live = kube.get(api_version, kind, namespace, workload_name(name, tier))
+            uid = meta.get("uid")
+            if live is None or (uid is not None and not _is_owned(live, uid)):
+                continue  # not there yet, or foreign (reported by the apply): never touched
+            # A merge patch, like kubectl rollout restart: the operator's apply does not own
+            # the annotation, so later reconciles keep it.
+            kube.patch(api_version, kind, namespace, workload_name(name, tier),
+                       {"spec": {"template": {"metadata": {"annotations": {
+                           rotation.ANNOTATION: step.record["active"]}}}}})
+        logger.info("rotation %s: rolling %s", step.record["active"], ", ".join(step.tiers))
+        return
+    assert secret is not None
+    files = _secret_files(secret)
+    if step.action == "add_next":
+        new = _rotated_files(files, lambda d: curve.add_next(d, step.roles))
+    elif step.action == "promote":
+        new = _rotated_files(files, curve.promote)
+    elif step.action == "retire":
+        new = _rotated_files(files, curve.retire)
+    else:
+        return
+    data: dict[str, str | None] = {k: base64.b64encode(v).decode() for k, v in new.items()
+                                   if files.get(k) != v}
+    data.update({k: None for k in files if k not in new})  # merge patch: null deletes
+    # resourceVersion: the patch fails (409) if the Secret changed since it was read, so a
+    # decision is never applied to keys it did not see.
+    kube.patch("v1", "Secret", namespace, secret["metadata"]["name"],
+               {"metadata": {"resourceVersion": secret["metadata"].get("resourceVersion")},
+                "data": data})
+    logger.info("rotation %s: %s (%s)", step.record["active"], step.action,
+                ", ".join(sorted(data)))
+
+
+def _rotate_curve(kube: Kube, body: Mapping[str, Any], spec: Mapping[str, Any],
+                  direct_metrics: bool, logger: logging.Logger) -> rotation.Step:
+    """Drive the rotation as far as it goes without waiting: act, observe again, until a
+    step has to wait (bounded: a rotation has four acting steps)."""
+    record = (body.get("status") or {}).get("curveRotation") or {}
+    if not spec["security"]["curve"]["enabled"]:
+        return rotation.Step("none", dict(record), "False", "CurveDisabled",
+                             "security.curve.enabled is false: no keys to rotate")
+    step = rotation.decide(rotation.Observation(
+        requested=spec["security"]["curve"].get("rotation"), record=record, secret={}))
+    if step.reason == "Idle":
+        return step  # nothing requested: no Secret read, no metrics scraped
+    for _ in range(5):
+        observation, secret = _rotation_observe(kube, body, spec, direct_metrics, logger)
+        step = rotation.decide(observation)
+        if step.action == "none":
+            break
+        _rotation_act(kube, body, step, secret, logger)
+    return step
+
+
 def reconcile(kube: Kube, body: Mapping[str, Any], logger: logging.Logger,
-              known: dict[str, bool] | None = None
+              known: dict[str, bool] | None = None, direct_metrics: bool = False
               ) -> tuple[dict[str, Any], list[status_mod.Transition]]:
     """One full pass for one pipeline; returns the new status and condition transitions."""
     body = copy.deepcopy(dict(body))  # one snapshot per pass: kopf's body is live
@@ -307,6 +421,7 @@ def reconcile(kube: Kube, body: Mapping[str, Any], logger: logging.Logger,
     problems: list[Problem] = []
     drains: dict[str, list[int]] = {}
     scaling: str | None = None
+    rotated: rotation.Step | None = None
     applied = spec["paused"]  # paused: nothing to apply, the generation is observed
     deleting = bool(meta.get("deletionTimestamp"))
     with _lock_for(meta.get("uid") or f"{namespace}/{name}"):
@@ -341,6 +456,11 @@ def reconcile(kube: Kube, body: Mapping[str, Any], logger: logging.Logger,
                     drains = _drive_drains(kube, body, problems, logger)
                 except KubeError as exc:  # a failed read: report, retry
                     problems.append(Problem("ReadFailed", str(exc), retry=True))
+                if created:
+                    try:
+                        rotated = _rotate_curve(kube, body, spec, direct_metrics, logger)
+                    except KubeError as exc:
+                        problems.append(Problem("CurveRotationFailed", str(exc), retry=True))
         workloads: dict[str, dict[str, Any] | None] = {}
         for tier, (api_version, kind) in WORKLOAD_KINDS.items():
             try:
@@ -353,8 +473,37 @@ def reconcile(kube: Kube, body: Mapping[str, Any], logger: logging.Logger,
     previous = body.get("status") or {}
     # Claim a generation only once it is applied in full.
     generation = meta.get("generation") if applied else previous.get("observedGeneration")
-    return status_mod.compute(name, generation, spec["paused"], workloads,
-                              problems, drains, previous, scaling=scaling)
+    new_status, transitions = status_mod.compute(name, generation, spec["paused"], workloads,
+                                                 problems, drains, previous, scaling=scaling)
+    _report_rotation(new_status, transitions, previous, rotated, generation)
+    return new_status, transitions
+
+
+def _report_rotation(new_status: dict[str, Any], transitions: list[status_mod.Transition],
+                     previous: Mapping[str, Any], step: rotation.Step | None,
+                     generation: int | None) -> None:
+    """The rotation's record and condition into the status (the previous ones when this
+    pass did not get to the rotation: conditions are one list, replaced as a whole)."""
+    old_conditions = list(previous.get("conditions") or [])
+    if step is None:
+        old = next((c for c in old_conditions if c.get("type") == rotation.CONDITION), None)
+        if old is not None:
+            new_status["conditions"].append(old)
+        if previous.get("curveRotation") is not None:
+            new_status["curveRotation"] = previous["curveRotation"]
+        return
+    condition, changed = status_mod._condition(old_conditions, rotation.CONDITION,
+                                               step.status, step.reason, step.message,
+                                               generation)
+    new_status["conditions"].append(condition)
+    record: dict[str, Any] = dict(step.record)
+    # The status is merge-patched: a role no longer in the record is removed by a null.
+    old_keys = (previous.get("curveRotation") or {}).get("keys") or {}
+    record["keys"] = {**{role: None for role in old_keys}, **(step.record.get("keys") or {})}
+    new_status["curveRotation"] = record
+    if changed:
+        transitions.append(status_mod.Transition(rotation.CONDITION, step.status,
+                                                 step.reason, step.message))
 
 
 def _report(body: Mapping[str, Any], patch: kopf.Patch, new_status: dict[str, Any],
@@ -505,7 +654,7 @@ def make_registry(reconcile_interval: float = 60.0,
 
     def handle(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,
                retry: int = 0) -> None:
-        new_status, transitions = reconcile(kube(), body, logger, known)
+        new_status, transitions = reconcile(kube(), body, logger, known, direct_metrics)
         _report(body, patch, new_status, transitions, announced)
         failed = [c for c in new_status["conditions"]
                   if c["type"] == "Degraded" and c["status"] == "True"]
@@ -592,7 +741,7 @@ def make_registry(reconcile_interval: float = 60.0,
 
 
 RETRYABLE = ("ApplyFailed", "CreateFailed", "DeleteFailed", "ReadFailed", "StatusReadFailed",
-             "DrainActionFailed", "BuildFailed", "DiscoveryFailed")
+             "DrainActionFailed", "BuildFailed", "DiscoveryFailed", "CurveRotationFailed")
 
 
 def _retryable(reason: str) -> bool:

@@ -34,9 +34,10 @@ OPERATOR_RULES: list[dict[str, list[str]]] = [
     {"apiGroups": ["keda.sh"], "resources": ["scaledobjects"], "verbs": _WRITE},
     {"apiGroups": ["monitoring.coreos.com"], "resources": ["servicemonitors"],
      "verbs": _WRITE},
-    # create-only: the CurveZMQ keys Secret, made once when absent (an existing one is
-    # never read, patched or replaced, so no get: the operator reads no Secret at all)
-    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+    # the CurveZMQ keys Secret: created once when absent; read and patched only while
+    # spec.security.curve.rotation asks for a key rotation (no list/watch: the operator
+    # reads no Secret but that one, by name)
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "get", "patch"]},
     # scale-down drains: Jobs mount retained queue PVCs; drained PVCs are deleted;
     # queue growth patches the PVC requests
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": _WRITE},

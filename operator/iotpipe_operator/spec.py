@@ -144,6 +144,7 @@ class NetworkPolicy(_Model):
 
 class Curve(_Model):
     enabled: bool = True
+    rotation: str | None = Field(None, max_length=63)
 
 
 class Security(_Model):

@@ -364,8 +364,10 @@ def test_rbac_grants_nothing_broad(rendered: tuple[str, list[dict[str, Any]]]) -
         for rule in role["rules"]:
             for field in ("apiGroups", "resources", "verbs"):
                 assert "*" not in rule[field], f"{role['metadata']['name']}: {rule}"
-            # The operator never needs Secrets' contents or to escalate/bind/impersonate.
-            assert "secrets" not in rule["resources"] or set(rule["verbs"]) <= {"create"}
+            # Secrets: only the CurveZMQ Secret, by name (create; get and patch to rotate
+            # it), never listed or watched; nothing may escalate/bind/impersonate.
+            assert "secrets" not in rule["resources"] or \
+                set(rule["verbs"]) <= {"create", "get", "patch"}
             assert not set(rule["verbs"]) & {"escalate", "bind", "impersonate"}
 
 

@@ -254,7 +254,10 @@ async def test_create_builds_owned_children_and_status(cluster: Cluster) -> None
         assert owner["controller"] is True and owner["blockOwnerDeletion"] is True
     status = cluster.status("demo")
     assert status["observedGeneration"] == 1
-    assert {c["type"] for c in status["conditions"]} == {"Ready", "Progressing", "Degraded"}
+    assert {c["type"] for c in status["conditions"]} == {"Ready", "Progressing", "Degraded",
+                                                         "CurveKeysRotating"}
+    rotating = cluster.condition("demo", "CurveKeysRotating")
+    assert (rotating["status"], rotating["reason"]) == ("False", "Idle")
     assert status["ingest"]["desired"] == 2 and status["ingest"]["summary"] == "0/2"
     assert status["phase"] == "Progressing"
     assert cluster.condition("demo", "Ready")["status"] == "False"
@@ -870,6 +873,9 @@ SECRETS = "v1/secrets"
 async def _reconciled_again(cluster: Cluster) -> None:
     """Wait for one more full reconcile pass: delete an applied child and wait until a
     pass has recreated it (the create-once objects are handled earlier in that pass)."""
+    # The Secret is created before the applied children: the first pass may not be there.
+    await eventually(lambda: obj(cluster.k, CONFIGMAPS, "demo-ingest-config"),
+                     what="the first pass applied")
     await cluster.send("DELETE", f"/api/v1/namespaces/{NS}/configmaps/demo-ingest-config")
     await eventually(lambda: obj(cluster.k, CONFIGMAPS, "demo-ingest-config"),
                      what="a later reconcile pass")
@@ -956,3 +962,126 @@ async def test_deny_list_is_created_once_and_user_edits_survive(cluster: Cluster
         again = await eventually(lambda: obj(cluster.k, CONFIGMAPS, "demo-deny-list"),
                                  what="deny list recreated")
         assert yaml.safe_load(again["data"]["deny.yaml"])["devices"] == []
+
+
+class RotationControllers:
+    """Plays kubelet and the workload controllers for a key rotation: middle pods whose
+    metrics follow the Secret once ``propagate`` is set, and workloads that roll (the
+    middle then runs the key its mounted Secret holds) when their template changes."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.propagate = False
+        self.mounted: dict[str, bytes] = {}
+        self.running: str | None = None
+        self.rolled: dict[str, str] = {}  # workload -> annotation rolled out
+
+    def files(self) -> dict[str, bytes]:
+        import base64
+        secret = obj(self.cluster.k, SECRETS, "demo-curve") or {}
+        return {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
+
+    def metrics(self) -> str:
+        from iotpipe_operator.rotation import DOMAIN_OF, public_fingerprints
+        current = public_fingerprints(self.mounted, "current")
+        nxt = public_fingerprints(self.mounted, "next")
+        lines = [f'iotpipe_middle_curve_admitted_key{{socket="{domain}",fingerprint="{fp}"}} 1'
+                 for role, domain in DOMAIN_OF.items()
+                 for fp in {current.get(role), nxt.get(role)} if fp]
+        lines.append(f'iotpipe_middle_curve_own_key{{fingerprint="{self.running}"}} 1')
+        lines.append(f'iotpipe_middle_curve_disk_key{{fingerprint="{current["middle"]}"}} 1')
+        return "\n".join(lines) + "\n"
+
+    async def run(self) -> None:
+        from iotpipe_operator.rotation import ANNOTATION, public_fingerprints
+        while True:
+            if self.propagate or not self.mounted:
+                self.mounted = self.files()
+            if self.mounted and self.running is None:
+                self.running = public_fingerprints(self.mounted, "current").get("middle")
+            if self.running is not None:
+                for pod in ("demo-middle-0", "demo-middle-1"):
+                    self.cluster.k.metrics[pod] = self.metrics()
+            for resource, name in [(STATEFULSETS, "demo-middle"), (STATEFULSETS, "demo-ingest"),
+                                   (STATEFULSETS, "demo-storage"), (DEPLOYMENTS, "demo-relay")]:
+                live = obj(self.cluster.k, resource, name)
+                if live is None:
+                    continue
+                annotation = ((live["spec"]["template"].get("metadata") or {})
+                              .get("annotations") or {}).get(ANNOTATION)
+                if annotation is None or self.rolled.get(name) == annotation:
+                    continue
+                if name == "demo-middle":  # restarted pods read the Secret as mounted
+                    self.running = public_fingerprints(self.mounted, "current")["middle"]
+                replicas = live["spec"].get("replicas", 1)
+                await self.cluster.patch(resource, name, {"status": {
+                    "observedGeneration": live["metadata"]["generation"],
+                    "replicas": replicas, "readyReplicas": replicas,
+                    "updatedReplicas": replicas, "availableReplicas": replicas,
+                    "currentRevision": "r", "updateRevision": "r"}})
+                self.rolled[name] = annotation
+            await asyncio.sleep(0.1)
+
+
+async def test_operator_rotates_the_curve_keys_step_by_step(cluster: Cluster) -> None:
+    from iotpipe_operator.rotation import ANNOTATION, CONDITION, ROLES, public_fingerprints
+
+    await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
+    labels = {"iotpipe.dev/pipeline": "demo", "iotpipe.dev/tier": "middle"}
+    for ordinal in (0, 1):
+        await cluster.put(PODS, {"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": f"demo-middle-{ordinal}", "labels": labels}})
+    controllers = RotationControllers(cluster)
+    task = asyncio.create_task(controllers.run())
+
+    def reason() -> str | None:
+        return (cluster.condition("demo", CONDITION) or {}).get("reason")
+
+    try:
+        async with operator(interval=0.3):
+            await eventually(lambda: reason() == "Idle", what="idle rotation condition")
+            original = public_fingerprints(controllers.files(), "current")
+            await cluster.patch_pipeline("demo", {"security": {"curve": {"rotation": "r1"}}})
+            # Step 1 done; the middles have not seen the next keys: nothing is promoted.
+            await eventually(lambda: reason() == "WaitingForMiddleAdmission",
+                             what="waiting for admission")
+            nxt = public_fingerprints(controllers.files(), "next")
+            assert set(nxt) == set(ROLES)
+            assert public_fingerprints(controllers.files(), "current") == original
+        # The operator restarts in the middle of the rotation; a second request arrives.
+        await cluster.patch_pipeline("demo", {"security": {"curve": {"rotation": "r2"}}})
+        async with operator(interval=0.3):
+            await eventually(lambda: "'r2' starts after this one"
+                             in (cluster.condition("demo", CONDITION) or {}).get("message", ""),
+                             what="the second request waits")
+            assert public_fingerprints(controllers.files(), "next") == nxt  # not regenerated
+            assert cluster.status("demo")["curveRotation"]["active"] == "r1"
+            controllers.propagate = True  # kubelet delivers the Secret to the middles
+            await eventually(lambda: cluster.status("demo").get("curveRotation", {})
+                             .get("completed") == "r1", within=60, what="r1 complete",
+                             log=lambda: str(cluster.status("demo")))
+            files = controllers.files()
+            assert public_fingerprints(files, "current") == nxt
+            for resource, name in [(STATEFULSETS, "demo-middle"), (STATEFULSETS, "demo-ingest"),
+                                   (STATEFULSETS, "demo-storage"), (DEPLOYMENTS, "demo-relay")]:
+                live = obj(cluster.k, resource, name)
+                assert live["spec"]["template"]["metadata"]["annotations"][ANNOTATION] in (
+                    "r1", "r2")
+            # The queued request runs next, to the end.
+            await eventually(lambda: cluster.status("demo").get("curveRotation", {})
+                             .get("completed") == "r2", within=60, what="r2 complete")
+            await eventually(lambda: reason() == "Idle", what="idle again")
+            await _reconciled_again(cluster)
+            final = controllers.files()
+            assert cluster.condition("demo", "Degraded")["status"] == "False", \
+                cluster.condition("demo", "Degraded")
+        assert public_fingerprints(final, "next") == {}
+        current = public_fingerprints(final, "current")
+        assert all(current[r] not in (original[r], nxt[r]) for r in ROLES)
+        assert controllers.running == current["middle"]
+        assert all(controllers.rolled[w] == "r2" for w in
+                   ("demo-middle", "demo-ingest", "demo-storage", "demo-relay"))
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -199,6 +199,44 @@ def test_only_the_pipelines_tiers_get_in(procs: ProcessGroup, tmp_path: Path,
     middle.stop()
 
 
+def test_middle_metrics_name_the_keys_it_admits_and_runs_with(procs: ProcessGroup,
+                                                               tmp_path: Path) -> None:
+    """What the operator's rotation waits on (parsed with the operator's own parser)."""
+    from iotpipe_operator.rotation import parse_middle, public_fingerprints
+
+    keys = tmp_path / "keys"
+    curve.generate_keys(keys)
+    middle = Middle(procs, tmp_path / "log", keys)
+    middle.start()
+
+    def seen() -> tuple[object, dict[str, str], dict[str, str]]:
+        files = {p.name: p.read_bytes() for p in keys.iterdir() if p.is_file()}
+        return (parse_middle(http_get(middle.url("/metrics"))[1]),
+                public_fingerprints(files, "current"), public_fingerprints(files, "next"))
+
+    state, current, _ = seen()
+    assert state is not None and state.own == state.disk == current["middle"]
+    assert state.admitted == {"router": {current["ingest"]}, "pub": {current["relay"]},
+                              "feed": {current["storage"]}}
+    curve.add_next(keys)
+    _, _, nxt = seen()
+    wait_for(lambda: (s := seen()[0]) is not None
+               and s.admitted["router"] == {current["ingest"], nxt["ingest"]}
+               and s.admitted["feed"] == {current["storage"], nxt["storage"]}, 30,
+               "next keys admitted")
+    curve.promote(keys)
+    # the promoted own key is on disk; the middle runs with the old one until a restart
+    wait_for(lambda: (s := seen()[0]) is not None and s.disk == nxt["middle"], 30,
+               "promoted key seen on disk")
+    state = seen()[0]
+    assert state is not None and state.own == current["middle"]
+    middle.stop()
+    middle.start()
+    state = seen()[0]
+    assert state is not None and state.own == state.disk == nxt["middle"]
+    middle.stop()
+
+
 def test_middle_refuses_to_start_without_usable_keys(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "iotpipe.cli", "middle", "--host", "127.0.0.1",

@@ -40,6 +40,7 @@ server sockets' monitor events, once per socket, then at most once a minute.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import stat
@@ -68,6 +69,7 @@ __all__ = [
     "KeyPair",
     "add_next",
     "ensure_keys",
+    "fingerprint",
     "generate_keys",
     "keys_main",
     "load_keys",
@@ -112,6 +114,12 @@ class CurveKeys:
     own: KeyPair
     server_public: bytes
     admitted: Mapping[str, frozenset[bytes]] = field(default_factory=dict)
+
+
+def fingerprint(public: bytes) -> str:
+    """A short, label-safe name of a public key (Z85): the first 16 hex digits of its
+    SHA-256. The middle's metrics and the operator's rotation status use it."""
+    return hashlib.sha256(public.strip()).hexdigest()[:16]
 
 
 def _stem(role: str, slot: str) -> str:
@@ -317,6 +325,9 @@ class Gatekeeper:
         self._logged: set[tuple[str, bytes]] = set()
         self.refused: Counter[str] = Counter({d: 0 for d in ADMITTED})
         self.reload_failures = 0
+        # The middle's own public key as last read from disk (it runs with keys.own until a
+        # restart): tells a rotation that a promoted Secret has reached this pod.
+        self.disk_public: bytes = keys.own.public
         self._auth = ThreadAuthenticator(ctx, log=logging.getLogger("iotpipe.curve.zap"))
 
     def start(self) -> Gatekeeper:
@@ -362,6 +373,7 @@ class Gatekeeper:
             log.error("CURVE keys directory unusable; keeping the admitted keys in use",
                       extra={"fields": {"error": str(exc)}})
             return False
+        self.disk_public = own.public
         if own.public != self.keys.own.public:
             log.warning("this middle's own CURVE key changed on disk; it is used after a "
                         "restart (clients need the same key)",

@@ -278,6 +278,27 @@ class _MiddleCollector:
             for (domain, reason), value in list(s.handshakes.failed.items()):
                 refused.add_metric([domain, reason], value)
             yield refused
+            # Which keys this process runs with and admits right now: the operator's key
+            # rotation waits on these before it promotes and before it retires.
+            admitted = GaugeMetricFamily(
+                "iotpipe_middle_curve_admitted_key",
+                "1 per client public key (fingerprint: sha256 hex prefix) each socket admits",
+                labels=["socket", "fingerprint"])
+            for domain in curve.ADMITTED:
+                for key in sorted(s.gatekeeper.admitted(domain)):
+                    admitted.add_metric([domain, curve.fingerprint(key)], 1)
+            yield admitted
+            own = GaugeMetricFamily("iotpipe_middle_curve_own_key",
+                                    "1 for this middle's own public key (fingerprint), read "
+                                    "at start", labels=["fingerprint"])
+            own.add_metric([curve.fingerprint(s.gatekeeper.keys.own.public)], 1)
+            yield own
+            disk = GaugeMetricFamily("iotpipe_middle_curve_disk_key",
+                                     "1 for the middle's own public key (fingerprint) in the "
+                                     "keys directory now (used after a restart)",
+                                     labels=["fingerprint"])
+            disk.add_metric([curve.fingerprint(s.gatekeeper.disk_public)], 1)
+            yield disk
 
 
 # -- the server --------------------------------------------------------------------------

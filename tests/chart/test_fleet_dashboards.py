@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 import urllib.parse
 import urllib.request
@@ -20,8 +19,8 @@ from typing import Any
 
 import orjson
 import pytest
-from support.ports import free_port
 from support.processes import ProcessGroup
+from support.storage import start_victoria_metrics
 
 from iotpipe.registry import Registry
 from iotpipe.simulate import FleetSensor, fleet_registry_yaml
@@ -166,25 +165,7 @@ def test_the_selectors_the_test_reads_are_the_ones_it_checks() -> None:
 
 @pytest.fixture
 def victoria(procs: ProcessGroup, tmp_path: Path) -> Iterator[int]:
-    binary = shutil.which("victoria-metrics")
-    if binary is None:
-        pytest.skip("victoria-metrics is not installed (Debian package victoria-metrics)")
-    port = free_port()
-    procs.start([binary, f"-httpListenAddr=127.0.0.1:{port}",
-                 f"-storageDataPath={tmp_path / 'vm'}", "-retentionPeriod=100y",
-                 "-loggerLevel=ERROR", "-search.latencyOffset=0s"], name="victoria")
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as resp:
-                if resp.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError("victoria-metrics did not start:\n" + procs.log("victoria"))
-        time.sleep(0.1)
-    yield port
+    yield start_victoria_metrics(procs, tmp_path / "vm", "-search.latencyOffset=0s")
 
 
 def _get(port: int, path: str, params: dict[str, str]) -> Any:

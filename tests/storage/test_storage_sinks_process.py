@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -32,7 +31,7 @@ import pytest
 from support.akumuli_standin import AkumuliStandin
 from support.ports import free_port
 from support.processes import ProcessGroup
-from support.storage import T0_NS, FakeFeed, log_record, start_real_akumulid
+from support.storage import T0_NS, FakeFeed, log_record, start_real_akumulid, start_victoria_metrics
 from support.waiting import wait_for
 
 from iotpipe.storage.sinks.akumuli.client import iso_timestamp, parse_query_answer
@@ -67,15 +66,7 @@ def fleet_log() -> tuple[list[bytes], dict[tuple[str, str], tuple[int, int, floa
 
 @pytest.fixture
 def victoria(procs: ProcessGroup, tmp_path: Path) -> Iterator[int]:
-    binary = shutil.which("victoria-metrics")
-    if binary is None:
-        pytest.skip("victoria-metrics is not installed (Debian package victoria-metrics)")
-    port = free_port()
-    procs.start([binary, f"-httpListenAddr=127.0.0.1:{port}",
-                 f"-storageDataPath={tmp_path / 'vm'}", "-retentionPeriod=100y",
-                 "-loggerLevel=ERROR"], name="victoria")  # deliberately no -dedup flag
-    wait_for(lambda: _get(port, "/health") == "OK", 20, "victoria-metrics up")
-    yield port
+    yield start_victoria_metrics(procs, tmp_path / "vm")
 
 
 def _get(port: int, path: str) -> str:

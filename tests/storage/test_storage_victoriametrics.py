@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -13,7 +11,15 @@ import orjson
 import pytest
 from support.ports import free_port
 from support.processes import ProcessGroup
-from support.storage import T0_NS, FakeFeed, db_rows, log_record, make_log, start_storage
+from support.storage import (
+    T0_NS,
+    FakeFeed,
+    db_rows,
+    log_record,
+    make_log,
+    start_storage,
+    start_victoria_metrics,
+)
 from support.waiting import wait_for
 
 from iotpipe.registry import Registry
@@ -74,25 +80,7 @@ def test_unreachable_server_is_a_sink_error() -> None:
 
 @pytest.fixture
 def victoria(procs: ProcessGroup, tmp_path: Path) -> Iterator[int]:
-    binary = shutil.which("victoria-metrics")
-    if binary is None:
-        pytest.skip("victoria-metrics is not installed (Debian package victoria-metrics)")
-    port = free_port()
-    procs.start([binary, f"-httpListenAddr=127.0.0.1:{port}",
-                 f"-storageDataPath={tmp_path / 'vm'}", "-retentionPeriod=100y",
-                 "-loggerLevel=ERROR"], name="victoria")  # no -dedup flag: the sink's job
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as resp:
-                if resp.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError("victoria-metrics did not start:\n" + procs.log("victoria"))
-        time.sleep(0.1)
-    yield port
+    yield start_victoria_metrics(procs, tmp_path / "vm")
 
 
 def export(port: int, selector: str) -> list[dict[str, object]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 import zmq
 
 from iotpipe import wire
@@ -237,3 +238,25 @@ def db_rows(tmp_path: Path) -> list[tuple[object, ...]]:
                           " labels FROM readings").fetchall()
     finally:
         db.close()
+
+
+def start_victoria_metrics(procs: ProcessGroup, data_dir: Path, *flags: str) -> int:
+    """Debian's victoria-metrics on a free loopback port, once /health answers (the port).
+    Never run with -dedup: the sink's own read-back keeps redeliveries out. Skips the
+    calling test when the binary is not installed."""
+    binary = shutil.which("victoria-metrics")
+    if binary is None:
+        pytest.skip("victoria-metrics is not installed (Debian package victoria-metrics)")
+    port = free_port()
+    procs.start([binary, f"-httpListenAddr=127.0.0.1:{port}", f"-storageDataPath={data_dir}",
+                 "-retentionPeriod=100y", "-loggerLevel=ERROR", *flags], name="victoria")
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    wait_for(healthy, 20, "victoria-metrics up", details=lambda: procs.log("victoria"))
+    return port

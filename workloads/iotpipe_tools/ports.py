@@ -1,10 +1,13 @@
-"""Free loopback ports for test servers, handed out once per test session."""
+"""Free loopback ports for the servers tests and benchmarks start, each handed out once
+per process."""
 
 from __future__ import annotations
 
 import random
 import socket
 from pathlib import Path
+
+__all__ = ["free_port", "free_port_block"]
 
 
 def _ephemeral_low() -> int:

@@ -33,9 +33,10 @@ from typing import Any
 
 from pydantic import Field
 
-from iotpipe.bench.ingest import BENCH_SECRET, IngestBenchSettings, _Server
-from iotpipe.bench.loadgen import PORTS_PER_SOURCE, LoadSpec, raise_nofile
 from iotpipe.settings import TierSettings, parse_settings, tier_config
+from iotpipe_tools.bench.ingest import BENCH_SECRET, IngestBenchSettings, _Server
+from iotpipe_tools.bench.loadgen import LoadSpec
+from iotpipe_tools.sources import PORTS_PER_SOURCE, raise_nofile
 
 __all__ = ["main", "run_bench"]
 
@@ -116,7 +117,7 @@ def _hold(name: str, settings: ConnectionsBenchSettings, env: dict[str, str],
                             device_prefix=f"cb-{name}-{index}-", source_offset=offset)
             offset += -(-count // PORTS_PER_SOURCE)
             clients.append(subprocess.Popen(
-                [sys.executable, "-m", "iotpipe.bench.loadgen", json.dumps(asdict(spec))],
+                [sys.executable, "-m", "iotpipe_tools.bench.loadgen", json.dumps(asdict(spec))],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
         held_lines = [_read_line(c, settings.timeout) for c in clients]
         rss = tree_rss(server.pids())  # every client holds its connections now

@@ -43,7 +43,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated
 
@@ -134,33 +134,35 @@ def _storage_sinks(settings: UpSettings, data_dir: Path) -> list[str]:
 
 @dataclass(frozen=True)
 class Ports:
-    ingest: int
-    relay: int
-    middle_router: int
-    middle_pub: int
-    middle_feed: int
-    ingest_metrics: int
-    middle_metrics: int
-    storage_metrics: int
-    relay_metrics: int
+    """Every port of a local pipeline; the defaults are the contract's, and the field order
+    is the ``--base-port`` order (BASE+0 ..)."""
+
+    ingest: int = 8080
+    relay: int = 8081
+    middle_router: int = 5555
+    middle_pub: int = 5556
+    middle_feed: int = 5557
+    ingest_metrics: int = 9100
+    middle_metrics: int = 9101
+    storage_metrics: int = 9102
+    relay_metrics: int = 9103
 
 
-_PORT_FIELDS = ("ingest", "relay", "middle_router", "middle_pub", "middle_feed",
-                "ingest_metrics", "middle_metrics", "storage_metrics", "relay_metrics")
-_CONTRACT_PORTS = (8080, 8081, 5555, 5556, 5557, 9100, 9101, 9102, 9103)
+_PORT_FIELDS = tuple(f.name for f in fields(Ports))
 
 
 def plan_ports(settings: UpSettings) -> Ports:
     """Contract defaults, or BASE+offset; per-tier settings win. Duplicates are an error."""
     values: dict[str, int] = {}
-    for offset, (name, default) in enumerate(zip(_PORT_FIELDS, _CONTRACT_PORTS, strict=True)):
+    contract_ports = Ports()
+    for offset, name in enumerate(_PORT_FIELDS):
         override = getattr(settings, f"{name}_port")
         if override is not None:
             values[name] = override
         elif settings.base_port is not None:
             values[name] = settings.base_port + offset
         else:
-            values[name] = default
+            values[name] = getattr(contract_ports, name)
     seen: dict[int, str] = {}
     for name, port in values.items():
         if port in seen:

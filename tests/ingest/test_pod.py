@@ -35,7 +35,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from iotpipe.auth import DEVICE_AUDIENCE, issue_token
 from iotpipe.queue import PersistentQueue
-from iotpipe.simulate import run_simulation
+from iotpipe_tools.simulate import run_simulation
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 

@@ -28,7 +28,7 @@ from support.ports import free_port
 from support.processes import ProcessGroup
 from support.waiting import http_status
 
-from iotpipe.simulate import run_simulation
+from iotpipe_tools.simulate import run_simulation
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

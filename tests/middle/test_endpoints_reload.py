@@ -25,7 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from iotpipe.ingest.identity import INCARNATION_FILE
 from iotpipe.protocol import preferred_endpoint
-from iotpipe.simulate import SimulateSettings, SimulationReport, run_simulation
+from iotpipe_tools.simulate import SimulateSettings, SimulationReport, run_simulation
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

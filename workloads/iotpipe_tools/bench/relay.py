@@ -22,12 +22,9 @@ import contextlib
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -39,9 +36,11 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from iotpipe.bench.ports import free_port
 from iotpipe.settings import TierSettings, parse_settings, tier_config
 from iotpipe.wire import encode_live, encode_reading
+from iotpipe_tools.ports import free_port
+from iotpipe_tools.processes import stop
+from iotpipe_tools.waiting import exited, wait_port, wait_ready
 
 __all__ = ["RelayBenchSettings", "bare_relay", "main"]
 
@@ -191,39 +190,6 @@ async def _measure(url: str, subscribe: bool, pub: zmq.Socket[bytes],
     }
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"port {port} not ready within {timeout}s")
-
-
-def _wait_http(url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} not ready within {timeout}s")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-
-
 def run(settings: RelayBenchSettings) -> dict[str, Any]:
     context = zmq.Context()
     pub = context.socket(zmq.PUB)
@@ -238,10 +204,10 @@ def run(settings: RelayBenchSettings) -> dict[str, Any]:
             port = free_port()
             if server == "bare":
                 proc = subprocess.Popen(
-                    [sys.executable, "-c", "import sys; from iotpipe.relay.bench import "
+                    [sys.executable, "-c", "import sys; from iotpipe_tools.bench.relay import "
                      "bare_relay; bare_relay(int(sys.argv[1]), sys.argv[2])",
                      str(port), endpoint])
-                _wait_port(port, proc)
+                wait_port(port, 30, abort=exited(proc, "bare relay"))
             else:
                 metrics_port = free_port()
                 proc = subprocess.Popen(
@@ -251,12 +217,13 @@ def run(settings: RelayBenchSettings) -> dict[str, Any]:
                      "--registry-file", os.devnull, "--client-queue",
                      str(settings.events + 100), "--sub-hwm", str(10**9),
                      "--log-level", "warning"])
-                _wait_http(f"http://127.0.0.1:{metrics_port}/readyz")
+                wait_ready(f"http://127.0.0.1:{metrics_port}/readyz", 30,
+                           what="the relay to be ready", abort=exited(proc, "relay"))
             try:
                 result = asyncio.run(_measure(f"ws://127.0.0.1:{port}/v1/live",
                                               server == "relay", pub, events, settings.clients))
             finally:
-                _stop(proc)
+                stop(proc, timeout=15)
             results.append({"server": server, **result})
     finally:
         pub.close(0)

@@ -438,3 +438,67 @@ def test_admit_refuses_a_device_token_and_without_auth_names_the_client() -> Non
     assert _admit(secret=None, query={"client": ["page"]}) == Admitted("page", None)
     assert _admit(secret=None) == Admitted("anonymous", None)
 
+
+
+# -- wire framing ---------------------------------------------------------------------------
+
+
+def unframe(wire: bytes) -> list[bytes]:
+    """Split unmasked server text frames (RFC 6455 5.2) back into payloads."""
+    payloads: list[bytes] = []
+    at = 0
+    while at < len(wire):
+        assert wire[at] == 0x81  # FIN + text
+        size = wire[at + 1]
+        assert not size & 0x80  # server frames are never masked
+        at += 2
+        if size == 126:
+            size, at = int.from_bytes(wire[at:at + 2], "big"), at + 2
+        elif size == 127:
+            size, at = int.from_bytes(wire[at:at + 8], "big"), at + 8
+        payloads.append(wire[at:at + size])
+        at += size
+    assert at == len(wire)
+    return payloads
+
+
+def test_with_framing_an_event_is_framed_once_for_every_client_that_gets_it() -> None:
+    from iotpipe.relay.sending import text_frame
+
+    calls: list[bytes] = []
+
+    def framing(payload: bytes) -> bytes:
+        calls.append(payload)
+        return text_frame(payload)
+
+    fanout = Fanout(framing=framing)
+    sessions = [subscribed(ClientSession(f"c{i}"), prefixes=["d"]) for i in range(3)]
+    for session in sessions:
+        session.take(0.0)  # the subscribe replies (taken before framing was set)
+        fanout.add(session)
+    fanout.on_event(live("d1", 1), 0.0)
+    assert len(calls) == 1
+    taken = [session.take(0.0) for session in sessions]
+    assert taken[0][0] is taken[1][0] is taken[2][0]  # the same bytes object, not copies
+    assert decoded(unframe(taken[0][0]))[0]["seq"] == 1
+
+
+def test_with_framing_gaps_resets_and_replies_are_framed_too() -> None:
+    from iotpipe.relay.sending import text_frame
+
+    fanout = Fanout(framing=text_frame)
+    session = ClientSession("s", queue_limit=2)
+    fanout.add(session)
+    session.answer(orjson.dumps({"op": "subscribe", "devices": ["d"]}), 0.0)
+    for seq in range(1, 5):  # reply + 1 event fill the queue; 2..4 dropped
+        fanout.on_event(live("d", seq), 0.0)
+    fanout.on_event(live("d", 7), 0.0)  # upstream gap 5..6, then event 7 (no room)
+    fanout.on_event(live("d", 1), 0.0)  # the source restarted
+    frames = decoded(unframe(b"".join(session.take(0.0, max_frames=100))))
+    # Each control frame is preceded by the gap notice for what was dropped before it.
+    assert [(f["event"], f.get("reason"), f.get("missed")) for f in frames] == [
+        ("subscribed", None, None), ("reading", None, None), ("gap", "slow_client", 3),
+        ("gap", "upstream", 2), ("gap", "slow_client", 1), ("reset", None, None),
+        ("gap", "slow_client", 1)]
+    fanout.on_event(live("d", 2), 0.0)
+    assert [f["seq"] for f in decoded(unframe(b"".join(session.take(0.0))))] == [2]

@@ -300,9 +300,14 @@ async def _measure(server: str, url: str, pid: int, pub: zmq.Socket[bytes],
     async def one(index: int) -> None:
         subscription = _subscription(settings.shape, index)
         expected = sum(1 for device in devices if _wants(subscription, device))
-        async with gate:
-            transport, client = await ws_connect(lambda: _Client(expected, done_at), url,
-                                                 websocket_handshake_timeout=60)
+        for _attempt in range(3):
+            async with gate:
+                transport, client = await ws_connect(lambda: _Client(expected, done_at), url,
+                                                     websocket_handshake_timeout=60)
+            if client is not None:  # None: the connection was lost meanwhile (overload)
+                break
+        else:
+            raise RuntimeError(f"{server}: client {index} could not connect")
         transport.send(WSMsgType.TEXT, orjson.dumps(subscription))
         if server == "relay":
             await asyncio.wait_for(client.subscribed, 60)

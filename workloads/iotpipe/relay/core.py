@@ -8,6 +8,8 @@ client-facing description of the same rules; keep the two in step.
 Fan-out rules
     * Each upstream live event is turned into one JSON ``reading`` frame, built once and
       shared by every matching client. The device's ``data`` JSON is spliced in as bytes.
+      With a ``framing`` function (the shell's WebSocket text framing), every frame is
+      queued in its wire form, framed once per event for all clients, not once per client.
     * Each client has a bounded queue of frames waiting to be sent. When it is full, new
       matching events are dropped for that client only and counted; as soon as there is room
       again (or the queue has drained), one ``gap`` frame with ``reason: "slow_client"`` and
@@ -33,8 +35,7 @@ from enum import Enum
 
 import orjson
 
-from iotpipe.auth import CLIENT_AUDIENCE, AuthError, bearer_token, verify_identity
-from iotpipe.denylist import DenyList
+from iotpipe.relay.admission import LIVE_PATH, Admitted, Refused, admit
 from iotpipe.wire import LiveEvent, Reading, WireError, decode_reading
 
 __all__ = [
@@ -59,8 +60,6 @@ __all__ = [
 
 # Close code for a client that stopped reading (docs/protocols.md, "Client-app protocol").
 CLOSE_SLOW_CONSUMER = 4008
-
-LIVE_PATH = "/v1/live"
 
 # Class/location given to devices the registry does not know (same rule as storage).
 UNKNOWN = "unknown"
@@ -295,6 +294,9 @@ class ClientSession:
         self.sent_total = 0
         self._last_progress = 0.0
         self.closed = False
+        # The wire form of queued frames (set by the Fanout that holds this session): the
+        # session applies it to the frames it makes itself (gap notices, replies).
+        self.framing: Callable[[bytes], bytes] | None = None
         # Set by the Fanout that holds this session, to keep its routing index current:
         # called with (session, filters before, filters after) after every change.
         self.on_change: Callable[[ClientSession, Filters, Filters], None] | None = None
@@ -318,6 +320,15 @@ class ClientSession:
         return orjson.dumps({"event": "subscribed" if request.op == "subscribe"
                              else "unsubscribed", **self.subscription.describe()})
 
+    def answer(self, text: str | bytes, now: float) -> None:
+        """Apply one client frame and queue the reply in order with the events."""
+        self.notify(self.wire(self.receive(text)), now)
+
+    def wire(self, frame: bytes) -> bytes:
+        """``frame`` in the form this session queues (see ``framing``)."""
+        framing = self.framing
+        return frame if framing is None else framing(frame)
+
     # relay -> client
     @property
     def pending(self) -> int:
@@ -326,21 +337,24 @@ class ClientSession:
 
     def offer(self, frame: bytes, now: float) -> bool:
         """Queue ``frame`` unless the queue is full; returns False when it was dropped."""
-        if self.pending == 0:
+        # Called once per client per event: plain attribute reads, no property calls.
+        queue = self._queue
+        missed = self._missed
+        if not queue and not missed:
             self._last_progress = now  # the stall clock starts when work appears
-        if len(self._queue) >= self.queue_limit:
-            self._missed += 1
-            self.missed_total += 1
-            return False
-        if self._missed:
-            if len(self._queue) + 1 >= self.queue_limit:
+        if missed:
+            if len(queue) + 1 >= self.queue_limit:
                 # No room for the gap notice and the event: keep dropping, in order.
-                self._missed += 1
+                self._missed = missed + 1
                 self.missed_total += 1
                 return False
-            self._queue.append(slow_gap_frame(self._missed))
+            queue.append(self.wire(slow_gap_frame(missed)))
             self._missed = 0
-        self._queue.append(frame)
+        elif len(queue) >= self.queue_limit:
+            self._missed = 1
+            self.missed_total += 1
+            return False
+        queue.append(frame)
         return True
 
     def notify(self, frame: bytes, now: float) -> None:
@@ -353,19 +367,21 @@ class ClientSession:
         if self.pending == 0:
             self._last_progress = now
         if self._missed:
-            self._queue.append(slow_gap_frame(self._missed))
+            self._queue.append(self.wire(slow_gap_frame(self._missed)))
             self._missed = 0
         self._queue.append(frame)
 
     def take(self, now: float, max_frames: int = 64) -> list[bytes]:
         """Frames to send now, oldest first; calling it marks sender progress."""
         self._last_progress = now
-        out: list[bytes] = []
         queue = self._queue
-        while queue and len(out) < max_frames:
-            out.append(queue.popleft())
+        if len(queue) <= max_frames:
+            out = list(queue)
+            queue.clear()
+        else:
+            out = [queue.popleft() for _ in range(max_frames)]
         if not queue and self._missed and len(out) < max_frames:
-            out.append(slow_gap_frame(self._missed))
+            out.append(self.wire(slow_gap_frame(self._missed)))
             self._missed = 0
         self.sent_total += len(out)
         return out
@@ -476,18 +492,22 @@ class _RoutingIndex:
 class Fanout:
     """All client sessions of one relay process and the upstream sequence trackers."""
 
-    def __init__(self, lookup: Lookup | None = None) -> None:
+    def __init__(self, lookup: Lookup | None = None,
+                 framing: Callable[[bytes], bytes] | None = None) -> None:
         self.sessions: dict[str, ClientSession] = {}
         self.sources = SourceTracker()
         self.stats = FanoutStats()
         self._lookup = lookup
         self._routing = _RoutingIndex()
+        # Applied once per frame that goes to clients (None: frames are queued as JSON).
+        self.framing = framing
 
     def set_lookup(self, lookup: Lookup | None) -> None:
         self._lookup = lookup
 
     def add(self, session: ClientSession) -> None:
         self.sessions[session.client_id] = session
+        session.framing = self.framing
         session.on_change = self._routing.update
         self._routing.update(session, {}, session.subscription.filters())
 
@@ -521,6 +541,8 @@ class Fanout:
             else:
                 stats.resets += 1
                 notice = reset_frame(event.middle_id, previous)
+            if self.framing is not None:
+                notice = self.framing(notice)
             # Every subscribed client: the relay cannot know what the missing events were.
             woken = list(routing.subscribed.values())
             for session in woken:
@@ -537,6 +559,8 @@ class Fanout:
             stats.bad_events += 1
             return woken
         frame = encode_reading_frame(reading, event.seq, event.middle_id)
+        if self.framing is not None:
+            frame = self.framing(frame)
         stats.events_matched += 1
         for session in matched:
             if session.offer(frame, now):
@@ -549,47 +573,3 @@ class Fanout:
 
     def stalled(self, now: float, stall_s: float) -> Iterable[ClientSession]:
         return [s for s in self.sessions.values() if s.stalled(now, stall_s)]
-
-
-@dataclass(frozen=True)
-class Admitted:
-    subject: str
-    token_id: str | None
-
-
-@dataclass(frozen=True)
-class Refused:
-    status: int  # the HTTP status of the handshake answer
-    reason: str  # the rejected-connections metric label and the answer's first word
-    detail: str
-
-
-def admit(path: str, query: dict[str, list[str]], authorization: str | None,
-          secret: bytes | None, deny: DenyList, clients: int, max_clients: int
-          ) -> Admitted | Refused:
-    """Whether a WebSocket handshake on ``path`` becomes a client, and who it is.
-
-    ``secret`` None means no auth (the subject is ``?client=``). Browsers cannot set headers
-    on a WebSocket, so a token may come as ``?token=`` instead of ``Authorization``.
-    """
-    if path != LIVE_PATH:
-        return Refused(404, "not_found", f"the live endpoint is {LIVE_PATH}")
-    if clients >= max_clients:
-        return Refused(503, "too_many_clients", f"this relay serves at most {max_clients} clients")
-    token_id: str | None = None
-    if secret is None:
-        subject = (query.get("client") or ["anonymous"])[0][:128]
-    else:
-        try:
-            token = bearer_token(authorization) if authorization else \
-                (query.get("token") or [""])[0]
-            if not token:
-                raise AuthError("missing", "no Authorization header or token parameter")
-            identity = verify_identity(secret, token, CLIENT_AUDIENCE)
-        except AuthError as exc:
-            return Refused(401, exc.reason, exc.detail or exc.reason)
-        subject, token_id = identity.subject, identity.token_id
-    refusal = deny.refusal("client", subject, token_id)
-    if refusal is not None:
-        return Refused(403, "revoked", f"this {refusal} is on the deny list")
-    return Admitted(subject, token_id)

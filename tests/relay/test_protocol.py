@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -395,6 +397,50 @@ def test_routing_index_agrees_with_the_subscription_rules(steps: list[tuple]) ->
                       if s.subscription.matches(device, lookup(device))
                       or (gap and not s.subscription.is_empty())}
             assert woken == wanted, (device, gap, woken, wanted)
+
+
+_burst_events = st.lists(st.tuples(st.sampled_from(["a", "ab", "b", "x-1"]),
+                                   st.sampled_from([1, 1, 1, 2, -1])), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(subscriptions=st.lists(_filters, min_size=1, max_size=4), limits=st.lists(
+    st.integers(1, 6), min_size=4, max_size=4), events=_burst_events,
+    cuts=st.lists(st.integers(0, 40), max_size=5))
+def test_a_burst_queues_exactly_what_the_same_events_one_by_one_would(
+        subscriptions: list[dict[str, object]], limits: list[int],
+        events: list[tuple[str, int]], cuts: list[int]) -> None:
+    """on_events groups runs of events per routing entry; each client must still get the
+    same frames in the same order, with the same gaps, drops and notices, as one by one."""
+    registry = {"a": ("k1", "l1"), "ab": ("k2", "l1"), "x-1": ("k1", "l2")}
+    lookup = lambda d: registry.get(d, ("unknown", "unknown"))  # noqa: E731
+    fanouts = [Fanout(lookup), Fanout(lookup)]
+    for fanout in fanouts:
+        for i, filters in enumerate(subscriptions):
+            session = ClientSession(f"c{i}", queue_limit=limits[i])
+            fanout.add(session)
+            if filters:
+                session.receive(orjson.dumps({"op": "subscribe", **filters}))
+            session.take(0.0)
+    seq = 0
+    stream: list[LiveEvent] = []
+    for device, step in events:  # step -1: the source restarts at 1
+        seq = 1 if step < 0 else seq + step
+        stream.append(live(device, seq))
+    one_by_one, in_bursts = fanouts
+    woken_single: set[str] = set()
+    for event in stream:
+        woken_single |= {s.client_id for s in one_by_one.on_event(event, 0.0)}
+    woken_bursts: set[str] = set()
+    bounds = sorted({0, len(stream), *(c for c in cuts if c <= len(stream))})
+    for start, end in itertools.pairwise(bounds):
+        woken_bursts |= {s.client_id for s in in_bursts.on_events(stream[start:end], 0.0)}
+    assert woken_bursts == woken_single
+    for client_id, session in one_by_one.sessions.items():
+        other = in_bursts.sessions[client_id]
+        assert other.missed_total == session.missed_total
+        assert other.take(0.0, 10**6) == session.take(0.0, 10**6)
+    assert in_bursts.stats == one_by_one.stats
 
 
 ADMIT_SECRET = b"admit-test-secret-0123456789abcdef"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import platform
 import signal
@@ -233,7 +234,11 @@ def bare_picows_relay(port: int, pub_endpoint: str) -> None:
         _serve_sub(pub_endpoint, on_burst)
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        server = await ws_create_server(lambda _request: Client(), "127.0.0.1", port)
+        # picows warns on every write pause; a baseline with unbounded buffers pauses often.
+        quiet = logging.getLogger("picows.bench")
+        quiet.setLevel(logging.ERROR)
+        server = await ws_create_server(lambda _request: Client(), "127.0.0.1", port,
+                                        logger_name=quiet)
         await stop.wait()
         server.close()
 

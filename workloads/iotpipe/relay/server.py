@@ -76,7 +76,7 @@ from iotpipe.relay.web import WebFront, parse_health_targets
 from iotpipe.security import check_security_settings
 from iotpipe.settings import parse_settings
 from iotpipe.tlsconfig import ReloadingTLS
-from iotpipe.wire import WireError, decode_live
+from iotpipe.wire import LiveEvent, WireError, decode_live
 
 __all__ = ["LIVE_PATH", "RelayServer", "RelaySettings", "main"]
 
@@ -335,7 +335,7 @@ class RelayServer:
         loop = asyncio.get_running_loop()
         fanout = self.fanout
         now = loop.time()
-        woken: dict[str, None] = {}
+        events: list[LiveEvent] = []
         peers = self._peers
         more = True
         for _ in range(_SUB_BURST):
@@ -345,14 +345,11 @@ class RelayServer:
                 more = False
                 break
             try:
-                event = decode_live(frames)
+                events.append(decode_live(frames))
             except WireError:
                 self.bad_frames += 1
-                continue
-            for session in fanout.on_event(event, now):
-                woken[session.client_id] = None
-        for client_id in woken:
-            peer = peers.get(client_id)
+        for session in fanout.on_events(events, now):
+            peer = peers.get(session.client_id)
             if peer is not None:
                 self._wake(peer, now)
         if more:

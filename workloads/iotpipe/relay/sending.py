@@ -33,9 +33,10 @@ def text_frame(payload: bytes) -> bytes:
 class BatchingConnection(ServerConnection):
     """A server connection that writes every frame queued at once in one transport write.
 
-    The relay's sender hands a client up to 64 frames at a time; websockets would write
-    each frame separately, one ``send`` syscall each (docs/design.md, "Notes"). Joining
-    them changes nothing on the wire.
+    With ``--compression`` the relay's sender hands websockets up to 64 frames at a time,
+    which it would write separately, one ``send`` syscall each (docs/design.md, "Notes").
+    Joining them changes nothing on the wire. In direct mode the relay writes to the
+    transport itself and learns here when a paused transport can take more.
     """
 
     # Called when the transport drained below its low-water mark after a pause, and when

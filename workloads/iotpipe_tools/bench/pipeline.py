@@ -36,6 +36,7 @@ from typing import Any
 
 import orjson
 from pydantic import Field
+from websockets.exceptions import ConnectionClosedOK
 from websockets.sync.client import connect
 
 from iotpipe.auth import CLIENT_AUDIENCE, issue_token
@@ -121,6 +122,13 @@ class _RelayClient(threading.Thread):
                         self.samples.append((event["ts"], now))
                     elif kind == "gap":
                         self.gaps += 1
+        except ConnectionClosedOK:
+            # The relay says "going away" (1001) when `iotpipe up` stops at the end of the
+            # run, possibly before this thread saw the stop flag: only an error before then
+            # is one.
+            if not self.stop_flag.is_set():
+                self.error = "the relay closed the connection during the run"
+            self.subscribed.set()
         except Exception as exc:  # reported, not raised: the bench says what failed
             self.error = repr(exc)
             self.subscribed.set()

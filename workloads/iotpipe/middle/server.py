@@ -51,7 +51,6 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from types import FrameType
 
 import zmq
@@ -59,21 +58,24 @@ import zmq.backend
 from prometheus_client import CollectorRegistry
 
 from iotpipe import curve, lifecycle, wire
-from iotpipe.durable import write_atomic
 from iotpipe.middle.core import (
-    CheckpointError,
     FeedCore,
     Intake,
     IntakePlan,
-    NodeMarks,
     RecentRecords,
     Reply,
     UnknownGroup,
-    decode_checkpoint,
     encode_checkpoint,
 )
 from iotpipe.middle.metrics import MiddleCollector
 from iotpipe.middle.settings import MiddleSettings
+from iotpipe.middle.store import (
+    CHECKPOINT_FILE,
+    QUEUE_DIR,
+    read_checkpoint,
+    rebuild_marks,
+    write_checkpoint,
+)
 from iotpipe.observability import (
     ObservabilityServer,
     PortInUse,
@@ -83,68 +85,14 @@ from iotpipe.observability import (
 from iotpipe.queue import PersistentQueue, QueueFull
 from iotpipe.settings import parse_settings
 
-__all__ = ["MiddleServer", "MiddleSettings", "main", "read_checkpoint", "write_checkpoint"]
+__all__ = ["MiddleServer", "MiddleSettings", "main"]
 
 log = logging.getLogger("iotpipe.middle")
 
-CHECKPOINT_FILE = "marks.ckpt"
 _SEND_MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _SEND_NOBLOCK = int(zmq.NOBLOCK)
 _RCVMORE = int(zmq.RCVMORE)
-QUEUE_DIR = "queue"
 STATS_INTERVAL_S = 60.0
-
-
-# -- checkpoint file ---------------------------------------------------------------------
-
-
-def write_checkpoint(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably."""
-    write_atomic(path, data)
-
-
-def read_checkpoint(path: Path, max_holes: int) -> tuple[int, NodeMarks]:
-    """(log_seq, marks) from the checkpoint file; (0, empty) when there is none or it is bad."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return 0, NodeMarks(max_holes)
-    try:
-        ckpt = decode_checkpoint(data, max_holes)
-    except CheckpointError as exc:
-        log.error("marks checkpoint unusable, rebuilding dedup marks from the retained log "
-                  "only", extra={"fields": {"path": str(path), "error": str(exc)}})
-        return 0, NodeMarks(max_holes)
-    return ckpt.log_seq, ckpt.marks
-
-
-def rebuild_marks(queue: PersistentQueue, log_seq: int, marks: NodeMarks) -> int:
-    """Add the marks of every retained record after ``log_seq``; the number of records read."""
-    seq = max(log_seq + 1, queue.first_seq)
-    scanned = 0
-    run_node, run_first, run_last = "", 0, -1
-    while seq < queue.next_seq:
-        records = queue.read(seq, max_records=8192, max_bytes=64 << 20)
-        if not records:
-            break
-        for record in records:
-            try:
-                node, node_seq, _ = wire.decode_log_record(record.payload)
-            except wire.WireError as exc:
-                log.error("undecodable log record skipped while rebuilding marks",
-                          extra={"fields": {"seq": record.seq, "error": str(exc)}})
-                continue
-            if node == run_node and node_seq == run_last + 1:
-                run_last = node_seq
-                continue
-            if run_last >= run_first and run_node:
-                marks.add(run_node, run_first, run_last)
-            run_node, run_first, run_last = node, node_seq, node_seq
-        scanned += len(records)
-        seq = records[-1].seq + 1
-    if run_node and run_last >= run_first:
-        marks.add(run_node, run_first, run_last)
-    return scanned
 
 
 # -- the server --------------------------------------------------------------------------
@@ -231,6 +179,7 @@ class MiddleServer:
         self.recent = RecentRecords(settings.recent_bytes)
         self.feed_snapshot = {g: (self.feed.lag(g, self.tail), 0) for g in self.feed.groups}
         self.group_commits = 0
+        self._unpublished: list[tuple[int, list[bytes]]] = []  # appended, not yet published
         self.published = 0
         self.unpublishable = 0
         self.malformed = {"router": 0, "feed": 0}
@@ -354,13 +303,16 @@ class MiddleServer:
             arrivals.append((peer, batch))
             readings += len(batch.readings)
         if arrivals:
-            self._send_replies(self._commit(arrivals))
-
-    def _commit(self, arrivals: Sequence[tuple[bytes, wire.Batch]]) -> list[Reply]:
-        return self.intake.commit(arrivals, self._append, self.settings.busy_retry_ms)
+            self._send_replies(self.intake.commit(arrivals, self._append,
+                                                  self.settings.busy_retry_ms))
+            # Acks first: live events are best effort, and publishing a large group costs
+            # about a microsecond per record that ingest's window would otherwise wait on.
+            for first_seq, appended in self._unpublished:
+                self._publish(first_seq, appended)
+            self._unpublished.clear()
 
     def _append(self, plan: IntakePlan) -> str | None:
-        """Append the plan's records durably and publish them; the refusal reason if not."""
+        """Append the plan's records durably (published later); the refusal reason if not."""
         try:
             seqs = self.queue.append(plan.records, timeout=0.0)
         except QueueFull:
@@ -371,7 +323,7 @@ class MiddleServer:
         self.group_commits += 1
         self.tail = seqs[-1]
         self.recent.extend(seqs.start, plan.records)
-        self._publish(seqs.start, plan.readings)
+        self._unpublished.append((seqs.start, plan.readings))
         return None
 
     def _publish(self, first_seq: int, readings: Sequence[bytes]) -> None:
@@ -444,7 +396,8 @@ class MiddleServer:
                                             "last": gone[1],
                                             "log_first_seq": self.queue.first_seq}})
                 continue
-            payloads = payloads[:lease.count]
+            if len(payloads) > lease.count:
+                payloads = payloads[:lease.count]
             frames = wire.encode_records(lease.group, self.middle_id, lease.first, payloads)
             try:
                 # The peer frame fails fast (unknown peer, full queue); once it is accepted

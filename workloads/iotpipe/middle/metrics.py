@@ -42,39 +42,37 @@ class MiddleCollector(Collector):
         s = self._server
         intake, feed = s.intake.counters, s.feed.counters
 
-        def counter(name: str, text: str, value: float) -> CounterMetricFamily:
-            return CounterMetricFamily(f"iotpipe_middle_{name}", text, value=value)
-
-        yield counter("batches", "Batches acknowledged to ingest nodes", intake.batches)
-        yield counter("records", "Records appended to the log", intake.records)
-        yield counter("duplicate_records", "Readings dropped as already stored",
-                      intake.duplicates)
-        yield counter("busy_replies", "Batches answered busy (log full)", intake.busy)
-        yield counter("skipped_ahead_batches",
-                      "Batches that started above the node's high-water mark + 1",
-                      intake.skipped_ahead)
-        yield counter("group_commits", "Durable appends (each shares one fdatasync)",
-                      s.group_commits)
+        counters: list[tuple[str, str, float]] = [
+            ("batches", "Batches acknowledged to ingest nodes", intake.batches),
+            ("records", "Records appended to the log", intake.records),
+            ("duplicate_records", "Readings dropped as already stored", intake.duplicates),
+            ("busy_replies", "Batches answered busy (log full)", intake.busy),
+            ("skipped_ahead_batches",
+             "Batches that started above the node's high-water mark + 1", intake.skipped_ahead),
+            ("group_commits", "Durable appends (each shares one fdatasync)", s.group_commits),
+            ("checkpoint_failures", "Marks checkpoint writes that failed",
+             s.checkpoint_failures),
+            ("pub_messages", "Live events published", s.published),
+            ("unpublishable_records", "Records whose reading had no device id",
+             s.unpublishable),
+            ("feed_requests", "Feed requests received", feed.requests),
+            ("feed_deliveries", "Feed deliveries sent", feed.deliveries),
+            ("feed_delivered_records", "Records sent in feed deliveries",
+             feed.delivered_records),
+            ("feed_redelivered_records",
+             "Records returned for redelivery (lease expired, consumer gone)",
+             feed.redelivered_records),
+            ("feed_acked_records", "Records acknowledged by feed consumers",
+             feed.acked_records),
+        ]
+        for name, text, value in counters:
+            yield CounterMetricFamily(f"iotpipe_middle_{name}", text, value=value)
         malformed = CounterMetricFamily("iotpipe_middle_malformed_frames",
                                         "Frames that did not follow the wire format",
                                         labels=["socket"])
         for sock_name, value in s.malformed.items():
             malformed.add_metric([sock_name], value)
         yield malformed
-        yield counter("checkpoint_failures", "Marks checkpoint writes that failed",
-                      s.checkpoint_failures)
-        yield counter("pub_messages", "Live events published", s.published)
-        yield counter("unpublishable_records", "Records whose reading had no device id",
-                      s.unpublishable)
-        yield counter("feed_requests", "Feed requests received", feed.requests)
-        yield counter("feed_deliveries", "Feed deliveries sent", feed.deliveries)
-        yield counter("feed_delivered_records", "Records sent in feed deliveries",
-                      feed.delivered_records)
-        yield counter("feed_redelivered_records",
-                      "Records returned for redelivery (lease expired, consumer gone)",
-                      feed.redelivered_records)
-        yield counter("feed_acked_records", "Records acknowledged by feed consumers",
-                      feed.acked_records)
         lag = GaugeMetricFamily("iotpipe_middle_feed_lag_records",
                                 "Records appended but not yet acknowledged, per group",
                                 labels=["group"])

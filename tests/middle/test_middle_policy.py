@@ -7,6 +7,7 @@ the middle's hot path shares with the wire format's own encoders.
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -211,3 +212,53 @@ def test_live_metas_count_up_from_first() -> None:
     metas = wire.live_metas(prefix, 126)
     assert [wire.decode_live([b"d", next(metas), b"r"]).seq for _ in range(4)] == [126, 127,
                                                                                  128, 129]
+
+
+# -- feed delivery format: v2 for consumers that read it, v1 for the others ----------------
+
+
+def test_records_v2_is_one_frame_and_decodes_like_v1() -> None:
+    records = [b"a", b"bc", b""]
+    v2 = wire.encode_records("storage", "m1", 7, records, version=2)
+    v1 = wire.encode_records("storage", "m1", 7, records)
+    assert len(v2) == 3 and v2[0] == wire.KIND_RECORDS_V2
+    assert len(v1) == 5 and v1[0] == wire.KIND_RECORDS
+    assert wire.decode_records(v2) == wire.decode_records(v1) == wire.Records(
+        "storage", "m1", 7, records)
+
+
+def test_records_v2_malformed_bodies_are_rejected() -> None:
+    header = wire.encode_records("g", "m", 1, [b"a"])[1]
+    with pytest.raises(wire.WireError, match="array of bin"):
+        wire.decode_records([wire.KIND_RECORDS_V2, header, msgpack.packb(["a"])])
+    with pytest.raises(wire.WireError, match="3 frames"):
+        wire.decode_records([wire.KIND_RECORDS_V2, header, msgpack.packb([b"a"]), b"x"])
+    with pytest.raises(wire.WireError, match="header says 1"):
+        wire.decode_records([wire.KIND_RECORDS_V2, header, msgpack.packb([b"a", b"b"])])
+
+
+def test_feed_request_version_defaults_to_v1_for_consumers_that_send_none() -> None:
+    old = [wire.KIND_FEED, msgpack.packb({"group": "g", "consumer": "c", "credit": 5,
+                                          "acks": [[1, 2]]})]
+    assert wire.decode_feed_request(old).records_version == 1
+    assert wire.decode_feed_request(wire.encode_feed_request("g", "c", 5)).records_version == 2
+    assert wire.decode_feed_request(
+        wire.encode_feed_request("g", "c", 5, records_version=1)).records_version == 1
+    bad = [wire.KIND_FEED, msgpack.packb({"group": "g", "consumer": "c", "credit": 5,
+                                          "acks": [], "v": 0})]
+    with pytest.raises(wire.WireError, match="'v'"):
+        wire.decode_feed_request(bad)
+
+
+def test_feed_delivers_in_the_format_of_the_consumers_latest_request() -> None:
+    core = FeedCore({"storage": 0}, max_records=4)
+    core.on_request(b"A", wire.FeedRequest("storage", "old", 4, [], 1), now=0, tail=20)
+    core.on_request(b"B", wire.FeedRequest("storage", "new", 4, []), now=0, tail=20)
+    leases = {lease.consumer: lease for lease in iter(lambda: core.next_delivery(0, 20), None)}
+    assert core.records_version(leases["old"]) == 1
+    assert core.records_version(leases["new"]) == 2
+    # an upgraded consumer says so in its next request
+    core.on_request(b"A", wire.FeedRequest("storage", "old", 4, [], 2), now=1, tail=20)
+    assert core.records_version(leases["old"]) == 2
+    core.peer_gone(b"A")  # a lease whose consumer is gone gets the format every consumer reads
+    assert core.records_version(leases["old"]) == 1

@@ -463,6 +463,28 @@ def test_competing_consumers_of_one_group_share_the_feed(middle_factory) -> None
     assert seen[0] | seen[1] == set(range(1, 501))
 
 
+def test_consumers_from_before_records_v2_still_get_v1_deliveries(middle_factory) -> None:  # type: ignore[no-untyped-def]
+    # One consumer per group, so each gets every record: an old one and an upgraded one.
+    middle: Middle = middle_factory("--consumer-groups", "old,new")
+    ingest = middle.dealer(middle.router_port)
+    wire.decode_ack(send_batch(ingest, "n1", 1, 30))
+    kinds: dict[str, set[bytes]] = {}
+    got: dict[str, set[int]] = {}
+    for group, version in (("old", 1), ("new", 2)):
+        sock = middle.dealer(middle.feed_port)
+        sock.send_multipart(wire.encode_feed_request(group, "c", 30, records_version=version))
+        kinds[group], got[group] = set(), set()
+        while len(got[group]) < 30:
+            frames = recv(sock)
+            kinds[group].add(wire.message_kind(frames))
+            records = wire.decode_records(frames)
+            assert records.group == group
+            assert all(wire.decode_log_record(r).node == "n1" for r in records.records)
+            got[group].update(range(records.first, records.last + 1))
+    assert kinds == {"old": {wire.KIND_RECORDS}, "new": {wire.KIND_RECORDS_V2}}
+    assert got["old"] == got["new"] == set(range(1, 31))
+
+
 def test_undecodable_reading_is_stored_but_not_published(middle_factory) -> None:  # type: ignore[no-untyped-def]
     # The middle passes readings through untouched; one without a device id cannot be
     # routed on the PUB socket, so it is counted instead of published.

@@ -54,6 +54,7 @@ class ConsumerState:
     credit: int
     last_seen: float
     outstanding: int = 0  # records leased to this consumer and not yet acked
+    records_version: int = 1  # the delivery format it reads (from its latest request)
 
 
 @dataclass
@@ -146,6 +147,7 @@ class FeedCore:
         for first, last in request.acks:
             self._ack(g, first, last, tail)
         state.credit = request.credit
+        state.records_version = request.records_version
         state.last_seen = now
 
     def skip(self, group: str, first: int, last: int, tail: int) -> None:
@@ -269,6 +271,11 @@ class FeedCore:
             last = min(last, next_acked - 1)
         g.next_new = last + 1
         return first, last
+
+    def records_version(self, lease: Lease) -> int:
+        """The delivery format for ``lease``: what its consumer said it reads."""
+        owner = self._group(lease.group).consumers.get(lease.consumer)
+        return owner.records_version if owner is not None else 1
 
     def fit_read(self, lease: Lease, first_read: int | None, count: int, tail: int
                  ) -> tuple[int, int] | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from iotpipe import wire
+from iotpipe.middle import hot
 from iotpipe.middle.dedup import NodeMarks
 from iotpipe.middle.intervals import IntervalSet
 
@@ -67,7 +68,7 @@ class Intake:
     def plan(self, arrivals: Sequence[tuple[bytes, wire.Batch]]) -> IntakePlan:
         """The records to append for ``arrivals`` (in order); marks change only on commit."""
         plan = IntakePlan()
-        encode = wire.encode_log_records
+        encode = hot.log_records
         for peer, batch in arrivals:
             node, first, last = batch.node, batch.first, batch.last
             marks = plan.provisional.get(node)

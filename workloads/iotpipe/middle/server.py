@@ -58,6 +58,7 @@ import zmq.backend
 from prometheus_client import CollectorRegistry
 
 from iotpipe import curve, lifecycle, wire
+from iotpipe.middle import hot
 from iotpipe.middle.core import (
     FeedCore,
     Intake,
@@ -326,25 +327,20 @@ class MiddleServer:
         self._unpublished.append((seqs.start, plan.readings))
         return None
 
-    def _publish(self, first_seq: int, readings: Sequence[bytes]) -> None:
+    def _publish(self, first_seq: int, readings: list[bytes]) -> None:
         # The frames of wire.encode_live, sent frame by frame through the backend socket
         # with precomputed int flags: send_multipart's per-frame enum arithmetic would cost
         # more than everything else per record.
         send = zmq.backend.Socket.send
         pub = self.pub
         more, last = _SEND_MORE_NOBLOCK, _SEND_NOBLOCK
-        published = 0
-        topics = map(wire.reading_topic, readings)
-        metas = wire.live_metas(self._live_meta_prefix, first_seq)  # endless: strict=False
-        for topic, meta, reading in zip(topics, metas, readings, strict=False):
-            if topic is None:
-                continue
+        events = hot.live_frames(self._live_meta_prefix, first_seq, readings)
+        for topic, meta, reading in events:
             send(pub, topic, more)
             send(pub, meta, more)
             send(pub, reading, last)
-            published += 1
-        self.published += published
-        self.unpublishable += len(readings) - published
+        self.published += len(events)
+        self.unpublishable += len(readings) - len(events)
 
     def _send_replies(self, replies: Sequence[Reply]) -> None:
         send = zmq.backend.Socket.send

@@ -23,8 +23,8 @@ from support.ports import free_port
 from support.processes import ProcessGroup
 from websockets.asyncio.client import ClientConnection, connect
 
+from iotpipe.ingest.core import preferred_endpoint
 from iotpipe.ingest.identity import INCARNATION_FILE
-from iotpipe.protocol import preferred_endpoint
 from iotpipe.simulate import SimulateSettings, SimulationReport, run_simulation
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]

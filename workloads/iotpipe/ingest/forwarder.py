@@ -27,7 +27,7 @@ from typing import Any
 import zmq
 
 from iotpipe.curve import CurveKeys, secure_client
-from iotpipe.protocol.forwarder import ForwarderCore
+from iotpipe.ingest.core.forwarder import ForwarderCore
 from iotpipe.queue import PersistentQueue
 
 __all__ = ["CONSUMER", "Forwarder"]

@@ -3,7 +3,7 @@
 picows (Cython) parses frames and answers pings in C and calls ``on_ws_frame`` once per
 frame, with no task or future per message; websockets spends most of ingest's CPU in its
 per-message send and receive paths (issue 11). Everything the device protocol decides
-stays in ``iotpipe.protocol`` (the sans-I/O session judges each frame); this module only
+stays in ``iotpipe.ingest.core`` (the sans-I/O session judges each frame); this module only
 moves bytes and keeps order:
 
 - each connection keeps its replies in order in one deque: error frames (ready at once)
@@ -47,14 +47,8 @@ from picows import (
     ws_create_server,
 )
 
-from iotpipe.protocol import (
-    CLOSE_INTERNAL,
-    DeviceSession,
-    encode_ack_frame,
-    encode_busy_frame,
-    encode_error_frame,
-)
-from iotpipe.queue import QueueFull
+from iotpipe.ingest.acks import settled_reply
+from iotpipe.ingest.core import CLOSE_INTERNAL, DeviceSession
 
 if TYPE_CHECKING:
     from iotpipe.ingest.server import IngestServer
@@ -62,7 +56,6 @@ if TYPE_CHECKING:
 __all__ = ["OUTBOX_FRAMES", "Admitted", "DeviceConnection", "PicowsFront", "Refusal",
            "encode_text_frames"]
 
-log = logging.getLogger("iotpipe.ingest")
 # A logger adapter, not a Logger: picows then creates no child logger per connection
 # (it would keep 100k of them alive).
 _PICOWS_LOG = logging.LoggerAdapter(logging.getLogger("picows.ingest"), {})
@@ -251,6 +244,7 @@ class DeviceConnection(WSListener):  # type: ignore[misc]  # picows ships no stu
         out: list[bytes] = []
         server = self.front.server
         counters = server.counters
+        busy_retry_ms = server.settings.busy_retry_ms
         now = self.front.loop.time()
         failed = False
         while replies:
@@ -259,26 +253,11 @@ class DeviceConnection(WSListener):  # type: ignore[misc]  # picows ships no stu
                 out.append(item)  # type: ignore[arg-type]
             else:
                 pending: _Pending = item  # type: ignore[assignment]
-                durable = pending.durable
-                if not durable.done():
+                if not pending.durable.done():
                     break
-                ids = pending.ids
-                error = durable.exception()
-                if error is None:
-                    counters.accepted += len(ids)
-                    counters.ack_frames += 1
-                    counters.observe_frame(len(ids))
-                    counters.observe_ack(now - pending.read_at)
-                    out.append(encode_ack_frame(ids))
-                elif isinstance(error, QueueFull):
-                    counters.busy += len(ids)
-                    out.append(encode_busy_frame(ids, server.settings.busy_retry_ms))
-                else:  # QueueError, or a bug: never ack; tell the device and close 1011
-                    log.error("queue append failed", extra={"fields": {"error": str(error)}})
-                    counters.rejected["internal"] += len(ids)
-                    out.append(encode_error_frame("internal", list(ids),
-                                                  "the server cannot store messages"))
-                    failed = True
+                frame, failed = settled_reply(pending.durable, pending.ids,
+                                              now - pending.read_at, counters, busy_retry_ms)
+                out.append(frame)
             replies.popleft()
             if failed:
                 break
@@ -395,6 +374,10 @@ class PicowsFront:
     def stop_listening(self) -> None:
         if self._listener is not None:
             self._listener.close()
+
+    def request_close(self, conn: DeviceConnection, code: int, reason: str) -> None:
+        """Close ``conn`` with ``code`` once the replies it is owed are sent."""
+        conn.request_close(code, reason)
 
     async def wait_closed(self, connections: list[DeviceConnection], within: float) -> None:
         futures = [c.closed for c in connections if not c.closed.done()]

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from iotpipe.protocol.frames import (
+from iotpipe.ingest.core.frames import (
     RATE_LIMITED,
     FrameLimits,
     encode_error_frame,
     parse_frame,
 )
-from iotpipe.protocol.ratelimit import TokenBucket
+from iotpipe.ingest.core.ratelimit import TokenBucket
 
 __all__ = ["CLOSE_FLOOD", "CLOSE_GOING_AWAY", "CLOSE_INTERNAL", "CLOSE_TOO_BIG",
            "DeviceSession", "FrameOutcome"]

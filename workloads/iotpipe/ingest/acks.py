@@ -26,10 +26,7 @@ def settled_reply(durable: asyncio.Future[range], ids: list[str | int], waited: 
     more). ``waited``: seconds from reading the frame until now."""
     error = durable.exception()
     if error is None:
-        counters.accepted += len(ids)
-        counters.ack_frames += 1
-        counters.observe_frame(len(ids))
-        counters.observe_ack(waited)
+        counters.observe_acked(len(ids), waited)
         return encode_ack_frame(ids), False
     if isinstance(error, QueueFull):
         counters.busy += len(ids)

@@ -208,7 +208,14 @@ class DeviceConnection(WSListener):  # type: ignore[misc]  # picows ships no stu
             self._deferred.append(payload)
             return
         self._judge(payload)
-        self._flush()
+        # Most frames only add an ack waiting for its commit group: nothing to write yet.
+        replies = self._replies
+        if self._close is not None or len(replies) >= OUTBOX_FRAMES:
+            self._flush()
+        elif replies:
+            head = replies[0]
+            if head.__class__ is bytes or head.durable.done():  # type: ignore[union-attr]
+                self._flush()
 
     def _judge(self, payload: bytes) -> None:
         front = self.front

@@ -57,6 +57,15 @@ class IngestCounters:
         self.frame_buckets[bisect_left(FRAME_SIZE_BUCKETS, messages)] += 1
         self.frame_sum += messages
 
+    def observe_acked(self, messages: int, seconds: float) -> None:
+        """One ack frame for ``messages`` ids, ``seconds`` after its frame was read."""
+        self.accepted += messages
+        self.ack_frames += 1
+        self.frame_buckets[bisect_left(FRAME_SIZE_BUCKETS, messages)] += 1
+        self.frame_sum += messages
+        self.ack_buckets[bisect_left(ACK_SECONDS_BUCKETS, seconds)] += 1
+        self.ack_sum += seconds
+
     def observe_ack(self, seconds: float) -> None:
         self.ack_buckets[bisect_left(ACK_SECONDS_BUCKETS, seconds)] += 1
         self.ack_sum += seconds

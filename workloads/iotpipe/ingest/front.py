@@ -48,7 +48,7 @@ from picows import (
 )
 
 from iotpipe.ingest.acks import settled_reply
-from iotpipe.ingest.core import CLOSE_INTERNAL, DeviceSession
+from iotpipe.ingest.core import CLOSE_INTERNAL, DeviceSession, encode_ack_frame
 
 if TYPE_CHECKING:
     from iotpipe.ingest.server import IngestServer
@@ -108,16 +108,9 @@ def encode_text_frames(payloads: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
-class _Pending:
-    """An ack owed once ``durable`` (the commit group's future) is done."""
-
-    __slots__ = ("durable", "ids", "read_at")
-
-    def __init__(self, durable: asyncio.Future[range], ids: list[str | int],
-                 read_at: float) -> None:
-        self.durable = durable
-        self.ids = ids
-        self.read_at = read_at
+# An ack owed once its commit group's future is done: (future, the frame's ids, when the
+# frame was read). A tuple: one is made per frame.
+_Pending = tuple["asyncio.Future[range]", list[str | int], float]
 
 
 class DeviceConnection(WSListener):  # type: ignore[misc]  # picows ships no stub base
@@ -141,6 +134,10 @@ class DeviceConnection(WSListener):  # type: ignore[misc]  # picows ships no stu
         self._close: tuple[int, str] | None = None   # a close owed after the replies
         self._close_sent = False
         self._close_timer: asyncio.TimerHandle | None = None
+        # Read per frame: looked up once.
+        server = front.server
+        self._counters = server.counters
+        self._clock = front.loop.time
 
     # -- picows callbacks ---------------------------------------------------------------
 
@@ -214,24 +211,24 @@ class DeviceConnection(WSListener):  # type: ignore[misc]  # picows ships no stu
             self._flush()
         elif replies:
             head = replies[0]
-            if head.__class__ is bytes or head.durable.done():  # type: ignore[union-attr]
+            if head.__class__ is bytes or head[0].done():  # type: ignore[union-attr]
                 self._flush()
 
     def _judge(self, payload: bytes) -> None:
-        front = self.front
-        server = front.server
-        assert self.session is not None
-        read_at = front.loop.time()
-        outcome = self.session.on_frame(payload, read_at, time.time_ns())
+        session = self.session
+        assert session is not None
+        read_at = self._clock()
+        outcome = session.on_frame(payload, read_at, time.time_ns())
         if outcome.rejected:
-            server.counters.rejected.update(outcome.rejected)
+            self._counters.rejected.update(outcome.rejected)
         replies = self._replies
         if outcome.replies:
             replies.extend(outcome.replies)
         if outcome.readings:
+            server = self.front.server
             assert server.aqueue is not None
             durable = server.aqueue.submit(outcome.readings, server.settings.busy_wait)
-            replies.append(_Pending(durable, outcome.ids, read_at))
+            replies.append((durable, outcome.ids, read_at))
             if self._watching is not durable:  # one callback per group and connection
                 self._watching = durable
                 durable.add_done_callback(self._on_durable)
@@ -249,22 +246,24 @@ class DeviceConnection(WSListener):  # type: ignore[misc]  # picows ships no stu
         if not replies:
             return
         out: list[bytes] = []
-        server = self.front.server
-        counters = server.counters
-        busy_retry_ms = server.settings.busy_retry_ms
-        now = self.front.loop.time()
+        counters = self._counters
+        now = self._clock()
         failed = False
         while replies:
             item = replies[0]
             if item.__class__ is bytes:
                 out.append(item)  # type: ignore[arg-type]
             else:
-                pending: _Pending = item  # type: ignore[assignment]
-                if not pending.durable.done():
+                durable, ids, read_at = item  # type: ignore[misc]
+                if not durable.done():
                     break
-                frame, failed = settled_reply(pending.durable, pending.ids,
-                                              now - pending.read_at, counters, busy_retry_ms)
-                out.append(frame)
+                if durable.exception() is None:  # the common case, without a call
+                    counters.observe_acked(len(ids), now - read_at)
+                    out.append(encode_ack_frame(ids))
+                else:
+                    frame, failed = settled_reply(durable, ids, now - read_at, counters,
+                                                  self.front.server.settings.busy_retry_ms)
+                    out.append(frame)
             replies.popleft()
             if failed:
                 break

@@ -24,10 +24,30 @@ from iotpipe.settings import (
     tier_config,
 )
 
-__all__ = ["IngestSettings", "ws_core"]
+__all__ = ["IngestSettings", "MiddleEndpointsSettings", "ws_core"]
 
 
-class IngestSettings(EdgeSecuritySettings, EndpointsReloadSettings, ServerSettings):
+class MiddleEndpointsSettings(EndpointsReloadSettings):
+    """Mixin: the middle ROUTER endpoints an ingest queue is forwarded to (ingest, drain)."""
+
+    middle_endpoints: CommaList = Field(default_factory=list,
+                                        description="middle ROUTER endpoints, comma separated")
+    middle_endpoints_file: str = Field(
+        "", description="file listing the middle ROUTER endpoints, one per line (key 'router' "
+                    "of the endpoints ConfigMap), re-read while running; wins over "
+                    "--middle-endpoints when usable")
+
+    @field_validator("middle_endpoints")
+    @classmethod
+    def _endpoints_look_right(cls, endpoints: list[str]) -> list[str]:
+        for endpoint in endpoints:
+            problem = check_endpoint(endpoint)
+            if problem is not None:
+                raise ValueError(problem)
+        return endpoints
+
+
+class IngestSettings(EdgeSecuritySettings, MiddleEndpointsSettings, ServerSettings):
     """Device WebSocket server: authenticates devices, stores each message durably, acks it,
     and forwards the queue to the middle tier."""
 
@@ -43,12 +63,6 @@ class IngestSettings(EdgeSecuritySettings, EndpointsReloadSettings, ServerSettin
     processes: int = Field(1, ge=1, le=256, description="processes on one port (SO_REUSEPORT)")
     node_id: str = Field(default_factory=socket.gethostname,
                          description="node identity (process i is NODE_ID-pI)")
-    middle_endpoints: CommaList = Field(default_factory=list,
-                                        description="middle ROUTER endpoints, comma separated")
-    middle_endpoints_file: str = Field(
-        "", description="file listing the middle ROUTER endpoints, one per line (key 'router' "
-                    "of the endpoints ConfigMap), re-read while running; wins over "
-                    "--middle-endpoints when usable")
     insecure_no_auth: bool = Field(False, description="no tokens; device from ?device= or the "
                                    "message's 'device' field (local demos only)")
     rate_limit: float = Field(1000.0, ge=0, description="messages/s per device (0 = unlimited)")
@@ -78,15 +92,6 @@ class IngestSettings(EdgeSecuritySettings, EndpointsReloadSettings, ServerSettin
     process_index: int = Field(-1, ge=-1, description=Internal)
     parent_pid: int = Field(0, ge=0, description=Internal)
     report_fd: int = Field(-1, ge=-1, description=Internal)
-
-    @field_validator("middle_endpoints")
-    @classmethod
-    def _endpoints_look_right(cls, endpoints: list[str]) -> list[str]:
-        for endpoint in endpoints:
-            problem = check_endpoint(endpoint)
-            if problem is not None:
-                raise ValueError(problem)
-        return endpoints
 
     @field_validator("ws_core")
     @classmethod

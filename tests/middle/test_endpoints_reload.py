@@ -22,8 +22,8 @@ from support.processes import ProcessGroup
 from support.waiting import exited, wait_for, wait_ready
 from websockets.asyncio.client import ClientConnection, connect
 
+from iotpipe.ingest.core import preferred_endpoint
 from iotpipe.ingest.identity import INCARNATION_FILE
-from iotpipe.protocol import preferred_endpoint
 from iotpipe_tools.simulate import SimulateSettings, SimulationReport, run_simulation
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]

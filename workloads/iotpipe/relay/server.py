@@ -44,7 +44,7 @@ from zmq.utils.monitor import parse_monitor_message
 from iotpipe import lifecycle
 from iotpipe.auth import load_secret
 from iotpipe.curve import load_keys, secure_client
-from iotpipe.denylist import CLOSE_REVOKED, DenyList, DenyListFile
+from iotpipe.denylist import CLOSE_REVOKED, DenyList, DenyListFile, reload_security
 from iotpipe.endpoints import (
     EndpointsCollector,
     EndpointsError,
@@ -184,39 +184,22 @@ class RelayServer:
         """Re-read the deny list; close the open connections it now refuses (how many)."""
         if self.deny_file is None:
             return 0
-        fresh = self.deny_file.check()
-        if fresh is None:
-            return 0
-        self.deny = fresh
-        loop = asyncio.get_running_loop()
-        closed = 0
-        for connection in list(self._connections.values()):
-            reason = fresh.refusal("client", getattr(connection, "iotpipe_subject", None),
-                                   getattr(connection, "iotpipe_token_id", None))
-            if reason is None:
-                continue
-            task = loop.create_task(connection.close(CLOSE_REVOKED, f"revoked: {reason}"))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-            closed += 1
-        if closed:
-            log.info("revoked clients closed", extra={"fields": {"connections": closed}})
+        closed = self.deny_file.revoke(
+            "client", self._connections.values(),
+            lambda c: (getattr(c, "iotpipe_subject", None), getattr(c, "iotpipe_token_id", None)),
+            self._close_revoked)
+        self.deny = self.deny_file.current
         return closed
+
+    def _close_revoked(self, connection: ServerConnection, reason: str) -> None:
+        task = asyncio.get_running_loop().create_task(connection.close(CLOSE_REVOKED, reason))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _reload_security(self) -> None:
         settings = self.settings
-        loop = asyncio.get_running_loop()
-        next_tls = loop.time() + settings.tls_reload_seconds
-        next_deny = loop.time() + settings.deny_list_reload_seconds
-        while True:
-            await asyncio.sleep(max(0.05, min(next_tls, next_deny) - loop.time()))
-            now = loop.time()
-            if self.tls is not None and now >= next_tls:
-                next_tls = now + settings.tls_reload_seconds
-                self.tls.check()
-            if now >= next_deny:
-                next_deny = now + settings.deny_list_reload_seconds
-                self.reload_deny_list()
+        await reload_security(self.tls, settings.tls_reload_seconds, self.reload_deny_list,
+                              settings.deny_list_reload_seconds)
 
     # -- per-client ------------------------------------------------------------------------
 

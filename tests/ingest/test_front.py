@@ -14,10 +14,11 @@ from picows import WSCloseCode, WSMsgType, WSProtocolError
 from picows.picows import _make_test_ws_frame
 
 from iotpipe.ingest.core import DeviceBuckets, FrameLimits, TokenBucket
-from iotpipe.ingest.front import OUTBOX_FRAMES, DeviceConnection, PicowsFront, encode_text_frames
+from iotpipe.ingest.front import OUTBOX_FRAMES, DeviceConnection, PicowsFront
 from iotpipe.ingest.metrics import IngestCounters
 from iotpipe.ingest.settings import IngestSettings
 from iotpipe.queue import QueueError, QueueFull
+from iotpipe.wsframes import encode_text_frames
 
 pytestmark = pytest.mark.unit
 

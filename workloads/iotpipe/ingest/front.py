@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -49,12 +48,12 @@ from picows import (
 
 from iotpipe.ingest.acks import settled_reply
 from iotpipe.ingest.core import CLOSE_INTERNAL, DeviceSession, encode_ack_frame
+from iotpipe.wsframes import encode_text_frames
 
 if TYPE_CHECKING:
     from iotpipe.ingest.server import IngestServer
 
-__all__ = ["OUTBOX_FRAMES", "Admitted", "DeviceConnection", "PicowsFront", "Refusal",
-           "encode_text_frames"]
+__all__ = ["OUTBOX_FRAMES", "Admitted", "DeviceConnection", "PicowsFront", "Refusal"]
 
 # A logger adapter, not a Logger: picows then creates no child logger per connection
 # (it would keep 100k of them alive).
@@ -73,9 +72,6 @@ _TEXT = WSMsgType.TEXT
 _BINARY = WSMsgType.BINARY
 _CONTINUATION = WSMsgType.CONTINUATION
 _CLOSE = WSMsgType.CLOSE
-_HEADER_SHORT = struct.Struct("!BB")
-_HEADER_16 = struct.Struct("!BBH")
-_HEADER_64 = struct.Struct("!BBQ")
 
 
 class Refusal(NamedTuple):
@@ -91,21 +87,6 @@ class Admitted(NamedTuple):
 
     device_id: str | None
     token_id: str | None
-
-
-def encode_text_frames(payloads: list[bytes]) -> bytes:
-    """Server-to-client text frames (FIN, unmasked, RFC 6455 5.2) joined for one write."""
-    parts: list[bytes] = []
-    for payload in payloads:
-        size = len(payload)
-        if size < 126:
-            parts.append(_HEADER_SHORT.pack(0x81, size))
-        elif size < 65536:
-            parts.append(_HEADER_16.pack(0x81, 126, size))
-        else:
-            parts.append(_HEADER_64.pack(0x81, 127, size))
-        parts.append(payload)
-    return b"".join(parts)
 
 
 # An ack owed once its commit group's future is done: (future, the frame's ids, when the

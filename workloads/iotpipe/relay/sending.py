@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
-from iotpipe.ingest.front import encode_text_frames
 from iotpipe.relay.core import ClientSession
+from iotpipe.wsframes import encode_text_frames
 
 __all__ = ["BatchingConnection", "Peer", "send_frames", "text_frame", "write_direct"]
 

@@ -46,9 +46,9 @@ from pydantic import Field
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from iotpipe.ingest.front import encode_text_frames
 from iotpipe.settings import TierSettings, parse_settings, tier_config
 from iotpipe.wire import encode_live, encode_reading
+from iotpipe.wsframes import encode_text_frames
 from iotpipe_tools.ports import free_port
 from iotpipe_tools.processes import cpu_seconds, stop
 from iotpipe_tools.sources import raise_nofile

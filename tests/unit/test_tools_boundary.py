@@ -21,8 +21,11 @@ PRODUCT = Path(__file__).resolve().parents[2] / "workloads" / "iotpipe"
 TOOLS = "iotpipe_tools"
 
 
-def tools_imports(source: str) -> list[int]:
-    """Line numbers of every import of the tools package in ``source`` (any scope)."""
+TIERS = ("ingest", "middle", "relay", "storage")
+
+
+def imports_of(source: str, package: str) -> list[int]:
+    """Line numbers of every absolute import of ``package`` in ``source`` (any scope)."""
     lines = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -31,9 +34,14 @@ def tools_imports(source: str) -> list[int]:
             names = [node.module]
         else:
             continue
-        if any(name == TOOLS or name.startswith(f"{TOOLS}.") for name in names):
+        if any(name == package or name.startswith(f"{package}.") for name in names):
             lines.append(node.lineno)
     return lines
+
+
+def tools_imports(source: str) -> list[int]:
+    """Line numbers of every import of the tools package in ``source`` (any scope)."""
+    return imports_of(source, TOOLS)
 
 
 def test_the_check_sees_every_form_of_import() -> None:
@@ -49,6 +57,20 @@ def test_no_product_module_imports_the_tools() -> None:
     found = {str(path.relative_to(PRODUCT)): lines for path in modules
              if (lines := tools_imports(path.read_text()))}
     assert not found, f"product modules importing {TOOLS}: {found}"
+
+
+def test_no_tier_imports_another_tier() -> None:
+    """Tiers meet only through wire contracts and shared modules (wire, wsframes, settings)."""
+    found = {}
+    for tier in TIERS:
+        modules = sorted((PRODUCT / tier).rglob("*.py"))
+        assert modules, tier
+        for path in modules:
+            source = path.read_text()
+            for other in TIERS:
+                if other != tier and (lines := imports_of(source, f"iotpipe.{other}")):
+                    found[f"{path.relative_to(PRODUCT)} -> {other}"] = lines
+    assert not found, f"tier modules importing another tier: {found}"
 
 
 def test_up_and_the_tiers_load_without_the_tools() -> None:

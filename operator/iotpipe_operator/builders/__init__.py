@@ -38,9 +38,9 @@ extra env, resources and mounted references, so a configuration change rolls the
 The registry ConfigMap's *content* is not hashed: a mounted ConfigMap updates in place.
 
 The package: ``common`` (names, labels, constants, result types, the template context),
-``mounts`` (Secrets and ConfigMaps the tiers mount), one module per tier (``ingest`` also
-builds the autoscaler and the drain Job) and ``network`` (the NetworkPolicy); :func:`build`
-below puts them together.
+``mounts`` (Secrets and ConfigMaps the tiers mount), ``ingest`` (its StatefulSet, autoscaler
+and drain Job), ``tiers`` (middle, relay and storage) and ``network`` (the NetworkPolicy);
+:func:`build` below puts them together.
 """
 
 from __future__ import annotations
@@ -75,11 +75,9 @@ from iotpipe_operator.builders.common import (
     workload_name,
 )
 from iotpipe_operator.builders.ingest import add_autoscaler, build_drain_job, ingest_context
-from iotpipe_operator.builders.middle import middle_context
 from iotpipe_operator.builders.mounts import curve_secret, deny_list_configmap, pipeline_mounts
 from iotpipe_operator.builders.network import build_network_policy
-from iotpipe_operator.builders.relay import relay_context
-from iotpipe_operator.builders.storage import storage_context
+from iotpipe_operator.builders.tiers import middle_context, relay_context, storage_context
 from iotpipe_operator.names import Names
 
 __all__ = [

@@ -28,7 +28,7 @@ import pytest
 import yaml
 from support.apiserver import ApiServerEmulator
 
-from iotpipe_operator import handlers
+from iotpipe_operator import handlers, stepping
 from iotpipe_operator.kube import Kube
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120),
@@ -661,7 +661,7 @@ async def test_switching_to_an_autoscaler_keeps_the_live_replicas(cluster: Clust
             sts = obj(cluster.k, STATEFULSETS, "demo-ingest") or {}
             if sts.get("spec", {}).get("replicas") != 5:
                 await cluster.patch(STATEFULSETS, "demo-ingest", {"spec": {"replicas": 5}})
-            elif not handlers.manages_replicas(sts):
+            elif not stepping.manages_replicas(sts):
                 break
             assert asyncio.get_running_loop().time() < deadline, "the HPA never took over"
             await asyncio.sleep(0.2)

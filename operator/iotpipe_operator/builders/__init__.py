@@ -59,6 +59,7 @@ from iotpipe_operator.builders.common import (
     SCRAPE_LABEL,
     STORAGE_DATA_DIR,
     TIERS,
+    WORKLOAD_KINDS,
     BuildResult,
     ClusterCapabilities,
     ObjectRef,
@@ -82,10 +83,10 @@ from iotpipe_operator.names import Names
 
 __all__ = [
     "CONFIG_HASH_ANNOTATION", "INGEST_DATA_DIR", "METRICS_PORT", "PIPELINE_LABEL",
-    "PMEM_STORAGE_CLASS", "STORAGE_DATA_DIR", "TIERS", "BuildResult", "ClusterCapabilities",
-    "ObjectRef", "Problem", "build", "build_drain_job", "build_network_policy", "curve_secret",
-    "drain_job_name", "ingest_pod_name", "ingest_pvc_name", "labels_for", "pvc_request",
-    "selector_for", "workload_name",
+    "PMEM_STORAGE_CLASS", "STORAGE_DATA_DIR", "TIERS", "WORKLOAD_KINDS", "BuildResult",
+    "ClusterCapabilities", "ObjectRef", "Problem", "build", "build_drain_job",
+    "build_network_policy", "curve_secret", "drain_job_name", "ingest_pod_name",
+    "ingest_pvc_name", "labels_for", "pvc_request", "selector_for", "workload_name",
 ]
 
 _NO_OPTIONAL_APIS = ClusterCapabilities()  # neither KEDA nor the ServiceMonitor CRD

@@ -18,6 +18,8 @@ from iotpipe_operator.names import QUEUE_CLAIM, Names
 from iotpipe_operator.quantity import format_mebibytes, quantity_bytes
 
 TIERS = ("ingest", "middle", "relay", "storage")
+WORKLOAD_KINDS = {"ingest": ("apps/v1", "StatefulSet"), "middle": ("apps/v1", "StatefulSet"),
+                  "relay": ("apps/v1", "Deployment"), "storage": ("apps/v1", "StatefulSet")}
 INGEST_DATA_DIR = "/var/lib/iotpipe/queue"
 MIDDLE_DATA_DIR = "/var/lib/iotpipe/log"
 STORAGE_DATA_DIR = "/var/lib/iotpipe/store"

@@ -27,7 +27,7 @@ def _secret_files(secret: Mapping[str, Any]) -> dict[str, bytes]:
 
 
 def rotated_files(files: Mapping[str, bytes], change: Callable[[Path], object]
-                   ) -> dict[str, bytes]:
+                  ) -> dict[str, bytes]:
     """``files`` after ``change`` (an :mod:`iotpipe.curve` step) ran on a private copy: the
     operator rotates with the same code as ``iotpipe keys``."""
     with tempfile.TemporaryDirectory(prefix="iotpipe-curve-") as tmp:
@@ -112,7 +112,7 @@ def _rotation_act(kube: Kube, body: Mapping[str, Any], step: rotation.Step,
 
 
 def rotate_curve(kube: Kube, body: Mapping[str, Any], spec: Mapping[str, Any],
-                  direct_metrics: bool, logger: logging.Logger) -> rotation.Step:
+                 direct_metrics: bool, logger: logging.Logger) -> rotation.Step:
     """Drive the rotation as far as it goes without waiting: act, observe again, until a
     step has to wait (bounded: a rotation has four acting steps)."""
     record = (body.get("status") or {}).get("curveRotation") or {}
@@ -134,8 +134,8 @@ def rotate_curve(kube: Kube, body: Mapping[str, Any], spec: Mapping[str, Any],
 
 
 def report_rotation(new_status: dict[str, Any], transitions: list[status_mod.Transition],
-                     previous: Mapping[str, Any], step: rotation.Step | None,
-                     generation: int | None) -> None:
+                    previous: Mapping[str, Any], step: rotation.Step | None,
+                    generation: int | None) -> None:
     """The rotation's record and condition into the status (the previous ones when this
     pass did not get to the rotation: conditions are one list, replaced as a whole)."""
     old_conditions = list(previous.get("conditions") or [])

@@ -36,7 +36,7 @@ def manages_replicas(obj: Mapping[str, Any]) -> bool:
 
 
 def step_ingest_replicas(kube: Kube, body: Mapping[str, Any], result: builders.BuildResult
-                          ) -> str | None:
+                         ) -> str | None:
     """Set the ingest StatefulSet's replicas to the next step towards the spec (see
     :func:`drain.next_replicas`). A failed read never lowers replicas: the StatefulSet is
     then not applied at all in this pass. Returns a progress message while stepping down."""
@@ -78,7 +78,7 @@ def step_ingest_replicas(kube: Kube, body: Mapping[str, Any], result: builders.B
 
 
 def expand_volumes(kube: Kube, body: Mapping[str, Any], spec: Mapping[str, Any],
-                    problems: list[Problem]) -> None:
+                   problems: list[Problem]) -> None:
     """Grow existing queue PVCs when queue.size grew (volumeClaimTemplates are immutable;
     the StorageClass must allow volume expansion)."""
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
@@ -109,7 +109,7 @@ def _ingest_replicas_and_pods(kube: Kube, name: str, namespace: str, uid: str | 
 
 
 def drive_drains(kube: Kube, body: Mapping[str, Any], problems: list[Problem],
-                  logger: logging.Logger) -> dict[str, list[int]]:
+                 logger: logging.Logger) -> dict[str, list[int]]:
     """Create drain Jobs for retained queues of removed ordinals; delete drained PVCs."""
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
     uid = body["metadata"].get("uid")

@@ -1,15 +1,17 @@
 """kopf handlers: fetch, build, apply idempotently with owner references, and report.
 
-All decisions live in pure modules (``builders``, ``drain``, ``status``); this module only
-does I/O. One function, :func:`reconcile`, serves every trigger: create, update, resume
-(operator restart) and a timer that repairs drift, refreshes status and drives scale-down
-drains. It is safe to run again at any time: children are server-side applied (objects with
-a child's name that the pipeline does not own are refused, never adopted), deletes of
-missing objects are no-ops, drain Jobs have deterministic names. Each pass works on one
-snapshot of the body (kopf's body is live and may change under the handler), and
-``observedGeneration`` claims the snapshot's generation only when every child was applied.
-API failures are retried inside the call with backoff, and then by kopf (a temporary error
-with a growing delay) instead of waiting for the next timer tick.
+All decisions live in pure modules (``builders``, ``drain``, ``status``, ``rotation``); this
+module and its two helpers only do I/O: :mod:`stepping` (ingest replicas, drain Jobs, volume
+growth) and :mod:`rotating` (CurveZMQ key rotation). One function, :func:`reconcile`, serves
+every trigger: create, update, resume (operator restart) and a timer that repairs drift,
+refreshes status and drives scale-down drains. It is safe to run again at any time: children
+are server-side applied (objects with a child's name that the pipeline does not own are
+refused, never adopted), deletes of missing objects are no-ops, drain Jobs have
+deterministic names. Each pass works on one snapshot of the body (kopf's body is live and
+may change under the handler), and ``observedGeneration`` claims the snapshot's generation
+only when every child was applied. API failures are retried inside the call with backoff,
+and then by kopf (a temporary error with a growing delay) instead of waiting for the next
+timer tick.
 
 Deletion follows ``spec.deletionPolicy`` (see :mod:`iotpipe_operator.deletion`): the delete
 handler holds the operator's finalizer until the policy is satisfied.
@@ -24,7 +26,6 @@ and a change handler may fire together.
 
 from __future__ import annotations
 
-import base64
 import copy
 import logging
 import tempfile
@@ -37,18 +38,20 @@ import kopf
 
 from iotpipe import curve
 from iotpipe.observability import setup_logging
-from iotpipe_operator import builders, crd, deletion, drain, rotation
+from iotpipe_operator import builders, crd, deletion, rotating, rotation, stepping
 from iotpipe_operator import status as status_mod
-from iotpipe_operator.builders import ClusterCapabilities, Problem, selector_for, workload_name
-from iotpipe_operator.kube import FIELD_MANAGER, ForeignObjectError, Kube, KubeError
+from iotpipe_operator.builders import (
+    WORKLOAD_KINDS,
+    ClusterCapabilities,
+    Problem,
+    selector_for,
+    workload_name,
+)
+from iotpipe_operator.kube import ForeignObjectError, Kube, KubeError, owned_by
 from iotpipe_operator.names import Names
-from iotpipe_operator.quantity import quantity_bytes
 
 if TYPE_CHECKING:
     from iotpipe_operator.settings import RunSettings
-
-WORKLOAD_KINDS = {"ingest": ("apps/v1", "StatefulSet"), "middle": ("apps/v1", "StatefulSet"),
-                  "relay": ("apps/v1", "Deployment"), "storage": ("apps/v1", "StatefulSet")}
 
 _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
@@ -107,7 +110,7 @@ def _apply_children(kube: Kube, body: Mapping[str, Any], result: builders.BuildR
     for ref in result.absent:
         try:
             live = kube.get(ref.api_version, ref.kind, namespace, ref.name)
-            if live is not None and uid is not None and not _is_owned(live, uid):
+            if live is not None and uid is not None and not owned_by(live, uid):
                 continue  # never delete what the pipeline does not own
             if live is not None and kube.delete(ref.api_version, ref.kind, namespace,
                                                 ref.name):
@@ -153,263 +156,6 @@ def _create_once(kube: Kube, body: Mapping[str, Any], result: builders.BuildResu
     return complete
 
 
-def _is_owned(obj: Mapping[str, Any], uid: str) -> bool:
-    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
-    return any(ref.get("uid") == uid for ref in refs)
-
-
-def _ordinals(names: set[str] | list[str], parse: Callable[[str], int | None]) -> set[int]:
-    return {o for n in names if (o := parse(n)) is not None}
-
-
-def manages_replicas(obj: Mapping[str, Any]) -> bool:
-    """Whether this operator's apply owns ``spec.replicas`` (managedFields)."""
-    for entry in (obj.get("metadata") or {}).get("managedFields") or []:
-        if entry.get("manager") == FIELD_MANAGER and entry.get("operation") == "Apply" \
-                and "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {}):
-            return True
-    return False
-
-
-def _step_ingest_replicas(kube: Kube, body: Mapping[str, Any], result: builders.BuildResult
-                          ) -> str | None:
-    """Set the ingest StatefulSet's replicas to the next step towards the spec (see
-    :func:`drain.next_replicas`). A failed read never lowers replicas: the StatefulSet is
-    then not applied at all in this pass. Returns a progress message while stepping down."""
-    name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
-    names = Names(name)
-    sts = result.find("StatefulSet", names.workload("ingest"))
-    live_sts = kube.get("apps/v1", "StatefulSet", namespace, names.workload("ingest"))
-    uid = body["metadata"].get("uid")
-    if live_sts is not None and uid is not None and not _is_owned(live_sts, uid):
-        live_sts = None  # foreign: refused by apply, its replicas mean nothing here
-    live = None if live_sts is None else int((live_sts.get("spec") or {}).get("replicas", 1))
-    pods: set[int] = set()
-    pvcs: set[int] = set()
-    if live is not None and result.ingest_replicas is not None \
-            and result.ingest_replicas < live:
-        pods = _ordinals([p["metadata"]["name"] for p in
-                          kube.list("v1", "Pod", namespace, selector_for(name, "ingest"))],
-                         lambda n: names.pod_ordinal("ingest", n))
-        pvcs = _ordinals([p["metadata"]["name"] for p in
-                          kube.list("v1", "PersistentVolumeClaim", namespace,
-                                    selector_for(name, "ingest"))],
-                         lambda n: names.pvc_ordinal("ingest", n))
-    replicas = drain.next_replicas(result.ingest_replicas, live, pods, pvcs)
-    if result.ingest_replicas is None and not (live_sts and manages_replicas(live_sts)):
-        # Autoscaled (or unknown) and the autoscaler owns the field: leave it out.
-        sts["spec"].pop("replicas", None)
-    elif replicas is None:
-        sts["spec"].pop("replicas", None)  # new and autoscaled: the autoscaler decides
-    else:
-        # While this operator still owns replicas (just switched to an autoscaler that has
-        # not written it yet) the live value is re-applied: dropping an owned field would
-        # make SSA remove it, and the StatefulSet would default to 1 replica.
-        sts["spec"]["replicas"] = replicas
-    if result.ingest_replicas is not None and live is not None \
-            and result.ingest_replicas < live:
-        return (f"ingest stepping down from {live} to {result.ingest_replicas}, one drained "
-                f"ordinal at a time (now {replicas})")
-    return None
-
-
-def _expand_volumes(kube: Kube, body: Mapping[str, Any], spec: Mapping[str, Any],
-                    problems: list[Problem]) -> None:
-    """Grow existing queue PVCs when queue.size grew (volumeClaimTemplates are immutable;
-    the StorageClass must allow volume expansion)."""
-    name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
-    for tier in ("ingest", "middle", "storage"):
-        wanted = builders.pvc_request(spec[tier]["queue"]["size"])
-        for pvc in kube.list("v1", "PersistentVolumeClaim", namespace, selector_for(name, tier)):
-            requests = ((pvc.get("spec") or {}).get("resources") or {}).get("requests") or {}
-            current = requests.get("storage")
-            if current and quantity_bytes(current) < quantity_bytes(wanted):
-                try:
-                    kube.patch("v1", "PersistentVolumeClaim", namespace,
-                               pvc["metadata"]["name"],
-                               {"spec": {"resources": {"requests": {"storage": wanted}}}})
-                except KubeError as exc:
-                    problems.append(Problem("VolumeExpansionFailed",
-                                            f"{pvc['metadata']['name']}: {exc}"))
-
-
-def _ingest_replicas_and_pods(kube: Kube, name: str, namespace: str, uid: str | None
-                              ) -> tuple[int | None, set[str]]:
-    sts = kube.get("apps/v1", "StatefulSet", namespace, workload_name(name, "ingest"))
-    if sts is None or (uid is not None and not _is_owned(sts, uid)):
-        return None, set()  # none, or a foreign one: never drain against it
-    replicas = int((sts.get("spec") or {}).get("replicas", 1))
-    pods = {p["metadata"]["name"]
-            for p in kube.list("v1", "Pod", namespace, selector_for(name, "ingest"))}
-    return replicas, pods
-
-
-def _drive_drains(kube: Kube, body: Mapping[str, Any], problems: list[Problem],
-                  logger: logging.Logger) -> dict[str, list[int]]:
-    """Create drain Jobs for retained queues of removed ordinals; delete drained PVCs."""
-    name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
-    uid = body["metadata"].get("uid")
-    replicas, pods = _ingest_replicas_and_pods(kube, name, namespace, uid)
-    if replicas is None:
-        return {}  # no StatefulSet (being created or deleted): never drain blindly
-    pvcs = [p["metadata"]["name"] for p in
-            kube.list("v1", "PersistentVolumeClaim", namespace, selector_for(name, "ingest"))]
-    jobs = kube.list("batch/v1", "Job", namespace, selector_for(name, "ingest-drain"))
-    plan = drain.plan(name, replicas, pvcs, pods, jobs)
-    for action in plan.actions:
-        try:
-            if action.action == "create_job":
-                job = builders.build_drain_job(body, action.ordinal)
-                kopf.adopt(job, owner=dict(body))  # type: ignore[arg-type]
-                try:
-                    kube.create(job)
-                except KubeError as exc:
-                    if exc.status != 409:  # 409: a previous pass created it already
-                        raise
-                else:
-                    kopf.event(dict(body), type="Normal", reason="DrainStarted",
-                               message=f"ingest ordinal {action.ordinal} removed with a "
-                                       f"retained queue: started Job {action.name}")
-            elif action.action == "delete_pvc":
-                # Re-check against fresh state: a scale-up may have brought the pod back.
-                fresh_replicas, fresh_pods = _ingest_replicas_and_pods(kube, name, namespace,
-                                                                       uid)
-                pod = builders.ingest_pod_name(name, action.ordinal)
-                if fresh_replicas is None or action.ordinal < fresh_replicas or pod in fresh_pods:
-                    logger.info("ordinal %d is back in service; keeping %s",
-                                action.ordinal, action.name)
-                    continue
-                kube.delete("v1", "PersistentVolumeClaim", namespace, action.name)
-                kopf.event(dict(body), type="Normal", reason="QueueDrained",
-                           message=f"queue of ingest ordinal {action.ordinal} drained; "
-                                   f"deleted PVC {action.name}")
-            elif action.action == "delete_job":
-                kube.delete("batch/v1", "Job", namespace, action.name)
-        except KubeError as exc:
-            problems.append(Problem("DrainActionFailed",
-                                    f"{action.action} {action.name}: {exc}"))
-    if plan.failed:
-        problems.append(Problem(
-            "DrainFailed",
-            "drain Job(s) failed for ingest ordinal(s) "
-            f"{plan.failed}; their queue PVCs are kept (see kubectl logs job/"
-            f"{builders.drain_job_name(name, plan.failed[0])}; delete the Job to retry)"))
-    return plan.summary()
-
-
-# -- CurveZMQ key rotation (decisions in :mod:`rotation`; here only read, act, report) ----
-
-
-def _secret_files(secret: Mapping[str, Any]) -> dict[str, bytes]:
-    return {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
-
-
-def _rotated_files(files: Mapping[str, bytes], change: Callable[[Path], object]
-                   ) -> dict[str, bytes]:
-    """``files`` after ``change`` (an :mod:`iotpipe.curve` step) ran on a private copy: the
-    operator rotates with the same code as ``iotpipe keys``."""
-    with tempfile.TemporaryDirectory(prefix="iotpipe-curve-") as tmp:
-        directory = Path(tmp)
-        for key, value in files.items():
-            (directory / key).write_bytes(value)
-        change(directory)
-        return {path.name: path.read_bytes() for path in directory.iterdir()
-                if path.is_file() and not path.name.startswith(".")}
-
-
-def _rotation_observe(kube: Kube, body: Mapping[str, Any], spec: Mapping[str, Any],
-                      direct_metrics: bool, logger: logging.Logger
-                      ) -> tuple[rotation.Observation, dict[str, Any] | None]:
-    meta = body["metadata"]
-    name, namespace = meta["name"], meta["namespace"]
-    secret = kube.get("v1", "Secret", namespace, Names(name).curve_secret())
-    uid = meta.get("uid")
-    workloads: dict[str, dict[str, Any] | None] = {}
-    for tier, (api_version, kind) in WORKLOAD_KINDS.items():
-        live = kube.get(api_version, kind, namespace, workload_name(name, tier))
-        # A foreign object with a child's name is no tier of this pipeline: never rolled out.
-        workloads[tier] = live if live is None or uid is None or _is_owned(live, uid) else None
-    middle: dict[str, rotation.MiddleKeys | None] = {}
-    for pod in kube.list("v1", "Pod", namespace, selector_for(name, "middle")):
-        if (pod.get("metadata") or {}).get("deletionTimestamp"):
-            continue  # terminating: a restarted one takes its place
-        try:
-            middle[pod["metadata"]["name"]] = rotation.parse_middle(kube.pod_metrics(
-                namespace, pod, builders.METRICS_PORT, direct=direct_metrics))
-        except KubeError as exc:
-            logger.info("rotation: metrics of %s unreadable: %s", pod["metadata"]["name"], exc)
-            middle[pod["metadata"]["name"]] = None
-    middle_sts = workloads.get("middle") or {}
-    return rotation.Observation(
-        requested=spec["security"]["curve"].get("rotation"),
-        record=(body.get("status") or {}).get("curveRotation") or {},
-        secret=None if secret is None else _secret_files(secret),
-        middle=middle,
-        middle_desired=int((middle_sts.get("spec") or {}).get("replicas", 1)),
-        workloads=workloads), secret
-
-
-def _rotation_act(kube: Kube, body: Mapping[str, Any], step: rotation.Step,
-                  secret: Mapping[str, Any] | None, logger: logging.Logger) -> None:
-    meta = body["metadata"]
-    name, namespace = meta["name"], meta["namespace"]
-    if step.action == "roll":
-        for tier in step.tiers:
-            api_version, kind = WORKLOAD_KINDS[tier]
-            live = kube.get(api_version, kind, namespace, workload_name(name, tier))
-            uid = meta.get("uid")
-            if live is None or (uid is not None and not _is_owned(live, uid)):
-                continue  # not there yet, or foreign (reported by the apply): never touched
-            # A merge patch, like kubectl rollout restart: the operator's apply does not own
-            # the annotation, so later reconciles keep it.
-            kube.patch(api_version, kind, namespace, workload_name(name, tier),
-                       {"spec": {"template": {"metadata": {"annotations": {
-                           rotation.ANNOTATION: step.record["active"]}}}}})
-        logger.info("rotation %s: rolling %s", step.record["active"], ", ".join(step.tiers))
-        return
-    assert secret is not None
-    files = _secret_files(secret)
-    if step.action == "add_next":
-        new = _rotated_files(files, lambda d: curve.add_next(d, step.roles))
-    elif step.action == "promote":
-        new = _rotated_files(files, curve.promote)
-    elif step.action == "retire":
-        new = _rotated_files(files, curve.retire)
-    else:
-        return
-    data: dict[str, str | None] = {k: base64.b64encode(v).decode() for k, v in new.items()
-                                   if files.get(k) != v}
-    data.update({k: None for k in files if k not in new})  # merge patch: null deletes
-    # resourceVersion: the patch fails (409) if the Secret changed since it was read, so a
-    # decision is never applied to keys it did not see.
-    kube.patch("v1", "Secret", namespace, secret["metadata"]["name"],
-               {"metadata": {"resourceVersion": secret["metadata"].get("resourceVersion")},
-                "data": data})
-    logger.info("rotation %s: %s (%s)", step.record["active"], step.action,
-                ", ".join(sorted(data)))
-
-
-def _rotate_curve(kube: Kube, body: Mapping[str, Any], spec: Mapping[str, Any],
-                  direct_metrics: bool, logger: logging.Logger) -> rotation.Step:
-    """Drive the rotation as far as it goes without waiting: act, observe again, until a
-    step has to wait (bounded: a rotation has four acting steps)."""
-    record = (body.get("status") or {}).get("curveRotation") or {}
-    if not spec["security"]["curve"]["enabled"]:
-        return rotation.Step("none", dict(record), "False", "CurveDisabled",
-                             "security.curve.enabled is false: no keys to rotate")
-    step = rotation.decide(rotation.Observation(
-        requested=spec["security"]["curve"].get("rotation"), record=record, secret={}))
-    if step.reason == "Idle":
-        return step  # nothing requested: no Secret read, no metrics scraped
-    for _ in range(5):
-        observation, secret = _rotation_observe(kube, body, spec, direct_metrics, logger)
-        step = rotation.decide(observation)
-        if step.action == "none":
-            break
-        _rotation_act(kube, body, step, secret, logger)
-    return step
-
-
 def reconcile(kube: Kube, body: Mapping[str, Any], logger: logging.Logger,
               known: dict[str, bool] | None = None, direct_metrics: bool = False
               ) -> tuple[dict[str, Any], list[status_mod.Transition]]:
@@ -439,7 +185,7 @@ def reconcile(kube: Kube, body: Mapping[str, Any], logger: logging.Logger,
             if not spec["paused"] and not deleting:  # deletion: the delete handler drives
                 stepped = True
                 try:
-                    scaling = _step_ingest_replicas(kube, body, result)
+                    scaling = stepping.step_ingest_replicas(kube, body, result)
                 except KubeError as exc:
                     problems.append(Problem("ReadFailed", str(exc), retry=True))
                     stepped = False  # never guess replicas: leave the StatefulSet alone
@@ -452,13 +198,13 @@ def reconcile(kube: Kube, body: Mapping[str, Any], logger: logging.Logger,
                 applied = _apply_children(kube, body, result, problems, logger) and stepped \
                     and created
                 try:
-                    _expand_volumes(kube, body, spec, problems)
-                    drains = _drive_drains(kube, body, problems, logger)
+                    stepping.expand_volumes(kube, body, spec, problems)
+                    drains = stepping.drive_drains(kube, body, problems, logger)
                 except KubeError as exc:  # a failed read: report, retry
                     problems.append(Problem("ReadFailed", str(exc), retry=True))
                 if created:
                     try:
-                        rotated = _rotate_curve(kube, body, spec, direct_metrics, logger)
+                        rotated = rotating.rotate_curve(kube, body, spec, direct_metrics, logger)
                     except KubeError as exc:
                         problems.append(Problem("CurveRotationFailed", str(exc), retry=True))
         workloads: dict[str, dict[str, Any] | None] = {}
@@ -475,35 +221,8 @@ def reconcile(kube: Kube, body: Mapping[str, Any], logger: logging.Logger,
     generation = meta.get("generation") if applied else previous.get("observedGeneration")
     new_status, transitions = status_mod.compute(name, generation, spec["paused"], workloads,
                                                  problems, drains, previous, scaling=scaling)
-    _report_rotation(new_status, transitions, previous, rotated, generation)
+    rotating.report_rotation(new_status, transitions, previous, rotated, generation)
     return new_status, transitions
-
-
-def _report_rotation(new_status: dict[str, Any], transitions: list[status_mod.Transition],
-                     previous: Mapping[str, Any], step: rotation.Step | None,
-                     generation: int | None) -> None:
-    """The rotation's record and condition into the status (the previous ones when this
-    pass did not get to the rotation: conditions are one list, replaced as a whole)."""
-    old_conditions = list(previous.get("conditions") or [])
-    if step is None:
-        old = next((c for c in old_conditions if c.get("type") == rotation.CONDITION), None)
-        if old is not None:
-            new_status["conditions"].append(old)
-        if previous.get("curveRotation") is not None:
-            new_status["curveRotation"] = previous["curveRotation"]
-        return
-    condition, changed = status_mod._condition(old_conditions, rotation.CONDITION,
-                                               step.status, step.reason, step.message,
-                                               generation)
-    new_status["conditions"].append(condition)
-    record: dict[str, Any] = dict(step.record)
-    # The status is merge-patched: a role no longer in the record is removed by a null.
-    old_keys = (previous.get("curveRotation") or {}).get("keys") or {}
-    record["keys"] = {**{role: None for role in old_keys}, **(step.record.get("keys") or {})}
-    new_status["curveRotation"] = record
-    if changed:
-        transitions.append(status_mod.Transition(rotation.CONDITION, step.status,
-                                                 step.reason, step.message))
 
 
 def _report(body: Mapping[str, Any], patch: kopf.Patch, new_status: dict[str, Any],
@@ -539,20 +258,20 @@ def _delete_pass(kube: Kube, body: Mapping[str, Any], logger: logging.Logger,
     with _lock_for(meta.get("uid") or f"{namespace}/{name}"):
         uid = meta.get("uid") or ""
         live_sts = kube.get("apps/v1", "StatefulSet", namespace, names.workload("ingest"))
-        if live_sts is not None and not _is_owned(live_sts, uid):
+        if live_sts is not None and not owned_by(live_sts, uid):
             live_sts = None  # a foreign object with the child's name is never touched
         obs = deletion.Observation(
             ingest_replicas=None if live_sts is None
             else int((live_sts.get("spec") or {}).get("replicas", 1)))
-        obs.ingest_pods = _ordinals(
+        obs.ingest_pods = stepping.ordinals(
             [p["metadata"]["name"] for p in
              kube.list("v1", "Pod", namespace, selector_for(name, "ingest"))],
             lambda n: names.pod_ordinal("ingest", n))
-        obs.ingest_pvcs = _ordinals(
+        obs.ingest_pvcs = stepping.ordinals(
             [p["metadata"]["name"] for p in
              kube.list("v1", "PersistentVolumeClaim", namespace, selector_for(name, "ingest"))],
             lambda n: names.pvc_ordinal("ingest", n))
-        obs.drain_jobs = _ordinals(
+        obs.drain_jobs = stepping.ordinals(
             [j["metadata"]["name"] for j in
              kube.list("batch/v1", "Job", namespace, selector_for(name, "ingest-drain"))],
             names.drain_job_ordinal)
@@ -562,7 +281,7 @@ def _delete_pass(kube: Kube, body: Mapping[str, Any], logger: logging.Logger,
             if kind == "ScaledObject" and not kube.served(api_version, kind):
                 continue
             autoscaler = kube.get(api_version, kind, namespace, names.workload("ingest"))
-            if autoscaler is not None and _is_owned(autoscaler, uid):
+            if autoscaler is not None and owned_by(autoscaler, uid):
                 obs.autoscalers.append(f"{kind}/{names.workload('ingest')}")
         if not (obs.ingest_replicas or obs.ingest_pods or obs.ingest_pvcs or obs.drain_jobs):
             group = spec["storage"]["group"]
@@ -584,7 +303,7 @@ def _delete_pass(kube: Kube, body: Mapping[str, Any], logger: logging.Logger,
             logger.info("deletion: ingest replicas %s -> %s", obs.ingest_replicas,
                         step.ingest_replicas)
         problems: list[Problem] = []
-        _drive_drains(kube, body, problems, logger)
+        stepping.drive_drains(kube, body, problems, logger)
         for problem in problems:
             logger.warning("deletion: %s: %s", problem.reason, problem.message)
     return step

@@ -6,22 +6,12 @@ stand-in runs no metrics pipeline to drive them)."""
 
 from __future__ import annotations
 
-import pytest
-from support.cluster import ClusterEmulator, LocalCluster
-from support.cluster.scenario import (
-    NAME,
-    assert_every_ack_stored_once,
-    devices,
-    pipeline_manifest,
-    start_pipeline,
-)
+from support.cluster import ClusterEmulator, LocalCluster, scenario
+from support.cluster.cluster import HPAS, SCALEDOBJECTS, STS
+from support.cluster.scenario import NAME
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(150),
-              pytest.mark.kmock(cls=ClusterEmulator)]
+pytestmark = scenario.marks()
 
-STS = "apps/v1/statefulsets"
-HPAS = "autoscaling/v2/horizontalpodautoscalers"
-SCALEDOBJECTS = "keda.sh/v1alpha1/scaledobjects"
 INGEST = f"{NAME}-ingest"
 
 
@@ -33,11 +23,11 @@ async def _autoscaler_scales_to(cluster: LocalCluster, replicas: int) -> None:
 
 async def test_hpa_to_none_from_six_steps_down_through_the_drain(
         cluster: LocalCluster) -> None:
-    await start_pipeline(cluster, pipeline_manifest(
+    await scenario.start_pipeline(cluster, scenario.pipeline_manifest(
         replicas=2, autoscaling={"mode": "hpa", "minReplicas": 2, "maxReplicas": 6}))
     await cluster.wait(lambda: cluster.api.get(HPAS, INGEST), 30, "the HPA")
     await _autoscaler_scales_to(cluster, 6)
-    async with devices(cluster, count=18) as running:
+    async with scenario.devices(cluster, count=18) as running:
         fleet = running.fleet
         await cluster.wait(lambda: fleet.total_acked() >= 300, 30, "acks before the switch")
         await cluster.patch_pipeline(NAME, {"ingest": {"replicas": 2,
@@ -51,18 +41,18 @@ async def test_hpa_to_none_from_six_steps_down_through_the_drain(
     seen = cluster.replicas_seen[INGEST]
     assert seen[seen.index(6):] == [6, 5, 4, 3, 2], seen
     assert cluster.max_removing[INGEST] == 1
-    await assert_every_ack_stored_once(cluster, fleet)
+    await scenario.assert_every_ack_stored_once(cluster, fleet)
     assert fleet.errors == {}, fleet.errors
 
 
 async def test_keda_discovery_503_never_scales_down(kmock: ClusterEmulator,
                                                     cluster: LocalCluster) -> None:
     cluster.install_keda()
-    await start_pipeline(cluster, pipeline_manifest(
+    await scenario.start_pipeline(cluster, scenario.pipeline_manifest(
         replicas=2, autoscaling={"mode": "keda", "minReplicas": 2, "maxReplicas": 8}))
     await cluster.wait(lambda: cluster.api.get(SCALEDOBJECTS, INGEST), 30, "the ScaledObject")
     await _autoscaler_scales_to(cluster, 4)
-    async with devices(cluster) as running:
+    async with scenario.devices(cluster) as running:
         fleet = running.fleet
         await cluster.wait(lambda: fleet.total_acked() >= 300, 30, "acks before the outage")
         # KEDA's aggregated API fails: discovery of keda.sh answers 503.
@@ -79,7 +69,7 @@ async def test_keda_discovery_503_never_scales_down(kmock: ClusterEmulator,
     assert cluster.replicas_seen[INGEST][-1] == 4
     assert cluster.pod_names(f"{INGEST}-") == [f"{INGEST}-{i}" for i in range(4)]
     assert cluster.max_terminating.get(INGEST, 0) == 0, "no ingest pod was removed"
-    await assert_every_ack_stored_once(cluster, fleet)
+    await scenario.assert_every_ack_stored_once(cluster, fleet)
     assert fleet.errors == {}, fleet.errors
 
 
@@ -88,8 +78,8 @@ async def test_none_to_hpa_hands_replicas_over_without_a_scale_down(
     # The operator's apply owned spec.replicas; an apply that simply dropped it would let
     # server-side apply remove the field and the StatefulSet fall back to 1 replica (three
     # parallel drains) before the HPA first wrote it.
-    await start_pipeline(cluster, pipeline_manifest(replicas=4))
-    async with devices(cluster) as running:
+    await scenario.start_pipeline(cluster, scenario.pipeline_manifest(replicas=4))
+    async with scenario.devices(cluster) as running:
         fleet = running.fleet
         await cluster.wait(lambda: fleet.total_acked() >= 300, 30, "acks")
         await cluster.patch_pipeline(NAME, {"ingest": {"autoscaling": {
@@ -105,4 +95,4 @@ async def test_none_to_hpa_hands_replicas_over_without_a_scale_down(
     assert min(cluster.replicas_seen[INGEST]) == 4, cluster.replicas_seen[INGEST]
     sts = cluster.api.get(STS, INGEST)
     assert sts is not None and sts["spec"]["replicas"] == 5
-    await assert_every_ack_stored_once(cluster, fleet)
+    await scenario.assert_every_ack_stored_once(cluster, fleet)

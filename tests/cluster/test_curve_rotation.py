@@ -6,20 +6,12 @@ from __future__ import annotations
 import base64
 import time
 
-import pytest
-from support.cluster import ClusterEmulator, LocalCluster
-from support.cluster.scenario import (
-    NAME,
-    assert_every_ack_stored_once,
-    devices,
-    pipeline_manifest,
-    start_pipeline,
-)
+from support.cluster import LocalCluster, scenario
+from support.cluster.scenario import NAME
 
 from iotpipe_operator.rotation import ROLES, public_fingerprints
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(240),
-              pytest.mark.kmock(cls=ClusterEmulator)]
+pytestmark = scenario.marks(timeout=240)
 
 SECRETS = "v1/secrets"
 
@@ -31,10 +23,10 @@ def _keys(cluster: LocalCluster, slot: str) -> dict[str, str]:
 
 
 async def test_rotation_under_load_stores_every_ack_once(cluster: LocalCluster) -> None:
-    await start_pipeline(cluster, pipeline_manifest(replicas=2))
+    await scenario.start_pipeline(cluster, scenario.pipeline_manifest(replicas=2))
     original = _keys(cluster, "current")
     assert set(original) == set(ROLES)
-    async with devices(cluster) as running:
+    async with scenario.devices(cluster) as running:
         fleet = running.fleet
         await cluster.wait(lambda: fleet.total_acked() >= 300, 30, "acks before the rotation")
         started, acked_before = time.monotonic(), fleet.total_acked()
@@ -55,4 +47,4 @@ async def test_rotation_under_load_stores_every_ack_once(cluster: LocalCluster) 
         await running.finish()
     condition = cluster.condition(NAME, "CurveKeysRotating")
     assert condition is not None and condition["reason"] in ("Completed", "Idle")
-    await assert_every_ack_stored_once(cluster, fleet)
+    await scenario.assert_every_ack_stored_once(cluster, fleet)

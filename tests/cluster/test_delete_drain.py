@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
-from support.cluster import ClusterEmulator, LocalCluster
+from support.cluster import LocalCluster, scenario
 from support.cluster.api import PIPELINES
-from support.cluster.scenario import (
-    NAME,
-    assert_every_ack_stored_once,
-    devices,
-    pipeline_manifest,
-    start_pipeline,
-)
+from support.cluster.cluster import PVCS, STS
+from support.cluster.scenario import NAME
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(150),
-              pytest.mark.kmock(cls=ClusterEmulator)]
-
-PVCS = "v1/persistentvolumeclaims"
-STS = "apps/v1/statefulsets"
+pytestmark = scenario.marks()
 
 
 async def test_delete_with_drain_stores_every_ack_before_children_go(
         cluster: LocalCluster) -> None:
-    await start_pipeline(cluster, pipeline_manifest(replicas=2))
+    await scenario.start_pipeline(cluster, scenario.pipeline_manifest(replicas=2))
     ingest = f"{NAME}-ingest"
     reasons: list[str] = []
 
@@ -32,7 +22,7 @@ async def test_delete_with_drain_stores_every_ack_before_children_go(
             reasons.append(condition["reason"])
         return cluster.api.get(PIPELINES, NAME) is None
 
-    async with devices(cluster) as running:
+    async with scenario.devices(cluster) as running:
         fleet = running.fleet
         await cluster.wait(lambda: fleet.total_acked() >= 300, 30, "acks before the deletion")
         await cluster.api.delete(PIPELINES, NAME)
@@ -48,4 +38,4 @@ async def test_delete_with_drain_stores_every_ack_before_children_go(
     # ... and then the garbage collector takes the children.
     await cluster.wait(lambda: not cluster.api.names(STS) and not cluster.pod_names(NAME),
                        60, "children garbage-collected")
-    await assert_every_ack_stored_once(cluster, fleet, within=5)
+    await scenario.assert_every_ack_stored_once(cluster, fleet, within=5)

@@ -10,21 +10,12 @@ from __future__ import annotations
 import json
 import signal
 
-import pytest
-from support.cluster import ClusterEmulator, LocalCluster
-from support.cluster.scenario import (
-    NAME,
-    assert_every_ack_stored_once,
-    devices,
-    pipeline_manifest,
-    start_pipeline,
-)
+from support.cluster import LocalCluster, scenario
+from support.cluster.cluster import JOBS, PVCS
+from support.cluster.scenario import NAME
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(150),
-              pytest.mark.kmock(cls=ClusterEmulator)]
+pytestmark = scenario.marks()
 
-PVCS = "v1/persistentvolumeclaims"
-JOBS = "batch/v1/jobs"
 INGEST = f"{NAME}-ingest"
 
 
@@ -37,8 +28,8 @@ def _drained_records(cluster: LocalCluster, pod: str) -> int:
 
 
 async def test_killed_pod_queue_is_forwarded_by_the_drain_job(cluster: LocalCluster) -> None:
-    await start_pipeline(cluster, pipeline_manifest(replicas=2))
-    async with devices(cluster) as running:
+    await scenario.start_pipeline(cluster, scenario.pipeline_manifest(replicas=2))
+    async with scenario.devices(cluster) as running:
         fleet = running.fleet
         await cluster.wait(lambda: fleet.total_acked() >= 200, 30, "acks before the freeze")
         cluster.signal_pod(f"{NAME}-middle-0", signal.SIGSTOP)
@@ -64,5 +55,5 @@ async def test_killed_pod_queue_is_forwarded_by_the_drain_job(cluster: LocalClus
         await running.finish()
     forwarded = _drained_records(cluster, f"{INGEST}-drain-1-0")
     assert forwarded > 0, "the drain Job found the dead pod's records"
-    await assert_every_ack_stored_once(cluster, fleet)
+    await scenario.assert_every_ack_stored_once(cluster, fleet)
     print(f"drain Job forwarded {forwarded} records")

@@ -5,22 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import pytest
-from support.cluster import ClusterEmulator, LocalCluster
-from support.cluster.scenario import (
-    NAME,
-    assert_every_ack_stored_once,
-    devices,
-    pipeline_manifest,
-    start_pipeline,
-)
+from support.cluster import LocalCluster, scenario
+from support.cluster.scenario import NAME
 from support.devices import LiveClient, check_live_stream
 from support.pipeline import SECRET
 
 from iotpipe.auth import CLIENT_AUDIENCE, issue_token
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(150),
-              pytest.mark.kmock(cls=ClusterEmulator)]
+pytestmark = scenario.marks()
 
 
 def _others(cluster: LocalCluster) -> dict[str, tuple[int, int]]:
@@ -34,9 +26,9 @@ def _others(cluster: LocalCluster) -> dict[str, tuple[int, int]]:
 
 
 async def test_middle_two_to_three_restarts_nothing(cluster: LocalCluster) -> None:
-    manifest = pipeline_manifest(replicas=2)
+    manifest = scenario.pipeline_manifest(replicas=2)
     manifest["spec"]["middle"]["replicas"] = 2
-    await start_pipeline(cluster, manifest)
+    await scenario.start_pipeline(cluster, manifest)
     before = _others(cluster)
     assert len(before) == 4, before  # 2 ingest, 1 relay, 1 storage
     created = len(cluster.pods_created)
@@ -46,7 +38,7 @@ async def test_middle_two_to_three_restarts_nothing(cluster: LocalCluster) -> No
     stop_live = asyncio.Event()
     watcher = asyncio.create_task(live.run(stop_live))
     try:
-        async with devices(cluster) as running:
+        async with scenario.devices(cluster) as running:
             fleet = running.fleet
             await cluster.wait(lambda: live.subscribed.is_set(), 30, "a live client subscribed")
             await cluster.wait(lambda: fleet.total_acked() >= 300, 30, "acks before the change")
@@ -79,5 +71,5 @@ async def test_middle_two_to_three_restarts_nothing(cluster: LocalCluster) -> No
     assert _others(cluster) == before, "no ingest, relay or storage pod restarted"
     assert cluster.pods_created[created:] == [f"{NAME}-middle-2"], "only the new middle pod"
     assert cluster.max_terminating.get(f"{NAME}-ingest", 0) == 0
-    await assert_every_ack_stored_once(cluster, fleet)
+    await scenario.assert_every_ack_stored_once(cluster, fleet)
     assert fleet.errors == {}, fleet.errors

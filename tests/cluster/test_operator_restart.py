@@ -4,28 +4,18 @@ from __future__ import annotations
 
 import signal
 
-import pytest
-from support.cluster import ClusterEmulator, LocalCluster
+from support.cluster import LocalCluster, scenario
 from support.cluster.api import PIPELINES
-from support.cluster.scenario import (
-    NAME,
-    assert_every_ack_stored_once,
-    devices,
-    pipeline_manifest,
-    start_pipeline,
-)
+from support.cluster.cluster import JOBS, PVCS
+from support.cluster.scenario import NAME
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(150),
-              pytest.mark.kmock(cls=ClusterEmulator)]
-
-PVCS = "v1/persistentvolumeclaims"
-JOBS = "batch/v1/jobs"
+pytestmark = scenario.marks()
 
 
 async def test_operator_killed_mid_drain_resumes_it(cluster: LocalCluster) -> None:
-    await start_pipeline(cluster, pipeline_manifest(replicas=3))
+    await scenario.start_pipeline(cluster, scenario.pipeline_manifest(replicas=3))
     ingest = f"{NAME}-ingest"
-    async with devices(cluster) as running:
+    async with scenario.devices(cluster) as running:
         fleet = running.fleet
         await cluster.wait(lambda: fleet.total_acked() >= 300, 30, "acks before the scale-down")
         await cluster.patch_pipeline(NAME, {"ingest": {"replicas": 1}})
@@ -48,14 +38,14 @@ async def test_operator_killed_mid_drain_resumes_it(cluster: LocalCluster) -> No
         await running.finish()
     assert cluster.replicas_seen[ingest] == [3, 2, 1]
     assert cluster.max_removing[ingest] == 1
-    await assert_every_ack_stored_once(cluster, fleet)
+    await scenario.assert_every_ack_stored_once(cluster, fleet)
     assert fleet.errors == {}, fleet.errors
 
 
 async def test_operator_killed_mid_drain_deletion_resumes_it(cluster: LocalCluster) -> None:
-    await start_pipeline(cluster, pipeline_manifest(replicas=2))
+    await scenario.start_pipeline(cluster, scenario.pipeline_manifest(replicas=2))
     ingest = f"{NAME}-ingest"
-    async with devices(cluster) as running:
+    async with scenario.devices(cluster) as running:
         fleet = running.fleet
         await cluster.wait(lambda: fleet.total_acked() >= 300, 30, "acks before the deletion")
         await cluster.api.delete(PIPELINES, NAME)
@@ -74,4 +64,4 @@ async def test_operator_killed_mid_drain_deletion_resumes_it(cluster: LocalClust
     assert cluster.max_removing[ingest] == 1
     assert not {n for n in cluster.api.names(PVCS) if n.startswith(f"queue-{ingest}-")}
     await cluster.wait(lambda: not cluster.pod_names(NAME), 60, "children garbage-collected")
-    await assert_every_ack_stored_once(cluster, fleet, within=5)
+    await scenario.assert_every_ack_stored_once(cluster, fleet, within=5)

@@ -3,20 +3,12 @@
 
 from __future__ import annotations
 
-import pytest
-from support.cluster import ClusterEmulator, LocalCluster
-from support.cluster.scenario import (
-    NAME,
-    assert_every_ack_stored_once,
-    devices,
-    pipeline_manifest,
-    start_pipeline,
-)
+from support.cluster import LocalCluster, scenario
+from support.cluster.cluster import SERVICES
+from support.cluster.scenario import NAME
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(150),
-              pytest.mark.kmock(cls=ClusterEmulator)]
+pytestmark = scenario.marks()
 
-SERVICES = "v1/services"
 RELAY = f"{NAME}-relay"
 
 
@@ -26,8 +18,8 @@ async def test_foreign_service_is_refused_with_a_condition(cluster: LocalCluster
                "spec": {"selector": {"app": "their-app"},
                         "ports": [{"name": "http", "port": 80, "targetPort": 8000}]}}
     await cluster.api.create(SERVICES, foreign)
-    await start_pipeline(cluster, pipeline_manifest(replicas=2))
-    async with devices(cluster) as running:
+    await scenario.start_pipeline(cluster, scenario.pipeline_manifest(replicas=2))
+    async with scenario.devices(cluster) as running:
         fleet = running.fleet
         degraded = await cluster.wait(
             lambda: (c := cluster.condition(NAME, "Degraded")) and c["status"] == "True"
@@ -40,21 +32,22 @@ async def test_foreign_service_is_refused_with_a_condition(cluster: LocalCluster
     assert not live["metadata"].get("ownerReferences"), "a foreign object is never adopted"
     assert live["spec"]["selector"] == {"app": "their-app"}
     assert live["metadata"]["labels"] == {"team": "someone-else"}
-    await assert_every_ack_stored_once(cluster, fleet)
+    await scenario.assert_every_ack_stored_once(cluster, fleet)
 
 
 async def test_field_removed_from_the_spec_leaves_the_live_object(
         cluster: LocalCluster) -> None:
     ingest_service = {"annotations": {"example.com/lb": "internal",
                                       "example.com/keep": "yes"}}
-    await start_pipeline(cluster, pipeline_manifest(replicas=2, service=ingest_service))
+    await scenario.start_pipeline(
+        cluster, scenario.pipeline_manifest(replicas=2, service=ingest_service))
 
     def annotations() -> dict[str, str]:
         return dict(((cluster.api.get(SERVICES, f"{NAME}-ingest") or {}).get("metadata")
                      or {}).get("annotations") or {})
 
     assert annotations().get("example.com/lb") == "internal"
-    async with devices(cluster) as running:
+    async with scenario.devices(cluster) as running:
         fleet = running.fleet
         await cluster.wait(lambda: fleet.total_acked() >= 200, 30, "acks before the change")
         await cluster.patch_pipeline(NAME, {"ingest": {"service": {"annotations": {
@@ -65,5 +58,5 @@ async def test_field_removed_from_the_spec_leaves_the_live_object(
         after = fleet.total_acked()
         await cluster.wait(lambda: fleet.total_acked() >= after + 200, 30, "devices carry on")
         await running.finish()
-    await assert_every_ack_stored_once(cluster, fleet)
+    await scenario.assert_every_ack_stored_once(cluster, fleet)
     assert fleet.errors == {}, fleet.errors

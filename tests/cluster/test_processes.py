@@ -3,28 +3,19 @@ forward the retired per-process queues (contract 3)."""
 
 from __future__ import annotations
 
-import pytest
-from support.cluster import ClusterEmulator, LocalCluster
-from support.cluster.scenario import (
-    NAME,
-    assert_every_ack_stored_once,
-    devices,
-    pipeline_manifest,
-    start_pipeline,
-)
+from support.cluster import LocalCluster, scenario
+from support.cluster.cluster import STS
+from support.cluster.scenario import NAME
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(150),
-              pytest.mark.kmock(cls=ClusterEmulator)]
-
-STS = "apps/v1/statefulsets"
+pytestmark = scenario.marks()
 
 
 async def test_processes_four_to_two(cluster: LocalCluster) -> None:
-    await start_pipeline(cluster, pipeline_manifest(replicas=2, processes=4))
+    await scenario.start_pipeline(cluster, scenario.pipeline_manifest(replicas=2, processes=4))
     ingest = f"{NAME}-ingest"
     queues = [cluster.pvc_dir(f"queue-{ingest}-{i}") for i in (0, 1)]
     assert all({p.name for p in q.iterdir()} >= {"p0", "p1", "p2", "p3"} for q in queues)
-    async with devices(cluster, count=16) as running:
+    async with scenario.devices(cluster, count=16) as running:
         fleet = running.fleet
         await cluster.wait(lambda: fleet.total_acked() >= 400, 30, "acks before the change")
         await cluster.patch_pipeline(NAME, {"ingest": {"processes": 2}})
@@ -47,5 +38,5 @@ async def test_processes_four_to_two(cluster: LocalCluster) -> None:
     sts = cluster.api.get(STS, ingest) or {}
     assert sts["spec"]["replicas"] == 2, "lowering processes is not a scale-down"
     assert cluster.max_terminating[ingest] == 1, "a rolling restart, one pod at a time"
-    await assert_every_ack_stored_once(cluster, fleet)
+    await scenario.assert_every_ack_stored_once(cluster, fleet)
     assert fleet.errors == {}, fleet.errors

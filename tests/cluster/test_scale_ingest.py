@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import pytest
-from support.cluster import ClusterEmulator, LocalCluster
-from support.cluster.scenario import NAME, assert_every_ack_stored_once, devices, pipeline_manifest
+from support.cluster import LocalCluster, scenario
+from support.cluster.cluster import JOBS, PVCS, STS
+from support.cluster.scenario import NAME
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(150),
-              pytest.mark.kmock(cls=ClusterEmulator)]
-
-STS = "apps/v1/statefulsets"
-PVCS = "v1/persistentvolumeclaims"
-JOBS = "batch/v1/jobs"
+pytestmark = scenario.marks()
 
 
 async def test_scale_ingest_four_to_one(cluster: LocalCluster) -> None:
-    await cluster.create_pipeline(pipeline_manifest(replicas=4))
+    await cluster.create_pipeline(scenario.pipeline_manifest(replicas=4))
     cluster.start_operator()
     await cluster.wait(lambda: len(cluster.ready_pods(f"{NAME}-ingest-")) == 4
                        and cluster.ready_pods(f"{NAME}-storage-")
                        and cluster.ready_pods(f"{NAME}-middle-"), 60, "4 ingest pods ready")
-    async with devices(cluster) as running:
+    async with scenario.devices(cluster) as running:
         fleet = running.fleet
         await cluster.wait(lambda: fleet.total_acked() >= 300, 30, "acks before the scale-down")
         await cluster.patch_pipeline(NAME, {"ingest": {"replicas": 1}})
@@ -38,6 +33,6 @@ async def test_scale_ingest_four_to_one(cluster: LocalCluster) -> None:
     # one drained ordinal at a time, from the replicas that existed
     assert cluster.replicas_seen[f"{NAME}-ingest"] == [4, 3, 2, 1]
     assert cluster.max_removing[f"{NAME}-ingest"] == 1
-    stored = await assert_every_ack_stored_once(cluster, fleet)
+    stored = await scenario.assert_every_ack_stored_once(cluster, fleet)
     assert stored >= 500
     assert fleet.errors == {}, fleet.errors

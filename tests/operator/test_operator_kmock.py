@@ -17,7 +17,8 @@ import json
 import signal
 import sys
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,10 @@ import kopf
 import kubernetes
 import pytest
 import yaml
+from support import waiting
 from support.apiserver import ApiServerEmulator
 
-from iotpipe_operator import handlers
+from iotpipe_operator import handlers, stepping
 from iotpipe_operator.kube import Kube
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120),
@@ -79,18 +81,8 @@ def names(emulator: Any, resource: str) -> set[str]:
             and ns == NS and not stored.deleted}
 
 
-async def eventually(check: Callable[[], Any], within: float = 30.0, what: str = "",
-                     log: Callable[[], str] | None = None) -> Any:
-    """Poll ``check`` until it returns something truthy (bounded)."""
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        value = check()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            details = f"\n{log()}" if log is not None else ""
-            raise AssertionError(f"timed out waiting for {what or check}{details}")
-        await asyncio.sleep(0.1)
+# Every wait here is bounded by 30 s unless it says otherwise.
+eventually = partial(waiting.eventually, within=30.0)
 
 
 class Cluster:
@@ -276,14 +268,16 @@ async def test_spec_change_patches_children_and_rolls_pods(cluster: Cluster) -> 
     await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
     await _controller_pods_and_pvcs(cluster, [0, 1], [0, 1])
     async with operator(interval=30):
-        sts = await eventually(lambda: obj(cluster.k, STATEFULSETS, "demo-ingest"))
+        sts = await eventually(lambda: obj(cluster.k, STATEFULSETS, "demo-ingest"),
+                               what="ingest sts")
         before = _hash(sts)
-        await eventually(lambda: obj(cluster.k, DEPLOYMENTS, "demo-relay"))
+        await eventually(lambda: obj(cluster.k, DEPLOYMENTS, "demo-relay"), what="relay")
         relay_before = _hash(obj(cluster.k, DEPLOYMENTS, "demo-relay"))
         await cluster.patch_pipeline("demo", {"ingest": {"replicas": 3, "rateLimit": 10,
                                                          "queue": {"size": "2Gi"}}})
         await eventually(lambda: (obj(cluster.k, CONFIGMAPS, "demo-ingest-config") or {})
-                         .get("data", {}).get("IOTPIPE_INGEST_RATE_LIMIT") == "10")
+                         .get("data", {}).get("IOTPIPE_INGEST_RATE_LIMIT") == "10",
+                         what="rate limit in the ingest ConfigMap")
         # removing a setting removes it from the tier's ConfigMap too
         await cluster.patch_pipeline("demo", {"ingest": {"rateLimit": None}})
         await eventually(lambda: (obj(cluster.k, STATEFULSETS, "demo-ingest") or {})
@@ -351,7 +345,8 @@ async def test_missing_keda_is_reported_not_crashed(cluster: Cluster) -> None:
         assert event["type"] == "Warning"
         assert event["involvedObject"]["name"] == "keda-fleet"
         # the rest of the pipeline is still reconciled, ingest held at minReplicas
-        sts = await eventually(lambda: obj(cluster.k, STATEFULSETS, "keda-fleet-ingest"))
+        sts = await eventually(lambda: obj(cluster.k, STATEFULSETS, "keda-fleet-ingest"),
+                               what="ingest sts")
         assert sts["spec"]["replicas"] == 2
         assert cluster.status("keda-fleet")["phase"] == "Degraded"
         assert obj(cluster.k, HPAS, "keda-fleet-ingest") is None
@@ -386,14 +381,14 @@ async def test_scale_down_drains_the_retained_queue(cluster: Cluster) -> None:
     await cluster.create_pipeline(pipeline)
     await _controller_pods_and_pvcs(cluster, [0, 1, 2], [0, 1, 2])
     async with operator(interval=0.3):
-        await eventually(lambda: obj(cluster.k, STATEFULSETS, "demo-ingest"))
+        await eventually(lambda: obj(cluster.k, STATEFULSETS, "demo-ingest"), what="ingest sts")
         await asyncio.sleep(0.5)
         assert names(cluster.k, JOBS) == set(), "no drain while every ordinal is in service"
 
         # Scale down by a spec change; the pod of ordinal 2 is still terminating at first.
         await cluster.patch_pipeline("demo", {"ingest": {"replicas": 2}})
         await eventually(lambda: (obj(cluster.k, STATEFULSETS, "demo-ingest") or {})
-                         .get("spec", {}).get("replicas") == 2)
+                         .get("spec", {}).get("replicas") == 2, what="2 replicas")
         await asyncio.sleep(0.8)
         assert names(cluster.k, JOBS) == set(), "the pod drains itself first"
         await cluster.send("DELETE", f"/api/v1/namespaces/{NS}/pods/demo-ingest-2")
@@ -472,7 +467,8 @@ async def test_paused_pipeline_changes_nothing(cluster: Cluster) -> None:
 async def test_timer_repairs_drift(cluster: Cluster) -> None:
     await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
     async with operator(interval=0.3):
-        await eventually(lambda: obj(cluster.k, CONFIGMAPS, "demo-ingest-config"))
+        await eventually(lambda: obj(cluster.k, CONFIGMAPS, "demo-ingest-config"),
+                         what="ingest ConfigMap")
         # wait for exactly what is acted on next: the middle StatefulSet must exist before
         # it is patched (it is created after the ingest ConfigMap)
         await eventually(lambda: obj(cluster.k, STATEFULSETS, "demo-middle"), what="middle")
@@ -490,7 +486,7 @@ async def test_deletion_policy_delete_leaves_children_to_garbage_collection(
     pipeline["spec"]["deletionPolicy"] = "Delete"
     await cluster.create_pipeline(pipeline)
     async with operator(interval=30):
-        await eventually(lambda: cluster.status("demo").get("phase"))
+        await eventually(lambda: cluster.status("demo").get("phase"), what="status")
         finalizers = (obj(cluster.k, PIPELINES, "demo") or {})["metadata"].get("finalizers")
         assert finalizers, "kopf holds a finalizer while the timer runs"
         children_before = names(cluster.k, STATEFULSETS) | names(cluster.k, CONFIGMAPS)
@@ -510,7 +506,8 @@ async def test_deletion_policy_delete_leaves_children_to_garbage_collection(
 async def test_resume_after_operator_restart(cluster: Cluster) -> None:
     await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
     async with operator(interval=60):
-        await eventually(lambda: obj(cluster.k, CONFIGMAPS, "demo-middle-config"))
+        await eventually(lambda: obj(cluster.k, CONFIGMAPS, "demo-middle-config"),
+                         what="middle ConfigMap")
     # While the operator is down, a child disappears.
     await cluster.send("DELETE", f"/api/v1/namespaces/{NS}/configmaps/demo-middle-config")
     assert obj(cluster.k, CONFIGMAPS, "demo-middle-config") is None
@@ -551,7 +548,7 @@ async def test_cli_run_reconciles_and_stops_on_sigterm(cluster: Cluster, procs: 
     try:
         await eventually(lambda: obj(cluster.k, STATEFULSETS, "demo-ingest")
                          or proc.poll() is not None, within=30,
-                         what="the CLI operator", log=lambda: procs.log("operator"))
+                         what="the CLI operator", details=lambda: procs.log("operator"))
         assert proc.poll() is None, f"operator exited early:\n{procs.log('operator')}"
         await eventually(lambda: cluster.status("demo").get("phase"), what="status")
     finally:
@@ -566,7 +563,7 @@ async def test_service_monitor_follows_its_crd_and_the_spec(cluster: Cluster) ->
     pipeline["spec"]["metrics"] = {"serviceMonitor": True}
     await cluster.create_pipeline(pipeline)
     async with operator(interval=0.3):
-        await eventually(lambda: obj(cluster.k, STATEFULSETS, "demo-ingest"))
+        await eventually(lambda: obj(cluster.k, STATEFULSETS, "demo-ingest"), what="ingest sts")
         await asyncio.sleep(0.6)
         assert names(cluster.k, monitors) == set(), "no ServiceMonitor without its CRD"
         cluster.k.resources[monitors] = kmock.ResourceInfo(
@@ -665,7 +662,7 @@ async def test_switching_to_an_autoscaler_keeps_the_live_replicas(cluster: Clust
             sts = obj(cluster.k, STATEFULSETS, "demo-ingest") or {}
             if sts.get("spec", {}).get("replicas") != 5:
                 await cluster.patch(STATEFULSETS, "demo-ingest", {"spec": {"replicas": 5}})
-            elif not handlers.manages_replicas(sts):
+            elif not stepping.manages_replicas(sts):
                 break
             assert asyncio.get_running_loop().time() < deadline, "the HPA never took over"
             await asyncio.sleep(0.2)
@@ -702,7 +699,8 @@ async def test_removed_spec_fields_disappear_from_live_objects(cluster: Cluster)
     pipeline["spec"]["ingest"]["service"] = {"annotations": {"lb.example/internal": "true"}}
     await cluster.create_pipeline(pipeline)
     async with operator(interval=30):
-        sts = await eventually(lambda: obj(cluster.k, STATEFULSETS, "demo-ingest"))
+        sts = await eventually(lambda: obj(cluster.k, STATEFULSETS, "demo-ingest"),
+                               what="ingest sts")
         assert sts["spec"]["template"]["spec"]["imagePullSecrets"] == [
             {"name": "registry-creds"}]
         await eventually(lambda: (obj(cluster.k, SERVICES, "demo-ingest") or {})
@@ -1063,7 +1061,7 @@ async def test_operator_rotates_the_curve_keys_step_by_step(cluster: Cluster) ->
             controllers.propagate = True  # kubelet delivers the Secret to the middles
             await eventually(lambda: cluster.status("demo").get("curveRotation", {})
                              .get("completed") == "r1", within=60, what="r1 complete",
-                             log=lambda: str(cluster.status("demo")))
+                             details=lambda: str(cluster.status("demo")))
             files = controllers.files()
             assert public_fingerprints(files, "current") == nxt
             for resource, name in [(STATEFULSETS, "demo-middle"), (STATEFULSETS, "demo-ingest"),

@@ -11,7 +11,7 @@ import pytest
 
 from iotpipe import curve
 from iotpipe_operator import rotation
-from iotpipe_operator.handlers import _rotated_files
+from iotpipe_operator.rotating import rotated_files
 from iotpipe_operator.rotation import MiddleKeys, Observation
 
 pytestmark = pytest.mark.unit
@@ -65,11 +65,11 @@ class World:
         if step.action != "none":
             self.actions.append(step.action)
         if step.action == "add_next":
-            self.files = _rotated_files(self.files, lambda d: curve.add_next(d, step.roles))
+            self.files = rotated_files(self.files, lambda d: curve.add_next(d, step.roles))
         elif step.action == "promote":
-            self.files = _rotated_files(self.files, curve.promote)
+            self.files = rotated_files(self.files, curve.promote)
         elif step.action == "retire":
-            self.files = _rotated_files(self.files, curve.retire)
+            self.files = rotated_files(self.files, curve.retire)
         elif step.action == "roll":
             self.rolls.append(step.tiers)
             for tier in step.tiers:

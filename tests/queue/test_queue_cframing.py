@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from iotpipe.queue import PersistentQueue, core, framing
+from iotpipe.queue import PersistentQueue, framing, writer
 from iotpipe.queue.framing import encode_records_python
 
 pytestmark = pytest.mark.unit
@@ -126,7 +126,7 @@ def test_queue_written_by_either_encoder_reads_the_same(tmp_path: Path,
     batches = [[f"r{b}-{i}".encode() * (1 + i % 30) for i in range(40)] for b in range(12)]
     expected = [payload for batch in batches for payload in batch]
     assert _append_read_reopen(tmp_path / "c", batches) == expected
-    monkeypatch.setattr(core, "encode_records", encode_records_python)
+    monkeypatch.setattr(writer, "encode_records", encode_records_python)
     assert _append_read_reopen(tmp_path / "python", batches) == expected
     # Same bytes on disk: segment files are identical record for record.
     c_files = sorted(p.name for p in (tmp_path / "c").glob("*.seg"))

@@ -144,7 +144,7 @@ def test_sigkill_at_random_moments_loses_no_reported_record(tmp_path: Path) -> N
         if kill % 5 == 2:
             # Bytes past the last durable record must be cut: random garbage, or a torn write
             # of real records (a prefix of them: the complete ones may stay, they are valid).
-            tail = queue._segments[-1]
+            tail = queue._state.segments[-1]
             tail_path, tail_end, next_seq = tail.path, tail.end, queue.next_seq
             queue.close()
             room = OPEN_ARGS["segment_bytes"] - tail_end
@@ -166,7 +166,7 @@ def test_sigkill_at_random_moments_loses_no_reported_record(tmp_path: Path) -> N
                 queue = verify(path, reported_append, reported_ack)
                 assert queue.next_seq == next_seq + kept
                 with open(tail_path, "rb") as segment:
-                    segment.seek(queue._segments[-1].end)
+                    segment.seek(queue._state.segments[-1].end)
                     assert not segment.read().strip(b"\0"), "bytes after the tail survived"
                 garbage_cut += 1
             else:
@@ -185,7 +185,7 @@ def test_damage_inside_durable_data_is_reported_not_skipped(tmp_path: Path) -> N
         for _ in range(80):
             first = queue.next_seq
             queue.append([payload_for(s) for s in range(first, first + 10)])
-        segments = [(s.path, s.end) for s in queue._segments]
+        segments = [(s.path, s.end) for s in queue._state.segments]
     assert len(segments) >= 3
     older_path, older_end = segments[0]
     # A flipped byte in an older (synced) segment: reading it fails and names the file.
@@ -199,7 +199,7 @@ def test_damage_inside_durable_data_is_reported_not_skipped(tmp_path: Path) -> N
             seq = queue.first_seq
             while seq < queue.next_seq:
                 seq = queue.read(seq, max_records=64)[-1].seq + 1
-        assert queue.read(queue._segments[-1].first_seq)  # other segments still readable
+        assert queue.read(queue._state.segments[-1].first_seq)  # other segments still readable
 
 
 def test_damage_before_later_writes_in_the_last_segment_fails_the_open(tmp_path: Path) -> None:
@@ -208,7 +208,7 @@ def test_damage_before_later_writes_in_the_last_segment_fails_the_open(tmp_path:
         for _ in range(5):  # five separate writes, each synced before the next
             first = queue.next_seq
             queue.append([payload_for(s) for s in range(first, first + 3)])
-        tail_path = queue._segments[-1].path
+        tail_path = queue._state.segments[-1].path
     with open(tail_path, "r+b") as segment:
         segment.seek(32 + 17)  # in the first payload: synced long before the others
         segment.write(b"\xff\xff")

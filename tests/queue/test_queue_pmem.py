@@ -21,6 +21,16 @@ needs_libpmem = pytest.mark.skipif(ctypes.util.find_library("pmem") is None,
                                    reason="libpmem not installed (Debian libpmem1)")
 
 
+def run_child(code: str, queue_dir: Path, *, force_pmem: bool) -> subprocess.CompletedProcess[str]:
+    """``code`` in a fresh interpreter (argv[1] = ``queue_dir``), with PMEM_IS_PMEM_FORCE=1
+    or without it: libpmem reads it once, when it loads."""
+    env = {k: v for k, v in os.environ.items() if k != "PMEM_IS_PMEM_FORCE"}
+    if force_pmem:
+        env["PMEM_IS_PMEM_FORCE"] = "1"
+    return subprocess.run([sys.executable, "-c", code, str(queue_dir)],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
 @needs_libpmem
 @pytest.mark.crash
 def test_unit_and_crash_suites_pass_on_the_pmem_backend(tmp_path: Path) -> None:
@@ -45,10 +55,7 @@ def test_forcing_pmem_on_an_ordinary_file_is_refused_with_the_reason(tmp_path: P
         "except QueueError as exc:\n    print(exc); sys.exit(3)\n"
         "with PersistentQueue.open(sys.argv[1]) as q:\n    print(q.persist_mode)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "q")],
-                            capture_output=True, text=True, timeout=60,
-                            env={k: v for k, v in os.environ.items()
-                                 if k != "PMEM_IS_PMEM_FORCE"})
+    result = run_child(code, tmp_path / "q", force_pmem=False)
     assert result.returncode == 3, result.stdout + result.stderr
     assert "pmem_is_pmem is false" in result.stdout
 
@@ -59,13 +66,8 @@ def test_auto_uses_pmem_only_where_libpmem_says_pmem(tmp_path: Path) -> None:
     code = ("import sys\nfrom iotpipe.queue import PersistentQueue\n"
             "with PersistentQueue.open(sys.argv[1]) as q:\n"
             "    q.append([b'x'] * 3)\n    print(q.persist_mode, len(q.read(1)))\n")
-    plain = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a")],
-                           capture_output=True, text=True, timeout=60,
-                           env={k: v for k, v in os.environ.items()
-                                if k != "PMEM_IS_PMEM_FORCE"})
-    forced = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b")],
-                            capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "PMEM_IS_PMEM_FORCE": "1"})
+    plain = run_child(code, tmp_path / "a", force_pmem=False)
+    forced = run_child(code, tmp_path / "b", force_pmem=True)
     assert plain.stdout.split() == ["fdatasync", "3"], plain.stderr
     assert forced.stdout.split() == ["pmem", "3"], forced.stderr
 
@@ -82,9 +84,7 @@ def test_queue_works_without_libpmem(tmp_path: Path) -> None:
         "try:\n    PersistentQueue.open(sys.argv[1], persist='pmem')\n"
         "except QueueError as exc:\n    print('refused:', exc)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "q")],
-                            capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "PMEM_IS_PMEM_FORCE": "1"})
+    result = run_child(code, tmp_path / "q", force_pmem=True)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "fdatasync 1"

@@ -16,7 +16,8 @@ import pytest
 from support.simfs import PowerCut, SimFS
 
 from iotpipe.queue import PersistentQueue, QueueCorrupted, QueueError, QueueFull
-from iotpipe.queue.core import _Segment
+from iotpipe.queue.segments import Segment
+from iotpipe.queue.writer import Writer
 
 pytestmark = pytest.mark.crash
 
@@ -28,14 +29,18 @@ def payload_for(seq: int, life: int) -> bytes:
     return f"{life}/{seq}|".encode() * (seq % 13 + 1)
 
 
-class AckBeforeSync(PersistentQueue):
+class AckBeforeSyncWriter(Writer):
     """The bug the test must catch: each group's sync is put off until the next group."""
 
-    def _persist(self, segment: _Segment) -> None:
+    def persist(self, segment: Segment) -> None:
         deferred = getattr(self, "_deferred", None)
         if deferred is not None and deferred.handle is not None:
-            super()._persist(deferred)
+            super().persist(deferred)
         self._deferred = segment
+
+
+class AckBeforeSync(PersistentQueue):
+    _writer_class = AckBeforeSyncWriter
 
 
 class Tracker:
@@ -149,7 +154,7 @@ def test_torn_tail_is_cut_so_stale_bytes_never_follow_new_records() -> None:
     segment = next(path for path in fs.files if path.endswith(".seg"))
     # Whatever survived of the torn group, recovery zeroes everything after the cut.
     queue = PersistentQueue.open(QUEUE_DIR, file_io=fs, **OPEN_ARGS)
-    tail = queue._segments[-1].end
+    tail = queue._state.segments[-1].end
     assert not any(fs.files[segment].durable[tail:])
     assert [r.payload for r in queue.read(1, max_records=100)][:5] == [b"a" * 100] * 5
     queue.close()

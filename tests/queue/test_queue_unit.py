@@ -314,7 +314,7 @@ def test_records_in_older_segments_are_read_after_reopen(tmp_path: Path) -> None
     assert len(segment_files(path)) > 5
     with PersistentQueue.open(path, capacity_bytes=1 << 20, segment_bytes=8192) as queue:
         assert queue.depth() == depth  # from the segment headers, without scanning
-        assert not any(s.scanned for s in queue._segments[:-1])
+        assert not any(s.scanned for s in queue._state.segments[:-1])
         assert depth.records == 1000
         for start in (1, 333, 777, 1000):
             records = queue.read(start, max_records=10)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from iotpipe.queue import PersistentQueue
-from iotpipe.queue.core import ZERO_AHEAD_BYTES
 from iotpipe.queue.fileio import OsFileIO
+from iotpipe.queue.writer import ZERO_AHEAD_BYTES
 
 pytestmark = pytest.mark.unit
 

@@ -12,13 +12,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import pytest
 
 from iotpipe.auth import DEVICE_AUDIENCE, issue_token
-from support.cluster import LocalCluster
+from support.cluster import ClusterEmulator, LocalCluster
 from support.devices import Fleet
 from support.pipeline import SECRET
 
 NAME = "demo"
+
+
+def marks(timeout: int = 150) -> list[pytest.MarkDecorator]:
+    """A scenario module's ``pytestmark``: real processes on the cluster stand-in, bounded."""
+    return [pytest.mark.integration, pytest.mark.timeout(timeout),
+            pytest.mark.kmock(cls=ClusterEmulator)]
 
 
 def pipeline_manifest(**ingest: Any) -> dict[str, Any]:

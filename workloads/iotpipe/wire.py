@@ -403,16 +403,23 @@ def live_group_events(group: LiveGroup) -> list[LiveEvent]:
     A reading without a readable device id keeps its seq (the group is contiguous) with
     device id "", which no reading has: the relay counts it as a bad event, not a gap.
     """
-    middle_id = group.middle_id
-    events = []
-    for seq, reading in enumerate(group.readings, group.first):
-        topic = reading_topic(reading)
-        try:
-            device_id = "" if topic is None else topic.decode()
-        except UnicodeDecodeError:
-            device_id = ""
-        events.append(LiveEvent(device_id, middle_id, seq, reading))
-    return events
+    readings = group.readings
+    topics = list(map(reading_topic, readings))
+    try:  # map keeps the common case's loop in C
+        device_ids = list(map(bytes.decode, topics))  # type: ignore[arg-type]
+    except (TypeError, UnicodeDecodeError):  # a None topic, or one that is not UTF-8
+        device_ids = list(map(_device_id_or_empty, topics))
+    return list(map(LiveEvent, device_ids, repeat(group.middle_id), count(group.first),
+                    readings))
+
+
+def _device_id_or_empty(topic: bytes | None) -> str:
+    if topic is None:
+        return ""
+    try:
+        return topic.decode()
+    except UnicodeDecodeError:
+        return ""
 
 
 def decode_live_events(frames: Sequence[bytes]) -> list[LiveEvent]:

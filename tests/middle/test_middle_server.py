@@ -200,8 +200,9 @@ def test_group_commit_of_pipelined_batches(middle_factory) -> None:  # type: ign
     assert [got[s].node_seq for s in sorted(got)] == list(range(1, 2001))
 
 
-def test_sub_sees_gapless_sequenced_events(middle_factory) -> None:  # type: ignore[no-untyped-def]
-    middle: Middle = middle_factory()
+@pytest.mark.parametrize("live_format", ["v2", "v1"])
+def test_sub_sees_gapless_sequenced_events(middle_factory, live_format: str) -> None:  # type: ignore[no-untyped-def]
+    middle: Middle = middle_factory("--live-format", live_format)
     ingest = middle.dealer(middle.router_port)
     sub = middle.ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
@@ -217,7 +218,13 @@ def test_sub_sees_gapless_sequenced_events(middle_factory) -> None:  # type: ign
         sub.recv_multipart()
     for first in range(1, 31, 10):
         send_batch(ingest, "n1", first, 10, device=f"sensor-{first}")
-    events = [wire.decode_live(recv(sub)) for _ in range(30)]
+    events: list[wire.LiveEvent] = []
+    kinds = set()
+    while len(events) < 30:
+        frames = recv(sub)
+        kinds.add(len(frames))
+        events += wire.decode_live_events(frames)
+    assert kinds == {4 if live_format == "v2" else 3}  # a v2 message is a group
     seqs = [e.seq for e in events]
     assert seqs == list(range(seqs[0], seqs[0] + 30))
     assert {e.middle_id for e in events} == {"mid-0"}
@@ -487,8 +494,8 @@ def test_consumers_from_before_records_v2_still_get_v1_deliveries(middle_factory
 
 def test_undecodable_reading_is_stored_but_not_published(middle_factory) -> None:  # type: ignore[no-untyped-def]
     # The middle passes readings through untouched; one without a device id cannot be
-    # routed on the PUB socket, so it is counted instead of published.
-    middle: Middle = middle_factory()
+    # routed on a v1 PUB socket (the topic is the device id), so it is counted instead.
+    middle: Middle = middle_factory("--live-format", "v1")
     ingest = middle.dealer(middle.router_port)
     ingest.send_multipart(wire.encode_batch("n1", 1, [b"\xc1", reading("d", 2)]))
     assert wire.decode_ack(recv(ingest)) == wire.Ack("n1", 2)
@@ -496,6 +503,34 @@ def test_undecodable_reading_is_stored_but_not_published(middle_factory) -> None
     assert [got[1].reading, got[2].node_seq] == [b"\xc1", 2]
     assert middle.metric("iotpipe_middle_unpublishable_records_total") == 1
     assert middle.metric("iotpipe_middle_pub_messages_total") == 1
+
+
+def test_v2_publishes_an_undecodable_reading_in_its_group(middle_factory) -> None:  # type: ignore[no-untyped-def]
+    # v2 groups do not look into readings: the seqs stay contiguous and the relay, which
+    # decodes every reading anyway, counts the bad one.
+    middle: Middle = middle_factory()
+    sub = middle.ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(f"tcp://127.0.0.1:{middle.pub_port}")
+    ingest = middle.dealer(middle.router_port)
+    first = 1
+    while True:  # PUB/SUB joins late: until the subscription hears a group
+        send_batch(ingest, "warm", first, 1)
+        first += 1
+        if sub.poll(100):
+            break
+        assert first < 100, "SUB never received anything"
+    while sub.poll(200):
+        sub.recv_multipart()
+    ingest.send_multipart(wire.encode_batch("n1", 1, [b"\xc1", reading("d", 2)]))
+    assert wire.decode_ack(recv(ingest)) == wire.Ack("n1", 2)
+    group = wire.decode_live_group(recv(sub))
+    assert group.readings == [b"\xc1", reading("d", 2)]
+    assert [e.device_id for e in wire.live_group_events(group)] == ["", "d"]
+    wait_for(lambda: middle.metric("iotpipe_middle_pub_messages_total") == first + 1, 10,
+             "both readings counted as published")
+    assert middle.metric("iotpipe_middle_unpublishable_records_total") == 0
 
 
 def test_failing_checkpoint_holds_log_space_instead_of_forgetting_marks(middle_factory,  # type: ignore[no-untyped-def]
@@ -541,6 +576,6 @@ def test_stuck_subscriber_never_slows_the_log(middle_factory) -> None:  # type: 
     assert sum(1 for r in got.values() if r.node == "n1") == 10_000
     seqs = []
     while stuck.poll(100):
-        seqs.append(wire.decode_live(stuck.recv_multipart()).seq)
+        seqs += [e.seq for e in wire.decode_live_events(stuck.recv_multipart())]
     assert len(seqs) < 10_000, "the stuck subscriber was not cut off"
     assert any(b - a > 1 for a, b in itertools.pairwise(seqs)), "no visible gap"

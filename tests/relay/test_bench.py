@@ -11,13 +11,17 @@ import pytest
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(120)]
 
 
-def test_bench_relay_json_shape() -> None:
+@pytest.mark.parametrize("live_format", ["v2", "v1"])
+def test_bench_relay_json_shape(live_format: str) -> None:
+    # v2 (the default): 300 events in messages of 64, the last one partial
     result = subprocess.run(
         [sys.executable, "-m", "iotpipe.cli", "bench", "relay", "--events", "300",
-         "--clients", "2", "--json"],
+         "--clients", "2", "--live-format", live_format, "--json"],
         capture_output=True, timeout=110, check=False)
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     report = orjson.loads(result.stdout)
+    assert (report["live_format"], report["group"]) == (live_format,
+                                                        64 if live_format == "v2" else 1)
     assert report["bench"] == "relay" and report["events"] == 300 and report["clients"] == 2
     assert set(report["machine"]) >= {"cpus", "python", "loadavg_1m"}
     servers = [row["server"] for row in report["results"]]

@@ -169,6 +169,25 @@ async def test_upstream_gap_is_reported(relay: Relay, client: ClientConnection) 
     assert [f.get("seq") for f in frames[3:]] == [5, 6]
 
 
+async def test_v2_groups_and_v1_events_mix_with_order_and_gaps_per_source(
+        relay: Relay, client: ClientConnection) -> None:
+    # A rolling upgrade: one middle sends commit groups (v2), another per-record events.
+    await subscribe(client, devices=["a", "b"])
+    relay.publish_group(["a", "x", "b"], 1, source="mid-new")  # "x" is not followed
+    relay.publish("a", 1, source="mid-old")
+    relay.pub.send_multipart([b"", b"iotpipe.live.v2", b"\xc1", b"\x90"])  # malformed
+    relay.publish_group(["b", "a"], 6, source="mid-new")  # seqs 4-5 never came
+    relay.publish("b", 2, source="mid-old")
+    frames = [await recv_json(client) for _ in range(7)]
+    got = [(f.get("source"), f.get("seq"), f.get("device")) for f in frames]
+    assert got[:3] == [("mid-new", 1, "a"), ("mid-new", 3, "b"), ("mid-old", 1, "a")]
+    assert frames[3] == {"event": "gap", "reason": "upstream", "source": "mid-new",
+                         "missed": 2, "from_seq": 4, "to_seq": 5}
+    assert got[4:] == [("mid-new", 6, "b"), ("mid-new", 7, "a"), ("mid-old", 2, "b")]
+    metrics = wait_http(relay.metrics + "/metrics")
+    assert "iotpipe_relay_bad_events_total 1.0" in metrics  # the malformed group, counted
+
+
 async def reading_seq(ws: ClientConnection) -> int:
     frame = await recv_json(ws)
     assert frame["event"] == "reading", frame

@@ -163,7 +163,7 @@ def test_only_the_pipelines_tiers_get_in(procs: ProcessGroup, tmp_path: Path,
         assert wire.decode_ack(ingest.recv_multipart()) == wire.Ack("node-1", first)
         first += 1
         if relay.poll(200):
-            heard = wire.decode_live(relay.recv_multipart())
+            heard = wire.decode_live_events(relay.recv_multipart())[0]
     assert heard.device_id == "dev"
     stored = first - 1
     storage.send_multipart(wire.encode_feed_request("storage", "s1", 10_000, []))

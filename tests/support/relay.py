@@ -11,7 +11,7 @@ from pathlib import Path
 import zmq
 
 from iotpipe.auth import CLIENT_AUDIENCE, issue_token
-from iotpipe.wire import encode_live, encode_reading
+from iotpipe.wire import encode_live, encode_live_group, encode_reading
 from support.processes import ProcessGroup
 from support.waiting import wait_for
 
@@ -30,6 +30,12 @@ class Relay:
     def publish(self, device: str, seq: int, source: str = "m0", data: bytes = b'{"v":1}') -> None:
         reading = encode_reading(device, f"{device}/{seq}", seq, data, seq + 1)
         self.pub.send_multipart(encode_live(device, source, seq, reading))
+
+    def publish_group(self, devices: list[str], first: int, source: str = "m0") -> None:
+        """One v2 live message: ``devices[i]``'s reading at seq ``first + i``."""
+        readings = [encode_reading(d, f"{d}/{first + i}", first + i, b'{"v":1}', first + i + 1)
+                    for i, d in enumerate(devices)]
+        self.pub.send_multipart(encode_live_group(source, first, readings))
 
     def token(self, subject: str = "app", audience: str = CLIENT_AUDIENCE) -> str:
         return issue_token(SECRET, subject, audience, 600)

@@ -23,7 +23,13 @@ Middle log record
     msgpack ``[node: str, node_seq: int, reading: bytes]``.
 
 Middle -> relay (PUB -> SUB)
-    ``[device_id (utf-8, the topic), msgpack {"m": middle_id, "s": middle_log_seq}, reading]``.
+    v2 (default), one message per commit group: ``[b"", KIND_LIVE_V2, msgpack {"m":
+    middle_id, "first": first_log_seq, "n": count}, msgpack [reading_1, ..., reading_n]]``;
+    the readings carry middle log seqs ``first .. first+n-1``. The empty topic cannot be a
+    device id, and an old relay refuses the 4 frames as malformed (counts them, routes
+    nothing) rather than misreading them.
+    v1, one message per record: ``[device_id (utf-8, the topic), msgpack {"m": middle_id,
+    "s": middle_log_seq}, reading]``. ``decode_live_events`` reads both.
 
 Storage <-> middle feed (DEALER -> ROUTER)
     request ``[KIND_FEED, msgpack {"group", "consumer", "credit", "acks": [[first, last], ...],
@@ -49,6 +55,7 @@ __all__ = [
     "KIND_BATCH_V2",
     "KIND_BUSY",
     "KIND_FEED",
+    "KIND_LIVE_V2",
     "KIND_RECORDS",
     "KIND_RECORDS_V2",
     "RECORDS_VERSION",
@@ -57,6 +64,7 @@ __all__ = [
     "Busy",
     "FeedRequest",
     "LiveEvent",
+    "LiveGroup",
     "LogRecord",
     "Reading",
     "Records",
@@ -66,6 +74,8 @@ __all__ = [
     "decode_busy",
     "decode_feed_request",
     "decode_live",
+    "decode_live_events",
+    "decode_live_group",
     "decode_log_record",
     "decode_reading",
     "decode_records",
@@ -75,10 +85,12 @@ __all__ = [
     "encode_busy",
     "encode_feed_request",
     "encode_live",
+    "encode_live_group",
     "encode_log_record",
     "encode_log_records",
     "encode_reading",
     "encode_records",
+    "live_group_events",
     "live_meta",
     "live_meta_prefix",
     "live_metas",
@@ -94,6 +106,7 @@ KIND_BUSY = b"iotpipe.busy.v1"
 KIND_FEED = b"iotpipe.feed.v1"
 KIND_RECORDS = b"iotpipe.records.v1"
 KIND_RECORDS_V2 = b"iotpipe.records.v2"
+KIND_LIVE_V2 = b"iotpipe.live.v2"
 RECORDS_VERSION = 2  # the newest feed delivery format (what this code's consumers read)
 
 _packb = msgpack.Packer(use_bin_type=True).pack
@@ -351,6 +364,69 @@ def decode_live(frames: Sequence[bytes]) -> LiveEvent:
     except UnicodeDecodeError:
         raise WireError("live event: topic is not utf-8") from None
     return LiveEvent(device_id, str(meta["m"]), int(meta["s"]), bytes(frames[2]))  # type: ignore[call-overload]
+
+
+class LiveGroup(NamedTuple):
+    middle_id: str
+    first: int
+    readings: list[bytes]
+
+    @property
+    def last(self) -> int:
+        return self.first + len(self.readings) - 1
+
+
+def encode_live_group(middle_id: str, first: int, readings: Sequence[bytes]) -> list[bytes]:
+    """One v2 live message: the readings with middle log seqs ``first .. first+n-1``."""
+    return [b"", KIND_LIVE_V2, _packb({"m": middle_id, "first": first, "n": len(readings)}),
+            _packb(readings if isinstance(readings, list) else list(readings))]
+
+
+def decode_live_group(frames: Sequence[bytes]) -> LiveGroup:
+    if len(frames) != 4 or bytes(frames[0]) != b"" or bytes(frames[1]) != KIND_LIVE_V2:
+        raise WireError("live group: expected [b'', kind, header, readings]")
+    header = _require_dict(_unpack(bytes(frames[2]), "live group header"),
+                           "live group header", {"m": str, "first": int, "n": int})
+    readings = _bin_array(frames[3], "live group readings")
+    if header["n"] != len(readings) or not readings:
+        raise WireError(f"live group: header says {header['n']} readings, got {len(readings)}")
+    first = header["first"]
+    assert isinstance(first, int)
+    if first < 1:
+        raise WireError("live group: 'first' must be >= 1")
+    return LiveGroup(str(header["m"]), first, readings)
+
+
+def live_group_events(group: LiveGroup) -> list[LiveEvent]:
+    """The group as the per-record events a v1 middle would have sent.
+
+    A reading without a readable device id keeps its seq (the group is contiguous) with
+    device id "", which no reading has: the relay counts it as a bad event, not a gap.
+    """
+    readings = group.readings
+    topics = list(map(reading_topic, readings))
+    try:  # map keeps the common case's loop in C
+        device_ids = list(map(bytes.decode, topics))  # type: ignore[arg-type]
+    except (TypeError, UnicodeDecodeError):  # a None topic, or one that is not UTF-8
+        device_ids = list(map(_device_id_or_empty, topics))
+    return list(map(LiveEvent, device_ids, repeat(group.middle_id), count(group.first),
+                    readings))
+
+
+def _device_id_or_empty(topic: bytes | None) -> str:
+    if topic is None:
+        return ""
+    try:
+        return topic.decode()
+    except UnicodeDecodeError:
+        return ""
+
+
+def decode_live_events(frames: Sequence[bytes]) -> list[LiveEvent]:
+    """The events of a live message of either version (v2 group or v1 single record)."""
+    if len(frames) == 4 and bytes(frames[0]) == b"":
+        return live_group_events(decode_live_group(frames))
+    return [decode_live(frames)]
 
 
 # -- storage <-> middle feed -------------------------------------------------------------

@@ -12,6 +12,8 @@ Each piece is driven by the I/O shell in ``server.py`` and tested without socket
     ``RecentRecords``: the last appended records, to serve feed deliveries from memory.
 ``feed``
     ``FeedCore``: credit windows, leases, acks and cursors of the durable storage feed.
+``live``
+    ``group_messages``/``pub_sndhwm``: the PUB messages of a commit group and their bound.
 
 This module gathers their public names, so ``from iotpipe.middle.core import ...`` is the
 one import of the tier's logic.
@@ -36,6 +38,7 @@ from iotpipe.middle.intake import (
     Reply,
 )
 from iotpipe.middle.intervals import IntervalSet
+from iotpipe.middle.live import LiveFormat, group_messages, pub_sndhwm
 from iotpipe.middle.recent import RecentRecords
 from iotpipe.wire import reading_topic
 
@@ -50,6 +53,7 @@ __all__ = [
     "IntakePlan",
     "IntervalSet",
     "Lease",
+    "LiveFormat",
     "MarksCheckpoint",
     "NodeMarks",
     "PlannedBatch",
@@ -58,5 +62,7 @@ __all__ = [
     "UnknownGroup",
     "decode_checkpoint",
     "encode_checkpoint",
+    "group_messages",
+    "pub_sndhwm",
     "reading_topic",
 ]

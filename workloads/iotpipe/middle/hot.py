@@ -1,7 +1,8 @@
 """The middle's per-record encoding of a group: ``_hot.c`` when built, else ``iotpipe.wire``.
 
 Both give the same bytes (the tests compare them). The C module makes a whole group one
-call instead of a Python call per record for the log records and the live-event frames.
+call instead of a Python call per record for the log records and the v1 live-event frames
+(``--live-format v1``; a v2 group is one msgpack array, no per-record work to move to C).
 """
 
 from __future__ import annotations

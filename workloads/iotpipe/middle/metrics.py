@@ -53,7 +53,9 @@ class MiddleCollector(Collector):
             ("checkpoint_failures", "Marks checkpoint writes that failed",
              s.checkpoint_failures),
             ("pub_messages", "Live events published", s.published),
-            ("unpublishable_records", "Records whose reading had no device id",
+            ("unpublishable_records",
+             "Records whose reading had no device id (--live-format v1; v2 groups carry "
+             "them and the relay counts them)",
              s.unpublishable),
             ("feed_requests", "Feed requests received", feed.requests),
             ("feed_deliveries", "Feed deliveries sent", feed.deliveries),

@@ -67,6 +67,8 @@ from iotpipe.middle.core import (
     Reply,
     UnknownGroup,
     encode_checkpoint,
+    group_messages,
+    pub_sndhwm,
 )
 from iotpipe.middle.metrics import MiddleCollector
 from iotpipe.middle.settings import MiddleSettings
@@ -211,7 +213,8 @@ class MiddleServer:
         self.router = self._socket(zmq.ROUTER, ipv6)
         self.router.setsockopt(zmq.RCVHWM, 100_000)
         self.pub = self._socket(zmq.PUB, ipv6)
-        self.pub.setsockopt(zmq.SNDHWM, settings.pub_hwm)
+        self.pub.setsockopt(zmq.SNDHWM, pub_sndhwm(settings.pub_hwm, settings.live_format,
+                                                   settings.live_group_records))
         self.feed_sock = self._socket(zmq.ROUTER, ipv6)
         # Sending to a vanished consumer raises instead of dropping silently, so its
         # lease goes back to the pool at once.
@@ -328,12 +331,20 @@ class MiddleServer:
         return None
 
     def _publish(self, first_seq: int, readings: list[bytes]) -> None:
-        # The frames of wire.encode_live, sent frame by frame through the backend socket
-        # with precomputed int flags: send_multipart's per-frame enum arithmetic would cost
-        # more than everything else per record.
+        # Frames are sent one by one through the backend socket with precomputed int
+        # flags: send_multipart's per-frame enum arithmetic costs more than the send.
         send = zmq.backend.Socket.send
         pub = self.pub
         more, last = _SEND_MORE_NOBLOCK, _SEND_NOBLOCK
+        if self.settings.live_format == "v2":
+            for frames in group_messages(self.middle_id, first_seq, readings,
+                                         self.settings.live_group_records):
+                for frame in frames[:-1]:
+                    send(pub, frame, more)
+                send(pub, frames[-1], last)
+            self.published += len(readings)
+            return
+        # v1: the frames of wire.encode_live, one message per record
         events = hot.live_frames(self._live_meta_prefix, first_seq, readings)
         for topic, meta, reading in events:
             send(pub, topic, more)

@@ -57,8 +57,16 @@ class MiddleSettings(ServerSettings):
                                    description="readings gathered into one group commit")
     busy_retry_ms: int = Field(200, ge=1, description="retry hint sent with busy replies")
     pub_hwm: int = Field(100_000, ge=1,
-                         description="PUB send high-water mark per subscriber (messages); "
-                                     "a subscriber further behind misses events")
+                         description="PUB send high-water mark per subscriber, in records "
+                                     "(v2: pub_hwm / live_group_records messages); a "
+                                     "subscriber further behind misses events")
+    live_format: Literal["v1", "v2"] = Field(
+        "v2", description="live events on the PUB socket: v2 = one message per commit "
+                          "group, v1 = one per record (for relays from before v2; "
+                          "docs/protocols.md)")
+    live_group_records: int = Field(256, ge=1,
+                                    description="readings per v2 live message (a larger "
+                                                "commit group is sent as several)")
     curve_keys_dir: str = Field(
         "", description="CurveZMQ keys directory (docs/security.md): every socket then admits "
                         "only the pipeline's own tiers; empty = no CURVE (plain ZeroMQ)")

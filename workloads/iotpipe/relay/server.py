@@ -76,7 +76,7 @@ from iotpipe.relay.web import WebFront, parse_health_targets
 from iotpipe.security import check_security_settings
 from iotpipe.settings import parse_settings
 from iotpipe.tlsconfig import ReloadingTLS
-from iotpipe.wire import LiveEvent, WireError, decode_live
+from iotpipe.wire import LiveEvent, WireError, decode_live_events
 
 __all__ = ["LIVE_PATH", "RelayServer", "RelaySettings", "main"]
 
@@ -321,14 +321,15 @@ class RelayServer:
         events: list[LiveEvent] = []
         peers = self._peers
         more = True
-        for _ in range(_SUB_BURST):
+        # The burst counts events: a v2 message carries a whole commit group.
+        while len(events) < _SUB_BURST:
             try:
                 frames = sub.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 more = False
                 break
             try:
-                events.append(decode_live(frames))
+                events += decode_live_events(frames)
             except WireError:
                 self.bad_frames += 1
         for session in fanout.on_events(events, now):

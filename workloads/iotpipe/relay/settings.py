@@ -46,7 +46,9 @@ class RelaySettings(EdgeSecuritySettings, EndpointsReloadSettings, ServerSetting
                                  description="largest client frame accepted (larger: close 1009)")
     max_clients: int = Field(10000, ge=1, description="connections above this get HTTP 503")
     sub_hwm: int = Field(100_000, ge=1,
-                         description="ZeroMQ receive high-water mark of the SUB socket")
+                         description="ZeroMQ receive high-water mark of the SUB socket, in "
+                                     "messages (a v2 message is a middle's commit group, up "
+                                     "to its --live-group-records readings)")
     compression: bool = Field(False, description="offer permessage-deflate (costs memory)")
     insecure_no_auth: bool = Field(False, description="accept clients without a token "
                                                       "(local demos only)")

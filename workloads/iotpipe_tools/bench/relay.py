@@ -14,7 +14,9 @@ Subscription shapes (``--shape``): ``all`` (every client gets every event), ``de
 bare servers route on the ZeroMQ topic) and ``prefix`` (client *i* follows the prefix
 ``dev-{1 + i % 9}``, 11 of the 100 devices; relay only).
 
-A publisher thread sends ``--events`` live events as fast as it can; ``--clients`` picows
+A publisher thread sends ``--events`` live events as fast as it can, in the middle's v2
+format (``--group`` readings per message, as a commit group) or, with ``--live-format v1``,
+one message per event (middles before v2); ``--clients`` picows
 clients in this process count what they receive. ``events_per_s`` is events published per
 second of wall time until the last client got its last frame; ``frames_per_s`` counts the
 frames delivered (summed over clients); ``server_cpu_s`` is the server process's user+system
@@ -47,7 +49,13 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from iotpipe.settings import TierSettings, parse_settings, tier_config
-from iotpipe.wire import encode_live, encode_reading
+from iotpipe.wire import (
+    decode_live_group,
+    encode_live,
+    encode_live_group,
+    encode_reading,
+    reading_topic,
+)
 from iotpipe.wsframes import encode_text_frames
 from iotpipe_tools.ports import free_port
 from iotpipe_tools.processes import cpu_seconds, stop
@@ -72,6 +80,10 @@ class RelayBenchSettings(TierSettings):
     clients: int = Field(4, ge=1, description="WebSocket clients")
     shape: Shape = Field("all", description="subscription shape: all, device or prefix")
     data_bytes: int = Field(64, ge=2, description="approximate size of each reading's data JSON")
+    live_format: Literal["v1", "v2"] = Field(
+        "v2", description="live messages as a middle sends them: v2 = one per group, "
+                          "v1 = one per event")
+    group: int = Field(64, ge=1, description="events per v2 message (a middle's commit group)")
     json_output: bool = Field(False, description="print one JSON object")
 
 
@@ -90,6 +102,13 @@ def _wants(subscription: dict[str, Any], device: str) -> bool:
     if device in subscription.get("devices", ()):
         return True
     return any(device.startswith(p) for p in subscription.get("prefixes", ()))
+
+
+def _topics_and_readings(frames: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """(device topic, reading) of each event of a v1 or v2 live message (the bare servers)."""
+    if len(frames) == 4:
+        return [(reading_topic(r) or b"", r) for r in decode_live_group(frames).readings]
+    return [(frames[0], frames[2])]
 
 
 class _Routes:
@@ -185,9 +204,10 @@ def bare_relay(port: int, pub_endpoint: str) -> None:
     def on_burst(burst: list[list[bytes]]) -> None:
         woken: dict[ServerConnection, None] = {}
         for frames in burst:
-            for connection in routes.match(frames[0]):
-                queues[connection][0].append(frames[2])
-                woken[connection] = None
+            for topic, reading in _topics_and_readings(frames):
+                for connection in routes.match(topic):
+                    queues[connection][0].append(reading)
+                    woken[connection] = None
         for connection in woken:
             queues[connection][1].set()
 
@@ -218,16 +238,17 @@ def bare_picows_relay(port: int, pub_endpoint: str) -> None:
     def on_burst(burst: list[list[bytes]]) -> None:
         out: dict[WSTransport, list[bytes]] = {}
         for frames in burst:
-            clients = routes.match(frames[0])
-            if not clients:
-                continue
-            wire = encode_text_frames([frames[2]])
-            for transport in clients:
-                pending = out.get(transport)
-                if pending is None:
-                    out[transport] = [wire]
-                else:
-                    pending.append(wire)
+            for topic, reading in _topics_and_readings(frames):
+                clients = routes.match(topic)
+                if not clients:
+                    continue
+                wire = encode_text_frames([reading])
+                for transport in clients:
+                    pending = out.get(transport)
+                    if pending is None:
+                        out[transport] = [wire]
+                    else:
+                        pending.append(wire)
         for transport, pending in out.items():
             transport.underlying_transport.write(b"".join(pending))
 
@@ -247,13 +268,20 @@ def bare_picows_relay(port: int, pub_endpoint: str) -> None:
     _run(run)
 
 
-def _events(count: int, data_bytes: int) -> list[list[bytes]]:
-    pad = "x" * max(0, data_bytes - 24)
+def _events(settings: RelayBenchSettings) -> tuple[list[list[bytes]], list[str]]:
+    """The live messages to publish and the device of each event, in order."""
+    pad = "x" * max(0, settings.data_bytes - 24)
     data = orjson.dumps({"t": 21.5, "s": pad})
     now = time.time_ns()
-    return [encode_live(f"dev-{i % _DEVICES}", "bench", i + 1,
-                        encode_reading(f"dev-{i % _DEVICES}", str(i), now + i, data, now + i))
-            for i in range(count)]
+    devices = [f"dev-{i % _DEVICES}" for i in range(settings.events)]
+    readings = [encode_reading(device, str(i), now + i, data, now + i)
+                for i, device in enumerate(devices)]
+    if settings.live_format == "v1":
+        return [encode_live(d, "bench", i + 1, r)
+                for i, (d, r) in enumerate(zip(devices, readings, strict=True))], devices
+    step = settings.group
+    return [encode_live_group("bench", start + 1, readings[start:start + step])
+            for start in range(0, len(readings), step)], devices
 
 
 class _Client(WSListener):  # type: ignore[misc]  # picows ships no stub base
@@ -296,9 +324,9 @@ def _publish(pub: zmq.Socket[bytes], events: list[list[bytes]], started: list[fl
 
 
 async def _measure(server: str, url: str, pid: int, pub: zmq.Socket[bytes],
-                   events: list[list[bytes]], settings: RelayBenchSettings) -> dict[str, Any]:
+                   events: list[list[bytes]], devices: list[str],
+                   settings: RelayBenchSettings) -> dict[str, Any]:
     done_at: list[float] = []
-    devices = [frames[0].decode() for frames in events]
     clients: list[_Client] = []
     transports: list[WSTransport] = []
     gate = asyncio.Semaphore(64)
@@ -349,7 +377,7 @@ async def _measure(server: str, url: str, pid: int, pub: zmq.Socket[bytes],
     elapsed = (max(done_at) if done_at else time.perf_counter()) - started[0]
     frames = sum(c.received for c in clients)
     return {
-        "events_per_s": round(len(events) / elapsed),
+        "events_per_s": round(len(devices) / elapsed),
         "frames_per_s": round(frames / elapsed),
         "frames": frames,
         "missed": sum(c.missed for c in clients),
@@ -401,7 +429,7 @@ def run(settings: RelayBenchSettings) -> dict[str, Any]:
     pub.setsockopt(zmq.LINGER, 0)
     pub_port = pub.bind_to_random_port("tcp://127.0.0.1")
     endpoint = f"tcp://127.0.0.1:{pub_port}"
-    events = _events(settings.events, settings.data_bytes)
+    events, devices = _events(settings)
     # The bare servers route on exact device ids only: the prefix shape is the relay's alone.
     servers = SERVERS if settings.shape != "prefix" else ("relay",)
     results: list[dict[str, Any]] = []
@@ -411,7 +439,7 @@ def run(settings: RelayBenchSettings) -> dict[str, Any]:
             proc = _start(server, port, endpoint, settings)
             try:
                 result = asyncio.run(_measure(server, f"ws://127.0.0.1:{port}/v1/live",
-                                              proc.pid, pub, events, settings))
+                                              proc.pid, pub, events, devices, settings))
             finally:
                 stop(proc, timeout=15)
             results.append({"server": server, **result})
@@ -432,6 +460,8 @@ def run(settings: RelayBenchSettings) -> dict[str, Any]:
         "clients": settings.clients,
         "shape": settings.shape,
         "data_bytes": settings.data_bytes,
+        "live_format": settings.live_format,
+        "group": settings.group if settings.live_format == "v2" else 1,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "loadavg_1m": round(os.getloadavg()[0], 2)},
         "results": results,

@@ -36,3 +36,4 @@ def test_small_group_is_one_message_with_encode_live_group_bytes() -> None:
 def test_pub_bound_holds_about_pub_hwm_records(hwm: int, fmt: str, cap: int,
                                                expected: int) -> None:
     assert pub_sndhwm(hwm, fmt, cap) == expected  # type: ignore[arg-type]
+

@@ -6,8 +6,12 @@ import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from iotpipe import wire
+from iotpipe.middle.settings import MiddleSettings
+from iotpipe.relay.settings import RelaySettings
+from iotpipe.wire import LIVE_GROUP_RECORDS_MAX
 
 pytestmark = pytest.mark.unit
 
@@ -80,3 +84,16 @@ def test_malformed_group_is_refused(frames: list[bytes], match: str) -> None:
     if frames[0] == b"" and len(frames) == 4:
         with pytest.raises(wire.WireError):
             wire.decode_live_events(frames)
+
+
+def test_subscribers_hold_about_sub_hwm_readings_whatever_the_message_size() -> None:
+    """ZeroMQ bounds a SUB socket in messages; a v2 message holds up to
+    LIVE_GROUP_RECORDS_MAX readings, so the relay's bound in readings must divide by it."""
+    relay = RelaySettings(sub_hwm=100_000)
+    assert relay.sub_rcvhwm * LIVE_GROUP_RECORDS_MAX >= 100_000
+    assert (relay.sub_rcvhwm - 1) * LIVE_GROUP_RECORDS_MAX < 100_000
+    assert RelaySettings(sub_hwm=1).sub_rcvhwm == 1
+    # ...which only holds while no middle puts more readings in one message.
+    MiddleSettings(live_group_records=LIVE_GROUP_RECORDS_MAX)
+    with pytest.raises(ValidationError, match="live_group_records"):
+        MiddleSettings(live_group_records=LIVE_GROUP_RECORDS_MAX + 1)

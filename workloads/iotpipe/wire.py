@@ -58,6 +58,7 @@ __all__ = [
     "KIND_LIVE_V2",
     "KIND_RECORDS",
     "KIND_RECORDS_V2",
+    "LIVE_GROUP_RECORDS_MAX",
     "RECORDS_VERSION",
     "Ack",
     "Batch",
@@ -107,6 +108,9 @@ KIND_FEED = b"iotpipe.feed.v1"
 KIND_RECORDS = b"iotpipe.records.v1"
 KIND_RECORDS_V2 = b"iotpipe.records.v2"
 KIND_LIVE_V2 = b"iotpipe.live.v2"
+# The most readings a middle puts in one v2 live message: a subscriber sizes its receive
+# high-water mark (ZeroMQ counts messages) by it, so its memory stays bounded in records.
+LIVE_GROUP_RECORDS_MAX = 256
 RECORDS_VERSION = 2  # the newest feed delivery format (what this code's consumers read)
 
 _packb = msgpack.Packer(use_bin_type=True).pack

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field
 
 from iotpipe.settings import CommaList, ServerSettings, metrics_port_field, tier_config
+from iotpipe.wire import LIVE_GROUP_RECORDS_MAX
 
 __all__ = ["MiddleSettings"]
 
@@ -64,7 +65,7 @@ class MiddleSettings(ServerSettings):
         "v2", description="live events on the PUB socket: v2 = one message per commit "
                           "group, v1 = one per record (for relays from before v2; "
                           "docs/protocols.md)")
-    live_group_records: int = Field(256, ge=1,
+    live_group_records: int = Field(LIVE_GROUP_RECORDS_MAX, ge=1, le=LIVE_GROUP_RECORDS_MAX,
                                     description="readings per v2 live message (a larger "
                                                 "commit group is sent as several)")
     curve_keys_dir: str = Field(

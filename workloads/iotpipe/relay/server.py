@@ -392,7 +392,7 @@ class RelayServer:
         settings = self.settings
         context = zmq.Context()
         sub = context.socket(zmq.SUB)
-        sub.setsockopt(zmq.RCVHWM, settings.sub_hwm)
+        sub.setsockopt(zmq.RCVHWM, settings.sub_rcvhwm)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         if self.curve_keys is not None:

@@ -13,6 +13,7 @@ from iotpipe.settings import (
     metrics_port_field,
     tier_config,
 )
+from iotpipe.wire import LIVE_GROUP_RECORDS_MAX
 
 __all__ = ["RelaySettings"]
 
@@ -46,9 +47,11 @@ class RelaySettings(EdgeSecuritySettings, EndpointsReloadSettings, ServerSetting
                                  description="largest client frame accepted (larger: close 1009)")
     max_clients: int = Field(10000, ge=1, description="connections above this get HTTP 503")
     sub_hwm: int = Field(100_000, ge=1,
-                         description="ZeroMQ receive high-water mark of the SUB socket, in "
-                                     "messages (a v2 message is a middle's commit group, up "
-                                     "to its --live-group-records readings)")
+                         description="readings the SUB socket may hold per middle before "
+                                     "live events are dropped (and announced by gap frames); "
+                                     "ZeroMQ counts messages, so the socket holds this / 256 "
+                                     "(the most readings in a v2 message; a v1 middle's "
+                                     "messages hold one)")
     compression: bool = Field(False, description="offer permessage-deflate (costs memory)")
     insecure_no_auth: bool = Field(False, description="accept clients without a token "
                                                       "(local demos only)")
@@ -69,3 +72,9 @@ class RelaySettings(EdgeSecuritySettings, EndpointsReloadSettings, ServerSetting
     def _check_health_urls(cls, value: list[str]) -> list[str]:
         parse_health_targets(value)  # a ValueError names the bad entry
         return value
+
+    @property
+    def sub_rcvhwm(self) -> int:
+        """The SUB socket's receive high-water mark in messages: about ``sub_hwm`` readings
+        even when every message is a full v2 group."""
+        return max(1, -(-self.sub_hwm // LIVE_GROUP_RECORDS_MAX))

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 
-__all__ = ["STOP_SIGNALS", "catch_early", "requested"]
+__all__ = ["STOP_SIGNALS", "catch_early", "on_stop", "requested"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _received: list[int] = []
@@ -36,3 +37,17 @@ def catch_early() -> None:
 def requested() -> int | None:
     """The first stop signal received while starting, if any."""
     return _received[0] if _received else None
+
+
+def on_stop(stop: Callable[[int], None]) -> int | None:
+    """Call ``stop(signum)`` on SIGTERM/SIGINT from now on, and at once for a stop signal that
+    came while starting; returns that early signal, if any (the tier then stops at once)."""
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop(signum)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _on_signal)
+    early = requested()
+    if early is not None:
+        stop(early)
+    return early

@@ -36,7 +36,6 @@ import fcntl
 import os
 import secrets
 import shutil
-import signal
 import socket
 import sys
 import time
@@ -410,13 +409,7 @@ def main(argv: Sequence[str]) -> int:
                             RestartPolicy(max_s=settings.max_backoff), settings.stop_timeout)
     stop_requested: list[int] = []
 
-    def _on_signal(signum: int, _frame: object) -> None:
-        stop_requested.append(signum)
-
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
-    early = lifecycle.requested()
-    if early is not None:
+    if lifecycle.on_stop(stop_requested.append) is not None:
         return 0  # stopped before anything was started
     loop_host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
     readyz = {

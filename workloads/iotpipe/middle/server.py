@@ -47,11 +47,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import signal
 import sys
 import time
 from collections.abc import Sequence
-from types import FrameType
 
 import zmq
 import zmq.backend
@@ -501,13 +499,7 @@ def main(argv: Sequence[str]) -> int:
         registry.register(MiddleCollector(server))
         registry.register(QueueDepthCollector("middle", {"log": server.depth}))
 
-        def _on_signal(signum: int, frame: FrameType | None) -> None:
-            server.stop()
-
-        signal.signal(signal.SIGTERM, _on_signal)
-        signal.signal(signal.SIGINT, _on_signal)
-        if lifecycle.requested():
-            server.stop()  # stopped while starting: run() returns at once
+        lifecycle.on_stop(lambda _signum: server.stop())  # early: run() returns at once
         log.info("middle ready", extra={"fields": {
             "middle_id": server.middle_id, "router_port": settings.router_port,
             "pub_port": settings.pub_port, "feed_port": settings.feed_port,

@@ -36,14 +36,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 import zmq
 from prometheus_client import REGISTRY
@@ -413,13 +411,7 @@ def main(argv: Sequence[str]) -> int:
         print(f"iotpipe storage: error: {exc}", file=sys.stderr)  # names the setting
         return 2
 
-    def _on_signal(signum: int, frame: FrameType | None) -> None:
-        service.stop()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    if lifecycle.requested():
-        service.stop()  # stopped while starting: run() returns at once
+    lifecycle.on_stop(lambda _signum: service.stop())  # early: run() returns at once
     try:
         observability = ObservabilityServer(settings.host, settings.metrics_port,
                                             ready=service.readiness,

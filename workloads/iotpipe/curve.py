@@ -57,7 +57,8 @@ import zmq
 import zmq.auth
 from pydantic import Field
 from zmq.auth.thread import ThreadAuthenticator
-from zmq.utils.monitor import parse_monitor_message
+
+from iotpipe.zmqmonitor import pending_events
 
 __all__ = [
     "ADMITTED",
@@ -416,15 +417,7 @@ class HandshakeWatch:
 
     def drain(self, monitor: zmq.Socket[bytes]) -> None:
         name = self._monitors[monitor]
-        while True:
-            try:
-                message = monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                event = parse_monitor_message(message)
-            except RuntimeError:
-                continue
+        for event in pending_events(monitor):
             kind = _kind(int(event["event"]), int(event["value"]))
             if kind == "auth":
                 continue  # the gatekeeper logged it, with the key

@@ -39,7 +39,6 @@ from prometheus_client import REGISTRY, generate_latest
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
-from zmq.utils.monitor import parse_monitor_message
 
 from iotpipe import lifecycle
 from iotpipe.auth import load_secret
@@ -77,6 +76,7 @@ from iotpipe.security import check_security_settings
 from iotpipe.settings import parse_settings
 from iotpipe.tlsconfig import ReloadingTLS
 from iotpipe.wire import LiveEvent, WireError, decode_live_events
+from iotpipe.zmqmonitor import pending_events
 
 __all__ = ["LIVE_PATH", "RelayServer", "RelaySettings", "main"]
 
@@ -344,15 +344,7 @@ class RelayServer:
         monitor = self._monitor
         if monitor is None:
             return
-        while True:
-            try:
-                message = monitor.recv_multipart(_NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                event = parse_monitor_message(message)
-            except RuntimeError:
-                continue
+        for event in pending_events(monitor):
             endpoint = event["endpoint"].decode(errors="replace")
             connected = int(event["event"]) == _HANDSHAKE
             if self.upstreams.get(endpoint) != connected:

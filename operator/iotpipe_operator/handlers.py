@@ -340,11 +340,16 @@ def make_registry(reconcile_interval: float = 60.0,
     announced: dict[tuple[str, str], str] = {}
     known: dict[str, bool] = {}  # last known optional APIs (survives failed discovery)
     clients_guard = threading.Lock()
+    # Set by the cleanup activity: kopf may still start a handler while it stops (a timer
+    # respawned by a last patch); such a pass must not open a new client and talk on.
+    stopping = threading.Event()
     # Retries of API failures and deletion polls: soon, never slower than the timer.
     poll = min(5.0, reconcile_interval)
 
     def kube() -> Kube:
         with clients_guard:
+            if stopping.is_set():
+                raise KubeError(0, "Closed", "the operator is stopping")
             if "kube" not in clients:
                 clients["kube"] = kube_factory()
             return clients["kube"]
@@ -405,12 +410,12 @@ def make_registry(reconcile_interval: float = 60.0,
         # kopf retries a timer that failed temporarily within the same tick, and keeps
         # doing so while the operator stops: a pass while stopping ends quietly instead,
         # or a lasting failure (KEDA's API down) would hold the shutdown forever.
-        if stopped:
+        if stopped or stopping.is_set():
             return
         try:
             handle(body, patch, logger)
-        except kopf.TemporaryError:
-            if stopped:
+        except (kopf.TemporaryError, KubeError):
+            if stopped or stopping.is_set():
                 return
             raise
 
@@ -452,6 +457,7 @@ def make_registry(reconcile_interval: float = 60.0,
     @kopf.on.cleanup(registry=registry)
     def close(**_: Any) -> None:
         with clients_guard:
+            stopping.set()
             client = clients.pop("kube", None)
         if client is not None:
             client.close()

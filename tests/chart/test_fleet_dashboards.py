@@ -22,11 +22,12 @@ import pytest
 from support.processes import ProcessGroup
 from support.storage import start_victoria_metrics
 
+from iotpipe.fleet import fleet_registry_yaml
 from iotpipe.registry import Registry
-from iotpipe.simulate import FleetSensor, fleet_registry_yaml
 from iotpipe.storage.enrich import StoredReading
 from iotpipe.storage.sinks import SinkBatch, open_sink
 from iotpipe.storage.sinks.victoriametrics import VictoriaMetricsSink, line_for
+from iotpipe_tools.simulate.payloads import FleetSensor
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARDS = REPO / "charts" / "iotpipe-operator" / "dashboards"

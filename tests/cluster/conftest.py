@@ -12,7 +12,7 @@ from support.cluster import LocalCluster
 from support.cluster.scenario import NAME
 from support.pipeline import SECRET
 
-from iotpipe.simulate import raise_nofile
+from iotpipe_tools.sources import raise_nofile
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support.ports import free_port
+from support.ports import free_port, free_port_block
+from support.waiting import wait_for, wait_ready
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(1500)]
 
@@ -263,61 +264,54 @@ def test_workload_image_has_libpmem_the_lake_sink_and_the_c_encoder(
     assert result.stdout.strip() == "True c"
 
 
-def _free_port_block(count: int) -> int:
-    """A base port with ``count`` consecutive free loopback ports (below the ephemeral
-    range, so nothing else is handed one of them meanwhile)."""
-    for base in range(21000, 32000, 97):
-        sockets: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError(f"no {count} consecutive free ports on 127.0.0.1")
+def test_workload_image_leaves_the_tools_out(docker: Docker, workload_image: str) -> None:
+    """Benchmarks and the simulator (iotpipe_tools) are not in the product image, and the
+    command says so instead of a traceback."""
+    script = "import importlib.util; print(importlib.util.find_spec('iotpipe_tools'))"
+    assert _run(docker, workload_image, "-c", script,
+                entrypoint="python3").stdout.strip() == "None"
+    result = _run(docker, workload_image, "simulate", "--help", check=False)
+    assert result.returncode == 2
+    assert "the tools package (iotpipe_tools) is not installed" in result.stderr
 
 
 def test_workload_image_runs_the_pipeline_read_only(docker: Docker, workload_image: str,
-                                                    request: pytest.FixtureRequest) -> None:
+                                                    request: pytest.FixtureRequest,
+                                                    tmp_path: Path) -> None:
     """`iotpipe up` (every tier, embedded storage) inside one read-only container, devices
-    from `iotpipe simulate`: every acknowledged message is stored once, and SIGTERM stops
-    the tiers in order with exit status 0."""
-    base = _free_port_block(9)
+    from `iotpipe simulate` on the host (the image ships no tools): every acknowledged
+    message is stored once, and SIGTERM stops the tiers in order with exit status 0."""
+    base = free_port_block(9)
     name = f"iotpipe-up-{base}"
     request.addfinalizer(lambda: docker.run("rm", "-f", name, check=False))
     docker.run("run", "-d", "--name", name, "--network", "host", "--read-only",
                "--tmpfs", "/tmp", "--tmpfs", "/data:uid=10001,gid=10001,mode=0750",
                workload_image, "up", "--data-dir", "/data", "--base-port", str(base))
-    deadline = time.monotonic() + 90
-    while True:  # ingest's /readyz is on base+5 (see `iotpipe up --help`)
-        with contextlib.suppress(OSError), urllib.request.urlopen(
-                f"http://127.0.0.1:{base + 5}/readyz", timeout=2) as response:
-            if response.status == 200:
-                break
-        assert time.monotonic() < deadline, docker.run("logs", name, check=False).stderr
-        time.sleep(0.5)
-    simulate = ("IOTPIPE_AUTH_SECRET=$(cat /data/auth.secret) iotpipe simulate "
-                f"--url ws://127.0.0.1:{base}/v1/ingest --connections 5 --messages 50 "
-                "--rate 0 --batch 5 --acked-file /tmp/acked.tsv --json")
-    report = json.loads(docker.run("exec", name, "sh", "-c", simulate).stdout)
+    # ingest's /readyz is on base+5 (see `iotpipe up --help`)
+    wait_ready(f"http://127.0.0.1:{base + 5}/readyz", 90, what="ingest in the container",
+               details=lambda: docker.run("logs", name, check=False).stderr)
+    secret = docker.run("exec", name, "cat", "/data/auth.secret").stdout.strip()
+    acked_file = tmp_path / "acked.tsv"
+    simulate = subprocess.run(
+        [sys.executable, "-m", "iotpipe.cli", "simulate",
+         "--url", f"ws://127.0.0.1:{base}/v1/ingest", "--connections", "5", "--messages", "50",
+         "--rate", "0", "--batch", "5", "--acked-file", str(acked_file), "--json"],
+        env={**os.environ, "IOTPIPE_AUTH_SECRET": secret}, capture_output=True, text=True,
+        timeout=120)
+    report = json.loads(simulate.stdout)
     assert report["acked"] == 250 and report["ok"], report
-    acked = {tuple(line.split("\t")) for line in
-             docker.run("exec", name, "cat", "/tmp/acked.tsv").stdout.splitlines()}
+    acked = {tuple(line.split("\t")) for line in acked_file.read_text().splitlines()}
     assert len(acked) == 250
-    stored: list[tuple[str, str]] = []
-    deadline = time.monotonic() + 60
-    while not acked <= set(stored):
-        assert time.monotonic() < deadline, f"missing: {sorted(acked - set(stored))[:10]}"
-        time.sleep(0.5)
+
+    def stored() -> list[tuple[str, str]] | None:
         lines = docker.run("exec", name, "iotpipe", "query", "--db",
                            "/data/store/readings.db", "--json", check=False).stdout
-        stored = [(r["device_id"], r["msg_id"]) for r in map(json.loads, lines.splitlines())]
-    assert len(stored) == len(set(stored)) == 250
+        rows = [(r["device_id"], r["msg_id"]) for r in map(json.loads, lines.splitlines())]
+        return rows if acked <= set(rows) else None
+
+    rows = wait_for(stored, 60, "every acked message in the container's store",
+                    interval=0.5)
+    assert len(rows) == len(set(rows)) == 250
     docker.run("stop", "-t", "60", name, timeout=90)
     state = json.loads(docker.run("inspect", name).stdout)[0]["State"]
     assert state["ExitCode"] == 0, docker.run("logs", name, check=False).stderr[-3000:]
@@ -340,7 +334,7 @@ def test_workload_tier_stopped_while_starting_exits_0(
     `docker stop` during start-up used to wait out the whole grace period (exit 137).
     Stopped as soon as its handler exists (about 0.1 s after start, long before the tier
     is serving), it exits 0 without a SIGKILL."""
-    base = _free_port_block(4)
+    base = free_port_block(4)
     name = f"iotpipe-early-{tier}-{base}"
     request.addfinalizer(lambda: docker.run("rm", "-f", name, check=False))
     args = {

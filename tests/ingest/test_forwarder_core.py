@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from iotpipe.protocol import ForwarderCore, preferred_endpoint
+from iotpipe.ingest.core import ForwarderCore, preferred_endpoint
 from iotpipe.wire import decode_batch, encode_ack, encode_busy
 
 pytestmark = pytest.mark.unit

@@ -13,11 +13,12 @@ import pytest
 from picows import WSCloseCode, WSMsgType, WSProtocolError
 from picows.picows import _make_test_ws_frame
 
-from iotpipe.ingest.front import OUTBOX_FRAMES, DeviceConnection, PicowsFront, encode_text_frames
+from iotpipe.ingest.core import DeviceBuckets, FrameLimits, TokenBucket
+from iotpipe.ingest.front import OUTBOX_FRAMES, DeviceConnection, PicowsFront
 from iotpipe.ingest.metrics import IngestCounters
-from iotpipe.ingest.server import IngestSettings, _DeviceBuckets
-from iotpipe.protocol import FrameLimits, TokenBucket
+from iotpipe.ingest.settings import IngestSettings
 from iotpipe.queue import QueueError, QueueFull
+from iotpipe.wsframes import encode_text_frames
 
 pytestmark = pytest.mark.unit
 
@@ -86,9 +87,10 @@ class FakeCommitter:
 
 class FakeServer:
     def __init__(self, **settings: Any) -> None:
-        self.settings = IngestSettings(insecure_no_auth=True, rate_limit=0, **settings)
+        self.settings = IngestSettings(insecure_no_auth=True, rate_limit=0,
+                                       middle_endpoints=["tcp://127.0.0.1:1"], **settings)
         self.limits = FrameLimits()
-        self.buckets = _DeviceBuckets(0, 0)
+        self.buckets = DeviceBuckets(0, 0)
         self.counters = IngestCounters()
         self.aqueue = FakeCommitter()
 

@@ -10,9 +10,7 @@ import os
 import signal
 import socket
 import subprocess
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -30,12 +28,12 @@ from support.ingest import (
 )
 from support.ports import free_port
 from support.processes import ProcessGroup
-from support.waiting import http_status
+from support.waiting import http_status, wait_for
 from websockets.asyncio.client import ClientConnection, connect
 
 from iotpipe.auth import DEVICE_AUDIENCE, issue_token
 from iotpipe.queue import PersistentQueue
-from iotpipe.simulate import run_simulation
+from iotpipe_tools.simulate import run_simulation
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
@@ -51,15 +49,6 @@ def metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def metric(port: int, name: str) -> float:
     return metrics(port).get((name, ()), -1.0)
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s: {what}")
 
 
 def child_metrics_ports(procs: ProcessGroup, name: str) -> list[int]:
@@ -113,7 +102,7 @@ async def test_one_endpoint_covers_every_process(procs: ProcessGroup, tmp_path: 
     try:
         parent, port, metrics_port = start_pod(procs, tmp_path / "q", "pod", 2,
                                                "--middle-endpoints", middle.endpoint)
-        wait_until(lambda: len(child_metrics_ports(procs, "pod")) == 2, 20, "children logged")
+        wait_for(lambda: len(child_metrics_ports(procs, "pod")) == 2, 20, "children logged")
         private = child_metrics_ports(procs, "pod")
         assert metrics_port not in private
         secret = SECRET.encode()
@@ -136,13 +125,13 @@ async def test_one_endpoint_covers_every_process(procs: ProcessGroup, tmp_path: 
         first, second = children_of(parent.pid)
         os.kill(first, signal.SIGSTOP)
         try:
-            wait_until(lambda: http_status(f"http://127.0.0.1:{metrics_port}/readyz") == 503,
+            wait_for(lambda: http_status(f"http://127.0.0.1:{metrics_port}/readyz") == 503,
                        20, "pod unready while a child is stopped")
         finally:
             os.kill(first, signal.SIGCONT)
         wait_ready(metrics_port, 20)
         os.kill(second, signal.SIGKILL)
-        wait_until(lambda: http_status(f"http://127.0.0.1:{metrics_port}/readyz") == 503,
+        wait_for(lambda: http_status(f"http://127.0.0.1:{metrics_port}/readyz") == 503,
                    20, "pod unready while a child is dead")
         wait_ready(metrics_port, 30)
         assert second not in children_of(parent.pid) and len(children_of(parent.pid)) == 2
@@ -167,10 +156,10 @@ def test_sigkilled_parent_takes_its_children_along(procs: ProcessGroup,
         assert len(children) == 2
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(10)
-        wait_until(lambda: not any(alive(pid) for pid in children), 20,
+        wait_for(lambda: not any(alive(pid) for pid in children), 20,
                    "children gone after the parent was SIGKILLed")
         try:
-            wait_until(lambda: port_free(port) and port_free(metrics_port), 10, "ports free")
+            wait_for(lambda: port_free(port) and port_free(metrics_port), 10, "ports free")
         except AssertionError:
             raise AssertionError(subprocess.run(["ss", "-tanp"], capture_output=True,
                                                 text=True).stdout) from None
@@ -204,7 +193,7 @@ async def test_lowered_processes_drain_the_retired_queues(procs: ProcessGroup,
 
         # One process now: p1 is retired, drained (still to the silent middle) and shown.
         second, _, metrics_port = start_pod(procs, data_dir, "second", 1, *reload)
-        wait_until(lambda: metric(metrics_port, "iotpipe_ingest_retired_queues") == 1, 10,
+        wait_for(lambda: metric(metrics_port, "iotpipe_ingest_retired_queues") == 1, 10,
                    "the retired queue shown")
         assert metric(metrics_port, "iotpipe_ingest_retired_queue_records") == depths[1]
         retired_depth = ("iotpipe_queue_depth_records",
@@ -220,7 +209,7 @@ async def test_lowered_processes_drain_the_retired_queues(procs: ProcessGroup,
         assert acking.nodes == identities
         assert len(acking.stored) == 400
         # Renamed first, then deleted: wait for both.
-        wait_until(lambda: sorted(p.name for p in data_dir.iterdir()) == ["p0"], 20,
+        wait_for(lambda: sorted(p.name for p in data_dir.iterdir()) == ["p0"], 20,
                    "p1 removed once empty")
         pod = metrics(metrics_port)
         assert pod[("iotpipe_ingest_retired_queues", ())] == 0

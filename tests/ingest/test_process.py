@@ -8,9 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,9 +24,9 @@ from support.ingest import (
 )
 from support.ports import free_port
 from support.processes import ProcessGroup
-from support.waiting import http_status
+from support.waiting import eventually, http_status
 
-from iotpipe.simulate import run_simulation
+from iotpipe_tools.simulate import run_simulation
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -65,15 +63,6 @@ def metric(metrics_port: int, name: str) -> float:
                if line.startswith(name) and line[len(name)] in " {")
 
 
-async def until(predicate: Callable[[], bool], what: str, within_s: float = 30.0,
-                interval: float = 0.05) -> None:
-    """Poll ``predicate`` (bounded) and fail naming ``what`` if it never holds."""
-    deadline = time.monotonic() + within_s
-    while not await asyncio.to_thread(predicate):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(interval)
-
-
 async def test_sigterm_drain_under_load_loses_nothing(procs: ProcessGroup,
                                                       tmp_path: Path) -> None:
     # A slow middle (1 batch of 50 in flight, 20 ms per ack) lets the queue build up.
@@ -86,12 +75,13 @@ async def test_sigterm_drain_under_load_loses_nothing(procs: ProcessGroup,
                                                           batch=5)))
         # Under load, with every device connected (what the drain must close) and enough
         # acked for the checks below: not after a guessed delay.
-        await until(lambda: metric(metrics_port, "iotpipe_ingest_connections") == 20
-                    and metric(metrics_port, "iotpipe_ingest_messages_accepted_total") > 600,
-                    "20 devices connected and 600 messages acked")
+        await eventually(lambda: metric(metrics_port, "iotpipe_ingest_connections") == 20
+                         and metric(metrics_port, "iotpipe_ingest_messages_accepted_total") > 600,
+                         30.0, "20 devices connected and 600 messages acked")
         proc.send_signal(signal.SIGTERM)
         readyz = f"http://127.0.0.1:{metrics_port}/readyz"
-        await until(lambda: http_status(readyz) != 200, "/readyz to leave 200", interval=0.01)
+        await eventually(lambda: http_status(readyz) != 200, 30.0, "/readyz to leave 200",
+                         interval=0.01)
         assert http_status(readyz) in (503, 0)  # 503 while draining (0: already exited)
         assert "draining" in procs.log("ingest")
         report = await sim
@@ -113,8 +103,8 @@ async def test_kill9_after_acks_then_restart_delivers_everything(procs: ProcessG
         proc, port, metrics_port = start_ingest(procs, tmp_path / "q", silent, "ingest1")
         sim = asyncio.create_task(run_simulation(simulate(port, connections=10, duration=5,
                                                           batch=3)))
-        await until(lambda: metric(metrics_port, "iotpipe_ingest_messages_accepted_total")
-                    > 150, "150 messages acked")
+        await eventually(lambda: metric(metrics_port, "iotpipe_ingest_messages_accepted_total")
+                         > 150, 30.0, "150 messages acked")
         os.kill(proc.pid, signal.SIGKILL)  # mid-load, acks flowing
         report = await sim
         assert report.acked > 100
@@ -188,13 +178,8 @@ async def test_processes_share_one_port_with_separate_queues(procs: ProcessGroup
         before = children_of(parent.pid)
         assert len(before) == 2
         os.kill(before[0], signal.SIGKILL)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            now = children_of(parent.pid)
-            if len(now) == 2 and before[0] not in now:
-                break
-            await asyncio.sleep(0.1)
-        assert len(children_of(parent.pid)) == 2 and before[0] not in children_of(parent.pid)
+        await eventually(lambda: len(now := children_of(parent.pid)) == 2 and before[0] not in now,
+                         20, "the killed child replaced")
         wait_ready(metrics_port)  # the pod's readiness covers the restarted child too
         again = await run_simulation(simulate(port, connections=10, messages=5,
                                               spread_sources=False, first_device=100))
@@ -245,9 +230,9 @@ async def test_simulator_reconnects_through_an_ingest_restart(procs: ProcessGrou
             port, connections=10, messages=300, rate=100, batch=5, reconnect=True,
             duration=20)))
         # Every device connected and sending (each must reconnect after the kill).
-        await until(lambda: metric(metrics_port, "iotpipe_ingest_connections") == 10
-                    and metric(metrics_port, "iotpipe_ingest_messages_accepted_total") > 0,
-                    "10 devices connected and sending")
+        await eventually(lambda: metric(metrics_port, "iotpipe_ingest_connections") == 10
+                         and metric(metrics_port, "iotpipe_ingest_messages_accepted_total") > 0,
+                         30.0, "10 devices connected and sending")
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
         await asyncio.sleep(0.5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from iotpipe.protocol import (
+from iotpipe.ingest.core import (
     CLOSE_FLOOD,
     DeviceSession,
     FrameLimits,

@@ -275,7 +275,7 @@ async def test_queue_full_answers_busy_and_loses_nothing(ingest: Factory,
 
 async def test_failover_to_the_next_middle_resends_everything_unacked(
         ingest: Factory, middles: Factory, tmp_path: Path) -> None:
-    from iotpipe.protocol import preferred_endpoint
+    from iotpipe.ingest.core import preferred_endpoint
 
     pair = [middles(), middles()]
     # Fix the queue's incarnation up front, so the test knows which middle is preferred.

@@ -14,15 +14,10 @@ import pytest
 from support.ingest import SECRET, FakeMiddle
 
 from iotpipe.ingest.server import IngestServer, IngestSettings
-from iotpipe.simulate import (
-    LATENCY_SAMPLES,
-    AckedIds,
-    SimulateSettings,
-    SimulationReport,
-    message_data,
-    run_simulation,
-    source_addresses,
-)
+from iotpipe_tools.simulate import SimulateSettings, SimulationReport, run_simulation
+from iotpipe_tools.simulate.payloads import message_data
+from iotpipe_tools.simulate.report import LATENCY_SAMPLES, AckedIds
+from iotpipe_tools.sources import source_addresses
 
 
 @pytest.mark.unit

@@ -12,7 +12,12 @@ from pathlib import Path
 
 import pytest
 from support.devices import Fleet, LiveClient, check_live_stream
-from support.pipeline import Pipeline, assert_stored_exactly_once, metric_value
+from support.pipeline import (
+    FORWARD_ACK_TIMEOUT_S,
+    Pipeline,
+    assert_stored_exactly_once,
+    metric_value,
+)
 from support.processes import ProcessGroup
 from support.waiting import eventually
 
@@ -54,7 +59,12 @@ async def test_kill_every_tier_while_a_fleet_sends(procs: ProcessGroup, tmp_path
                 before = fleet.total_acked()
                 await asyncio.to_thread(pipeline.kill, tier)
                 kills.append((tier, before))
-                await asyncio.sleep(rng.uniform(0.1, 1.5))
+                down = rng.uniform(0.1, 1.5)
+                if middles > 1 and tier in pipeline.middle_names:
+                    # Down for longer than ingest's forward ack timeout, so ingest must fail
+                    # over to the other middle (it rides out a shorter outage instead).
+                    down += FORWARD_ACK_TIMEOUT_S + 1.5
+                await asyncio.sleep(down)
                 await asyncio.to_thread(pipeline.start, tier)
         # The system recovers: acks keep coming after the last restart.
         after_last = fleet.total_acked()

@@ -24,7 +24,7 @@ from support.processes import ProcessGroup
 from support.waiting import wait_for
 from websockets.sync.client import connect
 
-from iotpipe.simulate import fleet_registry_yaml
+from iotpipe.fleet import fleet_registry_yaml
 
 CHROMIUM = "/usr/bin/chromium"
 FLEET = 40

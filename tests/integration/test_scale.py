@@ -12,7 +12,7 @@ from support.pipeline import Pipeline, assert_stored_exactly_once, metric_value
 from support.processes import ProcessGroup
 from support.waiting import eventually
 
-from iotpipe.simulate import raise_nofile
+from iotpipe_tools.sources import raise_nofile
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

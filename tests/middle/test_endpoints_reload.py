@@ -11,21 +11,20 @@ import os
 import re
 import sqlite3
 import subprocess
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import pytest
 from support.ports import free_port
 from support.processes import ProcessGroup
+from support.waiting import exited, wait_for, wait_ready
 from websockets.asyncio.client import ClientConnection, connect
 
+from iotpipe.ingest.core import preferred_endpoint
 from iotpipe.ingest.identity import INCARNATION_FILE
-from iotpipe.protocol import preferred_endpoint
-from iotpipe.simulate import SimulateSettings, SimulationReport, run_simulation
+from iotpipe_tools.simulate import SimulateSettings, SimulationReport, run_simulation
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -52,15 +51,6 @@ def metric(port: int, name: str, labels: str = "") -> float:
     return float(match.group(1)) if match else -1.0
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s: {what}")
-
-
 def write_atomically(path: Path, text: str) -> None:
     """As kubelet updates a mounted ConfigMap: the new content appears all at once."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -82,7 +72,8 @@ def start_middle(procs: ProcessGroup, tmp_path: Path, m: MiddlePorts) -> subproc
         "middle", "--host", "127.0.0.1", "--router-port", str(m.router), "--pub-port",
         str(m.pub), "--feed-port", str(m.feed), "--metrics-port", str(m.metrics),
         "--data-dir", str(tmp_path / m.name), "--middle-id", m.name, name=m.name)
-    wait_until(lambda: http_get(m.metrics, "/readyz")[0] == 200, 20, f"{m.name} ready")
+    wait_ready(f"http://127.0.0.1:{m.metrics}/readyz", 20, what=f"{m.name} ready",
+               abort=exited(proc, m.name), details=lambda: procs.log(m.name))
     return proc
 
 
@@ -144,7 +135,7 @@ async def test_a_second_middle_is_used_without_restarting_any_tier(
         "--heartbeat", "0.2", *RELOAD, name="storage")
     for name, port in (("ingest", ingest_metrics), ("relay", relay_metrics),
                        ("storage", storage_metrics)):
-        wait_until(lambda port=port: http_get(port, "/readyz")[0] == 200, 30,  # type: ignore[misc]
+        wait_for(lambda port=port: http_get(port, "/readyz")[0] == 200, 30,  # type: ignore[misc]
                    f"{name} ready: {procs.log(name)[-2000:]}")
 
     sources: dict[str, int] = {}
@@ -167,35 +158,35 @@ async def test_a_second_middle_is_used_without_restarting_any_tier(
         try:
             first = await run_simulation(settings(0))
             assert first.ok and first.acked == 200, first.to_dict()
-            await asyncio.to_thread(wait_until, lambda: len(stored_pairs(db_path)) == 200,
+            await asyncio.to_thread(wait_for, lambda: len(stored_pairs(db_path)) == 200,
                                     30, "first round stored")
             assert metric(b.metrics, "iotpipe_middle_batches_total") == 0
 
             # The middle tier grows: only the files change.
             write_endpoints(endpoints, [a, b])
             await asyncio.to_thread(
-                wait_until, lambda: metric(relay_metrics, "iotpipe_relay_upstreams_connected")
+                wait_for, lambda: metric(relay_metrics, "iotpipe_relay_upstreams_connected")
                 == 2 and metric(storage_metrics, "iotpipe_endpoints", 'key="feed"') == 2
                 and metric(ingest_metrics, "iotpipe_endpoints", 'key="router"') == 2,
                 20, "every tier took the new endpoints")
             second = await run_simulation(settings(100))
             assert second.ok and second.acked == 200, second.to_dict()
             expected = acked_pairs(first) | acked_pairs(second)
-            await asyncio.to_thread(wait_until, lambda: len(stored_pairs(db_path)) == 400,
+            await asyncio.to_thread(wait_for, lambda: len(stored_pairs(db_path)) == 400,
                                     30, "second round stored")
             # B's router took the batches, B's PUB reached the relay, B's feed storage.
             assert metric(b.metrics, "iotpipe_middle_records_total") >= 200
             feed_b = f'endpoint="{b.endpoint("feed")}"'
             assert metric(storage_metrics, "iotpipe_storage_records_received_total",
                           feed_b) >= 200
-            await asyncio.to_thread(wait_until, lambda: sources.get("middle-b", 0) > 0, 10,
+            await asyncio.to_thread(wait_for, lambda: sources.get("middle-b", 0) > 0, 10,
                                     f"relay events from middle-b: {sources}")
             assert sources.get("middle-a", 0) > 0
 
             # And shrinks again (A drained first, as the operator does): A is let go.
             write_endpoints(endpoints, [b])
             await asyncio.to_thread(
-                wait_until, lambda: metric(relay_metrics, "iotpipe_relay_upstreams_connected")
+                wait_for, lambda: metric(relay_metrics, "iotpipe_relay_upstreams_connected")
                 == 1 and metric(storage_metrics, "iotpipe_endpoints", 'key="feed"') == 1
                 and metric(ingest_metrics, "iotpipe_endpoints", 'key="router"') == 1,
                 20, "every tier let middle-a go")
@@ -203,7 +194,7 @@ async def test_a_second_middle_is_used_without_restarting_any_tier(
             third = await run_simulation(settings(200))
             assert third.ok and third.acked == 200, third.to_dict()
             expected |= acked_pairs(third)
-            await asyncio.to_thread(wait_until, lambda: len(stored_pairs(db_path)) == 600,
+            await asyncio.to_thread(wait_for, lambda: len(stored_pairs(db_path)) == 600,
                                     30, "third round stored")
             assert metric(a.metrics, "iotpipe_middle_records_total") == a_records
         finally:
@@ -217,7 +208,7 @@ async def test_a_second_middle_is_used_without_restarting_any_tier(
         write_atomically(endpoints / key, "middle-b:5555\n")
     for port, key in ((ingest_metrics, "router"), (relay_metrics, "pub"),
                       (storage_metrics, "feed")):
-        wait_until(lambda port=port, key=key: metric(  # type: ignore[misc]
+        wait_for(lambda port=port, key=key: metric(  # type: ignore[misc]
             port, "iotpipe_endpoints_file_failing", f'key="{key}"') == 1, 20, f"{key} failing")
         assert metric(port, "iotpipe_endpoints", f'key="{key}"') == 1
         assert http_get(port, "/readyz")[0] == 200

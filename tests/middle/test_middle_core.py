@@ -386,7 +386,7 @@ def test_recent_records_serve_contiguous_tail_within_budget() -> None:
 
 
 def test_rebuild_marks_from_checkpoint_plus_retained_log(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from iotpipe.middle.server import read_checkpoint, rebuild_marks, write_checkpoint
+    from iotpipe.middle.store import read_checkpoint, rebuild_marks, write_checkpoint
     from iotpipe.queue import PersistentQueue
 
     ckpt_path = tmp_path / "marks.ckpt"

@@ -18,6 +18,7 @@ import pytest
 import zmq
 from support.ports import free_port
 from support.processes import ProcessGroup
+from support.waiting import exited, wait_for, wait_ready
 
 from iotpipe import wire
 from iotpipe.queue import PersistentQueue
@@ -31,17 +32,9 @@ def reading(device: str, n: int, pad: int = 0) -> bytes:
     return wire.encode_reading(device, f"{device}/{n}", n, b'{"v":%d}' % n + b" " * pad, n)
 
 
-def wait_http(url: str, timeout: float = 20.0) -> tuple[int, str]:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return response.status, response.read().decode()
-        except (urllib.error.URLError, ConnectionError) as exc:
-            last = exc
-            time.sleep(0.1)
-    raise AssertionError(f"{url} did not answer 200 within {timeout}s: {last}")
+def http_get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
 
 
 @dataclass
@@ -66,7 +59,9 @@ class Middle:
             "--middle-id", "mid-0", "--checkpoint-interval", "0.1", *self.extra,
             name=f"middle-{self.starts}",
         )
-        wait_http(f"http://127.0.0.1:{self.metrics_port}/readyz")
+        wait_ready(f"http://127.0.0.1:{self.metrics_port}/readyz", 20,
+                   abort=exited(self.proc, f"middle-{self.starts}"),
+                   details=lambda: self.procs.log(f"middle-{self.starts}"))
 
     def kill(self) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL)  # type: ignore[attr-defined]
@@ -77,7 +72,7 @@ class Middle:
         return int(self.proc.wait(timeout=15))  # type: ignore[attr-defined]
 
     def metrics(self) -> str:
-        return wait_http(f"http://127.0.0.1:{self.metrics_port}/metrics")[1]
+        return http_get(f"http://127.0.0.1:{self.metrics_port}/metrics")
 
     def metric(self, name: str) -> float:
         match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", self.metrics(), re.M)
@@ -93,13 +88,11 @@ class Middle:
     def wait_metrics(self, text: str, timeout: float = 20.0) -> str:
         """Poll /metrics (bounded) until it contains ``text``: the middle processed what
         the test sent (an ack is fire-and-forget, nothing else says it arrived)."""
-        deadline = time.monotonic() + timeout
-        while True:
+        def containing() -> str | None:
             metrics = self.metrics()
-            if text in metrics:
-                return metrics
-            assert time.monotonic() < deadline, f"{text!r} never appeared:\n{metrics}"
-            time.sleep(0.05)
+            return metrics if text in metrics else None
+
+        return wait_for(containing, timeout, f"{text!r} in /metrics", details=self.metrics)
 
     def dealer(self, port: int) -> zmq.Socket:  # type: ignore[type-arg]
         sock = self.ctx.socket(zmq.DEALER)
@@ -243,7 +236,7 @@ def test_feed_redelivers_after_sigkill_and_loses_nothing(middle_factory) -> None
     got = feed.collect(100)
     assert sorted(got) == list(range(1, 101))
     feed.request(acks=[(1, 30), (41, 50)])  # out of order: 31..40 still unacked
-    time.sleep(0.5)
+    middle.wait_metrics('iotpipe_middle_feed_lag_records{group="storage"} 60.0')
     middle.kill()
     middle.start()
     feed2 = Feed(middle, "c1")  # the consumer restarted too: a new socket
@@ -300,11 +293,8 @@ def test_dedup_marks_survive_restart_and_reclaim(middle_factory) -> None:  # typ
     feed.request(acks=[(41, 80)])
     feed.collect(40)
     feed.request(acks=[(41, 80)])
-    deadline = time.monotonic() + 10
-    while middle.depth() > 0:
-        assert time.monotonic() < deadline, "acked records never left the log"
-        time.sleep(0.1)
-    time.sleep(0.5)  # the queue cursor follows the checkpoint (0.1 s) within 0.2 s
+    # Depth is the queue's own: 0 once its durable cursor (held at the checkpoint) moved.
+    wait_for(lambda: middle.depth() == 0, 10, "acked records to leave the log")
     middle.kill()
     with PersistentQueue.open(middle.data_dir / "queue", capacity_bytes=65536,
                               segment_bytes=4096, consumers=["storage"]) as log:
@@ -354,14 +344,15 @@ def test_full_log_answers_busy_then_recovers(middle_factory) -> None:  # type: i
     got = feed.collect(stored)
     assert sorted(r.node_seq for r in got.values()) == list(range(1, stored + 1))
     feed.request(acks=[(min(got), max(got))])
-    deadline = time.monotonic() + 10
-    while True:  # the refused batch goes in once space is freed
+
+    def acked_resend() -> list[bytes] | None:
         reply = send_batch(ingest, "n1", first, 4, pad=900)
-        if wire.message_kind(reply) == wire.KIND_ACK:
-            assert wire.decode_ack(reply).last == first + 3
-            break
-        assert time.monotonic() < deadline, "space was never freed"
-        time.sleep(0.1)
+        return reply if wire.message_kind(reply) == wire.KIND_ACK else None
+
+    # the refused batch goes in once space is freed
+    reply = wait_for(acked_resend, 10, "the refused batch to be acked once space is freed",
+                     interval=0.1)
+    assert wire.decode_ack(reply).last == first + 3
     more = feed.collect(4)
     assert sorted(r.node_seq for r in more.values()) == list(range(first, first + 4))
 
@@ -472,6 +463,28 @@ def test_competing_consumers_of_one_group_share_the_feed(middle_factory) -> None
     assert seen[0] | seen[1] == set(range(1, 501))
 
 
+def test_consumers_from_before_records_v2_still_get_v1_deliveries(middle_factory) -> None:  # type: ignore[no-untyped-def]
+    # One consumer per group, so each gets every record: an old one and an upgraded one.
+    middle: Middle = middle_factory("--consumer-groups", "old,new")
+    ingest = middle.dealer(middle.router_port)
+    wire.decode_ack(send_batch(ingest, "n1", 1, 30))
+    kinds: dict[str, set[bytes]] = {}
+    got: dict[str, set[int]] = {}
+    for group, version in (("old", 1), ("new", 2)):
+        sock = middle.dealer(middle.feed_port)
+        sock.send_multipart(wire.encode_feed_request(group, "c", 30, records_version=version))
+        kinds[group], got[group] = set(), set()
+        while len(got[group]) < 30:
+            frames = recv(sock)
+            kinds[group].add(wire.message_kind(frames))
+            records = wire.decode_records(frames)
+            assert records.group == group
+            assert all(wire.decode_log_record(r).node == "n1" for r in records.records)
+            got[group].update(range(records.first, records.last + 1))
+    assert kinds == {"old": {wire.KIND_RECORDS}, "new": {wire.KIND_RECORDS_V2}}
+    assert got["old"] == got["new"] == set(range(1, 31))
+
+
 def test_undecodable_reading_is_stored_but_not_published(middle_factory) -> None:  # type: ignore[no-untyped-def]
     # The middle passes readings through untouched; one without a device id cannot be
     # routed on the PUB socket, so it is counted instead of published.
@@ -498,17 +511,12 @@ def test_failing_checkpoint_holds_log_space_instead_of_forgetting_marks(middle_f
     feed.collect(5)
     feed.request(acks=[(1, 5)])
     middle.wait_metrics('iotpipe_middle_feed_lag_records{group="storage"} 0.0')
-    deadline = time.monotonic() + 20
-    while middle.metric("iotpipe_middle_checkpoint_failures_total") < 1:
-        assert time.monotonic() < deadline, "the failing checkpoint was never counted"
-        time.sleep(0.05)
+    wait_for(lambda: middle.metric("iotpipe_middle_checkpoint_failures_total") >= 1, 20,
+             "the failing checkpoint to be counted")
     assert middle.depth() == 5  # acked by storage, but not released without a checkpoint
     assert 'iotpipe_middle_feed_lag_records{group="storage"} 0.0' in middle.metrics()
     (data_dir / "marks.ckpt.tmp").rmdir()
-    deadline = time.monotonic() + 10
-    while middle.depth() > 0:
-        assert time.monotonic() < deadline, "space not released after checkpoints recovered"
-        time.sleep(0.1)
+    wait_for(lambda: middle.depth() == 0, 10, "space released after checkpoints recovered")
 
 
 def test_stuck_subscriber_never_slows_the_log(middle_factory) -> None:  # type: ignore[no-untyped-def]

@@ -227,12 +227,16 @@ async def operator(interval: float) -> AsyncIterator[None]:
         # kopf then waits up to 5 s for every task spawned meanwhile, including KMock's
         # never-ending server side of watch streams: cancel once kopf's own parts are done.
         await asyncio.wait({task}, timeout=2)
-        if not task.done():
+        # kopf stops its root tasks with a 10 s grace each on cancellation; on a loaded
+        # machine that takes longer than 10 s, so allow it plenty (still bounded). kopf
+        # cancels a hung handler task once, and Python 3.11's wait_for can swallow a
+        # cancellation that races a wake-up: cancel again each second until it is done.
+        deadline = asyncio.get_running_loop().time() + 45
+        while not task.done():
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError("kopf did not stop within 45 s of its stop flag")
             task.cancel()
-            # kopf stops its root tasks with a 10 s grace each on cancellation; on a
-            # loaded machine that takes longer than 10 s, so allow it plenty (still bounded).
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(task, timeout=45)
+            await asyncio.wait({task}, timeout=1)
         # Let handler threads still talking to KMock finish while its loop still runs.
         await asyncio.wait_for(asyncio.to_thread(executor.shutdown, wait=True), timeout=20)
     if not task.cancelled() and task.exception():

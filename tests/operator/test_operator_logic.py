@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import kopf
 import kubernetes
 import kubernetes_validate
 import pytest
@@ -395,3 +396,29 @@ def test_a_failed_read_never_lowers_replicas_nor_claims_the_generation() -> None
     assert "StatefulSet/demo-ingest" not in kube.applied, "not applied without its pods/PVCs"
     assert "StatefulSet/demo-middle" in kube.applied
     assert status["observedGeneration"] == 3, "generation 4 was not applied in full"
+
+
+def test_no_handler_talks_to_the_api_after_the_cleanup_activity() -> None:
+    """kopf may respawn the timer while it stops; that pass must neither open a new client
+    (the cleanup closed the last one) nor fail in a way that keeps kopf retrying."""
+    made: list[str] = []
+
+    class CountingKube:
+        def close(self) -> None:
+            made.append("closed")
+
+    def factory() -> Any:
+        made.append("new")
+        return CountingKube()
+
+    registry = handlers.make_registry(reconcile_interval=1.0, kube_factory=factory)
+    cleanup = next(h for h in registry._activities.get_all_handlers()
+                   if h.id.endswith(".close"))
+    timer = next(h for h in registry._spawning.get_all_handlers() if h.id == "reconcile")
+    cleanup.fn()
+    body = kopf.Body({"apiVersion": "iotpipe.dev/v1alpha1", "kind": "IoTPipeline",
+                      "metadata": {"name": "demo", "namespace": "iot", "generation": 1},
+                      "spec": {}})
+    timer.fn(body=body, patch=kopf.Patch(), logger=logging.getLogger("test"),
+             stopped=False)  # kopf's DaemonStopped is falsy until the daemon is stopped
+    assert made == [], "a pass after the cleanup opened a client"

@@ -11,16 +11,9 @@ import pytest
 from support.waiting import wait_for
 
 from iotpipe.auth import CLIENT_AUDIENCE, verify_token
-from iotpipe.local import (
-    ChildSpec,
-    RestartPolicy,
-    Supervisor,
-    UpSettings,
-    build_children,
-    live_page_url,
-    plan_ports,
-)
+from iotpipe.local import UpSettings, build_children, live_page_url, plan_ports
 from iotpipe.settings import parse_settings
+from iotpipe.supervisor import ChildSpec, RestartPolicy, Supervisor
 
 pytestmark = pytest.mark.unit
 
@@ -77,7 +70,7 @@ _TIER_SETTINGS = {
     "storage": ("iotpipe.storage.settings", "StorageSettings"),
     "relay": ("iotpipe.relay.settings", "RelaySettings"),
     "ingest": ("iotpipe.ingest.server", "IngestSettings"),
-    "simulate": ("iotpipe.simulate", "SimulateSettings"),
+    "simulate": ("iotpipe_tools.simulate", "SimulateSettings"),
 }
 
 

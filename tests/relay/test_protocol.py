@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -397,6 +399,50 @@ def test_routing_index_agrees_with_the_subscription_rules(steps: list[tuple]) ->
             assert woken == wanted, (device, gap, woken, wanted)
 
 
+_burst_events = st.lists(st.tuples(st.sampled_from(["a", "ab", "b", "x-1"]),
+                                   st.sampled_from([1, 1, 1, 2, -1])), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(subscriptions=st.lists(_filters, min_size=1, max_size=4), limits=st.lists(
+    st.integers(1, 6), min_size=4, max_size=4), events=_burst_events,
+    cuts=st.lists(st.integers(0, 40), max_size=5))
+def test_a_burst_queues_exactly_what_the_same_events_one_by_one_would(
+        subscriptions: list[dict[str, object]], limits: list[int],
+        events: list[tuple[str, int]], cuts: list[int]) -> None:
+    """on_events groups runs of events per routing entry; each client must still get the
+    same frames in the same order, with the same gaps, drops and notices, as one by one."""
+    registry = {"a": ("k1", "l1"), "ab": ("k2", "l1"), "x-1": ("k1", "l2")}
+    lookup = lambda d: registry.get(d, ("unknown", "unknown"))  # noqa: E731
+    fanouts = [Fanout(lookup), Fanout(lookup)]
+    for fanout in fanouts:
+        for i, filters in enumerate(subscriptions):
+            session = ClientSession(f"c{i}", queue_limit=limits[i])
+            fanout.add(session)
+            if filters:
+                session.receive(orjson.dumps({"op": "subscribe", **filters}))
+            session.take(0.0)
+    seq = 0
+    stream: list[LiveEvent] = []
+    for device, step in events:  # step -1: the source restarts at 1
+        seq = 1 if step < 0 else seq + step
+        stream.append(live(device, seq))
+    one_by_one, in_bursts = fanouts
+    woken_single: set[str] = set()
+    for event in stream:
+        woken_single |= {s.client_id for s in one_by_one.on_event(event, 0.0)}
+    woken_bursts: set[str] = set()
+    bounds = sorted({0, len(stream), *(c for c in cuts if c <= len(stream))})
+    for start, end in itertools.pairwise(bounds):
+        woken_bursts |= {s.client_id for s in in_bursts.on_events(stream[start:end], 0.0)}
+    assert woken_bursts == woken_single
+    for client_id, session in one_by_one.sessions.items():
+        other = in_bursts.sessions[client_id]
+        assert other.missed_total == session.missed_total
+        assert other.take(0.0, 10**6) == session.take(0.0, 10**6)
+    assert in_bursts.stats == one_by_one.stats
+
+
 ADMIT_SECRET = b"admit-test-secret-0123456789abcdef"
 
 
@@ -438,3 +484,67 @@ def test_admit_refuses_a_device_token_and_without_auth_names_the_client() -> Non
     assert _admit(secret=None, query={"client": ["page"]}) == Admitted("page", None)
     assert _admit(secret=None) == Admitted("anonymous", None)
 
+
+
+# -- wire framing ---------------------------------------------------------------------------
+
+
+def unframe(wire: bytes) -> list[bytes]:
+    """Split unmasked server text frames (RFC 6455 5.2) back into payloads."""
+    payloads: list[bytes] = []
+    at = 0
+    while at < len(wire):
+        assert wire[at] == 0x81  # FIN + text
+        size = wire[at + 1]
+        assert not size & 0x80  # server frames are never masked
+        at += 2
+        if size == 126:
+            size, at = int.from_bytes(wire[at:at + 2], "big"), at + 2
+        elif size == 127:
+            size, at = int.from_bytes(wire[at:at + 8], "big"), at + 8
+        payloads.append(wire[at:at + size])
+        at += size
+    assert at == len(wire)
+    return payloads
+
+
+def test_with_framing_an_event_is_framed_once_for_every_client_that_gets_it() -> None:
+    from iotpipe.relay.sending import text_frame
+
+    calls: list[bytes] = []
+
+    def framing(payload: bytes) -> bytes:
+        calls.append(payload)
+        return text_frame(payload)
+
+    fanout = Fanout(framing=framing)
+    sessions = [subscribed(ClientSession(f"c{i}"), prefixes=["d"]) for i in range(3)]
+    for session in sessions:
+        session.take(0.0)  # the subscribe replies (taken before framing was set)
+        fanout.add(session)
+    fanout.on_event(live("d1", 1), 0.0)
+    assert len(calls) == 1
+    taken = [session.take(0.0) for session in sessions]
+    assert taken[0][0] is taken[1][0] is taken[2][0]  # the same bytes object, not copies
+    assert decoded(unframe(taken[0][0]))[0]["seq"] == 1
+
+
+def test_with_framing_gaps_resets_and_replies_are_framed_too() -> None:
+    from iotpipe.relay.sending import text_frame
+
+    fanout = Fanout(framing=text_frame)
+    session = ClientSession("s", queue_limit=2)
+    fanout.add(session)
+    session.answer(orjson.dumps({"op": "subscribe", "devices": ["d"]}), 0.0)
+    for seq in range(1, 5):  # reply + 1 event fill the queue; 2..4 dropped
+        fanout.on_event(live("d", seq), 0.0)
+    fanout.on_event(live("d", 7), 0.0)  # upstream gap 5..6, then event 7 (no room)
+    fanout.on_event(live("d", 1), 0.0)  # the source restarted
+    frames = decoded(unframe(b"".join(session.take(0.0, max_frames=100))))
+    # Each control frame is preceded by the gap notice for what was dropped before it.
+    assert [(f["event"], f.get("reason"), f.get("missed")) for f in frames] == [
+        ("subscribed", None, None), ("reading", None, None), ("gap", "slow_client", 3),
+        ("gap", "upstream", 2), ("gap", "slow_client", 1), ("reset", None, None),
+        ("gap", "slow_client", 1)]
+    fanout.on_event(live("d", 2), 0.0)
+    assert [f["seq"] for f in decoded(unframe(b"".join(session.take(0.0))))] == [2]

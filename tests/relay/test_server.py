@@ -120,6 +120,26 @@ async def test_filters_and_order(relay: Relay, client: ClientConnection) -> None
     assert first["data"] == {"v": 1} and first["id"] == f"{first['device']}/{first['seq']}"
 
 
+@pytest.mark.parametrize("relay", [["--compression"]], indirect=True)
+async def test_compressed_clients_get_the_same_frames_through_websockets_send_path(
+        relay: Relay, client: ClientConnection) -> None:
+    # With --compression frames are not written pre-framed: each connection keeps deflate.
+    assert [e.name for e in client.protocol.extensions] == ["permessage-deflate"]
+    async with connect(relay.url, additional_headers=relay.headers("plain"),
+                       compression=None) as plain:
+        await subscribe(plain, prefixes=["d-"])
+        await subscribe(client, prefixes=["d-"])
+        got: dict[ClientConnection, list[int]] = {client: [], plain: []}
+        for seq in range(1, 201):
+            relay.publish(f"d-{seq % 3}", seq, data=b'{"blob":"' + b"y" * 300 + b'"}')
+            if seq % 20 == 0:  # read as we go: the fixture's client queue holds 50
+                for ws, seqs in got.items():
+                    seqs += [await reading_seq(ws) for _ in range(20)]
+        assert got[client] == got[plain] == list(range(1, 201))
+        await client.send(b"\x00")
+        assert (await recv_json(client))["reason"] == "binary_not_supported"
+
+
 async def test_bad_frames_get_errors_and_connection_continues(relay: Relay,
                                                               client: ClientConnection) -> None:
     await client.send("{nope")

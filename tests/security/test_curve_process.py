@@ -22,7 +22,7 @@ from support.processes import ProcessGroup
 from support.waiting import wait_for
 
 from iotpipe import curve, wire
-from iotpipe.simulate import SimulateSettings, run_simulation
+from iotpipe_tools.simulate import SimulateSettings, run_simulation
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

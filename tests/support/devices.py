@@ -4,7 +4,7 @@ The fleet is written here (not ``iotpipe simulate``) where a test needs full con
 resends: a device that loses its connection resends every unacknowledged message with the
 SAME id, as real firmware does, so storage's (device_id, msg_id) identity is exercised.
 Source addresses (and the descriptor limit the scale tests raise) come from the simulator's
-library code, ``iotpipe.simulate``.
+library code, ``iotpipe_tools.simulate``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import orjson
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from iotpipe.simulate import source_addresses
+from iotpipe_tools.sources import source_addresses
 
 
 @dataclass

@@ -13,8 +13,8 @@ import zmq
 
 from iotpipe.ingest.identity import INCARNATION_FILE
 from iotpipe.queue import PersistentQueue
-from iotpipe.simulate import SimulateSettings, SimulationReport
 from iotpipe.wire import BATCH_KINDS, decode_batch, decode_reading, encode_ack, encode_busy
+from iotpipe_tools.simulate import SimulateSettings, SimulationReport
 from support import waiting
 
 SECRET = "ingest-test-secret-at-least-32-bytes-long"

@@ -22,6 +22,8 @@ from support.processes import ProcessGroup
 from support.waiting import exited, wait_for, wait_ready
 
 SECRET = "integration-secret-0123456789abcdef0123456789"
+# Ingest gives up on a middle that has not acked its oldest batch for this long, and fails over.
+FORWARD_ACK_TIMEOUT_S = 1.0
 
 REGISTRY_YAML = """\
 devices:
@@ -112,7 +114,8 @@ class Pipeline:
             return ["ingest", *common, "--port", str(p["ingest"]),
                     "--data-dir", str(self.root / "ingest"), "--queue-bytes", str(64 << 20),
                     "--node-id", "ing-0", "--middle-endpoints", self._endpoints("router"),
-                    "--forward-ack-timeout", "1", "--rate-limit", "0", *self.ingest_args]
+                    "--forward-ack-timeout", str(FORWARD_ACK_TIMEOUT_S), "--rate-limit", "0",
+                    *self.ingest_args]
         raise ValueError(tier)
 
     def start(self, tier: str, wait: bool = True) -> subprocess.Popen[bytes]:

@@ -1,94 +1,16 @@
-"""The one bounded poll used by tests (and tools): wait for the exact thing, never sleep-and-hope.
+"""The bounded waits of the test suite: the tools' implementation (one for both)."""
 
-``wait_for`` blocks, ``eventually`` awaits; both poll ``check`` until it returns something
-truthy and hand that value back, fail fast when ``abort`` reports a reason (a child process
-exited), and fail with ``what`` and ``details()`` (usually logs) when the deadline passes.
-"""
+from iotpipe_tools.waiting import (
+    NotReady,
+    Poll,
+    eventually,
+    exited,
+    http_status,
+    port_open,
+    wait_for,
+    wait_port,
+    wait_ready,
+)
 
-from __future__ import annotations
-
-import asyncio
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
-from typing import TypeVar
-
-T = TypeVar("T")
-
-
-class Poll:
-    """One bounded poll: each ``attempt`` returns the check's truthy value, or None to retry."""
-
-    def __init__(self, check: Callable[[], object], within: float, what: str,
-                 abort: Callable[[], str | None] | None = None,
-                 details: Callable[[], str] | None = None) -> None:
-        self._check = check
-        self._within = within
-        self._what = what
-        self._abort = abort
-        self._details = details
-        self._deadline = time.monotonic() + within
-
-    def attempt(self) -> object | None:
-        value = self._check()
-        if value:
-            return value
-        if self._abort is not None and (reason := self._abort()):
-            raise AssertionError(f"{reason} while waiting for {self._what}{self._more()}")
-        if time.monotonic() >= self._deadline:
-            raise AssertionError(
-                f"timed out after {self._within}s waiting for {self._what}{self._more()}")
-        return None
-
-    def _more(self) -> str:
-        return f"\n{self._details()}" if self._details is not None else ""
-
-
-def wait_for(check: Callable[[], T], within: float, what: str, *, interval: float = 0.05,
-             abort: Callable[[], str | None] | None = None,
-             details: Callable[[], str] | None = None) -> T:
-    """Block until ``check()`` is truthy and return it; AssertionError after ``within`` s."""
-    poll = Poll(check, within, what, abort, details)
-    while (value := poll.attempt()) is None:
-        time.sleep(interval)
-    return value  # type: ignore[return-value]
-
-
-async def eventually(check: Callable[[], T], within: float, what: str, *,
-                     interval: float = 0.1, abort: Callable[[], str | None] | None = None,
-                     details: Callable[[], str] | None = None) -> T:
-    """``wait_for`` for coroutines: the event loop keeps running between attempts."""
-    poll = Poll(check, within, what, abort, details)
-    while True:
-        value = poll.attempt()
-        if value is not None:
-            return value  # type: ignore[return-value]
-        await asyncio.sleep(interval)
-
-
-def exited(proc: object, name: str) -> Callable[[], str | None]:
-    """An ``abort`` check: the reason when the child process ``proc`` has exited."""
-    def reason() -> str | None:
-        code = proc.poll()  # type: ignore[attr-defined]
-        return None if code is None else f"{name} exited with {code}"
-    return reason
-
-
-def http_status(url: str, timeout: float = 2.0) -> int:
-    """The HTTP status of GET ``url``; 0 when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-    except OSError:
-        return 0
-
-
-def wait_ready(url: str, within: float = 30.0, *, what: str = "",
-               abort: Callable[[], str | None] | None = None,
-               details: Callable[[], str] | None = None) -> None:
-    """Wait until GET ``url`` (a ``/readyz``) answers 200."""
-    wait_for(lambda: http_status(url, timeout=1) == 200, within, what or f"{url} to be ready",
-             abort=abort, details=details)
+__all__ = ["NotReady", "Poll", "eventually", "exited", "http_status", "port_open", "wait_for",
+           "wait_port", "wait_ready"]

@@ -12,17 +12,13 @@ from typing import Any
 import pytest
 
 from iotpipe import cli
+from iotpipe.fleet import fleet_kind, fleet_registry_yaml
 from iotpipe.registry import Registry
 from iotpipe.settings import Internal, parse_settings
-from iotpipe.simulate import (
-    AckedIds,
-    FleetSensor,
-    SimulateSettings,
-    _Simulation,
-    fleet_kind,
-    fleet_registry_yaml,
-)
 from iotpipe.watch import WatchSettings, format_reading, subscribe_frame
+from iotpipe_tools.simulate import SimulateSettings, Simulation
+from iotpipe_tools.simulate.payloads import FleetSensor
+from iotpipe_tools.simulate.report import AckedIds
 
 TIERS = {
     "ingest": ("iotpipe.ingest.server", "IngestSettings", "IOTPIPE_INGEST_"),
@@ -30,7 +26,7 @@ TIERS = {
     "storage": ("iotpipe.storage.settings", "StorageSettings", "IOTPIPE_STORAGE_"),
     "relay": ("iotpipe.relay.settings", "RelaySettings", "IOTPIPE_RELAY_"),
     "up": ("iotpipe.local", "UpSettings", "IOTPIPE_UP_"),
-    "simulate": ("iotpipe.simulate", "SimulateSettings", "IOTPIPE_SIMULATE_"),
+    "simulate": ("iotpipe_tools.simulate", "SimulateSettings", "IOTPIPE_SIMULATE_"),
     "watch": ("iotpipe.watch", "WatchSettings", "IOTPIPE_WATCH_"),
 }
 
@@ -118,11 +114,11 @@ def test_message_ids_start_at_the_clock_in_microseconds() -> None:
     # A run sends far less than one message per microsecond per device, so the next run,
     # started later, begins above every id this one used.
     before = time.time_ns() // 1000
-    first = _Simulation(SimulateSettings(insecure=True)).first_id
+    first = Simulation(SimulateSettings(insecure=True)).first_id
     after = time.time_ns() // 1000
     assert before <= first <= after
-    assert _Simulation(SimulateSettings(insecure=True)).first_id >= first
-    assert _Simulation(SimulateSettings(insecure=True, first_id=7)).first_id == 7
+    assert Simulation(SimulateSettings(insecure=True)).first_id >= first
+    assert Simulation(SimulateSettings(insecure=True, first_id=7)).first_id == 7
 
 
 def test_acked_ids_start_at_the_runs_first_id() -> None:
@@ -173,17 +169,17 @@ def test_watch_prints_one_line_per_reading() -> None:
 
 
 def test_up_writes_the_fleet_registry_but_never_a_users_own(tmp_path: Path) -> None:
-    from iotpipe.local import _OLD_SAMPLE_REGISTRY, _write_registry
+    from iotpipe.fleet import OLD_SAMPLE_REGISTRY, write_registry
 
     path = tmp_path / "registry.yaml"
-    _write_registry(path, 3)
+    write_registry(path, 3)
     assert Registry.from_yaml(path.read_text()).lookup("sim-2").device_class == "pump"  # type: ignore[union-attr]
-    _write_registry(path, 6)  # still generated: follows the fleet size
+    write_registry(path, 6)  # still generated: follows the fleet size
     assert Registry.from_yaml(path.read_text()).lookup("sim-5").device_class == "pump"  # type: ignore[union-attr]
-    path.write_text(_OLD_SAMPLE_REGISTRY)  # what earlier versions generated
-    _write_registry(path, 3)
+    path.write_text(OLD_SAMPLE_REGISTRY)  # what earlier versions generated
+    write_registry(path, 3)
     assert Registry.from_yaml(path.read_text()).lookup("sim-0").device_class == "thermometer"  # type: ignore[union-attr]
     own = "devices:\n  sim-0: {class: boiler, location: cellar}\n"
     path.write_text(own)
-    _write_registry(path, 3)
+    write_registry(path, 3)
     assert path.read_text() == own

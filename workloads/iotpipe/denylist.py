@@ -13,7 +13,9 @@ handshake (HTTP 403 naming the reason), and connections already open are closed 
 reload interval (``--deny-list-reload-seconds``). Removing an entry lets the device
 connect again.
 
-``parse_deny_list`` is the sans-I/O part. ``DenyListFile`` watches the file: a file that
+``parse_deny_list`` is the sans-I/O part. ``DenyListFile`` watches the file (and, on a
+change, names the open connections to close: ``revoke``); ``reload_security`` is the
+loop of ingest and relay that checks it and the TLS certificate. A file that
 cannot be parsed at start is an error; a file that becomes unparsable or disappears later
 is reported and the last good list stays in force (a botched edit must not un-revoke
 anyone).
@@ -21,14 +23,23 @@ anyone).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import yaml
 
-__all__ = ["CLOSE_REVOKED", "DenyList", "DenyListError", "DenyListFile", "parse_deny_list"]
+if TYPE_CHECKING:
+    from iotpipe.tlsconfig import ReloadingTLS
+
+__all__ = ["CLOSE_REVOKED", "DenyList", "DenyListError", "DenyListFile", "parse_deny_list",
+           "reload_security"]
+
+C = TypeVar("C")
 
 log = logging.getLogger("iotpipe.denylist")
 
@@ -143,3 +154,42 @@ class DenyListFile:
             "clients": len(fresh.clients), "token_ids": len(fresh.token_ids)}})
         return fresh
 
+
+    def revoke(self, kind: str, connections: Iterable[C],
+               identity: Callable[[C], tuple[str | None, str | None]],
+               close: Callable[[C, str], object]) -> int:
+        """Re-read the file; if it changed, ``close(connection, reason)`` each of
+        ``connections`` whose ``identity`` (subject, token id) the new list refuses as a
+        ``kind`` ("device" or "client"). How many were closed."""
+        fresh = self.check()
+        if fresh is None:
+            return 0
+        closed = 0
+        for connection in list(connections):
+            reason = fresh.refusal(kind, *identity(connection))
+            if reason is not None:
+                close(connection, f"revoked: {reason}")
+                closed += 1
+        if closed:
+            log.info("revoked connections closed", extra={"fields": {
+                "kind": kind, "connections": closed}})
+        return closed
+
+
+async def reload_security(tls: ReloadingTLS | None, tls_seconds: float,
+                          reload_deny_list: Callable[[], object],
+                          deny_seconds: float) -> NoReturn:
+    """Forever: check the TLS certificate every ``tls_seconds`` and call
+    ``reload_deny_list`` every ``deny_seconds`` (a tier's own revoke step)."""
+    loop = asyncio.get_running_loop()
+    next_tls = loop.time() + tls_seconds
+    next_deny = loop.time() + deny_seconds
+    while True:
+        await asyncio.sleep(max(0.05, min(next_tls, next_deny) - loop.time()))
+        now = loop.time()
+        if tls is not None and now >= next_tls:
+            next_tls = now + tls_seconds
+            tls.check()
+        if now >= next_deny:
+            next_deny = now + deny_seconds
+            reload_deny_list()

@@ -38,27 +38,31 @@ import secrets
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import IO, Annotated
+from typing import Annotated
 
 from pydantic import Field
 
 from iotpipe import contract, curve, lifecycle
 from iotpipe.auth import CLIENT_AUDIENCE, SECRET_FILE_ENV, issue_token, load_secret
+from iotpipe.fleet import SIM_PREFIX, write_registry
 from iotpipe.settings import CommaList, LogLevel, TierSettings, parse_settings, tier_config
-from iotpipe.simulate import fleet_registry_yaml
+from iotpipe.supervisor import (
+    ChildSpec,
+    RestartPolicy,
+    Supervisor,
+    log_tail,
+    say,
+)
 
 __all__ = [
-    "ChildSpec",
     "Ports",
-    "RestartPolicy",
     "UpSettings",
     "build_children",
     "main",
@@ -67,8 +71,6 @@ __all__ = [
 
 # A TCP port number; the per-tier port settings are optional ones.
 Port = Annotated[int, Field(ge=1, le=65535)]
-
-SIM_PREFIX = "sim-"
 
 
 class UpSettings(TierSettings):
@@ -132,47 +134,41 @@ def _storage_sinks(settings: UpSettings, data_dir: Path) -> list[str]:
 
 @dataclass(frozen=True)
 class Ports:
-    ingest: int
-    relay: int
-    middle_router: int
-    middle_pub: int
-    middle_feed: int
-    ingest_metrics: int
-    middle_metrics: int
-    storage_metrics: int
-    relay_metrics: int
+    """Every port of a local pipeline; the defaults are the contract's, and the field order
+    is the ``--base-port`` order (BASE+0 ..)."""
+
+    ingest: int = 8080
+    relay: int = 8081
+    middle_router: int = 5555
+    middle_pub: int = 5556
+    middle_feed: int = 5557
+    ingest_metrics: int = 9100
+    middle_metrics: int = 9101
+    storage_metrics: int = 9102
+    relay_metrics: int = 9103
 
 
-_PORT_FIELDS = ("ingest", "relay", "middle_router", "middle_pub", "middle_feed",
-                "ingest_metrics", "middle_metrics", "storage_metrics", "relay_metrics")
-_CONTRACT_PORTS = (8080, 8081, 5555, 5556, 5557, 9100, 9101, 9102, 9103)
+_PORT_FIELDS = tuple(f.name for f in fields(Ports))
 
 
 def plan_ports(settings: UpSettings) -> Ports:
     """Contract defaults, or BASE+offset; per-tier settings win. Duplicates are an error."""
     values: dict[str, int] = {}
-    for offset, (name, default) in enumerate(zip(_PORT_FIELDS, _CONTRACT_PORTS, strict=True)):
+    contract_ports = Ports()
+    for offset, name in enumerate(_PORT_FIELDS):
         override = getattr(settings, f"{name}_port")
         if override is not None:
             values[name] = override
         elif settings.base_port is not None:
             values[name] = settings.base_port + offset
         else:
-            values[name] = default
+            values[name] = getattr(contract_ports, name)
     seen: dict[int, str] = {}
     for name, port in values.items():
         if port in seen:
             raise ValueError(f"port {port} is given to both {seen[port]} and {name}")
         seen[port] = name
     return Ports(**values)
-
-
-@dataclass(frozen=True)
-class ChildSpec:
-    name: str
-    argv: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-    restart: bool = True  # False: a clean exit (status 0) is final (the simulator's run ended)
 
 
 def _iotpipe(*args: str) -> list[str]:
@@ -247,52 +243,6 @@ def build_children(settings: UpSettings, ports: Ports, data_dir: Path, registry_
     return children
 
 
-class RestartPolicy:
-    """Exponential backoff for a tier that keeps dying; forgiven after a stable run."""
-
-    def __init__(self, initial_s: float = 0.5, factor: float = 2.0, max_s: float = 10.0,
-                 stable_s: float = 30.0) -> None:
-        self.initial_s = initial_s
-        self.factor = factor
-        self.max_s = max_s
-        self.stable_s = stable_s
-
-    def delay(self, consecutive_failures: int) -> float:
-        if consecutive_failures <= 0:
-            return 0.0
-        return min(self.max_s, self.initial_s * self.factor ** (consecutive_failures - 1))
-
-    def failures_after_exit(self, previous_failures: int, uptime_s: float) -> int:
-        """The failure count after a child died having run ``uptime_s`` seconds."""
-        return 1 if uptime_s >= self.stable_s else previous_failures + 1
-
-
-@dataclass
-class _Child:
-    spec: ChildSpec
-    proc: subprocess.Popen[bytes] | None = None
-    started_at: float = 0.0
-    failures: int = 0
-    restart_at: float | None = None
-    restarts: int = 0
-    done: bool = False  # will not be started again
-
-
-def _die_with_parent() -> None:
-    """Runs in each child before exec: SIGTERM it if the supervisor itself dies (Linux).
-
-    Without this a SIGKILLed ``iotpipe up`` would leave its tiers running in their own
-    sessions, holding the ports and queue locks of the next start.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: children outlive a killed supervisor, as with any shell job
-
-
 def _ensure_secret(path: Path) -> None:
     if path.exists() and path.read_bytes().strip():
         return
@@ -312,101 +262,6 @@ def _is_ready(url: str) -> bool:
             return bool(response.status == 200)
     except (OSError, urllib.error.URLError):
         return False
-
-
-def _log_tail(path: Path, lines: int = 3) -> str:
-    """The last lines of a tier's log, to show why it died without opening the file."""
-    try:
-        with open(path, "rb") as log:
-            log.seek(0, os.SEEK_END)
-            log.seek(max(0, log.tell() - 4096))
-            tail = log.read().decode(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return ""
-    return "".join(f"\n    {line[:300]}" for line in tail)
-
-
-def _say(message: str) -> None:
-    print(f"iotpipe up: {message}", file=sys.stderr, flush=True)
-
-
-class Supervisor:
-    """Starts the children, restarts the ones that die, stops them all in reverse order."""
-
-    def __init__(self, specs: list[ChildSpec], log_dir: Path, policy: RestartPolicy,
-                 stop_timeout: float) -> None:
-        self.children = [_Child(spec) for spec in specs]
-        self.log_dir = log_dir
-        self.policy = policy
-        self.stop_timeout = stop_timeout
-        self.stopping = False
-
-    def _start(self, child: _Child) -> None:
-        log: IO[bytes] = open(self.log_dir / f"{child.spec.name}.log", "ab")  # noqa: SIM115
-        try:
-            child.proc = subprocess.Popen(
-                child.spec.argv, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, **child.spec.env}, start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-        finally:
-            log.close()
-        child.started_at = time.monotonic()
-        child.restart_at = None
-
-    def start_all(self) -> None:
-        for child in self.children:
-            self._start(child)
-            _say(f"started {child.spec.name} (pid {child.proc.pid if child.proc else '?'})")
-
-    def poll(self) -> None:
-        now = time.monotonic()
-        for child in self.children:
-            if child.done or self.stopping:
-                continue
-            if child.proc is not None:
-                status = child.proc.poll()
-                if status is None:
-                    continue
-                child.proc = None
-                if status == 0 and not child.spec.restart:
-                    child.done = True
-                    _say(f"{child.spec.name} finished")
-                    continue
-                child.failures = self.policy.failures_after_exit(child.failures,
-                                                                 now - child.started_at)
-                delay = self.policy.delay(child.failures)
-                child.restart_at = now + delay
-                log_path = self.log_dir / f"{child.spec.name}.log"
-                _say(f"{child.spec.name} exited with status {status}; restarting in {delay:.1f}s "
-                     f"(see {log_path}){_log_tail(log_path)}")
-            elif child.restart_at is not None and now >= child.restart_at:
-                self._start(child)
-                child.restarts += 1
-                _say(f"restarted {child.spec.name} (pid {child.proc.pid if child.proc else '?'})")
-
-    def stop_all(self) -> int:
-        """SIGTERM in reverse start order, each waited for (then SIGKILL). Returns worst status."""
-        self.stopping = True
-        worst = 0
-        for child in reversed(self.children):
-            proc = child.proc
-            if proc is None or proc.poll() is not None:
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                status = proc.wait(timeout=self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                _say(f"{child.spec.name} did not stop within {self.stop_timeout:g}s: killing it")
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                status = proc.wait(timeout=10)
-            word = describe_exit(status)
-            _say(f"{word} {child.spec.name}" if word == "stopped"
-                 else f"stopped {child.spec.name} ({word})")
-            if status not in (0, -signal.SIGTERM):
-                worst = 1
-        return worst
 
 
 def busy_ports(host: str, ports: Ports) -> list[tuple[str, int]]:
@@ -450,31 +305,6 @@ def _lock_holder(data_dir: Path) -> str:
     return ""
 
 
-def _write_registry(path: Path, simulated: int) -> None:
-    """Write the generated registry when missing or still generated (marker line kept)."""
-    if path.exists():
-        text = path.read_text()
-        if not text.startswith(GENERATED_MARKER) and text != _OLD_SAMPLE_REGISTRY:
-            return  # the user's own registry: never touched
-    text = fleet_registry_yaml(SIM_PREFIX, simulated)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{GENERATED_MARKER}\n{text}")
-    os.replace(tmp, path)  # the tiers reload it: never let them see half a file
-
-
-# What earlier versions wrote (every simulated device "simulated"/"local"): replaced too.
-_OLD_SAMPLE_REGISTRY = """\
-# Device registry used by storage (enrichment) and the relay (class/location subscriptions).
-# Exact ids under `devices`, id prefixes under `prefixes`; the longest prefix wins.
-devices: {}
-prefixes:
-  sim-: {class: simulated, location: local, labels: {source: iotpipe-simulate}}
-"""
-
-GENERATED_MARKER = ("# Generated by `iotpipe up` for its simulated fleet; delete this line to "
-                    "keep your edits.")
-
-
 def _iotpipe_command() -> str:
     """How to run ``iotpipe`` from a shell: on PATH, else the script beside this Python."""
     if shutil.which("iotpipe") == str(Path(sys.executable).parent / "iotpipe"):
@@ -484,15 +314,6 @@ def _iotpipe_command() -> str:
         return os.path.relpath(beside) if not os.path.relpath(beside).startswith("..") \
             else str(beside)
     return f"{sys.executable} -m iotpipe.cli"
-
-
-def describe_exit(status: int) -> str:
-    """A stop status in words: a child that stopped because it was asked to is not an error."""
-    if status in (0, -signal.SIGTERM):
-        return "stopped"
-    if status < 0:
-        return f"killed by {signal.Signals(-status).name}"
-    return f"exited with status {status}"
 
 
 # The local demo's page token: long enough for a demo left running, and only ever printed.
@@ -582,7 +403,7 @@ def main(argv: Sequence[str]) -> int:
         registry_file = Path(settings.registry_file).resolve()
     else:
         registry_file = data_dir / "registry.yaml"
-        _write_registry(registry_file, settings.simulate)
+        write_registry(registry_file, settings.simulate)
     curve_dir = curve.ensure_keys(data_dir) if settings.curve else None
     specs = build_children(settings, ports, data_dir, registry_file, secret_file, curve_dir)
     supervisor = Supervisor(specs, data_dir / "logs",
@@ -617,8 +438,8 @@ def main(argv: Sequence[str]) -> int:
                 time.sleep(0.2)
         if waiting and not stop_requested:
             logs = data_dir / "logs"
-            tails = "".join(f"\n  {name}:{_log_tail(logs / f'{name}.log')}" for name in waiting)
-            _say(f"error: not ready after {settings.ready_timeout:g}s: {', '.join(waiting)} "
+            tails = "".join(f"\n  {name}:{log_tail(logs / f'{name}.log')}" for name in waiting)
+            say(f"error: not ready after {settings.ready_timeout:g}s: {', '.join(waiting)} "
                  f"(see {logs}){tails}")
             status = 1
             return status
@@ -630,7 +451,7 @@ def main(argv: Sequence[str]) -> int:
     finally:
         # Children run in their own sessions, so a terminal Ctrl-C reaches only us; we stop
         # them in order so ingest can drain into a still-running middle tier.
-        _say("stopping")
+        say("stopping")
         stopped = supervisor.stop_all()
         os.close(lock_fd)
     return status or stopped

@@ -26,14 +26,18 @@ Middle -> relay (PUB -> SUB)
     ``[device_id (utf-8, the topic), msgpack {"m": middle_id, "s": middle_log_seq}, reading]``.
 
 Storage <-> middle feed (DEALER -> ROUTER)
-    request ``[KIND_FEED, msgpack {"group", "consumer", "credit", "acks": [[first, last], ...]}]``
-    delivery ``[KIND_RECORDS, msgpack {"group", "middle", "first", "n"}, record_1, ..., record_n]``
-    with middle log seqs ``first .. first+n-1``.
+    request ``[KIND_FEED, msgpack {"group", "consumer", "credit", "acks": [[first, last], ...],
+    "v"}]``; ``v``, the newest delivery format the consumer reads, is 1 when absent.
+    delivery ``[KIND_RECORDS_V2, msgpack {"group", "middle", "first", "n"}, msgpack [record_1,
+    ..., record_n]]`` to a consumer that reads v2 (the records in one frame, as in a v2
+    batch), else v1 ``[KIND_RECORDS, header, record_1, ..., record_n]``; the records carry
+    middle log seqs ``first .. first+n-1``. Old and new consumers and middles mix freely.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import count, repeat
 from typing import NamedTuple
 
 import msgpack
@@ -46,6 +50,8 @@ __all__ = [
     "KIND_BUSY",
     "KIND_FEED",
     "KIND_RECORDS",
+    "KIND_RECORDS_V2",
+    "RECORDS_VERSION",
     "Ack",
     "Batch",
     "Busy",
@@ -70,9 +76,14 @@ __all__ = [
     "encode_feed_request",
     "encode_live",
     "encode_log_record",
+    "encode_log_records",
     "encode_reading",
     "encode_records",
+    "live_meta",
+    "live_meta_prefix",
+    "live_metas",
     "message_kind",
+    "reading_topic",
 ]
 
 KIND_BATCH = b"iotpipe.batch.v1"
@@ -82,6 +93,8 @@ KIND_ACK = b"iotpipe.ack.v1"
 KIND_BUSY = b"iotpipe.busy.v1"
 KIND_FEED = b"iotpipe.feed.v1"
 KIND_RECORDS = b"iotpipe.records.v1"
+KIND_RECORDS_V2 = b"iotpipe.records.v2"
+RECORDS_VERSION = 2  # the newest feed delivery format (what this code's consumers read)
 
 _packb = msgpack.Packer(use_bin_type=True).pack
 
@@ -105,6 +118,15 @@ def _require_dict(obj: object, what: str, fields: dict[str, type]) -> dict[str, 
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise WireError(f"{what}: field {name!r} must be {typ.__name__}")
     return obj
+
+
+def _bin_array(frame: bytes, what: str) -> list[bytes]:
+    """A frame holding one msgpack array of bin (a v2 batch's readings, a v2 delivery)."""
+    body = _unpack(bytes(frame), what)
+    # set(map(type, ...)) checks every item at C speed (no Python call per item)
+    if not isinstance(body, list) or not set(map(type, body)) <= {bytes}:
+        raise WireError(f"{what} must be an array of bin")
+    return body
 
 
 def message_kind(frames: Sequence[bytes]) -> bytes:
@@ -191,10 +213,7 @@ def decode_batch(frames: Sequence[bytes]) -> Batch:
     if kind == KIND_BATCH_V2:
         if len(frames) != 3:
             raise WireError(f"batch: v2 has 3 frames, got {len(frames)}")
-        body = _unpack(bytes(frames[2]), "batch readings")
-        if not isinstance(body, list) or not all(type(r) is bytes for r in body):
-            raise WireError("batch: v2 readings must be an array of bin")
-        readings: list[bytes] = body
+        readings = _bin_array(frames[2], "batch: v2 readings")
     else:
         readings = [bytes(f) for f in frames[2:]]
     if header["n"] != len(readings) or len(readings) == 0:
@@ -246,6 +265,14 @@ def encode_log_record(node: str, node_seq: int, reading: bytes) -> bytes:
     return _packb([node, node_seq, reading])
 
 
+def encode_log_records(node: str, first: int, readings: Iterable[bytes]) -> list[bytes]:
+    """``encode_log_record`` for consecutive node seqs from ``first``, one per reading.
+
+    The same bytes (msgpack packs a tuple as an array); map/zip keep the loop in C.
+    """
+    return list(map(_packb, zip(repeat(node), count(first), readings)))
+
+
 def decode_log_record(data: bytes) -> LogRecord:
     obj = _unpack(data, "log record")
     if (
@@ -269,8 +296,50 @@ class LiveEvent(NamedTuple):
     reading: bytes
 
 
+def live_meta_prefix(middle_id: str) -> bytes:
+    """The live meta frame up to the seq value: the meta of seq ``s`` is this + packb(s).
+
+    A publisher sends one event per record; building the map once per middle instead of
+    once per event keeps the per-event work to packing one integer.
+    """
+    return b"\x82\xa1m" + _packb(middle_id) + b"\xa1s"  # {"m": middle_id, "s": ...}
+
+
+def live_meta(prefix: bytes, seq: int) -> bytes:
+    return prefix + _packb(seq)
+
+
+def live_metas(prefix: bytes, first: int) -> Iterator[bytes]:
+    """``live_meta`` of seqs ``first``, ``first + 1``, ... (map keeps the loop in C)."""
+    return map(prefix.__add__, map(_packb, count(first)))
+
+
 def encode_live(device_id: str, middle_id: str, seq: int, reading: bytes) -> list[bytes]:
-    return [device_id.encode(), _packb({"m": middle_id, "s": seq}), reading]
+    return [device_id.encode(), live_meta(live_meta_prefix(middle_id), seq), reading]
+
+
+def reading_topic(reading: bytes) -> bytes | None:
+    """The device id of an encoded reading as raw UTF-8 bytes (the PUB topic), cheaply.
+
+    A reading is a msgpack array of 5 whose first item is the device id string, so it
+    starts with 0x95 and a str header; the id is sliced out without decoding the rest.
+    None when the bytes do not start like a reading.
+    """
+    if len(reading) < 2 or reading[0] != 0x95:
+        return None
+    head = reading[1]
+    if 0xA0 <= head <= 0xBF:  # fixstr
+        start, length = 2, head & 0x1F
+    elif head == 0xD9 and len(reading) >= 3:  # str 8
+        start, length = 3, reading[2]
+    elif head == 0xDA and len(reading) >= 4:  # str 16
+        start, length = 4, int.from_bytes(reading[2:4], "big")
+    elif head == 0xDB and len(reading) >= 6:  # str 32
+        start, length = 6, int.from_bytes(reading[2:6], "big")
+    else:
+        return None
+    end = start + length
+    return reading[start:end] if end <= len(reading) else None
 
 
 def decode_live(frames: Sequence[bytes]) -> LiveEvent:
@@ -292,6 +361,7 @@ class FeedRequest(NamedTuple):
     consumer: str
     credit: int
     acks: list[tuple[int, int]]
+    records_version: int = RECORDS_VERSION  # the newest delivery format the consumer reads
 
 
 class Records(NamedTuple):
@@ -306,10 +376,11 @@ class Records(NamedTuple):
 
 
 def encode_feed_request(
-    group: str, consumer: str, credit: int, acks: Sequence[tuple[int, int]] = ()
+    group: str, consumer: str, credit: int, acks: Sequence[tuple[int, int]] = (),
+    records_version: int = RECORDS_VERSION,
 ) -> list[bytes]:
     body = {"group": group, "consumer": consumer, "credit": credit,
-            "acks": [[a, b] for a, b in acks]}
+            "acks": [[a, b] for a, b in acks], "v": records_version}
     return [KIND_FEED, _packb(body)]
 
 
@@ -334,22 +405,35 @@ def decode_feed_request(frames: Sequence[bytes]) -> FeedRequest:
     credit = int(body["credit"])  # type: ignore[call-overload]
     if credit < 0:
         raise WireError("feed request: credit must be >= 0")
-    return FeedRequest(str(body["group"]), str(body["consumer"]), credit, acks)
+    version = body.get("v", 1)  # a consumer from before v2 sends none
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise WireError("feed request: 'v' must be an integer >= 1")
+    return FeedRequest(str(body["group"]), str(body["consumer"]), credit, acks, version)
 
 
-def encode_records(group: str, middle: str, first: int, records: Sequence[bytes]) -> list[bytes]:
+def encode_records(group: str, middle: str, first: int, records: Sequence[bytes],
+                   version: int = 1) -> list[bytes]:
+    """A delivery; ``version`` 2 (one frame for all records) once the consumer reads it."""
     header = _packb({"group": group, "middle": middle, "first": first, "n": len(records)})
+    if version >= 2:
+        return [KIND_RECORDS_V2, header, _packb(records)]
     return [KIND_RECORDS, header, *records]
 
 
 def decode_records(frames: Sequence[bytes]) -> Records:
-    if len(frames) < 2 or bytes(frames[0]) != KIND_RECORDS:
+    kind = bytes(frames[0]) if frames else b""
+    if len(frames) < 2 or kind not in (KIND_RECORDS, KIND_RECORDS_V2):
         raise WireError("records: expected kind frame and header")
     header = _require_dict(
         _unpack(bytes(frames[1]), "records header"), "records header",
         {"group": str, "middle": str, "first": int, "n": int},
     )
-    records = [bytes(f) for f in frames[2:]]
+    if kind == KIND_RECORDS_V2:
+        if len(frames) != 3:
+            raise WireError(f"records: v2 has 3 frames, got {len(frames)}")
+        records = _bin_array(frames[2], "records: v2 body")
+    else:
+        records = [bytes(f) for f in frames[2:]]
     if header["n"] != len(records):
         raise WireError(f"records: header says {header['n']} records, got {len(records)}")
     return Records(str(header["group"]), str(header["middle"]), int(header["first"]),  # type: ignore[call-overload]

@@ -36,9 +36,10 @@ from iotpipe.durable import fsync_dir
 from iotpipe.endpoints import EndpointsError, EndpointsFile, resolve_endpoints
 from iotpipe.ingest.forwarder import CONSUMER, Forwarder
 from iotpipe.ingest.identity import queue_node_id
+from iotpipe.ingest.settings import MiddleEndpointsSettings
 from iotpipe.observability import setup_logging
 from iotpipe.queue import PersistentQueue, QueueError
-from iotpipe.settings import CommaList, LogLevel, TierSettings, parse_settings, tier_config
+from iotpipe.settings import LogLevel, TierSettings, parse_settings, tier_config
 
 __all__ = ["DrainSettings", "QueueDrainer", "drain_queues", "main", "process_dirs",
            "remove_queue_dir"]
@@ -50,7 +51,7 @@ _PROCESS_DIR = re.compile(r"p(\d+)")
 REMOVED_SUFFIX = ".removed-"
 
 
-class DrainSettings(TierSettings):
+class DrainSettings(MiddleEndpointsSettings, TierSettings):
     """Forward every retained ingest queue under data_dir to the middle tier, then exit."""
 
     model_config = tier_config("iotpipe drain", "IOTPIPE_DRAIN_")
@@ -58,13 +59,6 @@ class DrainSettings(TierSettings):
     data_dir: Path = Field(Path("/var/lib/iotpipe/queue"), description="ingest queue directory")
     node_id: str = Field(default_factory=socket.gethostname,
                          description="node identity of the ingest pod that wrote the queue")
-    middle_endpoints: CommaList = Field(default_factory=list,
-                                        description="middle ROUTER endpoints, comma separated")
-    middle_endpoints_file: str = Field(
-        "", description="file listing the middle ROUTER endpoints, one per line, re-read "
-                        "while draining (wins over --middle-endpoints when usable)")
-    endpoints_reload_seconds: float = Field(2.0, gt=0,
-                                            description="seconds between endpoints file checks")
     timeout: float = Field(600.0, gt=0, description="seconds to wait for the queues to empty")
     log_level: LogLevel = Field("info", description="debug, info, warning, error or critical")
     queue_bytes: int = Field(1 << 30, gt=0, description="capacity to open the queues with")

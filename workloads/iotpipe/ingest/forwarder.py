@@ -27,7 +27,7 @@ from typing import Any
 import zmq
 
 from iotpipe.curve import CurveKeys, secure_client
-from iotpipe.protocol.forwarder import ForwarderCore
+from iotpipe.ingest.core.forwarder import ForwarderCore
 from iotpipe.queue import PersistentQueue
 
 __all__ = ["CONSUMER", "Forwarder"]
@@ -201,10 +201,13 @@ class Forwarder:
             # Fill the window from the durable head of the queue. While batches are in
             # flight, a small batch waits up to `linger` for more records (fewer, fuller
             # batches: less per-batch work here, in the middle and in the ledger).
-            while core.can_send(now) and queue.next_seq > core.next_seq:
+            # Only durable records are readable: appended ones still being synced would
+            # make this loop spin with nothing to read until their group commit is done
+            # (the eventfd wakes it then).
+            while core.can_send(now) and (durable := queue.durable_seq) >= core.next_seq:
                 if waiting_since is None:
                     waiting_since = now
-                if (not core.idle() and queue.next_seq - core.next_seq < self.batch_records
+                if (not core.idle() and durable + 1 - core.next_seq < self.batch_records
                         and now - waiting_since < self.linger):
                     break
                 records = queue.read(core.next_seq, max_records=self.batch_records,
@@ -229,7 +232,7 @@ class Forwarder:
             if cursor < acked_through:
                 wait_s = min(wait_s, last_cursor_write + self.cursor_interval - now)
             if waiting_since is not None and core.can_send(now) \
-                    and queue.next_seq > core.next_seq:
+                    and queue.durable_seq >= core.next_seq:
                 wait_s = min(wait_s, waiting_since + self.linger - now)
             for sock, _ in poller.poll(max(0, int(wait_s * 1000 + 0.999))):
                 if sock == wake:

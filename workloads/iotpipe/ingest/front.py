@@ -3,7 +3,7 @@
 picows (Cython) parses frames and answers pings in C and calls ``on_ws_frame`` once per
 frame, with no task or future per message; websockets spends most of ingest's CPU in its
 per-message send and receive paths (issue 11). Everything the device protocol decides
-stays in ``iotpipe.protocol`` (the sans-I/O session judges each frame); this module only
+stays in ``iotpipe.ingest.core`` (the sans-I/O session judges each frame); this module only
 moves bytes and keeps order:
 
 - each connection keeps its replies in order in one deque: error frames (ready at once)
@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -47,22 +46,15 @@ from picows import (
     ws_create_server,
 )
 
-from iotpipe.protocol import (
-    CLOSE_INTERNAL,
-    DeviceSession,
-    encode_ack_frame,
-    encode_busy_frame,
-    encode_error_frame,
-)
-from iotpipe.queue import QueueFull
+from iotpipe.ingest.acks import settled_reply
+from iotpipe.ingest.core import CLOSE_INTERNAL, DeviceSession, encode_ack_frame
+from iotpipe.wsframes import encode_text_frames
 
 if TYPE_CHECKING:
     from iotpipe.ingest.server import IngestServer
 
-__all__ = ["OUTBOX_FRAMES", "Admitted", "DeviceConnection", "PicowsFront", "Refusal",
-           "encode_text_frames"]
+__all__ = ["OUTBOX_FRAMES", "Admitted", "DeviceConnection", "PicowsFront", "Refusal"]
 
-log = logging.getLogger("iotpipe.ingest")
 # A logger adapter, not a Logger: picows then creates no child logger per connection
 # (it would keep 100k of them alive).
 _PICOWS_LOG = logging.LoggerAdapter(logging.getLogger("picows.ingest"), {})
@@ -80,9 +72,6 @@ _TEXT = WSMsgType.TEXT
 _BINARY = WSMsgType.BINARY
 _CONTINUATION = WSMsgType.CONTINUATION
 _CLOSE = WSMsgType.CLOSE
-_HEADER_SHORT = struct.Struct("!BB")
-_HEADER_16 = struct.Struct("!BBH")
-_HEADER_64 = struct.Struct("!BBQ")
 
 
 class Refusal(NamedTuple):
@@ -100,31 +89,9 @@ class Admitted(NamedTuple):
     token_id: str | None
 
 
-def encode_text_frames(payloads: list[bytes]) -> bytes:
-    """Server-to-client text frames (FIN, unmasked, RFC 6455 5.2) joined for one write."""
-    parts: list[bytes] = []
-    for payload in payloads:
-        size = len(payload)
-        if size < 126:
-            parts.append(_HEADER_SHORT.pack(0x81, size))
-        elif size < 65536:
-            parts.append(_HEADER_16.pack(0x81, 126, size))
-        else:
-            parts.append(_HEADER_64.pack(0x81, 127, size))
-        parts.append(payload)
-    return b"".join(parts)
-
-
-class _Pending:
-    """An ack owed once ``durable`` (the commit group's future) is done."""
-
-    __slots__ = ("durable", "ids", "read_at")
-
-    def __init__(self, durable: asyncio.Future[range], ids: list[str | int],
-                 read_at: float) -> None:
-        self.durable = durable
-        self.ids = ids
-        self.read_at = read_at
+# An ack owed once its commit group's future is done: (future, the frame's ids, when the
+# frame was read). A tuple: one is made per frame.
+_Pending = tuple["asyncio.Future[range]", list[str | int], float]
 
 
 class DeviceConnection(WSListener):  # type: ignore[misc]  # picows ships no stub base
@@ -148,6 +115,10 @@ class DeviceConnection(WSListener):  # type: ignore[misc]  # picows ships no stu
         self._close: tuple[int, str] | None = None   # a close owed after the replies
         self._close_sent = False
         self._close_timer: asyncio.TimerHandle | None = None
+        # Read per frame: looked up once.
+        server = front.server
+        self._counters = server.counters
+        self._clock = front.loop.time
 
     # -- picows callbacks ---------------------------------------------------------------
 
@@ -215,23 +186,30 @@ class DeviceConnection(WSListener):  # type: ignore[misc]  # picows ships no stu
             self._deferred.append(payload)
             return
         self._judge(payload)
-        self._flush()
+        # Most frames only add an ack waiting for its commit group: nothing to write yet.
+        replies = self._replies
+        if self._close is not None or len(replies) >= OUTBOX_FRAMES:
+            self._flush()
+        elif replies:
+            head = replies[0]
+            if head.__class__ is bytes or head[0].done():  # type: ignore[union-attr]
+                self._flush()
 
     def _judge(self, payload: bytes) -> None:
-        front = self.front
-        server = front.server
-        assert self.session is not None
-        read_at = front.loop.time()
-        outcome = self.session.on_frame(payload, read_at, time.time_ns())
+        session = self.session
+        assert session is not None
+        read_at = self._clock()
+        outcome = session.on_frame(payload, read_at, time.time_ns())
         if outcome.rejected:
-            server.counters.rejected.update(outcome.rejected)
+            self._counters.rejected.update(outcome.rejected)
         replies = self._replies
         if outcome.replies:
             replies.extend(outcome.replies)
         if outcome.readings:
+            server = self.front.server
             assert server.aqueue is not None
             durable = server.aqueue.submit(outcome.readings, server.settings.busy_wait)
-            replies.append(_Pending(durable, outcome.ids, read_at))
+            replies.append((durable, outcome.ids, read_at))
             if self._watching is not durable:  # one callback per group and connection
                 self._watching = durable
                 durable.add_done_callback(self._on_durable)
@@ -249,36 +227,24 @@ class DeviceConnection(WSListener):  # type: ignore[misc]  # picows ships no stu
         if not replies:
             return
         out: list[bytes] = []
-        server = self.front.server
-        counters = server.counters
-        now = self.front.loop.time()
+        counters = self._counters
+        now = self._clock()
         failed = False
         while replies:
             item = replies[0]
             if item.__class__ is bytes:
                 out.append(item)  # type: ignore[arg-type]
             else:
-                pending: _Pending = item  # type: ignore[assignment]
-                durable = pending.durable
+                durable, ids, read_at = item  # type: ignore[misc]
                 if not durable.done():
                     break
-                ids = pending.ids
-                error = durable.exception()
-                if error is None:
-                    counters.accepted += len(ids)
-                    counters.ack_frames += 1
-                    counters.observe_frame(len(ids))
-                    counters.observe_ack(now - pending.read_at)
+                if durable.exception() is None:  # the common case, without a call
+                    counters.observe_acked(len(ids), now - read_at)
                     out.append(encode_ack_frame(ids))
-                elif isinstance(error, QueueFull):
-                    counters.busy += len(ids)
-                    out.append(encode_busy_frame(ids, server.settings.busy_retry_ms))
-                else:  # QueueError, or a bug: never ack; tell the device and close 1011
-                    log.error("queue append failed", extra={"fields": {"error": str(error)}})
-                    counters.rejected["internal"] += len(ids)
-                    out.append(encode_error_frame("internal", list(ids),
-                                                  "the server cannot store messages"))
-                    failed = True
+                else:
+                    frame, failed = settled_reply(durable, ids, now - read_at, counters,
+                                                  self.front.server.settings.busy_retry_ms)
+                    out.append(frame)
             replies.popleft()
             if failed:
                 break
@@ -395,6 +361,10 @@ class PicowsFront:
     def stop_listening(self) -> None:
         if self._listener is not None:
             self._listener.close()
+
+    def request_close(self, conn: DeviceConnection, code: int, reason: str) -> None:
+        """Close ``conn`` with ``code`` once the replies it is owed are sent."""
+        conn.request_close(code, reason)
 
     async def wait_closed(self, connections: list[DeviceConnection], within: float) -> None:
         futures = [c.closed for c in connections if not c.closed.done()]

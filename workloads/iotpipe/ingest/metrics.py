@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -20,9 +21,14 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from iotpipe.protocol.forwarder import ForwarderCore
+from iotpipe.ingest.core.forwarder import ForwarderCore
 
-__all__ = ["ACK_SECONDS_BUCKETS", "FRAME_SIZE_BUCKETS", "IngestCollector", "IngestCounters"]
+if TYPE_CHECKING:
+    from iotpipe.ingest.drain import QueueDrainer
+    from iotpipe.queue import PersistentQueue
+
+__all__ = ["ACK_SECONDS_BUCKETS", "FRAME_SIZE_BUCKETS", "IngestCollector", "IngestCounters",
+           "RetiredCollector", "queue_depth", "retired_depth"]
 
 FRAME_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 # Frame read -> ack ready: a group-committed fdatasync is tens of microseconds to a few
@@ -50,6 +56,15 @@ class IngestCounters:
     def observe_frame(self, messages: int) -> None:
         self.frame_buckets[bisect_left(FRAME_SIZE_BUCKETS, messages)] += 1
         self.frame_sum += messages
+
+    def observe_acked(self, messages: int, seconds: float) -> None:
+        """One ack frame for ``messages`` ids, ``seconds`` after its frame was read."""
+        self.accepted += messages
+        self.ack_frames += 1
+        self.frame_buckets[bisect_left(FRAME_SIZE_BUCKETS, messages)] += 1
+        self.frame_sum += messages
+        self.ack_buckets[bisect_left(ACK_SECONDS_BUCKETS, seconds)] += 1
+        self.ack_sum += seconds
 
     def observe_ack(self, seconds: float) -> None:
         self.ack_buckets[bisect_left(ACK_SECONDS_BUCKETS, seconds)] += 1
@@ -125,3 +140,38 @@ def _forwarder_metrics(cores: list[ForwarderCore]) -> Iterator[Metric]:
         family = CounterMetricFamily(name, text)
         family.add_metric([], sum(getattr(core.stats, attr) for core in cores))
         yield family
+
+
+def queue_depth(queue: PersistentQueue | None) -> tuple[int, int, int]:
+    """(records, bytes, capacity) of the process's queue, zeros before it is open."""
+    if queue is None:
+        return (0, 0, 0)
+    depth = queue.depth()
+    return (depth.records, depth.bytes, queue.capacity_bytes)
+
+
+def retired_depth(drainers: Sequence[QueueDrainer]) -> tuple[int, int, int]:
+    """(records, bytes, capacity) summed over the retired queues being drained."""
+    depths = [d.depth() for d in drainers]
+    return (sum(d[0] for d in depths), sum(d[1] for d in depths), sum(d[2] for d in depths))
+
+
+class RetiredCollector(Collector):
+    """The retired queues (``p<i>`` of processes this pod no longer runs) being drained."""
+
+    def __init__(self, drainers: Callable[[], Sequence[QueueDrainer]],
+                 removed: Callable[[], int]) -> None:
+        self._drainers = drainers
+        self._removed = removed
+
+    def collect(self) -> Iterator[Metric]:
+        drainers = self._drainers()
+        yield GaugeMetricFamily("iotpipe_ingest_retired_queues",
+                                "Queues of processes no longer run, being drained",
+                                value=len(drainers))
+        records = GaugeMetricFamily("iotpipe_ingest_retired_queue_records",
+                                    "Records left in the retired queues being drained")
+        records.add_metric([], sum(d.depth()[0] for d in drainers))
+        yield records
+        yield CounterMetricFamily("iotpipe_ingest_retired_queues_removed",
+                                  "Retired queues drained and deleted", value=self._removed())

@@ -1,28 +1,23 @@
-"""``iotpipe ingest``: the device WebSocket server (a thin I/O shell) plus its forwarder.
+"""``iotpipe ingest``: one ingest process -- the device WebSocket front, the durable queue
+and the forwarder to the middle tier -- and the command's entry point.
 
-Two WebSocket cores share one handshake decision (``admit``: HTTP 401/404/503 naming the
-reason) and one commit path: picows (``front.py``, the default) and websockets (kept for
-``--compression``; ``--ws-core``). Each received frame goes through the sans-I/O
-``DeviceSession``; good messages join the open commit group (``AsyncQueue.submit``: the
-readings of every frame that arrives while an append is in flight become ONE batch, so one
-fdatasync and one future serve all of them). Replies go out in order per connection, and
-an ack only once its group is durable. A connection is read at most ``OUTBOX_FRAMES``
-frames ahead of its replies: while appends wait for queue space it stops being read
-(backpressure), and after ``busy_wait`` seconds the waiting frames are answered ``busy``.
+The process wires the parts; each lives in its own module:
 
-Processes: with ``--processes N`` a parent starts N children on one port (SO_REUSEPORT).
-Child ``i`` uses queue dir ``<data_dir>/p<i>`` and node id ``<node_id>-p<i>~<incarnation>``
-(see identity.py). With N = 1 the single process is ``p0`` itself (same layout, so
-``iotpipe drain`` always finds ``p<i>`` directories). The parent forwards SIGTERM and
-SIGINT and restarts a child that dies unexpectedly. Children die with the parent (Linux
-``PR_SET_PDEATHSIG``), so a SIGKILLed parent leaves no process holding the port or a queue.
+- ``core/``: the sans-I/O device protocol (``DeviceSession`` judges every frame), rate
+  limits and the forwarder's windowed-batch core;
+- ``front.py`` (picows, the default) and ``wsfront.py`` (websockets, for
+  ``--compression``): the WebSocket cores. Both share one handshake decision
+  (``IngestServer.admit``: HTTP 401/403/404/503 naming the reason) and one commit path: good
+  messages join the open commit group (``AsyncQueue.submit``: the readings of every frame
+  that arrives while an append is in flight become ONE batch, one fdatasync), and replies
+  go out in order per connection, an ack only once its group is durable (``acks.py``);
+- ``forwarder.py``: the thread that sends the queue to the middle tier;
+- ``pod.py``: the parent of ``--processes N`` (N children on one port, one pod endpoint);
+- ``drain.py``: retired queues and ``iotpipe drain``.
 
-One health and metrics endpoint per pod: with N > 1 the parent serves ``/metrics``,
-``/healthz`` and ``/readyz`` on ``metrics_port``; each child serves its own on a private
-loopback port that it reports to the parent through a pipe. The parent's ``/metrics``
-sums the children's ``iotpipe_*`` samples (connections, counters, queue depth: pod
-totals; see ``observability.merge_scrapes``) and its ``/readyz`` fails while any child is
-dead, restarting, or not ready itself.
+Processes: child ``i`` uses queue dir ``<data_dir>/p<i>`` and node id
+``<node_id>-p<i>~<incarnation>`` (see identity.py). With N = 1 the single process is ``p0``
+itself (same layout, so ``iotpipe drain`` always finds ``p<i>`` directories).
 
 Middle endpoints: ``--middle-endpoints-file`` is re-read every
 ``--endpoints-reload-seconds``; a changed list goes to the running forwarders (added
@@ -43,177 +38,61 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import http
 import logging
 import os
 import resource
 import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Sequence
 from urllib.parse import parse_qs, urlsplit
 
-from prometheus_client import REGISTRY, CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from pydantic import Field
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
+from prometheus_client import REGISTRY
 
 from iotpipe import lifecycle
 from iotpipe.auth import DEVICE_AUDIENCE, AuthError, bearer_token, load_secret, verify_identity
 from iotpipe.curve import load_keys
-from iotpipe.denylist import CLOSE_REVOKED, DenyList, DenyListFile
+from iotpipe.denylist import CLOSE_REVOKED, DenyList, DenyListFile, reload_security
 from iotpipe.endpoints import (
     EndpointsCollector,
     EndpointsError,
     EndpointsFile,
     resolve_endpoints,
 )
+from iotpipe.ingest.core import CLOSE_GOING_AWAY, DeviceBuckets, FrameLimits
 from iotpipe.ingest.drain import QueueDrainer, process_dirs, remove_leftovers
 from iotpipe.ingest.forwarder import CONSUMER, Forwarder
 from iotpipe.ingest.front import Admitted, PicowsFront, Refusal
 from iotpipe.ingest.identity import queue_node_id
-from iotpipe.ingest.metrics import IngestCollector, IngestCounters
+from iotpipe.ingest.metrics import (
+    IngestCollector,
+    IngestCounters,
+    RetiredCollector,
+    queue_depth,
+    retired_depth,
+)
+from iotpipe.ingest.pod import die_with_parent, run_parent
+from iotpipe.ingest.settings import IngestSettings, ws_core
+from iotpipe.ingest.wsfront import WebsocketsFront
 from iotpipe.observability import (
     ObservabilityServer,
     PortInUse,
     QueueDepthCollector,
-    merge_scrapes,
     setup_logging,
 )
-from iotpipe.protocol import (
-    CLOSE_GOING_AWAY,
-    CLOSE_INTERNAL,
-    DeviceSession,
-    FrameLimits,
-    TokenBucket,
-    encode_ack_frame,
-    encode_busy_frame,
-    encode_error_frame,
-)
-from iotpipe.queue import AsyncQueue, PersistentQueue, QueueError, QueueFull
+from iotpipe.queue import AsyncQueue, PersistentQueue, QueueError
 from iotpipe.security import check_security_settings
-from iotpipe.settings import (
-    CommaList,
-    EdgeSecuritySettings,
-    Internal,
-    ServerSettings,
-    parse_settings,
-    tier_config,
-)
+from iotpipe.settings import parse_settings
 from iotpipe.tlsconfig import ReloadingTLS
 
 __all__ = ["IngestServer", "IngestSettings", "main"]
 
 log = logging.getLogger("iotpipe.ingest")
 PATH = "/v1/ingest"
-PROCESS_INDEX_ENV = "IOTPIPE_INGEST_PROCESS_INDEX"
-PARENT_PID_ENV = "IOTPIPE_INGEST_PARENT_PID"
-REPORT_FD_ENV = "IOTPIPE_INGEST_REPORT_FD"
 # How often process 0 looks again for retired queues it could not open (still locked).
 RETIRED_SCAN_SECONDS = 10.0
-
-
-class IngestSettings(EdgeSecuritySettings, ServerSettings):
-    """Device WebSocket server: authenticates devices, stores each message durably, acks it,
-    and forwards the queue to the middle tier."""
-
-    model_config = tier_config("iotpipe ingest", "IOTPIPE_INGEST_")
-
-    port: int = Field(8080, ge=0, le=65535, description="WebSocket port (path /v1/ingest)")
-    metrics_port: int = Field(9100, ge=0, le=65535,
-                              description="port of /metrics, /healthz and /readyz of the pod "
-                                          "(covers every process)")
-    data_dir: Path = Field(Path("/var/lib/iotpipe/queue"),
-                           description="queue directory (process i uses <data_dir>/p<i>)")
-    queue_bytes: int = Field(1 << 30, gt=0, description="queue capacity per process in bytes")
-    processes: int = Field(1, ge=1, le=256, description="processes on one port (SO_REUSEPORT)")
-    node_id: str = Field(default_factory=socket.gethostname,
-                         description="node identity (process i is NODE_ID-pI)")
-    middle_endpoints: CommaList = Field(default_factory=list,
-                                        description="middle ROUTER endpoints, comma separated")
-    middle_endpoints_file: str = Field(
-        "", description="file listing the middle ROUTER endpoints, one per line (key 'router' "
-                        "of the endpoints ConfigMap), re-read while running; wins over "
-                        "--middle-endpoints when usable")
-    endpoints_reload_seconds: float = Field(2.0, gt=0,
-                                            description="seconds between endpoints file checks")
-    insecure_no_auth: bool = Field(False, description="no tokens; device from ?device= or the "
-                                   "message's 'device' field (local demos only)")
-    rate_limit: float = Field(1000.0, ge=0, description="messages/s per device (0 = unlimited)")
-    rate_burst: float = Field(0.0, ge=0, description="token bucket size (0 = 2 x rate_limit)")
-    flood_limit: int = Field(20, ge=1, description="consecutive rate-limited frames before the "
-                             "device is closed with 1008")
-    max_frame_bytes: int = Field(65536, ge=128, description="largest frame (bigger -> close 1009)")
-    max_batch: int = Field(1000, ge=1, description="messages per batch frame")
-    busy_wait: float = Field(1.0, ge=0, description="seconds to wait for queue space before "
-                             "answering busy")
-    busy_retry_ms: int = Field(1000, ge=1, description="retry hint sent with busy")
-    compression: bool = Field(False, description="permessage-deflate (costs ~35 KB/connection; "
-                              "needs the websockets core)")
-    ws_core: Literal["auto", "picows", "websockets"] = Field(
-        "auto", description="WebSocket implementation: picows (about 3x cheaper per message, "
-                            "no permessage-deflate) or websockets; auto = websockets with "
-                            "--compression, else picows")
-    open_timeout: float = Field(10.0, gt=0, description="seconds to finish the handshake")
-    ping_interval: float = Field(20.0, gt=0, description="seconds between keepalive pings")
-    ping_timeout: float = Field(20.0, gt=0, description="seconds to wait for a pong")
-    drain_timeout: float = Field(60.0, gt=0, description="seconds to empty the queue on SIGTERM")
-    drain_close_rate: float = Field(500.0, gt=0, description="device closes per second on drain")
-    forward_batch: int = Field(512, ge=1, description="records per batch to the middle tier")
-    forward_window: int = Field(8, ge=1, description="batches in flight to the middle tier")
-    forward_ack_timeout: float = Field(5.0, gt=0, description="seconds before failover/resend")
-    # Set by the parent of --processes N for each child; not user options.
-    process_index: int = Field(-1, ge=-1, description=Internal)
-    parent_pid: int = Field(0, ge=0, description=Internal)
-    report_fd: int = Field(-1, ge=-1, description=Internal)
-
-
-class _DeviceBuckets:
-    """One token bucket per device id, shared by that device's connections in this process."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate = rate
-        self.burst = burst if burst > 0 else max(1.0, 2 * rate)
-        self._buckets: dict[str, tuple[TokenBucket, int]] = {}
-
-    def acquire(self, device: str | None, now: float) -> TokenBucket | None:
-        if self.rate <= 0:
-            return None
-        if device is None:  # insecure mode, device named per message: one per connection
-            return TokenBucket(self.rate, self.burst, now)
-        bucket, users = self._buckets.get(device) or (TokenBucket(self.rate, self.burst, now), 0)
-        self._buckets[device] = (bucket, users + 1)
-        return bucket
-
-    def release(self, device: str | None) -> None:
-        if device is None:
-            return
-        key = device
-        entry = self._buckets.get(key)
-        if entry is None:
-            return
-        bucket, users = entry
-        if users <= 1:
-            del self._buckets[key]
-        else:
-            self._buckets[key] = (bucket, users - 1)
-
-
-# What a connection's sender task gets: a reply frame, (durable-future, ids) for an ack,
-# or None to stop.
-# A frame's durable append, its message ids and when it was read (for the ack latency).
-_Reply = bytes | tuple["asyncio.Future[range]", list[str | int], float] | None
-OUTBOX_FRAMES = 16
 
 
 class IngestServer:
@@ -238,16 +117,14 @@ class IngestServer:
                     if settings.tls_cert else None)
         self.deny_file = DenyListFile(settings.deny_list_file) if settings.deny_list_file else None
         self.deny = self.deny_file.current if self.deny_file else DenyList()
-        self._revoking: set[asyncio.Task[None]] = set()
         self.limits = FrameLimits(max_batch=settings.max_batch)
         self.draining = False
-        self.buckets = _DeviceBuckets(settings.rate_limit, settings.rate_burst)
+        self.buckets = DeviceBuckets(settings.rate_limit, settings.rate_burst)
         self.queue: PersistentQueue | None = None
         self.aqueue: AsyncQueue | None = None
         self.forwarder: Forwarder | None = None
-        self.ws_server: Server | None = None   # the websockets core
         self.front: PicowsFront | None = None  # the picows core
-        self._handlers: set[asyncio.Task[Any]] = set()
+        self.ws_front: WebsocketsFront | None = None  # the websockets core
         self.counters = IngestCounters()
         self._port = 0
 
@@ -255,7 +132,7 @@ class IngestServer:
 
     def ready(self) -> bool:
         fwd = self.forwarder
-        listening = self.ws_server is not None or self.front is not None
+        listening = self.front is not None or self.ws_front is not None
         return (not self.draining and listening and fwd is not None
                 and fwd.error is None
                 and all(d.forwarder.error is None for d in list(self.retired.values())))
@@ -328,172 +205,20 @@ class IngestServer:
                            f"revoked: this {refusal} is on the deny list\n", {})
         return Admitted(device, token_id)
 
-    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        verdict = self.admit(request.path, request.headers.get("Authorization"))
-        if isinstance(verdict, Refusal):
-            response = connection.respond(verdict.status, verdict.body)
-            response.headers.update(verdict.headers)
-            return response
-        connection.device_id = verdict.device_id  # type: ignore[attr-defined]
-        connection.token_id = verdict.token_id  # type: ignore[attr-defined]
-        return None
-
     # -- reloads (TLS certificate, deny list) ----------------------------------------
 
-    def reload_tls(self) -> None:
-        if self.tls is not None:
-            self.tls.check()
-
     def reload_deny_list(self) -> int:
-        """Re-read the deny list; close open connections it now refuses (how many)."""
-        if self.deny_file is None:
+        """Re-read the deny list; close open connections it now refuses (how many), each
+        after the replies it is owed."""
+        front = self._front()
+        if self.deny_file is None or front is None:
             return 0
-        fresh = self.deny_file.check()
-        if fresh is None:
-            return 0
-        self.deny = fresh
-        closed = 0
-        if self.front is not None:
-            for device in list(self.front.connections):
-                reason = fresh.refusal("device", device.device_id, device.token_id)
-                if reason is not None:  # closed after the acks it is owed (counted there)
-                    device.request_close(CLOSE_REVOKED, f"revoked: {reason}")
-                    closed += 1
-        if self.ws_server is None:
-            if closed:
-                log.info("revoked connections closed", extra={"fields": {"connections": closed}})
-            return closed
-        for conn in list(self.ws_server.connections):
-            reason = fresh.refusal("device", getattr(conn, "device_id", None),
-                                   getattr(conn, "token_id", None))
-            if reason is None:
-                continue
-            self.counters.closes[str(CLOSE_REVOKED)] += 1
-            task = asyncio.get_running_loop().create_task(
-                conn.close(CLOSE_REVOKED, f"revoked: {reason}"))
-            self._revoking.add(task)
-            task.add_done_callback(self._revoking.discard)
-            closed += 1
-        if closed:
-            log.info("revoked connections closed", extra={"fields": {"connections": closed}})
+        closed = self.deny_file.revoke(
+            "device", front.connections,
+            lambda c: (getattr(c, "device_id", None), getattr(c, "token_id", None)),
+            lambda c, reason: front.request_close(c, CLOSE_REVOKED, reason))
+        self.deny = self.deny_file.current
         return closed
-
-    # -- one device ------------------------------------------------------------------
-
-    async def handle(self, ws: ServerConnection) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        loop = asyncio.get_running_loop()
-        device: str | None = getattr(ws, "device_id", None)
-        session = DeviceSession(device, bucket=self.buckets.acquire(device, loop.time()),
-                                limits=self.limits, flood_limit=self.settings.flood_limit)
-        outbox: asyncio.Queue[_Reply] = asyncio.Queue(maxsize=OUTBOX_FRAMES)
-        sender = asyncio.create_task(self._sender(ws, outbox))
-        counters = self.counters
-        counters.connections += 1
-        try:
-            await self._read_loop(ws, session, outbox)
-        except ConnectionClosed:
-            pass
-        finally:
-            counters.connections -= 1
-            self.buckets.release(device)
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
-                await sender
-            self._handlers.discard(task)
-
-    async def _read_loop(self, ws: ServerConnection, session: DeviceSession,
-                         outbox: asyncio.Queue[_Reply]) -> None:
-        assert self.aqueue is not None
-        loop = asyncio.get_running_loop()
-        aqueue = self.aqueue
-        busy_wait = self.settings.busy_wait
-        counters = self.counters
-        while True:
-            frame = await ws.recv(decode=False)
-            read_at = loop.time()
-            outcome = session.on_frame(frame, read_at, time.time_ns())
-            if outcome.rejected:
-                counters.rejected.update(outcome.rejected)
-            for reply in outcome.replies:
-                await outbox.put(reply)
-            if outcome.readings:
-                # The sender acks once the append is durable; this loop reads on until the
-                # outbox is full, which is the backpressure: a device whose frames wait for
-                # queue space is not read beyond OUTBOX_FRAMES frames.
-                pending = (aqueue.submit(outcome.readings, busy_wait), outcome.ids, read_at)
-                if outbox.full():
-                    await outbox.put(pending)
-                else:  # the common case, without a coroutine per frame
-                    outbox.put_nowait(pending)
-            if outcome.close is not None:
-                await self._close_after_flush(ws, outbox, *outcome.close)
-                return
-
-    async def _close_after_flush(self, ws: ServerConnection, outbox: asyncio.Queue[_Reply],
-                                 code: int, reason: str) -> None:
-        self.counters.closes[str(code)] += 1
-        await outbox.put(None)  # the sender sends what is queued, then stops
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(outbox.join(), timeout=self.settings.busy_wait + 5.0)
-        # Frames the device already sent are read and dropped while closing: websockets
-        # stops reading the socket when its frame buffer is full, and would then never
-        # see the device's close reply (waiting close_timeout instead).
-        closing = asyncio.create_task(ws.close(code, reason))
-        with contextlib.suppress(ConnectionClosed):
-            while not closing.done():
-                await ws.recv(decode=False)
-        await closing
-
-    async def _sender(self, ws: ServerConnection, outbox: asyncio.Queue[_Reply]) -> None:
-        """Sends replies in order; an ack only after its append is durable."""
-        counters = self.counters
-        busy_retry_ms = self.settings.busy_retry_ms
-        loop = asyncio.get_running_loop()
-        closed = False
-        while True:
-            item = await outbox.get()
-            try:
-                if item is None:
-                    return
-                if isinstance(item, tuple):
-                    durable, ids, read_at = item
-                    try:
-                        await durable
-                    except QueueFull:
-                        counters.busy += len(ids)
-                        frame = encode_busy_frame(ids, busy_retry_ms)
-                    except Exception as exc:  # QueueError, or a bug: never ack, close 1011
-                        log.error("queue append failed", extra={"fields": {"error": str(exc)}})
-                        counters.rejected["internal"] += len(ids)
-                        frame = encode_error_frame("internal", list(ids),
-                                                   "the server cannot store messages")
-                        if not closed:
-                            with contextlib.suppress(ConnectionClosed):
-                                await ws.send(frame, text=True)
-                        counters.closes[str(CLOSE_INTERNAL)] += 1
-                        closed = True
-                        asyncio.get_running_loop().create_task(
-                            ws.close(CLOSE_INTERNAL, "queue failure"))
-                        continue
-                    else:
-                        counters.accepted += len(ids)
-                        counters.ack_frames += 1
-                        counters.observe_frame(len(ids))
-                        counters.observe_ack(loop.time() - read_at)
-                        frame = encode_ack_frame(ids)
-                else:
-                    frame = item
-                if not closed:
-                    await ws.send(frame, text=True)
-            except ConnectionClosed:
-                # Keep consuming (and dropping) replies so the read loop never blocks on a
-                # full outbox; it learns of the close from its next recv.
-                closed = True
-            finally:
-                outbox.task_done()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -508,74 +233,44 @@ class IngestServer:
             window=s.forward_window, ack_timeout=s.forward_ack_timeout,
             curve_keys=self.curve_keys,
         ).start()
+        ssl_context = self.tls.context if self.tls is not None else None
         if ws_core(s) == "picows":
             self.front = PicowsFront(self, self.admit)
-            self._port = await self.front.start(
-                s.host, s.port, reuse_port=s.processes > 1,
-                ssl_context=self.tls.context if self.tls is not None else None)
-            return
-        self.ws_server = await serve(
-            self.handle, s.host, s.port,
-            process_request=self.process_request,
-            compression="deflate" if s.compression else None,
-            max_size=s.max_frame_bytes,
-            open_timeout=s.open_timeout,
-            ping_interval=s.ping_interval,
-            ping_timeout=s.ping_timeout,
-            close_timeout=5,
-            reuse_port=s.processes > 1,
-            ssl=self.tls.context if self.tls is not None else None,
-        )
-        self._port = int(self.ws_server.sockets[0].getsockname()[1])
+            self._port = await self.front.start(s.host, s.port, reuse_port=s.processes > 1,
+                                                ssl_context=ssl_context)
+        else:
+            self.ws_front = WebsocketsFront(self)
+            self._port = await self.ws_front.start(s.host, s.port, reuse_port=s.processes > 1,
+                                                   ssl_context=ssl_context)
+
+    def _front(self) -> PicowsFront | WebsocketsFront | None:
+        return self.front if self.front is not None else self.ws_front
 
     @property
     def port(self) -> int:
         """The bound WebSocket port (known once started; kept after the listener closes)."""
         return self._port
 
-    async def _drain_front(self, deadline: float) -> None:
-        """picows core: stop listening, close devices with 1001 at the drain rate (each
-        after the acks it is owed), wait for them and for the appends in flight."""
-        s = self.settings
-        front = self.front
-        assert front is not None and self.aqueue is not None
-        front.stop_listening()
-        log.info("draining", extra={"fields": {"connections": len(front.connections)}})
-        interval = 1.0 / s.drain_close_rate
-        spread_until = time.monotonic() + s.drain_timeout / 2
-        closing = list(front.connections)
-        for conn in closing:
-            conn.request_close(CLOSE_GOING_AWAY, "going away")
-            if time.monotonic() < spread_until:
-                await asyncio.sleep(interval)
-        await front.wait_closed(closing, deadline - time.monotonic())
-        await self.aqueue.wait_idle(deadline - time.monotonic())
-
     async def drain(self) -> bool:
-        """Stop accepting, close devices at a bounded rate, empty the queue. True if empty."""
+        """Stop accepting, close devices at a bounded rate (each after the acks it is owed),
+        wait for them and the appends in flight, empty the queue. True if empty."""
         s = self.settings
         deadline = time.monotonic() + s.drain_timeout
         self.draining = True
-        if self.front is not None:
-            await self._drain_front(deadline)
-            return await self._drain_queues(deadline)
-        assert self.ws_server is not None and self.forwarder is not None
-        self.ws_server.close(close_connections=False)
-        log.info("draining", extra={"fields": {"connections": len(self.ws_server.connections)}})
+        front = self._front()
+        assert front is not None and self.aqueue is not None
+        front.stop_listening()
+        closing = list(front.connections)
+        log.info("draining", extra={"fields": {"connections": len(closing)}})
         interval = 1.0 / s.drain_close_rate
-        closing = []
         # Half the drain time at most goes to spreading the closes; the rest at once.
         spread_until = time.monotonic() + s.drain_timeout / 2
-        for conn in list(self.ws_server.connections):
-            closing.append(asyncio.create_task(conn.close(CLOSE_GOING_AWAY, "going away")))
-            self.counters.closes[str(CLOSE_GOING_AWAY)] += 1
+        for conn in closing:
+            front.request_close(conn, CLOSE_GOING_AWAY, "going away")  # type: ignore[arg-type]
             if time.monotonic() < spread_until:
                 await asyncio.sleep(interval)
-        if closing:
-            await asyncio.wait(closing, timeout=max(0.1, deadline - time.monotonic()))
-        if self._handlers:  # appends in progress finish (and are acked) before we count
-            await asyncio.wait(list(self._handlers),
-                               timeout=max(0.1, deadline - time.monotonic()))
+        await front.wait_closed(closing, deadline - time.monotonic())  # type: ignore[arg-type]
+        await self.aqueue.wait_idle(deadline - time.monotonic())
         return await self._drain_queues(deadline)
 
     async def _drain_queues(self, deadline: float) -> bool:
@@ -599,10 +294,8 @@ class IngestServer:
         for name, drainer in list(self.retired.items()):
             del self.retired[name]
             await asyncio.to_thread(drainer.close, True)
-        if self.ws_server is not None:
-            self.ws_server.close()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.ws_server.wait_closed(), 5)
+        if self.ws_front is not None:
+            await self.ws_front.aclose()
         if self.front is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.front.aclose(), 6)
@@ -614,46 +307,6 @@ class IngestServer:
             self.queue.close()
 
 
-def ws_core(settings: IngestSettings) -> str:
-    """The WebSocket core in use: picows unless compression needs websockets."""
-    if settings.ws_core == "auto":
-        return "websockets" if settings.compression else "picows"
-    return settings.ws_core
-
-
-def _queue_source(server: IngestServer) -> tuple[int, int, int]:
-    q = server.queue
-    if q is None:
-        return (0, 0, 0)
-    depth = q.depth()
-    return (depth.records, depth.bytes, q.capacity_bytes)
-
-
-def _retired_source(server: IngestServer) -> tuple[int, int, int]:
-    depths = [d.depth() for d in list(server.retired.values())]
-    return (sum(d[0] for d in depths), sum(d[1] for d in depths), sum(d[2] for d in depths))
-
-
-class _RetiredCollector:
-    """The retired queues (``p<i>`` of processes this pod no longer runs) being drained."""
-
-    def __init__(self, server: IngestServer) -> None:
-        self._server = server
-
-    def collect(self) -> Iterator[Metric]:
-        drainers = list(self._server.retired.values())
-        yield GaugeMetricFamily("iotpipe_ingest_retired_queues",
-                                "Queues of processes no longer run, being drained",
-                                value=len(drainers))
-        records = GaugeMetricFamily("iotpipe_ingest_retired_queue_records",
-                                    "Records left in the retired queues being drained")
-        records.add_metric([], sum(d.depth()[0] for d in drainers))
-        yield records
-        yield CounterMetricFamily("iotpipe_ingest_retired_queues_removed",
-                                  "Retired queues drained and deleted",
-                                  value=self._server.retired_removed)
-
-
 async def run_process(settings: IngestSettings, index: int,
                       endpoints: Sequence[str] | None = None,
                       watched: EndpointsFile | None = None) -> int:
@@ -662,10 +315,12 @@ async def run_process(settings: IngestSettings, index: int,
     # "retired": queues of processes this pod no longer runs, until drained and deleted
     # (so the depth covers everything on the pod's volume).
     REGISTRY.register(QueueDepthCollector("ingest", {
-        "ingest": lambda: _queue_source(server), "retired": lambda: _retired_source(server)}))
+        "ingest": lambda: queue_depth(server.queue),
+        "retired": lambda: retired_depth(list(server.retired.values()))}))
     REGISTRY.register(IngestCollector(
         server.counters, lambda: [server.forwarder.core] if server.forwarder else []))
-    REGISTRY.register(_RetiredCollector(server))
+    REGISTRY.register(RetiredCollector(lambda: list(server.retired.values()),
+                                       lambda: server.retired_removed))
     if watched is not None:
         REGISTRY.register(EndpointsCollector({"router": watched}))
     child = settings.process_index >= 0
@@ -688,6 +343,9 @@ async def run_process(settings: IngestSettings, index: int,
         loop.add_signal_handler(sig, stop.set)
     if lifecycle.requested():
         return 0  # stopped while starting: nothing was opened yet
+    reloads = asyncio.create_task(reload_security(
+        server.tls, settings.tls_reload_seconds, server.reload_deny_list,
+        settings.deny_list_reload_seconds))
     try:
         try:
             await server.start()
@@ -705,19 +363,10 @@ async def run_process(settings: IngestSettings, index: int,
             "retired_queues": sorted(server.retired)}})
         next_check = time.monotonic() + settings.endpoints_reload_seconds
         next_retired_scan = time.monotonic() + RETIRED_SCAN_SECONDS
-        next_tls = time.monotonic() + settings.tls_reload_seconds
-        next_deny = time.monotonic() + settings.deny_list_reload_seconds
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(),
-                                       min(0.5, settings.endpoints_reload_seconds,
-                                           settings.deny_list_reload_seconds))
-            if time.monotonic() >= next_tls:
-                next_tls = time.monotonic() + settings.tls_reload_seconds
-                server.reload_tls()
-            if time.monotonic() >= next_deny:
-                next_deny = time.monotonic() + settings.deny_list_reload_seconds
-                server.reload_deny_list()
+                                       min(0.5, settings.endpoints_reload_seconds))
             if watched is not None and time.monotonic() >= next_check:
                 next_check = time.monotonic() + settings.endpoints_reload_seconds
                 changed = watched.check()
@@ -737,6 +386,7 @@ async def run_process(settings: IngestSettings, index: int,
         empty = await server.drain()
         return 0 if empty else 1
     finally:
+        reloads.cancel()
         await server.aclose()
         obs.stop()
 
@@ -765,201 +415,6 @@ def _install_uvloop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Linux: have the kernel SIGKILL this process when its parent dies.
-
-    Set by the child itself at startup; the parent may have died before that (the flag
-    only covers deaths after it is set), so the parent pid is checked afterwards: a child
-    re-parented already exits at once. SIGKILL rather than SIGTERM: the pod's parent is
-    gone abnormally, a new one must find the port and the queues free, and nothing acked
-    depends on a graceful exit (the queues are durable).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        log.warning("prctl(PR_SET_PDEATHSIG) failed", extra={"fields": {
-            "errno": ctypes.get_errno()}})
-    if os.getppid() != parent_pid:
-        log.error("parent process already gone; exiting", extra={"fields": {
-            "parent_pid": parent_pid}})
-        os._exit(1)
-
-
-class _Child:
-    """One child process as the parent sees it: the process and its private metrics port."""
-
-    def __init__(self, index: int, argv: Sequence[str]) -> None:
-        self.index = index
-        read_fd, write_fd = os.pipe()
-        env = {**os.environ, PROCESS_INDEX_ENV: str(index), PARENT_PID_ENV: str(os.getpid()),
-               REPORT_FD_ENV: str(write_fd)}
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "iotpipe.cli", "ingest", *argv], env=env,
-                pass_fds=(write_fd,))
-        finally:
-            os.close(write_fd)
-        os.set_blocking(read_fd, False)
-        self._read_fd: int | None = read_fd
-        self._buffer = b""
-        self.metrics_port: int | None = None
-
-    def poll_port(self) -> int | None:
-        """Read the child's report pipe (non-blocking): its metrics port once known."""
-        if self._read_fd is not None:
-            try:
-                chunk = os.read(self._read_fd, 64)
-            except BlockingIOError:
-                chunk = None
-            if chunk is not None:
-                self._buffer += chunk
-                if b"\n" in self._buffer or not chunk:  # a line, or EOF (the child died)
-                    line = self._buffer.split(b"\n", 1)[0].strip()
-                    self.metrics_port = int(line) if line.isdigit() else None
-                    self.close()
-        return self.metrics_port
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def close(self) -> None:
-        if self._read_fd is not None:
-            os.close(self._read_fd)
-            self._read_fd = None
-
-
-# Straight to the child: an HTTP(S)_PROXY in the pod's environment must not apply.
-_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _http_get(port: int, path: str, timeout: float) -> tuple[int, str]:
-    try:
-        with _LOCAL.open(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
-            return int(response.status), response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), ""
-    except OSError:
-        return 0, ""
-
-
-class PodView:
-    """The pod's one health and metrics endpoint, served by the parent process.
-
-    Asks every child's private endpoint at request time, all children at once (so a scrape
-    is as fresh as a single process's, and one hung child costs one timeout, not N). Read
-    from the observability thread while the main thread replaces children, hence the
-    copies of ``children``.
-    """
-
-    def __init__(self, processes: int, probe_timeout: float = 0.8,
-                 scrape_timeout: float = 3.0) -> None:
-        self.processes = processes
-        # Below Kubernetes' default probe timeout (1 s): a hung child makes the pod's
-        # answer "not ready", not a probe timeout.
-        self.probe_timeout = probe_timeout
-        self.scrape_timeout = scrape_timeout
-        self.children: dict[int, _Child] = {}
-        self.restarts = 0
-        self._pool = ThreadPoolExecutor(max_workers=max(2, 2 * processes),
-                                        thread_name_prefix="pod-view")
-
-    def _ports(self) -> dict[int, int | None]:
-        return {i: (c.metrics_port if c.alive() else None)
-                for i, c in list(self.children.items())}
-
-    def _ask(self, ports: dict[int, int], path: str, timeout: float
-             ) -> dict[int, tuple[int, str]]:
-        futures = {i: self._pool.submit(_http_get, port, path, timeout)
-                   for i, port in ports.items()}
-        return {i: future.result() for i, future in futures.items()}
-
-    def ready(self) -> bool:
-        ports = self._ports()
-        if len(ports) < self.processes or any(p is None for p in ports.values()):
-            return False  # a child is dead, restarting, or not serving yet
-        answers = self._ask({i: p for i, p in ports.items() if p is not None}, "/readyz",
-                            self.probe_timeout)
-        return all(status == 200 for status, _ in answers.values())
-
-    def collect(self) -> Iterator[Metric]:
-        ports = {i: p for i, p in self._ports().items() if p is not None}
-        answers = self._ask(ports, "/metrics", self.scrape_timeout)
-        scrapes = {str(i): text for i, (status, text) in sorted(answers.items())
-                   if status == 200}
-        yield from merge_scrapes(scrapes)
-        yield GaugeMetricFamily("iotpipe_ingest_processes", "Ingest processes configured",
-                                value=self.processes)
-        yield GaugeMetricFamily("iotpipe_ingest_processes_scraped",
-                                "Ingest processes whose metrics this scrape includes",
-                                value=len(scrapes))
-        yield CounterMetricFamily("iotpipe_ingest_process_restarts",
-                                  "Child processes restarted after dying", value=self.restarts)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _run_parent(settings: IngestSettings, argv: Sequence[str]) -> int:
-    """Start N children on one port; serve the pod's endpoint; forward signals; restart
-    children that die."""
-    view = PodView(settings.processes)
-    stopping = False
-
-    def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in list(view.children.values()):
-            if child.alive():
-                child.proc.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    if lifecycle.requested():
-        return 0  # stopped while starting: no child was started
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(view)
-    try:
-        obs = ObservabilityServer(settings.host, settings.metrics_port, ready=view.ready,
-                                  registry=registry).start()
-    except PortInUse as exc:
-        print(f"iotpipe ingest: error: {exc}", file=sys.stderr)
-        return 1
-    log.info("ingest pod endpoint", extra={"fields": {
-        "metrics_port": obs.port, "processes": settings.processes}})
-    try:
-        for i in range(settings.processes):
-            view.children[i] = _Child(i, argv)
-        codes: dict[int, int] = {}
-        while len(codes) < len(view.children):
-            time.sleep(0.1)
-            for i, child in list(view.children.items()):
-                child.poll_port()
-                if i in codes:
-                    continue
-                rc = child.proc.poll()
-                if rc is None:
-                    continue
-                child.close()
-                if stopping:
-                    codes[i] = rc
-                else:
-                    log.error("ingest child died; restarting", extra={"fields": {
-                        "index": i, "rc": rc}})
-                    time.sleep(0.5)
-                    view.restarts += 1
-                    view.children[i] = _Child(i, argv)
-        return max(codes.values(), default=0)
-    finally:
-        obs.stop()
-        view.close()
-        for child in view.children.values():
-            child.close()
-
-
 def main(argv: Sequence[str]) -> int:
     lifecycle.catch_early()  # a stop while the queue opens counts (see iotpipe.lifecycle)
     settings = parse_settings(IngestSettings, argv)
@@ -970,11 +425,6 @@ def main(argv: Sequence[str]) -> int:
     # websockets and picows log every connection open/close at INFO: far too much at C10K.
     logging.getLogger("websockets").setLevel(logging.WARNING)
     logging.getLogger("picows").setLevel(logging.WARNING)
-    if settings.compression and settings.ws_core == "picows":
-        print("iotpipe ingest: error: --compression (permessage-deflate) needs the websockets "
-              "core: use --ws-core websockets or auto (picows has no permessage-deflate)",
-              file=sys.stderr)
-        return 2
     try:
         endpoints, watched = resolve_endpoints(
             "--middle-endpoints", settings.middle_endpoints,
@@ -994,7 +444,7 @@ def main(argv: Sequence[str]) -> int:
         print(f"iotpipe ingest: error: {problem}", file=sys.stderr)
         return 2
     if index < 0 and settings.processes > 1:
-        return _run_parent(settings, argv)
+        return run_parent(settings, argv)
     _install_uvloop()
     _raise_nofile()
     return asyncio.run(run_process(settings, max(index, 0), endpoints, watched))

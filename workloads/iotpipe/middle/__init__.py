@@ -1,5 +1,6 @@
 """The middle tier: fan-in log, live PUB fan-out and the durable storage feed.
 
-``core`` holds the sans-I/O state machines (deduplication marks, batch intake, feed
-leases); ``server`` is the ZeroMQ I/O shell and ``main(argv)`` for ``iotpipe middle``.
+``core`` gathers the sans-I/O cores (``intervals``, ``dedup``, ``intake``, ``recent``,
+``feed``); ``server`` is the ZeroMQ I/O shell and ``main(argv)`` for ``iotpipe middle``,
+with ``settings``, ``metrics`` and ``store`` (the marks checkpoint file) beside it.
 """

@@ -48,35 +48,34 @@ import contextlib
 import errno
 import logging
 import signal
-import socket
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from types import FrameType
-from typing import Literal
 
-import msgpack
 import zmq
 import zmq.backend
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import Field
 
 from iotpipe import curve, lifecycle, wire
-from iotpipe.durable import write_atomic
+from iotpipe.middle import hot
 from iotpipe.middle.core import (
-    CheckpointError,
     FeedCore,
     Intake,
     IntakePlan,
-    NodeMarks,
     RecentRecords,
     Reply,
     UnknownGroup,
-    decode_checkpoint,
     encode_checkpoint,
-    reading_topic,
+)
+from iotpipe.middle.metrics import MiddleCollector
+from iotpipe.middle.settings import MiddleSettings
+from iotpipe.middle.store import (
+    CHECKPOINT_FILE,
+    QUEUE_DIR,
+    read_checkpoint,
+    rebuild_marks,
+    write_checkpoint,
 )
 from iotpipe.observability import (
     ObservabilityServer,
@@ -85,220 +84,16 @@ from iotpipe.observability import (
     setup_logging,
 )
 from iotpipe.queue import PersistentQueue, QueueFull
-from iotpipe.settings import CommaList, ServerSettings, parse_settings, tier_config
+from iotpipe.settings import parse_settings
 
-__all__ = ["MiddleServer", "MiddleSettings", "main", "read_checkpoint", "write_checkpoint"]
+__all__ = ["MiddleServer", "MiddleSettings", "main"]
 
 log = logging.getLogger("iotpipe.middle")
 
-CHECKPOINT_FILE = "marks.ckpt"
 _SEND_MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _SEND_NOBLOCK = int(zmq.NOBLOCK)
 _RCVMORE = int(zmq.RCVMORE)
-_packb = msgpack.Packer(use_bin_type=True).pack
-QUEUE_DIR = "queue"
 STATS_INTERVAL_S = 60.0
-
-
-class MiddleSettings(ServerSettings):
-    """Fan-in log (ROUTER), live fan-out (PUB) and the durable storage feed (ROUTER)."""
-
-    model_config = tier_config("iotpipe middle", "IOTPIPE_MIDDLE_")
-
-    host: str = Field("0.0.0.0", description="bind address of every socket and the metrics port")
-    metrics_port: int = Field(9101, ge=0, le=65535,
-                              description="port of /metrics, /healthz and /readyz")
-    router_port: int = Field(5555, ge=1, le=65535,
-                             description="ROUTER port receiving batches from ingest nodes")
-    pub_port: int = Field(5556, ge=1, le=65535, description="PUB port of live events (relay)")
-    feed_port: int = Field(5557, ge=1, le=65535,
-                           description="ROUTER port of the durable feed (storage consumers)")
-    data_dir: Path = Field(Path("/var/lib/iotpipe/log"),
-                           description="directory of the log (queue/) and the marks checkpoint")
-    log_bytes: int = Field(4 << 30, ge=1 << 16, description="log capacity in bytes")
-    segment_bytes: int = Field(64 << 20, ge=1 << 12,
-                               description="log segment file size (capped to log_bytes)")
-    persist: Literal["auto", "fdatasync", "pmem"] = Field(
-        "auto", description="log persist backend: auto (pmem only on real pmem), fdatasync, pmem")
-    middle_id: str = Field(default_factory=socket.gethostname,
-                           description="this middle's name in live events and deliveries")
-    consumer_groups: CommaList = Field(
-        ["storage"],
-        description="durable feed consumer groups, comma separated; the log keeps every "
-                    "record until each of them acknowledged it")
-    lease_timeout: float = Field(30.0, gt=0,
-                                 description="seconds before an unacknowledged delivery is "
-                                             "redelivered")
-    consumer_timeout: float = Field(30.0, gt=0,
-                                    description="seconds without a feed request after which a "
-                                                "consumer is dropped and its deliveries "
-                                                "redelivered")
-    checkpoint_interval: float = Field(1.0, gt=0,
-                                       description="seconds between dedup-marks checkpoints")
-    max_holes: int = Field(256, ge=1,
-                           description="open gaps remembered per ingest node (oldest closed)")
-    max_delivery_records: int = Field(512, ge=1, description="records per feed delivery")
-    max_delivery_bytes: int = Field(4 << 20, ge=1024, description="bytes per feed delivery")
-    recent_bytes: int = Field(64 << 20, ge=0,
-                              description="recently appended records kept in memory to serve "
-                                          "feed deliveries without reading the log")
-    max_group_records: int = Field(16384, ge=1,
-                                   description="readings gathered into one group commit")
-    busy_retry_ms: int = Field(200, ge=1, description="retry hint sent with busy replies")
-    pub_hwm: int = Field(100_000, ge=1,
-                         description="PUB send high-water mark per subscriber (messages); "
-                                     "a subscriber further behind misses events")
-    curve_keys_dir: str = Field(
-        "", description="CurveZMQ keys directory (docs/security.md): every socket then admits "
-                        "only the pipeline's own tiers; empty = no CURVE (plain ZeroMQ)")
-    curve_reload_seconds: float = Field(
-        5.0, gt=0, description="seconds between checks of the keys directory for changed "
-                               "admitted client keys (rotation)")
-
-
-# -- checkpoint file ---------------------------------------------------------------------
-
-
-def write_checkpoint(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably."""
-    write_atomic(path, data)
-
-
-def read_checkpoint(path: Path, max_holes: int) -> tuple[int, NodeMarks]:
-    """(log_seq, marks) from the checkpoint file; (0, empty) when there is none or it is bad."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return 0, NodeMarks(max_holes)
-    try:
-        ckpt = decode_checkpoint(data, max_holes)
-    except CheckpointError as exc:
-        log.error("marks checkpoint unusable, rebuilding dedup marks from the retained log "
-                  "only", extra={"fields": {"path": str(path), "error": str(exc)}})
-        return 0, NodeMarks(max_holes)
-    return ckpt.log_seq, ckpt.marks
-
-
-def rebuild_marks(queue: PersistentQueue, log_seq: int, marks: NodeMarks) -> int:
-    """Add the marks of every retained record after ``log_seq``; the number of records read."""
-    seq = max(log_seq + 1, queue.first_seq)
-    scanned = 0
-    run_node, run_first, run_last = "", 0, -1
-    while seq < queue.next_seq:
-        records = queue.read(seq, max_records=8192, max_bytes=64 << 20)
-        if not records:
-            break
-        for record in records:
-            try:
-                node, node_seq, _ = wire.decode_log_record(record.payload)
-            except wire.WireError as exc:
-                log.error("undecodable log record skipped while rebuilding marks",
-                          extra={"fields": {"seq": record.seq, "error": str(exc)}})
-                continue
-            if node == run_node and node_seq == run_last + 1:
-                run_last = node_seq
-                continue
-            if run_last >= run_first and run_node:
-                marks.add(run_node, run_first, run_last)
-            run_node, run_first, run_last = node, node_seq, node_seq
-        scanned += len(records)
-        seq = records[-1].seq + 1
-    if run_node and run_last >= run_first:
-        marks.add(run_node, run_first, run_last)
-    return scanned
-
-
-# -- metrics -----------------------------------------------------------------------------
-
-
-class _MiddleCollector:
-    """Counters read from the cores at scrape time: no metric call per message."""
-
-    def __init__(self, server: MiddleServer) -> None:
-        self._server = server
-
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        s = self._server
-        intake, feed = s.intake.counters, s.feed.counters
-
-        def counter(name: str, text: str, value: float) -> CounterMetricFamily:
-            return CounterMetricFamily(f"iotpipe_middle_{name}", text, value=value)
-
-        yield counter("batches", "Batches acknowledged to ingest nodes", intake.batches)
-        yield counter("records", "Records appended to the log", intake.records)
-        yield counter("duplicate_records", "Readings dropped as already stored",
-                      intake.duplicates)
-        yield counter("busy_replies", "Batches answered busy (log full)", intake.busy)
-        yield counter("skipped_ahead_batches",
-                      "Batches that started above the node's high-water mark + 1",
-                      intake.skipped_ahead)
-        yield counter("group_commits", "Durable appends (each shares one fdatasync)",
-                      s.group_commits)
-        malformed = CounterMetricFamily("iotpipe_middle_malformed_frames",
-                                        "Frames that did not follow the wire format",
-                                        labels=["socket"])
-        for sock_name, value in s.malformed.items():
-            malformed.add_metric([sock_name], value)
-        yield malformed
-        yield counter("checkpoint_failures", "Marks checkpoint writes that failed",
-                      s.checkpoint_failures)
-        yield counter("pub_messages", "Live events published", s.published)
-        yield counter("unpublishable_records", "Records whose reading had no device id",
-                      s.unpublishable)
-        yield counter("feed_requests", "Feed requests received", feed.requests)
-        yield counter("feed_deliveries", "Feed deliveries sent", feed.deliveries)
-        yield counter("feed_delivered_records", "Records sent in feed deliveries",
-                      feed.delivered_records)
-        yield counter("feed_redelivered_records",
-                      "Records returned for redelivery (lease expired, consumer gone)",
-                      feed.redelivered_records)
-        yield counter("feed_acked_records", "Records acknowledged by feed consumers",
-                      feed.acked_records)
-        lag = GaugeMetricFamily("iotpipe_middle_feed_lag_records",
-                                "Records appended but not yet acknowledged, per group",
-                                labels=["group"])
-        consumers = GaugeMetricFamily("iotpipe_middle_feed_consumers",
-                                      "Feed consumers currently known, per group",
-                                      labels=["group"])
-        tail = s.tail
-        for group, (group_lag, group_consumers) in s.feed_snapshot.items():
-            lag.add_metric([group], group_lag)
-            consumers.add_metric([group], group_consumers)
-        yield lag
-        yield consumers
-        yield GaugeMetricFamily("iotpipe_middle_log_tail_seq", "Highest log seq appended",
-                                value=tail)
-        if s.gatekeeper is not None and s.handshakes is not None:
-            refused = CounterMetricFamily(
-                "iotpipe_middle_refused_handshakes",
-                "ZeroMQ connections refused: reason=key (ZAP: not a key of this pipeline), "
-                "no_curve, wrong_server_key, protocol", labels=["socket", "reason"])
-            for domain, value in s.gatekeeper.refused.items():
-                refused.add_metric([domain, "key"], value)
-            for (domain, reason), value in list(s.handshakes.failed.items()):
-                refused.add_metric([domain, reason], value)
-            yield refused
-            # Which keys this process runs with and admits right now: the operator's key
-            # rotation waits on these before it promotes and before it retires.
-            admitted = GaugeMetricFamily(
-                "iotpipe_middle_curve_admitted_key",
-                "1 per client public key (fingerprint: sha256 hex prefix) each socket admits",
-                labels=["socket", "fingerprint"])
-            for domain in curve.ADMITTED:
-                for key in sorted(s.gatekeeper.admitted(domain)):
-                    admitted.add_metric([domain, curve.fingerprint(key)], 1)
-            yield admitted
-            own = GaugeMetricFamily("iotpipe_middle_curve_own_key",
-                                    "1 for this middle's own public key (fingerprint), read "
-                                    "at start", labels=["fingerprint"])
-            own.add_metric([curve.fingerprint(s.gatekeeper.keys.own.public)], 1)
-            yield own
-            disk = GaugeMetricFamily("iotpipe_middle_curve_disk_key",
-                                     "1 for the middle's own public key (fingerprint) in the "
-                                     "keys directory now (used after a restart)",
-                                     labels=["fingerprint"])
-            disk.add_metric([curve.fingerprint(s.gatekeeper.disk_public)], 1)
-            yield disk
 
 
 # -- the server --------------------------------------------------------------------------
@@ -381,11 +176,11 @@ class MiddleServer:
             consumer_timeout=settings.consumer_timeout,
             max_records=settings.max_delivery_records,
         )
-        # wire.encode_live's meta map {"m": middle_id, "s": seq} up to the seq value
-        self._live_meta_prefix = b"\x82\xa1m" + _packb(self.middle_id) + b"\xa1s"
+        self._live_meta_prefix = wire.live_meta_prefix(self.middle_id)
         self.recent = RecentRecords(settings.recent_bytes)
         self.feed_snapshot = {g: (self.feed.lag(g, self.tail), 0) for g in self.feed.groups}
         self.group_commits = 0
+        self._unpublished: list[tuple[int, list[bytes]]] = []  # appended, not yet published
         self.published = 0
         self.unpublishable = 0
         self.malformed = {"router": 0, "feed": 0}
@@ -509,32 +304,16 @@ class MiddleServer:
             arrivals.append((peer, batch))
             readings += len(batch.readings)
         if arrivals:
-            self._send_replies(self._commit(arrivals))
-
-    def _commit(self, arrivals: Sequence[tuple[bytes, wire.Batch]]) -> list[Reply]:
-        plan = self.intake.plan(arrivals)
-        refusal = self._append(plan)
-        if refusal is None:
-            return self.intake.committed(plan)
-        if len(arrivals) == 1:
-            return self.intake.refused(plan, self.settings.busy_retry_ms, refusal)
-        # The group did not fit: store batches one at a time, in arrival order, and refuse
-        # everything from the first that does not fit, so batches keep their order.
-        replies: list[Reply] = []
-        for i, arrival in enumerate(arrivals):
-            single = self.intake.plan([arrival])
-            refusal = self._append(single)
-            if refusal is not None:
-                rest = self.intake.plan(arrivals[i:])
-                return replies + self.intake.refused(rest, self.settings.busy_retry_ms,
-                                                     refusal)
-            replies += self.intake.committed(single)
-        return replies
+            self._send_replies(self.intake.commit(arrivals, self._append,
+                                                  self.settings.busy_retry_ms))
+            # Acks first: live events are best effort, and publishing a large group costs
+            # about a microsecond per record that ingest's window would otherwise wait on.
+            for first_seq, appended in self._unpublished:
+                self._publish(first_seq, appended)
+            self._unpublished.clear()
 
     def _append(self, plan: IntakePlan) -> str | None:
-        """Append the plan's records durably and publish them; the refusal reason if not."""
-        if not plan.records:
-            return None
+        """Append the plan's records durably (published later); the refusal reason if not."""
         try:
             seqs = self.queue.append(plan.records, timeout=0.0)
         except QueueFull:
@@ -545,29 +324,23 @@ class MiddleServer:
         self.group_commits += 1
         self.tail = seqs[-1]
         self.recent.extend(seqs.start, plan.records)
-        self._publish(seqs.start, plan.readings)
+        self._unpublished.append((seqs.start, plan.readings))
         return None
 
-    def _publish(self, first_seq: int, readings: Sequence[bytes]) -> None:
+    def _publish(self, first_seq: int, readings: list[bytes]) -> None:
         # The frames of wire.encode_live, sent frame by frame through the backend socket
-        # with precomputed int flags: send_multipart's per-frame enum arithmetic cost more
-        # than everything else per record (measured: ~140k vs ~580k events/s).
+        # with precomputed int flags: send_multipart's per-frame enum arithmetic would cost
+        # more than everything else per record.
         send = zmq.backend.Socket.send
         pub = self.pub
         more, last = _SEND_MORE_NOBLOCK, _SEND_NOBLOCK
-        meta_prefix = self._live_meta_prefix
-        pack = _packb
-        published = 0
-        for seq, reading in enumerate(readings, first_seq):
-            topic = reading_topic(reading)
-            if topic is None:
-                self.unpublishable += 1
-                continue
+        events = hot.live_frames(self._live_meta_prefix, first_seq, readings)
+        for topic, meta, reading in events:
             send(pub, topic, more)
-            send(pub, meta_prefix + pack(seq), more)
+            send(pub, meta, more)
             send(pub, reading, last)
-            published += 1
-        self.published += published
+        self.published += len(events)
+        self.unpublishable += len(readings) - len(events)
 
     def _send_replies(self, replies: Sequence[Reply]) -> None:
         send = zmq.backend.Socket.send
@@ -606,24 +379,23 @@ class MiddleServer:
         max_bytes = self.settings.max_delivery_bytes
         while (lease := self.feed.next_delivery(now, self.tail)) is not None:
             payloads = self.recent.get(lease.first, lease.count, max_bytes)
+            first_read: int | None = lease.first
             if payloads is None:
                 records = self.queue.read(lease.first, max_records=lease.count,
                                           max_bytes=max_bytes)
-                if not records or records[0].seq != lease.first:
-                    # Only possible if the log dropped records a group had not acked (a
-                    # bug or a damaged ledger): say so loudly and move on, never spin.
-                    gone_last = records[0].seq - 1 if records else lease.last
-                    log.error("log no longer holds records a group has not acknowledged",
-                              extra={"fields": {"group": lease.group, "first": lease.first,
-                                                "last": gone_last,
-                                                "log_first_seq": self.queue.first_seq}})
-                    self.feed.shrink(lease, 0)
-                    self.feed.skip(lease.group, lease.first, gone_last, self.tail)
-                    continue
+                first_read = records[0].seq if records else None
                 payloads = [r.payload for r in records]
-            if len(payloads) < lease.count:
-                self.feed.shrink(lease, len(payloads))
-            frames = wire.encode_records(lease.group, self.middle_id, lease.first, payloads)
+            gone = self.feed.fit_read(lease, first_read, len(payloads), self.tail)
+            if gone is not None:
+                log.error("log no longer holds records a group has not acknowledged",
+                          extra={"fields": {"group": lease.group, "first": gone[0],
+                                            "last": gone[1],
+                                            "log_first_seq": self.queue.first_seq}})
+                continue
+            if len(payloads) > lease.count:
+                payloads = payloads[:lease.count]
+            frames = wire.encode_records(lease.group, self.middle_id, lease.first, payloads,
+                                         self.feed.records_version(lease))
             try:
                 # The peer frame fails fast (unknown peer, full queue); once it is accepted
                 # the rest of the multipart message is too.
@@ -715,7 +487,7 @@ def main(argv: Sequence[str]) -> int:
             print(f"iotpipe middle: error: {detail}", file=sys.stderr)
             return 1
         holder["server"] = server
-        registry.register(_MiddleCollector(server))
+        registry.register(MiddleCollector(server))
         registry.register(QueueDepthCollector("middle", {"log": server.depth}))
 
         def _on_signal(signum: int, frame: FrameType | None) -> None:

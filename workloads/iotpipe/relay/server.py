@@ -1,9 +1,19 @@
 """``iotpipe relay``: the I/O shell around :mod:`iotpipe.relay.core`.
 
 One asyncio loop owns everything: a ZeroMQ SUB socket connected to every middle PUB
-endpoint, the WebSocket server on ``/v1/live``, one sender task per client and a watchdog
-that closes clients which stopped reading. Per-event work is the sans-I/O ``Fanout``; this
-module only moves frames between sockets and the core.
+endpoint, the WebSocket server on ``/v1/live`` and a watchdog that closes clients which
+stopped reading. Per-event work is the sans-I/O ``Fanout``; this module only moves frames
+between sockets and the core.
+
+Sending: websockets runs the handshake (auth, the page's HTTP routes, TLS), reads client
+frames, answers pings and closes, but its per-message send path cost most of the relay's
+CPU (docs/benchmarks.md, Relay). So without compression the ``Fanout`` queues each frame
+already framed for the wire (unmasked server frames are the same bytes for every client,
+so a reading is framed once for all its clients) and the reader of the SUB socket writes
+each woken client's frames in ONE transport write per burst, straight away, while the
+connection is open and its transport not paused; a paused transport resumes through
+``resume_writing``. With ``--compression`` each connection keeps a sender task and
+websockets' send path (per-connection deflate state).
 
 ``--middle-pub-endpoints-file`` (key ``pub`` of the operator's endpoints ConfigMap) is
 re-read every ``--endpoints-reload-seconds``: the SUB socket connects to added middles and
@@ -34,7 +44,7 @@ from zmq.utils.monitor import parse_monitor_message
 from iotpipe import lifecycle
 from iotpipe.auth import load_secret
 from iotpipe.curve import load_keys, secure_client
-from iotpipe.denylist import CLOSE_REVOKED, DenyList, DenyListFile
+from iotpipe.denylist import CLOSE_REVOKED, DenyList, DenyListFile, reload_security
 from iotpipe.endpoints import (
     EndpointsCollector,
     EndpointsError,
@@ -54,12 +64,19 @@ from iotpipe.relay.core import (
     admit,
 )
 from iotpipe.relay.metrics import RelayCollector
+from iotpipe.relay.sending import (
+    BatchingConnection,
+    Peer,
+    send_frames,
+    text_frame,
+    write_direct,
+)
 from iotpipe.relay.settings import RelaySettings
 from iotpipe.relay.web import WebFront, parse_health_targets
 from iotpipe.security import check_security_settings
 from iotpipe.settings import parse_settings
 from iotpipe.tlsconfig import ReloadingTLS
-from iotpipe.wire import WireError, decode_live
+from iotpipe.wire import LiveEvent, WireError, decode_live
 
 __all__ = ["LIVE_PATH", "RelayServer", "RelaySettings", "main"]
 
@@ -71,41 +88,8 @@ _SUB_BURST = 512
 _NOBLOCK = int(zmq.NOBLOCK)
 _HANDSHAKE = int(zmq.EVENT_HANDSHAKE_SUCCEEDED)
 _DISCONNECTED = int(zmq.EVENT_DISCONNECTED)
-
-
-class _BatchingConnection(ServerConnection):
-    """A server connection that writes every frame queued at once in one transport write.
-
-    The relay's sender hands a client up to 64 frames at a time; websockets would write
-    each frame separately, one ``send`` syscall each (docs/design.md, "Notes"). Joining
-    them changes nothing on the wire.
-    """
-
-    def send_data(self) -> None:
-        pending: list[bytes] = []
-        for data in self.protocol.data_to_send():
-            if data:
-                pending.append(data)
-                continue
-            # An empty chunk means "end of stream": flush, then half-close as websockets does.
-            if pending:
-                self.transport.write(b"".join(pending))
-                pending = []
-            if self.transport.can_write_eof():
-                with contextlib.suppress(Exception):  # uvloop may raise RuntimeError
-                    self.transport.write_eof()
-            else:
-                self.transport.close()
-        if pending:
-            self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
-
-
-async def _send_frames(connection: ServerConnection, frames: list[bytes]) -> None:
-    """Send JSON text frames as separate messages with one write and one drain."""
-    async with connection.send_context():
-        protocol = connection.protocol
-        for frame in frames:
-            protocol.send_text(frame)
+_BINARY_REPLY = (b'{"event":"error","reason":"binary_not_supported",'
+                 b'"detail":"send JSON text frames"}')
 
 
 class RelayServer:
@@ -126,10 +110,12 @@ class RelayServer:
         self.deny_file = DenyListFile(settings.deny_list_file) if settings.deny_list_file else None
         self.deny = self.deny_file.current if self.deny_file else DenyList()
         self.registry = RegistryWatcher(settings.registry_file)
-        self.fanout = Fanout(self._lookup)
+        # Frames are written pre-framed unless per-connection deflate may be negotiated.
+        self.direct = not settings.compression
+        self.fanout = Fanout(self._lookup, framing=text_frame if self.direct else None)
         self.bad_frames = 0
         self._ids = itertools.count(1)
-        self._wakers: dict[str, asyncio.Event] = {}
+        self._peers: dict[str, Peer] = {}
         self._connections: dict[str, ServerConnection] = {}
         self._server: Server | None = None
         self._ready = False
@@ -198,81 +184,79 @@ class RelayServer:
         """Re-read the deny list; close the open connections it now refuses (how many)."""
         if self.deny_file is None:
             return 0
-        fresh = self.deny_file.check()
-        if fresh is None:
-            return 0
-        self.deny = fresh
-        loop = asyncio.get_running_loop()
-        closed = 0
-        for connection in list(self._connections.values()):
-            reason = fresh.refusal("client", getattr(connection, "iotpipe_subject", None),
-                                   getattr(connection, "iotpipe_token_id", None))
-            if reason is None:
-                continue
-            task = loop.create_task(connection.close(CLOSE_REVOKED, f"revoked: {reason}"))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-            closed += 1
-        if closed:
-            log.info("revoked clients closed", extra={"fields": {"connections": closed}})
+        closed = self.deny_file.revoke(
+            "client", self._connections.values(),
+            lambda c: (getattr(c, "iotpipe_subject", None), getattr(c, "iotpipe_token_id", None)),
+            self._close_revoked)
+        self.deny = self.deny_file.current
         return closed
+
+    def _close_revoked(self, connection: ServerConnection, reason: str) -> None:
+        task = asyncio.get_running_loop().create_task(connection.close(CLOSE_REVOKED, reason))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _reload_security(self) -> None:
         settings = self.settings
-        loop = asyncio.get_running_loop()
-        next_tls = loop.time() + settings.tls_reload_seconds
-        next_deny = loop.time() + settings.deny_list_reload_seconds
-        while True:
-            await asyncio.sleep(max(0.05, min(next_tls, next_deny) - loop.time()))
-            now = loop.time()
-            if self.tls is not None and now >= next_tls:
-                next_tls = now + settings.tls_reload_seconds
-                self.tls.check()
-            if now >= next_deny:
-                next_deny = now + settings.deny_list_reload_seconds
-                self.reload_deny_list()
+        await reload_security(self.tls, settings.tls_reload_seconds, self.reload_deny_list,
+                              settings.deny_list_reload_seconds)
 
     # -- per-client ------------------------------------------------------------------------
 
     async def _handle(self, connection: ServerConnection) -> None:
+        assert isinstance(connection, BatchingConnection)
         subject = str(getattr(connection, "iotpipe_subject", "anonymous"))
         client_id = f"{subject}#{next(self._ids)}"
         session = ClientSession(client_id, self.settings.client_queue, self.settings.max_filters)
-        wake = asyncio.Event()
-        progress = asyncio.Event()
+        peer = Peer(connection, session, asyncio.Event(), asyncio.Event())
         loop = asyncio.get_running_loop()
         session.mark_progress(loop.time())
         self.fanout.add(session)
-        self._wakers[client_id] = wake
+        self._peers[client_id] = peer
         self._connections[client_id] = connection
-        sender = asyncio.create_task(self._sender(connection, session, wake, progress))
+        sender: asyncio.Task[None] | None = None
+        if self.direct:
+            connection.on_writable = lambda: self._write(peer, loop.time())
+        else:
+            sender = asyncio.create_task(self._sender(peer))
         try:
             async for message in connection:
-                if isinstance(message, bytes):
-                    reply = b'{"event":"error","reason":"binary_not_supported",' \
-                            b'"detail":"send JSON text frames"}'
-                else:
-                    reply = session.receive(message)
                 # Replies go through the client's queue so they stay in order with events.
-                session.notify(reply, loop.time())
-                wake.set()
+                if isinstance(message, bytes):
+                    session.notify(session.wire(_BINARY_REPLY), loop.time())
+                else:
+                    session.answer(message, loop.time())
+                self._wake(peer, loop.time())
                 # A client that sends without reading must not grow its queue: wait for the
                 # sender (the stall watchdog closes the connection if it never drains).
                 while session.pending > session.queue_limit and not session.closed:
-                    progress.clear()
-                    await progress.wait()
+                    peer.progress.clear()
+                    await peer.progress.wait()
         except ConnectionClosed:
             pass
         finally:
             self.fanout.remove(client_id)
-            self._wakers.pop(client_id, None)
+            self._peers.pop(client_id, None)
             self._connections.pop(client_id, None)
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
-                await sender
+            connection.on_writable = None
+            if sender is not None:
+                sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                    await sender
 
-    async def _sender(self, connection: ServerConnection, session: ClientSession,
-                      wake: asyncio.Event, progress: asyncio.Event) -> None:
+    def _wake(self, peer: Peer, now: float) -> None:
+        """New frames for ``peer``: write them now, or wake its sender task."""
+        if self.direct:
+            self._write(peer, now)
+        else:
+            peer.wake.set()
+
+    def _write(self, peer: Peer, now: float) -> None:
+        self.frames_sent += write_direct(peer, now)
+
+    async def _sender(self, peer: Peer) -> None:
+        connection, session, wake, progress = peer.connection, peer.session, peer.wake, \
+            peer.progress
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -283,7 +267,7 @@ class RelayServer:
                         continue
                     await wake.wait()
                     continue
-                await _send_frames(connection, frames)
+                await send_frames(connection, frames)
                 self.frames_sent += len(frames)
                 progress.set()
         finally:
@@ -334,7 +318,8 @@ class RelayServer:
         loop = asyncio.get_running_loop()
         fanout = self.fanout
         now = loop.time()
-        woken: dict[str, None] = {}
+        events: list[LiveEvent] = []
+        peers = self._peers
         more = True
         for _ in range(_SUB_BURST):
             try:
@@ -343,17 +328,13 @@ class RelayServer:
                 more = False
                 break
             try:
-                event = decode_live(frames)
+                events.append(decode_live(frames))
             except WireError:
                 self.bad_frames += 1
-                continue
-            for session in fanout.on_event(event, now):
-                woken[session.client_id] = None
-        wakers = self._wakers
-        for client_id in woken:
-            waker = wakers.get(client_id)
-            if waker is not None:
-                waker.set()
+        for session in fanout.on_events(events, now):
+            peer = peers.get(session.client_id)
+            if peer is not None:
+                self._wake(peer, now)
         if more:
             loop.call_soon(self._drain_sub)
 
@@ -431,7 +412,7 @@ class RelayServer:
                 max_queue=4,
                 close_timeout=2.0,
                 open_timeout=10.0,
-                create_connection=_BatchingConnection,
+                create_connection=BatchingConnection,
                 ssl=self.tls.context if self.tls is not None else None,
             )
             sockets = self._server.sockets

@@ -5,8 +5,8 @@ Modules: ``core`` (sans-I/O feed client state: credit window, heartbeats, acks),
 protocol and the sqlite / victoriametrics / parquet / akumuli implementations), ``tail``
 (sinks copying the store of record on their own cursors), ``server`` (the I/O
 shell, ``iotpipe storage``), ``settings`` and ``metrics`` (its settings model and
-Prometheus metrics), ``query`` (``iotpipe query``) and ``bench``
-(``iotpipe bench storage``).
+Prometheus metrics) and ``query`` (``iotpipe query``). Its benchmark, ``iotpipe bench
+storage``, is in the tools package.
 
 Operating notes
 - Identity: a reading is stored once per ``(device_id, msg_id)``; ``(node, node_seq)`` is

@@ -33,9 +33,11 @@ from typing import Any
 
 from pydantic import Field
 
-from iotpipe.bench.ingest import BENCH_SECRET, IngestBenchSettings, _Server
-from iotpipe.bench.loadgen import PORTS_PER_SOURCE, LoadSpec, raise_nofile
 from iotpipe.settings import TierSettings, parse_settings, tier_config
+from iotpipe_tools.bench.ingest import BENCH_SECRET, IngestBenchSettings, _Server
+from iotpipe_tools.bench.loadgen import LoadSpec
+from iotpipe_tools.processes import tree_rss
+from iotpipe_tools.sources import PORTS_PER_SOURCE, raise_nofile
 
 __all__ = ["main", "run_bench"]
 
@@ -59,32 +61,6 @@ class ConnectionsBenchSettings(TierSettings):
     timeout: float = Field(900.0, gt=0, description="seconds a load process may take to "
                                                     "connect, or to get its acks")
     json_output: bool = Field(False, description="print one JSON object")
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident memory of ``pid`` (VmRSS from /proc)."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def tree_rss(pids: list[int]) -> int:
-    """RSS of ``pids`` and their direct children (an ingest pod: parent and processes)."""
-    wanted = set(pids)
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
-            if int(entry) in wanted or ppid in wanted:
-                total += rss_bytes(int(entry))
-        except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile
-    return total
 
 
 def per_process(limit: int) -> int:
@@ -116,7 +92,7 @@ def _hold(name: str, settings: ConnectionsBenchSettings, env: dict[str, str],
                             device_prefix=f"cb-{name}-{index}-", source_offset=offset)
             offset += -(-count // PORTS_PER_SOURCE)
             clients.append(subprocess.Popen(
-                [sys.executable, "-m", "iotpipe.bench.loadgen", json.dumps(asdict(spec))],
+                [sys.executable, "-m", "iotpipe_tools.bench.loadgen", json.dumps(asdict(spec))],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
         held_lines = [_read_line(c, settings.timeout) for c in clients]
         rss = tree_rss(server.pids())  # every client holds its connections now

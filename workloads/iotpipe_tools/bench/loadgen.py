@@ -16,7 +16,7 @@ Modes:
 - ``idle``: connections are opened and held (keepalive answered by picows), then one
   message is sent on each (``bench connections``).
 
-Run as ``python -m iotpipe.bench.loadgen JSON-ARGS``; prints one JSON line.
+Run as ``python -m iotpipe_tools.bench.loadgen JSON-ARGS``; prints one JSON line.
 """
 
 from __future__ import annotations
@@ -35,11 +35,10 @@ import orjson
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from iotpipe.auth import DEVICE_AUDIENCE, issue_token
-from iotpipe.simulate import raise_nofile
+from iotpipe_tools.sources import PORTS_PER_SOURCE, raise_nofile
 
-__all__ = ["LoadSpec", "drive", "raise_nofile", "run"]
+__all__ = ["LoadSpec", "drive", "run"]
 
-PORTS_PER_SOURCE = 20000  # below the ~28k ephemeral ports of one source address
 TICK_S = 0.005
 
 

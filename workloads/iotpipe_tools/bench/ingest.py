@@ -1,7 +1,7 @@
 """``iotpipe bench ingest``: durable acks per server CPU-second against two bare fronts.
 
 Three servers, each in its own process, get the same load from the same generator
-(``iotpipe.bench.loadgen``, a picows client in this process) one after the other:
+(``iotpipe_tools.bench.loadgen``, a picows client in this process) one after the other:
 
 - **picows**: a bare picows server that parses each JSON frame and acks its ids, storing
   nothing (the cheapest Python WebSocket front; the issue's yardstick);
@@ -24,22 +24,23 @@ import contextlib
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
 from pydantic import Field
 
-from iotpipe.bench.loadgen import LoadSpec, raise_nofile, run
-from iotpipe.bench.ports import free_port
 from iotpipe.ingest.front import LISTEN_BACKLOG
 from iotpipe.settings import TierSettings, parse_settings, tier_config
+from iotpipe_tools.bench.loadgen import LoadSpec, run
+from iotpipe_tools.ports import free_port
+from iotpipe_tools.processes import cpu_seconds, stop
+from iotpipe_tools.sources import raise_nofile
+from iotpipe_tools.waiting import exited, wait_port, wait_ready
 
 __all__ = ["main", "run_bench"]
 
@@ -153,57 +154,6 @@ def _run_forever(main: Callable[[], Any]) -> None:
 # -- driver --------------------------------------------------------------------------------
 
 
-def wait_port(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
-
-
-def wait_ready(metrics_port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), opener.open(
-                f"http://127.0.0.1:{metrics_port}/readyz", timeout=1):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"ingest not ready after {timeout}s")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User+system CPU seconds of ``pid`` and its direct children (Linux /proc)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields[1] is the ppid; [11] utime, [12] stime (after the "(comm)" part).
-        if int(entry) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
-
-
-def stop(proc: subprocess.Popen[Any], sig_int: bool = False) -> None:
-    if proc.poll() is None:
-        if sig_int:
-            proc.send_signal(2)
-        else:
-            proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 class _Server:
     """One server process under test, started fresh for each run."""
 
@@ -227,19 +177,19 @@ class _Server:
         if self.name == "picows":
             # As many processes on one port (SO_REUSEPORT) as ingest runs (bench connections).
             count = self.settings.processes
-            code = (f"from iotpipe.bench.ingest import bare_picows_main; "
+            code = (f"from iotpipe_tools.bench.ingest import bare_picows_main; "
                     f"bare_picows_main({self.port}, {count > 1})")
             self.proc = subprocess.Popen([py, "-c", code], env=self.env)
-            wait_port(self.port, 30)
+            wait_port(self.port, 30, abort=exited(self.proc, self.name))
             self.more = [subprocess.Popen([py, "-c", code], env=self.env)
                          for _ in range(count - 1)]
             time.sleep(0.5 if self.more else 0)  # the others bind (nothing to poll per process)
             return
         if self.name == "websockets":
-            code = (f"from iotpipe.bench.ingest import bare_websockets_main; "
+            code = (f"from iotpipe_tools.bench.ingest import bare_websockets_main; "
                     f"bare_websockets_main({self.port})")
             self.proc = subprocess.Popen([py, "-c", code], env=self.env)
-            wait_port(self.port, 30)
+            wait_port(self.port, 30, abort=exited(self.proc, self.name))
             return
         endpoint = f"tcp://127.0.0.1:{free_port()}"
         self._middle = subprocess.Popen([py, "-c", _MIDDLE, endpoint], env=self.env,
@@ -256,7 +206,8 @@ class _Server:
              "--processes", str(self.settings.processes), "--log-level", "warning",
              *self.ingest_args],
             env=self.env)
-        wait_ready(metrics_port, 60)
+        wait_ready(f"http://127.0.0.1:{metrics_port}/readyz", 60, what="ingest to be ready",
+                   abort=exited(self.proc, "ingest"))
 
     def stop(self) -> None:
         for extra in self.more:

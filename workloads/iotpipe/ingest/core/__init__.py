@@ -1,10 +1,10 @@
-"""Sans-I/O protocol cores of the ingest tier: device frames, rate limits, forwarding.
+"""The ingest tier's core, sans-I/O: device frames, sessions, rate limits, forwarding.
 
 Nothing here touches a socket or reads a clock; servers are thin I/O shells around it.
 """
 
-from iotpipe.protocol.forwarder import ForwarderCore, Send, preferred_endpoint
-from iotpipe.protocol.frames import (
+from iotpipe.ingest.core.forwarder import ForwarderCore, Send, preferred_endpoint
+from iotpipe.ingest.core.frames import (
     FrameLimits,
     MessageError,
     ParsedFrame,
@@ -14,8 +14,8 @@ from iotpipe.protocol.frames import (
     parse_frame,
     parse_ts,
 )
-from iotpipe.protocol.ratelimit import TokenBucket
-from iotpipe.protocol.session import (
+from iotpipe.ingest.core.ratelimit import DeviceBuckets, TokenBucket
+from iotpipe.ingest.core.session import (
     CLOSE_FLOOD,
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL,
@@ -29,6 +29,7 @@ __all__ = [
     "CLOSE_GOING_AWAY",
     "CLOSE_INTERNAL",
     "CLOSE_TOO_BIG",
+    "DeviceBuckets",
     "DeviceSession",
     "ForwarderCore",
     "FrameLimits",

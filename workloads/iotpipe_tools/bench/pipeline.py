@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -37,12 +36,15 @@ from typing import Any
 
 import orjson
 from pydantic import Field
+from websockets.exceptions import ConnectionClosedOK
 from websockets.sync.client import connect
 
 from iotpipe.auth import CLIENT_AUDIENCE, issue_token
-from iotpipe.bench.ingest import cpu_seconds, stop, wait_ready
-from iotpipe.bench.loadgen import LoadSpec, run
 from iotpipe.settings import TierSettings, parse_settings, tier_config
+from iotpipe_tools.bench.loadgen import LoadSpec, run
+from iotpipe_tools.ports import free_port_block
+from iotpipe_tools.processes import cpu_seconds, stop
+from iotpipe_tools.waiting import exited, wait_ready
 
 __all__ = ["main", "run_bench"]
 
@@ -67,29 +69,6 @@ class PipelineBenchSettings(TierSettings):
                                                     "(0 ratio run: see --middle-ratio)")
     middle_ratio: bool = Field(True, description="measure middle_limit_ratio (bench middle)")
     json_output: bool = Field(False, description="print one JSON object")
-
-
-def _free_base() -> int:
-    """A base port whose nine ports are all free on loopback right now."""
-    for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = int(probe.getsockname()[1])
-        if base + PORTS >= 65536:
-            continue
-        try:
-            held = []
-            for offset in range(PORTS):
-                sock = socket.socket()
-                held.append(sock)
-                sock.bind(("127.0.0.1", base + offset))
-        except OSError:
-            continue
-        finally:
-            for sock in held:
-                sock.close()
-        return base
-    raise RuntimeError("no run of nine free ports found")
 
 
 def _percentiles(values: list[float]) -> tuple[float | None, float | None]:
@@ -143,6 +122,13 @@ class _RelayClient(threading.Thread):
                         self.samples.append((event["ts"], now))
                     elif kind == "gap":
                         self.gaps += 1
+        except ConnectionClosedOK:
+            # The relay says "going away" (1001) when `iotpipe up` stops at the end of the
+            # run, possibly before this thread saw the stop flag: only an error before then
+            # is one.
+            if not self.stop_flag.is_set():
+                self.error = "the relay closed the connection during the run"
+            self.subscribed.set()
         except Exception as exc:  # reported, not raised: the bench says what failed
             self.error = repr(exc)
             self.subscribed.set()
@@ -194,7 +180,7 @@ def _middle_limit(batch: int) -> dict[str, Any]:
 
 
 def run_bench(settings: PipelineBenchSettings) -> dict[str, Any]:
-    base = _free_base()
+    base = free_port_block(PORTS)
     with tempfile.TemporaryDirectory(prefix="iotpipe-bench-pipeline-") as tmp:
         data = Path(tmp)
         up = subprocess.Popen(
@@ -205,7 +191,8 @@ def run_bench(settings: PipelineBenchSettings) -> dict[str, Any]:
         stop_flag = threading.Event()
         try:
             for offset in range(5, 9):  # ingest, middle, storage, relay metrics
-                wait_ready(base + offset, 90)
+                wait_ready(f"http://127.0.0.1:{base + offset}/readyz", 90,
+                           abort=exited(up, "iotpipe up"))
             secret = (data / "auth.secret").read_text().strip()
             relay = _RelayClient(f"ws://127.0.0.1:{base + 1}/v1/live",
                                  issue_token(secret.encode(), "bench", CLIENT_AUDIENCE, 3600),

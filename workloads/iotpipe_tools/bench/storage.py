@@ -29,11 +29,11 @@ from pathlib import Path
 import zmq
 
 from iotpipe import wire
-from iotpipe.bench.ports import free_port
 from iotpipe.registry import Registry
 from iotpipe.storage.enrich import StoredReading, enrich_records
 from iotpipe.storage.sinks import SinkBatch
 from iotpipe.storage.sinks.sqlite import _INSERT, _SCHEMA, SqliteSink
+from iotpipe_tools.ports import free_port
 
 __all__ = ["main"]
 

@@ -27,15 +27,14 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
 import zmq
 
 from iotpipe import curve, wire
-from iotpipe.bench.ports import free_port
+from iotpipe_tools.ports import free_port
+from iotpipe_tools.waiting import exited, wait_ready
 
 __all__ = ["bare_router", "main"]
 
@@ -53,19 +52,6 @@ def bare_router(port: int) -> None:
         except wire.WireError:
             continue
         router.send_multipart([msg[0], *wire.encode_ack(batch.node, batch.last)])
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"middle exited with {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} not ready within {timeout}s")
 
 
 def _client(ctx: zmq.Context[zmq.Socket[bytes]], keys: curve.CurveKeys | None
@@ -220,7 +206,8 @@ def _run_middle(batch: int, args: argparse.Namespace, secure: bool = False
         acker = threading.Thread(target=_feed_acker, args=(ports["feed"], stop, storage_keys),
                                  daemon=True)
         try:
-            _wait_ready(f"http://127.0.0.1:{ports['metrics']}/readyz", proc)
+            wait_ready(f"http://127.0.0.1:{ports['metrics']}/readyz", 30,
+                       what="the middle to be ready", abort=exited(proc, "middle"))
             acker.start()
             return _drive(ports["router"], args.nodes, args.window, batch, args.record_bytes,
                           args.seconds, args.warmup, proc.pid, ingest_keys)
@@ -238,7 +225,7 @@ def _run_middle(batch: int, args: argparse.Namespace, secure: bool = False
 def _run_bare(batch: int, args: argparse.Namespace) -> dict[str, float]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-c", f"from iotpipe.middle.bench import bare_router; "
+        [sys.executable, "-c", f"from iotpipe_tools.bench.middle import bare_router; "
                                f"bare_router({port})"],
         start_new_session=True,
     )

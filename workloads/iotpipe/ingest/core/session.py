@@ -8,15 +8,13 @@ the connection when told to.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from iotpipe.protocol.frames import (
+from iotpipe.ingest.core.frames import (
     RATE_LIMITED,
     FrameLimits,
     encode_error_frame,
     parse_frame,
 )
-from iotpipe.protocol.ratelimit import TokenBucket
+from iotpipe.ingest.core.ratelimit import TokenBucket
 
 __all__ = ["CLOSE_FLOOD", "CLOSE_GOING_AWAY", "CLOSE_INTERNAL", "CLOSE_TOO_BIG",
            "DeviceSession", "FrameOutcome"]
@@ -28,15 +26,22 @@ CLOSE_TOO_BIG = 1009      # frame larger than max_frame_bytes (sent by websocket
 CLOSE_INTERNAL = 1011     # the server cannot store messages (queue broken)
 
 
-@dataclass
 class FrameOutcome:
-    """What to do with one frame: store ``readings`` (then ack ``ids``), send ``replies``."""
+    """What to do with one frame: store ``readings`` (then ack ``ids``), send ``replies``.
 
-    ids: list[str | int] = field(default_factory=list)
-    readings: list[bytes] = field(default_factory=list)
-    replies: list[bytes] = field(default_factory=list)
-    close: tuple[int, str] | None = None
-    rejected: dict[str, int] = field(default_factory=dict)  # reason -> count, for metrics
+    ``rejected``: reason -> count, for metrics. A plain class: one is built per frame.
+    """
+
+    __slots__ = ("close", "ids", "readings", "rejected", "replies")
+
+    def __init__(self, ids: list[str | int], readings: list[bytes],
+                 replies: list[bytes] | None = None, close: tuple[int, str] | None = None,
+                 rejected: dict[str, int] | None = None) -> None:
+        self.ids = ids
+        self.readings = readings
+        self.replies = [] if replies is None else replies
+        self.close = close
+        self.rejected = {} if rejected is None else rejected
 
 
 class DeviceSession:
@@ -64,10 +69,12 @@ class DeviceSession:
 
     def on_frame(self, frame: str | bytes, now_s: float, received_ns: int) -> FrameOutcome:
         parsed = parse_frame(frame, self.device_id, received_ns, self.limits)
-        out = FrameOutcome(ids=parsed.ids, readings=parsed.readings)
-        for err in parsed.errors:
-            out.replies.append(encode_error_frame(err.reason, [err.msg_id], err.detail))
-            out.rejected[err.reason] = out.rejected.get(err.reason, 0) + 1
+        out = FrameOutcome(parsed.ids, parsed.readings)
+        if parsed.errors:
+            replies, rejected = out.replies, out.rejected
+            for err in parsed.errors:
+                replies.append(encode_error_frame(err.reason, [err.msg_id], err.detail))
+                rejected[err.reason] = rejected.get(err.reason, 0) + 1
         if self.bucket is None:
             return out
         # A frame costs at least one token even when every message in it was bad, so a

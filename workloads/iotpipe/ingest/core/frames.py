@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import orjson
@@ -75,13 +75,24 @@ class MessageError:
     detail: str
 
 
-@dataclass
 class ParsedFrame:
     """The outcome of one device frame: good messages (as queue payloads) and refusals."""
 
-    ids: list[str | int] = field(default_factory=list)
-    readings: list[bytes] = field(default_factory=list)
-    errors: list[MessageError] = field(default_factory=list)
+    # A plain class: built for every frame, where a dataclass's default factories cost.
+    __slots__ = ("errors", "ids", "readings")
+
+    def __init__(self, ids: list[str | int] | None = None, readings: list[bytes] | None = None,
+                 errors: list[MessageError] | None = None) -> None:
+        self.ids = [] if ids is None else ids
+        self.readings = [] if readings is None else readings
+        self.errors = [] if errors is None else errors
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ParsedFrame) and (self.ids, self.readings, self.errors) == (
+            other.ids, other.readings, other.errors)
+
+    def __repr__(self) -> str:
+        return f"ParsedFrame(ids={self.ids!r}, readings={self.readings!r}, errors={self.errors!r})"
 
 
 def parse_ts(value: object) -> int:
@@ -189,9 +200,10 @@ def parse_frame(
             return out
         messages = doc
     else:
-        messages = [doc]
+        messages = (doc,)
     ids, readings, errors = out.ids, out.readings, out.errors
     max_id_len = limits.max_id_len
+    dumps, encode = orjson.dumps, encode_reading
     for msg in messages:
         if type(msg) is not dict:
             errors.append(MessageError(None, NOT_AN_OBJECT, "a message must be a JSON object"))
@@ -244,9 +256,8 @@ def parse_frame(
             errors.append(MessageError(msg_id, BAD_DATA, problem))
             continue
         ids.append(msg_id)
-        readings.append(
-            encode_reading(owner, str(msg_id), ts_ns, orjson.dumps(data), received_ns)
-        )
+        readings.append(encode(owner, msg_id if kind is str else str(msg_id), ts_ns, dumps(data),
+                               received_ns))
     return out
 
 

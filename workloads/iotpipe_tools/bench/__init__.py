@@ -12,16 +12,18 @@ import sys
 from collections.abc import Sequence
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "queue": ("iotpipe.bench.queue:main", "persistent queue append throughput vs pwrite+fdatasync"),
-    "ingest": ("iotpipe.bench.ingest:main",
+    "queue": ("iotpipe_tools.bench.queue:main",
+              "persistent queue append throughput vs pwrite+fdatasync"),
+    "ingest": ("iotpipe_tools.bench.ingest:main",
                "ingest durable acks per CPU-second vs bare picows and websockets fronts"),
-    "connections": ("iotpipe.bench.connections:main",
+    "connections": ("iotpipe_tools.bench.connections:main",
                     "idle device connections held by ingest: memory, then one ack each"),
-    "pipeline": ("iotpipe.bench.pipeline:main",
+    "pipeline": ("iotpipe_tools.bench.pipeline:main",
                  "devices to a live client and to storage through all four tiers"),
-    "storage": ("iotpipe.storage.bench:main", "storage records/s vs plain SQLite inserts"),
-    "middle": ("iotpipe.middle.bench:main", "middle ROUTER records/s vs a bare ROUTER"),
-    "relay": ("iotpipe.relay.bench:main", "relay events/s to WebSocket clients vs a bare fan-out"),
+    "storage": ("iotpipe_tools.bench.storage:main", "storage records/s vs plain SQLite inserts"),
+    "middle": ("iotpipe_tools.bench.middle:main", "middle ROUTER records/s vs a bare ROUTER"),
+    "relay": ("iotpipe_tools.bench.relay:main",
+              "relay events/s to WebSocket clients vs a bare fan-out"),
 }
 
 

@@ -1,0 +1,138 @@
+"""Intake: the batches that arrived together become one group-commit plan (sans-I/O).
+
+A plan holds the log records to append and, per batch, which readings are new; once the
+shell's append returned, the plan becomes ``ack`` replies, or ``busy`` replies when it could
+not be stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from iotpipe import wire
+from iotpipe.middle import hot
+from iotpipe.middle.dedup import NodeMarks
+from iotpipe.middle.intervals import IntervalSet
+
+__all__ = ["Append", "Intake", "IntakeCounters", "IntakePlan", "PlannedBatch", "Reply"]
+
+
+class Reply(NamedTuple):
+    peer: bytes  # ZeroMQ routing id
+    frames: list[bytes]
+
+
+@dataclass
+class PlannedBatch:
+    peer: bytes
+    batch: wire.Batch
+    new: list[tuple[int, int]]  # node seq ranges of this batch that get stored
+    stored_before: bool  # every reading was already durable before this plan
+    skipped_ahead: bool  # started above the node's high-water mark + 1 (a hole opens)
+
+
+@dataclass
+class IntakePlan:
+    batches: list[PlannedBatch] = field(default_factory=list)
+    records: list[bytes] = field(default_factory=list)  # encoded log records to append
+    readings: list[bytes] = field(default_factory=list)  # the reading inside each record
+    provisional: dict[str, IntervalSet] = field(default_factory=dict)
+
+    @property
+    def duplicates(self) -> int:
+        return sum(len(b.batch.readings) for b in self.batches) - len(self.records)
+
+
+@dataclass
+class IntakeCounters:
+    batches: int = 0
+    records: int = 0
+    duplicates: int = 0
+    busy: int = 0
+    skipped_ahead: int = 0  # batches that started above a node's high-water mark + 1
+
+
+# Makes a plan's records durable: None once they are, else why not (then nothing is stored).
+Append = Callable[[IntakePlan], str | None]
+
+
+class Intake:
+    """Plans a group commit for batches that arrived together and answers them."""
+
+    def __init__(self, marks: NodeMarks) -> None:
+        self.marks = marks
+        self.counters = IntakeCounters()
+
+    def plan(self, arrivals: Sequence[tuple[bytes, wire.Batch]]) -> IntakePlan:
+        """The records to append for ``arrivals`` (in order); marks change only on commit."""
+        plan = IntakePlan()
+        encode = hot.log_records
+        for peer, batch in arrivals:
+            node, first, last = batch.node, batch.first, batch.last
+            marks = plan.provisional.get(node)
+            if marks is None:
+                marks = plan.provisional[node] = self.marks.get(node).copy()
+            stored_before = self.marks.get(node).covers(first, last)
+            skipped_ahead = bool(marks) and first > marks.highest() + 1
+            new = marks.uncovered(first, last)
+            for a, b in new:
+                marks.add(a, b)
+                readings = (batch.readings if a == first and b == last
+                            else batch.readings[a - first:b - first + 1])
+                plan.readings.extend(readings)
+                plan.records.extend(encode(node, a, readings))
+            plan.batches.append(PlannedBatch(peer, batch, new, stored_before, skipped_ahead))
+        return plan
+
+    def committed(self, plan: IntakePlan) -> list[Reply]:
+        """The plan's records are durable: adopt its marks and acknowledge every batch."""
+        for node, marks in plan.provisional.items():
+            self.marks.replace(node, marks)
+        self.counters.batches += len(plan.batches)
+        self.counters.records += len(plan.records)
+        self.counters.duplicates += plan.duplicates
+        self.counters.skipped_ahead += sum(pb.skipped_ahead for pb in plan.batches)
+        return [Reply(pb.peer, wire.encode_ack(pb.batch.node, pb.batch.last))
+                for pb in plan.batches]
+
+    def commit(self, arrivals: Sequence[tuple[bytes, wire.Batch]], append: Append,
+               retry_ms: int) -> list[Reply]:
+        """Store ``arrivals`` through ``append`` and answer every batch, in arrival order.
+
+        ``append`` makes a plan's records durable (it is only called for plans with
+        records) and returns None, or the reason it could not. When the whole group does
+        not fit, batches are stored one at a time in arrival order and everything from the
+        first that does not fit is refused, so an ingest node's batches keep their order.
+        """
+        plan = self.plan(arrivals)
+        refusal = append(plan) if plan.records else None
+        if refusal is None:
+            return self.committed(plan)
+        if len(arrivals) == 1:
+            return self.refused(plan, retry_ms, refusal)
+        replies: list[Reply] = []
+        for i, arrival in enumerate(arrivals):
+            single = self.plan([arrival])
+            refusal = append(single) if single.records else None
+            if refusal is not None:
+                return replies + self.refused(self.plan(arrivals[i:]), retry_ms, refusal)
+            replies += self.committed(single)
+        return replies
+
+    def refused(self, plan: IntakePlan, retry_ms: int, reason: str) -> list[Reply]:
+        """Nothing of the plan was stored: ``busy`` for every batch that needed storing.
+
+        A batch that was entirely durable before this plan is still acknowledged.
+        """
+        replies: list[Reply] = []
+        for pb in plan.batches:
+            if pb.stored_before:
+                self.counters.duplicates += len(pb.batch.readings)
+                replies.append(Reply(pb.peer, wire.encode_ack(pb.batch.node, pb.batch.last)))
+            else:
+                self.counters.busy += 1
+                replies.append(Reply(pb.peer, wire.encode_busy(
+                    pb.batch.node, pb.batch.first, retry_ms, reason)))
+        return replies

@@ -19,6 +19,7 @@ import google_crc32c
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
+from support.cmodules import c_module
 
 from iotpipe.queue import PersistentQueue, framing, reader, segments
 from iotpipe.queue.framing import (
@@ -32,23 +33,11 @@ from iotpipe.queue.framing import (
 
 pytestmark = pytest.mark.unit
 
-try:
-    from iotpipe.queue import _framing
-except ImportError as exc:  # reported by test_c_parser_is_built_and_used, not skipped
-    _framing = None
-    _IMPORT_ERROR: ImportError | None = exc
-else:
-    _IMPORT_ERROR = None
-
 LAST_SEQ = (1 << 64) - 1
 
 
 def _c_module() -> ModuleType:
-    if _framing is None:
-        pytest.fail(f"the C parser iotpipe.queue._framing is not built ({_IMPORT_ERROR}); "
-                    "it needs gcc and Python's headers when the package is installed "
-                    "(`make venv` after installing them)")
-    return _framing
+    return c_module("iotpipe.queue._framing")
 
 
 def test_c_parser_is_built_and_used() -> None:

@@ -147,6 +147,18 @@ def _run_for(append: Callable[[], object], seconds: float) -> tuple[int, float]:
             return count, now - start
 
 
+def _alternate(cases: dict[str, Callable[[], object]], records_per_call: int,
+               seconds: float, slices: int) -> dict[str, float]:
+    """Records/s of each case, run in ``slices`` alternating slices of ``seconds`` in all."""
+    totals = {name: [0, 0.0] for name in cases}
+    for _ in range(slices):
+        for name, call in cases.items():
+            count, elapsed = _run_for(call, seconds / slices)
+            totals[name][0] += count * records_per_call
+            totals[name][1] += elapsed
+    return {name: records / elapsed for name, (records, elapsed) in totals.items()}
+
+
 class _NoSyncFileIO(OsFileIO):
     """Real writes, no sync: isolates the queue's CPU cost (NOT durable; bench only)."""
 
@@ -173,19 +185,12 @@ def measure_case(directory: Path, payloads: list[bytes], mode: str, seconds: flo
     try:
         if queue.persist_mode != mode:
             raise RuntimeError(f"asked for {mode}, queue runs {queue.persist_mode}")
-        cases: dict[str, Callable[[], object]] = {
+        return _alternate({
             "plain": plain.append,
             "plain_written": plain_written.append,
             "queue": lambda: queue.append(payloads),
             "framing": lambda: framing.append(payloads),
-        }
-        totals = {name: [0, 0.0] for name in cases}
-        for _ in range(slices):
-            for name, append in cases.items():
-                count, elapsed = _run_for(append, seconds / slices)
-                totals[name][0] += count * len(payloads)
-                totals[name][1] += elapsed
-        return {name: records / elapsed for name, (records, elapsed) in totals.items()}
+        }, len(payloads), seconds, slices)
     finally:
         plain.close()
         plain_written.close()
@@ -242,19 +247,12 @@ def measure_reads(directory: Path, payloads: list[bytes], seconds: float,
     cycle = _Cycle(directory, payloads)
     frames = cycle.frames
     try:
-        cases: dict[str, Callable[[], object]] = {
+        return _alternate({
             "read": cycle.read,
             "plain": cycle.plain,
             "parse": lambda: parse_records(frames, 0, len(frames), 1, []),
             "parse_python": lambda: parse_records_python(frames, 0, len(frames), 1, []),
-        }
-        totals = {name: [0, 0.0] for name in cases}
-        for _ in range(slices):
-            for name, call in cases.items():
-                count, elapsed = _run_for(call, seconds / slices)
-                totals[name][0] += count * len(payloads)
-                totals[name][1] += elapsed
-        return {name: records / elapsed for name, (records, elapsed) in totals.items()}
+        }, len(payloads), seconds, slices)
     finally:
         cycle.close()
 

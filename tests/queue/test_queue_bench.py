@@ -36,6 +36,14 @@ def test_bench_queue_json_shape(tmp_path: Path) -> None:
                                                  rel=0.01)
         if r["mode"] == "pmem":
             assert isinstance(r["pmem_is_pmem_forced"], bool)
+    assert [r["batch"] for r in report["reads"]] == [1, 16]
+    for r in report["reads"]:
+        assert r["read_records_per_s"] > 0 and r["plain_read_records_per_s"] > 0
+        assert r["parse_records_per_s"] > 0 and r["parse_python_records_per_s"] > 0
+        assert r["read_limit_ratio"] == pytest.approx(
+            r["read_records_per_s"] / r["plain_read_records_per_s"], rel=0.01)
+        assert r["parse_c_vs_python"] == pytest.approx(
+            r["parse_records_per_s"] / r["parse_python_records_per_s"], rel=0.02)
     assert list(tmp_path.iterdir()) == []  # scratch files are removed
 
 

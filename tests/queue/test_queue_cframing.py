@@ -15,27 +15,15 @@ import google_crc32c
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support.cmodules import c_module
 
 from iotpipe.queue import PersistentQueue, framing, writer
 from iotpipe.queue.framing import encode_records_python
 
 pytestmark = pytest.mark.unit
 
-try:
-    from iotpipe.queue import _framing
-except ImportError as exc:  # reported by test_c_encoder_is_built, not skipped
-    _framing = None
-    _IMPORT_ERROR: ImportError | None = exc
-else:
-    _IMPORT_ERROR = None
-
-
 def _c_module() -> ModuleType:
-    if _framing is None:
-        pytest.fail(f"the C encoder iotpipe.queue._framing is not built ({_IMPORT_ERROR}); "
-                    "it needs gcc and Python's headers when the package is installed "
-                    "(`make venv` after installing them)")
-    return _framing
+    return c_module("iotpipe.queue._framing")
 
 
 def test_c_encoder_is_built_and_used() -> None:

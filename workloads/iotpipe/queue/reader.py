@@ -15,6 +15,7 @@ __all__ = ["bytes_from", "ensure_scanned", "locate", "read"]
 
 _READ_AHEAD = 64 << 10  # read this much past the byte budget: the next record likely fits
 _MAX_WINDOW = 1 << 20
+_MIN_WINDOW = 4096
 _MAX_POSITIONS = 64
 
 
@@ -33,11 +34,17 @@ def read(state: SegmentState, from_seq: int, max_records: int, max_bytes: int) -
             offset = SEGMENT_HEADER_BYTES
             continue
         before = len(records)
-        want = min(segment.end - offset, max(remaining_bytes, 0) + _READ_AHEAD, _MAX_WINDOW)
+        # Read about what max_records will take (from the average framed size seen last),
+        # not the whole byte budget: a pread copies every byte it is given. Too short a
+        # window only costs another pread.
+        want = min(segment.end - offset, max(remaining_bytes, 0) + _READ_AHEAD, _MAX_WINDOW,
+                   max(state.frame_hint * (max_records - before + 1), _MIN_WINDOW))
         data = state.io.pread(segment.handle, want, offset)
         result = parse_records(data, 0, len(data), seq, records,
                                max_records=max_records - before,
                                max_bytes=remaining_bytes, at_least_one=before == 0)
+        if len(records) > before:
+            state.frame_hint = -(-result.offset // (len(records) - before))
         if result.stop == Stop.SHORT and result.offset == 0:
             # One record larger than the read window: read exactly that frame.
             if before and result.frame_length - 16 > remaining_bytes:
@@ -51,14 +58,15 @@ def read(state: SegmentState, from_seq: int, max_records: int, max_bytes: int) -
                 raise QueueCorrupted(segment.path, offset, f"{result.stop} at seq {seq} "
                                      "inside durable data")
             remaining_bytes -= len(records[-1].payload)
+            state.frame_hint = result.offset
             offset += result.offset
             seq = result.next_seq
             continue
-        remaining_bytes -= sum(len(record.payload) for record in records[before:])
         offset += result.offset
         seq = result.next_seq
         if result.stop == Stop.LIMIT:
             break
+        remaining_bytes -= sum(len(record.payload) for record in records[before:])
         if result.stop in (Stop.END, Stop.SHORT) and result.offset > 0:
             continue  # the read window ended; read on
         if result.stop == Stop.END and offset >= segment.end:

@@ -98,6 +98,7 @@ class SegmentState:
         self.durable_seq = 0
         self.tail_offset = SEGMENT_HEADER_BYTES  # reservation offset in the last segment
         self.positions: dict[int, tuple[Segment, int]] = {}
+        self.frame_hint = 256  # average framed bytes per record of the last read
         self.persist_mode = "fdatasync"
         self.failed: BaseException | None = None
         self.closed = False

@@ -38,6 +38,7 @@ from iotpipe.queue.fileio import OsFileIO
 from iotpipe.settings import CommaList, parse_settings, tier_config
 
 PLAIN_FILE_BYTES = 64 << 20  # the size of a default queue segment
+READ_RECORDS = 1 << 16  # records the read case cycles through (in the page cache)
 
 
 class QueueBenchSettings(BaseSettings):
@@ -146,6 +147,18 @@ def _run_for(append: Callable[[], object], seconds: float) -> tuple[int, float]:
             return count, now - start
 
 
+def _alternate(cases: dict[str, Callable[[], object]], records_per_call: int,
+               seconds: float, slices: int) -> dict[str, float]:
+    """Records/s of each case, run in ``slices`` alternating slices of ``seconds`` in all."""
+    totals = {name: [0, 0.0] for name in cases}
+    for _ in range(slices):
+        for name, call in cases.items():
+            count, elapsed = _run_for(call, seconds / slices)
+            totals[name][0] += count * records_per_call
+            totals[name][1] += elapsed
+    return {name: records / elapsed for name, (records, elapsed) in totals.items()}
+
+
 class _NoSyncFileIO(OsFileIO):
     """Real writes, no sync: isolates the queue's CPU cost (NOT durable; bench only)."""
 
@@ -172,25 +185,76 @@ def measure_case(directory: Path, payloads: list[bytes], mode: str, seconds: flo
     try:
         if queue.persist_mode != mode:
             raise RuntimeError(f"asked for {mode}, queue runs {queue.persist_mode}")
-        cases: dict[str, Callable[[], object]] = {
+        return _alternate({
             "plain": plain.append,
             "plain_written": plain_written.append,
             "queue": lambda: queue.append(payloads),
             "framing": lambda: framing.append(payloads),
-        }
-        totals = {name: [0, 0.0] for name in cases}
-        for _ in range(slices):
-            for name, append in cases.items():
-                count, elapsed = _run_for(append, seconds / slices)
-                totals[name][0] += count * len(payloads)
-                totals[name][1] += elapsed
-        return {name: records / elapsed for name, (records, elapsed) in totals.items()}
+        }, len(payloads), seconds, slices)
     finally:
         plain.close()
         plain_written.close()
         for opened in (queue, framing):
             opened.close()
             shutil.rmtree(opened.path)
+
+
+class _Cycle:
+    """Consecutive reads of ``batch`` records from a prefilled queue and its plain twin."""
+
+    def __init__(self, directory: Path, payloads: list[bytes]) -> None:
+        from iotpipe.queue import PersistentQueue
+        from iotpipe.queue.framing import encode_records
+
+        self.batch = len(payloads)
+        rounds = max(READ_RECORDS // self.batch, 1)
+        self.last_seq = rounds * self.batch
+        self.queue = PersistentQueue.open(directory / "read", capacity_bytes=8 << 30,
+                                          segment_bytes=64 << 20, file_io=_NoSyncFileIO())
+        # The same framed bytes in a plain file: what reading them costs with no parsing.
+        self.frames = encode_records(payloads, 1)
+        self.path = directory / "read-plain.bin"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        for _ in range(rounds):
+            self.queue.append(payloads)
+        os.pwrite(self.fd, self.frames * rounds, 0)
+        self.plain_end = len(self.frames) * rounds
+        self.seq = 1
+        self.offset = 0
+
+    def read(self) -> None:
+        records = self.queue.read(self.seq, max_records=self.batch)
+        self.seq = records[-1].seq + 1 if records[-1].seq < self.last_seq else 1
+
+    def plain(self) -> None:
+        os.pread(self.fd, len(self.frames), self.offset)
+        self.offset = (self.offset + len(self.frames)) % self.plain_end
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.unlink(self.path)
+        self.queue.close()
+        shutil.rmtree(self.queue.path)
+
+
+def measure_reads(directory: Path, payloads: list[bytes], seconds: float,
+                  slices: int) -> dict[str, float]:
+    """Records/s of "read" (``PersistentQueue.read`` of ``len(payloads)`` records), "plain"
+    (``os.pread`` of the same framed bytes, no parsing) and the parse alone in C ("parse")
+    and in Python ("parse_python"), in alternating slices like the appends."""
+    from iotpipe.queue.framing import parse_records, parse_records_python
+
+    cycle = _Cycle(directory, payloads)
+    frames = cycle.frames
+    try:
+        return _alternate({
+            "read": cycle.read,
+            "plain": cycle.plain,
+            "parse": lambda: parse_records(frames, 0, len(frames), 1, []),
+            "parse_python": lambda: parse_records_python(frames, 0, len(frames), 1, []),
+        }, len(payloads), seconds, slices)
+    finally:
+        cycle.close()
 
 
 def _pmem_available() -> tuple[bool, bool]:
@@ -242,6 +306,19 @@ def run(settings: QueueBenchSettings, directory: Path) -> dict[str, Any]:
             if mode == "pmem":
                 result["pmem_is_pmem_forced"] = pmem_forced
             results.append(result)
+    reads: list[dict[str, Any]] = []
+    for batch in (int(b) for b in settings.batches):
+        payloads = [os.urandom(settings.record_bytes) for _ in range(batch)]
+        rates = measure_reads(directory, payloads, settings.seconds, settings.slices)
+        reads.append({
+            "batch": batch,
+            "read_records_per_s": round(rates["read"]),
+            "plain_read_records_per_s": round(rates["plain"]),
+            "read_limit_ratio": round(rates["read"] / rates["plain"], 3),
+            "parse_records_per_s": round(rates["parse"]),
+            "parse_python_records_per_s": round(rates["parse_python"]),
+            "parse_c_vs_python": round(rates["parse"] / rates["parse_python"], 2),
+        })
     return {
         "bench": "queue",
         "record_bytes": settings.record_bytes,
@@ -250,6 +327,7 @@ def run(settings: QueueBenchSettings, directory: Path) -> dict[str, Any]:
         "machine": _machine(directory),
         "notes": notes,
         "results": results,
+        "reads": reads,
     }
 
 
@@ -264,6 +342,13 @@ def _table(report: dict[str, Any]) -> str:
                      f"{r['plain_records_per_s']:>12,} {r['limit_ratio']:>6.2f} "
                      f"{r['written_plain_records_per_s']:>14,} "
                      f"{r['written_limit_ratio']:>6.2f} {r['framing_records_per_s']:>14,}")
+    lines += ["", f"{'read':10} {'batch':>6} {'read rec/s':>12} {'pread rec/s':>12} {'ratio':>6} "
+              f"{'C parse rec/s':>14} {'Py parse rec/s':>14} {'ratio':>6}"]
+    for r in report["reads"]:
+        lines.append(f"{'':10} {r['batch']:>6} {r['read_records_per_s']:>12,} "
+                     f"{r['plain_read_records_per_s']:>12,} {r['read_limit_ratio']:>6.2f} "
+                     f"{r['parse_records_per_s']:>14,} {r['parse_python_records_per_s']:>14,} "
+                     f"{r['parse_c_vs_python']:>6.2f}")
     lines += [f"note: {note}" for note in report["notes"]]
     return "\n".join(lines)
 

@@ -12,27 +12,16 @@ import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support.cmodules import c_module
 
 from iotpipe import wire
 from iotpipe.middle import hot
 
 pytestmark = pytest.mark.unit
 
-try:
-    from iotpipe.middle import _hot
-except ImportError as exc:  # reported by test_c_module_is_built, not skipped
-    _hot = None
-    _IMPORT_ERROR: ImportError | None = exc
-else:
-    _IMPORT_ERROR = None
-
 
 def _c_module() -> ModuleType:
-    if _hot is None:
-        pytest.fail(f"the C module iotpipe.middle._hot is not built ({_IMPORT_ERROR}); it "
-                    "needs gcc and Python's headers when the package is installed "
-                    "(`make venv` after installing them)")
-    return _hot
+    return c_module("iotpipe.middle._hot")
 
 
 def test_c_module_is_built_and_used() -> None:

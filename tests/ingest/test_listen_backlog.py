@@ -1,4 +1,5 @@
-"""The listen backlog a listener really gets: the request, capped by net.core.somaxconn."""
+"""The listen backlog a listener really gets (the request, capped by net.core.somaxconn), and
+the overflow count ``bench connections`` reports."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from iotpipe.ingest.settings import DEFAULT_LISTEN_BACKLOG, IngestSettings, listen_backlog
+from iotpipe_tools.bench.connections import listen_overflows
 
 pytestmark = pytest.mark.unit
 
@@ -30,3 +32,15 @@ def test_default_is_high_and_the_option_is_validated() -> None:
     assert IngestSettings(listen_backlog=300).listen_backlog == 300
     with pytest.raises(ValueError, match="listen_backlog"):
         IngestSettings(listen_backlog=0)
+
+
+def test_listen_overflows_is_read_from_the_tcpext_pair(tmp_path: Path) -> None:
+    netstat = tmp_path / "netstat"
+    netstat.write_text("TcpExt: SyncookiesSent ListenOverflows ListenDrops\n"
+                       "TcpExt: 26 957 958\n"
+                       "IpExt: InNoRoutes ListenOverflows\n"
+                       "IpExt: 0 5\n")
+    assert listen_overflows(netstat) == 957
+    netstat.write_text("IpExt: InNoRoutes\nIpExt: 0\n")
+    assert listen_overflows(netstat) is None
+    assert listen_overflows(tmp_path / "absent") is None

@@ -32,6 +32,7 @@ def test_bench_connections_holds_and_acks_ten_thousand() -> None:
         assert result["acked"] == CONNECTIONS and result["errors"] == 0
         assert result["rss_bytes"] > result["idle_rss_bytes"] > 0
         assert result["bytes_per_connection"] > 0 and result["connect_s"] > 0
+        assert result["listen_overflows"] >= 0  # machine-wide: not asserted to be 0
     ingest = report["results"]["ingest"]
     assert (report["held"], report["acked"]) == (CONNECTIONS, CONNECTIONS)
     assert report["bytes_per_connection"] == ingest["bytes_per_connection"]

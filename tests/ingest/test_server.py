@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from iotpipe.auth import CLIENT_AUDIENCE, DEVICE_AUDIENCE, issue_token
 from iotpipe.ingest.identity import INCARNATION_FILE
 from iotpipe.ingest.server import IngestServer, IngestSettings
+from iotpipe.ingest.settings import listen_backlog
 from iotpipe.queue import PersistentQueue
 from iotpipe.wire import decode_reading
 
@@ -436,3 +438,29 @@ async def test_compression_is_off_unless_enabled(ingest: Factory, enabled: bool,
         assert ("permessage-deflate" in negotiated) is enabled
         await ws.send(orjson.dumps({"id": 1, "data": {"k": "x" * 200}}).decode())
         assert await reply(ws) == {"type": "ack", "ids": [1]}
+
+
+def listener_backlog(server: IngestServer) -> int:
+    """The accept queue size the kernel gave ingest's listener: for a listening socket
+    TCP_INFO's ``tcpi_sacked`` field is sk_max_ack_backlog (what ``ss`` shows as Send-Q)."""
+    front = server.front if server.front is not None else server.ws_front
+    assert front is not None
+    (listener,) = front.sockets
+    info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    # 8 one-byte fields, then u32 rto, ato, snd_mss, rcv_mss, unacked, sacked
+    return int(struct.unpack_from("8B6I", info)[13])
+
+
+@pytest.mark.parametrize("requested", [1234, None])
+async def test_listener_gets_the_configured_backlog(ingest: Factory,
+                                                    requested: int | None) -> None:
+    # Default: far above asyncio's 100 (a fleet reconnecting at once overflows that and
+    # waits for SYN retransmits), up to the kernel's net.core.somaxconn cap.
+    overrides = {} if requested is None else {"listen_backlog": requested}
+    server = await ingest(**overrides)
+    expected, somaxconn = listen_backlog(server.settings.listen_backlog)
+    if requested is None:
+        assert somaxconn is not None and expected == min(65535, somaxconn) > 100
+    else:
+        assert expected == min(1234, somaxconn or 1234)
+    assert listener_backlog(server) == expected

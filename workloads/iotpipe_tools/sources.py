@@ -7,11 +7,15 @@ import contextlib
 import ipaddress
 import math
 import resource
+import socket
 from urllib.parse import urlsplit
 
-__all__ = ["PORTS_PER_SOURCE", "raise_nofile", "source_addresses"]
+__all__ = ["PORTS_PER_SOURCE", "bound_socket", "raise_nofile", "source_addresses"]
 
 PORTS_PER_SOURCE = 20000  # below the ~28k ephemeral ports, leaving room for the rest
+
+# Linux's IP_BIND_ADDRESS_NO_PORT (absent from Python's socket module before 3.12).
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
 def raise_nofile(wanted: int) -> int:
@@ -37,3 +41,23 @@ def source_addresses(url: str, connections: int, spread: bool) -> list[str | Non
         return [None]
     count = max(1, math.ceil(connections / PORTS_PER_SOURCE))
     return [f"127.0.0.{2 + i}" for i in range(count)]
+
+
+def bound_socket(source: str) -> socket.socket:
+    """A non-blocking TCP socket bound to ``source`` whose port is chosen at connect().
+
+    ``bind((source, 0))`` alone picks the port at bind time, searching the bind table
+    while ignoring the destination: with thousands of sockets (or TIME_WAIT remnants of a
+    previous run) on one address each bind costs a scan, and it cannot reuse a port that
+    is busy only towards another destination. IP_BIND_ADDRESS_NO_PORT defers the choice
+    to connect(), which searches by the whole 4-tuple (docs/benchmarks.md, Connections).
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((source, 0))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

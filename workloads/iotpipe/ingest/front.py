@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import time
 from collections import deque
@@ -62,9 +63,6 @@ _PICOWS_LOG = logging.LoggerAdapter(logging.getLogger("picows.ingest"), {})
 # Replies a connection may owe before its socket stops being read (docs/protocols.md: a
 # busy device is read at most 16 frames ahead).
 OUTBOX_FRAMES = 16
-# Handshakes queued in the kernel: asyncio's default of 100 drops SYNs when a fleet
-# reconnects at once (after a drain), costing each device a 1 s+ retransmit.
-LISTEN_BACKLOG = 4096
 # Seconds to wait for the device's close frame after ours before dropping the socket.
 CLOSE_TIMEOUT = 5.0
 
@@ -352,11 +350,16 @@ class PicowsFront:
             # sni_callback, which the certificate reload relies on (tlsconfig.py): with TLS
             # the loop's own transport is used.
             use_aiofastnet=False if ssl_context is not None else None,
-            backlog=LISTEN_BACKLOG,
+            backlog=s.listen_backlog,
             reuse_port=reuse_port or None,
         )
         self.port = int(self._listener.sockets[0].getsockname()[1])
         return self.port
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        """The listening sockets (none before start)."""
+        return tuple(self._listener.sockets) if self._listener is not None else ()
 
     def stop_listening(self) -> None:
         if self._listener is not None:

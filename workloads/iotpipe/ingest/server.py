@@ -74,7 +74,7 @@ from iotpipe.ingest.metrics import (
     retired_depth,
 )
 from iotpipe.ingest.pod import die_with_parent, run_parent
-from iotpipe.ingest.settings import IngestSettings, ws_core
+from iotpipe.ingest.settings import IngestSettings, listen_backlog, ws_core
 from iotpipe.ingest.wsfront import WebsocketsFront
 from iotpipe.observability import (
     ObservabilityServer,
@@ -357,8 +357,11 @@ async def run_process(settings: IngestSettings, index: int,
             return 1
         if index == 0:
             await asyncio.to_thread(server.start_retired)
+        # The kernel caps the backlog silently: say what the listener really got.
+        backlog, somaxconn = listen_backlog(settings.listen_backlog)
         log.info("ingest listening", extra={"fields": {
             "node": server.node, "port": server.port, "metrics_port": obs.port,
+            "listen_backlog": backlog, "somaxconn": somaxconn,
             "queue": str(server.queue_dir), "middle": server.endpoints,
             "retired_queues": sorted(server.retired)}})
         next_check = time.monotonic() + settings.endpoints_reload_seconds

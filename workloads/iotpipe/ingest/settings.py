@@ -24,7 +24,14 @@ from iotpipe.settings import (
     tier_config,
 )
 
-__all__ = ["IngestSettings", "MiddleEndpointsSettings", "ws_core"]
+__all__ = ["DEFAULT_LISTEN_BACKLOG", "IngestSettings", "MiddleEndpointsSettings",
+           "listen_backlog", "ws_core"]
+
+# Handshakes the kernel queues for accept(): asyncio's default of 100 drops SYNs when a fleet
+# (re)connects at once, costing each dropped device a 1 s, 3 s, ... SYN retransmit. Linux
+# caps it at net.core.somaxconn (4096 by default since 5.4), so asking high costs nothing.
+DEFAULT_LISTEN_BACKLOG = 65535
+SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
 
 
 class MiddleEndpointsSettings(EndpointsReloadSettings):
@@ -81,6 +88,9 @@ class IngestSettings(EdgeSecuritySettings, MiddleEndpointsSettings, ServerSettin
                             "no permessage-deflate) or websockets; auto = websockets with "
                             "--compression, else picows")
     open_timeout: float = Field(10.0, gt=0, description="seconds to finish the handshake")
+    listen_backlog: int = Field(DEFAULT_LISTEN_BACKLOG, ge=1, le=2**31 - 1,
+                                description="connections the kernel queues before accept "
+                                            "(capped by net.core.somaxconn)")
     ping_interval: float = Field(20.0, gt=0, description="seconds between keepalive pings")
     ping_timeout: float = Field(20.0, gt=0, description="seconds to wait for a pong")
     drain_timeout: float = Field(60.0, gt=0, description="seconds to empty the queue on SIGTERM")
@@ -108,3 +118,13 @@ def ws_core(settings: IngestSettings) -> str:
     if settings.ws_core == "auto":
         return "websockets" if settings.compression else "picows"
     return settings.ws_core
+
+
+def listen_backlog(requested: int, somaxconn: Path = SOMAXCONN) -> tuple[int, int | None]:
+    """The backlog a listener gets for ``requested`` and the somaxconn cap that applies
+    (None where it cannot be read: then ``requested`` is reported as is)."""
+    try:
+        cap = int(somaxconn.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return requested, None
+    return min(requested, cap), cap

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import time
 from typing import TYPE_CHECKING
@@ -56,9 +57,15 @@ class WebsocketsFront:
             ping_timeout=s.ping_timeout,
             close_timeout=5,
             reuse_port=reuse_port,
+            backlog=s.listen_backlog,
             ssl=ssl_context,
         )
         return int(self.ws_server.sockets[0].getsockname()[1])
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        """The listening sockets (none before start)."""
+        return tuple(self.ws_server.sockets) if self.ws_server is not None else ()
 
     @property
     def connections(self) -> list[ServerConnection]:

@@ -15,8 +15,10 @@ pod does on a many-core node; the bare picows baseline runs P processes the same
 
 Fields per server: ``held``, ``rss_bytes``, ``bytes_per_connection`` (RSS growth over the
 server's idle RSS, divided by ``held``), ``connect_s``, ``acked``, ``ack_s`` (first send to
-last ack); and ``memory_ratio_vs_picows``. The issue's goal: 100,000 connections held on
-one machine in at most 3 GiB.
+last ack), ``listen_overflows`` (the machine's TcpExtListenOverflows over that server's run:
+SYNs dropped on a full accept queue, each costing a device a 1 s+ retransmit; other
+processes' listeners count too); and ``memory_ratio_vs_picows``. The issue's goal: 100,000
+connections held on one machine in at most 3 GiB.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
+from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field
@@ -63,6 +67,20 @@ class ConnectionsBenchSettings(TierSettings):
     json_output: bool = Field(False, description="print one JSON object")
 
 
+def listen_overflows(netstat: Path = Path("/proc/net/netstat")) -> int | None:
+    """The machine's count of connections dropped on a full accept queue (None: unknown)."""
+    try:
+        lines = netstat.read_text().splitlines()
+    except OSError:
+        return None
+    for names, values in pairwise(lines):
+        if names.startswith("TcpExt:") and values.startswith("TcpExt:"):
+            counters = dict(zip(names.split(), values.split(), strict=True))
+            value = counters.get("ListenOverflows")
+            return int(value) if value is not None else None
+    return None
+
+
 def per_process(limit: int) -> int:
     """Connections one process may hold under file limit ``limit`` (headroom for the
     queue, ZeroMQ, pipes and /proc reads)."""
@@ -76,6 +94,7 @@ def _hold(name: str, settings: ConnectionsBenchSettings, env: dict[str, str],
                           "--ping-timeout", str(settings.ping_interval)]
     server.start()
     clients: list[subprocess.Popen[str]] = []
+    overflows_before = listen_overflows()
     try:
         idle_rss = tree_rss(server.pids())
         limit = raise_nofile(2 * settings.connections + 4096)
@@ -101,6 +120,7 @@ def _hold(name: str, settings: ConnectionsBenchSettings, env: dict[str, str],
             client.stdin.write("go\n")
             client.stdin.flush()
         loads = [json.loads(_read_line(c, settings.timeout)) for c in clients]
+        overflows_after = listen_overflows()
     finally:
         for client in clients:
             if client.poll() is None:
@@ -119,6 +139,9 @@ def _hold(name: str, settings: ConnectionsBenchSettings, env: dict[str, str],
         "acked": sum(load.get("acked", 0) for load in loads),
         "ack_s": max(load.get("send_to_last_ack_s") or 0 for load in loads),
         "errors": sum(load.get("errors", 0) for load in loads),
+        "listen_overflows": (overflows_after - overflows_before
+                             if overflows_before is not None and overflows_after is not None
+                             else None),
         "server_processes": processes,
         "client_processes": len(clients),
     }

@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 from pydantic import Field
 
-from iotpipe.ingest.front import LISTEN_BACKLOG
+from iotpipe.ingest.settings import DEFAULT_LISTEN_BACKLOG
 from iotpipe.settings import TierSettings, parse_settings, tier_config
 from iotpipe_tools.bench.loadgen import LoadSpec, run
 from iotpipe_tools.ports import free_port
@@ -102,7 +102,7 @@ def bare_picows_main(port: int, reuse_port: bool = False) -> None:
     async def serve() -> None:
         # The same listen backlog and read buffer as ingest's front (bench connections).
         server = await ws_create_server(lambda _request: Listener(), "127.0.0.1", port,
-                                        backlog=LISTEN_BACKLOG, read_buffer_init_size=4096,
+                                        backlog=DEFAULT_LISTEN_BACKLOG, read_buffer_init_size=4096,
                                         reuse_port=reuse_port or None)
         await server.serve_forever()
 

@@ -35,7 +35,7 @@ import orjson
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from iotpipe.auth import DEVICE_AUDIENCE, issue_token
-from iotpipe_tools.sources import PORTS_PER_SOURCE, raise_nofile
+from iotpipe_tools.sources import PORTS_PER_SOURCE, bound_socket, raise_nofile
 
 __all__ = ["LoadSpec", "drive", "run"]
 
@@ -166,7 +166,7 @@ class _Generator:
                     _, device = await ws_connect(
                         lambda *_: _Device(self), spec.url,
                         extra_headers={"Authorization": f"Bearer {token}"},
-                        local_addr=(sources[index % len(sources)], 0),
+                        socket_factory=lambda _url: bound_socket(sources[index % len(sources)]),
                         read_buffer_init_size=2048, websocket_handshake_timeout=60,
                         enable_auto_pong=True)
                 except Exception:  # counted: a bench reports how many were held

@@ -23,7 +23,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -33,13 +32,13 @@ from pydantic import Field
 
 from iotpipe.curve import CurveKeyError, CurveKeys, load_keys
 from iotpipe.durable import fsync_dir
-from iotpipe.endpoints import EndpointsError, EndpointsFile, resolve_endpoints
+from iotpipe.endpoints import EndpointsError, EndpointsFile
 from iotpipe.ingest.forwarder import CONSUMER, Forwarder
 from iotpipe.ingest.identity import queue_node_id
-from iotpipe.ingest.settings import MiddleEndpointsSettings
+from iotpipe.ingest.settings import IngestQueueSettings, MiddleEndpointsSettings
 from iotpipe.observability import setup_logging
 from iotpipe.queue import PersistentQueue, QueueError
-from iotpipe.settings import LogLevel, TierSettings, parse_settings, tier_config
+from iotpipe.settings import CurveSettings, LogLevel, parse_settings, tier_config
 
 __all__ = ["DrainSettings", "QueueDrainer", "drain_queues", "main", "process_dirs",
            "remove_queue_dir"]
@@ -51,20 +50,13 @@ _PROCESS_DIR = re.compile(r"p(\d+)")
 REMOVED_SUFFIX = ".removed-"
 
 
-class DrainSettings(MiddleEndpointsSettings, TierSettings):
+class DrainSettings(CurveSettings, MiddleEndpointsSettings, IngestQueueSettings):
     """Forward every retained ingest queue under data_dir to the middle tier, then exit."""
 
     model_config = tier_config("iotpipe drain", "IOTPIPE_DRAIN_")
 
-    data_dir: Path = Field(Path("/var/lib/iotpipe/queue"), description="ingest queue directory")
-    node_id: str = Field(default_factory=socket.gethostname,
-                         description="node identity of the ingest pod that wrote the queue")
     timeout: float = Field(600.0, gt=0, description="seconds to wait for the queues to empty")
     log_level: LogLevel = Field("info", description="debug, info, warning, error or critical")
-    queue_bytes: int = Field(1 << 30, gt=0, description="capacity to open the queues with")
-    curve_keys_dir: str = Field(
-        "", description="CurveZMQ keys directory (the drain runs as the ingest role); "
-                        "empty = no CURVE")
 
 
 def process_dirs(data_dir: Path) -> list[tuple[int, Path]]:
@@ -173,9 +165,7 @@ def main(argv: Sequence[str]) -> int:
     settings = parse_settings(DrainSettings, argv)
     setup_logging("drain", settings.log_level)
     try:
-        endpoints, watched = resolve_endpoints(
-            "--middle-endpoints", settings.middle_endpoints,
-            "--middle-endpoints-file", settings.middle_endpoints_file)
+        endpoints, watched = settings.resolved_endpoints()
     except EndpointsError as exc:
         print(f"iotpipe drain: error: {exc}", file=sys.stderr)
         return 2

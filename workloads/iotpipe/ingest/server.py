@@ -59,7 +59,6 @@ from iotpipe.endpoints import (
     EndpointsCollector,
     EndpointsError,
     EndpointsFile,
-    resolve_endpoints,
 )
 from iotpipe.ingest.core import CLOSE_GOING_AWAY, DeviceBuckets, FrameLimits
 from iotpipe.ingest.drain import QueueDrainer, process_dirs, remove_leftovers
@@ -429,9 +428,7 @@ def main(argv: Sequence[str]) -> int:
     logging.getLogger("websockets").setLevel(logging.WARNING)
     logging.getLogger("picows").setLevel(logging.WARNING)
     try:
-        endpoints, watched = resolve_endpoints(
-            "--middle-endpoints", settings.middle_endpoints,
-            "--middle-endpoints-file", settings.middle_endpoints_file)
+        endpoints, watched = settings.resolved_endpoints()
     except EndpointsError as exc:
         print(f"iotpipe ingest: error: {exc}", file=sys.stderr)
         return 2

@@ -14,17 +14,19 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from iotpipe.endpoints import check_endpoint
+from iotpipe.endpoints import EndpointsFile, check_endpoint, resolve_endpoints
 from iotpipe.settings import (
     CommaList,
     EdgeSecuritySettings,
     EndpointsReloadSettings,
     Internal,
     ServerSettings,
+    TierSettings,
     tier_config,
 )
 
-__all__ = ["DEFAULT_LISTEN_BACKLOG", "IngestSettings", "MiddleEndpointsSettings",
+__all__ = ["DEFAULT_LISTEN_BACKLOG", "IngestQueueSettings", "IngestSettings",
+           "MiddleEndpointsSettings",
            "listen_backlog", "ws_core"]
 
 # Handshakes the kernel queues for accept(): asyncio's default of 100 drops SYNs when a fleet
@@ -53,8 +55,25 @@ class MiddleEndpointsSettings(EndpointsReloadSettings):
                 raise ValueError(problem)
         return endpoints
 
+    def resolved_endpoints(self) -> tuple[list[str], EndpointsFile | None]:
+        """The endpoints to start with and the file to watch; EndpointsError when neither
+        option gives a usable list (known only by reading the file)."""
+        return resolve_endpoints("--middle-endpoints", self.middle_endpoints,
+                                 "--middle-endpoints-file", self.middle_endpoints_file)
 
-class IngestSettings(EdgeSecuritySettings, MiddleEndpointsSettings, ServerSettings):
+
+class IngestQueueSettings(TierSettings):
+    """Mixin: where an ingest pod keeps its queues and who wrote them (ingest, drain)."""
+
+    data_dir: Path = Field(Path("/var/lib/iotpipe/queue"),
+                           description="ingest queue directory (process i uses <data_dir>/p<i>)")
+    queue_bytes: int = Field(1 << 30, gt=0, description="queue capacity per process in bytes")
+    node_id: str = Field(default_factory=socket.gethostname,
+                         description="node identity of the ingest pod (process i is NODE_ID-pI)")
+
+
+class IngestSettings(EdgeSecuritySettings, MiddleEndpointsSettings, IngestQueueSettings,
+                     ServerSettings):
     """Device WebSocket server: authenticates devices, stores each message durably, acks it,
     and forwards the queue to the middle tier."""
 
@@ -64,12 +83,7 @@ class IngestSettings(EdgeSecuritySettings, MiddleEndpointsSettings, ServerSettin
     metrics_port: int = Field(9100, ge=0, le=65535,
                               description="port of /metrics, /healthz and /readyz of the pod "
                                           "(covers every process)")
-    data_dir: Path = Field(Path("/var/lib/iotpipe/queue"),
-                           description="queue directory (process i uses <data_dir>/p<i>)")
-    queue_bytes: int = Field(1 << 30, gt=0, description="queue capacity per process in bytes")
     processes: int = Field(1, ge=1, le=256, description="processes on one port (SO_REUSEPORT)")
-    node_id: str = Field(default_factory=socket.gethostname,
-                         description="node identity (process i is NODE_ID-pI)")
     insecure_no_auth: bool = Field(False, description="no tokens; device from ?device= or the "
                                    "message's 'device' field (local demos only)")
     rate_limit: float = Field(1000.0, ge=0, description="messages/s per device (0 = unlimited)")

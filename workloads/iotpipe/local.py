@@ -51,7 +51,7 @@ from pydantic import Field
 from iotpipe import contract, curve, lifecycle
 from iotpipe.auth import CLIENT_AUDIENCE, SECRET_FILE_ENV, issue_token, load_secret
 from iotpipe.fleet import SIM_PREFIX, write_registry
-from iotpipe.settings import CommaList, LogLevel, TierSettings, parse_settings, tier_config
+from iotpipe.settings import CommaList, LogSettings, parse_settings, tier_config
 from iotpipe.supervisor import (
     ChildSpec,
     RestartPolicy,
@@ -72,7 +72,7 @@ __all__ = [
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
-class UpSettings(TierSettings):
+class UpSettings(LogSettings):
     """Run middle, storage, relay and ingest on this machine (embedded storage)."""
 
     model_config = tier_config("iotpipe up", "IOTPIPE_UP_")
@@ -103,8 +103,6 @@ class UpSettings(TierSettings):
                                                         "device")
     simulate_duration: float = Field(365 * 86400.0, gt=0,
                                      description="seconds the simulated fleet sends")
-    log_level: LogLevel = Field("info", description="log level of every tier: debug, info, "
-                                                    "warning, error or critical")
     sinks: CommaList = Field(
         default_factory=list,
         description="storage sinks besides the embedded store DATA_DIR/store/readings.db, "

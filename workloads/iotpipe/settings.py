@@ -37,6 +37,7 @@ __all__ = [
     "EndpointsReloadSettings",
     "Internal",
     "LogLevel",
+    "LogSettings",
     "ServerSettings",
     "TierSettings",
     "metrics_port_field",
@@ -96,12 +97,19 @@ class TierSettings(BaseSettings):
     """Base for every command's settings; subclasses set ``model_config = tier_config(...)``."""
 
 
-def metrics_port_field(default: int) -> Any:
+def metrics_port_field(default: int, scope: str = "") -> Any:
     """The ``metrics_port`` field with a tier's own default port (declared once here)."""
-    return Field(default, ge=0, le=65535, description="port of /metrics, /healthz and /readyz")
+    description = "port of /metrics, /healthz and /readyz" + (f" {scope}" if scope else "")
+    return Field(default, ge=0, le=65535, description=description)
 
 
-class ServerSettings(TierSettings):
+class LogSettings(TierSettings):
+    """The log level of a command that logs (every tier, ``iotpipe up``, ``iotpipe drain``)."""
+
+    log_level: LogLevel = Field("info", description="debug, info, warning, error or critical")
+
+
+class ServerSettings(LogSettings):
     """The options every long-running tier shares (same flag and env var names per tier).
 
     Each tier overrides ``metrics_port`` with its own default (ingest 9100, middle 9101,
@@ -111,7 +119,6 @@ class ServerSettings(TierSettings):
 
     host: str = Field("0.0.0.0", description="bind address")
     metrics_port: int = metrics_port_field(9100)
-    log_level: LogLevel = Field("info", description="debug, info, warning, error or critical")
 
 
 class CurveSettings(BaseSettings):

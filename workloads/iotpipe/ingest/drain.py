@@ -38,7 +38,7 @@ from iotpipe.ingest.identity import queue_node_id
 from iotpipe.ingest.settings import IngestQueueSettings, MiddleEndpointsSettings
 from iotpipe.observability import setup_logging
 from iotpipe.queue import PersistentQueue, QueueError
-from iotpipe.settings import CurveSettings, LogLevel, parse_settings, tier_config
+from iotpipe.settings import CurveSettings, LogSettings, parse_settings, tier_config
 
 __all__ = ["DrainSettings", "QueueDrainer", "drain_queues", "main", "process_dirs",
            "remove_queue_dir"]
@@ -50,13 +50,12 @@ _PROCESS_DIR = re.compile(r"p(\d+)")
 REMOVED_SUFFIX = ".removed-"
 
 
-class DrainSettings(CurveSettings, MiddleEndpointsSettings, IngestQueueSettings):
+class DrainSettings(CurveSettings, MiddleEndpointsSettings, IngestQueueSettings, LogSettings):
     """Forward every retained ingest queue under data_dir to the middle tier, then exit."""
 
     model_config = tier_config("iotpipe drain", "IOTPIPE_DRAIN_")
 
     timeout: float = Field(600.0, gt=0, description="seconds to wait for the queues to empty")
-    log_level: LogLevel = Field("info", description="debug, info, warning, error or critical")
 
 
 def process_dirs(data_dir: Path) -> list[tuple[int, Path]]:

@@ -22,6 +22,7 @@ from iotpipe.settings import (
     Internal,
     ServerSettings,
     TierSettings,
+    metrics_port_field,
     tier_config,
 )
 
@@ -80,9 +81,7 @@ class IngestSettings(EdgeSecuritySettings, MiddleEndpointsSettings, IngestQueueS
     model_config = tier_config("iotpipe ingest", "IOTPIPE_INGEST_")
 
     port: int = Field(8080, ge=0, le=65535, description="WebSocket port (path /v1/ingest)")
-    metrics_port: int = Field(9100, ge=0, le=65535,
-                              description="port of /metrics, /healthz and /readyz of the pod "
-                                          "(covers every process)")
+    metrics_port: int = metrics_port_field(9100, "of the pod (covers every process)")
     processes: int = Field(1, ge=1, le=256, description="processes on one port (SO_REUSEPORT)")
     insecure_no_auth: bool = Field(False, description="no tokens; device from ?device= or the "
                                    "message's 'device' field (local demos only)")

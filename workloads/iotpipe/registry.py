@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-_ENTRY_FIELDS = {"class", "location", "labels"}
-_TOP_LEVEL_KEYS = {"devices", "prefixes"}
+_ENTRY_FIELDS = ("class", "location", "labels")
+_TOP_LEVEL_KEYS = ("devices", "prefixes")
 # lookup() memoises results; the memo is dropped when it grows past this many ids.
 _MEMO_LIMIT = 100_000
 
@@ -69,16 +69,23 @@ def _scalar(value: object, where: str) -> str:
     raise RegistryError(f"{where}: expected a string, got {type(value).__name__}")
 
 
+def _checked_map(raw: object, where: str, expected: str, what: str,
+                 allowed: tuple[str, ...]) -> dict[Any, Any]:
+    """``raw`` if it is a map with only ``allowed`` keys, else a RegistryError naming why."""
+    if not isinstance(raw, dict):
+        raise RegistryError(f"{where}: expected {expected}, got {type(raw).__name__}")
+    unknown = set(map(str, raw)) - set(allowed)
+    if unknown:
+        raise RegistryError(f"{where}: unknown {what} {sorted(unknown)}; "
+                            f"allowed: {', '.join(allowed)}")
+    return raw
+
+
 def _parse_entry(raw: object, where: str) -> DeviceInfo:
     if raw is None:
         return UNKNOWN
-    if not isinstance(raw, dict):
-        raise RegistryError(f"{where}: expected a map with class/location/labels, "
-                            f"got {type(raw).__name__}")
-    unknown = set(map(str, raw)) - _ENTRY_FIELDS
-    if unknown:
-        raise RegistryError(f"{where}: unknown field(s) {sorted(unknown)}; "
-                            f"allowed: class, location, labels")
+    raw = _checked_map(raw, where, "a map with class/location/labels", "field(s)",
+                       _ENTRY_FIELDS)
     labels_raw = raw.get("labels") or {}
     if not isinstance(labels_raw, dict):
         raise RegistryError(f"{where}.labels: expected a map, got {type(labels_raw).__name__}")
@@ -134,13 +141,8 @@ class Registry:
             raise RegistryError(f"{source}: not valid YAML: {exc}") from None
         if doc is None:
             return cls()
-        if not isinstance(doc, dict):
-            raise RegistryError(f"{source}: expected a map with 'devices' and/or 'prefixes', "
-                                f"got {type(doc).__name__}")
-        unknown = set(map(str, doc)) - _TOP_LEVEL_KEYS
-        if unknown:
-            raise RegistryError(f"{source}: unknown top-level key(s) {sorted(unknown)}; "
-                                f"allowed: devices, prefixes")
+        doc = _checked_map(doc, source, "a map with 'devices' and/or 'prefixes'",
+                           "top-level key(s)", _TOP_LEVEL_KEYS)
         return cls(_parse_section(doc, "devices", source), _parse_section(doc, "prefixes", source))
 
     @classmethod

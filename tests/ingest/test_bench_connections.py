@@ -5,10 +5,10 @@ time are reported, never asserted)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
+from support.processes import run_bounded
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(600)]
 
@@ -16,7 +16,7 @@ CONNECTIONS = 10_000
 
 
 def test_bench_connections_holds_and_acks_ten_thousand() -> None:
-    done = subprocess.run(
+    done = run_bounded(
         [sys.executable, "-m", "iotpipe.cli", "bench", "connections", "--json",
          # Pings every 10 s (a pong is due within that): at 5 s, a CI machine loaded by
          # other work lost ~5% of the connections to keepalive while they were connecting.

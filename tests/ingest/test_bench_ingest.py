@@ -4,16 +4,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
+from support.processes import run_bounded
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(240)]
 
 
 def test_bench_ingest_json_shape() -> None:
-    done = subprocess.run(
+    done = run_bounded(
         [sys.executable, "-m", "iotpipe.cli", "bench", "ingest", "--json",
          "--connections", "10", "--inflight", "2", "--duration", "1", "--warmup", "0.3"],
         capture_output=True, text=True, timeout=230,

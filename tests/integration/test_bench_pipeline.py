@@ -5,16 +5,16 @@ the report has its fields (latencies are reported, never asserted)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
+from support.processes import run_bounded
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(300)]
 
 
 def test_bench_pipeline_json_shape() -> None:
-    done = subprocess.run(
+    done = run_bounded(
         [sys.executable, "-m", "iotpipe.cli", "bench", "pipeline", "--json",
          "--rate", "500", "--connections", "20", "--duration", "2", "--warmup", "1",
          "--settle", "20"],

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
+from support.processes import run_bounded
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(120)]
 
 
 def test_bench_middle_json_shape(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    out = subprocess.run(
+    out = run_bounded(
         [sys.executable, "-m", "iotpipe.cli", "bench", "middle", "--json", "--batches", "1,8",
          "--seconds", "0.5", "--warmup", "0.2", "--nodes", "2", "--window", "2",
          "--log-bytes", str(1 << 24), "--dir", str(tmp_path)],
@@ -30,7 +30,7 @@ def test_bench_middle_json_shape(tmp_path) -> None:  # type: ignore[no-untyped-d
 
 
 def test_bench_middle_curve_reports_the_ratio(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    out = subprocess.run(
+    out = run_bounded(
         [sys.executable, "-m", "iotpipe.cli", "bench", "middle", "--json", "--batches", "8",
          "--seconds", "0.5", "--warmup", "0.2", "--nodes", "2", "--window", "2",
          "--log-bytes", str(1 << 24), "--dir", str(tmp_path), "--no-baseline", "--curve"],

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from support.processes import run_bounded
 
 pytestmark = pytest.mark.bench
 
 
 def test_bench_queue_json_shape(tmp_path: Path) -> None:
-    result = subprocess.run(
+    result = run_bounded(
         [sys.executable, "-m", "iotpipe.cli", "bench", "queue", "--json", "--seconds", "0.04",
          "--slices", "2", "--batches", "1,16", "--dir", str(tmp_path)],
         capture_output=True, text=True, timeout=120,
@@ -48,7 +48,7 @@ def test_bench_queue_json_shape(tmp_path: Path) -> None:
 
 
 def test_bench_queue_rejects_a_bad_batch_size() -> None:
-    result = subprocess.run(
+    result = run_bounded(
         [sys.executable, "-m", "iotpipe.cli", "bench", "queue", "--batches", "0"],
         capture_output=True, text=True, timeout=60,
     )

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import orjson
 import pytest
+from support.processes import run_bounded
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(120)]
 
@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.bench, pytest.mark.timeout(120)]
 @pytest.mark.parametrize("live_format", ["v2", "v1"])
 def test_bench_relay_json_shape(live_format: str) -> None:
     # v2 (the default): 300 events in messages of 64, the last one partial
-    result = subprocess.run(
+    result = run_bounded(
         [sys.executable, "-m", "iotpipe.cli", "bench", "relay", "--events", "300",
          "--clients", "2", "--live-format", live_format, "--json"],
         capture_output=True, timeout=110, check=False)
@@ -38,7 +38,7 @@ def test_bench_relay_json_shape(live_format: str) -> None:
 
 def test_bench_relay_device_shape_delivers_each_client_its_own_device() -> None:
     # 200 events over 100 devices: client i follows dev-i, so each client gets 2 of them.
-    result = subprocess.run(
+    result = run_bounded(
         [sys.executable, "-m", "iotpipe.cli", "bench", "relay", "--events", "200",
          "--clients", "3", "--shape", "device", "--json"],
         capture_output=True, timeout=110, check=False)

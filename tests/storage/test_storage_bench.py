@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
+from support.processes import run_bounded
 
 pytestmark = pytest.mark.bench
 
 
 def test_bench_storage_json_shape() -> None:
-    result = subprocess.run(
+    result = run_bounded(
         [sys.executable, "-m", "iotpipe.cli", "bench", "storage", "--records", "600",
          "--delivery", "100", "--window", "200", "--json"],
         capture_output=True, text=True, timeout=120)

@@ -34,8 +34,7 @@ DELETION_POLICIES = ("Drain", "Retain", "Delete")
 
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
 
-# Sink URL shapes: scheme -> (regex, human description), as iotpipe.storage.sinks parses them
-# (akumuli is the original design's TSDB).
+# Sink URL shapes: scheme -> (regex, human description), as iotpipe.storage.sinks parses them.
 SINK_SCHEMES: dict[str, tuple[str, str]] = {
     "sqlite": (r"^sqlite:///[^?# ]+$", "sqlite:///ABSOLUTE/PATH.db"),
     "parquet": (r"^parquet:///[^?# ]+$", "parquet:///ABSOLUTE/DIR"),

@@ -18,6 +18,7 @@ from iotpipe.storage.enrich import StoredReading, enrich_records
 from iotpipe.storage.metrics import SinkCollector
 from iotpipe.storage.sinks import SinkBatch, SinkError, WriteResult
 from iotpipe.storage.sinks.akumuli import AkumuliSink
+from iotpipe.storage.sinks.akumuli.points import Point
 
 REGISTRY_YAML = Registry.from_yaml(
     "devices: {d1: {class: thermostat, location: lab}, d2: {class: meter, location: hall}}")
@@ -318,3 +319,15 @@ def test_recovery_never_sends_blind_when_the_query_api_is_down(
     finally:
         sink.close()
     assert standin.series() == {D1_T: [(T0_NS + i * S, float(i)) for i in range(4)]}
+
+
+def test_a_query_answered_with_an_empty_error_is_asked_again(
+        sink: AkumuliSink, standin: AkumuliStandin) -> None:
+    """akumulid 0.8.80 now and then answers a valid query with 400 and "-" (seen in CI on a
+    new series); asked again, it answers. A 400 that says what is wrong is an error at once."""
+    probe = [Point("rssi class=meter device=d1 location=lab", T0_NS, "+0.0")]
+    standin.fail_queries_empty(2)
+    assert sink.held_points(probe, newer=True) == {}
+    standin.fail_queries_empty(10)  # more than the client asks: reported, naming the answer
+    with pytest.raises(SinkError, match="query API answered 400: -"):
+        sink.held_points(probe, newer=True)

@@ -172,6 +172,8 @@ class _Store:
     lock: threading.Lock = field(default_factory=threading.Lock)
     points: dict[str, list[tuple[int, float]]] = field(default_factory=lambda: defaultdict(list))
     injected: _Injected | None = None
+    # Queries to answer with 400 and an empty error, as akumulid 0.8.80 now and then does.
+    empty_query_errors: int = 0
     errors_sent: list[str] = field(default_factory=list)
     down: threading.Event = field(default_factory=threading.Event)
     connections: int = 0
@@ -263,6 +265,12 @@ class _QueryHandler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if self.server.store.down.is_set():
             self._answer(503, b"down\r\n")
+            return
+        with self.server.store.lock:
+            empty_error = self.server.store.empty_query_errors > 0
+            self.server.store.empty_query_errors -= empty_error
+        if empty_error:
+            self._answer(400, b"-")
             return
         try:
             self._answer(200, run_query(self.server.store, body))
@@ -371,6 +379,11 @@ class AkumuliStandin:
         """Refuse the point after ``after_points`` more accepted ones with ``-message``."""
         with self.store.lock:
             self.store.injected = _Injected(message, after_points, delay_s)
+
+    def fail_queries_empty(self, count: int) -> None:
+        """Answer the next ``count`` queries with 400 and an empty error ("-")."""
+        with self.store.lock:
+            self.store.empty_query_errors = count
 
     @property
     def down(self) -> threading.Event:

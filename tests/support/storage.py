@@ -181,9 +181,23 @@ def start_real_akumulid(procs: Any, root: Path, tcp_port: int, http_port: int
     subprocess.run([binary, "--create", "--config", str(config)], check=True, timeout=120,
                    capture_output=True)
     procs.start([binary, "--config", str(config)], name="akumulid")
-    wait_for(lambda: _port_open(tcp_port) and _port_open(http_port), 30, "akumulid to listen",
-             interval=0.1, details=lambda: procs.log("akumulid"))
+    # Listening is not answering: wait until a query gets a 200 (a new database answers
+    # "-not found"), the first thing every test then does.
+    wait_for(lambda: _port_open(tcp_port) and _akumuli_answers(http_port), 30,
+             "akumulid to answer queries", interval=0.1, details=lambda: procs.log("akumulid"))
     return True
+
+
+def _akumuli_answers(http_port: int) -> bool:
+    query = b'{"select": "readiness_probe", "range": {"from": "20000101T000000", ' \
+            b'"to": "20000101T000001"}, "output": {"format": "csv"}}'
+    request = urllib.request.Request(f"http://127.0.0.1:{http_port}/api/query", data=query,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:  # refused, reset, or an HTTP error status
+        return False
 
 
 STORAGE_REGISTRY_YAML = """

@@ -27,6 +27,10 @@ __all__ = ["AkumuliClient", "ServerError", "iso_timestamp", "parse_query_answer"
 
 _CONNECT_TIMEOUT_S = 5.0
 _IO_TIMEOUT_S = 10.0
+# Attempts at a query that akumulid answers with an empty error (see query()), and the pause
+# before the next one (growing).
+_EMPTY_ERROR_ATTEMPTS = 4
+_EMPTY_ERROR_PAUSE_S = 0.05
 _YEAR_NS = 366 * 86400 * 1_000_000_000
 
 
@@ -162,7 +166,26 @@ class AkumuliClient:
         raise ServerError(f"sink {self.url}: unexpected answer {answer[:80]!r}")
 
     def query(self, body: dict[str, object]) -> list[tuple[str, int, float]]:
-        """``(canonical series, timestamp, value)`` rows of one select query."""
+        """``(canonical series, timestamp, value)`` rows of one select query.
+
+        akumulid 0.8.80 now and then answers a valid query with 400 and an empty error (its
+        HTTP threads race on the cursor's error state); the same query asked again answers
+        properly, so such an answer is asked again a few times before it counts as an error.
+        """
+        for attempt in range(_EMPTY_ERROR_ATTEMPTS):
+            status, text = self._query_once(body)
+            if status == 200:
+                break
+            if text.strip() != "-" or attempt == _EMPTY_ERROR_ATTEMPTS - 1:
+                raise SinkError(f"sink {self.url}: query API answered {status}: "
+                                f"{text[:200].strip()}")
+            time.sleep(_EMPTY_ERROR_PAUSE_S * (attempt + 1))
+        try:
+            return parse_query_answer(text)
+        except ValueError as exc:
+            raise SinkError(f"sink {self.url}: query API: {exc}") from None
+
+    def _query_once(self, body: dict[str, object]) -> tuple[int, str]:
         conn = http.client.HTTPConnection(self.host, self.query_port, timeout=_IO_TIMEOUT_S)
         try:
             conn.request("POST", "/api/query", body=orjson.dumps(body),
@@ -174,13 +197,7 @@ class AkumuliClient:
                             ) from None
         finally:
             conn.close()
-        if response.status != 200:
-            raise SinkError(f"sink {self.url}: query API answered {response.status}: "
-                            f"{text[:200].strip()}")
-        try:
-            return parse_query_answer(text)
-        except ValueError as exc:
-            raise SinkError(f"sink {self.url}: query API: {exc}") from None
+        return response.status, text
 
     def held_points(self, points: Sequence[Point], *, newer: bool = False) -> Held:
         """Values the server holds per (series, ts) for ``points``' series between their

@@ -57,6 +57,19 @@ def test_help_names_env_vars_and_hides_python_types(
     assert "--no-insecure" not in text and "--no-compression" not in text
 
 
+def test_a_flag_that_turns_a_default_off_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    # A default-True boolean is listed as --no-...; its help must not read as if the flag
+    # turned the thing on.
+    flat = " ".join(_help("up", capsys).split())
+    entry = flat[flat.index("--no-curve "):]
+    entry = entry[:entry.index("[env:")]
+    assert "authenticate and encrypt" in entry
+    assert "this flag turns it off" in entry
+    relay = " ".join(_help("relay", capsys).split())
+    assert "--no-web: " not in relay  # the description names the feature, the flag says off
+    assert "serve the live fleet page" in relay and "this flag turns it off" in relay
+
+
 def test_internal_options_are_hidden_but_accepted(capsys: pytest.CaptureFixture[str]) -> None:
     from iotpipe.ingest.server import IngestSettings
 

@@ -181,8 +181,9 @@ class _HelpSource(CliSettingsSource[Any]):
         text = text.replace("(default factory: ", "(default: ").replace(" (default: None)", "")
         text = text.replace("(default: list)", "(default: none)")  # default_factory=list
         if field_info.annotation is bool:
-            text = text.replace(" (default: False)", "").replace("(default: True)",
-                                                                  "(on by default)")
+            # A default-True boolean is listed as its --no-... flag: say what the flag does.
+            text = text.replace(" (default: False)", "").replace(
+                "(default: True)", "(on by default; this flag turns it off)")
         return text
 
 

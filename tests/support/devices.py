@@ -18,7 +18,7 @@ import orjson
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from iotpipe_tools.sources import source_addresses
+from iotpipe_tools.sources import connect_from, source_addresses
 
 
 @dataclass
@@ -63,10 +63,8 @@ class Fleet:
         pending: list[str] = []
         next_n = 0
         failures = 0
-        kwargs: dict[str, object] = {}
         sources = source_addresses(self.url, len(self.tokens), self.spread_sources)
-        if (source := sources[index % len(sources)]) is not None:
-            kwargs["local_addr"] = (source, 0)
+        source = sources[index % len(sources)]
         headers = {"Authorization": f"Bearer {self.tokens[device]}"}
         if self.ramp_s:
             await asyncio.sleep(self.ramp_s * index / max(1, len(self.tokens)))
@@ -78,8 +76,13 @@ class Fleet:
 
         while not finished():
             try:
+                # The port is chosen at connect, not bind (iotpipe_tools.sources).
+                sock = None
+                if source is not None:
+                    async with asyncio.timeout(10):
+                        sock = await connect_from(source, self.url)
                 async with connect(self.url, additional_headers=headers, open_timeout=10,
-                                   close_timeout=1, max_queue=64, **kwargs) as ws:
+                                   close_timeout=1, max_queue=64, sock=sock) as ws:
                     self.connected += 1
                     self.max_connected = max(self.max_connected, self.connected)
                     try:

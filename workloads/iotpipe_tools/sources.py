@@ -3,6 +3,7 @@ address has about 28k ephemeral ports) and an open-file limit raised to hold the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import math
@@ -10,7 +11,7 @@ import resource
 import socket
 from urllib.parse import urlsplit
 
-__all__ = ["PORTS_PER_SOURCE", "bound_socket", "raise_nofile", "source_addresses"]
+__all__ = ["PORTS_PER_SOURCE", "bound_socket", "connect_from", "raise_nofile", "source_addresses"]
 
 PORTS_PER_SOURCE = 20000  # below the ~28k ephemeral ports, leaving room for the rest
 
@@ -57,6 +58,23 @@ def bound_socket(source: str) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
         sock.bind((source, 0))
         sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def connect_from(source: str, url: str) -> socket.socket:
+    """A TCP connection from ``source`` to ``url``'s host and port, for a WebSocket client.
+
+    Clients pass it as ``sock=`` instead of ``local_addr=(source, 0)``, which would pick
+    the port at bind time (see ``bound_socket``). Callers bound it with ``asyncio.timeout``.
+    """
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme in ("wss", "https") else 80)
+    sock = bound_socket(source)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (parts.hostname or "", port))
     except BaseException:
         sock.close()
         raise

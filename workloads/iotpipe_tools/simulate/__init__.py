@@ -47,16 +47,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 from iotpipe.auth import DEVICE_AUDIENCE, issue_token, load_secret
 from iotpipe.settings import TierSettings, parse_settings, tier_config
 from iotpipe_tools.simulate.device import Device
 from iotpipe_tools.simulate.payloads import message_data
 from iotpipe_tools.simulate.report import SimulationReport
-from iotpipe_tools.sources import raise_nofile, source_addresses
+from iotpipe_tools.sources import connect_from, raise_nofile, source_addresses
 
 __all__ = ["SimulateSettings", "Simulation", "SimulationReport", "main", "run_simulation"]
+
+CONNECT_TIMEOUT_S = 30.0  # TCP connect, then the opening handshake, each
 
 
 class SimulateSettings(TierSettings):
@@ -121,7 +123,7 @@ class Simulation:
     def finished(self, device: Device) -> bool:
         return self.stop_sending.is_set() and device.all_settled()
 
-    def connect(self, device: Device) -> connect:
+    async def connect(self, device: Device) -> ClientConnection:
         settings = self.settings
         url = settings.url
         headers = {}
@@ -132,9 +134,11 @@ class Simulation:
             headers["Authorization"] = f"Bearer {token}"
         kwargs: dict[str, Any] = {}
         if device.source is not None:
-            kwargs["local_addr"] = (device.source, 0)
-        return connect(url, additional_headers=headers, compression=None, open_timeout=30,
-                       max_size=1 << 20, ping_interval=None, **kwargs)
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                kwargs["sock"] = await connect_from(device.source, url)
+        return await connect(url, additional_headers=headers, compression=None,
+                             open_timeout=CONNECT_TIMEOUT_S, max_size=1 << 20,
+                             ping_interval=None, **kwargs)
 
     def first_connect(self) -> None:
         """A device connected for the first time; the last one ends the ramp-up."""

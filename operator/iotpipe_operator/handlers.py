@@ -321,12 +321,8 @@ def _read_depth(kube: Kube, namespace: str, pod: dict[str, Any], direct: bool,
 def _set_condition(body: Mapping[str, Any], patch: kopf.Patch, kind: str, status: str,
                    reason: str, message: str) -> None:
     previous = list((body.get("status") or {}).get("conditions") or [])
-    old = next((c for c in previous if c.get("type") == kind), None)
-    since = (old or {}).get("lastTransitionTime") if old and old.get("status") == status \
-        else status_mod._now()
-    condition = {"type": kind, "status": status, "reason": reason, "message": message,
-                 "lastTransitionTime": since,
-                 "observedGeneration": body["metadata"].get("generation")}
+    condition, _ = status_mod.condition(previous, kind, status, reason, message,
+                                        body["metadata"].get("generation"))
     patch.status["conditions"] = [c for c in previous if c.get("type") != kind] + [condition]
 
 

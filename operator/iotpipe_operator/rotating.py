@@ -146,7 +146,7 @@ def report_rotation(new_status: dict[str, Any], transitions: list[status_mod.Tra
         if previous.get("curveRotation") is not None:
             new_status["curveRotation"] = previous["curveRotation"]
         return
-    condition, changed = status_mod._condition(old_conditions, rotation.CONDITION,
+    condition, changed = status_mod.condition(old_conditions, rotation.CONDITION,
                                                step.status, step.reason, step.message,
                                                generation)
     new_status["conditions"].append(condition)

@@ -48,8 +48,9 @@ def tier_status(workload: Mapping[str, Any] | None) -> dict[str, Any]:
     }
 
 
-def _condition(previous: list[dict[str, Any]], kind: str, status: str, reason: str,
+def condition(previous: list[dict[str, Any]], kind: str, status: str, reason: str,
                message: str, generation: int | None) -> tuple[dict[str, Any], bool]:
+    """Condition ``kind`` as it is now, and whether its status changed from ``previous``."""
     old = next((c for c in previous if c.get("type") == kind), None)
     changed = old is None or old.get("status") != status
     since = _now() if changed or not old.get("lastTransitionTime") else old["lastTransitionTime"]
@@ -96,9 +97,8 @@ def compute(name: str, generation: int | None, paused: bool,
     conditions, transitions = [], []
     for kind, (status, reason, message) in (("Ready", ready), ("Progressing", progressing),
                                             ("Degraded", degraded)):
-        condition, changed = _condition(prev_conditions, kind, status, reason, message,
-                                        generation)
-        conditions.append(condition)
+        entry, changed = condition(prev_conditions, kind, status, reason, message, generation)
+        conditions.append(entry)
         if changed:
             transitions.append(Transition(kind, status, reason, message))
 

@@ -118,16 +118,6 @@ class Intake:
         """
         plan = self.plan(arrivals)
         refusal = append(plan) if plan.records else None
-        return self.resolve(arrivals, plan, refusal, append, retry_ms)
-
-    def resolve(self, arrivals: Sequence[tuple[bytes, wire.Batch]], plan: IntakePlan,
-                refusal: str | None, append: Append, retry_ms: int) -> list[Reply]:
-        """The replies once ``plan`` (of ``arrivals``) was appended (``refusal`` None) or not.
-
-        ``commit`` in two steps, for a shell that appends the plan elsewhere (on a writer
-        thread) meanwhile; the one-batch-at-a-time fallback still appends through
-        ``append``.
-        """
         if refusal is None:
             return self.committed(plan)
         if len(arrivals) == 1:

@@ -5,20 +5,17 @@ One thread owns every socket (pyzmq sockets are not thread-safe) and runs this l
 1. poll the fan-in ROUTER (5555) and the feed ROUTER (5557);
 2. apply every waiting feed request (acks first, then credit);
 3. drain the fan-in ROUTER without blocking, plan one group commit for all batches that
-   arrived together, append them with ONE durable ``append`` (one fdatasync) on the writer
-   thread, and only once it returned answer ``ack`` (or ``busy`` when the log is full:
-   never a blocking wait, because the feed acks that free space are served by this loop);
+   arrived together, append them with ONE durable ``append`` (one fdatasync), and only then
+   answer ``ack`` (or ``busy`` when the log is full: never a blocking wait, because the feed
+   acks that free space are served by this same loop);
 4. publish every appended record on the PUB socket (5556), sequenced by its log seq, so the
    sequence is gapless per middle and subscribers can see what they missed;
 5. expire leases, send feed deliveries up to each consumer's credit (long poll: whatever
    was just appended goes out at once), write the marks checkpoint when due, and move the
    queue's consumer cursors.
 
-While the writer thread runs a group's append (its pwrite and fdatasync release the GIL),
-this loop keeps receiving and decoding the next batches, serving the feed and publishing;
-they form the next group, planned and handed over once the previous one is durable (so
-one group is written at a time, groups stay in order, and every plan sees the marks of
-all groups before it): that is the group commit.
+While the append's fdatasync runs, new batches pile up in ZeroMQ's queues and form the next
+group: that is the group commit.
 
 Durability of the dedup marks. The marks (which node seqs are stored) are rebuilt on open
 from a checkpoint file plus the log records after the checkpoint's ``log_seq``. The
@@ -50,11 +47,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import zmq
 import zmq.backend
@@ -187,15 +182,6 @@ class MiddleServer:
         self.recent = RecentRecords(settings.recent_bytes)
         self.feed_snapshot = {g: (self.feed.lag(g, self.tail), 0) for g in self.feed.groups}
         self.group_commits = 0
-        # Batches received while a group is being written: the next group.
-        self._arrivals: list[tuple[bytes, wire.Batch]] = []
-        self._arrival_readings = 0
-        self._writing: tuple[list[tuple[bytes, wire.Batch]], IntakePlan,
-                             Future[range | str]] | None = None
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="middle-writer")
-        # The writer thread wakes the loop's poll through this pipe when a group is done.
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
         self._unpublished: list[tuple[int, list[bytes]]] = []  # appended, not yet published
         self.published = 0
         self.unpublishable = 0
@@ -245,7 +231,6 @@ class MiddleServer:
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         self.poller.register(self.feed_sock, zmq.POLLIN)
-        self.poller.register(self._wake_r, zmq.POLLIN)
         for monitor in self.handshakes.sockets() if self.handshakes else ():
             self.poller.register(monitor, zmq.POLLIN)
         self.ready = True
@@ -272,15 +257,8 @@ class MiddleServer:
             now = time.monotonic()
             if self.feed_sock in events:
                 self._receive_feed(now)
-            if self._wake_r in events:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._wake_r, 64)
-            if self._writing is not None and self._writing[2].done():
-                self._finish_group()
             if self.router in events:
                 self._receive_batches()
-            if self._writing is None and self._arrivals:
-                self._start_group()
             if self.handshakes is not None:
                 self._security(events, now)
             self.feed.expire(now)
@@ -312,7 +290,8 @@ class MiddleServer:
             "lag": {g: lag for g, (lag, _) in self.feed_snapshot.items()}}})
 
     def _receive_batches(self) -> None:
-        readings = self._arrival_readings
+        arrivals: list[tuple[bytes, wire.Batch]] = []
+        readings = 0
         while readings < self.settings.max_group_records:
             try:
                 msg = _recv_multipart_nowait(self.router)
@@ -325,65 +304,30 @@ class MiddleServer:
                 self.malformed["router"] += 1
                 self._warn_router.warn("malformed batch ignored", error=str(exc))
                 continue
-            self._arrivals.append((peer, batch))
+            arrivals.append((peer, batch))
             readings += len(batch.readings)
-        self._arrival_readings = readings
-        # A full next group waits for the group being written: stop polling the ROUTER
-        # (ZeroMQ holds the rest) instead of spinning on it.
-        self.poller.modify(self.router, 0 if readings >= self.settings.max_group_records
-                           else zmq.POLLIN)
+        if arrivals:
+            self._send_replies(self.intake.commit(arrivals, self._append,
+                                                  self.settings.busy_retry_ms))
+            # Acks first: live events are best effort, and publishing a large group costs
+            # about a microsecond per record that ingest's window would otherwise wait on.
+            for first_seq, appended in self._unpublished:
+                self._publish(first_seq, appended)
+            self._unpublished.clear()
 
-    def _start_group(self) -> None:
-        """Plan the received batches as one group and hand its append to the writer."""
-        arrivals, self._arrivals, self._arrival_readings = self._arrivals, [], 0
-        self.poller.modify(self.router, zmq.POLLIN)
-        plan = self.intake.plan(arrivals)
-        if not plan.records:  # all duplicates: nothing to write, answer at once
-            self._send_replies(self.intake.committed(plan))
-            return
-        future = self._writer.submit(self._store, plan.records)
-        future.add_done_callback(lambda _: os.write(self._wake_w, b"."))
-        self._writing = (arrivals, plan, future)
-
-    def _finish_group(self) -> None:
-        """The writer is done with the group: answer its batches, then publish it."""
-        assert self._writing is not None
-        arrivals, plan, future = self._writing
-        self._writing = None
-        result = future.result()  # an I/O error on the log ends run(): exit and restart
-        refusal = result if isinstance(result, str) else None
-        if isinstance(result, range):
-            self._appended(plan, result)
-        self._send_replies(self.intake.resolve(arrivals, plan, refusal, self._append,
-                                               self.settings.busy_retry_ms))
-        # Acks first: live events are best effort, and publishing a large group costs
-        # about a microsecond per record that ingest's window would otherwise wait on.
-        for first_seq, appended in self._unpublished:
-            self._publish(first_seq, appended)
-        self._unpublished.clear()
-
-    def _store(self, records: list[bytes]) -> range | str:
-        """Append ``records`` durably (on the writer thread): their seqs, or why not."""
+    def _append(self, plan: IntakePlan) -> str | None:
+        """Append the plan's records durably (published later); the refusal reason if not."""
         try:
-            return self.queue.append(records, timeout=0.0)
+            seqs = self.queue.append(plan.records, timeout=0.0)
         except QueueFull:
             return "log full"
         except ValueError as exc:  # a record larger than a log segment can never fit
             log.error("reading too large for the log", extra={"fields": {"error": str(exc)}})
             return "reading too large for the log"
-
-    def _appended(self, plan: IntakePlan, seqs: range) -> None:
         self.group_commits += 1
         self.tail = seqs[-1]
         self.recent.extend(seqs.start, plan.records)
         self._unpublished.append((seqs.start, plan.readings))
-
-    def _append(self, plan: IntakePlan) -> str | None:
-        """Append a plan's records on this thread (the one-batch-at-a-time fallback)."""
-        result = self._store(plan.records)
-        if isinstance(result, str):
-            return result
-        self._appended(plan, result)
         return None
 
     def _publish(self, first_seq: int, readings: list[bytes]) -> None:
@@ -516,10 +460,6 @@ class MiddleServer:
         """Flush the checkpoint and cursors, close sockets and the log."""
         self.ready = False
         try:
-            if self._writing is not None:  # answer the group being written, if it can be
-                self._writing[2].exception()  # waits for it
-                self._finish_group()
-            self._writer.shutdown()
             self._maybe_checkpoint(time.monotonic(), force=True)
             self._sync_cursors(time.monotonic(), final=True)
         finally:
@@ -530,10 +470,7 @@ class MiddleServer:
             if self.gatekeeper is not None:
                 self.gatekeeper.stop()
             self.ctx.term()
-            self._writer.shutdown()
             self.queue.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
 
 
 def main(argv: Sequence[str]) -> int:

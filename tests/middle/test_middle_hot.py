@@ -169,3 +169,11 @@ def test_decode_batch_falls_back_for_v1_and_other_kinds() -> None:
     for frames in ([b"other", *wire.encode_batch("n", 3, readings)[1:]], [], [b"x"]):
         assert _hot_result(frames) == _wire_result(frames)
         assert isinstance(_hot_result(frames), str)
+
+
+def test_decode_batch_v2_with_a_count_its_body_cannot_hold_makes_nothing() -> None:
+    c = _c_module()
+    header = msgpack.packb({"node": "n", "first": 1, "n": 2**32 - 1})
+    body = b"\xdd\xff\xff\xff\xff" + b"\xc4\x00" * 3  # array32 claiming 4 billion bins
+    assert c.decode_batch_v2(header, body) is None
+    assert isinstance(_hot_result([wire.KIND_BATCH_V2, header, body]), str)

@@ -341,17 +341,8 @@ static PyObject *decode_batch_v2(PyObject *self, PyObject *const *args, Py_ssize
     } else {
         Py_RETURN_NONE;
     }
-    if (count != n)
-        Py_RETURN_NONE;
-    /* Check the whole body first, so no objects are made for a batch that falls back. */
-    reader check = b;
-    for (uint64_t i = 0; i < count; i++) {
-        uint64_t len;
-        if (read_raw(&check, 1, &len) < 0)
-            Py_RETURN_NONE;
-        check.p += len;
-    }
-    if (check.p != check.end)
+    /* Every bin takes at least 2 bytes: a count the body cannot hold allocates nothing. */
+    if (count != n || count > (uint64_t)(b.end - b.p) / 2)
         Py_RETURN_NONE;
     PyObject *node_obj = PyUnicode_DecodeUTF8((const char *)node, (Py_ssize_t)node_len,
                                               "strict");
@@ -359,6 +350,8 @@ static PyObject *decode_batch_v2(PyObject *self, PyObject *const *args, Py_ssize
         PyErr_Clear(); /* not UTF-8: the Python decoder names the error */
         Py_RETURN_NONE;
     }
+    /* One pass (the body is read once, while it is still in cache); a body that turns out
+     * not to be n bins and nothing else drops what was made and falls back. */
     PyObject *readings = PyList_New((Py_ssize_t)count);
     if (readings == NULL) {
         Py_DECREF(node_obj);
@@ -366,7 +359,11 @@ static PyObject *decode_batch_v2(PyObject *self, PyObject *const *args, Py_ssize
     }
     for (uint64_t i = 0; i < count; i++) {
         uint64_t len;
-        read_raw(&b, 1, &len); /* checked above */
+        if (read_raw(&b, 1, &len) < 0) {
+            Py_DECREF(node_obj);
+            Py_DECREF(readings);
+            Py_RETURN_NONE;
+        }
         PyObject *reading = PyBytes_FromStringAndSize((const char *)b.p, (Py_ssize_t)len);
         if (reading == NULL) {
             Py_DECREF(node_obj);
@@ -375,6 +372,11 @@ static PyObject *decode_batch_v2(PyObject *self, PyObject *const *args, Py_ssize
         }
         PyList_SET_ITEM(readings, (Py_ssize_t)i, reading);
         b.p += len;
+    }
+    if (b.p != b.end) {
+        Py_DECREF(node_obj);
+        Py_DECREF(readings);
+        Py_RETURN_NONE;
     }
     PyObject *first_obj = PyLong_FromUnsignedLongLong(first);
     if (first_obj == NULL) {

@@ -480,3 +480,38 @@ def test_feed_skip_moves_past_a_range_the_log_lost() -> None:
     core.skip("storage", 1, 4, tail=10)
     assert core.cursor("storage") == 4
     assert drain(core, 0, 10) == [(b"A", 5, 10)]
+
+
+def _reference_plan(marks: NodeMarks, arrivals: list[tuple[bytes, wire.Batch]]
+                    ) -> list[tuple[list[tuple[int, int]], bool, bool]]:
+    """Each batch's (new ranges, stored before, skipped ahead) by the general range
+    search alone: what ``Intake.plan``'s in-order fast path must agree with."""
+    provisional: dict[str, IntervalSet] = {}
+    out = []
+    for _, b in arrivals:
+        node_marks = provisional.setdefault(b.node, marks.get(b.node).copy())
+        stored_before = marks.get(b.node).covers(b.first, b.last)
+        skipped = bool(node_marks) and b.first > node_marks.highest() + 1
+        new = node_marks.uncovered(b.first, b.last)
+        for lo, hi in new:
+            node_marks.add(lo, hi)
+        out.append((new, stored_before, skipped))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(batch_strategy, min_size=1, max_size=6), max_size=12))
+def test_intake_plan_fast_path_agrees_with_the_range_search(
+        groups: list[list[tuple[str, int, int]]]) -> None:
+    intake = Intake(NodeMarks(max_ranges=1000))
+    for group in groups:
+        arrivals = [(b"p", batch(node, first, n)) for node, first, n in group]
+        expected = _reference_plan(intake.marks, arrivals)
+        plan = intake.plan(arrivals)
+        assert [(pb.new, pb.stored_before, pb.skipped_ahead)
+                for pb in plan.batches] == expected
+        assert plan.records == [
+            wire.encode_log_record(b.node, lo + i, b.readings[lo - b.first + i])
+            for (_, b), (new, _, _) in zip(arrivals, expected, strict=True)
+            for lo, hi in new for i in range(hi - lo + 1)]
+        intake.committed(plan)

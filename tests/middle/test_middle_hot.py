@@ -28,6 +28,7 @@ def test_c_module_is_built_and_used() -> None:
     c = _c_module()
     assert hot.BUILT
     assert hot.log_records is c.log_records and hot.live_frames is c.live_frames
+    assert hot.decode_batch is hot._decode_batch_c
 
 
 # Sizes around every msgpack header boundary: fixstr/str8/str16, bin8/bin16/bin32,
@@ -84,3 +85,95 @@ def test_errors_are_the_pythons_kinds() -> None:
     assert c.log_records("n", 5, []) == [] and c.live_frames(b"p", 5, []) == []
     assert msgpack.unpackb(c.log_records("nödé", 2**40, [b"\x00"])[0]) == ["nödé", 2**40,
                                                                            b"\x00"]
+
+
+# -- decoding a v2 batch -------------------------------------------------------------------
+
+BATCH_READINGS = st.lists(st.one_of(st.binary(max_size=300),
+                                    st.sampled_from([b"", b"r" * 255, b"r" * 256,
+                                                     b"r" * 65_536])),
+                          min_size=1, max_size=20)
+
+
+def _wire_result(frames: list[bytes]) -> wire.Batch | str:
+    try:
+        return wire.decode_batch(frames)
+    except wire.WireError as exc:
+        return f"WireError: {exc}"
+
+
+def _hot_result(frames: list[bytes]) -> wire.Batch | str:
+    try:
+        return hot.decode_batch(frames)
+    except wire.WireError as exc:
+        return f"WireError: {exc}"
+
+
+@given(NAMES, SEQS, BATCH_READINGS)
+def test_decode_batch_v2_of_what_ingest_sends_matches_wire(node: str, first: int,
+                                                           readings: list[bytes]) -> None:
+    c = _c_module()
+    frames = wire.encode_batch(node, first, readings)
+    assert c.decode_batch_v2(frames[1], frames[2]) == (node, first, readings)
+    assert hot.decode_batch(frames) == wire.decode_batch(frames)
+
+
+@st.composite
+def damaged_batches(draw: st.DrawFn) -> list[bytes]:
+    """v2 batches changed where a decoder could go wrong: each header field, the count,
+    a length, a flipped byte, a cut or an extra byte, other msgpack shapes."""
+    node = draw(st.one_of(NAMES, st.integers(-(2**63), 2**64 - 1), st.binary(max_size=4),
+                          st.none()))
+    first = draw(st.one_of(SEQS, st.integers(-5, 5), st.booleans(), st.text(max_size=3)))
+    readings = draw(st.lists(st.one_of(st.binary(max_size=40), st.text(max_size=5),
+                                       st.integers(-9, 2**40)), max_size=6))
+    header: dict[object, object] = {"node": node, "first": first, "n": draw(
+        st.one_of(st.just(len(readings)), st.integers(-1, 8), st.booleans()))}
+    if draw(st.booleans()):
+        header[draw(st.sampled_from(["x", "node", 1]))] = draw(st.integers(0, 3))
+    if draw(st.booleans()):
+        del header[draw(st.sampled_from(["node", "first", "n"]))]
+    head = msgpack.packb(draw(st.sampled_from([header, list(header.values()), 7])),
+                         use_bin_type=True)
+    body = msgpack.packb(readings, use_bin_type=True)
+    frames = [wire.KIND_BATCH_V2, head, body]
+    for _ in range(draw(st.integers(0, 2))):
+        which = draw(st.integers(1, 2))
+        data = bytearray(frames[which])
+        action = draw(st.sampled_from(["flip", "cut", "extend"]))
+        if action == "flip" and data:
+            at = draw(st.integers(0, len(data) - 1))
+            data[at] = draw(st.integers(0, 255))
+        elif action == "cut" and data:
+            del data[draw(st.integers(0, len(data) - 1)):]
+        else:
+            data += draw(st.binary(min_size=1, max_size=3))
+        frames[which] = bytes(data)
+    return frames
+
+
+@given(damaged_batches())
+def test_decode_batch_v2_decodes_like_wire_or_leaves_it_to_wire(frames: list[bytes]) -> None:
+    c = _c_module()
+    fast = c.decode_batch_v2(frames[1], frames[2])
+    expected = _wire_result(frames)
+    if fast is not None:  # whatever C decodes, wire decodes the same
+        assert wire.Batch(*fast) == expected
+    assert _hot_result(frames) == expected
+
+
+def test_decode_batch_falls_back_for_v1_and_other_kinds() -> None:
+    readings = [b"a", b"bc"]
+    v1 = wire.encode_batch_v1("n", 3, readings)
+    assert hot.decode_batch(v1) == wire.decode_batch(v1) == wire.Batch("n", 3, readings)
+    for frames in ([b"other", *wire.encode_batch("n", 3, readings)[1:]], [], [b"x"]):
+        assert _hot_result(frames) == _wire_result(frames)
+        assert isinstance(_hot_result(frames), str)
+
+
+def test_decode_batch_v2_with_a_count_its_body_cannot_hold_makes_nothing() -> None:
+    c = _c_module()
+    header = msgpack.packb({"node": "n", "first": 1, "n": 2**32 - 1})
+    body = b"\xdd\xff\xff\xff\xff" + b"\xc4\x00" * 3  # array32 claiming 4 billion bins
+    assert c.decode_batch_v2(header, body) is None
+    assert isinstance(_hot_result([wire.KIND_BATCH_V2, header, body]), str)

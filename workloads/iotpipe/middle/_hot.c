@@ -1,8 +1,10 @@
-/* The middle's per-record encoding in C: log records and live-event frames of a group.
+/* The middle's per-record work in C: log records and live-event frames of a group, and
+ * the decoding of a v2 batch.
  *
  * Byte-for-byte the output of iotpipe.wire's encode_log_records, live_metas and
- * reading_topic (the tests compare them); those stay the fallback when this module is not
- * built. In Python each costs a call per record; here a whole group is one call.
+ * reading_topic, and decode_batch's result (the tests compare them); those stay the
+ * fallback when this module is not built. In Python each costs a call per record; here a
+ * whole group is one call.
  *
  * msgpack as msgpack-python's Packer writes it: the shortest header for each str, bin and
  * non-negative int (log seqs and node seqs are >= 1).
@@ -221,11 +223,187 @@ fail:
     return NULL;
 }
 
+/* A bounded msgpack reader for decode_batch_v2: every read checks the remaining length. */
+typedef struct {
+    const unsigned char *p, *end;
+} reader;
+
+static int read_be(reader *r, int n, uint64_t *out) {
+    if (r->end - r->p < n)
+        return -1;
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++)
+        v = (v << 8) | r->p[i];
+    r->p += n;
+    *out = v;
+    return 0;
+}
+
+/* A non-negative int in any msgpack int form that holds one; -1 for anything else. */
+static int read_uint(reader *r, uint64_t *out) {
+    if (r->p >= r->end)
+        return -1;
+    unsigned char h = *r->p++;
+    if (h < 0x80) {
+        *out = h;
+        return 0;
+    }
+    switch (h) {
+    case 0xcc: return read_be(r, 1, out);
+    case 0xcd: return read_be(r, 2, out);
+    case 0xce: return read_be(r, 4, out);
+    case 0xcf: return read_be(r, 8, out);
+    default: return -1;
+    }
+}
+
+/* A str (is_bin 0) or bin (is_bin 1) header: its length; -1 for anything else. */
+static int read_raw(reader *r, int is_bin, uint64_t *len) {
+    if (r->p >= r->end)
+        return -1;
+    unsigned char h = *r->p++;
+    int rc;
+    if (!is_bin && (h & 0xe0) == 0xa0) {
+        *len = h & 0x1f;
+        rc = 0;
+    } else if (h == (is_bin ? 0xc4 : 0xd9)) {
+        rc = read_be(r, 1, len);
+    } else if (h == (is_bin ? 0xc5 : 0xda)) {
+        rc = read_be(r, 2, len);
+    } else if (h == (is_bin ? 0xc6 : 0xdb)) {
+        rc = read_be(r, 4, len);
+    } else {
+        return -1;
+    }
+    if (rc < 0 || (uint64_t)(r->end - r->p) < *len)
+        return -1;
+    return 0;
+}
+
+/* decode_batch_v2(header: bytes, body: bytes) -> (node, first, readings) | None
+ * A v2 batch in the form ingest writes it: header {"node": str, "first": uint, "n": uint}
+ * (those three keys, any order), body an array of n > 0 bins and nothing after it, first
+ * >= 1. None (no exception) for anything else, so the caller's Python decoder gives the
+ * result or the exact error. */
+static PyObject *decode_batch_v2(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 2 || !PyBytes_CheckExact(args[0]) || !PyBytes_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "decode_batch_v2(header: bytes, body: bytes)");
+        return NULL;
+    }
+    reader r = {(const unsigned char *)PyBytes_AS_STRING(args[0]), NULL};
+    r.end = r.p + PyBytes_GET_SIZE(args[0]);
+    if (r.p >= r.end || *r.p++ != 0x83)
+        Py_RETURN_NONE;
+    const unsigned char *node = NULL;
+    uint64_t node_len = 0, first = 0, n = 0;
+    int seen = 0;
+    for (int i = 0; i < 3; i++) {
+        uint64_t key_len;
+        if (read_raw(&r, 0, &key_len) < 0)
+            Py_RETURN_NONE;
+        const unsigned char *key = r.p;
+        r.p += key_len;
+        if (key_len == 4 && memcmp(key, "node", 4) == 0 && !(seen & 1)) {
+            seen |= 1;
+            if (read_raw(&r, 0, &node_len) < 0)
+                Py_RETURN_NONE;
+            node = r.p;
+            r.p += node_len;
+        } else if (key_len == 5 && memcmp(key, "first", 5) == 0 && !(seen & 2)) {
+            seen |= 2;
+            if (read_uint(&r, &first) < 0)
+                Py_RETURN_NONE;
+        } else if (key_len == 1 && key[0] == 'n' && !(seen & 4)) {
+            seen |= 4;
+            if (read_uint(&r, &n) < 0)
+                Py_RETURN_NONE;
+        } else {
+            Py_RETURN_NONE;
+        }
+    }
+    if (r.p != r.end || first < 1 || n < 1)
+        Py_RETURN_NONE;
+    reader b = {(const unsigned char *)PyBytes_AS_STRING(args[1]), NULL};
+    b.end = b.p + PyBytes_GET_SIZE(args[1]);
+    uint64_t count;
+    if (b.p >= b.end)
+        Py_RETURN_NONE;
+    unsigned char h = *b.p++;
+    if ((h & 0xf0) == 0x90) {
+        count = h & 0x0f;
+    } else if (h == 0xdc) {
+        if (read_be(&b, 2, &count) < 0)
+            Py_RETURN_NONE;
+    } else if (h == 0xdd) {
+        if (read_be(&b, 4, &count) < 0)
+            Py_RETURN_NONE;
+    } else {
+        Py_RETURN_NONE;
+    }
+    /* Every bin takes at least 2 bytes: a count the body cannot hold allocates nothing. */
+    if (count != n || count > (uint64_t)(b.end - b.p) / 2)
+        Py_RETURN_NONE;
+    PyObject *node_obj = PyUnicode_DecodeUTF8((const char *)node, (Py_ssize_t)node_len,
+                                              "strict");
+    if (node_obj == NULL) {
+        PyErr_Clear(); /* not UTF-8: the Python decoder names the error */
+        Py_RETURN_NONE;
+    }
+    /* One pass (the body is read once, while it is still in cache); a body that turns out
+     * not to be n bins and nothing else drops what was made and falls back. */
+    PyObject *readings = PyList_New((Py_ssize_t)count);
+    if (readings == NULL) {
+        Py_DECREF(node_obj);
+        return NULL;
+    }
+    for (uint64_t i = 0; i < count; i++) {
+        uint64_t len;
+        if (read_raw(&b, 1, &len) < 0) {
+            Py_DECREF(node_obj);
+            Py_DECREF(readings);
+            Py_RETURN_NONE;
+        }
+        PyObject *reading = PyBytes_FromStringAndSize((const char *)b.p, (Py_ssize_t)len);
+        if (reading == NULL) {
+            Py_DECREF(node_obj);
+            Py_DECREF(readings);
+            return NULL;
+        }
+        PyList_SET_ITEM(readings, (Py_ssize_t)i, reading);
+        b.p += len;
+    }
+    if (b.p != b.end) {
+        Py_DECREF(node_obj);
+        Py_DECREF(readings);
+        Py_RETURN_NONE;
+    }
+    PyObject *first_obj = PyLong_FromUnsignedLongLong(first);
+    if (first_obj == NULL) {
+        Py_DECREF(node_obj);
+        Py_DECREF(readings);
+        return NULL;
+    }
+    PyObject *out = PyTuple_New(3);
+    if (out == NULL) {
+        Py_DECREF(node_obj);
+        Py_DECREF(readings);
+        Py_DECREF(first_obj);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(out, 0, node_obj);
+    PyTuple_SET_ITEM(out, 1, first_obj);
+    PyTuple_SET_ITEM(out, 2, readings);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"log_records", log_records, METH_VARARGS,
      "log_records(node, first, readings) -> list of msgpack [node, seq, reading]"},
     {"live_frames", live_frames, METH_VARARGS,
      "live_frames(prefix, first, readings) -> list of (topic, meta, reading)"},
+    {"decode_batch_v2", (PyCFunction)(void (*)(void))decode_batch_v2, METH_FASTCALL,
+     "decode_batch_v2(header, body) -> (node, first, readings), or None: use Python's"},
     {NULL, NULL, 0, NULL},
 };
 

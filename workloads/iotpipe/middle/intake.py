@@ -74,8 +74,18 @@ class Intake:
             marks = plan.provisional.get(node)
             if marks is None:
                 marks = plan.provisional[node] = self.marks.get(node).copy()
+            high = marks.highest()
+            if first > high:
+                # The common case (first == high + 1): all new. The committed marks are a
+                # subset of the provisional ones, so nothing of it was stored before.
+                plan.readings.extend(batch.readings)
+                plan.records.extend(encode(node, first, batch.readings))
+                marks.add(first, last)
+                plan.batches.append(PlannedBatch(peer, batch, [(first, last)], False,
+                                                 high > 0 and first > high + 1))
+                continue
             stored_before = self.marks.get(node).covers(first, last)
-            skipped_ahead = bool(marks) and first > marks.highest() + 1
+            skipped_ahead = False  # first <= high: not above the high-water mark
             new = marks.uncovered(first, last)
             for a, b in new:
                 marks.add(a, b)

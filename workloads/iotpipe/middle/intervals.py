@@ -33,6 +33,9 @@ class IntervalSet:
             starts.append(first)
             ends.append(last)
             return
+        if first == ends[-1] + 1:  # fast path: extending the last range (in-order batches)
+            ends[-1] = last
+            return
         # Ranges [i, j) overlap or touch [first, last]; they merge into one.
         i = bisect_left(ends, first - 1)
         j = bisect_right(starts, last + 1)

@@ -56,8 +56,8 @@ class RelaySettings(EdgeSecuritySettings, EndpointsReloadSettings, ServerSetting
     insecure_no_auth: bool = Field(False, description="accept clients without a token "
                                                       "(local demos only)")
     # The live fleet page (iotpipe.relay.web): served at / on the WebSocket port.
-    web: bool = Field(True, description="--no-web: do not serve the live fleet page at / "
-                                        "and its /api/ endpoints on the WebSocket port")
+    web: bool = Field(True, description="serve the live fleet page at / and its /api/ "
+                                        "endpoints on the WebSocket port")
     history_urls: CommaList = Field(
         default_factory=list,
         description="storage read APIs for the page's device history, comma separated "

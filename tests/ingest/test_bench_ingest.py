@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
 
 import pytest
+from support.ports import free_port
 from support.processes import run_bounded
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(240)]
@@ -42,3 +45,23 @@ def test_bench_ingest_json_shape() -> None:
     assert report["p99_ms_at_half"] == half["ingest"]["p99_ms"] > 0
     for name in ("picows", "websockets", "ingest"):
         assert half[name]["acked_per_s"] > 0
+
+
+def test_fake_middle_stops_on_sigint_even_when_started_with_sigint_ignored() -> None:
+    # A bench started in the background (nohup, &) hands its children SIGINT ignored.
+    from iotpipe_tools.bench.ingest import _MIDDLE
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _MIDDLE, f"tcp://127.0.0.1:{free_port()}"],
+        stdout=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20)
+        assert out.strip().splitlines()[-1] == "0"  # the records it was sent: none
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

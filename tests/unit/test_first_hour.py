@@ -57,17 +57,22 @@ def test_help_names_env_vars_and_hides_python_types(
     assert "--no-insecure" not in text and "--no-compression" not in text
 
 
-def test_a_flag_that_turns_a_default_off_says_so(capsys: pytest.CaptureFixture[str]) -> None:
-    # A default-True boolean is listed as --no-...; its help must not read as if the flag
-    # turned the thing on.
-    flat = " ".join(_help("up", capsys).split())
-    entry = flat[flat.index("--no-curve "):]
-    entry = entry[:entry.index("[env:")]
-    assert "authenticate and encrypt" in entry
-    assert "this flag turns it off" in entry
+def test_a_flag_that_turns_something_off_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    from iotpipe_tools.bench.ingest import IngestBenchSettings
+
     relay = " ".join(_help("relay", capsys).split())
-    assert "--no-web: " not in relay  # the description names the feature, the flag says off
-    assert "serve the live fleet page" in relay and "this flag turns it off" in relay
+    assert ("--no-web serve the live fleet page at / and its /api/ endpoints on the WebSocket "
+            "port (on by default; this flag turns it off)") in relay
+    with pytest.raises(SystemExit):
+        parse_settings(IngestBenchSettings, ["--help"])
+    bench = " ".join(capsys.readouterr().out.split())
+    assert "--no-half-rate also run open loop at half of ingest's maximum rate " \
+           "(p99_ms_at_half) (on by default; this flag turns it off)" in bench
+    assert not parse_settings(IngestBenchSettings, ["--no-half-rate"]).half_rate
+    up = " ".join(_help("up", capsys).split())
+    entry = up[up.index("--no-curve "):]
+    assert "authenticate and encrypt" in entry[:entry.index("[env:")]
+    assert "this flag turns it off" in entry[:entry.index("[env:")]
 
 
 def test_internal_options_are_hidden_but_accepted(capsys: pytest.CaptureFixture[str]) -> None:

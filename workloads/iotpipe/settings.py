@@ -177,7 +177,8 @@ class _HelpSource(CliSettingsSource[Any]):
         text = super()._help_format(field_name, field_info, model_default, is_model_suppressed,
                                     env_var_names)
         # A default of None means "not set": the description says what happens then. A
-        # flag is off unless given; the few that are on by default are --no-... flags.
+        # flag is off unless given; the few that are on by default are --no-... flags, whose
+        # description says what is on (the help says the flag turns it off).
         text = text.replace("(default factory: ", "(default: ").replace(" (default: None)", "")
         text = text.replace("(default: list)", "(default: none)")  # default_factory=list
         if field_info.annotation is bool:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import http
 import logging
 import os
@@ -86,7 +87,7 @@ from iotpipe.security import check_security_settings
 from iotpipe.settings import parse_settings
 from iotpipe.tlsconfig import ReloadingTLS
 
-__all__ = ["IngestServer", "IngestSettings", "main"]
+__all__ = ["IngestServer", "IngestSettings", "main", "tune_interpreter"]
 
 log = logging.getLogger("iotpipe.ingest")
 PATH = "/v1/ingest"
@@ -356,6 +357,7 @@ async def run_process(settings: IngestSettings, index: int,
             return 1
         if index == 0:
             await asyncio.to_thread(server.start_retired)
+        tune_interpreter(settings)
         # The kernel caps the backlog silently: say what the listener really got.
         backlog, somaxconn = listen_backlog(settings.listen_backlog)
         log.info("ingest listening", extra={"fields": {
@@ -391,6 +393,19 @@ async def run_process(settings: IngestSettings, index: int,
         reloads.cancel()
         await server.aclose()
         obs.stop()
+
+
+def tune_interpreter(settings: IngestSettings) -> None:
+    """Keep the interpreter from stalling the event loop; call once started.
+
+    The objects made while starting (modules, settings, metrics) live as long as the
+    process: frozen, the cyclic GC's full collections no longer walk them, each with the GIL
+    held (docs/benchmarks.md). The switch interval bounds how long the event loop, the
+    queue writer and the forwarder wait for each other's GIL.
+    """
+    sys.setswitchinterval(settings.gil_switch_interval)
+    gc.collect()
+    gc.freeze()
 
 
 # Descriptors wanted: one per device connection, 100k per process and headroom.

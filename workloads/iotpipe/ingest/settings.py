@@ -111,6 +111,11 @@ class IngestSettings(EdgeSecuritySettings, MiddleEndpointsSettings, IngestQueueS
     forward_batch: int = Field(512, ge=1, description="records per batch to the middle tier")
     forward_window: int = Field(8, ge=1, description="batches in flight to the middle tier")
     forward_ack_timeout: float = Field(5.0, gt=0, description="seconds before failover/resend")
+    gil_switch_interval: float = Field(
+        0.0005, gt=0, le=0.1,
+        description="seconds a thread may keep the GIL while another waits for it (Python's "
+                    "default is 0.005): the event loop, the queue writer and the forwarder "
+                    "share one GIL, and an ack waits each time one of them waits for it")
     # Set by the parent of --processes N for each child; not user options.
     process_index: int = Field(-1, ge=-1, description=Internal)
     parent_pid: int = Field(0, ge=0, description=Internal)

@@ -60,16 +60,20 @@ class IngestBenchSettings(TierSettings):
     size: int = Field(128, ge=48, description="approximate JSON bytes per message")
     duration: float = Field(5.0, gt=0, description="measured seconds per run")
     warmup: float = Field(1.0, ge=0, description="seconds of load before measuring")
-    half_rate: bool = Field(True, description="also run open loop at half of ingest's maximum")
+    half_rate: bool = Field(True, description="also run open loop at half of ingest's "
+                                                 "maximum rate (p99_ms_at_half)")
     processes: int = Field(1, ge=1, description="ingest processes (SO_REUSEPORT)")
     json_output: bool = Field(False, description="print one JSON object")
 
 
 # -- the servers ---------------------------------------------------------------------------
 
+# SIGINT stops it; a bench started in the background (nohup, &) hands its children SIGINT
+# ignored, so the handler is installed again (else each stop waited 60 s, then killed it).
 _MIDDLE = """
-import sys, zmq
+import signal, sys, zmq
 from iotpipe.wire import BATCH_KINDS, decode_batch, encode_ack
+signal.signal(signal.SIGINT, signal.default_int_handler)
 ctx = zmq.Context(); sock = ctx.socket(zmq.ROUTER); sock.setsockopt(zmq.LINGER, 0)
 sock.bind(sys.argv[1]); records = 0
 print("ready", flush=True)

@@ -6,6 +6,9 @@ stand-in runs no metrics pipeline to drive them)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from support.cluster import ClusterEmulator, LocalCluster, scenario
 from support.cluster.cluster import HPAS, SCALEDOBJECTS, STS
 from support.cluster.scenario import NAME
@@ -16,9 +19,27 @@ INGEST = f"{NAME}-ingest"
 
 
 async def _autoscaler_scales_to(cluster: LocalCluster, replicas: int) -> None:
-    await cluster.api.patch(STS, INGEST, {"spec": {"replicas": replicas}})
-    await cluster.wait(lambda: len(cluster.ready_pods(f"{INGEST}-")) == replicas, 60,
-                       f"{replicas} ingest pods ready")
+    """Write replicas as an HPA does: again at each of its syncs while they differ.
+
+    A real HPA re-asserts its count every sync period (15 s by default). Written once, an
+    operator pass that read the StatefulSet just before this write and applied just after
+    it (still owning replicas during the hand-over) would undo it for good.
+    """
+    async def sync() -> None:
+        while True:
+            sts = cluster.api.get(STS, INGEST) or {}
+            if (sts.get("spec") or {}).get("replicas") != replicas:
+                await cluster.api.patch(STS, INGEST, {"spec": {"replicas": replicas}})
+            await asyncio.sleep(1.0)
+
+    syncing = asyncio.create_task(sync())
+    try:
+        await cluster.wait(lambda: len(cluster.ready_pods(f"{INGEST}-")) == replicas, 60,
+                           f"{replicas} ingest pods ready")
+    finally:
+        syncing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await syncing
 
 
 async def test_hpa_to_none_from_six_steps_down_through_the_drain(

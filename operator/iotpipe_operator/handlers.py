@@ -90,10 +90,14 @@ def _apply_children(kube: Kube, body: Mapping[str, Any], result: builders.BuildR
     uid = body["metadata"].get("uid")
     complete = True
     foreign: list[str] = []
+    ingest = workload_name(body["metadata"]["name"], "ingest")
     for child in result.children:
         _owned(child, body)
+        from_live = stepping.keep_live_replicas if (
+            result.replicas_from_live and child["kind"] == "StatefulSet"
+            and child["metadata"]["name"] == ingest) else None
         try:
-            outcome = kube.apply(child, owner_uid=uid)
+            outcome = kube.apply(child, owner_uid=uid, from_live=from_live)
         except ForeignObjectError as exc:
             foreign.append(exc.message)
             complete = False

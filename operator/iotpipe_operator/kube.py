@@ -18,6 +18,7 @@ import json
 import os
 import threading
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -302,10 +303,13 @@ class Kube:
         return self.create(obj)
 
     def apply(self, obj: dict[str, Any], owner_uid: str | None = None,
-              attempts: int = 3) -> ApplyOutcome:
+              attempts: int = 3,
+              from_live: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
+              ) -> ApplyOutcome:
         """Create ``obj`` or server-side apply it; refuse an existing object that is not
         owned by ``owner_uid`` (when given). A conflict (409) or an object deleted in
-        between re-reads and re-applies."""
+        between re-reads and re-applies. ``from_live(body, live)`` sets fields of the
+        apply body from the object as read just before the apply."""
         meta = obj["metadata"]
         namespace = meta.get("namespace", "")
         last: KubeError | None = None
@@ -318,7 +322,10 @@ class Kube:
                     owners = [f"{r.get('kind')}/{r.get('name')}" for r in
                               (live.get("metadata") or {}).get("ownerReferences") or []]
                     raise ForeignObjectError(obj["kind"], meta["name"], owners)
-                return ApplyOutcome("applied", self.server_side_apply(apply_body(obj, live)))
+                body = apply_body(obj, live)
+                if from_live is not None:
+                    from_live(body, live)
+                return ApplyOutcome("applied", self.server_side_apply(body))
             except ForeignObjectError:
                 raise
             except KubeError as exc:

@@ -18,8 +18,8 @@ from iotpipe_operator.kube import FIELD_MANAGER, Kube, KubeError, owned_by
 from iotpipe_operator.names import Names
 from iotpipe_operator.quantity import quantity_bytes
 
-__all__ = ["drive_drains", "expand_volumes", "manages_replicas", "ordinals",
-           "step_ingest_replicas"]
+__all__ = ["drive_drains", "expand_volumes", "keep_live_replicas", "manages_replicas",
+           "ordinals", "step_ingest_replicas"]
 
 
 def ordinals(names: set[str] | list[str], parse: Callable[[str], int | None]) -> set[int]:
@@ -70,11 +70,24 @@ def step_ingest_replicas(kube: Kube, body: Mapping[str, Any], result: builders.B
         # not written it yet) the live value is re-applied: dropping an owned field would
         # make SSA remove it, and the StatefulSet would default to 1 replica.
         sts["spec"]["replicas"] = replicas
+        # The value is taken again when applying: read now and applied later in the pass,
+        # it could undo an autoscaler write made in between.
+        result.replicas_from_live = result.ingest_replicas is None
     if result.ingest_replicas is not None and live is not None \
             and result.ingest_replicas < live:
         return (f"ingest stepping down from {live} to {result.ingest_replicas}, one drained "
                 f"ordinal at a time (now {replicas})")
     return None
+
+
+def keep_live_replicas(body: dict[str, Any], live: Mapping[str, Any]) -> None:
+    """An autoscaler hand-over's apply ``body``, from the StatefulSet read just before it:
+    its live replicas while this operator still owns the field, else no replicas at all
+    (the autoscaler wrote them and owns them now)."""
+    if manages_replicas(live):
+        body["spec"]["replicas"] = int((live.get("spec") or {}).get("replicas", 1))
+    else:
+        body["spec"].pop("replicas", None)
 
 
 def expand_volumes(kube: Kube, body: Mapping[str, Any], spec: Mapping[str, Any],

@@ -17,7 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from iotpipe_operator import builders, drain, handlers, rbac
+from iotpipe_operator import builders, drain, handlers, rbac, stepping
 from iotpipe_operator import status as status_mod
 from iotpipe_operator.builders import ClusterCapabilities, Problem
 from iotpipe_operator.kube import (
@@ -341,7 +341,8 @@ class _FlakyKube:
     def served(self, api_version: str, kind: str) -> bool:
         return False
 
-    def apply(self, obj: dict[str, Any], owner_uid: str | None = None) -> ApplyOutcome:
+    def apply(self, obj: dict[str, Any], owner_uid: str | None = None,
+              from_live: Any = None) -> ApplyOutcome:
         assert obj["metadata"]["ownerReferences"][0]["uid"] == "u1"
         self.applied.append(f"{obj['kind']}/{obj['metadata']['name']}")
         return ApplyOutcome("created", obj)
@@ -422,3 +423,69 @@ def test_no_handler_talks_to_the_api_after_the_cleanup_activity() -> None:
     timer.fn(body=body, patch=kopf.Patch(), logger=logging.getLogger("test"),
              stopped=False)  # kopf's DaemonStopped is falsy until the daemon is stopped
     assert made == [], "a pass after the cleanup opened a client"
+
+
+class _BodyRecordingKube(_RecordingKube):
+    def _request_once(self, method: str, path: str, body: Any,
+                      query: dict[str, str] | None, content_type: str) -> dict[str, Any]:
+        self.bodies.append(body)
+        return super()._request_once(method, path, body, query, content_type)
+
+    def __init__(self, script: list[Any]) -> None:
+        super().__init__(script)
+        self.bodies: list[Any] = []
+
+
+def _ingest_sts(replicas: int, operator_owns_replicas: bool) -> dict[str, Any]:
+    fields: dict[str, Any] = {"f:spec": {"f:template": {}}}
+    if operator_owns_replicas:
+        fields["f:spec"]["f:replicas"] = {}
+    return {"apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "demo-ingest", "namespace": "iot",
+                         "ownerReferences": [{"kind": "IoTPipeline", "name": "demo",
+                                              "uid": "u1"}],
+                         "managedFields": [{"manager": "iotpipe-operator",
+                                            "operation": "Apply", "fieldsV1": fields}]},
+            "spec": {"replicas": replicas, "template": {"metadata": {}, "spec": {}}}}
+
+
+def test_an_autoscaler_hand_over_applies_replicas_as_read_just_before_the_apply() -> None:
+    # The pass read 4 (the operator owned replicas) and built its body with 4; the HPA
+    # then wrote 5 and took the field over. The apply must not put 4 back.
+    stale = _ingest_sts(4, operator_owns_replicas=True)
+    taken_over = _ingest_sts(5, operator_owns_replicas=False)
+    kube = _BodyRecordingKube([taken_over, {"applied": True}])
+    kube.apply(stale, owner_uid="u1", from_live=stepping.keep_live_replicas)
+    assert "replicas" not in kube.bodies[1]["spec"], "the autoscaler's field is left alone"
+    # Still owned by the operator but moved meanwhile (the HPA wrote, not yet taken over
+    # in this read): the value as read now, not the one read earlier in the pass.
+    kube = _BodyRecordingKube([_ingest_sts(6, operator_owns_replicas=True), {"applied": True}])
+    kube.apply(stale, owner_uid="u1", from_live=stepping.keep_live_replicas)
+    assert kube.bodies[1]["spec"]["replicas"] == 6
+    # Without the hook (every other child) the body is applied as built.
+    kube = _BodyRecordingKube([taken_over, {"applied": True}])
+    kube.apply(stale, owner_uid="u1")
+    assert kube.bodies[1]["spec"]["replicas"] == 4
+
+
+def test_only_the_ingest_statefulset_of_a_hand_over_takes_replicas_from_live() -> None:
+    body = yaml.safe_load((REPO / "samples" / "autoscaled-hpa.yaml").read_text())
+    body["metadata"].update({"namespace": "iot", "uid": "u1"})
+    result = builders.build(body)
+    hooks: dict[str, Any] = {}
+
+    class Recording:
+        def apply(self, obj: dict[str, Any], owner_uid: str | None = None,
+                  from_live: Any = None) -> ApplyOutcome:
+            hooks[f"{obj['kind']}/{obj['metadata']['name']}"] = from_live
+            return ApplyOutcome("applied", obj)
+
+    ingest = f"StatefulSet/{builders.workload_name(body['metadata']['name'], 'ingest')}"
+    for hand_over in (False, True):
+        hooks.clear()
+        result.replicas_from_live = hand_over
+        handlers._apply_children(Recording(), body, result, [],  # type: ignore[arg-type]
+                                 logging.getLogger("test"))
+        assert ingest in hooks and len(hooks) > 3
+        assert hooks[ingest] is (stepping.keep_live_replicas if hand_over else None)
+        assert all(hook is None for name, hook in hooks.items() if name != ingest)

@@ -93,8 +93,10 @@ def _apply_children(kube: Kube, body: Mapping[str, Any], result: builders.BuildR
     ingest = workload_name(body["metadata"]["name"], "ingest")
     for child in result.children:
         _owned(child, body)
+        # Autoscaled: replicas read at the start of the pass could undo an autoscaler write
+        # made since, so the apply takes them from the object as read just before it.
         from_live = stepping.keep_live_replicas if (
-            result.replicas_from_live and child["kind"] == "StatefulSet"
+            result.ingest_replicas is None and child["kind"] == "StatefulSet"
             and child["metadata"]["name"] == ingest) else None
         try:
             outcome = kube.apply(child, owner_uid=uid, from_live=from_live)

@@ -70,9 +70,6 @@ def step_ingest_replicas(kube: Kube, body: Mapping[str, Any], result: builders.B
         # not written it yet) the live value is re-applied: dropping an owned field would
         # make SSA remove it, and the StatefulSet would default to 1 replica.
         sts["spec"]["replicas"] = replicas
-        # The value is taken again when applying: read now and applied later in the pass,
-        # it could undo an autoscaler write made in between.
-        result.replicas_from_live = result.ingest_replicas is None
     if result.ingest_replicas is not None and live is not None \
             and result.ingest_replicas < live:
         return (f"ingest stepping down from {live} to {result.ingest_replicas}, one drained "

@@ -468,7 +468,7 @@ def test_an_autoscaler_hand_over_applies_replicas_as_read_just_before_the_apply(
     assert kube.bodies[1]["spec"]["replicas"] == 4
 
 
-def test_only_the_ingest_statefulset_of_a_hand_over_takes_replicas_from_live() -> None:
+def test_only_an_autoscaled_ingest_statefulset_takes_replicas_from_live() -> None:
     body = yaml.safe_load((REPO / "samples" / "autoscaled-hpa.yaml").read_text())
     body["metadata"].update({"namespace": "iot", "uid": "u1"})
     result = builders.build(body)
@@ -483,7 +483,7 @@ def test_only_the_ingest_statefulset_of_a_hand_over_takes_replicas_from_live() -
     ingest = f"StatefulSet/{builders.workload_name(body['metadata']['name'], 'ingest')}"
     for hand_over in (False, True):
         hooks.clear()
-        result.replicas_from_live = hand_over
+        result.ingest_replicas = None if hand_over else 3
         handlers._apply_children(Recording(), body, result, [],  # type: ignore[arg-type]
                                  logging.getLogger("test"))
         assert ingest in hooks and len(hooks) > 3

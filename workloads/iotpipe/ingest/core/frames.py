@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -27,6 +28,7 @@ __all__ = [
     "encode_busy_frame",
     "encode_error_frame",
     "parse_frame",
+    "parse_frame_python",
     "parse_ts",
 ]
 
@@ -182,13 +184,37 @@ def parse_frame(
 
     ``device_id`` is the authenticated device. ``None`` (insecure mode without
     ``?device=``) means each message must name its device in a ``"device"`` field.
+
+    A frame whose messages are all valid in the common forms is accepted by the C
+    accelerator (``_frames.c``) when it is built; any other frame, and every refusal, is
+    judged here in Python.
     """
-    out = ParsedFrame()
+    return _parse(frame, device_id, received_ns, limits, ACCEPT_FRAME)
+
+
+def parse_frame_python(
+    frame: str | bytes,
+    device_id: str | None,
+    received_ns: int,
+    limits: FrameLimits = FrameLimits(),
+) -> ParsedFrame:
+    """``parse_frame`` without the C accelerator (the tests compare the two)."""
+    return _parse(frame, device_id, received_ns, limits, None)
+
+
+def _parse(frame: str | bytes, device_id: str | None, received_ns: int, limits: FrameLimits,
+           accept: AcceptFrame | None) -> ParsedFrame:
     try:
         doc = orjson.loads(frame)
     except orjson.JSONDecodeError as exc:
-        out.errors.append(MessageError(None, BAD_JSON, f"not valid JSON: {exc}"))
-        return out
+        return ParsedFrame(errors=[MessageError(None, BAD_JSON, f"not valid JSON: {exc}")])
+    if accept is not None:
+        accepted = accept(doc, device_id, received_ns, limits.max_batch, limits.max_id_len,
+                          limits.max_data_keys, limits.max_key_len, limits.max_str_len,
+                          orjson.dumps)
+        if accepted is not None:
+            return ParsedFrame(*accepted)
+    out = ParsedFrame()
     if isinstance(doc, list):
         if not doc:
             out.errors.append(MessageError(None, EMPTY_BATCH, "a batch must not be empty"))
@@ -259,6 +285,21 @@ def parse_frame(
         readings.append(encode(owner, msg_id if kind is str else str(msg_id), ts_ns, dumps(data),
                                received_ns))
     return out
+
+
+# (doc, device_id, received_ns, max_batch, max_id_len, max_data_keys, max_key_len,
+#  max_str_len, dumps) -> (ids, readings) when every message of the decoded frame is valid
+# in the common forms, else None (then the frame is judged in Python).
+AcceptFrame = Callable[[object, str | None, int, int, int, int, int, int,
+                        Callable[[object], bytes]],
+                       tuple[list[str | int], list[bytes]] | None]
+
+try:
+    from iotpipe.ingest.core._frames import accept_frame as _accept_frame
+
+    ACCEPT_FRAME: AcceptFrame | None = _accept_frame
+except ImportError:  # not built (no compiler at install): every frame judged in Python
+    ACCEPT_FRAME = None
 
 
 def encode_ack_frame(ids: list[str | int]) -> bytes:

@@ -168,6 +168,44 @@ async def test_acks_of_one_group_leave_in_one_write_in_order() -> None:
     assert server.counters.accepted == 3 and server.counters.ack_frames == 2
 
 
+async def test_connections_of_one_group_share_one_callback_and_each_gets_its_ack() -> None:
+    conn, transport, server = await connect()
+    others = []
+    for i in range(3):
+        other = DeviceConnection(conn.front, f"dev-{i + 2}", None)
+        other_transport = FakeTransport()
+        other.on_ws_connected(other_transport)  # type: ignore[arg-type]
+        others.append((other, other_transport))
+    for i, (c, t) in enumerate([(conn, transport), *others]):
+        text(c, t, {"id": i, "data": {"k": i}})
+        text(c, t, {"id": 10 + i, "data": {"k": i}})
+    [group] = server.aqueue.groups
+    # One done-callback for the whole group (not one per connection, nor per frame).
+    assert len(group._callbacks) == 1  # type: ignore[attr-defined]
+    server.aqueue.finish()
+    await settle()
+    for i, (_, t) in enumerate([(conn, transport), *others]):
+        assert [[r["ids"] for r in write] for write in replies(t.underlying_transport)] == [
+            [[i], [10 + i]]]
+
+
+async def test_a_connection_that_fails_to_write_does_not_hold_the_others_acks() -> None:
+    conn, transport, server = await connect()
+    other = DeviceConnection(conn.front, "dev-2", None)
+    other_transport = FakeTransport()
+    other.on_ws_connected(other_transport)  # type: ignore[arg-type]
+    text(conn, transport, {"id": 1, "data": {"k": 1}})
+    text(other, other_transport, {"id": 2, "data": {"k": 2}})
+
+    def broken(kind: WSMsgType, payload: bytes) -> None:
+        raise RuntimeError("socket gone wrong")
+
+    transport.send = broken  # type: ignore[method-assign]
+    server.aqueue.finish()
+    await settle()
+    assert [r[0]["ids"] for r in replies(other_transport.underlying_transport)] == [[2]]
+
+
 async def test_errors_leave_at_once_when_no_ack_is_owed() -> None:
     conn, transport, _ = await connect()
     text(conn, transport, b"{not json")

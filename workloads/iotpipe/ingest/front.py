@@ -25,6 +25,7 @@ No permessage-deflate: picows has none (``--compression`` uses the websockets fr
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import ssl
@@ -208,14 +209,11 @@ class DeviceConnection(WSListener):  # type: ignore[misc]  # picows ships no stu
             assert server.aqueue is not None
             durable = server.aqueue.submit(outcome.readings, server.settings.busy_wait)
             replies.append((durable, outcome.ids, read_at))
-            if self._watching is not durable:  # one callback per group and connection
+            if self._watching is not durable:  # once per group and connection
                 self._watching = durable
-                durable.add_done_callback(self._on_durable)
+                self.front.watch(durable, self)
         if outcome.close is not None:
             self._close = outcome.close
-
-    def _on_durable(self, _future: asyncio.Future[range]) -> None:
-        self._flush()
 
     # -- replies out --------------------------------------------------------------------
 
@@ -307,6 +305,15 @@ class DeviceConnection(WSListener):  # type: ignore[misc]  # picows ships no stu
             self._flush()
 
 
+def _flush_all(connections: list[DeviceConnection], _durable: asyncio.Future[range]) -> None:
+    """A commit group is durable: each connection waiting on it writes what is ready."""
+    for conn in connections:
+        try:
+            conn._flush()
+        except Exception:  # one connection's failure must not hold the others' acks
+            _PICOWS_LOG.exception("writing replies failed")
+
+
 class PicowsFront:
     """The listening socket and the open device connections of one ingest process."""
 
@@ -318,6 +325,24 @@ class PicowsFront:
         self._admit = admit
         self._listener: asyncio.Server | None = None
         self.port = 0
+        # The open commit group and the connections owed replies when it is durable.
+        self._group: asyncio.Future[range] | None = None
+        self._group_connections: list[DeviceConnection] = []
+
+    def watch(self, durable: asyncio.Future[range], conn: DeviceConnection) -> None:
+        """``conn`` writes its ready replies once ``durable`` is done.
+
+        One callback per commit group, not per connection: at one frame per connection and
+        group (devices sending slower than groups commit), a callback per connection cost a
+        loop handle per message. The open group's future is always the newest, so a
+        future other than the last one watched starts a new list.
+        """
+        if durable is not self._group:
+            self._group = durable
+            self._group_connections = [conn]
+            durable.add_done_callback(functools.partial(_flush_all, self._group_connections))
+        else:
+            self._group_connections.append(conn)
 
     def _factory(self, request: WSUpgradeRequest) -> Any:
         path = request.path.decode("latin-1")

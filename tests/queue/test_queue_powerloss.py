@@ -32,10 +32,12 @@ def payload_for(seq: int, life: int) -> bytes:
 class AckBeforeSyncWriter(Writer):
     """The bug the test must catch: each group's sync is put off until the next group."""
 
-    def persist(self, segment: Segment) -> None:
+    def write_durably(self, segment: Segment, data: bytes, offset: int) -> None:
+        io = self._state.io
+        io.pwrite(segment.handle, data, offset)
         deferred = getattr(self, "_deferred", None)
         if deferred is not None and deferred.handle is not None:
-            super().persist(deferred)
+            io.fdatasync(deferred.handle)
         self._deferred = segment
 
 

@@ -24,6 +24,10 @@ class RecordingFileIO(OsFileIO):
         self.writes.append((offset, len(data)))
         super().pwrite(handle, data, offset)
 
+    def write_synced(self, handle: int, data: bytes, offset: int) -> None:
+        self.writes.append((offset, len(data)))
+        super().write_synced(handle, data, offset)
+
 
 def test_zeros_ahead_once_per_region_and_tail_stays_zero(tmp_path: Path) -> None:
     io = RecordingFileIO()

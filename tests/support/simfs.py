@@ -141,6 +141,10 @@ class SimFS:
 
     fsync = fdatasync
 
+    def write_synced(self, handle: int, data: bytes, offset: int) -> None:
+        self.pwrite(handle, data, offset)
+        self.fdatasync(handle)
+
     def allocate(self, handle: int, length: int) -> None:
         self._tick()
         simfile = self._file(handle)

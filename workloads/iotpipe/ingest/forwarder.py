@@ -28,7 +28,7 @@ import zmq
 
 from iotpipe.curve import CurveKeys, secure_client
 from iotpipe.ingest.core.forwarder import ForwarderCore
-from iotpipe.queue import PersistentQueue
+from iotpipe.queue import PersistentQueue, signal_eventfd
 
 __all__ = ["CONSUMER", "Forwarder"]
 
@@ -172,7 +172,7 @@ class Forwarder:
 
         def on_durable(_seq: int) -> None:
             with contextlib.suppress(OSError):
-                os.eventfd_write(wake, 1)
+                signal_eventfd(wake)
 
         self.queue.add_durable_listener(on_durable)
         try:

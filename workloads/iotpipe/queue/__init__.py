@@ -84,6 +84,7 @@ from __future__ import annotations
 from .aio import AsyncQueue
 from .core import Depth, PersistentQueue
 from .errors import QueueClosed, QueueCorrupted, QueueError, QueueFull, QueueLocked
+from .fileio import signal_eventfd
 from .framing import Record
 
 __all__ = [
@@ -96,4 +97,5 @@ __all__ = [
     "QueueFull",
     "QueueLocked",
     "Record",
+    "signal_eventfd",
 ]

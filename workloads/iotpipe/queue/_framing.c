@@ -11,9 +11,11 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
 #include <limits.h>
 #include <stdint.h>
 #include <string.h>
+#include <unistd.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <nmmintrin.h>
@@ -460,7 +462,105 @@ error:
     return NULL;
 }
 
+/* A file descriptor from a Python int; -1 with an exception when it is not one. */
+static int fd_of(PyObject *obj) {
+    long v = PyLong_AsLong(obj);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < 0 || v > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "a file descriptor must be in 0..INT_MAX");
+        return -1;
+    }
+    return (int)v;
+}
+
+/* write_synced(fd, data, offset): pwrite all of data at offset, then fdatasync, in ONE
+ * release of the GIL. Through os.pwrite and os.fdatasync each call releases and takes back
+ * the GIL: on a busy server each take-back waits for the event loop's thread to yield it
+ * (up to the switch interval), which held every commit group's acks. */
+PyDoc_STRVAR(write_synced_doc,
+"write_synced(fd, data, offset) -> None\n\n"
+"pwrite all of data at offset, then fdatasync fd; OSError as os.pwrite/os.fdatasync.");
+
+static PyObject *write_synced(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "write_synced(fd, data, offset) takes 3 arguments");
+        return NULL;
+    }
+    int fd = fd_of(args[0]);
+    if (fd < 0)
+        return NULL;
+    long long offset = PyLong_AsLongLong(args[2]);
+    if (offset == -1 && PyErr_Occurred())
+        return NULL;
+    if (offset < 0) {
+        PyErr_SetString(PyExc_ValueError, "offset must be >= 0");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const char *p = (const char *)view.buf;
+    size_t left = (size_t)view.len;
+    off_t at = (off_t)offset;
+    int failed_errno = 0;
+    Py_BEGIN_ALLOW_THREADS
+    while (left > 0) {
+        ssize_t n = pwrite(fd, p, left, at);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            failed_errno = errno;
+            break;
+        }
+        p += n;
+        left -= (size_t)n;
+        at += n;
+    }
+    if (failed_errno == 0) {
+        while (fdatasync(fd) < 0) {
+            if (errno != EINTR) {
+                failed_errno = errno;
+                break;
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    if (failed_errno != 0) {
+        errno = failed_errno;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+/* signal_eventfd(fd): add 1 to an eventfd's counter WITHOUT releasing the GIL. A
+ * non-blocking eventfd write never waits; os.eventfd_write releases the GIL around it, and
+ * taking it back cost the queue's writer thread another wait per group. */
+PyDoc_STRVAR(signal_eventfd_doc,
+"signal_eventfd(fd) -> None\n\n"
+"Add 1 to a non-blocking eventfd's counter; a full counter (EAGAIN) is already signalled.");
+
+static PyObject *signal_eventfd(PyObject *self, PyObject *arg) {
+    (void)self;
+    int fd = fd_of(arg);
+    if (fd < 0)
+        return NULL;
+    uint64_t one = 1;
+    ssize_t n;
+    do {
+        n = write(fd, &one, sizeof one);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0 && errno != EAGAIN)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"write_synced", (PyCFunction)(void (*)(void))write_synced, METH_FASTCALL,
+     write_synced_doc},
+    {"signal_eventfd", (PyCFunction)signal_eventfd, METH_O, signal_eventfd_doc},
     {"encode_records", (PyCFunction)(void (*)(void))encode_records, METH_FASTCALL,
      encode_records_doc},
     {"crc32c", (PyCFunction)(void (*)(void))py_crc32c, METH_VARARGS | METH_KEYWORDS,

@@ -300,12 +300,12 @@ class Writer:
             else:  # only the first record after a sync point may carry FIRST_IN_WRITE
                 data = b"".join([chunks[index].data] +
                                 [clear_first_flag(chunk.data) for chunk in chunks[index + 1:stop]])
-            self.write(segment, data, chunks[index].offset)
-            self.persist(segment)
+            self.write_durably(segment, data, chunks[index].offset)
             written_end = chunks[index].offset + len(data)
             index = stop
 
-    def write(self, segment: Segment, data: bytes, offset: int) -> None:
+    def write_durably(self, segment: Segment, data: bytes, offset: int) -> None:
+        """Write ``data`` at ``offset`` of ``segment`` and persist it before returning."""
         if segment.mapping is not None:
             # pmem backend: pmem_memcpy_persist copies and persists in one call.
             segment.mapping.write_persist(data, offset)
@@ -320,8 +320,5 @@ class Writer:
             until = min(segment.size, end + ZERO_AHEAD_BYTES)
             data = data + _ZEROS[:until - end]
             segment.zeroed_until = until
-        self._state.io.pwrite(segment.handle, data, offset)
-
-    def persist(self, segment: Segment) -> None:
-        if segment.mapping is None:  # a pmem write was persisted as it was copied
-            self._state.io.fdatasync(segment.handle)
+        # One call: the real file layer writes and syncs in one release of the GIL.
+        self._state.io.write_synced(segment.handle, data, offset)

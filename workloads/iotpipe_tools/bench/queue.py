@@ -165,6 +165,9 @@ class _NoSyncFileIO(OsFileIO):
     def fdatasync(self, handle: int) -> None:
         pass
 
+    def write_synced(self, handle: int, data: bytes, offset: int) -> None:
+        self.pwrite(handle, data, offset)
+
 
 def measure_case(directory: Path, payloads: list[bytes], mode: str, seconds: float,
                  slices: int) -> dict[str, float]:

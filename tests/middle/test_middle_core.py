@@ -377,8 +377,9 @@ def test_recent_records_serve_contiguous_tail_within_budget() -> None:
     assert recent.get(6, 1, 1000) is None and recent.get(0, 1, 1000) is None
     assert recent.get(1, 10, 25) == [b"a" * 10] * 2  # byte limit
     assert recent.get(1, 10, 1) == [b"a" * 10]  # at least one record
-    recent.extend(6, [b"b" * 10] * 8)  # 130 bytes > 100: trimmed to <= 50
+    recent.extend(6, [b"b" * 10] * 8)  # 130 bytes > 100: the older group goes, never the newest
     assert recent.get(1, 1, 1000) is None
+    assert recent.get(6, 10, 1000) == [b"b" * 10] * 8
     assert recent.get(13, 1, 1000) == [b"b" * 10]
     assert recent.get(9, 10, 1000) == [b"b" * 10] * 5
     recent.extend(20, [b"c"])  # a gap (e.g. appends by nobody else): start over

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from collections import deque
 from collections.abc import Sequence
-from itertools import accumulate, islice
 
 __all__ = ["RecentRecords"]
 
@@ -14,34 +13,39 @@ class RecentRecords:
 
     A consumer that keeps up reads what was just appended; serving it from here saves a
     read and a re-parse of the log file. Older ranges come from the log itself.
+
+    Sizes are kept per appended group, not per record (a running total per record cost an
+    int object and a list slot for every record of every group): over budget, whole groups
+    are dropped, oldest first, down to half the budget, never the newest. So the memory
+    held is at most ``max_bytes`` plus the newest group.
     """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._base = 0  # seq of self._records[0]
         self._records: list[bytes] = []
-        # Running byte total after each record, counted from the last reset, so a byte
-        # limit becomes one bisect instead of a loop over records.
-        self._cum: list[int] = []
-        self._cum_before = 0  # running total before self._records[0]
+        self._groups: deque[tuple[int, int]] = deque()  # (records, bytes) per extend
+        self._bytes = 0  # bytes of self._records
 
     def extend(self, first_seq: int, records: Sequence[bytes]) -> None:
         if first_seq != self._base + len(self._records):  # not contiguous: start over
-            self._base, self._records, self._cum, self._cum_before = first_seq, [], [], 0
+            self._base, self._records, self._bytes = first_seq, [], 0
+            self._groups.clear()
         if not records:
             return
-        before = self._cum[-1] if self._cum else self._cum_before
+        size = sum(map(len, records))
         self._records.extend(records)
-        cum = self._cum
-        cum.extend(islice(accumulate(map(len, records), initial=before), 1, None))
-        total = cum[-1]
-        if total - self._cum_before > self.max_bytes:
-            # Drop the oldest down to half the budget, so trimming is amortised.
-            drop = bisect_right(cum, total - self.max_bytes // 2)
+        self._groups.append((len(records), size))
+        self._bytes += size
+        if self._bytes > self.max_bytes:
+            # Drop the oldest groups down to half the budget, so trimming is amortised.
+            groups, target, drop = self._groups, self.max_bytes // 2, 0
+            while len(groups) > 1 and self._bytes > target:
+                count, size = groups.popleft()
+                drop += count
+                self._bytes -= size
             if drop:
-                self._cum_before = cum[drop - 1]
                 del self._records[:drop]
-                del cum[:drop]
                 self._base += drop
 
     def get(self, first: int, max_records: int, max_bytes: int) -> list[bytes] | None:
@@ -49,7 +53,13 @@ class RecentRecords:
         start = first - self._base
         if start < 0 or start >= len(self._records):
             return None
-        before = self._cum[start - 1] if start else self._cum_before
-        stop = min(len(self._records), start + max_records)
-        end = max(start + 1, bisect_right(self._cum, before + max_bytes, start, stop))
-        return self._records[start:end]
+        records = self._records[start:start + max_records]
+        if len(records) > 1 and sum(map(len, records)) > max_bytes:
+            total, count = 0, 0
+            for record in records:
+                total += len(record)
+                if total > max_bytes:
+                    break
+                count += 1
+            del records[max(1, count):]
+        return records

@@ -53,7 +53,8 @@ class MiddleSettings(ServerSettings):
     max_delivery_bytes: int = Field(4 << 20, ge=1024, description="bytes per feed delivery")
     recent_bytes: int = Field(64 << 20, ge=0,
                               description="recently appended records kept in memory to serve "
-                                          "feed deliveries without reading the log")
+                                          "feed deliveries without reading the log (whole "
+                                          "groups are dropped, never the newest)")
     max_group_records: int = Field(16384, ge=1,
                                    description="readings gathered into one group commit")
     busy_retry_ms: int = Field(200, ge=1, description="retry hint sent with busy replies")

@@ -514,6 +514,10 @@ static PyObject *write_synced(PyObject *self, PyObject *const *args, Py_ssize_t 
             failed_errno = errno;
             break;
         }
+        if (n == 0) {  /* no progress and no error: never loop on it */
+            failed_errno = EIO;
+            break;
+        }
         p += n;
         left -= (size_t)n;
         at += n;

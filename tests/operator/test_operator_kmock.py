@@ -235,6 +235,27 @@ async def operator(interval: float) -> AsyncIterator[None]:
         raise task.exception()  # type: ignore[misc]
 
 
+async def test_emulator_refuses_a_failed_json_patch_test_with_422(cluster: Cluster) -> None:
+    # As a real API server does; kopf then retries its finalizer patch against the fresh
+    # object on its next cycle (a 500 made it resend the same stale patch for 30 s).
+    await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
+    path = f"/apis/iotpipe.dev/v1alpha1/namespaces/{NS}/iotpipelines/demo"
+    created = obj(cluster.k, PIPELINES, "demo")
+    assert created is not None
+    stale = created["metadata"]["resourceVersion"]
+    await cluster.send("PATCH", path, {"metadata": {"labels": {"touched": "yes"},
+                                                    "resourceVersion": str(next(_versions))}})
+    ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": stale},
+           {"op": "add", "path": "/metadata/labels/second", "value": "no"}]
+    async with cluster.k.request("PATCH", path, json=ops, headers={
+            "Content-Type": "application/json-patch+json", "Connection": "close"}) as response:
+        assert response.status == 422, await response.text()
+    current = obj(cluster.k, PIPELINES, "demo")
+    assert current is not None
+    labels = current["metadata"]["labels"]
+    assert labels.get("touched") == "yes" and "second" not in labels
+
+
 async def test_create_builds_owned_children_and_status(cluster: Cluster) -> None:
     await cluster.create_pipeline(seeded(_sample("minimal.yaml")))
     async with operator(interval=30):

@@ -7,6 +7,7 @@
 
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 
 /* Header of a non-negative int; returns its length (at most 9). */
 static Py_ssize_t put_uint(unsigned char *out, uint64_t v) {
@@ -58,6 +59,12 @@ static Py_ssize_t put_raw_header(unsigned char *out, size_t n, int is_bin) {
     for (int i = 0; i < 4; i++)
         out[1 + i] = (unsigned char)(n >> (24 - 8 * i));
     return 5;
+}
+
+/* Copy n bytes to out; returns the position after them (for building a message in order). */
+static inline unsigned char *put_bytes(unsigned char *out, const void *src, Py_ssize_t n) {
+    memcpy(out, src, (size_t)n);
+    return out + n;
 }
 
 #endif

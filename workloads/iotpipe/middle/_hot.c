@@ -71,15 +71,11 @@ static PyObject *log_records(PyObject *self, PyObject *args) {
             return NULL;
         }
         unsigned char *p = (unsigned char *)PyBytes_AS_STRING(record);
-        memcpy(p, prefix, (size_t)prefix_len);
-        p += prefix_len;
-        memcpy(p, node, (size_t)node_len);
-        p += node_len;
-        memcpy(p, seq_buf, (size_t)seq_len);
-        p += seq_len;
-        memcpy(p, bin_buf, (size_t)bin_len);
-        p += bin_len;
-        memcpy(p, PyBytes_AS_STRING(reading), (size_t)r_len);
+        p = put_bytes(p, prefix, prefix_len);
+        p = put_bytes(p, node, node_len);
+        p = put_bytes(p, seq_buf, seq_len);
+        p = put_bytes(p, bin_buf, bin_len);
+        put_bytes(p, PyBytes_AS_STRING(reading), r_len);
         PyList_SET_ITEM(out, i, record);
     }
     return out;

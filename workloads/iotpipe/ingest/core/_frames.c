@@ -199,21 +199,14 @@ static int accept_one(const Judge *j, PyObject *msg, PyObject **id_out,
         goto done;
     unsigned char *p = (unsigned char *)PyBytes_AS_STRING(reading);
     *p++ = 0x95;  /* an array of 5 */
-    memcpy(p, owner_h, (size_t)owner_hl);
-    p += owner_hl;
-    memcpy(p, owner_b, (size_t)owner_len);
-    p += owner_len;
-    memcpy(p, id_h, (size_t)id_hl);
-    p += id_hl;
-    memcpy(p, id_b, (size_t)id_len);
-    p += id_len;
-    memcpy(p, ts_h, (size_t)ts_hl);
-    p += ts_hl;
-    memcpy(p, json_h, (size_t)json_hl);
-    p += json_hl;
-    memcpy(p, PyBytes_AS_STRING(data_json), (size_t)json_len);
-    p += json_len;
-    memcpy(p, recv_h, (size_t)recv_hl);
+    p = put_bytes(p, owner_h, owner_hl);
+    p = put_bytes(p, owner_b, owner_len);
+    p = put_bytes(p, id_h, id_hl);
+    p = put_bytes(p, id_b, id_len);
+    p = put_bytes(p, ts_h, ts_hl);
+    p = put_bytes(p, json_h, json_hl);
+    p = put_bytes(p, PyBytes_AS_STRING(data_json), json_len);
+    put_bytes(p, recv_h, recv_hl);
     *id_out = msg_id;
     *reading_out = reading;
     result = 1;
@@ -262,7 +255,7 @@ static PyObject *accept_frame(PyObject *self, PyObject *const *args, Py_ssize_t 
         goto fail;
     for (Py_ssize_t i = 0; i < count; i++) {
         /* The list cannot change here: accept_one runs no Python code but orjson.dumps. */
-        PyObject *msg_id, *reading;
+        PyObject *msg_id = NULL, *reading = NULL;
         int ok = accept_one(&j, messages[i], &msg_id, &reading);
         if (ok < 0)
             goto fail;

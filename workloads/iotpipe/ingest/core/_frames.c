@@ -87,7 +87,7 @@ static int data_is_plain(PyObject *data, Py_ssize_t max_keys, Py_ssize_t max_key
     return 0;
 }
 
-/* A str's UTF-8 and its msgpack header; -1 (no exception) when it cannot be encoded. */
+/* A str's UTF-8; -1 (no exception) when it cannot be encoded or is too long for msgpack. */
 static int utf8_of(PyObject *s, const char **bytes, Py_ssize_t *len) {
     *bytes = PyUnicode_AsUTF8AndSize(s, len);
     if (*bytes == NULL) {

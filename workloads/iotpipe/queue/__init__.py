@@ -5,6 +5,12 @@ Every tier of iotpipe keeps its messages here between receiving and forwarding t
 persistent memory); consumers read from a seq, acknowledge cumulatively, and space is
 reclaimed up to the slowest registered consumer.
 
+One thread that owns a queue's appends may drive the group commit itself instead:
+``append_nowait`` places a batch, ``start_write`` writes every placed batch as one group
+(on the calling thread, or in the background on a C thread that never takes the GIL, with
+``durable_fileno`` to poll), and ``poll_durable`` reports what became durable. The bytes on
+disk are the same; nothing is readable or reported durable before its sync.
+
 On-disk format (all integers little-endian)
 -------------------------------------------
 A queue is a directory::

@@ -15,6 +15,8 @@
 #include <limits.h>
 #include <stdint.h>
 #include <string.h>
+#include <pthread.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -474,6 +476,51 @@ static int fd_of(PyObject *obj) {
     return (int)v;
 }
 
+/* pwrite all of [p, p+left) at `at`, then fdatasync: 0, or the errno of the failure. Runs
+ * without the GIL (it touches no Python object). */
+static int write_all_and_sync(int fd, const char *p, size_t left, off_t at) {
+    while (left > 0) {
+        ssize_t n = pwrite(fd, p, left, at);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (n == 0)  /* no progress and no error: never loop on it */
+            return EIO;
+        p += n;
+        left -= (size_t)n;
+        at += n;
+    }
+    while (fdatasync(fd) < 0) {
+        if (errno != EINTR)
+            return errno;
+    }
+    return 0;
+}
+
+/* Checked (fd, data, offset) arguments of `name`; 0 (the caller releases *view), or -1
+ * with an exception set. */
+static int write_args(const char *name, PyObject *const *args, Py_ssize_t nargs, int *fd,
+                      Py_buffer *view, off_t *offset) {
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "%s(fd, data, offset) takes 3 arguments", name);
+        return -1;
+    }
+    *fd = fd_of(args[0]);
+    if (*fd < 0)
+        return -1;
+    long long at = PyLong_AsLongLong(args[2]);
+    if (at == -1 && PyErr_Occurred())
+        return -1;
+    if (at < 0) {
+        PyErr_SetString(PyExc_ValueError, "offset must be >= 0");
+        return -1;
+    }
+    *offset = (off_t)at;
+    return PyObject_GetBuffer(args[1], view, PyBUF_SIMPLE);
+}
+
 /* write_synced(fd, data, offset): pwrite all of data at offset, then fdatasync, in ONE
  * release of the GIL. Through os.pwrite and os.fdatasync each call releases and takes back
  * the GIL: on a busy server each take-back waits for the event loop's thread to yield it
@@ -484,52 +531,14 @@ PyDoc_STRVAR(write_synced_doc,
 
 static PyObject *write_synced(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "write_synced(fd, data, offset) takes 3 arguments");
-        return NULL;
-    }
-    int fd = fd_of(args[0]);
-    if (fd < 0)
-        return NULL;
-    long long offset = PyLong_AsLongLong(args[2]);
-    if (offset == -1 && PyErr_Occurred())
-        return NULL;
-    if (offset < 0) {
-        PyErr_SetString(PyExc_ValueError, "offset must be >= 0");
-        return NULL;
-    }
+    int fd;
+    off_t offset;
     Py_buffer view;
-    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
+    if (write_args("write_synced", args, nargs, &fd, &view, &offset) < 0)
         return NULL;
-    const char *p = (const char *)view.buf;
-    size_t left = (size_t)view.len;
-    off_t at = (off_t)offset;
-    int failed_errno = 0;
+    int failed_errno;
     Py_BEGIN_ALLOW_THREADS
-    while (left > 0) {
-        ssize_t n = pwrite(fd, p, left, at);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            failed_errno = errno;
-            break;
-        }
-        if (n == 0) {  /* no progress and no error: never loop on it */
-            failed_errno = EIO;
-            break;
-        }
-        p += n;
-        left -= (size_t)n;
-        at += n;
-    }
-    if (failed_errno == 0) {
-        while (fdatasync(fd) < 0) {
-            if (errno != EINTR) {
-                failed_errno = errno;
-                break;
-            }
-        }
-    }
+    failed_errno = write_all_and_sync(fd, (const char *)view.buf, (size_t)view.len, offset);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
     if (failed_errno != 0) {
@@ -538,6 +547,243 @@ static PyObject *write_synced(PyObject *self, PyObject *const *args, Py_ssize_t 
     }
     Py_RETURN_NONE;
 }
+
+/* ------------------------------------------------------------------ SyncWorker
+ *
+ * One write + fdatasync at a time on a thread of its own that never takes the GIL: the
+ * caller's buffer is held (PyObject_GetBuffer) from submit to collect, so the thread only
+ * reads plain memory. Completion is signalled on an eventfd the owner polls with its
+ * sockets, so the owner keeps working (receiving, encoding the next group) while the disk
+ * syncs, and no thread waits for the GIL to report it. */
+
+typedef struct {
+    PyObject_HEAD
+    pthread_mutex_t mutex;
+    pthread_cond_t cond;  /* a job was posted, the job finished, or stop was asked */
+    pthread_t thread;
+    int thread_started;
+    int efd;              /* eventfd: readable once a job finished; -1 once closed */
+    /* the job, guarded by mutex */
+    int outstanding;      /* submitted and not yet collected (the buffer is held) */
+    int posted;           /* submitted and not yet taken by the thread */
+    int finished;         /* the thread is done with it */
+    int stopping;
+    int fd;
+    off_t offset;
+    int error;            /* errno of the job, 0 when it succeeded */
+    Py_buffer view;
+} SyncWorker;
+
+static void *sync_worker_main(void *arg) {
+    SyncWorker *w = (SyncWorker *)arg;
+    pthread_mutex_lock(&w->mutex);
+    for (;;) {
+        while (!w->posted && !w->stopping)
+            pthread_cond_wait(&w->cond, &w->mutex);
+        if (!w->posted)
+            break;  /* stopping with nothing to do */
+        w->posted = 0;
+        int fd = w->fd;
+        const char *p = (const char *)w->view.buf;
+        size_t len = (size_t)w->view.len;
+        off_t offset = w->offset;
+        pthread_mutex_unlock(&w->mutex);
+        int error = write_all_and_sync(fd, p, len, offset);
+        pthread_mutex_lock(&w->mutex);
+        w->error = error;
+        w->finished = 1;
+        pthread_cond_broadcast(&w->cond);
+        /* Under the mutex: close() cannot close the eventfd in between. */
+        uint64_t one = 1;
+        ssize_t n;
+        do {
+            n = write(w->efd, &one, sizeof one);
+        } while (n < 0 && errno == EINTR);
+    }
+    pthread_mutex_unlock(&w->mutex);
+    return NULL;
+}
+
+static PyObject *sync_worker_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    if (PyTuple_GET_SIZE(args) != 0 || (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "SyncWorker() takes no arguments");
+        return NULL;
+    }
+    SyncWorker *w = (SyncWorker *)type->tp_alloc(type, 0);
+    if (w == NULL)
+        return NULL;
+    w->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (w->efd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(w);
+        return NULL;
+    }
+    pthread_mutex_init(&w->mutex, NULL);
+    pthread_cond_init(&w->cond, NULL);
+    return (PyObject *)w;
+}
+
+/* Wait (GIL released) until the outstanding job finished; the caller holds no mutex. */
+static void sync_worker_wait(SyncWorker *w) {
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&w->mutex);
+    while (!w->finished)
+        pthread_cond_wait(&w->cond, &w->mutex);
+    pthread_mutex_unlock(&w->mutex);
+    Py_END_ALLOW_THREADS
+}
+
+PyDoc_STRVAR(sync_worker_submit_doc,
+"submit(fd, data, offset) -> None\n\n"
+"Start writing all of data at offset of fd and fdatasync it on the worker's thread.\n"
+"data is held until collect(). RuntimeError if the previous job was not collected.");
+
+static PyObject *sync_worker_submit(SyncWorker *w, PyObject *const *args, Py_ssize_t nargs) {
+    if (w->efd < 0) {
+        PyErr_SetString(PyExc_ValueError, "the SyncWorker is closed");
+        return NULL;
+    }
+    if (w->outstanding) {
+        PyErr_SetString(PyExc_RuntimeError, "a write is outstanding: collect() it first");
+        return NULL;
+    }
+    int fd;
+    off_t offset;
+    Py_buffer view;
+    if (write_args("submit", args, nargs, &fd, &view, &offset) < 0)
+        return NULL;
+    if (!w->thread_started) {
+        int rc = pthread_create(&w->thread, NULL, sync_worker_main, w);
+        if (rc != 0) {
+            PyBuffer_Release(&view);
+            errno = rc;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        w->thread_started = 1;
+    }
+    pthread_mutex_lock(&w->mutex);
+    w->view = view;
+    w->fd = fd;
+    w->offset = offset;
+    w->error = 0;
+    w->finished = 0;
+    w->posted = 1;
+    w->outstanding = 1;
+    pthread_cond_broadcast(&w->cond);
+    pthread_mutex_unlock(&w->mutex);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(sync_worker_done_doc,
+"done() -> bool\n\nTrue when the outstanding write finished (collect() will not wait).");
+
+static PyObject *sync_worker_done(SyncWorker *w, PyObject *unused) {
+    (void)unused;
+    pthread_mutex_lock(&w->mutex);
+    int done = w->outstanding && w->finished;
+    pthread_mutex_unlock(&w->mutex);
+    return PyBool_FromLong(done);
+}
+
+PyDoc_STRVAR(sync_worker_collect_doc,
+"collect() -> None\n\n"
+"Wait for the outstanding write (if it has not finished), release its data and reset the\n"
+"eventfd; OSError as os.pwrite/os.fdatasync when it failed. RuntimeError if none.");
+
+static PyObject *sync_worker_collect(SyncWorker *w, PyObject *unused) {
+    (void)unused;
+    if (!w->outstanding) {
+        PyErr_SetString(PyExc_RuntimeError, "no write is outstanding");
+        return NULL;
+    }
+    sync_worker_wait(w);
+    uint64_t count;
+    ssize_t n;
+    do {
+        n = read(w->efd, &count, sizeof count);  /* non-blocking: resets the counter */
+    } while (n < 0 && errno == EINTR);
+    int error = w->error;  /* finished: the thread no longer writes it */
+    w->outstanding = 0;
+    PyBuffer_Release(&w->view);
+    if (error != 0) {
+        errno = error;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(sync_worker_fileno_doc,
+"fileno() -> int\n\nThe eventfd that is readable once the outstanding write finished.");
+
+static PyObject *sync_worker_fileno(SyncWorker *w, PyObject *unused) {
+    (void)unused;
+    if (w->efd < 0) {
+        PyErr_SetString(PyExc_ValueError, "the SyncWorker is closed");
+        return NULL;
+    }
+    return PyLong_FromLong(w->efd);
+}
+
+/* Finish the outstanding job (its result is dropped), stop the thread, close the eventfd. */
+static void sync_worker_shutdown(SyncWorker *w) {
+    if (w->outstanding) {
+        sync_worker_wait(w);
+        w->outstanding = 0;
+        PyBuffer_Release(&w->view);
+    }
+    if (w->thread_started) {
+        pthread_mutex_lock(&w->mutex);
+        w->stopping = 1;
+        pthread_cond_broadcast(&w->cond);
+        pthread_mutex_unlock(&w->mutex);
+        Py_BEGIN_ALLOW_THREADS
+        pthread_join(w->thread, NULL);
+        Py_END_ALLOW_THREADS
+        w->thread_started = 0;
+    }
+    if (w->efd >= 0) {
+        close(w->efd);
+        w->efd = -1;
+    }
+}
+
+PyDoc_STRVAR(sync_worker_close_doc,
+"close() -> None\n\n"
+"Wait for an outstanding write (its result is dropped), stop the thread. Idempotent.");
+
+static PyObject *sync_worker_close(SyncWorker *w, PyObject *unused) {
+    (void)unused;
+    sync_worker_shutdown(w);
+    Py_RETURN_NONE;
+}
+
+static void sync_worker_dealloc(SyncWorker *w) {
+    sync_worker_shutdown(w);
+    pthread_cond_destroy(&w->cond);
+    pthread_mutex_destroy(&w->mutex);
+    Py_TYPE(w)->tp_free((PyObject *)w);
+}
+
+static PyMethodDef sync_worker_methods[] = {
+    {"submit", (PyCFunction)(void (*)(void))sync_worker_submit, METH_FASTCALL,
+     sync_worker_submit_doc},
+    {"done", (PyCFunction)sync_worker_done, METH_NOARGS, sync_worker_done_doc},
+    {"collect", (PyCFunction)sync_worker_collect, METH_NOARGS, sync_worker_collect_doc},
+    {"fileno", (PyCFunction)sync_worker_fileno, METH_NOARGS, sync_worker_fileno_doc},
+    {"close", (PyCFunction)sync_worker_close, METH_NOARGS, sync_worker_close_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject SyncWorkerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "iotpipe.queue._framing.SyncWorker",
+    .tp_basicsize = sizeof(SyncWorker),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One pwrite + fdatasync at a time on a thread that never takes the GIL.",
+    .tp_new = sync_worker_new,
+    .tp_dealloc = (destructor)sync_worker_dealloc,
+    .tp_methods = sync_worker_methods,
+};
 
 /* signal_eventfd(fd): add 1 to an eventfd's counter WITHOUT releasing the GIL. A
  * non-blocking eventfd write never waits; os.eventfd_write releases the GIL around it, and
@@ -600,9 +846,17 @@ PyMODINIT_FUNC PyInit__framing(void) {
 #endif
     if (append_name == NULL && (append_name = PyUnicode_InternFromString("append")) == NULL)
         return NULL;
+    if (PyType_Ready(&SyncWorkerType) < 0)
+        return NULL;
     PyObject *module = PyModule_Create(&module_def);
     if (module == NULL)
         return NULL;
+    Py_INCREF(&SyncWorkerType);
+    if (PyModule_AddObject(module, "SyncWorker", (PyObject *)&SyncWorkerType) < 0) {
+        Py_DECREF(&SyncWorkerType);
+        Py_DECREF(module);
+        return NULL;
+    }
     if (PyModule_AddStringConstant(module, "CRC32C_IMPLEMENTATION", implementation) < 0) {
         Py_DECREF(module);
         return NULL;

@@ -86,6 +86,7 @@ class PersistentQueue:
     def close(self) -> None:
         """Finish in-flight appends, then release files and the directory lock. Idempotent."""
         state = self._state
+        self._writer.close_worker()
         with self._cursors.lock, state.cond:
             if state.closed:
                 return
@@ -158,6 +159,45 @@ class PersistentQueue:
         exception it raised (QueueFull at once if it does not fit, TypeError, ValueError...).
         """
         return self._writer.append_batches(batches)
+
+    # ------------------------------------------------------------------ pipelined appends
+
+    def append_nowait(self, payloads: Sequence[bytes]) -> range:
+        """Place ``payloads`` with consecutive seqs and return their range at once.
+
+        ``start_write`` writes every placed batch as one group; they are durable (and
+        readable) once ``poll_durable()`` returns at least the range's last seq. For one
+        thread that owns the queue's appends (it must not also call ``append``). Raises
+        like ``append``: QueueFull at once, ValueError, TypeError, QueueError once the
+        queue failed.
+        """
+        return self._writer.append_nowait(payloads)
+
+    def start_write(self, *, background: bool) -> bool:
+        """Write and sync every placed batch as one group, unless a write is in flight;
+        False when there was nothing to start.
+
+        ``background=False`` returns once they are durable (the lowest latency when the
+        caller has nothing else to do). ``background=True`` returns at once: a thread that
+        never takes the GIL writes and syncs while the caller works (say, prepares the next
+        group), and ``durable_fileno`` polls readable when it ended.
+        """
+        return self._writer.start_write(background)
+
+    @property
+    def writing(self) -> bool:
+        """A background write is in flight."""
+        return self._writer.writing
+
+    def poll_durable(self, *, wait: bool = False) -> int:
+        """Settle the background write if it ended (``wait``: wait for it); return the
+        durable seq. Raises QueueError if the write failed (the queue is then unusable)."""
+        return self._writer.poll_durable(wait)
+
+    def durable_fileno(self) -> int:
+        """A descriptor that polls readable when a background write ended: then call
+        ``poll_durable``."""
+        return self._writer.durable_fileno()
 
     # ------------------------------------------------------------------ read side
 

@@ -13,14 +13,17 @@ import fcntl
 import os
 from typing import Any, Protocol
 
-__all__ = ["OS_FILE_IO", "FileIO", "OsFileIO", "signal_eventfd"]
+__all__ = ["OS_FILE_IO", "FileIO", "InlineSyncWorker", "OsFileIO", "SyncWorker",
+           "signal_eventfd", "sync_worker_for"]
 
 try:
+    from ._framing import SyncWorker as _CSyncWorker
     from ._framing import signal_eventfd as _signal_eventfd
     from ._framing import write_synced as _write_synced
 except ImportError:  # not built: os.pwrite + os.fdatasync, os.eventfd_write; same effect
     _write_synced = None
     _signal_eventfd = None
+    _CSyncWorker = None
 
 
 def signal_eventfd(fd: int) -> None:
@@ -58,6 +61,85 @@ class FileIO(Protocol):
     def free_bytes(self, path: str) -> int: ...
     def lock(self, path: str) -> Any: ...
     def unlock(self, handle: Any) -> None: ...
+
+
+class SyncWorker(Protocol):
+    """One ``write_synced`` at a time, finished in the background; its end is pollable.
+
+    ``submit`` starts it (the data is held until ``collect``); ``fileno`` is readable once it
+    finished; ``done`` says so without waiting; ``collect`` waits if needed and raises the
+    write's OSError. One outstanding write at a time: submitting another before collecting
+    raises RuntimeError.
+    """
+
+    def submit(self, handle: Any, data: bytes, offset: int) -> None: ...
+    def fileno(self) -> int: ...
+    def done(self) -> bool: ...
+    def collect(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class InlineSyncWorker:
+    """A ``SyncWorker`` that writes through ``io.write_synced`` within ``submit``.
+
+    For file layers that are not the plain OS one (the power-cut simulation, benchmarks
+    that skip the sync): every byte still goes through their ``write_synced``.
+    """
+
+    def __init__(self, io: FileIO) -> None:
+        self._io = io
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._outstanding = False
+        self._error: OSError | None = None
+
+    def submit(self, handle: Any, data: bytes, offset: int) -> None:
+        if self._efd < 0:
+            raise ValueError("the SyncWorker is closed")
+        if self._outstanding:
+            raise RuntimeError("a write is outstanding: collect() it first")
+        self._outstanding = True
+        try:
+            self._io.write_synced(handle, data, offset)
+        except OSError as exc:
+            self._error = exc
+        signal_eventfd(self._efd)
+
+    def fileno(self) -> int:
+        if self._efd < 0:
+            raise ValueError("the SyncWorker is closed")
+        return self._efd
+
+    def done(self) -> bool:
+        return self._outstanding
+
+    def collect(self) -> None:
+        if not self._outstanding:
+            raise RuntimeError("no write is outstanding")
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._efd)
+        self._outstanding = False
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        if self._efd >= 0:
+            os.close(self._efd)
+            self._efd = -1
+        self._outstanding = False
+
+
+def sync_worker_for(io: FileIO) -> SyncWorker:
+    """The C worker thread (no GIL) for real files, else an ``InlineSyncWorker``.
+
+    Only a file layer whose ``write_synced`` is the OS one may bypass it: a subclass that
+    overrides it (a simulation, a recording) gets every write through its own method.
+    """
+    if _CSyncWorker is not None and getattr(type(io), "write_synced", None) is \
+            OsFileIO.write_synced:
+        worker: SyncWorker = _CSyncWorker()
+        return worker
+    return InlineSyncWorker(io)
 
 
 class OsFileIO:

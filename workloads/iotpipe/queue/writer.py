@@ -3,15 +3,24 @@
 ``place`` assigns seqs and a segment position under the state's ``cond`` and queues the
 encoded chunk; ``commit`` makes one appender the leader, which writes every queued chunk
 outside the lock (one write + one persist per segment) while the others wait for it.
+
+A single-threaded owner (the middle tier's loop) may instead drive the group itself:
+``append_nowait`` places a batch; ``start_write`` writes every placed batch as one group,
+either on the calling thread or in the background on a ``SyncWorker`` thread that never
+takes the GIL, while the owner prepares the next group; ``poll_durable`` settles a
+background write that ended. Both paths place, frame and account for a group the same way;
+they must not be mixed on one queue.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 
 from .errors import QueueError, QueueFull
+from .fileio import SyncWorker, sync_worker_for
 from .framing import SEGMENT_HEADER_BYTES, clear_first_flag, encode_records, framed_size
 from .segments import Segment, SegmentState
 
@@ -49,6 +58,29 @@ class _Chunk:
         self.last_seq = last_seq
 
 
+def _joined(chunks: list[_Chunk]) -> bytes:
+    """Chunks bound for consecutive positions of one segment, as the bytes of one write."""
+    if len(chunks) == 1:
+        return chunks[0].data
+    # Only the first record after a sync point may carry FIRST_IN_WRITE.
+    return b"".join([chunks[0].data] + [clear_first_flag(chunk.data) for chunk in chunks[1:]])
+
+
+def _zero_ahead(segment: Segment, data: bytes, offset: int) -> bytes:
+    """``data``, plus the zeros the fdatasync backend writes ahead of it when due."""
+    end = offset + len(data)
+    if end > segment.zeroed_until and end < segment.size:
+        # A write into preallocated (unwritten) extents makes its fdatasync also commit
+        # the extent conversion to the journal. Writing zeros ahead of the records
+        # converts ZERO_AHEAD_BYTES at once, so most syncs find their extents written.
+        # The space past the tail is zeros already (fresh, or zeroed by recovery), so
+        # no content changes.
+        until = min(segment.size, end + ZERO_AHEAD_BYTES)
+        data = data + _ZEROS[:until - end]
+        segment.zeroed_until = until
+    return data
+
+
 class Writer:
     """The append side of one queue. ``reclaim`` (called with ``cond`` held) frees space."""
 
@@ -60,6 +92,11 @@ class Writer:
         self._listeners: list[Callable[[int], None]] = []
         self._disk_reserve = 1 << 20  # keep this much free for the ledger and the system
         self._disk_full_logged = False
+        # The pipelined path: the group in flight (on the worker, or written inline for the
+        # rare shapes, with its outcome); None when no write is in flight.
+        self._worker: SyncWorker | None = None
+        self._inflight: list[_Chunk] | None = None
+        self._inline_outcome: BaseException | bool | None = False  # False: on the worker
 
     def idle(self) -> bool:
         """No group is being written and none waits (or none ever will: the queue failed)."""
@@ -81,6 +118,7 @@ class Writer:
         state = self._state
         with state.cond:
             state.check_usable()
+            self._check_not_pipelined()
             if not count:
                 return range(state.next_seq, state.next_seq)
             while True:
@@ -112,6 +150,7 @@ class Writer:
         state = self._state
         with state.cond:
             state.check_usable()
+            self._check_not_pipelined()
             for index, result in enumerate(results):
                 if isinstance(result, range):
                     results[index] = range(state.next_seq, state.next_seq)
@@ -148,6 +187,11 @@ class Writer:
                     for index in placed:
                         results[index] = exc
         return results
+
+    def _check_not_pipelined(self) -> None:
+        if self._inflight is not None:
+            raise RuntimeError("a blocking append while append_nowait's write is in flight: "
+                               "a queue takes one kind of append")
 
     def _full_error(self, payloads: Sequence[bytes]) -> QueueFull:
         size = sum(framed_size(len(payload)) for payload in payloads)
@@ -260,24 +304,29 @@ class Writer:
             finally:
                 cond.acquire()
                 self._flushing = False
-            if failure is not None:
-                state.failed = failure
-                cond.notify_all()
-                raise QueueError(f"queue {state.path}: write failed ({failure!r}); "
-                                 "the batch is not durable, reopen the queue") from failure
-            rolled = False
-            for chunk in chunks:
-                segment = chunk.segment
-                segment.add_index(chunk.first_seq, chunk.offset)
-                segment.end = chunk.offset + len(chunk.data)
-                segment.last_seq = chunk.last_seq
-                rolled = rolled or chunk.offset == SEGMENT_HEADER_BYTES
-            state.durable_seq = chunks[-1].last_seq
-            if rolled:
-                self._reclaim()
-            cond.notify_all()
-            for listener in self._listeners:
-                listener(state.durable_seq)
+            self._settle(chunks, failure)
+
+    def _settle(self, chunks: list[_Chunk], failure: BaseException | None) -> None:
+        """A written group's outcome (``cond`` held): durable and readable, or the queue fails."""
+        state = self._state
+        if failure is not None:
+            state.failed = failure
+            state.cond.notify_all()
+            raise QueueError(f"queue {state.path}: write failed ({failure!r}); "
+                             "the batch is not durable, reopen the queue") from failure
+        rolled = False
+        for chunk in chunks:
+            segment = chunk.segment
+            segment.add_index(chunk.first_seq, chunk.offset)
+            segment.end = chunk.offset + len(chunk.data)
+            segment.last_seq = chunk.last_seq
+            rolled = rolled or chunk.offset == SEGMENT_HEADER_BYTES
+        state.durable_seq = chunks[-1].last_seq
+        if rolled:
+            self._reclaim()
+        state.cond.notify_all()
+        for listener in self._listeners:
+            listener(state.durable_seq)
 
     def _write_group(self, chunks: list[_Chunk]) -> None:
         """Write and persist one group, one write per segment; runs outside the lock.
@@ -295,11 +344,7 @@ class Writer:
             if not segment.created:
                 assert segment.previous is not None
                 self._state.create_file(segment, written_end or segment.previous.end)
-            if stop - index == 1:
-                data = chunks[index].data
-            else:  # only the first record after a sync point may carry FIRST_IN_WRITE
-                data = b"".join([chunks[index].data] +
-                                [clear_first_flag(chunk.data) for chunk in chunks[index + 1:stop]])
+            data = _joined(chunks[index:stop])
             self.write_durably(segment, data, chunks[index].offset)
             written_end = chunks[index].offset + len(data)
             index = stop
@@ -310,15 +355,99 @@ class Writer:
             # pmem backend: pmem_memcpy_persist copies and persists in one call.
             segment.mapping.write_persist(data, offset)
             return
-        end = offset + len(data)
-        if end > segment.zeroed_until and end < segment.size:
-            # A write into preallocated (unwritten) extents makes its fdatasync also commit
-            # the extent conversion to the journal. Writing zeros ahead of the records
-            # converts ZERO_AHEAD_BYTES at once, so most syncs find their extents written.
-            # The space past the tail is zeros already (fresh, or zeroed by recovery), so
-            # no content changes.
-            until = min(segment.size, end + ZERO_AHEAD_BYTES)
-            data = data + _ZEROS[:until - end]
-            segment.zeroed_until = until
         # One call: the real file layer writes and syncs in one release of the GIL.
-        self._state.io.write_synced(segment.handle, data, offset)
+        self._state.io.write_synced(segment.handle, _zero_ahead(segment, data, offset), offset)
+
+    # ------------------------------------------------------------------ pipelined appends
+
+    def append_nowait(self, payloads: Sequence[bytes]) -> range:
+        """``PersistentQueue.append_nowait``."""
+        count = _batch_length(payloads)
+        state = self._state
+        with state.cond:
+            state.check_usable()
+            if self._flushing and self._inflight is None:
+                raise RuntimeError("append_nowait while a blocking append is committing: "
+                                   "a queue takes one kind of append")
+            first = state.next_seq
+            if count and not self._place(payloads):
+                raise self._full_error(payloads)
+            return range(first, state.next_seq)
+
+    @property
+    def writing(self) -> bool:
+        """A background write is in flight (``poll_durable`` settles it once it ended)."""
+        return self._inflight is not None
+
+    def durable_fileno(self) -> int:
+        """A descriptor that is readable once the write in flight finished."""
+        return self._sync_worker().fileno()
+
+    def poll_durable(self, wait: bool = False) -> int:
+        """``PersistentQueue.poll_durable``."""
+        state = self._state
+        chunks = self._inflight
+        if chunks is not None:
+            outcome = self._inline_outcome
+            if outcome is False:  # on the worker
+                worker = self._sync_worker()
+                if not wait and not worker.done():
+                    with state.cond:
+                        return state.durable_seq
+                try:
+                    worker.collect()
+                    outcome = None
+                except BaseException as exc:
+                    outcome = exc
+            with state.cond:
+                self._inflight = None
+                self._flushing = False
+                self._settle(chunks, outcome if isinstance(outcome, BaseException) else None)
+        with state.cond:
+            return state.durable_seq
+
+    def close_worker(self) -> None:
+        """Finish the write in flight and write what was placed after it (their outcome
+        settles the queue), stop the worker."""
+        with contextlib.suppress(QueueError):
+            if self._inflight is not None:
+                self.poll_durable(wait=True)
+            if self._pending and not self._flushing:  # placed by append_nowait, unwritten
+                self.start_write(background=False)
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+    def _sync_worker(self) -> SyncWorker:
+        if self._worker is None:
+            self._worker = sync_worker_for(self._state.io)
+        return self._worker
+
+    def start_write(self, background: bool) -> bool:
+        """``PersistentQueue.start_write``."""
+        state = self._state
+        with state.cond:
+            state.check_usable()
+            if self._inflight is not None or not self._pending:
+                return False
+            chunks, self._pending = self._pending, []
+            self._inflight = chunks
+            self._flushing = True
+        segment = chunks[0].segment
+        try:
+            if (background and segment.created and segment.mapping is None
+                    and all(chunk.segment is segment for chunk in chunks)):
+                offset = chunks[0].offset
+                data = _zero_ahead(segment, _joined(chunks), offset)
+                self._sync_worker().submit(segment.handle, data, offset)
+                self._inline_outcome = False
+                return True
+            # Here: asked to, or a shape the worker does not take (a new segment is created
+            # and synced in order; pmem persists with a memcpy).
+            self._write_group(chunks)
+            self._inline_outcome = None
+        except BaseException as exc:  # the group failed: settled below or by poll_durable
+            self._inline_outcome = exc
+        if not background:
+            self.poll_durable()
+        return True

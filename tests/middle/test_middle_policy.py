@@ -123,6 +123,92 @@ def test_a_group_of_duplicates_is_acked_without_an_append() -> None:
     assert intake.counters.duplicates == 5
 
 
+class PlacingLog:
+    """A log with ``room`` records whose placed records become durable only when told."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.placed: list[tuple[str, int]] = []  # (node, node seq) per log seq - 1
+        self.durable = 0
+
+    def place(self, plan: IntakePlan) -> int | str:
+        if len(plan.records) > self.room:
+            return "log full"
+        self.room -= len(plan.records)
+        self.placed += [wire.decode_log_record(r)[:2] for r in plan.records]
+        return len(self.placed)
+
+    def stored(self) -> list[tuple[str, int]]:
+        return self.placed[:self.durable]
+
+
+def test_acks_wait_for_the_write_that_makes_their_records_durable() -> None:
+    intake, log = Intake(NodeMarks()), PlacingLog(room=100)
+    assert intake.take([(b"a", batch("n1", 1, 3)), (b"b", batch("n2", 1, 2))], log.place,
+                       retry_ms=10) == []
+    assert intake.held == 1
+    assert intake.durable(4) == []  # the group's last record (5) is not durable yet
+    assert intake.marks.high_water("n1") == 0  # marks are adopted with durability only
+    assert answers(intake.durable(5)) == [(b"a", "ack", 3), (b"b", "ack", 2)]
+    assert intake.marks.high_water("n1") == 3 and intake.held == 0
+
+
+def test_a_resend_while_its_first_copy_is_in_flight_is_stored_once_and_waits_for_it() -> None:
+    intake, log = Intake(NodeMarks()), PlacingLog(room=100)
+    intake.take([(b"a", batch("n1", 1, 3))], log.place, retry_ms=10)
+    # The same batch again (ingest timed out and resent) and a new one behind it.
+    intake.take([(b"a", batch("n1", 1, 3)), (b"a", batch("n1", 4, 2))], log.place,
+                retry_ms=10)
+    assert log.placed == [("n1", 1), ("n1", 2), ("n1", 3), ("n1", 4), ("n1", 5)]
+    assert answers(intake.durable(3)) == [(b"a", "ack", 3)]  # only the first group
+    assert answers(intake.durable(5)) == [(b"a", "ack", 3), (b"a", "ack", 5)]
+    assert intake.counters.duplicates == 3
+
+
+def test_a_refusal_is_answered_at_once_while_placed_batches_wait() -> None:
+    intake, log = Intake(NodeMarks()), PlacingLog(room=4)
+    replies = intake.take([(b"a", batch("n1", 1, 3)), (b"b", batch("n2", 1, 3))], log.place,
+                          retry_ms=10)
+    assert answers(replies) == [(b"b", "busy", 1)]  # the first fit alone, the second not
+    assert answers(intake.durable(3)) == [(b"a", "ack", 3)]
+
+
+@given(st.lists(st.tuples(st.lists(st.tuples(st.sampled_from(["n1", "n2"]),
+                                             st.integers(1, 30), st.integers(1, 6)),
+                                   min_size=1, max_size=5),
+                          st.integers(0, 12)), min_size=1, max_size=8),
+       st.integers(0, 60))
+def test_pipelined_intake_stores_each_seq_once_and_acks_only_durable_records(
+        rounds: list[tuple[list[tuple[str, int, int]], int]], room: int) -> None:
+    intake, log = Intake(NodeMarks()), PlacingLog(room=room)
+    sent = 0
+    answered: list[tuple[wire.Batch, str]] = []
+    batches: dict[bytes, wire.Batch] = {}
+
+    def note(replies: list[Reply]) -> None:
+        for (peer, kind, _) in answers(replies):
+            answered.append((batches[peer], kind))
+            if kind == "ack":
+                b = batches[peer]
+                durable = set(log.stored())
+                assert all((b.node, s) in durable for s in range(b.first, b.last + 1))
+
+    for sends, advance in rounds:
+        arrivals = []
+        for node, first, n in sends:
+            peer = str(sent).encode()  # one peer per batch, to match answers to batches
+            sent += 1
+            batches[peer] = batch(node, first, n)
+            arrivals.append((peer, batches[peer]))
+        note(intake.take(arrivals, log.place, retry_ms=10))
+        log.durable = min(len(log.placed), log.durable + advance)
+        note(intake.durable(log.durable))
+    log.durable = len(log.placed)
+    note(intake.durable(log.durable))
+    assert len(log.placed) == len(set(log.placed))  # no node seq stored twice
+    assert len(answered) == sent and intake.held == 0  # every batch answered once
+
+
 @given(st.lists(st.tuples(st.sampled_from(["n1", "n2"]), st.integers(1, 30),
                           st.integers(1, 6)), min_size=1, max_size=12),
        st.integers(0, 40))

@@ -187,8 +187,14 @@ def test_batches_acked_and_resends_stored_once(middle_factory) -> None:  # type:
     assert 'iotpipe_queue_depth_records{queue="log",tier="middle"} 18.0' in middle.metrics()
 
 
-def test_group_commit_of_pipelined_batches(middle_factory) -> None:  # type: ignore[no-untyped-def]
-    middle: Middle = middle_factory()
+# Rounds of at most 32 readings: a round that stops at the limit with more waiting, or a
+# group of 8 or more, is written in the background, so acks wait for the worker thread.
+BACKGROUND_WRITES = ("--max-group-records", "32")
+
+
+@pytest.mark.parametrize("extra", [(), BACKGROUND_WRITES], ids=["inline", "background"])
+def test_group_commit_of_pipelined_batches(middle_factory, extra: tuple[str, ...]) -> None:  # type: ignore[no-untyped-def]
+    middle: Middle = middle_factory(*extra)
     ingest = middle.dealer(middle.router_port)
     for first in range(1, 2001, 10):  # a window of 200 batches in flight
         ingest.send_multipart(wire.encode_batch(
@@ -383,12 +389,14 @@ def test_malformed_frames_are_counted_and_harmless(middle_factory) -> None:  # t
 
 @pytest.mark.crash
 @pytest.mark.timeout(90)
-def test_random_sigkills_lose_nothing_acked_and_store_each_seq_once(middle_factory) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("extra", [(), BACKGROUND_WRITES], ids=["inline", "background"])
+def test_random_sigkills_lose_nothing_acked_and_store_each_seq_once(  # type: ignore[no-untyped-def]
+        middle_factory, extra: tuple[str, ...]) -> None:
     """An ingest-like forwarder (window, resend all unacked on timeout) against a middle
     that is SIGKILLed and restarted at random moments: every seq ends up in the log
     exactly once, because the dedup marks are rebuilt after every crash."""
     rng = random.Random(20261126)
-    middle: Middle = middle_factory()
+    middle: Middle = middle_factory(*extra)
     ingest = middle.dealer(middle.router_port)
     total, size, window, resend_after = 3000, 10, 6, 1.0
     next_first = 1

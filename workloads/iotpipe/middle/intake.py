@@ -1,12 +1,20 @@
 """Intake: the batches that arrived together become one group-commit plan (sans-I/O).
 
-A plan holds the log records to append and, per batch, which readings are new; once the
-shell's append returned, the plan becomes ``ack`` replies, or ``busy`` replies when it could
+A plan holds the log records to append and, per batch, which readings are new; once its
+records are durable, the plan becomes ``ack`` replies, or ``busy`` replies when it could
 not be stored.
+
+Two ways to drive it. ``commit`` takes an ``append`` that returns once the records are
+durable. ``take`` + ``durable`` pipeline: ``take`` has each plan placed in the log (not yet
+durable) and answers only refusals; ``durable(seq)`` answers, in order, every plan whose
+records are durable up to ``seq``. Meanwhile later plans are made against the marks of the
+plans still in flight, so a batch resent while its first copy is being written is not
+stored twice, and its ack waits for that write too.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -56,14 +64,25 @@ class IntakeCounters:
 
 # Makes a plan's records durable: None once they are, else why not (then nothing is stored).
 Append = Callable[[IntakePlan], str | None]
+# Places a plan's records in the log: the log seq that must be durable before the plan's
+# batches are acknowledged (the last seq placed so far, also for a plan without records),
+# else why not (then nothing is placed).
+Place = Callable[[IntakePlan], int | str]
 
 
 class Intake:
     """Plans a group commit for batches that arrived together and answers them."""
 
     def __init__(self, marks: NodeMarks) -> None:
-        self.marks = marks
+        self.marks = marks  # what is durable in the log
         self.counters = IntakeCounters()
+        self._held: deque[tuple[int, IntakePlan]] = deque()  # placed, awaiting durability
+        self._placed_marks: dict[str, IntervalSet] = {}  # per node, with the held plans'
+
+    @property
+    def held(self) -> int:
+        """Plans placed in the log whose batches are not answered yet."""
+        return len(self._held)
 
     def plan(self, arrivals: Sequence[tuple[bytes, wire.Batch]]) -> IntakePlan:
         """The records to append for ``arrivals`` (in order); marks change only on commit."""
@@ -73,7 +92,10 @@ class Intake:
             node, first, last = batch.node, batch.first, batch.last
             marks = plan.provisional.get(node)
             if marks is None:
-                marks = plan.provisional[node] = self.marks.get(node).copy()
+                base = self._placed_marks.get(node)
+                if base is None:
+                    base = self.marks.get(node)
+                marks = plan.provisional[node] = base.copy()
             high = marks.highest()
             if first > high:
                 # The common case (first == high + 1): all new. The committed marks are a
@@ -130,6 +152,43 @@ class Intake:
                 return replies + self.refused(self.plan(arrivals[i:]), retry_ms, refusal)
             replies += self.committed(single)
         return replies
+
+    def take(self, arrivals: Sequence[tuple[bytes, wire.Batch]], place: Place,
+             retry_ms: int) -> list[Reply]:
+        """Place ``arrivals`` through ``place``; the refusals now, the acks from ``durable``.
+
+        As ``commit``: when the whole group does not fit, batches are placed one at a time
+        in arrival order and everything from the first that does not fit is refused.
+        """
+        plan = self.plan(arrivals)
+        outcome = place(plan)
+        if not isinstance(outcome, str):
+            self._hold(plan, outcome)
+            return []
+        if len(arrivals) == 1:
+            return self.refused(plan, retry_ms, outcome)
+        for i, arrival in enumerate(arrivals):
+            single = self.plan([arrival])
+            outcome = place(single)
+            if isinstance(outcome, str):
+                return self.refused(self.plan(arrivals[i:]), retry_ms, outcome)
+            self._hold(single, outcome)
+        return []
+
+    def durable(self, seq: int) -> list[Reply]:
+        """The log is durable up to ``seq``: adopt the marks of every held plan it covers
+        and acknowledge their batches, in the order they were placed."""
+        replies: list[Reply] = []
+        held = self._held
+        while held and held[0][0] <= seq:
+            replies += self.committed(held.popleft()[1])
+        if not held:
+            self._placed_marks.clear()  # all adopted: self.marks is the latest again
+        return replies
+
+    def _hold(self, plan: IntakePlan, needs: int) -> None:
+        self._held.append((needs, plan))
+        self._placed_marks.update(plan.provisional)
 
     def refused(self, plan: IntakePlan, retry_ms: int, reason: str) -> list[Reply]:
         """Nothing of the plan was stored: ``busy`` for every batch that needed storing.

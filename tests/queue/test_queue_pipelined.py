@@ -183,6 +183,19 @@ def test_groups_survive_reopen_across_segments(tmp_path: Path) -> None:
         queue.close()
 
 
+def test_a_group_that_starts_a_segment_is_settled_before_start_write_returns(
+        tmp_path: Path) -> None:
+    """No descriptor signals a write made on the caller's thread: it must not look busy."""
+    queue = PersistentQueue.open(tmp_path / "q", **OPEN_ARGS)
+    try:
+        queue.append_nowait(payloads("a", 70, size=1000))  # more than one 64 KiB segment
+        assert queue.start_write(background=True)
+        assert not queue.writing
+        assert queue.poll_durable() == 70
+    finally:
+        queue.close()
+
+
 def test_a_full_log_refuses_at_once_and_places_nothing(tmp_path: Path) -> None:
     queue = PersistentQueue.open(tmp_path / "q", capacity_bytes=256 << 10,
                                  segment_bytes=64 << 10, consumers=["c"])

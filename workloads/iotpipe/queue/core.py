@@ -180,7 +180,9 @@ class PersistentQueue:
         ``background=False`` returns once they are durable (the lowest latency when the
         caller has nothing else to do). ``background=True`` returns at once: a thread that
         never takes the GIL writes and syncs while the caller works (say, prepares the next
-        group), and ``durable_fileno`` polls readable when it ended.
+        group), and ``durable_fileno`` polls readable when it ended. A group that starts a
+        new segment is written before returning either way (``writing`` is then False).
+        Raises QueueError when a write made here failed.
         """
         return self._writer.start_write(background)
 

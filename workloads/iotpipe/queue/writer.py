@@ -434,6 +434,7 @@ class Writer:
             self._inflight = chunks
             self._flushing = True
         segment = chunks[0].segment
+        self._inline_outcome = None
         try:
             if (background and segment.created and segment.mapping is None
                     and all(chunk.segment is segment for chunk in chunks)):
@@ -445,9 +446,8 @@ class Writer:
             # Here: asked to, or a shape the worker does not take (a new segment is created
             # and synced in order; pmem persists with a memcpy).
             self._write_group(chunks)
-            self._inline_outcome = None
-        except BaseException as exc:  # the group failed: settled below or by poll_durable
+        except BaseException as exc:  # the group failed
             self._inline_outcome = exc
-        if not background:
-            self.poll_durable()
+        # Written here (or failed): settled now, as no descriptor will signal it.
+        self.poll_durable()
         return True

@@ -36,9 +36,9 @@ def test_sync_worker_writes_syncs_then_signals(tmp_path: Path) -> None:
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         big = os.urandom(3 << 20)  # more than one pwrite may take
-        worker.submit(fd, big, 10)
+        worker.submit(fd, [big], 10)
         with pytest.raises(RuntimeError, match="outstanding"):
-            worker.submit(fd, b"x", 0)  # one write at a time
+            worker.submit(fd, [b"x"], 0)  # one write at a time
         wait_readable(worker.fileno())
         assert worker.done()
         worker.collect()
@@ -48,7 +48,7 @@ def test_sync_worker_writes_syncs_then_signals(tmp_path: Path) -> None:
             worker.collect()
         # The eventfd was reset by collect: it polls readable again only after the next.
         assert select.select([worker.fileno()], [], [], 0)[0] == []
-        worker.submit(fd, bytearray(b"again"), 0)
+        worker.submit(fd, [bytearray(b"ag"), memoryview(b"--ain")[2:]], 0)
         worker.collect()  # waits when it has not finished
         assert os.pread(fd, 5, 0) == b"again"
     finally:
@@ -56,7 +56,24 @@ def test_sync_worker_writes_syncs_then_signals(tmp_path: Path) -> None:
         os.close(fd)
     worker.close()  # idempotent
     with pytest.raises(ValueError, match="closed"):
-        worker.submit(0, b"x", 0)
+        worker.submit(0, [b"x"], 0)
+
+
+def test_sync_worker_writes_many_parts_in_order(tmp_path: Path) -> None:
+    """More parts than one pwritev takes (IOV_MAX), of every size, empty ones included."""
+    worker = c_module("iotpipe.queue._framing").SyncWorker()
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        parts = [os.urandom(i % 97) for i in range(3000)] + [os.urandom(1 << 20)]
+        worker.submit(fd, tuple(parts), 4096)
+        worker.collect()
+        expected = b"".join(parts)
+        assert os.pread(fd, len(expected) + 1, 4096) == expected
+    finally:
+        worker.close()
+        os.close(fd)
+    with pytest.raises(TypeError, match="list or tuple"):
+        c_module("iotpipe.queue._framing").SyncWorker().submit(0, b"bytes", 0)
 
 
 def test_sync_worker_reports_the_failure_at_collect() -> None:
@@ -66,14 +83,14 @@ def test_sync_worker_reports_the_failure_at_collect() -> None:
     os.close(read_end)
     os.close(write_end)
     try:
-        worker.submit(write_end, b"x", 0)  # a closed descriptor
+        worker.submit(write_end, [b"x"], 0)  # a closed descriptor
         with pytest.raises(OSError) as caught:
             worker.collect()
         assert caught.value.errno == errno.EBADF
         with pytest.raises(ValueError, match="offset"):
-            worker.submit(0, b"x", -1)
+            worker.submit(0, [b"x"], -1)
         with pytest.raises(TypeError):
-            worker.submit(0, "text", 0)
+            worker.submit(0, ["text"], 0)
         assert not worker.done()  # a refused submit leaves nothing outstanding
     finally:
         worker.close()
@@ -84,7 +101,7 @@ def test_sync_worker_close_waits_for_a_write_in_flight(tmp_path: Path) -> None:
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         data = os.urandom(8 << 20)
-        worker.submit(fd, data, 0)
+        worker.submit(fd, [data], 0)
         worker.close()
         assert os.pread(fd, len(data), 0) == data
     finally:
@@ -106,7 +123,7 @@ def test_the_real_file_layer_gets_the_c_worker_and_any_other_writes_through_itse
     inline = fileio.sync_worker_for(Recording())
     try:
         assert isinstance(inline, fileio.InlineSyncWorker)
-        inline.submit(7, b"abc", 3)
+        inline.submit(7, [b"ab", memoryview(b"c")], 3)
         wait_readable(inline.fileno())
         assert inline.done()
         inline.collect()
@@ -154,6 +171,26 @@ def test_batches_placed_during_a_background_write_form_the_next_group(tmp_path: 
             payloads("a", 3) + payloads("b", 2) + payloads("c", 2))
     finally:
         queue.close()
+
+
+def test_a_background_group_is_the_same_bytes_on_disk_as_an_inline_one(tmp_path: Path
+                                                                        ) -> None:
+    """Several placed batches written as parts (their first records' FIRST_IN_WRITE flags
+    cleared, the zeros ahead appended) equal the joined write of the blocking path."""
+    files = []
+    for background in (False, True):
+        path = tmp_path / f"q-{background}"
+        queue = PersistentQueue.open(path, **OPEN_ARGS)
+        try:
+            for tag in "abcd":
+                queue.append_nowait(payloads(tag, 7, size=300))
+            queue.start_write(background=background)
+            assert queue.poll_durable(wait=True) == 28
+        finally:
+            queue.close()
+        (segment,) = path.glob("*.seg")
+        files.append(segment.read_bytes())
+    assert files[0] == files[1]
 
 
 def test_groups_survive_reopen_across_segments(tmp_path: Path) -> None:

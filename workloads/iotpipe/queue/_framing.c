@@ -17,6 +17,7 @@
 #include <string.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -476,11 +477,16 @@ static int fd_of(PyObject *obj) {
     return (int)v;
 }
 
-/* pwrite all of [p, p+left) at `at`, then fdatasync: 0, or the errno of the failure. Runs
- * without the GIL (it touches no Python object). */
-static int write_all_and_sync(int fd, const char *p, size_t left, off_t at) {
-    while (left > 0) {
-        ssize_t n = pwrite(fd, p, left, at);
+/* pwritev all of iov[0..count) at `at` (iov is consumed), then fdatasync: 0, or the errno
+ * of the failure. Runs without the GIL (it touches no Python object). */
+static int write_all_and_sync(int fd, struct iovec *iov, int count, off_t at) {
+    while (count > 0) {
+        if (iov->iov_len == 0) {
+            iov++;
+            count--;
+            continue;
+        }
+        ssize_t n = pwritev(fd, iov, count > IOV_MAX ? IOV_MAX : count, at);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -488,9 +494,16 @@ static int write_all_and_sync(int fd, const char *p, size_t left, off_t at) {
         }
         if (n == 0)  /* no progress and no error: never loop on it */
             return EIO;
-        p += n;
-        left -= (size_t)n;
         at += n;
+        while (count > 0 && (size_t)n >= iov->iov_len) {
+            n -= (ssize_t)iov->iov_len;
+            iov++;
+            count--;
+        }
+        if (count > 0) {
+            iov->iov_base = (char *)iov->iov_base + n;
+            iov->iov_len -= (size_t)n;
+        }
     }
     while (fdatasync(fd) < 0) {
         if (errno != EINTR)
@@ -499,10 +512,10 @@ static int write_all_and_sync(int fd, const char *p, size_t left, off_t at) {
     return 0;
 }
 
-/* Checked (fd, data, offset) arguments of `name`; 0 (the caller releases *view), or -1
- * with an exception set. */
+/* Checked fd and offset of (fd, data, offset) arguments of `name`; 0, or -1 with an
+ * exception set. */
 static int write_args(const char *name, PyObject *const *args, Py_ssize_t nargs, int *fd,
-                      Py_buffer *view, off_t *offset) {
+                      off_t *offset) {
     if (nargs != 3) {
         PyErr_Format(PyExc_TypeError, "%s(fd, data, offset) takes 3 arguments", name);
         return -1;
@@ -518,7 +531,7 @@ static int write_args(const char *name, PyObject *const *args, Py_ssize_t nargs,
         return -1;
     }
     *offset = (off_t)at;
-    return PyObject_GetBuffer(args[1], view, PyBUF_SIMPLE);
+    return 0;
 }
 
 /* write_synced(fd, data, offset): pwrite all of data at offset, then fdatasync, in ONE
@@ -534,11 +547,13 @@ static PyObject *write_synced(PyObject *self, PyObject *const *args, Py_ssize_t 
     int fd;
     off_t offset;
     Py_buffer view;
-    if (write_args("write_synced", args, nargs, &fd, &view, &offset) < 0)
+    if (write_args("write_synced", args, nargs, &fd, &offset) < 0
+            || PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
         return NULL;
     int failed_errno;
+    struct iovec one = {view.buf, (size_t)view.len};
     Py_BEGIN_ALLOW_THREADS
-    failed_errno = write_all_and_sync(fd, (const char *)view.buf, (size_t)view.len, offset);
+    failed_errno = write_all_and_sync(fd, &one, 1, offset);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
     if (failed_errno != 0) {
@@ -571,8 +586,21 @@ typedef struct {
     int fd;
     off_t offset;
     int error;            /* errno of the job, 0 when it succeeded */
-    Py_buffer view;
+    Py_ssize_t count;     /* the job's parts: held buffers and their iovecs */
+    Py_buffer *views;
+    struct iovec *iov;
 } SyncWorker;
+
+/* Release the job's buffers (with the GIL; the thread no longer reads them). */
+static void sync_worker_release(SyncWorker *w) {
+    for (Py_ssize_t i = 0; i < w->count; i++)
+        PyBuffer_Release(&w->views[i]);
+    PyMem_Free(w->views);
+    PyMem_Free(w->iov);
+    w->views = NULL;
+    w->iov = NULL;
+    w->count = 0;
+}
 
 static void *sync_worker_main(void *arg) {
     SyncWorker *w = (SyncWorker *)arg;
@@ -584,11 +612,11 @@ static void *sync_worker_main(void *arg) {
             break;  /* stopping with nothing to do */
         w->posted = 0;
         int fd = w->fd;
-        const char *p = (const char *)w->view.buf;
-        size_t len = (size_t)w->view.len;
+        struct iovec *iov = w->iov;
+        int count = (int)w->count;
         off_t offset = w->offset;
         pthread_mutex_unlock(&w->mutex);
-        int error = write_all_and_sync(fd, p, len, offset);
+        int error = write_all_and_sync(fd, iov, count, offset);
         pthread_mutex_lock(&w->mutex);
         w->error = error;
         w->finished = 1;
@@ -634,9 +662,10 @@ static void sync_worker_wait(SyncWorker *w) {
 }
 
 PyDoc_STRVAR(sync_worker_submit_doc,
-"submit(fd, data, offset) -> None\n\n"
-"Start writing all of data at offset of fd and fdatasync it on the worker's thread.\n"
-"data is held until collect(). RuntimeError if the previous job was not collected.");
+"submit(fd, parts, offset) -> None\n\n"
+"Start writing the bytes-like parts (a list or tuple, one after the other, in one pwritev)\n"
+"at offset of fd and fdatasync it on the worker's thread. The parts are held until\n"
+"collect(). RuntimeError if the previous job was not collected.");
 
 static PyObject *sync_worker_submit(SyncWorker *w, PyObject *const *args, Py_ssize_t nargs) {
     if (w->efd < 0) {
@@ -649,20 +678,44 @@ static PyObject *sync_worker_submit(SyncWorker *w, PyObject *const *args, Py_ssi
     }
     int fd;
     off_t offset;
-    Py_buffer view;
-    if (write_args("submit", args, nargs, &fd, &view, &offset) < 0)
+    if (write_args("submit", args, nargs, &fd, &offset) < 0)
         return NULL;
+    if (!PyList_Check(args[1]) && !PyTuple_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "submit() takes its parts as a list or tuple");
+        return NULL;
+    }
+    PyObject *parts = args[1];
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(parts);
+    if (count > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "too many parts");
+        return NULL;
+    }
     if (!w->thread_started) {
         int rc = pthread_create(&w->thread, NULL, sync_worker_main, w);
         if (rc != 0) {
-            PyBuffer_Release(&view);
             errno = rc;
             return PyErr_SetFromErrno(PyExc_OSError);
         }
         w->thread_started = 1;
     }
+    w->views = PyMem_Calloc(count ? (size_t)count : 1, sizeof(Py_buffer));
+    w->iov = PyMem_Calloc(count ? (size_t)count : 1, sizeof(struct iovec));
+    if (w->views == NULL || w->iov == NULL) {
+        sync_worker_release(w);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        /* A list item may go away once we give up the GIL: the held buffer keeps it. */
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(parts, i), &w->views[i],
+                               PyBUF_SIMPLE) < 0) {
+            sync_worker_release(w);
+            return NULL;
+        }
+        w->count = i + 1;
+        w->iov[i].iov_base = w->views[i].buf;
+        w->iov[i].iov_len = (size_t)w->views[i].len;
+    }
     pthread_mutex_lock(&w->mutex);
-    w->view = view;
     w->fd = fd;
     w->offset = offset;
     w->error = 0;
@@ -704,7 +757,7 @@ static PyObject *sync_worker_collect(SyncWorker *w, PyObject *unused) {
     } while (n < 0 && errno == EINTR);
     int error = w->error;  /* finished: the thread no longer writes it */
     w->outstanding = 0;
-    PyBuffer_Release(&w->view);
+    sync_worker_release(w);
     if (error != 0) {
         errno = error;
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -729,7 +782,7 @@ static void sync_worker_shutdown(SyncWorker *w) {
     if (w->outstanding) {
         sync_worker_wait(w);
         w->outstanding = 0;
-        PyBuffer_Release(&w->view);
+        sync_worker_release(w);
     }
     if (w->thread_started) {
         pthread_mutex_lock(&w->mutex);

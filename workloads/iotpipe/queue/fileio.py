@@ -66,13 +66,14 @@ class FileIO(Protocol):
 class SyncWorker(Protocol):
     """One ``write_synced`` at a time, finished in the background; its end is pollable.
 
-    ``submit`` starts it (the data is held until ``collect``); ``fileno`` is readable once it
+    ``submit`` starts writing ``parts`` one after the other (held until ``collect``);
+    ``fileno`` is readable once it
     finished; ``done`` says so without waiting; ``collect`` waits if needed and raises the
     write's OSError. One outstanding write at a time: submitting another before collecting
     raises RuntimeError.
     """
 
-    def submit(self, handle: Any, data: bytes, offset: int) -> None: ...
+    def submit(self, handle: Any, parts: list[bytes | memoryview], offset: int) -> None: ...
     def fileno(self) -> int: ...
     def done(self) -> bool: ...
     def collect(self) -> None: ...
@@ -92,11 +93,12 @@ class InlineSyncWorker:
         self._outstanding = False
         self._error: OSError | None = None
 
-    def submit(self, handle: Any, data: bytes, offset: int) -> None:
+    def submit(self, handle: Any, parts: list[bytes | memoryview], offset: int) -> None:
         if self._efd < 0:
             raise ValueError("the SyncWorker is closed")
         if self._outstanding:
             raise RuntimeError("a write is outstanding: collect() it first")
+        data = b"".join(parts)
         self._outstanding = True
         try:
             self._io.write_synced(handle, data, offset)

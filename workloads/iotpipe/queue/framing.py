@@ -215,10 +215,16 @@ def clear_first_flag(chunk: bytes) -> bytes:
     Used when several appenders' chunks are merged into one write: only the first record
     after a sync point may carry the flag.
     """
+    return first_header_unflagged(chunk) + chunk[RECORD_HEADER_BYTES:]
+
+
+def first_header_unflagged(chunk: bytes) -> bytes:
+    """The 16-byte header of ``chunk``'s first record without FIRST_IN_WRITE (CRC
+    recomputed): followed by ``chunk[16:]`` it is ``clear_first_flag(chunk)``."""
     _crc, length_flags, seq = _unpack_header(chunk, 0)
     length = length_flags & LENGTH_MASK
     length_seq = _pack_length_seq(length, seq)
-    return _pack_crc(crc32c(length_seq + chunk[16:length])) + length_seq + chunk[16:]
+    return _pack_crc(crc32c(length_seq + chunk[RECORD_HEADER_BYTES:length])) + length_seq
 
 
 def find_later_write(buf: bytes, offset: int, end: int, after_seq: int) -> int | None:

@@ -21,7 +21,14 @@ from collections.abc import Callable, Sequence
 
 from .errors import QueueError, QueueFull
 from .fileio import SyncWorker, sync_worker_for
-from .framing import SEGMENT_HEADER_BYTES, clear_first_flag, encode_records, framed_size
+from .framing import (
+    RECORD_HEADER_BYTES,
+    SEGMENT_HEADER_BYTES,
+    clear_first_flag,
+    encode_records,
+    first_header_unflagged,
+    framed_size,
+)
 from .segments import Segment, SegmentState
 
 __all__ = ["ZERO_AHEAD_BYTES", "Writer"]
@@ -66,9 +73,8 @@ def _joined(chunks: list[_Chunk]) -> bytes:
     return b"".join([chunks[0].data] + [clear_first_flag(chunk.data) for chunk in chunks[1:]])
 
 
-def _zero_ahead(segment: Segment, data: bytes, offset: int) -> bytes:
-    """``data``, plus the zeros the fdatasync backend writes ahead of it when due."""
-    end = offset + len(data)
+def _zeros_ahead(segment: Segment, end: int) -> int:
+    """How many zeros the fdatasync backend writes after a write that ends at ``end``."""
     if end > segment.zeroed_until and end < segment.size:
         # A write into preallocated (unwritten) extents makes its fdatasync also commit
         # the extent conversion to the journal. Writing zeros ahead of the records
@@ -76,9 +82,28 @@ def _zero_ahead(segment: Segment, data: bytes, offset: int) -> bytes:
         # The space past the tail is zeros already (fresh, or zeroed by recovery), so
         # no content changes.
         until = min(segment.size, end + ZERO_AHEAD_BYTES)
-        data = data + _ZEROS[:until - end]
         segment.zeroed_until = until
-    return data
+        return until - end
+    return 0
+
+
+def _zero_ahead(segment: Segment, data: bytes, offset: int) -> bytes:
+    """``data``, plus the zeros the fdatasync backend writes ahead of it when due."""
+    zeros = _zeros_ahead(segment, offset + len(data))
+    return data + _ZEROS[:zeros] if zeros else data
+
+
+def _parts(chunks: list[_Chunk], segment: Segment) -> list[bytes | memoryview]:
+    """``_joined(chunks)`` plus its zeros ahead, as parts of one vectored write: no copy."""
+    parts: list[bytes | memoryview] = [chunks[0].data]
+    for chunk in chunks[1:]:
+        parts += (first_header_unflagged(chunk.data),
+                  memoryview(chunk.data)[RECORD_HEADER_BYTES:])
+    end = chunks[-1].offset + len(chunks[-1].data)
+    zeros = _zeros_ahead(segment, end)
+    if zeros:
+        parts.append(memoryview(_ZEROS)[:zeros])
+    return parts
 
 
 class Writer:
@@ -438,9 +463,8 @@ class Writer:
         try:
             if (background and segment.created and segment.mapping is None
                     and all(chunk.segment is segment for chunk in chunks)):
-                offset = chunks[0].offset
-                data = _zero_ahead(segment, _joined(chunks), offset)
-                self._sync_worker().submit(segment.handle, data, offset)
+                self._sync_worker().submit(segment.handle, _parts(chunks, segment),
+                                           chunks[0].offset)
                 self._inline_outcome = False
                 return True
             # Here: asked to, or a shape the worker does not take (a new segment is created

@@ -15,6 +15,7 @@ about twenty short container runs).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -31,6 +32,8 @@ from pathlib import Path
 import pytest
 from support.ports import free_port, free_port_block
 from support.waiting import wait_for, wait_ready
+
+from iotpipe import lifecycle
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(1500)]
 
@@ -109,7 +112,10 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
         ["dockerd", "--iptables=false", "--ip6tables=false", "--bridge=none",
          "--data-root", str(root / "data"), "--exec-root", str(root / "exec"),
          "--pidfile", str(root / "docker.pid"), "--host", f"unix://{socket}"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        # A SIGKILLed pytest runs no teardown: SIGTERM makes dockerd stop its containerd
+        # and unmount rather than outlive the run.
+        preexec_fn=functools.partial(lifecycle.die_with_parent, signal.SIGTERM))
     client = Docker(f"unix://{socket}")
     try:
         deadline = time.monotonic() + 60

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from iotpipe import lifecycle
+
 __all__ = ["ChildSpec", "RestartPolicy", "Supervisor", "describe_exit", "log_tail", "say"]
 
 
@@ -65,13 +67,7 @@ def _die_with_parent() -> None:
     Without this a SIGKILLed ``iotpipe up`` would leave its tiers running in their own
     sessions, holding the ports and queue locks of the next start.
     """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: children outlive a killed supervisor, as with any shell job
+    lifecycle.die_with_parent(signal.SIGTERM)
 
 
 def log_tail(path: Path, lines: int = 3) -> str:

@@ -40,8 +40,6 @@ PROCESS_INDEX_ENV = "IOTPIPE_INGEST_PROCESS_INDEX"
 PARENT_PID_ENV = "IOTPIPE_INGEST_PARENT_PID"
 REPORT_FD_ENV = "IOTPIPE_INGEST_REPORT_FD"
 
-PR_SET_PDEATHSIG = 1
-
 
 def die_with_parent(parent_pid: int) -> None:
     """Linux: have the kernel SIGKILL this process when its parent dies.
@@ -54,8 +52,7 @@ def die_with_parent(parent_pid: int) -> None:
     """
     if not sys.platform.startswith("linux"):
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+    if not lifecycle.die_with_parent(signal.SIGKILL):
         log.warning("prctl(PR_SET_PDEATHSIG) failed", extra={"fields": {
             "errno": ctypes.get_errno()}})
     if os.getppid() != parent_pid:

@@ -197,6 +197,7 @@ class MiddleServer:
         self._placed: deque[tuple[int, list[bytes], list[bytes]]] = deque()
         self._placed_records = 0
         self._receiving = True  # the ROUTER is polled (not while too much awaits the disk)
+        self._placed_limit = 2 * settings.max_group_records
         self._more_waiting = False  # the last round left batches in the ROUTER
         self.published = 0
         self.unpublishable = 0
@@ -330,9 +331,10 @@ class MiddleServer:
         if arrivals:
             self._send_replies(self.intake.take(arrivals, self._place,
                                                 self.settings.busy_retry_ms))
-        # Enough awaits the disk: leave the rest in ZeroMQ's queues (and ingest's windows)
-        # until the write in flight ends, so memory stays bounded by about two groups.
-        receiving = self._placed_records < self.settings.max_group_records
+        # While one full group is being written the next may be received and placed; past
+        # that, leave the rest in ZeroMQ's queues (and ingest's windows) until the write
+        # ends, so memory stays bounded by about three groups.
+        receiving = self._placed_records < self._placed_limit
         if receiving != self._receiving:
             self._receiving = receiving
             self.poller.modify(self.router, zmq.POLLIN if receiving else 0)
@@ -381,7 +383,7 @@ class MiddleServer:
             self._placed_records -= len(records)
             self.recent.extend(first_seq, records)
             self._publish(first_seq, readings)
-        if not self._receiving and self._placed_records < self.settings.max_group_records:
+        if not self._receiving and self._placed_records < self._placed_limit:
             self._receiving = True
             self.poller.modify(self.router, zmq.POLLIN)
 

@@ -67,10 +67,9 @@ class SyncWorker(Protocol):
     """One ``write_synced`` at a time, finished in the background; its end is pollable.
 
     ``submit`` starts writing ``parts`` one after the other (held until ``collect``);
-    ``fileno`` is readable once it
-    finished; ``done`` says so without waiting; ``collect`` waits if needed and raises the
-    write's OSError. One outstanding write at a time: submitting another before collecting
-    raises RuntimeError.
+    ``fileno`` is readable once it finished; ``done`` says so without waiting; ``collect``
+    waits if needed and raises the write's OSError. One outstanding write at a time:
+    submitting another before collecting raises RuntimeError.
     """
 
     def submit(self, handle: Any, parts: list[bytes | memoryview], offset: int) -> None: ...

@@ -361,8 +361,8 @@ class MiddleServer:
         durable = self.queue.poll_durable()
         # In the background when more is waiting or the group is large (its sync is long
         # enough, and the work on the group before it plentiful enough, to be worth the
-        # hand-off): at 16k-record groups 13-18 % more records/s; for small groups on an
-        # idle loop the hand-off's wake-up only added latency.
+        # hand-off): at batch 512 15-27 % more records/s; for small groups on an idle loop
+        # the hand-off's wake-ups only added latency (docs/benchmarks.md).
         background = (self._more_waiting
                       or self._placed_records >= self.settings.max_group_records // 4)
         if not self.queue.writing and self.queue.start_write(background=background):
@@ -378,7 +378,7 @@ class MiddleServer:
         # Acks first: live events are best effort, and publishing a large group costs
         # about a microsecond per record that ingest's window would otherwise wait on.
         placed = self._placed
-        while placed and placed[0][0] <= durable:
+        while placed and placed[0][0] + len(placed[0][1]) - 1 <= durable:  # its last seq
             first_seq, records, readings = placed.popleft()
             self._placed_records -= len(records)
             self.recent.extend(first_seq, records)

@@ -1,14 +1,32 @@
-"""Child processes that are killed, with their whole process group, at teardown."""
+"""Child processes that are killed, with their whole process group, at teardown.
+
+A SIGKILLed pytest runs no teardown; children started from its main thread also get
+SIGKILL from the kernel then (``lifecycle.die_with_parent``). Not those started from other
+threads: the signal follows the thread that forked, and a helper thread's end would kill a
+child the test still uses.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from iotpipe import lifecycle
+
+
+def die_with_pytest() -> Callable[[], object] | None:
+    """A ``preexec_fn`` that SIGKILLs the child when pytest dies, where that is safe."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return functools.partial(lifecycle.die_with_parent, signal.SIGKILL)
 
 
 class ProcessGroup:
@@ -22,6 +40,7 @@ class ProcessGroup:
               **kwargs: object) -> subprocess.Popen[bytes]:
         log = open(self._log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         full_env = {**os.environ, **(env or {})}
+        kwargs.setdefault("preexec_fn", die_with_pytest())
         proc = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, env=full_env,
             start_new_session=True, **kwargs,  # type: ignore[arg-type]
@@ -55,6 +74,7 @@ def run_bounded(args: list[str], *, timeout: float, check: bool = False,
     killed before ``TimeoutExpired`` is raised, so no server outlives the test."""
     if capture_output:
         popen.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    popen.setdefault("preexec_fn", die_with_pytest())
     proc = subprocess.Popen(args, start_new_session=True, **popen)
     try:
         out, err = proc.communicate(timeout=timeout)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
 
 __all__ = ["RecentRecords"]
 
@@ -14,46 +13,48 @@ class RecentRecords:
     A consumer that keeps up reads what was just appended; serving it from here saves a
     read and a re-parse of the log file. Older ranges come from the log itself.
 
-    Sizes are kept per appended group, not per record (a running total per record cost an
-    int object and a list slot for every record of every group): over budget, whole groups
-    are dropped, oldest first, down to half the budget, never the newest. So the memory
-    held is at most ``max_bytes`` plus the newest group.
+    Records are kept as the appended groups (the caller's lists, which it must not change
+    afterwards). Over budget, the oldest groups are dropped, never the newest, so the
+    memory held is at most ``max_bytes`` plus the newest group. Dropping a group at a time
+    frees a group's records at a time: a flat list trimmed to half its budget in one go
+    freed some 100,000 records at once, a stall of about 7 ms on the loop every 32 MiB.
     """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._base = 0  # seq of self._records[0]
-        self._records: list[bytes] = []
-        self._groups: deque[tuple[int, int]] = deque()  # (records, bytes) per extend
-        self._bytes = 0  # bytes of self._records
+        self._groups: deque[tuple[int, list[bytes], int]] = deque()  # (first seq, records, bytes)
+        self._bytes = 0
+        self._end = 0  # the seq after the newest record held
 
-    def extend(self, first_seq: int, records: Sequence[bytes]) -> None:
-        if first_seq != self._base + len(self._records):  # not contiguous: start over
-            self._base, self._records, self._bytes = first_seq, [], 0
+    def extend(self, first_seq: int, records: list[bytes]) -> None:
+        if first_seq != self._end:  # not contiguous: start over
             self._groups.clear()
+            self._bytes = 0
+        self._end = first_seq + len(records)
         if not records:
             return
         size = sum(map(len, records))
-        self._records.extend(records)
-        self._groups.append((len(records), size))
+        groups = self._groups
+        groups.append((first_seq, records, size))
         self._bytes += size
-        if self._bytes > self.max_bytes:
-            # Drop the oldest groups down to half the budget, so trimming is amortised.
-            groups, target, drop = self._groups, self.max_bytes // 2, 0
-            while len(groups) > 1 and self._bytes > target:
-                count, size = groups.popleft()
-                drop += count
-                self._bytes -= size
-            if drop:
-                del self._records[:drop]
-                self._base += drop
+        while self._bytes > self.max_bytes and len(groups) > 1:
+            self._bytes -= groups.popleft()[2]
 
     def get(self, first: int, max_records: int, max_bytes: int) -> list[bytes] | None:
         """Records from ``first`` on (at least one), or None when ``first`` is not held."""
-        start = first - self._base
-        if start < 0 or start >= len(self._records):
+        groups = self._groups
+        if not groups or first < groups[0][0] or first >= self._end:
             return None
-        records = self._records[start:start + max_records]
+        # Consumers read near the newest records: search from that end.
+        index = len(groups) - 1
+        while groups[index][0] > first:
+            index -= 1
+        group_first, held, _ = groups[index]
+        records = held[first - group_first:first - group_first + max_records]
+        index += 1
+        while len(records) < max_records and index < len(groups):
+            records += groups[index][1][:max_records - len(records)]
+            index += 1
         if len(records) > 1 and sum(map(len, records)) > max_bytes:
             total, count = 0, 0
             for record in records:

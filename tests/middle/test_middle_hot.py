@@ -28,6 +28,7 @@ def test_c_module_is_built_and_used() -> None:
     c = _c_module()
     assert hot.BUILT
     assert hot.log_records is c.log_records and hot.live_frames is c.live_frames
+    assert hot.pack_bins is c.pack_bins and hot.total_bytes is c.total_bytes
     assert hot.decode_batch is hot._decode_batch_c
 
 
@@ -85,6 +86,39 @@ def test_errors_are_the_pythons_kinds() -> None:
     assert c.log_records("n", 5, []) == [] and c.live_frames(b"p", 5, []) == []
     assert msgpack.unpackb(c.log_records("nödé", 2**40, [b"\x00"])[0]) == ["nödé", 2**40,
                                                                            b"\x00"]
+
+
+# Array lengths around msgpack's fixarray/array16/array32 boundaries.
+ITEM_LISTS = st.one_of(BLOBS, st.integers(0, 70_000).map(lambda n: [b"i" * (n % 7)] * n),
+                       st.sampled_from([[b""] * 15, [b""] * 16, [b"a"] * 65_535,
+                                        [b"a"] * 65_536]))
+
+
+@given(ITEM_LISTS)
+def test_pack_bins_and_total_bytes_match_msgpack(items: list[bytes]) -> None:
+    c = _c_module()
+    expected = msgpack.packb(items, use_bin_type=True)
+    assert c.pack_bins(items) == expected == hot._pack_bins_py(items)
+    assert c.total_bytes(items) == sum(map(len, items)) == hot._total_bytes_py(items)
+    # what the middle sends with them decodes as the contract says
+    group = wire.decode_live_group(wire.encode_live_group("m", 7, items, c.pack_bins)) \
+        if items else None
+    assert group is None or group.readings == items
+    records = wire.decode_records(wire.encode_records("g", "m", 3, items, 2, c.pack_bins))
+    assert records.records == items and records.first == 3
+
+
+def test_pack_bins_refuses_what_is_not_a_list_of_bytes() -> None:
+    c = _c_module()
+    for bad in ([b"a", "b"], [b"a", bytearray(b"b")], [None]):
+        with pytest.raises(TypeError, match="items must be bytes"):
+            c.pack_bins(bad)
+        with pytest.raises(TypeError, match="items must be bytes"):
+            c.total_bytes(bad)
+    with pytest.raises(TypeError, match="takes a list"):
+        c.pack_bins((b"a",))
+    with pytest.raises(TypeError, match="takes a list"):
+        c.total_bytes(b"ab")
 
 
 # -- decoding a v2 batch -------------------------------------------------------------------

@@ -81,6 +81,90 @@ static PyObject *log_records(PyObject *self, PyObject *args) {
     return out;
 }
 
+/* Every item of a list of bytes, checked; its total length through *total. */
+static int bytes_total(PyObject *items, size_t *total) {
+    size_t sum = 0;
+    Py_ssize_t n = PyList_GET_SIZE(items);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(items, i);
+        if (!PyBytes_CheckExact(item)) {
+            PyErr_Format(PyExc_TypeError, "items must be bytes, got %.100s",
+                         Py_TYPE(item)->tp_name);
+            return -1;
+        }
+        sum += (size_t)PyBytes_GET_SIZE(item);
+    }
+    *total = sum;
+    return 0;
+}
+
+/* pack_bins(items: list[bytes]) -> bytes
+ * msgpack of the list as an array of bins, as msgpack-python's Packer(use_bin_type=True)
+ * packs it: the body of a v2 live group and of a v2 feed delivery. */
+static PyObject *pack_bins(PyObject *self, PyObject *items) {
+    (void)self;
+    if (!PyList_CheckExact(items)) {
+        PyErr_Format(PyExc_TypeError, "pack_bins() takes a list, got %.100s",
+                     Py_TYPE(items)->tp_name);
+        return NULL;
+    }
+    size_t payload;
+    if (bytes_total(items, &payload) < 0)
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(items);
+    if ((uint64_t)n > 0xFFFFFFFFu) {
+        PyErr_SetString(PyExc_ValueError, "too many items for a msgpack array");
+        return NULL;
+    }
+    /* at most 5 header bytes for the array and for each bin */
+    size_t bound = 5 + 5 * (size_t)n + payload;
+    if (bound > (size_t)PY_SSIZE_T_MAX)
+        return PyErr_NoMemory();
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)bound);
+    if (out == NULL)
+        return NULL;
+    unsigned char *start = (unsigned char *)PyBytes_AS_STRING(out), *p = start;
+    if (n < 16) {
+        *p++ = (unsigned char)(0x90 | n);
+    } else if (n < 65536) {
+        *p++ = 0xdc;
+        *p++ = (unsigned char)(n >> 8);
+        *p++ = (unsigned char)n;
+    } else {
+        *p++ = 0xdd;
+        for (int i = 0; i < 4; i++)
+            *p++ = (unsigned char)((uint64_t)n >> (24 - 8 * i));
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(items, i);
+        Py_ssize_t len = PyBytes_GET_SIZE(item);
+        if ((uint64_t)len > 0xFFFFFFFFu) {
+            Py_DECREF(out);
+            PyErr_SetString(PyExc_ValueError, "an item is too long for a msgpack bin");
+            return NULL;
+        }
+        p += put_raw_header(p, (size_t)len, 1);
+        p = put_bytes(p, PyBytes_AS_STRING(item), len);
+    }
+    if (_PyBytes_Resize(&out, p - start) < 0)
+        return NULL;
+    return out;
+}
+
+/* total_bytes(items: list[bytes]) -> int: the sum of their lengths. */
+static PyObject *total_bytes(PyObject *self, PyObject *items) {
+    (void)self;
+    if (!PyList_CheckExact(items)) {
+        PyErr_Format(PyExc_TypeError, "total_bytes() takes a list, got %.100s",
+                     Py_TYPE(items)->tp_name);
+        return NULL;
+    }
+    size_t total;
+    if (bytes_total(items, &total) < 0)
+        return NULL;
+    return PyLong_FromSize_t(total);
+}
+
 /* The device id of a reading (msgpack array of 5 starting with a str), as in
  * wire.reading_topic; NULL without an exception when the bytes do not start like one. */
 static PyObject *topic_of(const unsigned char *r, Py_ssize_t len) {
@@ -348,6 +432,9 @@ static PyMethodDef methods[] = {
      "log_records(node, first, readings) -> list of msgpack [node, seq, reading]"},
     {"live_frames", live_frames, METH_VARARGS,
      "live_frames(prefix, first, readings) -> list of (topic, meta, reading)"},
+    {"pack_bins", pack_bins, METH_O,
+     "pack_bins(items) -> msgpack array of bins, as msgpack.packb(items, use_bin_type=True)"},
+    {"total_bytes", total_bytes, METH_O, "total_bytes(items) -> sum of len(item)"},
     {"decode_batch_v2", (PyCFunction)(void (*)(void))decode_batch_v2, METH_FASTCALL,
      "decode_batch_v2(header, body) -> (node, first, readings), or None: use Python's"},
     {NULL, NULL, 0, NULL},

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Literal
 
 from iotpipe import wire
+from iotpipe.middle import hot
 
 __all__ = ["LiveFormat", "group_messages", "pub_sndhwm"]
 
@@ -29,7 +30,7 @@ def group_messages(middle_id: str, first: int, readings: list[bytes],
                    group_records: int) -> list[list[bytes]]:
     """The v2 messages of a group appended at log seqs ``first ..``, in seq order."""
     if len(readings) <= group_records:  # the common case: no slicing copies
-        return [wire.encode_live_group(middle_id, first, readings)]
+        return [wire.encode_live_group(middle_id, first, readings, hot.pack_bins)]
     return [wire.encode_live_group(middle_id, first + start,
-                                   readings[start:start + group_records])
+                                   readings[start:start + group_records], hot.pack_bins)
             for start in range(0, len(readings), group_records)]

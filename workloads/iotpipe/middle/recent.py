@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import deque
 
+from iotpipe.middle import hot
+
 __all__ = ["RecentRecords"]
 
 
@@ -33,7 +35,7 @@ class RecentRecords:
         self._end = first_seq + len(records)
         if not records:
             return
-        size = sum(map(len, records))
+        size = hot.total_bytes(records)
         groups = self._groups
         groups.append((first_seq, records, size))
         self._bytes += size
@@ -55,7 +57,7 @@ class RecentRecords:
         while len(records) < max_records and index < len(groups):
             records += groups[index][1][:max_records - len(records)]
             index += 1
-        if len(records) > 1 and sum(map(len, records)) > max_bytes:
+        if len(records) > 1 and hot.total_bytes(records) > max_bytes:
             total, count = 0, 0
             for record in records:
                 total += len(record)

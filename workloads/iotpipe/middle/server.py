@@ -465,7 +465,7 @@ class MiddleServer:
             if len(payloads) > lease.count:
                 payloads = payloads[:lease.count]
             frames = wire.encode_records(lease.group, self.middle_id, lease.first, payloads,
-                                         self.feed.records_version(lease))
+                                         self.feed.records_version(lease), hot.pack_bins)
             try:
                 # The peer frame fails fast (unknown peer, full queue); once it is accepted
                 # the rest of the multipart message is too.

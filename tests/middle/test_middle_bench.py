@@ -26,6 +26,11 @@ def test_bench_middle_json_shape(tmp_path) -> None:  # type: ignore[no-untyped-d
         assert row["bare_records_per_s"] > 0 and row["ratio"] > 0
         assert row["ack_p99_ms"] >= row["ack_p50_ms"] > 0
         assert row["records_per_cpu_s"] > 0 and row["bare_records_per_cpu_s"] > 0
+        # the durable baseline acknowledged too, and its ratio is the one reported
+        assert row["durable_bare_records_per_s"] > 0
+        assert row["durable_bare_records_per_cpu_s"] > 0
+        assert row["durable_ratio"] == round(
+            row["records_per_s"] / row["durable_bare_records_per_s"], 3)
     assert not list(tmp_path.iterdir()), "the temporary log was not removed"
 
 

@@ -3,11 +3,18 @@
 For each batch size, a real ``iotpipe middle`` process (fdatasync log in a temp dir) is
 driven by ``--nodes`` DEALER sockets, each keeping ``--window`` batches in flight like the
 ingest forwarder does, while a feed consumer in the driver acknowledges every delivery so
-the log never fills. The same load is also sent to the plainest possible ROUTER, one that
-acknowledges each batch at once and stores nothing, measured in the same run: ``ratio`` is
-middle / bare. Latency is from send to ack, per batch. ``records_per_cpu_s`` divides by the
-server process's own CPU time, so it shows what one dedicated core would sustain even on a
-shared, busy machine.
+the log never fills. The same load is also sent, in the same run, to two baselines:
+
+- the plainest possible ROUTER, one that acknowledges each batch at once and stores
+  nothing: ``ratio`` is middle / bare (the issue's measure);
+- the plainest DURABLE acknowledgement: a ROUTER that takes every batch waiting, writes
+  their bytes to a file with one ``pwrite`` and one ``fdatasync`` (``PlainFile``, the queue
+  bench's baseline) and only then acknowledges them, with no framing, dedup, feed or live
+  events: ``durable_ratio`` is middle / that.
+
+Latency is from send to ack, per batch. ``records_per_cpu_s`` divides by the server
+process's own CPU time, so it shows what one dedicated core would sustain even on a shared,
+busy machine.
 
 ``--curve`` runs the middle a second time per batch size with CurveZMQ on every socket
 (fresh keys; the driver's DEALERs and the feed consumer are the ingest and storage roles)
@@ -33,10 +40,11 @@ from pathlib import Path
 import zmq
 
 from iotpipe import curve, wire
+from iotpipe_tools.bench.plainfile import PlainFile
 from iotpipe_tools.ports import free_port
 from iotpipe_tools.waiting import exited, wait_ready
 
-__all__ = ["bare_router", "main"]
+__all__ = ["bare_durable_router", "bare_router", "main"]
 
 
 def bare_router(port: int) -> None:
@@ -52,6 +60,36 @@ def bare_router(port: int) -> None:
         except wire.WireError:
             continue
         router.send_multipart([msg[0], *wire.encode_ack(batch.node, batch.last)])
+
+
+def bare_durable_router(port: int, path: str) -> None:
+    """Acknowledge batches once their bytes are durable, storing nothing else (the baseline
+    of a durable ack): a group commit of everything waiting, then every ack."""
+    ring = PlainFile(Path(path), written=True)
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(f"tcp://127.0.0.1:{port}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print("ready", flush=True)
+    while True:
+        waiting = [router.recv_multipart()]
+        while len(waiting) < 256:  # a bounded group, as the middle's
+            try:
+                waiting.append(router.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        parts: list[bytes] = []
+        acks: list[list[bytes]] = []
+        for msg in waiting:
+            try:
+                batch = wire.decode_batch(msg[1:])
+            except wire.WireError:
+                continue
+            parts.extend(msg[2:])  # the batch as received: header and readings
+            acks.append([msg[0], *wire.encode_ack(batch.node, batch.last)])
+        ring.append(b"".join(parts))
+        for ack in acks:
+            router.send_multipart(ack)
 
 
 def _client(ctx: zmq.Context[zmq.Socket[bytes]], keys: curve.CurveKeys | None
@@ -238,6 +276,26 @@ def _run_bare(batch: int, args: argparse.Namespace) -> dict[str, float]:
         proc.wait()
 
 
+def _run_durable_bare(batch: int, args: argparse.Namespace) -> dict[str, float]:
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="iotpipe-bench-durable-", dir=args.dir) as tmp:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from iotpipe_tools.bench.middle import "
+             "bare_durable_router; bare_durable_router(int(sys.argv[1]), sys.argv[2])",
+             str(port), str(Path(tmp) / "ring.bin")],
+            stdout=subprocess.PIPE, text=True, start_new_session=True,
+        )
+        try:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":  # the file is written, bound
+                raise RuntimeError("the durable bare ROUTER did not start")
+            return _drive(port, args.nodes, args.window, batch, args.record_bytes,
+                          args.seconds, args.warmup, proc.pid)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="iotpipe bench middle", description=__doc__)
     parser.add_argument("--batches", default="1,16,64,256,512",
@@ -250,7 +308,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds first")
     parser.add_argument("--log-bytes", type=int, default=1 << 30, help="middle log capacity")
     parser.add_argument("--dir", default=None, help="where the temporary log lives")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the bare ROUTER")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip both bare ROUTERs (acking, and acking once durable)")
     parser.add_argument("--curve", action="store_true",
                         help="also run the middle with CurveZMQ and report the ratio")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -270,6 +329,11 @@ def main(argv: Sequence[str]) -> int:
             row["bare_records_per_cpu_s"] = bare["records_per_cpu_s"]
             row["ratio"] = round(float(row["records_per_s"]) / bare["records_per_s"], 3) \
                 if bare["records_per_s"] else None
+            durable = _run_durable_bare(batch, args)
+            row["durable_bare_records_per_s"] = durable["records_per_s"]
+            row["durable_bare_records_per_cpu_s"] = durable["records_per_cpu_s"]
+            row["durable_ratio"] = (round(float(row["records_per_s"]) / durable["records_per_s"],
+                                          3) if durable["records_per_s"] else None)
         if args.curve:
             secure = _run_middle(batch, args, secure=True)
             row["curve_records_per_s"] = secure["records_per_s"]

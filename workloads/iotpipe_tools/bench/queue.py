@@ -36,8 +36,8 @@ from pydantic_settings import BaseSettings
 
 from iotpipe.queue.fileio import OsFileIO
 from iotpipe.settings import CommaList, parse_settings, tier_config
+from iotpipe_tools.bench.plainfile import PlainFile
 
-PLAIN_FILE_BYTES = 64 << 20  # the size of a default queue segment
 READ_RECORDS = 1 << 16  # records the read case cycles through (in the page cache)
 
 
@@ -100,40 +100,6 @@ def _machine(directory: Path) -> dict[str, Any]:
     }
 
 
-class _Plain:
-    """The baseline: pwrite of the pre-joined batch + fdatasync, on a preallocated file.
-
-    ``written=False`` is the issue's baseline: a fallocated file, whose first pass writes
-    into unwritten extents (each sync also journals their conversion). ``written=True``
-    zero-fills the file first, so every sync finds its extents written: the true ceiling,
-    which the queue's zero-ahead writes approach.
-    """
-
-    def __init__(self, directory: Path, payloads: list[bytes], *, written: bool = False
-                 ) -> None:
-        self.path = directory / ("plain-written.bin" if written else "plain.bin")
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.posix_fallocate(self.fd, 0, PLAIN_FILE_BYTES)
-        if written:
-            zeros = bytes(1 << 20)
-            for offset in range(0, PLAIN_FILE_BYTES, len(zeros)):
-                os.pwrite(self.fd, zeros, offset)
-        os.fsync(self.fd)
-        self.data = b"".join(payloads)
-        self.offset = 0
-
-    def append(self) -> None:
-        if self.offset + len(self.data) > PLAIN_FILE_BYTES:
-            self.offset = 0
-        os.pwrite(self.fd, self.data, self.offset)
-        os.fdatasync(self.fd)
-        self.offset += len(self.data)
-
-    def close(self) -> None:
-        os.close(self.fd)
-        os.unlink(self.path)
-
-
 def _run_for(append: Callable[[], object], seconds: float) -> tuple[int, float]:
     """(appends, elapsed) of calling ``append`` for about ``seconds``."""
     count = 0
@@ -183,14 +149,15 @@ def measure_case(directory: Path, payloads: list[bytes], mode: str, seconds: flo
     framing = PersistentQueue.open(directory / "framing", capacity_bytes=8 << 30,
                                    segment_bytes=64 << 20, persist="fdatasync",
                                    file_io=_NoSyncFileIO())
-    plain = _Plain(directory, payloads)
-    plain_written = _Plain(directory, payloads, written=True)
+    plain = PlainFile(directory / "plain.bin")
+    plain_written = PlainFile(directory / "plain-written.bin", written=True)
+    data = b"".join(payloads)  # the baseline writes the batch pre-joined
     try:
         if queue.persist_mode != mode:
             raise RuntimeError(f"asked for {mode}, queue runs {queue.persist_mode}")
         return _alternate({
-            "plain": plain.append,
-            "plain_written": plain_written.append,
+            "plain": lambda: plain.append(data),
+            "plain_written": lambda: plain_written.append(data),
             "queue": lambda: queue.append(payloads),
             "framing": lambda: framing.append(payloads),
         }, len(payloads), seconds, slices)

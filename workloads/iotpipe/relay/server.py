@@ -10,10 +10,11 @@ frames, answers pings and closes, but its per-message send path cost most of the
 CPU (docs/benchmarks.md, Relay). So without compression the ``Fanout`` queues each frame
 already framed for the wire (unmasked server frames are the same bytes for every client,
 so a reading is framed once for all its clients) and the reader of the SUB socket writes
-each woken client's frames in ONE transport write per burst, straight away, while the
-connection is open and its transport not paused; a paused transport resumes through
-``resume_writing``. With ``--compression`` each connection keeps a sender task and
-websockets' send path (per-connection deflate state).
+each woken client's frames in ONE transport write while the connection is open and its
+transport not paused: at once when a few dozen wait, else once the SUB socket ran dry
+(``WriteCoalescer``), so a client following a few devices gets one write for many bursts; a
+paused transport resumes through ``resume_writing``. With ``--compression`` each connection
+keeps a sender task and websockets' send path (per-connection deflate state).
 
 ``--middle-pub-endpoints-file`` (key ``pub`` of the operator's endpoints ConfigMap) is
 re-read every ``--endpoints-reload-seconds``: the SUB socket connects to added middles and
@@ -66,6 +67,7 @@ from iotpipe.relay.metrics import RelayCollector
 from iotpipe.relay.sending import (
     BatchingConnection,
     Peer,
+    WriteCoalescer,
     send_frames,
     text_frame,
     write_direct,
@@ -82,7 +84,7 @@ __all__ = ["LIVE_PATH", "RelayServer", "RelaySettings", "main"]
 
 log = logging.getLogger("iotpipe.relay")
 
-# Upstream messages handled per reader callback before client senders get a turn.
+# Upstream events handled per reader callback before the loop's other work gets a turn.
 _SUB_BURST = 512
 # A plain int: pyzmq's enum flags cost microseconds per operation on the hot path.
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -116,6 +118,8 @@ class RelayServer:
         self.bad_frames = 0
         self._ids = itertools.count(1)
         self._peers: dict[str, Peer] = {}
+        # Direct mode: when _drain_sub writes the clients it queued frames for.
+        self._coalescer = WriteCoalescer()
         self._connections: dict[str, ServerConnection] = {}
         self._server: Server | None = None
         self._ready = False
@@ -332,10 +336,22 @@ class RelayServer:
                 events += decode_live_events(frames)
             except WireError:
                 self.bad_frames += 1
-        for session in fanout.on_events(events, now):
-            peer = peers.get(session.client_id)
-            if peer is not None:
-                self._wake(peer, now)
+        woken = fanout.on_events(events, now)
+        if not self.direct:
+            for session in woken:
+                peer = peers.get(session.client_id)
+                if peer is not None:
+                    peer.wake.set()
+        else:
+            coalescer = self._coalescer
+            for session in woken:
+                peer = peers.get(session.client_id)
+                if peer is not None and coalescer.woken(session.client_id, session.pending, now):
+                    self._write(peer, now)
+            for client_id in coalescer.due(now, drained=not more):
+                peer = peers.get(client_id)
+                if peer is not None:  # else it left meanwhile
+                    self._write(peer, now)
         if more:
             loop.call_soon(self._drain_sub)
 

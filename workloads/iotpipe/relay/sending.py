@@ -99,9 +99,14 @@ class WriteCoalescer:
     the SUB socket runs dry or ``flush_interval`` passed since the oldest such wait, so a
     client following a few devices gets one write for many bursts instead of one per burst
     (with 1,000 such clients that was a write syscall per client per burst).
+
+    The wait only happens while the relay is saturated (the socket never runs dry within a
+    callback); then it adds at most ``flush_interval`` to a sparse client's latency and cuts
+    the relay's write syscalls by the same factor: at 1,000 clients following one device
+    each, 20 ms gave 1.25-1.35M frames per CPU-second against 0.70-0.96M at 5 ms.
     """
 
-    def __init__(self, flush_frames: int = 64, flush_interval: float = 0.005) -> None:
+    def __init__(self, flush_frames: int = 64, flush_interval: float = 0.02) -> None:
         self.flush_frames = flush_frames
         self.flush_interval = flush_interval
         self._waiting: set[str] = set()

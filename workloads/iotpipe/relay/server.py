@@ -337,11 +337,11 @@ class RelayServer:
             except WireError:
                 self.bad_frames += 1
         woken = fanout.on_events(events, now)
-        if not self.direct:
+        if not self.direct:  # each client's sender task writes
             for session in woken:
                 peer = peers.get(session.client_id)
                 if peer is not None:
-                    peer.wake.set()
+                    self._wake(peer, now)
         else:
             coalescer = self._coalescer
             for session in woken:

@@ -435,7 +435,7 @@ class Fanout:
         stats = self.stats
         routing = self._routing
         framing = self.framing
-        woken: dict[ClientSession, None] = {}
+        woken: dict[str, ClientSession] = {}  # by client id, in the order first woken
         run_group: dict[str, ClientSession] | None = None
         run: list[bytes] = []
         for event in events:
@@ -462,7 +462,7 @@ class Fanout:
                 # Every subscribed client: the relay cannot know what the missing events were.
                 for session in routing.subscribed.values():
                     session.notify(notice, now)
-                    woken[session] = None
+                    woken[session.client_id] = session
             group = routing.match_group(event.device_id, self._attrs)
             if not group:
                 continue
@@ -485,17 +485,17 @@ class Fanout:
             run.append(frame)
         if run_group is not None:
             self._deliver(run_group, run, now, woken)
-        return list(woken)
+        return list(woken.values())
 
     def _deliver(self, group: dict[str, ClientSession], frames: list[bytes], now: float,
-                 woken: dict[ClientSession, None]) -> None:
+                 woken: dict[str, ClientSession]) -> None:
         stats = self.stats
         queued = 0
         for session in group.values():
             queued += session.offer_many(frames, now)
         stats.frames_queued += queued
         stats.dropped += len(group) * len(frames) - queued
-        woken.update(dict.fromkeys(group.values()))
+        woken.update(group)  # both by client id: one merge in C, no dict per event
 
     def stalled(self, now: float, stall_s: float) -> Iterable[ClientSession]:
         return [s for s in self.sessions.values() if s.stalled(now, stall_s)]

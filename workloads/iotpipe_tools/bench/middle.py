@@ -71,13 +71,16 @@ def bare_durable_router(port: int, path: str) -> None:
     router.bind(f"tcp://127.0.0.1:{port}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print("ready", flush=True)
+    group_bytes = ring.size // 4  # a bounded group, as the middle's, well inside the ring
     while True:
         waiting = [router.recv_multipart()]
-        while len(waiting) < 256:  # a bounded group, as the middle's
+        size = sum(map(len, waiting[0]))
+        while size < group_bytes:
             try:
                 waiting.append(router.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 break
+            size += sum(map(len, waiting[-1]))
         parts: list[bytes] = []
         acks: list[list[bytes]] = []
         for msg in waiting:

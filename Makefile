@@ -44,7 +44,8 @@ apt: .stamp-apt-test
 # The first install takes a minute or two: say so rather than sit silent. setuptools'
 # warnings about its own experimental options are for us, not for someone running `make up`.
 $(VENV)/.stamp-install: pyproject.toml workloads/iotpipe/queue/_framing.c workloads/iotpipe/middle/_hot.c \
-		workloads/iotpipe/ingest/core/_frames.c workloads/iotpipe/_cinclude/msgpack_put.h .stamp-apt-build
+		workloads/iotpipe/ingest/core/_frames.c workloads/iotpipe/_cinclude/msgpack_put.h \
+		workloads/iotpipe/_cinclude/payload_run.h .stamp-apt-build
 	@echo "setting up $(VENV): installing iotpipe and its dependencies (the first time takes a minute or two)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip

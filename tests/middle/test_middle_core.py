@@ -5,11 +5,13 @@ from __future__ import annotations
 import itertools
 import random
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iotpipe import wire
+from iotpipe.middle import hot
 from iotpipe.middle.core import (
     CheckpointError,
     FeedCore,
@@ -29,8 +31,13 @@ def reading(device: str, n: int) -> bytes:
     return wire.encode_reading(device, f"m{n}", n, b'{"v":1}', n)
 
 
-def batch(node: str, first: int, n: int) -> wire.Batch:
-    return wire.Batch(node, first, [reading("dev", first + i) for i in range(n)])
+def batch(node: str, first: int, n: int, decoded: bool = True) -> wire.Batch:
+    """A batch as the middle's server gets it (``hot.decode_batch``: with the C module, its
+    readings are a run of spans over the body), or built from a list (``decoded=False``)."""
+    readings = [reading("dev", first + i) for i in range(n)]
+    if not decoded:
+        return wire.Batch(node, first, readings)
+    return hot.decode_batch(wire.encode_batch(node, first, readings))
 
 
 # -- IntervalSet -------------------------------------------------------------------------
@@ -104,7 +111,7 @@ def test_resent_batch_is_acked_without_storing() -> None:
     intake = Intake(NodeMarks())
     intake.committed(intake.plan([(b"p", batch("n1", 1, 3))]))
     plan = intake.plan([(b"p", batch("n1", 1, 3))])
-    assert plan.records == []
+    assert list(plan.records) == []
     assert acks(intake.committed(plan)) == [wire.Ack("n1", 3)]
     assert intake.counters.duplicates == 3
 
@@ -116,7 +123,7 @@ def test_straddling_batch_stores_only_the_new_part() -> None:
     stored = [wire.decode_log_record(r) for r in plan.records]
     assert [r.node_seq for r in stored] == [6, 7]
     assert [wire.decode_reading(r.reading).msg_id for r in stored] == ["m6", "m7"]
-    assert plan.readings == [r.reading for r in stored]
+    assert list(hot.record_readings(plan.records)) == [r.reading for r in stored]
     assert acks(intake.committed(plan)) == [wire.Ack("n1", 7)]
     assert intake.marks.get("n1").ranges() == [(1, 7)]
 
@@ -372,18 +379,23 @@ def test_recent_records_serve_contiguous_tail_within_budget() -> None:
     from iotpipe.middle.core import RecentRecords
 
     recent = RecentRecords(max_bytes=100)
+
+    def get(first: int, max_records: int, max_bytes: int) -> list[bytes] | None:
+        parts = recent.get(first, max_records, max_bytes)
+        return None if parts is None else [r for part in parts for r in part]
+
     recent.extend(1, [b"a" * 10] * 5)  # seqs 1..5
-    assert recent.get(2, 2, 1000) == [b"a" * 10] * 2
-    assert recent.get(6, 1, 1000) is None and recent.get(0, 1, 1000) is None
-    assert recent.get(1, 10, 25) == [b"a" * 10] * 2  # byte limit
-    assert recent.get(1, 10, 1) == [b"a" * 10]  # at least one record
+    assert get(2, 2, 1000) == [b"a" * 10] * 2
+    assert get(6, 1, 1000) is None and get(0, 1, 1000) is None
+    assert get(1, 10, 25) == [b"a" * 10] * 2  # byte limit
+    assert get(1, 10, 1) == [b"a" * 10]  # at least one record
     recent.extend(6, [b"b" * 10] * 8)  # 130 bytes > 100: the older group goes, never the newest
-    assert recent.get(1, 1, 1000) is None
-    assert recent.get(6, 10, 1000) == [b"b" * 10] * 8
-    assert recent.get(13, 1, 1000) == [b"b" * 10]
-    assert recent.get(9, 10, 1000) == [b"b" * 10] * 5
+    assert get(1, 1, 1000) is None
+    assert get(6, 10, 1000) == [b"b" * 10] * 8
+    assert get(13, 1, 1000) == [b"b" * 10]
+    assert get(9, 10, 1000) == [b"b" * 10] * 5
     recent.extend(20, [b"c"])  # a gap (e.g. appends by nobody else): start over
-    assert recent.get(13, 1, 1000) is None and recent.get(20, 5, 1000) == [b"c"]
+    assert get(13, 1, 1000) is None and get(20, 5, 1000) == [b"c"]
 
 
 def test_recent_records_drop_only_the_oldest_groups_the_budget_needs() -> None:
@@ -395,7 +407,10 @@ def test_recent_records_drop_only_the_oldest_groups_the_budget_needs() -> None:
     for group in range(10):  # 30 bytes each: the newest three fit in 100
         recent.extend(group * 3 + 1, [bytes([65 + group]) * 10] * 3)
     assert recent.get(21, 1, 1000) is None  # groups 0-6 went
-    assert recent.get(22, 100, 1000) == [b"H" * 10] * 3 + [b"I" * 10] * 3 + [b"J" * 10] * 3
+    parts = recent.get(22, 100, 1000)
+    assert parts is not None
+    assert [r for part in parts for r in part] == ([b"H" * 10] * 3 + [b"I" * 10] * 3
+                                                   + [b"J" * 10] * 3)
 
 
 def test_rebuild_marks_from_checkpoint_plus_retained_log(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -457,21 +472,34 @@ def test_intake_stores_each_seq_once_and_acks_only_stored(
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.lists(st.binary(min_size=1, max_size=40), min_size=1, max_size=6),
                 min_size=1, max_size=30),
-       st.integers(10, 200), st.data())
+       st.integers(10, 200), st.booleans(), st.data())
 def test_recent_records_match_the_appended_log(appends: list[list[bytes]], budget: int,
-                                               data: st.DataObject) -> None:
+                                               runs: bool, data: st.DataObject) -> None:
+    """Held as lists, or as runs of one buffer (``hot.log_run``'s, as the middle holds
+    them): the parts ``get`` gives are the log's records, and pack as one list would."""
     from iotpipe.middle.core import RecentRecords
 
     recent = RecentRecords(max_bytes=budget)
     log: list[bytes] = []
-    for records in appends:
-        recent.extend(len(log) + 1, records)
+
+    def get(first: int, max_records: int, max_bytes: int) -> list[bytes] | None:
+        parts = recent.get(first, max_records, max_bytes)
+        if parts is None:
+            return None
+        records = [r for part in parts for r in part]
+        assert hot.pack_runs(parts) == msgpack.packb(records)
+        return records
+
+    for readings in appends:
+        records = wire.encode_log_records("n", len(log) + 1, readings)
+        held = hot.log_run([("n", len(log) + 1, readings)]) if runs else records
+        recent.extend(len(log) + 1, held)
         log.extend(records)
-        assert recent.get(len(log), 1, 1) == [log[-1]]  # the newest is always held
+        assert get(len(log), 1, 1) == [log[-1]]  # the newest is always held
         first = data.draw(st.integers(1, len(log)))
         max_records = data.draw(st.integers(1, 10))
         max_bytes = data.draw(st.integers(1, 100))
-        got = recent.get(first, max_records, max_bytes)
+        got = get(first, max_records, max_bytes)
         if got is None:
             continue
         assert got == log[first - 1:first - 1 + len(got)]
@@ -518,12 +546,14 @@ def test_intake_plan_fast_path_agrees_with_the_range_search(
         groups: list[list[tuple[str, int, int]]]) -> None:
     intake = Intake(NodeMarks(max_ranges=1000))
     for group in groups:
-        arrivals = [(b"p", batch(node, first, n)) for node, first, n in group]
+        # Batches decoded as the server decodes them, and built from lists, side by side.
+        arrivals = [(b"p", batch(node, first, n, decoded=i % 2 == 0))
+                    for i, (node, first, n) in enumerate(group)]
         expected = _reference_plan(intake.marks, arrivals)
         plan = intake.plan(arrivals)
         assert [(pb.new, pb.stored_before, pb.skipped_ahead)
                 for pb in plan.batches] == expected
-        assert plan.records == [
+        assert list(plan.records) == [
             wire.encode_log_record(b.node, lo + i, b.readings[lo - b.first + i])
             for (_, b), (new, _, _) in zip(arrivals, expected, strict=True)
             for lo, hi in new for i in range(hi - lo + 1)]

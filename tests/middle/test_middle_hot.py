@@ -16,6 +16,7 @@ from support.cmodules import c_module
 
 from iotpipe import wire
 from iotpipe.middle import hot
+from iotpipe.queue.framing import PayloadRun, encode_records
 
 pytestmark = pytest.mark.unit
 
@@ -27,7 +28,8 @@ def _c_module() -> ModuleType:
 def test_c_module_is_built_and_used() -> None:
     c = _c_module()
     assert hot.BUILT
-    assert hot.log_records is c.log_records and hot.live_frames is c.live_frames
+    assert hot.log_run is c.log_run and hot.live_frames is c.live_frames
+    assert hot.record_readings is c.record_readings and hot.pack_runs is c.pack_runs
     assert hot.pack_bins is c.pack_bins and hot.total_bytes is c.total_bytes
     assert hot.decode_batch is hot._decode_batch_c
 
@@ -44,12 +46,58 @@ BLOBS = st.lists(st.one_of(st.binary(max_size=300),
                  max_size=12)
 
 
-@given(NAMES, SEQS, BLOBS)
-def test_log_records_match_wire(node: str, first: int, readings: list[bytes]) -> None:
+@given(st.lists(st.tuples(NAMES, SEQS, BLOBS, st.booleans()), max_size=5))
+def test_log_run_matches_wire(parts: list[tuple[str, int, list[bytes], bool]]) -> None:
+    """A group's log records in one buffer: the very bytes wire encodes, one per reading,
+    from readings given as lists or as runs over a batch body (as the middle decodes them),
+    and the readings inside them found again without a copy."""
     c = _c_module()
-    expected = wire.encode_log_records(node, first, readings)
-    assert c.log_records(node, first, readings) == expected
-    assert hot._log_records_py(node, first, readings) == expected
+    expected = [record for node, first, readings, _ in parts
+                for record in wire.encode_log_records(node, first, readings)]
+    given_parts = [(node, first, _as_run(readings) if as_run else readings)
+                   for node, first, readings, as_run in parts]
+    run = c.log_run(given_parts)
+    assert isinstance(run, PayloadRun)
+    assert list(run) == expected == hot._log_run_py(given_parts)
+    assert run.nbytes == sum(map(len, expected)) and len(run) == len(expected)
+    readings = [r for _, _, part, _ in parts for r in part]
+    assert list(c.record_readings(run)) == readings == hot._record_readings_py(expected)
+    assert encode_records(run, 5) == encode_records(expected, 5)
+
+
+def _as_run(readings: list[bytes]) -> PayloadRun:
+    """``readings`` as the C decoder gives them: spans over a v2 batch body."""
+    body = msgpack.packb(readings, use_bin_type=True)
+    bounds: list[int] = []
+    at = 1 if len(readings) < 16 else 3 if len(readings) < 65_536 else 5
+    for reading in readings:
+        n = len(reading)
+        at += 2 if n < 256 else 3 if n < 65_536 else 5
+        bounds += [at, at + n]
+        at += n
+    run = PayloadRun(body, bounds)
+    assert list(run) == readings
+    return run
+
+
+def test_payload_runs_slice_and_index_like_lists() -> None:
+    items = [b"a", b"", b"ccc", b"dd"]
+    run = _as_run(items)
+    assert len(run) == 4 and run[2] == b"ccc" and run[-1] == b"dd" and list(run) == items
+    for start in range(-5, 6):
+        for stop in range(-5, 6):
+            assert list(run[start:stop]) == items[start:stop]
+            assert run[start:stop].nbytes == sum(map(len, items[start:stop]))
+            assert list(run[1:][start:stop]) == items[1:][start:stop]  # a slice of a slice
+    assert run[::2] == items[::2] and run[::-1] == items[::-1]
+    with pytest.raises(IndexError):
+        run[4]
+    with pytest.raises(ValueError, match="outside data"):
+        PayloadRun(b"abc", [1, 4])
+    with pytest.raises(ValueError, match="pairs"):
+        PayloadRun(b"abc", [1])
+    with pytest.raises(ValueError, match="is not a log record"):
+        _c_module().record_readings(run)
 
 
 def readings_strategy() -> st.SearchStrategy[list[bytes]]:
@@ -66,6 +114,7 @@ def test_live_frames_match_wire(middle_id: str, first: int, readings: list[bytes
     prefix = wire.live_meta_prefix(middle_id)
     expected = hot._live_frames_py(prefix, first, readings)
     assert c.live_frames(prefix, first, readings) == expected
+    assert c.live_frames(prefix, first, _as_run(readings)) == expected  # the v1 path's input
     # each event carries encode_live's meta for the seq of its reading's position
     publishable = [(seq, r) for seq, r in enumerate(readings, first)
                    if wire.reading_topic(r) is not None]
@@ -78,14 +127,16 @@ def test_live_frames_match_wire(middle_id: str, first: int, readings: list[bytes
 def test_errors_are_the_pythons_kinds() -> None:
     c = _c_module()
     with pytest.raises(TypeError):
-        c.log_records("n", 1, [b"a", "b"])
+        c.log_run([("n", 1, [b"a", "b"])])
+    with pytest.raises(TypeError):
+        c.log_run([("n", 1)])
     with pytest.raises(TypeError):
         c.live_frames(b"p", 1, [b"a", 3])
     with pytest.raises(OverflowError):
-        c.log_records("n", -1, [b"a"])
-    assert c.log_records("n", 5, []) == [] and c.live_frames(b"p", 5, []) == []
-    assert msgpack.unpackb(c.log_records("nödé", 2**40, [b"\x00"])[0]) == ["nödé", 2**40,
-                                                                           b"\x00"]
+        c.log_run([("n", -1, [b"a"])])
+    assert list(c.log_run([("n", 5, [])])) == [] and c.live_frames(b"p", 5, []) == []
+    assert msgpack.unpackb(c.log_run([("nödé", 2**40, [b"\x00"])])[0]) == ["nödé", 2**40,
+                                                                            b"\x00"]
 
 
 # Array lengths around msgpack's fixarray/array16/array32 boundaries.
@@ -100,6 +151,15 @@ def test_pack_bins_and_total_bytes_match_msgpack(items: list[bytes]) -> None:
     expected = msgpack.packb(items, use_bin_type=True)
     assert c.pack_bins(items) == expected == hot._pack_bins_py(items)
     assert c.total_bytes(items) == sum(map(len, items)) == hot._total_bytes_py(items)
+    run = _as_run(items)
+    assert c.pack_bins(run) == expected and c.total_bytes(run) == sum(map(len, items))
+    # a delivery packed from parts (runs and lists) is the one array of all their items
+    cut = len(items) // 3
+    parts = [run[:cut], items[cut:2 * cut], run[2 * cut:]]
+    assert c.pack_runs(parts) == expected == hot._pack_runs_py(parts)
+    for budget in (0, 1, 255, 300, 10**9):
+        assert c.count_within(run, budget) == c.count_within(items, budget) \
+            == hot._count_within_py(items, budget)
     # what the middle sends with them decodes as the contract says
     group = wire.decode_live_group(wire.encode_live_group("m", 7, items, c.pack_bins)) \
         if items else None
@@ -115,9 +175,9 @@ def test_pack_bins_refuses_what_is_not_a_list_of_bytes() -> None:
             c.pack_bins(bad)
         with pytest.raises(TypeError, match="items must be bytes"):
             c.total_bytes(bad)
-    with pytest.raises(TypeError, match="takes a list"):
+    with pytest.raises(TypeError, match="a list of bytes or a PayloadRun"):
         c.pack_bins((b"a",))
-    with pytest.raises(TypeError, match="takes a list"):
+    with pytest.raises(TypeError, match="a list of bytes or a PayloadRun"):
         c.total_bytes(b"ab")
 
 
@@ -136,9 +196,14 @@ def _wire_result(frames: list[bytes]) -> wire.Batch | str:
         return f"WireError: {exc}"
 
 
+def _plain(batch: wire.Batch) -> wire.Batch:
+    """The batch with its readings as a list (the C decoder gives a run over the body)."""
+    return wire.Batch(batch.node, batch.first, list(batch.readings))
+
+
 def _hot_result(frames: list[bytes]) -> wire.Batch | str:
     try:
-        return hot.decode_batch(frames)
+        return _plain(hot.decode_batch(frames))
     except wire.WireError as exc:
         return f"WireError: {exc}"
 
@@ -148,8 +213,10 @@ def test_decode_batch_v2_of_what_ingest_sends_matches_wire(node: str, first: int
                                                            readings: list[bytes]) -> None:
     c = _c_module()
     frames = wire.encode_batch(node, first, readings)
-    assert c.decode_batch_v2(frames[1], frames[2]) == (node, first, readings)
-    assert hot.decode_batch(frames) == wire.decode_batch(frames)
+    got_node, got_first, run = c.decode_batch_v2(frames[1], frames[2])
+    assert (got_node, got_first, list(run)) == (node, first, readings)
+    assert isinstance(run, PayloadRun) and run.nbytes == sum(map(len, readings))
+    assert _plain(hot.decode_batch(frames)) == wire.decode_batch(frames)
 
 
 @st.composite
@@ -192,7 +259,7 @@ def test_decode_batch_v2_decodes_like_wire_or_leaves_it_to_wire(frames: list[byt
     fast = c.decode_batch_v2(frames[1], frames[2])
     expected = _wire_result(frames)
     if fast is not None:  # whatever C decodes, wire decodes the same
-        assert wire.Batch(*fast) == expected
+        assert _plain(wire.Batch(*fast)) == expected
     assert _hot_result(frames) == expected
 
 

@@ -100,6 +100,29 @@ def test_records_span_segments_and_acked_segments_are_deleted(tmp_path: Path) ->
         assert queue.read(0)[0].seq == queue.first_seq
 
 
+def test_a_payload_run_is_stored_like_the_list_of_its_payloads(tmp_path: Path) -> None:
+    """Payloads held in one buffer (the middle's log records) append as a list of them does,
+    also when they span segments and when only a slice of the run is appended."""
+    from iotpipe.queue.framing import PayloadRun
+
+    payloads = [payload_for(s) for s in range(1, 301)]
+    data = b"".join(payloads)
+    bounds: list[int] = []
+    for payload in payloads:
+        start = bounds[-1] if bounds else 0
+        bounds += [start, start + len(payload)]
+    run = PayloadRun(data, bounds)
+    with PersistentQueue.open(tmp_path / "q", capacity_bytes=64 << 10, segment_bytes=8192
+                              ) as queue:
+        assert queue.append(run[:250]) == range(1, 251)
+        assert len(segment_files(tmp_path / "q")) > 1
+        assert queue.append_nowait(run[250:]) == range(251, 301)
+        queue.start_write(background=False)
+        assert queue.poll_durable() == 300
+        records = queue.read(1, max_records=1000, max_bytes=1 << 30)
+        assert [r.payload for r in records] == payloads
+
+
 def test_depth_counts_unacked_records_and_their_bytes(tmp_path: Path) -> None:
     with PersistentQueue.open(tmp_path / "q") as queue:
         queue.append([b"x" * 16] * 4)  # 16 header + 16 payload = 32 bytes each

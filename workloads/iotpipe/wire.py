@@ -92,6 +92,7 @@ __all__ = [
     "encode_log_records",
     "encode_reading",
     "encode_records",
+    "encode_records_packed",
     "live_group_events",
     "live_meta",
     "live_meta_prefix",
@@ -115,9 +116,14 @@ LIVE_GROUP_RECORDS_MAX = 256
 RECORDS_VERSION = 2  # the newest feed delivery format (what this code's consumers read)
 
 _packb = msgpack.Packer(use_bin_type=True).pack
-# Packs a list of bytes as a msgpack array of bins, byte for byte as ``_packb`` does (the
-# middle passes its C one, which skips msgpack's per-item type dispatch).
-PackBins = Callable[[list[bytes]], bytes]
+# Packs a sequence of bytes as a msgpack array of bins, byte for byte as ``_packb`` packs a
+# list of them (the middle passes its C one, which skips msgpack's per-item type dispatch
+# and reads its runs of payloads without an object per payload).
+PackBins = Callable[[Sequence[bytes]], bytes]
+
+
+def _pack_list(items: Sequence[bytes]) -> bytes:
+    return _packb(items if isinstance(items, list) else list(items))
 
 
 class WireError(ValueError):
@@ -194,7 +200,9 @@ def decode_reading(data: bytes) -> Reading:
 class Batch(NamedTuple):
     node: str
     first: int
-    readings: list[bytes]
+    # A list from ``decode_batch``; the middle's C decoder gives a run of spans over the
+    # batch's body (iotpipe.queue.framing.PayloadRun), a sequence of bytes all the same.
+    readings: Sequence[bytes]
 
     @property
     def last(self) -> int:
@@ -387,9 +395,8 @@ class LiveGroup(NamedTuple):
 def encode_live_group(middle_id: str, first: int, readings: Sequence[bytes],
                       pack_bins: PackBins | None = None) -> list[bytes]:
     """One v2 live message: the readings with middle log seqs ``first .. first+n-1``."""
-    items = readings if isinstance(readings, list) else list(readings)
     return [b"", KIND_LIVE_V2, _packb({"m": middle_id, "first": first, "n": len(readings)}),
-            (pack_bins or _packb)(items)]
+            (pack_bins or _pack_list)(readings)]
 
 
 def decode_live_group(frames: Sequence[bytes]) -> LiveGroup:
@@ -500,11 +507,18 @@ def decode_feed_request(frames: Sequence[bytes]) -> FeedRequest:
 def encode_records(group: str, middle: str, first: int, records: Sequence[bytes],
                    version: int = 1, pack_bins: PackBins | None = None) -> list[bytes]:
     """A delivery; ``version`` 2 (one frame for all records) once the consumer reads it."""
-    header = _packb({"group": group, "middle": middle, "first": first, "n": len(records)})
     if version >= 2:
-        items = records if isinstance(records, list) else list(records)
-        return [KIND_RECORDS_V2, header, (pack_bins or _packb)(items)]
+        return encode_records_packed(group, middle, first, len(records),
+                                     (pack_bins or _pack_list)(records))
+    header = _packb({"group": group, "middle": middle, "first": first, "n": len(records)})
     return [KIND_RECORDS, header, *records]
+
+
+def encode_records_packed(group: str, middle: str, first: int, count: int, body: bytes
+                          ) -> list[bytes]:
+    """A v2 delivery of ``count`` records whose body (a msgpack array of bins) is packed."""
+    header = _packb({"group": group, "middle": middle, "first": first, "n": count})
+    return [KIND_RECORDS_V2, header, body]
 
 
 def decode_records(frames: Sequence[bytes]) -> Records:

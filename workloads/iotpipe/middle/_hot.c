@@ -1,5 +1,6 @@
 /* The middle's per-record work in C: log records and live-event frames of a group, and
- * the decoding of a v2 batch.
+ * the decoding of a v2 batch. A group's readings and log records travel as PayloadRuns
+ * (payload_run.h): spans of one buffer, not a bytes object each.
  *
  * Byte-for-byte the output of iotpipe.wire's encode_log_records, live_metas and
  * reading_topic, and decode_batch's result (the tests compare them); those stay the
@@ -15,6 +16,10 @@
 #include <string.h>
 
 #include "msgpack_put.h"
+#include "payload_run.h"
+
+/* iotpipe.queue._framing.PayloadRun, taken at import (see payload_run.h). */
+static PyTypeObject *run_type = NULL;
 
 static int read_first(PyObject *arg, uint64_t *first) {
     unsigned long long v = PyLong_AsUnsignedLongLong(arg);
@@ -24,105 +29,212 @@ static int read_first(PyObject *arg, uint64_t *first) {
     return 0;
 }
 
-/* log_records(node: str, first: int, readings: list[bytes]) -> list[bytes] */
-static PyObject *log_records(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *node_obj, *first_obj, *readings;
-    if (!PyArg_ParseTuple(args, "UOO!", &node_obj, &first_obj, &PyList_Type, &readings))
-        return NULL;
-    uint64_t seq;
-    if (read_first(first_obj, &seq) < 0)
-        return NULL;
-    Py_ssize_t node_len;
-    const char *node = PyUnicode_AsUTF8AndSize(node_obj, &node_len);
-    if (node == NULL)
-        return NULL;
-    if ((uint64_t)node_len > 0xFFFFFFFFu) {
-        PyErr_SetString(PyExc_ValueError, "node name too long");
-        return NULL;
+/* A sequence of payloads the functions below read: a list of bytes or a PayloadRun. */
+typedef struct {
+    PyObject *list;        /* or NULL */
+    const PayloadRun *run; /* or NULL */
+    Py_ssize_t n;
+} items_t;
+
+static int items_open(PyObject *obj, items_t *it) {
+    if (Py_TYPE(obj) == run_type) {
+        it->list = NULL;
+        it->run = (const PayloadRun *)obj;
+        it->n = it->run->n;
+        return 0;
     }
-    unsigned char prefix[6 + 1];
-    prefix[0] = 0x93;
-    Py_ssize_t prefix_len = 1 + put_raw_header(prefix + 1, (size_t)node_len, 0);
-    Py_ssize_t n = PyList_GET_SIZE(readings);
-    PyObject *out = PyList_New(n);
-    if (out == NULL)
-        return NULL;
-    for (Py_ssize_t i = 0; i < n; i++, seq++) {
-        PyObject *reading = PyList_GET_ITEM(readings, i);
-        if (!PyBytes_CheckExact(reading)) {
-            PyErr_SetString(PyExc_TypeError, "readings must be bytes");
-            Py_DECREF(out);
-            return NULL;
-        }
-        Py_ssize_t r_len = PyBytes_GET_SIZE(reading);
-        if ((uint64_t)r_len > 0xFFFFFFFFu) {
-            PyErr_SetString(PyExc_ValueError, "reading too long");
-            Py_DECREF(out);
-            return NULL;
-        }
-        unsigned char seq_buf[9], bin_buf[5];
-        Py_ssize_t seq_len = put_uint(seq_buf, seq);
-        Py_ssize_t bin_len = put_raw_header(bin_buf, (size_t)r_len, 1);
-        PyObject *record = PyBytes_FromStringAndSize(
-            NULL, prefix_len + node_len + seq_len + bin_len + r_len);
-        if (record == NULL) {
-            Py_DECREF(out);
-            return NULL;
-        }
-        unsigned char *p = (unsigned char *)PyBytes_AS_STRING(record);
-        p = put_bytes(p, prefix, prefix_len);
-        p = put_bytes(p, node, node_len);
-        p = put_bytes(p, seq_buf, seq_len);
-        p = put_bytes(p, bin_buf, bin_len);
-        put_bytes(p, PyBytes_AS_STRING(reading), r_len);
-        PyList_SET_ITEM(out, i, record);
+    if (PyList_CheckExact(obj)) {
+        it->list = obj;
+        it->run = NULL;
+        it->n = PyList_GET_SIZE(obj);
+        return 0;
     }
-    return out;
+    PyErr_Format(PyExc_TypeError, "expected a list of bytes or a PayloadRun, got %.100s",
+                 Py_TYPE(obj)->tp_name);
+    return -1;
 }
 
-/* Every item of a list of bytes, checked; its total length through *total. */
-static int bytes_total(PyObject *items, size_t *total) {
+/* Item i's bytes; for a list, NULL with TypeError when it is not bytes. */
+static inline const unsigned char *item_at(const items_t *it, Py_ssize_t i, Py_ssize_t *len) {
+    if (it->run != NULL) {
+        const uint32_t *span = it->run->spans + 2 * i;
+        *len = (Py_ssize_t)(span[1] - span[0]);
+        return payload_run_base(it->run) + span[0];
+    }
+    PyObject *item = PyList_GET_ITEM(it->list, i);
+    if (!PyBytes_CheckExact(item)) {
+        PyErr_Format(PyExc_TypeError, "items must be bytes, got %.100s", Py_TYPE(item)->tp_name);
+        return NULL;
+    }
+    *len = PyBytes_GET_SIZE(item);
+    return (const unsigned char *)PyBytes_AS_STRING(item);
+}
+
+/* Every item checked; their total length through *total. */
+static int items_total(const items_t *it, size_t *total) {
+    if (it->run != NULL) {
+        *total = (size_t)it->run->nbytes;
+        return 0;
+    }
     size_t sum = 0;
-    Py_ssize_t n = PyList_GET_SIZE(items);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = PyList_GET_ITEM(items, i);
-        if (!PyBytes_CheckExact(item)) {
-            PyErr_Format(PyExc_TypeError, "items must be bytes, got %.100s",
-                         Py_TYPE(item)->tp_name);
+    for (Py_ssize_t i = 0; i < it->n; i++) {
+        Py_ssize_t len;
+        if (item_at(it, i, &len) == NULL)
             return -1;
-        }
-        sum += (size_t)PyBytes_GET_SIZE(item);
+        sum += (size_t)len;
     }
     *total = sum;
     return 0;
 }
 
-/* pack_bins(items: list[bytes]) -> bytes
- * msgpack of the list as an array of bins, as msgpack-python's Packer(use_bin_type=True)
- * packs it: the body of a v2 live group and of a v2 feed delivery. */
-static PyObject *pack_bins(PyObject *self, PyObject *items) {
-    (void)self;
-    if (!PyList_CheckExact(items)) {
-        PyErr_Format(PyExc_TypeError, "pack_bins() takes a list, got %.100s",
-                     Py_TYPE(items)->tp_name);
+/* A new run over owner (a new reference) with spans, which it takes over (freed on failure). */
+static PyObject *new_run(PyObject *owner, uint32_t *spans, Py_ssize_t n, Py_ssize_t nbytes) {
+    PayloadRun *run = (PayloadRun *)run_type->tp_alloc(run_type, 0);
+    if (run == NULL) {
+        PyMem_Free(spans);
         return NULL;
     }
-    size_t payload;
-    if (bytes_total(items, &payload) < 0)
+    Py_INCREF(owner);
+    run->owner = owner;
+    run->spans_owner = NULL;
+    run->spans = spans;
+    run->n = n;
+    run->nbytes = nbytes;
+    return (PyObject *)run;
+}
+
+/* log_run(parts: list[tuple[str, int, list[bytes] | PayloadRun]]) -> PayloadRun
+ * The log records (msgpack [node, seq, reading], as wire.encode_log_records makes them) of
+ * every part (node, first node seq, readings), in order, in ONE buffer: no Python object
+ * per record. */
+static PyObject *log_run(PyObject *self, PyObject *parts_list) {
+    (void)self;
+    if (!PyList_CheckExact(parts_list)) {
+        PyErr_Format(PyExc_TypeError, "log_run() takes a list, got %.100s",
+                     Py_TYPE(parts_list)->tp_name);
         return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(items);
-    if ((uint64_t)n > 0xFFFFFFFFu) {
+    }
+    PyObject *parts = PyList_AsTuple(parts_list); /* keeps every part alive */
+    if (parts == NULL)
+        return NULL;
+    Py_ssize_t nparts = PyTuple_GET_SIZE(parts);
+    typedef struct {
+        const char *node;
+        Py_ssize_t node_len;
+        uint64_t first;
+        items_t items;
+    } part_t;
+    part_t *ps = PyMem_Calloc(nparts ? (size_t)nparts : 1, sizeof(part_t));
+    uint32_t *spans = NULL;
+    PyObject *buffer = NULL, *result = NULL;
+    if (ps == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    size_t total = 0;
+    Py_ssize_t count = 0;
+    for (Py_ssize_t k = 0; k < nparts; k++) {
+        PyObject *part = PyTuple_GET_ITEM(parts, k);
+        if (!PyTuple_CheckExact(part) || PyTuple_GET_SIZE(part) != 3 ||
+            !PyUnicode_Check(PyTuple_GET_ITEM(part, 0))) {
+            PyErr_SetString(PyExc_TypeError, "log_run() parts are (node: str, first: int, "
+                                             "readings) tuples");
+            goto done;
+        }
+        part_t *pt = &ps[k];
+        pt->node = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(part, 0), &pt->node_len);
+        if (pt->node == NULL || read_first(PyTuple_GET_ITEM(part, 1), &pt->first) < 0 ||
+            items_open(PyTuple_GET_ITEM(part, 2), &pt->items) < 0)
+            goto done;
+        if ((uint64_t)pt->node_len > 0xFFFFFFFFu) {
+            PyErr_SetString(PyExc_ValueError, "node name too long");
+            goto done;
+        }
+        unsigned char hdr[5];
+        size_t prefix = 1 + (size_t)put_raw_header(hdr, (size_t)pt->node_len, 0) +
+                        (size_t)pt->node_len;
+        for (Py_ssize_t i = 0; i < pt->items.n; i++) {
+            Py_ssize_t len;
+            if (item_at(&pt->items, i, &len) == NULL)
+                goto done;
+            unsigned char seq_buf[9];
+            total += prefix + (size_t)put_uint(seq_buf, pt->first + (uint64_t)i) +
+                     (size_t)put_raw_header(hdr, (size_t)len, 1) + (size_t)len;
+        }
+        count += pt->items.n;
+    }
+    if (total > 0xFFFFFFFFu) {
+        PyErr_SetString(PyExc_ValueError, "a group's log records must total under 4 GiB");
+        goto done;
+    }
+    buffer = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    spans = PyMem_Malloc(count ? 2 * (size_t)count * sizeof(uint32_t) : 1);
+    if (buffer == NULL || spans == NULL) {
+        if (spans == NULL)
+            PyErr_NoMemory();
+        goto done;
+    }
+    unsigned char *start = (unsigned char *)PyBytes_AS_STRING(buffer), *p = start;
+    uint32_t *span = spans;
+    for (Py_ssize_t k = 0; k < nparts; k++) {
+        part_t *pt = &ps[k];
+        for (Py_ssize_t i = 0; i < pt->items.n; i++) {
+            Py_ssize_t len = 0;
+            const unsigned char *reading = item_at(&pt->items, i, &len);
+            *span++ = (uint32_t)(p - start);
+            *p++ = 0x93;
+            p += put_raw_header(p, (size_t)pt->node_len, 0);
+            p = put_bytes(p, pt->node, pt->node_len);
+            p += put_uint(p, pt->first + (uint64_t)i);
+            p += put_raw_header(p, (size_t)len, 1);
+            p = put_bytes(p, reading, len);
+            *span++ = (uint32_t)(p - start);
+        }
+    }
+    result = new_run(buffer, spans, count, (Py_ssize_t)total);
+    spans = NULL; /* new_run took them */
+done:
+    PyMem_Free(spans);
+    Py_XDECREF(buffer);
+    PyMem_Free(ps);
+    Py_DECREF(parts);
+    return result;
+}
+
+/* record_readings(records: PayloadRun) -> PayloadRun
+ * The reading inside each log record (msgpack [node, seq, reading]) as a run over the
+ * same buffer: no copy. ValueError for a payload that is not such a record. */
+static PyObject *record_readings(PyObject *self, PyObject *arg);
+
+/* msgpack of the items of every part, in order, as ONE array of bins. */
+static PyObject *pack_parts(PyObject *const *parts, Py_ssize_t nparts) {
+    items_t stack_items[4];
+    items_t *its = nparts <= 4 ? stack_items : PyMem_Malloc((size_t)nparts * sizeof(items_t));
+    if (its == NULL)
+        return PyErr_NoMemory();
+    PyObject *out = NULL;
+    size_t payload = 0;
+    uint64_t n = 0;
+    for (Py_ssize_t k = 0; k < nparts; k++) {
+        size_t part_bytes;
+        if (items_open(parts[k], &its[k]) < 0 || items_total(&its[k], &part_bytes) < 0)
+            goto done;
+        payload += part_bytes;
+        n += (uint64_t)its[k].n;
+    }
+    if (n > 0xFFFFFFFFu) {
         PyErr_SetString(PyExc_ValueError, "too many items for a msgpack array");
-        return NULL;
+        goto done;
     }
     /* at most 5 header bytes for the array and for each bin */
     size_t bound = 5 + 5 * (size_t)n + payload;
-    if (bound > (size_t)PY_SSIZE_T_MAX)
-        return PyErr_NoMemory();
-    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)bound);
+    if (bound > (size_t)PY_SSIZE_T_MAX) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)bound);
     if (out == NULL)
-        return NULL;
+        goto done;
     unsigned char *start = (unsigned char *)PyBytes_AS_STRING(out), *p = start;
     if (n < 16) {
         *p++ = (unsigned char)(0x90 | n);
@@ -133,36 +245,89 @@ static PyObject *pack_bins(PyObject *self, PyObject *items) {
     } else {
         *p++ = 0xdd;
         for (int i = 0; i < 4; i++)
-            *p++ = (unsigned char)((uint64_t)n >> (24 - 8 * i));
+            *p++ = (unsigned char)(n >> (24 - 8 * i));
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = PyList_GET_ITEM(items, i);
-        Py_ssize_t len = PyBytes_GET_SIZE(item);
-        if ((uint64_t)len > 0xFFFFFFFFu) {
-            Py_DECREF(out);
-            PyErr_SetString(PyExc_ValueError, "an item is too long for a msgpack bin");
-            return NULL;
+    for (Py_ssize_t k = 0; k < nparts; k++) {
+        for (Py_ssize_t i = 0; i < its[k].n; i++) {
+            Py_ssize_t len = 0;
+            const unsigned char *item = item_at(&its[k], i, &len);
+            if ((uint64_t)len > 0xFFFFFFFFu) {
+                Py_CLEAR(out);
+                PyErr_SetString(PyExc_ValueError, "an item is too long for a msgpack bin");
+                goto done;
+            }
+            p += put_raw_header(p, (size_t)len, 1);
+            p = put_bytes(p, item, len);
         }
-        p += put_raw_header(p, (size_t)len, 1);
-        p = put_bytes(p, PyBytes_AS_STRING(item), len);
     }
     if (_PyBytes_Resize(&out, p - start) < 0)
-        return NULL;
+        out = NULL;
+done:
+    if (its != stack_items)
+        PyMem_Free(its);
     return out;
 }
 
-/* total_bytes(items: list[bytes]) -> int: the sum of their lengths. */
-static PyObject *total_bytes(PyObject *self, PyObject *items) {
+/* pack_bins(items: list[bytes] | PayloadRun) -> bytes
+ * msgpack of the items as an array of bins, as msgpack-python's Packer(use_bin_type=True)
+ * packs a list of them: the body of a v2 live group and of a v2 feed delivery. */
+static PyObject *pack_bins(PyObject *self, PyObject *items) {
     (void)self;
-    if (!PyList_CheckExact(items)) {
-        PyErr_Format(PyExc_TypeError, "total_bytes() takes a list, got %.100s",
-                     Py_TYPE(items)->tp_name);
+    return pack_parts(&items, 1);
+}
+
+/* pack_runs(parts: list[list[bytes] | PayloadRun]) -> bytes
+ * pack_bins of all the parts' items in order, without joining them first. */
+static PyObject *pack_runs(PyObject *self, PyObject *parts) {
+    (void)self;
+    if (!PyList_CheckExact(parts)) {
+        PyErr_Format(PyExc_TypeError, "pack_runs() takes a list, got %.100s",
+                     Py_TYPE(parts)->tp_name);
         return NULL;
     }
+    /* A tuple keeps the parts alive even if the list changes. */
+    PyObject *tuple = PyList_AsTuple(parts);
+    if (tuple == NULL)
+        return NULL;
+    PyObject *out = pack_parts(&PyTuple_GET_ITEM(tuple, 0), PyTuple_GET_SIZE(tuple));
+    Py_DECREF(tuple);
+    return out;
+}
+
+/* total_bytes(items: list[bytes] | PayloadRun) -> int: the sum of their lengths. */
+static PyObject *total_bytes(PyObject *self, PyObject *items) {
+    (void)self;
+    items_t it;
     size_t total;
-    if (bytes_total(items, &total) < 0)
+    if (items_open(items, &it) < 0 || items_total(&it, &total) < 0)
         return NULL;
     return PyLong_FromSize_t(total);
+}
+
+/* count_within(items: list[bytes] | PayloadRun, max_bytes: int) -> int
+ * How many leading items fit in max_bytes together. */
+static PyObject *count_within(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "count_within(items, max_bytes)");
+        return NULL;
+    }
+    items_t it;
+    if (items_open(args[0], &it) < 0)
+        return NULL;
+    Py_ssize_t budget = PyLong_AsSsize_t(args[1]);
+    if (budget == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t used = 0, i = 0;
+    for (; i < it.n; i++) {
+        Py_ssize_t len;
+        if (item_at(&it, i, &len) == NULL)
+            return NULL;
+        if (len > budget - used)
+            break;
+        used += len;
+    }
+    return PyLong_FromSsize_t(i);
 }
 
 /* The device id of a reading (msgpack array of 5 starting with a str), as in
@@ -192,32 +357,32 @@ static PyObject *topic_of(const unsigned char *r, Py_ssize_t len) {
     return PyBytes_FromStringAndSize((const char *)r + start, n);
 }
 
-/* live_frames(prefix: bytes, first: int, readings: list[bytes])
+/* live_frames(prefix: bytes, first: int, readings: list[bytes] | PayloadRun)
  *     -> list[tuple[bytes, bytes, bytes]]
  * (topic, meta, reading) per publishable reading, meta = prefix + packed seq; readings
  * without a device id are left out (their seq is skipped, as the Python loop does). */
 static PyObject *live_frames(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *prefix_obj, *first_obj, *readings;
-    if (!PyArg_ParseTuple(args, "SOO!", &prefix_obj, &first_obj, &PyList_Type, &readings))
+    PyObject *prefix_obj, *first_obj, *readings_obj;
+    items_t readings;
+    if (!PyArg_ParseTuple(args, "SOO", &prefix_obj, &first_obj, &readings_obj) ||
+        items_open(readings_obj, &readings) < 0)
         return NULL;
     uint64_t seq;
     if (read_first(first_obj, &seq) < 0)
         return NULL;
     const char *prefix = PyBytes_AS_STRING(prefix_obj);
     Py_ssize_t prefix_len = PyBytes_GET_SIZE(prefix_obj);
-    Py_ssize_t n = PyList_GET_SIZE(readings);
+    Py_ssize_t n = readings.n;
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
     for (Py_ssize_t i = 0; i < n; i++, seq++) {
-        PyObject *reading = PyList_GET_ITEM(readings, i);
-        if (!PyBytes_CheckExact(reading)) {
-            PyErr_SetString(PyExc_TypeError, "readings must be bytes");
+        Py_ssize_t len;
+        const unsigned char *bytes = item_at(&readings, i, &len);
+        if (bytes == NULL)
             goto fail;
-        }
-        PyObject *topic = topic_of((const unsigned char *)PyBytes_AS_STRING(reading),
-                                   PyBytes_GET_SIZE(reading));
+        PyObject *topic = topic_of(bytes, len);
         if (topic == NULL) {
             if (PyErr_Occurred())
                 goto fail;
@@ -232,13 +397,20 @@ static PyObject *live_frames(PyObject *self, PyObject *args) {
         }
         memcpy(PyBytes_AS_STRING(meta), prefix, (size_t)prefix_len);
         memcpy(PyBytes_AS_STRING(meta) + prefix_len, seq_buf, (size_t)seq_len);
-        PyObject *triple = PyTuple_New(3);
+        PyObject *reading;
+        if (readings.list != NULL) {
+            reading = PyList_GET_ITEM(readings.list, i);
+            Py_INCREF(reading);
+        } else {
+            reading = PyBytes_FromStringAndSize((const char *)bytes, len);
+        }
+        PyObject *triple = reading ? PyTuple_New(3) : NULL;
         if (triple == NULL) {
             Py_DECREF(topic);
             Py_DECREF(meta);
+            Py_XDECREF(reading);
             goto fail;
         }
-        Py_INCREF(reading);
         PyTuple_SET_ITEM(triple, 0, topic);
         PyTuple_SET_ITEM(triple, 1, meta);
         PyTuple_SET_ITEM(triple, 2, reading);
@@ -308,6 +480,36 @@ static int read_raw(reader *r, int is_bin, uint64_t *len) {
     if (rc < 0 || (uint64_t)(r->end - r->p) < *len)
         return -1;
     return 0;
+}
+
+static PyObject *record_readings(PyObject *self, PyObject *arg) {
+    (void)self;
+    if (Py_TYPE(arg) != run_type) {
+        PyErr_Format(PyExc_TypeError, "record_readings() takes a PayloadRun, got %.100s",
+                     Py_TYPE(arg)->tp_name);
+        return NULL;
+    }
+    const PayloadRun *records = (const PayloadRun *)arg;
+    const unsigned char *base = payload_run_base(records);
+    uint32_t *spans = PyMem_Malloc(records->n ? 2 * (size_t)records->n * sizeof(uint32_t) : 1);
+    if (spans == NULL)
+        return PyErr_NoMemory();
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < records->n; i++) {
+        reader r = {base + records->spans[2 * i], base + records->spans[2 * i + 1]};
+        uint64_t node_len, seq, len;
+        if (r.p >= r.end || *r.p++ != 0x93 || read_raw(&r, 0, &node_len) < 0 ||
+            (r.p += node_len, read_uint(&r, &seq) < 0) || read_raw(&r, 1, &len) < 0 ||
+            r.p + len != r.end) {
+            PyMem_Free(spans);
+            PyErr_Format(PyExc_ValueError, "payload %zd is not a log record", i);
+            return NULL;
+        }
+        spans[2 * i] = (uint32_t)(r.p - base);
+        spans[2 * i + 1] = (uint32_t)(r.end - base);
+        total += (Py_ssize_t)len;
+    }
+    return new_run(records->owner, spans, records->n, total);
 }
 
 /* decode_batch_v2(header: bytes, body: bytes) -> (node, first, readings) | None
@@ -380,33 +582,40 @@ static PyObject *decode_batch_v2(PyObject *self, PyObject *const *args, Py_ssize
         PyErr_Clear(); /* not UTF-8: the Python decoder names the error */
         Py_RETURN_NONE;
     }
-    /* One pass (the body is read once, while it is still in cache); a body that turns out
-     * not to be n bins and nothing else drops what was made and falls back. */
-    PyObject *readings = PyList_New((Py_ssize_t)count);
-    if (readings == NULL) {
+    /* The readings stay where they are: a run of spans over the body. A body that turns
+     * out not to be n bins and nothing else falls back. */
+    if (PyBytes_GET_SIZE(args[1]) > (Py_ssize_t)0xFFFFFFFFu) {
         Py_DECREF(node_obj);
-        return NULL;
+        Py_RETURN_NONE;
     }
+    const unsigned char *body = (const unsigned char *)PyBytes_AS_STRING(args[1]);
+    uint32_t *spans = PyMem_Malloc(2 * (size_t)count * sizeof(uint32_t));
+    if (spans == NULL) {
+        Py_DECREF(node_obj);
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t total = 0;
     for (uint64_t i = 0; i < count; i++) {
         uint64_t len;
         if (read_raw(&b, 1, &len) < 0) {
+            PyMem_Free(spans);
             Py_DECREF(node_obj);
-            Py_DECREF(readings);
             Py_RETURN_NONE;
         }
-        PyObject *reading = PyBytes_FromStringAndSize((const char *)b.p, (Py_ssize_t)len);
-        if (reading == NULL) {
-            Py_DECREF(node_obj);
-            Py_DECREF(readings);
-            return NULL;
-        }
-        PyList_SET_ITEM(readings, (Py_ssize_t)i, reading);
+        spans[2 * i] = (uint32_t)(b.p - body);
         b.p += len;
+        spans[2 * i + 1] = (uint32_t)(b.p - body);
+        total += (Py_ssize_t)len;
     }
     if (b.p != b.end) {
+        PyMem_Free(spans);
         Py_DECREF(node_obj);
-        Py_DECREF(readings);
         Py_RETURN_NONE;
+    }
+    PyObject *readings = new_run(args[1], spans, (Py_ssize_t)count, total);
+    if (readings == NULL) {
+        Py_DECREF(node_obj);
+        return NULL;
     }
     PyObject *first_obj = PyLong_FromUnsignedLongLong(first);
     if (first_obj == NULL) {
@@ -428,15 +637,23 @@ static PyObject *decode_batch_v2(PyObject *self, PyObject *const *args, Py_ssize
 }
 
 static PyMethodDef methods[] = {
-    {"log_records", log_records, METH_VARARGS,
-     "log_records(node, first, readings) -> list of msgpack [node, seq, reading]"},
     {"live_frames", live_frames, METH_VARARGS,
      "live_frames(prefix, first, readings) -> list of (topic, meta, reading)"},
+    {"log_run", log_run, METH_O,
+     "log_run(parts) -> PayloadRun of the log records of (node, first, readings) parts"},
+    {"record_readings", record_readings, METH_O,
+     "record_readings(records) -> PayloadRun of the reading in each log record, no copy"},
     {"pack_bins", pack_bins, METH_O,
-     "pack_bins(items) -> msgpack array of bins, as msgpack.packb(items, use_bin_type=True)"},
+     "pack_bins(items) -> msgpack array of bins, as msgpack.packb(list(items), "
+     "use_bin_type=True)"},
+    {"pack_runs", pack_runs, METH_O,
+     "pack_runs(parts) -> pack_bins of the items of every part, in order"},
     {"total_bytes", total_bytes, METH_O, "total_bytes(items) -> sum of len(item)"},
+    {"count_within", (PyCFunction)(void (*)(void))count_within, METH_FASTCALL,
+     "count_within(items, max_bytes) -> how many leading items fit in max_bytes"},
     {"decode_batch_v2", (PyCFunction)(void (*)(void))decode_batch_v2, METH_FASTCALL,
-     "decode_batch_v2(header, body) -> (node, first, readings), or None: use Python's"},
+     "decode_batch_v2(header, body) -> (node, first, readings as a PayloadRun over body), "
+     "or None: use Python's"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -445,4 +662,21 @@ static struct PyModuleDef module = {
     "The middle's per-record encoding in C (see _hot.c).", -1, methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__hot(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__hot(void) {
+    PyObject *framing = PyImport_ImportModule("iotpipe.queue._framing");
+    if (framing == NULL)
+        return NULL; /* ImportError: hot.py falls back to Python */
+    PyObject *type = PyObject_GetAttrString(framing, "PayloadRun");
+    Py_DECREF(framing);
+    if (type == NULL)
+        return NULL;
+    if (!PyType_Check(type) ||
+        ((PyTypeObject *)type)->tp_basicsize != (Py_ssize_t)sizeof(PayloadRun)) {
+        Py_DECREF(type);
+        PyErr_SetString(PyExc_ImportError, "iotpipe.queue._framing.PayloadRun does not match "
+                                           "payload_run.h: rebuild both modules");
+        return NULL;
+    }
+    run_type = (PyTypeObject *)type; /* held for the life of the process */
+    return PyModule_Create(&module);
+}

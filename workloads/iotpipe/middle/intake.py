@@ -44,8 +44,9 @@ class PlannedBatch:
 @dataclass
 class IntakePlan:
     batches: list[PlannedBatch] = field(default_factory=list)
-    records: list[bytes] = field(default_factory=list)  # encoded log records to append
-    readings: list[bytes] = field(default_factory=list)  # the reading inside each record
+    # The encoded log records to append, in order (``hot.log_run``: one buffer, no object
+    # per record, when the C module is built).
+    records: Sequence[bytes] = ()
     provisional: dict[str, IntervalSet] = field(default_factory=dict)
 
     @property
@@ -87,7 +88,7 @@ class Intake:
     def plan(self, arrivals: Sequence[tuple[bytes, wire.Batch]]) -> IntakePlan:
         """The records to append for ``arrivals`` (in order); marks change only on commit."""
         plan = IntakePlan()
-        encode = hot.log_records
+        parts: list[hot.LogPart] = []  # the new readings, encoded in one go at the end
         for peer, batch in arrivals:
             node, first, last = batch.node, batch.first, batch.last
             marks = plan.provisional.get(node)
@@ -100,8 +101,7 @@ class Intake:
             if first > high:
                 # The common case (first == high + 1): all new. The committed marks are a
                 # subset of the provisional ones, so nothing of it was stored before.
-                plan.readings.extend(batch.readings)
-                plan.records.extend(encode(node, first, batch.readings))
+                parts.append((node, first, batch.readings))
                 marks.add(first, last)
                 plan.batches.append(PlannedBatch(peer, batch, [(first, last)], False,
                                                  high > 0 and first > high + 1))
@@ -111,11 +111,11 @@ class Intake:
             new = marks.uncovered(first, last)
             for a, b in new:
                 marks.add(a, b)
-                readings = (batch.readings if a == first and b == last
-                            else batch.readings[a - first:b - first + 1])
-                plan.readings.extend(readings)
-                plan.records.extend(encode(node, a, readings))
+                parts.append((node, a, batch.readings if a == first and b == last
+                              else batch.readings[a - first:b - first + 1]))
             plan.batches.append(PlannedBatch(peer, batch, new, stored_before, skipped_ahead))
+        if parts:
+            plan.records = hot.log_run(parts)
         return plan
 
     def committed(self, plan: IntakePlan) -> list[Reply]:

@@ -61,6 +61,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Sequence
+from itertools import chain
 
 import zmq
 import zmq.backend
@@ -193,8 +194,8 @@ class MiddleServer:
         self.recent = RecentRecords(settings.recent_bytes)
         self.feed_snapshot = {g: (self.feed.lag(g, self.tail), 0) for g in self.feed.groups}
         self.group_commits = 0
-        # Placed in the log, not yet durable: (first seq, log records, readings) per plan.
-        self._placed: deque[tuple[int, list[bytes], list[bytes]]] = deque()
+        # Placed in the log, not yet durable: (first seq, log records) per plan.
+        self._placed: deque[tuple[int, Sequence[bytes]]] = deque()
         self._placed_records = 0
         self._receiving = True  # the ROUTER is polled (not while too much awaits the disk)
         self._placed_limit = 2 * settings.max_group_records
@@ -351,7 +352,7 @@ class MiddleServer:
         except ValueError as exc:  # a record larger than a log segment can never fit
             log.error("reading too large for the log", extra={"fields": {"error": str(exc)}})
             return "reading too large for the log"
-        self._placed.append((seqs.start, plan.records, plan.readings))
+        self._placed.append((seqs.start, plan.records))
         self._placed_records += len(plan.records)
         return seqs[-1]
 
@@ -379,15 +380,15 @@ class MiddleServer:
         # about a microsecond per record that ingest's window would otherwise wait on.
         placed = self._placed
         while placed and placed[0][0] + len(placed[0][1]) - 1 <= durable:  # its last seq
-            first_seq, records, readings = placed.popleft()
+            first_seq, records = placed.popleft()
             self._placed_records -= len(records)
             self.recent.extend(first_seq, records)
-            self._publish(first_seq, readings)
+            self._publish(first_seq, hot.record_readings(records))
         if not self._receiving and self._placed_records < self._placed_limit:
             self._receiving = True
             self.poller.modify(self.router, zmq.POLLIN)
 
-    def _publish(self, first_seq: int, readings: list[bytes]) -> None:
+    def _publish(self, first_seq: int, readings: Sequence[bytes]) -> None:
         # Frames are sent one by one through the backend socket with precomputed int
         # flags: send_multipart's per-frame enum arithmetic costs more than the send.
         send = zmq.backend.Socket.send
@@ -448,24 +449,32 @@ class MiddleServer:
         sock = self.feed_sock
         max_bytes = self.settings.max_delivery_bytes
         while (lease := self.feed.next_delivery(now, self.tail)) is not None:
-            payloads = self.recent.get(lease.first, lease.count, max_bytes)
+            # The records in parts (runs of the recent groups, or one list read from the
+            # log), packed straight from them.
+            parts = self.recent.get(lease.first, lease.count, max_bytes)
             first_read: int | None = lease.first
-            if payloads is None:
+            if parts is None:
                 records = self.queue.read(lease.first, max_records=lease.count,
                                           max_bytes=max_bytes)
                 first_read = records[0].seq if records else None
-                payloads = [r.payload for r in records]
-            gone = self.feed.fit_read(lease, first_read, len(payloads), self.tail)
+                parts = [[r.payload for r in records]]
+            count = sum(map(len, parts))
+            gone = self.feed.fit_read(lease, first_read, count, self.tail)
             if gone is not None:
                 log.error("log no longer holds records a group has not acknowledged",
                           extra={"fields": {"group": lease.group, "first": gone[0],
                                             "last": gone[1],
                                             "log_first_seq": self.queue.first_seq}})
                 continue
-            if len(payloads) > lease.count:
-                payloads = payloads[:lease.count]
-            frames = wire.encode_records(lease.group, self.middle_id, lease.first, payloads,
-                                         self.feed.records_version(lease), hot.pack_bins)
+            if count > lease.count:  # both reads are bounded by it: never in practice
+                parts = [list(chain.from_iterable(parts))[:lease.count]]
+                count = lease.count
+            if self.feed.records_version(lease) >= 2:
+                frames = wire.encode_records_packed(lease.group, self.middle_id, lease.first,
+                                                    count, hot.pack_runs(parts))
+            else:
+                frames = wire.encode_records(lease.group, self.middle_id, lease.first,
+                                             list(chain.from_iterable(parts)), 1)
             try:
                 # The peer frame fails fast (unknown peer, full queue); once it is accepted
                 # the rest of the multipart message is too.

@@ -20,6 +20,8 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "payload_run.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <nmmintrin.h>
 #define IOTPIPE_HAVE_SSE42_CODE 1
@@ -122,6 +124,212 @@ static void release_views(Py_buffer *views, Py_ssize_t count) {
             PyBuffer_Release(&views[i]);
 }
 
+/* ------------------------------------------------------------------ PayloadRun */
+
+/* See payload_run.h. Built from Python as PayloadRun(data, bounds): bounds a flat sequence
+ * of ints, start and end of each payload in data (tests and the fallback-free callers); the
+ * middle's C builds runs directly. */
+static PyTypeObject PayloadRunType;
+
+static void payload_run_dealloc(PayloadRun *self) {
+    if (self->spans_owner == NULL)
+        PyMem_Free(self->spans);
+    Py_XDECREF(self->spans_owner);
+    Py_XDECREF(self->owner);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *payload_run_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"data", "bounds", NULL};
+    PyObject *data, *bounds;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "SO:PayloadRun", keywords, &data, &bounds))
+        return NULL;
+    if (PyBytes_GET_SIZE(data) > (Py_ssize_t)UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "PayloadRun data must be under 4 GiB");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(bounds, "PayloadRun bounds must be a sequence of ints");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    if (count % 2) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "PayloadRun bounds must be start, end pairs");
+        return NULL;
+    }
+    PayloadRun *self = (PayloadRun *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    self->spans = PyMem_Malloc(count ? (size_t)count * sizeof(uint32_t) : 1);
+    if (self->spans == NULL) {
+        Py_DECREF(seq);
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    Py_INCREF(data);
+    self->owner = data;
+    self->n = count / 2;
+    Py_ssize_t size = PyBytes_GET_SIZE(data), total = 0;
+    for (Py_ssize_t i = 0; i < self->n; i++) {
+        Py_ssize_t start = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(seq, 2 * i));
+        Py_ssize_t end = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(seq, 2 * i + 1));
+        if ((start == -1 || end == -1) && PyErr_Occurred())
+            goto fail;
+        if (start < 0 || end < start || end > size) {
+            PyErr_Format(PyExc_ValueError, "PayloadRun span %zd (%zd, %zd) is outside data "
+                         "of %zd bytes", i, start, end, size);
+            goto fail;
+        }
+        self->spans[2 * i] = (uint32_t)start;
+        self->spans[2 * i + 1] = (uint32_t)end;
+        total += end - start;
+    }
+    self->nbytes = total;
+    Py_DECREF(seq);
+    return (PyObject *)self;
+fail:
+    Py_DECREF(seq);
+    Py_DECREF(self);
+    return NULL;
+}
+
+static Py_ssize_t payload_run_len(PayloadRun *self) { return self->n; }
+
+static PyObject *payload_run_item(PayloadRun *self, Py_ssize_t i) {
+    if (i < 0 || i >= self->n) {
+        PyErr_SetString(PyExc_IndexError, "PayloadRun index out of range");
+        return NULL;
+    }
+    const unsigned char *base = payload_run_base(self);
+    return PyBytes_FromStringAndSize((const char *)base + self->spans[2 * i],
+                                     self->spans[2 * i + 1] - self->spans[2 * i]);
+}
+
+static PyObject *payload_run_subscript(PayloadRun *self, PyObject *key) {
+    if (!PySlice_Check(key)) {
+        Py_ssize_t i = PyNumber_AsSsize_t(key, PyExc_IndexError);
+        if (i == -1 && PyErr_Occurred())
+            return NULL;
+        if (i < 0)
+            i += self->n;
+        return payload_run_item(self, i);
+    }
+    Py_ssize_t start, stop, step;
+    if (PySlice_Unpack(key, &start, &stop, &step) < 0)
+        return NULL;
+    Py_ssize_t length = PySlice_AdjustIndices(self->n, &start, &stop, step);
+    if (step != 1) {
+        PyObject *out = PyList_New(length);
+        for (Py_ssize_t k = 0; out != NULL && k < length; k++) {
+            PyObject *item = payload_run_item(self, start + k * step);
+            if (item == NULL)
+                Py_CLEAR(out);
+            else
+                PyList_SET_ITEM(out, k, item);
+        }
+        return out;
+    }
+    PayloadRun *run = (PayloadRun *)PayloadRunType.tp_alloc(&PayloadRunType, 0);
+    if (run == NULL)
+        return NULL;
+    PyObject *spans_owner = self->spans_owner ? self->spans_owner : (PyObject *)self;
+    Py_INCREF(spans_owner);
+    run->spans_owner = spans_owner;
+    Py_INCREF(self->owner);
+    run->owner = self->owner;
+    run->spans = self->spans + 2 * start;
+    run->n = length;
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < length; i++)
+        total += run->spans[2 * i + 1] - run->spans[2 * i];
+    run->nbytes = total;
+    return (PyObject *)run;
+}
+
+static PyObject *payload_run_get_nbytes(PayloadRun *self, void *closure) {
+    (void)closure;
+    return PyLong_FromSsize_t(self->nbytes);
+}
+
+static PyObject *payload_run_repr(PayloadRun *self) {
+    return PyUnicode_FromFormat("<PayloadRun of %zd payloads, %zd bytes>", self->n,
+                                self->nbytes);
+}
+
+static PySequenceMethods payload_run_as_sequence = {
+    .sq_length = (lenfunc)payload_run_len,
+    .sq_item = (ssizeargfunc)payload_run_item,
+};
+
+static PyMappingMethods payload_run_as_mapping = {
+    .mp_length = (lenfunc)payload_run_len,
+    .mp_subscript = (binaryfunc)payload_run_subscript,
+};
+
+static PyGetSetDef payload_run_getset[] = {
+    {"nbytes", (getter)payload_run_get_nbytes, NULL, "the sum of the payloads' lengths", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject PayloadRunType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "iotpipe.queue._framing.PayloadRun",
+    .tp_doc = "PayloadRun(data, bounds): payloads held in one bytes object, each a span of\n"
+              "it (bounds: start, end, start, end, ...). A read-only sequence of bytes that\n"
+              "encode_records frames without a Python object per payload.",
+    .tp_basicsize = sizeof(PayloadRun),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_SEQUENCE,
+    .tp_new = payload_run_new,
+    .tp_dealloc = (destructor)payload_run_dealloc,
+    .tp_repr = (reprfunc)payload_run_repr,
+    .tp_as_sequence = &payload_run_as_sequence,
+    .tp_as_mapping = &payload_run_as_mapping,
+    .tp_getset = payload_run_getset,
+};
+
+/* encode_records for a PayloadRun: no tuple, no buffer views. */
+static PyObject *encode_run(PayloadRun *run, unsigned long long first_seq) {
+    Py_ssize_t count = run->n;
+    if (count > 0 && (unsigned long long)(count - 1) > UINT64_MAX - first_seq) {
+        PyErr_SetString(PyExc_ValueError, "seqs would pass 2**64-1");
+        return NULL;
+    }
+    const unsigned char *base = payload_run_base(run);
+    const uint32_t *spans = run->spans;
+    size_t total = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        size_t size = spans[2 * i + 1] - spans[2 * i];
+        if (size > LENGTH_MASK - RECORD_HEADER_BYTES) {
+            PyErr_Format(PyExc_ValueError, "a record of %zu bytes is too large to frame", size);
+            return NULL;
+        }
+        total += (size + RECORD_HEADER_BYTES + 7) & ~(size_t)7;
+    }
+    if (total > (size_t)PY_SSIZE_T_MAX)
+        return PyErr_NoMemory();
+    PyObject *result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (result == NULL)
+        return NULL;
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(result);
+    uint32_t flag = FIRST_IN_WRITE;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        size_t size = spans[2 * i + 1] - spans[2 * i];
+        size_t length = RECORD_HEADER_BYTES + size;
+        size_t padded = (length + 7) & ~(size_t)7;
+        store32le(out + 4, (uint32_t)length | flag);
+        store64le(out + 8, first_seq + (uint64_t)i);
+        if (size)
+            memcpy(out + RECORD_HEADER_BYTES, base + spans[2 * i], size);
+        memset(out + length, 0, padded - length);
+        store32le(out, crc32c(out + 4, length - 4));
+        out += padded;
+        flag = 0;
+    }
+    return result;
+}
+
 PyDoc_STRVAR(encode_records_doc,
 "encode_records(payloads, first_seq, /) -> bytes\n\n"
 "Frame payloads with consecutive seqs from first_seq as ONE write (the first record\n"
@@ -142,6 +350,8 @@ static PyObject *encode_records(PyObject *module, PyObject *const *args, Py_ssiz
         }
         return NULL;
     }
+    if (Py_TYPE(args[0]) == &PayloadRunType)
+        return encode_run((PayloadRun *)args[0], first_seq);
     /* A tuple of the payloads (a copy unless one was passed): its references keep every
      * payload alive and in place even if a buffer export ran code that changed the list. */
     PyObject *seq = PyList_CheckExact(args[0]) ? PyList_AsTuple(args[0])
@@ -899,7 +1109,7 @@ PyMODINIT_FUNC PyInit__framing(void) {
 #endif
     if (append_name == NULL && (append_name = PyUnicode_InternFromString("append")) == NULL)
         return NULL;
-    if (PyType_Ready(&SyncWorkerType) < 0)
+    if (PyType_Ready(&SyncWorkerType) < 0 || PyType_Ready(&PayloadRunType) < 0)
         return NULL;
     PyObject *module = PyModule_Create(&module_def);
     if (module == NULL)
@@ -907,6 +1117,12 @@ PyMODINIT_FUNC PyInit__framing(void) {
     Py_INCREF(&SyncWorkerType);
     if (PyModule_AddObject(module, "SyncWorker", (PyObject *)&SyncWorkerType) < 0) {
         Py_DECREF(&SyncWorkerType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&PayloadRunType);
+    if (PyModule_AddObject(module, "PayloadRun", (PyObject *)&PayloadRunType) < 0) {
+        Py_DECREF(&PayloadRunType);
         Py_DECREF(module);
         return NULL;
     }

@@ -137,8 +137,12 @@ def encode_records_python(payloads: Sequence[bytes], first_seq: int) -> bytes:
 
 
 try:
+    from ._framing import PayloadRun as PayloadRun
     from ._framing import encode_records as encode_records  # the C encoder (_framing.c)
 
+    # Payloads held in one buffer (the middle's C builds them): a read-only sequence of
+    # bytes, which encode_records frames without an object per payload.
+    Sequence.register(PayloadRun)
     ENCODER = "c"
 except ImportError:  # not built (no compiler at install): the same format, slower
     encode_records = encode_records_python

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from iotpipe import wire
 
@@ -32,6 +34,14 @@ def test_batch_round_trip_and_ack() -> None:
     assert wire.decode_ack(wire.encode_ack("pod-0-p0", 13)) == wire.Ack("pod-0-p0", 13)
     busy = wire.decode_busy(wire.encode_busy("n", 11, 250, "log full"))
     assert busy == wire.Busy("n", 11, 250, "log full")
+
+
+@given(st.text(max_size=300), st.integers(-(2**63), 2**64 - 1))
+def test_ack_is_the_packed_map_whatever_the_node_and_seq(node: str, last: int) -> None:
+    """encode_ack reuses the packed prefix of each node's acks: still the bytes of the map."""
+    expected = [wire.KIND_ACK, msgpack.packb({"node": node, "last": last}, use_bin_type=True)]
+    assert wire.encode_ack(node, last) == expected
+    assert wire.encode_ack(node, last) == expected  # the second from the cached prefix
 
 
 def test_batch_v2_is_three_frames_and_v1_is_still_read() -> None:

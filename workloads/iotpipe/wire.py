@@ -43,6 +43,7 @@ Storage <-> middle feed (DEALER -> ROUTER)
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import lru_cache
 from itertools import count, repeat
 from typing import NamedTuple
 
@@ -254,8 +255,16 @@ def decode_batch(frames: Sequence[bytes]) -> Batch:
     return Batch(str(header["node"]), first, readings)
 
 
+@lru_cache(maxsize=1024)  # a middle hears from a handful of ingest nodes
+def _ack_prefix(node: str) -> bytes:
+    """An ack's body up to the value of "last" (packed, 0 is the one byte it ends with)."""
+    return _packb({"node": node, "last": 0})[:-1]
+
+
 def encode_ack(node: str, last: int) -> list[bytes]:
-    return [KIND_ACK, _packb({"node": node, "last": last})]
+    # The same bytes as packing {"node": node, "last": last}, for a third of the cost: the
+    # middle sends one per batch.
+    return [KIND_ACK, _ack_prefix(node) + _packb(last)]
 
 
 def decode_ack(frames: Sequence[bytes]) -> Ack:

@@ -32,10 +32,10 @@ class Reply(NamedTuple):
     frames: list[bytes]
 
 
-@dataclass
-class PlannedBatch:
+class PlannedBatch(NamedTuple):  # a tuple: one made per batch, and cheaper than a class
     peer: bytes
     batch: wire.Batch
+    last: int  # the batch's last node seq
     new: list[tuple[int, int]]  # node seq ranges of this batch that get stored
     stored_before: bool  # every reading was already durable before this plan
     skipped_ahead: bool  # started above the node's high-water mark + 1 (a hole opens)
@@ -48,10 +48,11 @@ class IntakePlan:
     # per record, when the C module is built).
     records: Sequence[bytes] = ()
     provisional: dict[str, IntervalSet] = field(default_factory=dict)
+    received: int = 0  # readings in the plan's batches
 
     @property
     def duplicates(self) -> int:
-        return sum(len(b.batch.readings) for b in self.batches) - len(self.records)
+        return self.received - len(self.records)
 
 
 @dataclass
@@ -89,8 +90,12 @@ class Intake:
         """The records to append for ``arrivals`` (in order); marks change only on commit."""
         plan = IntakePlan()
         parts: list[hot.LogPart] = []  # the new readings, encoded in one go at the end
+        received = 0
         for peer, batch in arrivals:
-            node, first, last = batch.node, batch.first, batch.last
+            node, first, readings = batch
+            count = len(readings)
+            last = first + count - 1
+            received += count
             marks = plan.provisional.get(node)
             if marks is None:
                 base = self._placed_marks.get(node)
@@ -101,9 +106,9 @@ class Intake:
             if first > high:
                 # The common case (first == high + 1): all new. The committed marks are a
                 # subset of the provisional ones, so nothing of it was stored before.
-                parts.append((node, first, batch.readings))
+                parts.append((node, first, readings))
                 marks.add(first, last)
-                plan.batches.append(PlannedBatch(peer, batch, [(first, last)], False,
+                plan.batches.append(PlannedBatch(peer, batch, last, [(first, last)], False,
                                                  high > 0 and first > high + 1))
                 continue
             stored_before = self.marks.get(node).covers(first, last)
@@ -111,9 +116,11 @@ class Intake:
             new = marks.uncovered(first, last)
             for a, b in new:
                 marks.add(a, b)
-                parts.append((node, a, batch.readings if a == first and b == last
-                              else batch.readings[a - first:b - first + 1]))
-            plan.batches.append(PlannedBatch(peer, batch, new, stored_before, skipped_ahead))
+                parts.append((node, a, readings if a == first and b == last
+                              else readings[a - first:b - first + 1]))
+            plan.batches.append(PlannedBatch(peer, batch, last, new, stored_before,
+                                             skipped_ahead))
+        plan.received = received
         if parts:
             plan.records = hot.log_run(parts)
         return plan
@@ -126,8 +133,8 @@ class Intake:
         self.counters.records += len(plan.records)
         self.counters.duplicates += plan.duplicates
         self.counters.skipped_ahead += sum(pb.skipped_ahead for pb in plan.batches)
-        return [Reply(pb.peer, wire.encode_ack(pb.batch.node, pb.batch.last))
-                for pb in plan.batches]
+        encode_ack = wire.encode_ack
+        return [Reply(pb.peer, encode_ack(pb.batch.node, pb.last)) for pb in plan.batches]
 
     def commit(self, arrivals: Sequence[tuple[bytes, wire.Batch]], append: Append,
                retry_ms: int) -> list[Reply]:
@@ -199,7 +206,7 @@ class Intake:
         for pb in plan.batches:
             if pb.stored_before:
                 self.counters.duplicates += len(pb.batch.readings)
-                replies.append(Reply(pb.peer, wire.encode_ack(pb.batch.node, pb.batch.last)))
+                replies.append(Reply(pb.peer, wire.encode_ack(pb.batch.node, pb.last)))
             else:
                 self.counters.busy += 1
                 replies.append(Reply(pb.peer, wire.encode_busy(

@@ -188,7 +188,7 @@ def test_batches_acked_and_resends_stored_once(middle_factory) -> None:  # type:
 
 
 # Rounds of at most 32 readings: a round that stops at the limit with more waiting, or a
-# group of 8 or more, is written in the background, so acks wait for the worker thread.
+# group of 32 or more, is written in the background, so acks wait for the worker thread.
 BACKGROUND_WRITES = ("--max-group-records", "32")
 
 

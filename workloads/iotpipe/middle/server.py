@@ -20,8 +20,9 @@ The group commit. Everything placed since the last write is written and synced a
 group. When the ROUTER had nothing more waiting, the loop writes it itself: nothing else to
 do, and the acks leave the moment fdatasync returns (the lowest latency, while new batches
 pile up in ZeroMQ's queues to form the next group). When more was waiting (the round
-stopped at ``max_group_records``) or the group is large, the log writes in the background,
-on a thread that never takes the GIL, while this loop acknowledges, publishes and delivers
+stopped at ``max_group_records``) or a full group is placed, the log writes in the
+background, on a thread that never takes the GIL, while this loop acknowledges, publishes
+and delivers
 the group before it and receives, plans and encodes the next one. Nothing is
 acknowledged, published or delivered before its write's fdatasync returned, and the marks
 that judge later batches as duplicates include the groups in flight, whose acks wait for
@@ -360,12 +361,12 @@ class MiddleServer:
         """Settle a background write that ended; start the next group's (see the module doc
         for where it runs)."""
         durable = self.queue.poll_durable()
-        # In the background when more is waiting or the group is large (its sync is long
-        # enough, and the work on the group before it plentiful enough, to be worth the
-        # hand-off): at batch 512 15-27 % more records/s; for small groups on an idle loop
-        # the hand-off's wake-ups only added latency (docs/benchmarks.md).
+        # In the background when more is waiting or a full group is placed (its sync is
+        # long enough, and the work on the next group plentiful enough, to be worth the
+        # hand-off); smaller groups are written here: their hand-off's wake-ups only added
+        # latency and CPU (docs/benchmarks.md).
         background = (self._more_waiting
-                      or self._placed_records >= self.settings.max_group_records // 4)
+                      or self._placed_records >= self.settings.max_group_records)
         if not self.queue.writing and self.queue.start_write(background=background):
             durable = self.queue.poll_durable()
         self._settle(durable)

@@ -55,11 +55,11 @@ class MiddleSettings(ServerSettings):
                               description="recently appended records kept in memory to serve "
                                           "feed deliveries without reading the log (whole "
                                           "groups are dropped, never the newest)")
-    max_group_records: int = Field(16384, ge=1,
+    max_group_records: int = Field(4096, ge=1,
                                    description="readings gathered into one group commit; a "
-                                   "group of a quarter of this or more (or a round that "
-                                   "stops here with more waiting) is written and synced in "
-                                   "the background while the next one is prepared")
+                                   "group this large (a round that stops here with more "
+                                   "waiting) is written and synced in the background while "
+                                   "the next one is received and prepared")
     busy_retry_ms: int = Field(200, ge=1, description="retry hint sent with busy replies")
     pub_hwm: int = Field(100_000, ge=1,
                          description="PUB send high-water mark per subscriber, in records "

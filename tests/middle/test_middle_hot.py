@@ -28,8 +28,8 @@ def _c_module() -> ModuleType:
 def test_c_module_is_built_and_used() -> None:
     c = _c_module()
     assert hot.BUILT
-    assert hot.log_run is c.log_run and hot.live_frames is c.live_frames
-    assert hot.record_readings is c.record_readings and hot.pack_runs is c.pack_runs
+    assert hot._log_run is c.log_run and hot.live_frames is c.live_frames
+    assert hot._record_readings is c.record_readings and hot.pack_runs is c.pack_runs
     assert hot.pack_bins is c.pack_bins and hot.total_bytes is c.total_bytes
     assert hot.decode_batch is hot._decode_batch_c
 
@@ -78,6 +78,23 @@ def _as_run(readings: list[bytes]) -> PayloadRun:
     run = PayloadRun(body, bounds)
     assert list(run) == readings
     return run
+
+
+def test_a_group_too_large_for_a_run_is_made_a_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's spans are 32-bit: a group of 4 GiB or more (the C raises OverflowError) is
+    encoded as a list instead, and its readings are found in that list, so the middle
+    stores it (or answers busy) rather than failing."""
+    c = _c_module()
+
+    def too_large(parts: list[hot.LogPart]) -> PayloadRun:
+        raise OverflowError("a run's payloads must total under 4 GiB")
+
+    monkeypatch.setattr(hot, "_log_run", too_large)
+    readings = [b"r1", b"r22"]
+    records = hot.log_run([("n", 9, _as_run(readings))])
+    assert records == wire.encode_log_records("n", 9, readings)
+    assert hot.record_readings(records) == readings
+    assert list(hot.record_readings(c.log_run([("n", 9, readings)]))) == readings
 
 
 def test_payload_runs_slice_and_index_like_lists() -> None:

@@ -164,7 +164,8 @@ static PyObject *log_run(PyObject *self, PyObject *parts_list) {
         count += pt->items.n;
     }
     if (total > 0xFFFFFFFFu) {
-        PyErr_SetString(PyExc_ValueError, "a group's log records must total under 4 GiB");
+        /* spans are 32-bit: hot.py makes a list of such a group instead */
+        PyErr_SetString(PyExc_OverflowError, "a run's payloads must total under 4 GiB");
         goto done;
     }
     buffer = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);

@@ -75,6 +75,19 @@ def _live_frames_py(prefix: bytes, first: int, readings: list[bytes]
             if topic is not None]
 
 
+def _log_run_c(parts: list[LogPart]) -> Sequence[bytes]:
+    try:
+        return _log_run(parts)
+    except OverflowError:  # 4 GiB or more in one group (a run's spans are 32-bit)
+        return _log_run_py(parts)
+
+
+def _record_readings_c(records: Sequence[bytes]) -> Sequence[bytes]:
+    if type(records) is PayloadRun:
+        return _record_readings(records)
+    return _record_readings_py(records)  # a list: what _log_run_c gave for a huge group
+
+
 def _decode_batch_c(frames: Sequence[bytes]) -> wire.Batch:
     if len(frames) == 3 and frames[0] == wire.KIND_BATCH_V2:
         header, body = frames[1], frames[2]
@@ -90,12 +103,16 @@ try:
         count_within,
         decode_batch_v2,
         live_frames,
-        log_run,
         pack_bins,
         pack_runs,
-        record_readings,
         total_bytes,
     )
+    from iotpipe.middle._hot import log_run as _log_run
+    from iotpipe.middle._hot import record_readings as _record_readings
+    from iotpipe.queue.framing import PayloadRun
+
+    log_run = _log_run_c
+    record_readings = _record_readings_c
     decode_batch = _decode_batch_c
     BUILT = True
 except ImportError:  # not built (no compiler at install): the same output, slower

@@ -22,8 +22,7 @@ do, and the acks leave the moment fdatasync returns (the lowest latency, while n
 pile up in ZeroMQ's queues to form the next group). When more was waiting (the round
 stopped at ``max_group_records``) or a full group is placed, the log writes in the
 background, on a thread that never takes the GIL, while this loop acknowledges, publishes
-and delivers
-the group before it and receives, plans and encodes the next one. Nothing is
+and delivers the group before it and receives, plans and encodes the next one. Nothing is
 acknowledged, published or delivered before its write's fdatasync returned, and the marks
 that judge later batches as duplicates include the groups in flight, whose acks wait for
 their write.

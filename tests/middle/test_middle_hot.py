@@ -181,7 +181,8 @@ def test_pack_bins_and_total_bytes_match_msgpack(items: list[bytes]) -> None:
     group = wire.decode_live_group(wire.encode_live_group("m", 7, items, c.pack_bins)) \
         if items else None
     assert group is None or group.readings == items
-    records = wire.decode_records(wire.encode_records("g", "m", 3, items, 2, c.pack_bins))
+    records = wire.decode_records(wire.encode_records_packed("g", "m", 3, len(items),
+                                                             c.pack_bins(items)))
     assert records.records == items and records.first == 3
 
 

@@ -514,18 +514,18 @@ def decode_feed_request(frames: Sequence[bytes]) -> FeedRequest:
 
 
 def encode_records(group: str, middle: str, first: int, records: Sequence[bytes],
-                   version: int = 1, pack_bins: PackBins | None = None) -> list[bytes]:
+                   version: int = 1) -> list[bytes]:
     """A delivery; ``version`` 2 (one frame for all records) once the consumer reads it."""
     if version >= 2:
-        return encode_records_packed(group, middle, first, len(records),
-                                     (pack_bins or _pack_list)(records))
+        return encode_records_packed(group, middle, first, len(records), _pack_list(records))
     header = _packb({"group": group, "middle": middle, "first": first, "n": len(records)})
     return [KIND_RECORDS, header, *records]
 
 
 def encode_records_packed(group: str, middle: str, first: int, count: int, body: bytes
                           ) -> list[bytes]:
-    """A v2 delivery of ``count`` records whose body (a msgpack array of bins) is packed."""
+    """A v2 delivery of ``count`` records whose body (a msgpack array of bins) is packed
+    (the middle packs it from its runs of records with ``hot.pack_runs``)."""
     header = _packb({"group": group, "middle": middle, "first": first, "n": count})
     return [KIND_RECORDS_V2, header, body]
 

@@ -9,6 +9,7 @@ message per record (``hot.live_frames``), for relays older than the v2 format.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from iotpipe import wire
@@ -26,7 +27,7 @@ def pub_sndhwm(pub_hwm: int, live_format: LiveFormat, group_records: int) -> int
     return max(1, -(-pub_hwm // group_records))
 
 
-def group_messages(middle_id: str, first: int, readings: list[bytes],
+def group_messages(middle_id: str, first: int, readings: Sequence[bytes],
                    group_records: int) -> list[list[bytes]]:
     """The v2 messages of a group appended at log seqs ``first ..``, in seq order."""
     if len(readings) <= group_records:  # the common case: no slicing copies

@@ -103,18 +103,24 @@ static PyObject *new_run(PyObject *owner, uint32_t *spans, Py_ssize_t n, Py_ssiz
     return (PyObject *)run;
 }
 
+/* The items of a list argument of `function` as a tuple, whose references keep every item
+ * alive even if the list changes meanwhile; TypeError for anything but a list. */
+static PyObject *list_as_tuple(const char *function, PyObject *list) {
+    if (!PyList_CheckExact(list)) {
+        PyErr_Format(PyExc_TypeError, "%s() takes a list, got %.100s", function,
+                     Py_TYPE(list)->tp_name);
+        return NULL;
+    }
+    return PyList_AsTuple(list);
+}
+
 /* log_run(parts: list[tuple[str, int, list[bytes] | PayloadRun]]) -> PayloadRun
  * The log records (msgpack [node, seq, reading], as wire.encode_log_records makes them) of
  * every part (node, first node seq, readings), in order, in ONE buffer: no Python object
  * per record. */
 static PyObject *log_run(PyObject *self, PyObject *parts_list) {
     (void)self;
-    if (!PyList_CheckExact(parts_list)) {
-        PyErr_Format(PyExc_TypeError, "log_run() takes a list, got %.100s",
-                     Py_TYPE(parts_list)->tp_name);
-        return NULL;
-    }
-    PyObject *parts = PyList_AsTuple(parts_list); /* keeps every part alive */
+    PyObject *parts = list_as_tuple("log_run", parts_list);
     if (parts == NULL)
         return NULL;
     Py_ssize_t nparts = PyTuple_GET_SIZE(parts);
@@ -281,13 +287,7 @@ static PyObject *pack_bins(PyObject *self, PyObject *items) {
  * pack_bins of all the parts' items in order, without joining them first. */
 static PyObject *pack_runs(PyObject *self, PyObject *parts) {
     (void)self;
-    if (!PyList_CheckExact(parts)) {
-        PyErr_Format(PyExc_TypeError, "pack_runs() takes a list, got %.100s",
-                     Py_TYPE(parts)->tp_name);
-        return NULL;
-    }
-    /* A tuple keeps the parts alive even if the list changes. */
-    PyObject *tuple = PyList_AsTuple(parts);
+    PyObject *tuple = list_as_tuple("pack_runs", parts);
     if (tuple == NULL)
         return NULL;
     PyObject *out = pack_parts(&PyTuple_GET_ITEM(tuple, 0), PyTuple_GET_SIZE(tuple));

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import subprocess
 import sys
@@ -19,10 +20,12 @@ from iotpipe.queue import (
     PersistentQueue,
     QueueClosed,
     QueueCorrupted,
+    QueueError,
     QueueFull,
     QueueLocked,
     Record,
 )
+from iotpipe.queue.fileio import OsFileIO
 
 pytestmark = pytest.mark.unit
 
@@ -494,16 +497,81 @@ async def test_async_queue_submit_joins_the_open_group_as_one_batch(tmp_path: Pa
     queue = PersistentQueue.open(tmp_path / "q", capacity_bytes=1 << 20, segment_bytes=65536)
     async_queue = AsyncQueue(queue)
     try:
-        first = async_queue.submit([b"a"])       # nothing in flight: written at once
-        second = async_queue.submit([b"b", b"c"])  # joins the next group...
-        third = async_queue.submit([b"d"])       # ...and shares its one future
-        assert second is third and first is not second
-        assert await first == range(1, 2)
-        assert await second == range(2, 5)
-        assert [r.payload for r in queue.read(1, max_records=10)] == [b"a", b"b", b"c", b"d"]
+        first = async_queue.submit([b"a"])       # the group starts at the end of this turn:
+        second = async_queue.submit([b"b", b"c"])  # the same turn joins it, one batch
+        assert second is first
+        assert not async_queue._idle.is_set()    # a group is due: not idle
+        assert await first == range(1, 4)
+        third = async_queue.submit([b"d"])       # a later turn: the next group
+        fourth = async_queue.submit([b"e"])
+        assert third is fourth and third is not first
+        assert await third == range(4, 6)
+        assert [r.payload for r in queue.read(1, max_records=10)] == [b"a", b"b", b"c", b"d",
+                                                                      b"e"]
         assert await async_queue.wait_idle(5)
     finally:
         await async_queue.aclose()
+
+
+async def test_async_queue_writes_a_group_in_the_background_while_the_loop_runs(
+        tmp_path: Path) -> None:
+    queue = PersistentQueue.open(tmp_path / "q", capacity_bytes=1 << 20, segment_bytes=65536)
+    async_queue = AsyncQueue(queue)
+    try:
+        assert await async_queue.submit([b"first"]) == range(1, 2)  # creates the segment
+        group = async_queue.submit([b"a", b"b"])
+        await asyncio.sleep(0)  # the group started at the end of that turn
+        if queue.persist_mode == "fdatasync":
+            # On the worker thread: this coroutine runs while it writes; the loop settles
+            # the group when the worker's descriptor is readable.
+            assert queue.writing and not group.done()
+        later = async_queue.submit([b"c"])  # joins the next group, started when this ends
+        assert await group == range(2, 4)
+        assert await later == range(4, 5)
+        assert [r.payload for r in queue.read(1)] == [b"first", b"a", b"b", b"c"]
+    finally:
+        await async_queue.aclose()
+
+
+class _FailingWrites(OsFileIO):
+    def write_synced(self, handle: int, data: bytes, offset: int) -> None:
+        raise OSError(errno.EIO, "simulated write error")
+
+
+async def test_async_queue_a_failed_write_fails_its_group_and_every_later_one(
+        tmp_path: Path) -> None:
+    queue = PersistentQueue.open(tmp_path / "q", capacity_bytes=1 << 20, segment_bytes=65536,
+                                 file_io=_FailingWrites())
+    async_queue = AsyncQueue(queue)
+    try:
+        first = async_queue.submit([b"a"])
+        appended = asyncio.ensure_future(async_queue.append([b"b"]))
+        with pytest.raises(QueueError, match="write failed"):
+            await first
+        with pytest.raises(QueueError):  # its group, or the next: the queue failed
+            await appended
+        with pytest.raises(QueueError):  # the queue is unusable until reopened
+            await async_queue.submit([b"c"])
+        assert queue.durable_seq == 0
+        assert await async_queue.wait_idle(5)
+    finally:
+        await async_queue.aclose()
+
+
+async def test_async_queue_close_fails_what_waits_for_space(tmp_path: Path) -> None:
+    queue = PersistentQueue.open(tmp_path / "q", capacity_bytes=16384, segment_bytes=8192,
+                                 consumers=["c"])
+    async_queue = AsyncQueue(queue)
+    record = b"r" * 1000
+    await async_queue.append([record] * 10)
+    waiting = async_queue.submit([record] * 8, timeout=60)
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and not async_queue._idle.is_set()
+    started = time.monotonic()
+    await async_queue.aclose()
+    assert time.monotonic() - started < 5  # not its 60 s wait
+    with pytest.raises(QueueClosed):
+        await waiting
 
 
 async def test_async_queue_submit_full_fails_the_whole_group_after_its_wait(
@@ -515,7 +583,8 @@ async def test_async_queue_submit_full_fails_the_whole_group_after_its_wait(
         record = b"r" * 1000
         await async_queue.append([record] * 10)
         started = time.monotonic()
-        in_flight = async_queue.submit([b"small"], timeout=0.2)  # fits; written at once
+        in_flight = async_queue.submit([b"small"], timeout=0.2)  # fits
+        await asyncio.sleep(0)  # its group started: what follows joins the next one
         group = async_queue.submit([record] * 4, timeout=0.2)
         assert group is async_queue.submit([record] * 4, timeout=0.2)  # one batch of 8
         assert await in_flight == range(11, 12)

@@ -33,6 +33,7 @@ from iotpipe.queue import PersistentQueue, signal_eventfd
 __all__ = ["CONSUMER", "Forwarder"]
 
 CONSUMER = "forwarder"
+_NEVER = 1 << 62  # a seq no queue reaches
 log = logging.getLogger("iotpipe.ingest.forwarder")
 
 
@@ -67,6 +68,8 @@ class Forwarder:
                                   window=window, ack_timeout=ack_timeout)
         self._pending_endpoints: list[str] | None = None
         self._pending_lock = threading.Lock()
+        # The durable seq at which the thread wants the durable listener to wake it.
+        self._wake_at = 0
         self._own_context = context is None
         self._context = context or zmq.Context()
         self._stop = threading.Event()
@@ -170,9 +173,10 @@ class Forwarder:
         # sleeps until a reply, new records or a deadline instead of polling every 2 ms.
         wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
-        def on_durable(_seq: int) -> None:
-            with contextlib.suppress(OSError):
-                signal_eventfd(wake)
+        def on_durable(seq: int) -> None:
+            if seq >= self._wake_at:
+                with contextlib.suppress(OSError):
+                    signal_eventfd(wake)
 
         self.queue.add_durable_listener(on_durable)
         try:
@@ -234,6 +238,19 @@ class Forwarder:
             if waiting_since is not None and core.can_send(now) \
                     and queue.durable_seq >= core.next_seq:
                 wait_s = min(wait_s, waiting_since + self.linger - now)
+            # A wake-up per group commit only when it would send: at the first new record
+            # when nothing is in flight; while batches are, at a full batch (a reply wakes
+            # the thread before that anyway, and starts a smaller batch's linger); never
+            # while the window is full. Set before durable_seq is read again, so a group
+            # that ends in between is seen here or signals.
+            if not core.can_send(now):
+                self._wake_at = _NEVER
+            elif core.idle():
+                self._wake_at = core.next_seq
+            else:
+                self._wake_at = core.next_seq + self.batch_records - 1
+            if queue.durable_seq >= self._wake_at:
+                wait_s = 0.0
             for sock, _ in poller.poll(max(0, int(wait_s * 1000 + 0.999))):
                 if sock == wake:
                     with contextlib.suppress(BlockingIOError):

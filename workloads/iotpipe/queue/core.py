@@ -152,8 +152,8 @@ class PersistentQueue:
         return self._writer.append(payloads, timeout)
 
     def append_batches(self, batches: Sequence[Sequence[bytes]]) -> list[range | Exception]:
-        """Append several independent batches with ONE group commit (what a single writer,
-        such as ``AsyncQueue``'s writer thread, calls once per group).
+        """Append several independent batches with ONE group commit (what a single writer
+        thread calls once per group; ``AsyncQueue`` drives ``append_nowait`` instead).
 
         Each batch is all-or-nothing on its own; the result for each is its range or the
         exception it raised (QueueFull at once if it does not fit, TypeError, ValueError...).

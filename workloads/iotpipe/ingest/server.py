@@ -400,8 +400,8 @@ def tune_interpreter(settings: IngestSettings) -> None:
 
     The objects made while starting (modules, settings, metrics) live as long as the
     process: frozen, the cyclic GC's full collections no longer walk them, each with the GIL
-    held (docs/benchmarks.md). The switch interval bounds how long the event loop, the
-    queue writer and the forwarder wait for each other's GIL.
+    held (docs/benchmarks.md). The switch interval bounds how long the event loop and the
+    forwarder thread wait for each other's GIL.
     """
     sys.setswitchinterval(settings.gil_switch_interval)
     gc.collect()

@@ -245,6 +245,8 @@ class Forwarder:
             # that ends in between is seen here or signals.
             if not core.can_send(now):
                 self._wake_at = _NEVER
+                if core.paused_until > now:  # a busy middle's retry time
+                    wait_s = min(wait_s, core.paused_until - now)
             elif core.idle():
                 self._wake_at = core.next_seq
             else:

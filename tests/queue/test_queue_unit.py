@@ -567,10 +567,8 @@ async def test_async_queue_close_fails_what_waits_for_space(tmp_path: Path) -> N
     waiting = async_queue.submit([record] * 8, timeout=60)
     await asyncio.sleep(0.05)
     assert not waiting.done() and not async_queue._idle.is_set()
-    started = time.monotonic()
     await async_queue.aclose()
-    assert time.monotonic() - started < 5  # not its 60 s wait
-    with pytest.raises(QueueClosed):
+    with pytest.raises(QueueClosed):  # not QueueFull after its 60 s wait
         await waiting
 
 

@@ -149,8 +149,7 @@ class AsyncQueue:
         if self._full and self._retry is None:
             self._retry = self._loop.call_later(FULL_RETRY_S, self._retry_full)
         self._written = placed
-        self._writing = True
-        self._idle.clear()
+        self._writing = True  # _idle is clear already: a group was due or in flight
         try:
             self._queue.start_write(background=True)
         except QueueError as exc:  # written here (a new segment) and failed

@@ -98,7 +98,7 @@ async def test_acked_messages_reach_the_middle_as_readings(ingest: Factory,
         assert await reply(ws) == {"type": "ack", "ids": ["a"]}
         await ws.send(orjson.dumps([{"id": 1, "data": {"t": 1}}, {"id": 2, "data": {"t": 2}}]))
         assert await reply(ws) == {"type": "ack", "ids": [1, 2]}
-    assert middle.wait_for(lambda m: len(m.stored) == 3, 5)
+    assert await middle.until(lambda m: len(m.stored) == 3, 5)
     readings = sorted((decode_reading(r) for r in middle.stored.values()), key=lambda r: r.msg_id)
     assert [(r.device_id, r.msg_id) for r in readings] == [("dev-1", "1"), ("dev-1", "2"),
                                                             ("dev-1", "a")]
@@ -173,7 +173,7 @@ async def test_bad_input_gets_errors_and_others_carry_on(ingest: Factory,
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
         await good.send(orjson.dumps({"id": 2, "data": {"k": 2}}).decode())
         assert await reply(good) == {"type": "ack", "ids": [2]}
-    assert middle.wait_for(lambda m: len(m.stored) == 3, 5)
+    assert await middle.until(lambda m: len(m.stored) == 3, 5)
     assert middle.messages() == {("bad", "z"), ("good", "1"), ("good", "2")}
 
 
@@ -200,7 +200,7 @@ async def test_flood_gets_rate_limited_then_closed_1008(ingest: Factory,
         assert await reply(calm) == {"type": "ack", "ids": ["ok"]}
     assert acked == [0, 1, 2, 3, 4]
     assert limited == [5, 6, 7]
-    assert middle.wait_for(lambda m: len(m.stored) == 6, 5)
+    assert await middle.until(lambda m: len(m.stored) == 6, 5)
     # Never ack-then-drop, never store a refused message.
     assert {m for d, m in middle.messages() if d == "flooder"} == {str(i) for i in acked}
 
@@ -294,7 +294,7 @@ async def test_failover_to_the_next_middle_resends_everything_unacked(
         for i in range(20):
             await ws.send(orjson.dumps({"id": i, "data": {"k": i}}).decode())
             assert (await reply(ws))["type"] == "ack"
-    assert b.wait_for(lambda m: len(m.stored) == 20, 10)
+    assert await b.until(lambda m: len(m.stored) == 20, 10)
     assert a.batches, "the preferred (silent) middle got the batches first"
     assert b.messages() == {("dev-f", str(i)) for i in range(20)}
     # Sequence order per node is kept on the new middle: the first batch starts at 1.
@@ -308,7 +308,7 @@ async def test_busy_middle_is_retried_in_order(ingest: Factory, middles: Factory
         for i in range(10):
             await ws.send(orjson.dumps({"id": i, "data": {"k": i}}).decode())
             assert (await reply(ws))["type"] == "ack"
-    assert middle.wait_for(lambda m: len(m.stored) == 10, 10)
+    assert await middle.until(lambda m: len(m.stored) == 10, 10)
     assert middle.busy_sent == 3
     assert server.forwarder is not None and server.forwarder.core.stats.busy_replies >= 1
 
@@ -325,7 +325,7 @@ async def test_insecure_mode_takes_device_from_query_or_message(ingest: Factory,
                                     {"id": 3, "data": {"k": 1}}]).decode())
         assert (await reply(ws))["reason"] == "missing_device"
         assert await reply(ws) == {"type": "ack", "ids": [2]}
-    assert middle.wait_for(lambda m: len(m.stored) == 2, 5)
+    assert await middle.until(lambda m: len(m.stored) == 2, 5)
     assert middle.messages() == {("q-dev", "1"), ("f-dev", "2")}
 
 
@@ -402,7 +402,7 @@ async def test_drain_closes_devices_with_1001_at_a_bounded_rate(ingest: Factory,
     with pytest.raises(OSError):
         async with device_connect(server, "late", open_timeout=2):
             pass
-    assert middle.wait_for(lambda m: len(m.stored) == 5, 5)
+    assert await middle.until(lambda m: len(m.stored) == 5, 5)
     assert server.queue is not None and server.queue.depth().records == 0
 
 

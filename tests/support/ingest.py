@@ -89,6 +89,14 @@ class FakeMiddle:
                                     interval=0.02)
         return predicate(self)
 
+    async def until(self, predicate: Callable[[FakeMiddle], bool], within: float) -> bool:
+        """``wait_for`` for coroutines: the event loop (and an in-process ingest's
+        forwarder on it) keeps running while it waits."""
+        with contextlib.suppress(AssertionError):
+            return await waiting.eventually(lambda: predicate(self), within,
+                                            "the fake middle", interval=0.02)
+        return predicate(self)
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)

@@ -11,7 +11,7 @@ The process wires the parts; each lives in its own module:
   messages join the open commit group (``AsyncQueue.submit``: the readings of every frame
   that arrives while an append is in flight become ONE batch, one fdatasync), and replies
   go out in order per connection, an ack only once its group is durable (``acks.py``);
-- ``forwarder.py``: the thread that sends the queue to the middle tier;
+- ``forwarder.py``: sends the queue to the middle tier, on the event loop;
 - ``pod.py``: the parent of ``--processes N`` (N children on one port, one pod endpoint);
 - ``drain.py``: retired queues and ``iotpipe drain``.
 
@@ -96,7 +96,7 @@ RETIRED_SCAN_SECONDS = 10.0
 
 
 class IngestServer:
-    """One ingest process: WebSocket server + queue + forwarder thread."""
+    """One ingest process: WebSocket server + queue + forwarder, on one event loop."""
 
     def __init__(self, settings: IngestSettings, index: int,
                  endpoints: Sequence[str] | None = None) -> None:
@@ -232,7 +232,7 @@ class IngestServer:
             self.queue, self.node, self.endpoints, batch_records=s.forward_batch,
             window=s.forward_window, ack_timeout=s.forward_ack_timeout,
             curve_keys=self.curve_keys,
-        ).start()
+        ).start(asyncio.get_running_loop())
         ssl_context = self.tls.context if self.tls is not None else None
         if ws_core(s) == "picows":
             self.front = PicowsFront(self, self.admit)
@@ -300,7 +300,7 @@ class IngestServer:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.front.aclose(), 6)
         if self.forwarder is not None:
-            await asyncio.to_thread(self.forwarder.stop)
+            await self.forwarder.aclose()
         if self.aqueue is not None:
             await self.aqueue.aclose()
         if self.queue is not None:
@@ -400,8 +400,8 @@ def tune_interpreter(settings: IngestSettings) -> None:
 
     The objects made while starting (modules, settings, metrics) live as long as the
     process: frozen, the cyclic GC's full collections no longer walk them, each with the GIL
-    held (docs/benchmarks.md). The switch interval bounds how long the event loop and the
-    forwarder thread wait for each other's GIL.
+    held (docs/benchmarks.md). The switch interval bounds how long the event loop waits for
+    the GIL while a helper thread (metrics, the forwarder's disk jobs) holds it.
     """
     sys.setswitchinterval(settings.gil_switch_interval)
     gc.collect()

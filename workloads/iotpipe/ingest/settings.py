@@ -114,8 +114,9 @@ class IngestSettings(EdgeSecuritySettings, MiddleEndpointsSettings, IngestQueueS
     gil_switch_interval: float = Field(
         0.0005, gt=0, le=0.1,
         description="seconds a thread may keep the GIL while another waits for it (Python's "
-                    "default is 0.005): the event loop and the forwarder thread share one "
-                    "GIL, and an ack waits each time the loop waits for it")
+                    "default is 0.005): the event loop shares it with a few helper threads "
+                    "(the metrics endpoint, the forwarder's disk jobs, retired queues' "
+                    "drains), and an ack waits each time the loop waits for it")
     # Set by the parent of --processes N for each child; not user options.
     process_index: int = Field(-1, ge=-1, description=Internal)
     parent_pid: int = Field(0, ge=0, description=Internal)

@@ -80,32 +80,34 @@ async def test_on_the_loop_no_thread_of_its_own_and_acks_move_the_cursor(
 async def test_a_backlog_is_read_off_the_loop_and_the_head_on_it(
         queue: PersistentQueue, middle: FakeMiddle, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(forwarder_module, "_INLINE_READ_BATCHES", 2)
-    backlog = 40  # records in the queue before the forwarder starts: 10 batches of 4
-    queue.append([reading(i) for i in range(1, backlog + 1)])
+    queue.append([reading(i) for i in (1, 2, 3)])  # before the start: maybe not cached
     reads = ReadThreads(queue)
     monkeypatch.setattr(queue, "read", reads)
     loop_thread = threading.get_ident()
     fwd = Forwarder(queue, "node-b", [middle.endpoint], batch_records=4,
                     window=2).start(asyncio.get_running_loop())
     try:
-        assert await middle.until(lambda m: len(m.stored) == backlog, 10)
+        assert await middle.until(lambda m: len(m.stored) == 3, 10)
+        # 40 more at once: far behind the head (2 batches of 4 is the limit) at first.
+        queue.append([reading(i) for i in range(4, 44)])
+        assert await middle.until(lambda m: len(m.stored) == 43, 10)
         aqueue = AsyncQueue(queue)
         try:
-            for i in range(backlog + 1, backlog + 9):
+            for i in range(44, 52):
                 await aqueue.append([reading(i)])
-            assert await middle.until(lambda m: len(m.stored) == backlog + 8, 10)
+            assert await middle.until(lambda m: len(m.stored) == 51, 10)
         finally:
             await aqueue.aclose()
     finally:
         await fwd.aclose()
     assert fwd.error is None
-    # Further behind the head than 2 batches (8 records): read by the disk thread...
-    far = [thread for thread, seq in reads.calls if backlog - seq >= 8]
-    assert far and loop_thread not in far
-    # ...and the records made durable while it runs: read on the loop, as they come.
-    near = [thread for thread, seq in reads.calls if seq > backlog]
-    assert near and set(near) == {loop_thread}
-    assert sorted(seq for _, seq in middle.stored) == list(range(1, backlog + 9))
+    by_seq = {seq: thread for thread, seq in reads.calls}
+    assert by_seq[1] != loop_thread, "written before the start: read by the disk thread"
+    far = [thread for seq, thread in by_seq.items() if seq >= 4 and 43 - seq >= 8]
+    assert far and loop_thread not in far, "more than 8 behind the head: the disk thread"
+    near = [thread for seq, thread in by_seq.items() if seq >= 44]
+    assert near and set(near) == {loop_thread}, "just made durable: read on the loop"
+    assert sorted(seq for _, seq in middle.stored) == list(range(1, 52))
 
 
 async def test_the_cursor_is_written_off_the_loop_and_once_more_on_close(

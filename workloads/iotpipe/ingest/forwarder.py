@@ -11,9 +11,9 @@ spent most of its CPU waiting for the GIL: docs/benchmarks.md), or a loop of its
 thread (``start()``, for the queues a drain empties). The sockets' descriptors are readers
 of the loop, the queue's durable listener schedules a send, deadlines are loop timers.
 What may block on the disk never runs on a shared loop: the ledger's cursor write (an
-fdatasync) and reads of a backlog (records far behind the head, which may have left the
-page cache) run in a thread of the forwarder's own; records just made durable are read
-on the loop, from the page cache.
+fdatasync) and reads of a backlog (records far behind the head, or written before it
+started, which may not be in the page cache) run in a thread of the forwarder's own;
+records just made durable are read on the loop, from the page cache.
 
 ``set_endpoints`` (any thread) hands the forwarder a new endpoint list (a reloaded
 endpoints file): it connects a socket to each added endpoint, lets the core renumber and
@@ -90,6 +90,7 @@ class Forwarder:
         self._thread: threading.Thread | None = None  # only with a loop of its own
         self._stop_requested: asyncio.Event | None = None
         self._inline_read_within = _NEVER
+        self._inline_read_from = 0     # records written before start may be cold: not inline
         self._running = False
         self._closed = False
         self._sockets: list[zmq.Socket[bytes]] = []
@@ -242,6 +243,7 @@ class Forwarder:
     def _attach(self, loop: asyncio.AbstractEventLoop, thread: int, inline_within: int) -> None:
         self._loop, self._loop_thread = loop, thread
         self._inline_read_within = inline_within
+        self._inline_read_from = self.queue.durable_seq + 1 if inline_within < _NEVER else 0
         try:
             for endpoint in self.endpoints:
                 sock = self._connect(endpoint)
@@ -406,7 +408,7 @@ class Forwarder:
                 return ahead
         if self._reading:
             return []
-        if durable - next_seq < self._inline_read_within:
+        if next_seq >= self._inline_read_from and durable - next_seq < self._inline_read_within:
             return self.queue.read(next_seq, max_records=self.batch_records,
                                    max_bytes=self.batch_bytes)
         self._reading = True

@@ -310,7 +310,10 @@ class Forwarder:
                 self._pump_soon()
             else:
                 assert self._loop is not None
-                self._loop.call_soon_threadsafe(self._pump_soon)
+                # Never raise into the committing thread: a loop that just closed has
+                # nothing left to send.
+                with contextlib.suppress(RuntimeError):
+                    self._loop.call_soon_threadsafe(self._pump_soon)
 
     def _pump_soon(self) -> None:
         if not self._pump_due:

@@ -32,6 +32,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import zmq
 
@@ -424,15 +425,9 @@ class Forwarder:
 
     def _on_read(self, read: asyncio.Future[list[Record]]) -> None:
         self._reading = False
-        if read.cancelled():
-            return
-        exc = read.exception()
-        if exc is not None:
-            if not self._closed:
-                self._fail(exc)
-            return
-        self._read_ahead = read.result()
-        self._guarded(self._pump)
+        if self._succeeded(read):
+            self._read_ahead = read.result()
+            self._guarded(self._pump)
 
     def _maybe_write_cursor(self, now: float) -> None:
         # The ledger write is an fdatasync: at most every `cursor_interval` (a drain waits
@@ -450,15 +445,20 @@ class Forwarder:
 
     def _on_cursor_written(self, seq: int, write: asyncio.Future[None]) -> None:
         self._cursor_writing = False
-        if write.cancelled():
-            return
-        exc = write.exception()
-        if exc is not None:
-            if not self._closed:
-                self._fail(exc)
-            return
-        self._cursor = seq
-        self._guarded(self._pump)
+        if self._succeeded(write):
+            self._cursor = seq
+            self._guarded(self._pump)
+
+    def _succeeded(self, job: asyncio.Future[Any]) -> bool:
+        """Whether a disk thread's job succeeded; a failure stops the forwarder (once)."""
+        if job.cancelled():
+            return False
+        exc = job.exception()
+        if exc is None:
+            return True
+        if not self._closed and self._error is None:
+            self._fail(exc)
+        return False
 
     def _arm(self, now: float) -> None:
         """Schedule the next pump: a deadline (a resend, the cursor write owed, the end of

@@ -76,8 +76,8 @@ from iotpipe.wire import BATCH_KINDS, decode_batch, encode_ack
 signal.signal(signal.SIGINT, signal.default_int_handler)
 ctx = zmq.Context(); sock = ctx.socket(zmq.ROUTER); sock.setsockopt(zmq.LINGER, 0)
 sock.bind(sys.argv[1]); records = 0
-print("ready", flush=True)
-try:
+try:  # "ready" inside: a SIGINT that arrives the moment it is printed still ends cleanly
+    print("ready", flush=True)
     while True:
         frames = sock.recv_multipart()
         if len(frames) > 2 and frames[1] in BATCH_KINDS:
